@@ -1,0 +1,157 @@
+//! `rackcast-agent`: runs on the device. For now: `receive`, the data-plane
+//! receiver that writes and verifies one image.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use rackcast::dataplane::receive::{run_receive, Progress, ReceiveOptions};
+
+#[derive(Parser)]
+#[command(name = "rackcast-agent", version, about = "rackcast device agent")]
+struct Cli {
+    #[arg(long, global = true, default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Receive one image from a wave, write it and verify it.
+    Receive(ReceiveArgs),
+}
+
+#[derive(clap::Args)]
+struct ReceiveArgs {
+    /// Sender control address (`rackcast send --control`).
+    #[arg(long)]
+    server: SocketAddr,
+    /// Output file or block device.
+    #[arg(long)]
+    out: PathBuf,
+    /// Interface to join the group on (default: by route).
+    #[arg(long)]
+    iface: Option<String>,
+    /// Name towards the sender (default: hostname@local-ip). A restarted
+    /// receiver with the same name resumes its slot.
+    #[arg(long)]
+    name: Option<String>,
+    /// Resume state file (default: `<out>.rcresume`).
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Keep retrying to reach the sender this many seconds.
+    #[arg(long, default_value_t = 30)]
+    connect_timeout: u64,
+    /// Fail when nothing arrived for this many seconds.
+    #[arg(long, default_value_t = 30)]
+    idle_timeout: u64,
+    /// Socket receive buffer in bytes (forced past rmem_max when root).
+    #[arg(long, default_value_t = 16 << 20)]
+    rcvbuf: usize,
+    /// Print the report as one JSON object on the last line.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let f = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(f)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.cmd {
+        Cmd::Receive(a) => receive(a),
+    }
+}
+
+fn receive(a: ReceiveArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let progress = Arc::new(Progress::default());
+    let opts = ReceiveOptions {
+        server: a.server,
+        out: a.out.clone(),
+        iface: a.iface.clone(),
+        name: a.name.clone(),
+        state: a.state.clone(),
+        connect_timeout: Duration::from_secs(a.connect_timeout),
+        idle_timeout: Duration::from_secs(a.idle_timeout),
+        rcvbuf: a.rcvbuf,
+    };
+    let p = progress.clone();
+    let show = rt.spawn(show_progress(p));
+    let report = rt.block_on(run_receive(opts, progress));
+    show.abort();
+    let report = report?;
+    if report.verified {
+        println!(
+            "VERIFIED {} ({} bytes, blake3 {}) in {:.2} s; resumed {} blocks; {} packets, {} auth failures, {} malformed",
+            a.out.display(),
+            report.image_bytes,
+            report.image_hash,
+            report.seconds,
+            report.resumed_blocks,
+            report.packets,
+            report.auth_failures,
+            report.malformed
+        );
+    } else {
+        println!(
+            "FAILED {}: {}",
+            a.out.display(),
+            report.reason.as_deref().unwrap_or("unknown")
+        );
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    if !report.verified {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// A bar on a terminal, a plain line every 2 s otherwise.
+async fn show_progress(p: Arc<Progress>) {
+    let tty = std::io::stderr().is_terminal();
+    let bar = if tty {
+        let b = indicatif::ProgressBar::new(0);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{spinner} {bar:40} {pos}/{len} blocks ({percent}%) {elapsed} eta {eta}",
+        ) {
+            b.set_style(style);
+        }
+        Some(b)
+    } else {
+        None
+    };
+    let mut tick = 0u64;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        tick += 1;
+        let total = p.total_blocks.load(Ordering::Relaxed) as u64;
+        let done = p.done_blocks.load(Ordering::Relaxed) as u64;
+        let verified = p.verified_blocks.load(Ordering::Relaxed) as u64;
+        match &bar {
+            Some(b) => {
+                b.set_length(total);
+                b.set_position(done);
+            }
+            None if tick % 10 == 0 && total > 0 => {
+                eprintln!("progress: {done}/{total} blocks written, {verified} verified");
+            }
+            None => {}
+        }
+    }
+}

@@ -1,0 +1,597 @@
+//! The receiver's I/O driver: control connection, a receive thread that
+//! owns the [`ReceiverCore`] and the multicast socket, and a writer thread
+//! that decodes, checks, writes and re-reads blocks for the final hash.
+//!
+//! Owns: the output file or block device, the resume state file, threads.
+//! Must not: decide what a packet means (the core does).
+//!
+//! Verification: every block's BLAKE3 is checked before its positioned
+//! write; the whole-image BLAKE3 is computed by reading the output back in
+//! order as the written prefix grows (so the end of a transfer does not pay
+//! for a full re-read), and the verdict is `Verified` only if it matches.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
+use thiserror::Error;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::dataplane::conn::{Conn, ConnError};
+use crate::dataplane::net::{self, RecvBatch};
+use crate::dataplane::receiver::{decode_block, Counters, DecodeJob, DecodeOutcome, ReceiverCore};
+use crate::fec::BlockAssembly;
+use crate::manifest::Manifest;
+use crate::wire::control::{self, Msg, SessionParams, Verdict, PROTOCOL_VERSION};
+use crate::wire::packet;
+
+#[derive(Debug, Clone)]
+pub struct ReceiveOptions {
+    pub server: SocketAddr,
+    pub out: PathBuf,
+    pub iface: Option<String>,
+    /// Identity towards the sender; a restarted receiver reuses it.
+    pub name: Option<String>,
+    /// Resume state file (default: `<out>.rcresume`).
+    pub state: Option<PathBuf>,
+    /// Keep retrying the connection this long.
+    pub connect_timeout: Duration,
+    /// Give up when neither packets nor control messages came this long.
+    pub idle_timeout: Duration,
+    pub rcvbuf: usize,
+}
+
+/// Live progress for a CLI bar.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub total_blocks: AtomicU32,
+    pub done_blocks: AtomicU32,
+    pub verified_blocks: AtomicU32,
+    pub image_bytes: AtomicU64,
+}
+
+#[derive(Debug, Error)]
+pub enum ReceiveError {
+    #[error("cannot reach sender {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("control: {0}")]
+    Control(#[from] ConnError),
+    #[error("sender refused us: {0}")]
+    Refused(String),
+    #[error("output {path}: {source}")]
+    Output { path: PathBuf, source: io::Error },
+    #[error("multicast socket: {0}")]
+    Socket(io::Error),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReceiveReport {
+    pub verified: bool,
+    pub reason: Option<String>,
+    pub image_hash: String,
+    pub image_bytes: u64,
+    pub seconds: f64,
+    pub resumed_blocks: u32,
+    pub packets: u64,
+    pub symbols: u64,
+    pub auth_failures: u64,
+    pub wrong_session: u64,
+    pub malformed: u64,
+    pub duplicates: u64,
+    pub decode_retries: u64,
+    pub hash_failures: u64,
+}
+
+// ---- resume state --------------------------------------------------------
+
+const RESUME_MAGIC: &[u8; 8] = b"RCRSUME1";
+
+/// Blocks known to be on the output, tied to one image hash.
+struct ResumeState {
+    path: PathBuf,
+    image_hash: [u8; 32],
+    blocks: u32,
+    bits: Vec<u8>,
+    dirty: bool,
+}
+
+impl ResumeState {
+    fn load(path: &Path, m: &Manifest) -> ResumeState {
+        let n = m.block_count() as usize;
+        let mut st = ResumeState {
+            path: path.to_path_buf(),
+            image_hash: m.image_hash,
+            blocks: n as u32,
+            bits: vec![0; n.div_ceil(8)],
+            dirty: false,
+        };
+        if let Ok(raw) = std::fs::read(path) {
+            let want = 8 + 32 + 4 + st.bits.len();
+            if raw.len() == want
+                && &raw[..8] == RESUME_MAGIC
+                && raw[8..40] == m.image_hash
+                && raw[40..44] == (n as u32).to_be_bytes()
+            {
+                st.bits.copy_from_slice(&raw[44..]);
+            } else {
+                tracing::info!(path = %path.display(), "resume state is for another image; starting over");
+            }
+        }
+        st
+    }
+
+    fn has(&self, b: u32) -> bool {
+        self.bits[(b / 8) as usize] & (1 << (b % 8)) != 0
+    }
+
+    fn set(&mut self, b: u32, on: bool) {
+        let (i, bit) = ((b / 8) as usize, 1u8 << (b % 8));
+        if on {
+            self.bits[i] |= bit;
+        } else {
+            self.bits[i] &= !bit;
+        }
+        self.dirty = true;
+    }
+
+    fn save(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        let tmp = self.path.with_extension("rcresume.tmp");
+        let write = || -> io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(RESUME_MAGIC)?;
+            f.write_all(&self.image_hash)?;
+            f.write_all(&self.blocks.to_be_bytes())?;
+            f.write_all(&self.bits)?;
+            std::fs::rename(&tmp, &self.path)
+        };
+        match write() {
+            Ok(()) => self.dirty = false,
+            Err(e) => tracing::warn!(error = %e, "cannot save resume state"),
+        }
+    }
+}
+
+// ---- output ----------------------------------------------------------------
+
+struct Output {
+    file: File,
+    /// Fresh sparse file: zero blocks need no write.
+    fresh: bool,
+}
+
+fn open_output(path: &Path, m: &Manifest, resume_valid: bool) -> io::Result<Output> {
+    let meta = std::fs::metadata(path).ok();
+    let is_dev = meta
+        .as_ref()
+        .is_some_and(|md| md.file_type().is_block_device());
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(!is_dev)
+        .truncate(false)
+        .open(path)?;
+    if is_dev {
+        let size = std::io::Seek::seek(&mut &file, io::SeekFrom::End(0))?;
+        if size < m.image_size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("device holds {size} bytes, image needs {}", m.image_size),
+            ));
+        }
+        return Ok(Output { file, fresh: false });
+    }
+    if resume_valid {
+        file.set_len(m.image_size)?;
+        Ok(Output { file, fresh: false })
+    } else {
+        file.set_len(0)?;
+        file.set_len(m.image_size)?;
+        Ok(Output { file, fresh: true })
+    }
+}
+
+// ---- threads ---------------------------------------------------------------
+
+type DecodeResult = (u32, Result<(), Option<BlockAssembly>>);
+
+/// Decode, check, write; re-read the written prefix into the whole-image
+/// hash. Returns the whole-image hash once every block is in.
+#[allow(clippy::too_many_arguments)]
+fn writer_loop(
+    m: Arc<Manifest>,
+    out: Output,
+    mut resume: ResumeState,
+    mut written: Vec<bool>,
+    jobs: crossbeam_channel::Receiver<DecodeJob>,
+    done: crossbeam_channel::Sender<DecodeResult>,
+    progress: Arc<Progress>,
+    stop: Arc<AtomicBool>,
+) -> Result<[u8; 32], String> {
+    let n = m.block_count() as usize;
+    let mut hasher = blake3::Hasher::new();
+    let mut prefix = 0usize;
+    let mut buf = vec![0u8; m.block_size as usize];
+    let mut last_save = Instant::now();
+    let advance = |prefix: &mut usize,
+                   hasher: &mut blake3::Hasher,
+                   buf: &mut Vec<u8>,
+                   written: &Vec<bool>|
+     -> Result<(), String> {
+        while *prefix < n && written[*prefix] {
+            let b = *prefix as u32;
+            let len = m.block_len(b);
+            out.file
+                .read_exact_at(&mut buf[..len], m.block_offset(b))
+                .map_err(|e| format!("reading back block {b}: {e}"))?;
+            hasher.update(&buf[..len]);
+            *prefix += 1;
+            progress
+                .verified_blocks
+                .store(*prefix as u32, Ordering::Relaxed);
+        }
+        Ok(())
+    };
+    advance(&mut prefix, &mut hasher, &mut buf, &written)?;
+    while prefix < n {
+        if stop.load(Ordering::Relaxed) {
+            resume.save();
+            return Err("stopped".into());
+        }
+        let job = match jobs.recv_timeout(Duration::from_millis(100)) {
+            Ok(j) => j,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                resume.save();
+                return Err("receive loop ended before the image was complete".into());
+            }
+        };
+        let b = job.block;
+        let result = match decode_block(&m, job) {
+            DecodeOutcome::Good(data) => {
+                out.file
+                    .write_all_at(&data, m.block_offset(b))
+                    .map_err(|e| format!("writing block {b}: {e}"))?;
+                written[b as usize] = true;
+                resume.set(b, true);
+                Ok(())
+            }
+            DecodeOutcome::NeedMore(asm) => Err(Some(asm)),
+            DecodeOutcome::HashMismatch => {
+                tracing::warn!(
+                    block = b,
+                    "decoded block fails its hash; asking for it again"
+                );
+                Err(None)
+            }
+        };
+        let _ = done.send((b, result));
+        advance(&mut prefix, &mut hasher, &mut buf, &written)?;
+        if last_save.elapsed() > Duration::from_millis(500) {
+            resume.save();
+            last_save = Instant::now();
+        }
+    }
+    out.file
+        .sync_data()
+        .map_err(|e| format!("flushing output: {e}"))?;
+    resume.save();
+    Ok(*hasher.finalize().as_bytes())
+}
+
+struct RecvLoop {
+    core: ReceiverCore,
+    sock: std::net::UdpSocket,
+    jobs: crossbeam_channel::Sender<DecodeJob>,
+    done: crossbeam_channel::Receiver<DecodeResult>,
+    status: mpsc::UnboundedSender<control::Status>,
+    progress: Arc<Progress>,
+    stop: Arc<AtomicBool>,
+    feedback: Duration,
+    idle_timeout: Duration,
+}
+
+impl RecvLoop {
+    fn run(mut self) -> Result<Counters, (String, Counters)> {
+        let mut batch = RecvBatch::new(64, packet::datagram_len(u16::MAX as usize).min(65_536));
+        let mut next_feedback = Instant::now();
+        let mut last_valid = Instant::now();
+        let mut last_count = 0u64;
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return Ok(self.core.counters.clone());
+            }
+            let n = match batch.recv(&self.sock) {
+                Ok(n) => n,
+                Err(e) => return Err((format!("receive: {e}"), self.core.counters.clone())),
+            };
+            for i in 0..n {
+                match batch.get(i) {
+                    Some(d) => {
+                        if let Ok(Some(job)) = self.core.on_datagram(d) {
+                            let _ = self.jobs.send(job);
+                        }
+                    }
+                    None => self.core.counters.malformed += 1,
+                }
+            }
+            while let Ok((b, r)) = self.done.try_recv() {
+                self.core.on_decoded(b, r);
+            }
+            self.progress
+                .done_blocks
+                .store(self.core.blocks_done(), Ordering::Relaxed);
+            let now = Instant::now();
+            let valid = self.core.counters.symbols + self.core.counters.probes;
+            if valid != last_count {
+                last_count = valid;
+                last_valid = now;
+            } else if now.duration_since(last_valid) > self.idle_timeout {
+                return Err((
+                    format!("no valid packet for {} s", self.idle_timeout.as_secs()),
+                    self.core.counters.clone(),
+                ));
+            }
+            if now >= next_feedback {
+                next_feedback = now + self.feedback;
+                if self.status.send(self.core.status()).is_err() {
+                    return Ok(self.core.counters.clone());
+                }
+            }
+            if self.core.is_complete() {
+                let _ = self.status.send(self.core.status());
+                return Ok(self.core.counters.clone());
+            }
+        }
+    }
+}
+
+fn default_name(local: &SocketAddr) -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes.
+    let host =
+        if unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) } == 0 {
+            let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+            String::from_utf8_lossy(&buf[..end]).into_owned()
+        } else {
+            "receiver".into()
+        };
+    format!("{host}@{}", local.ip())
+}
+
+async fn connect(addr: SocketAddr, within: Duration) -> Result<TcpStream, ReceiveError> {
+    let deadline = Instant::now() + within;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match TcpStream::connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() + backoff < deadline => {
+                tracing::debug!(error = %e, "sender not reachable yet; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Err(source) => return Err(ReceiveError::Connect { addr, source }),
+        }
+    }
+}
+
+/// Receive one image. `Ok(report)` with `report.verified == false` is a
+/// clean failure (reason given, reported to the sender); `Err` means we
+/// could not even take part.
+pub async fn run_receive(
+    opts: ReceiveOptions,
+    progress: Arc<Progress>,
+) -> Result<ReceiveReport, ReceiveError> {
+    let t0 = Instant::now();
+    let stream = connect(opts.server, opts.connect_timeout).await?;
+    let local = stream
+        .local_addr()
+        .map_err(|source| ReceiveError::Connect {
+            addr: opts.server,
+            source,
+        })?;
+    let name = opts.name.clone().unwrap_or_else(|| default_name(&local));
+    let mut conn = Conn::new(stream);
+    conn.send(&Msg::Hello {
+        protocol: PROTOCOL_VERSION,
+        name: name.clone(),
+    })
+    .await?;
+    let session: SessionParams = match conn.recv(Duration::from_secs(30)).await? {
+        Msg::Welcome { session, .. } => session,
+        Msg::Error { message } => return Err(ReceiveError::Refused(message)),
+        other => {
+            conn.close_with_error("expected Welcome".into()).await;
+            return Err(ReceiveError::Refused(format!(
+                "unexpected first message {other:?}"
+            )));
+        }
+    };
+    let m = Arc::new(session.manifest.clone());
+    let n = m.block_count();
+    progress.total_blocks.store(n, Ordering::Relaxed);
+    progress.image_bytes.store(m.image_size, Ordering::Relaxed);
+    tracing::info!(%name, blocks = n, bytes = m.image_size, image = %m.image_hash_hex(), group = %session.group, "joined wave");
+
+    let state_path = opts
+        .state
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{}.rcresume", opts.out.display())));
+    let mut resume = ResumeState::load(&state_path, &m);
+    let resume_valid = (0..n).any(|b| resume.has(b));
+    let out = open_output(&opts.out, &m, resume_valid).map_err(|source| ReceiveError::Output {
+        path: opts.out.clone(),
+        source,
+    })?;
+    // Blocks claimed by the resume state are re-checked, not trusted.
+    let mut written = vec![false; n as usize];
+    let mut core = ReceiverCore::new((*m).clone(), session.session_id, session.key);
+    let mut resumed = 0u32;
+    let mut buf = vec![0u8; m.block_size as usize];
+    let zero = vec![0u8; m.block_size as usize];
+    for b in 0..n {
+        let len = m.block_len(b);
+        let info = m.blocks[b as usize];
+        if resume.has(b) {
+            let ok = out
+                .file
+                .read_exact_at(&mut buf[..len], m.block_offset(b))
+                .is_ok()
+                && *blake3::hash(&buf[..len]).as_bytes() == info.hash;
+            if ok {
+                written[b as usize] = true;
+                core.mark_done(b);
+                resumed += 1;
+                continue;
+            }
+            resume.set(b, false);
+        }
+        if info.zero {
+            if !out.fresh {
+                out.file
+                    .write_all_at(&zero[..len], m.block_offset(b))
+                    .map_err(|source| ReceiveError::Output {
+                        path: opts.out.clone(),
+                        source,
+                    })?;
+            }
+            written[b as usize] = true;
+            core.mark_done(b);
+        }
+    }
+    if resumed > 0 {
+        tracing::info!(resumed, "resuming: blocks already on the output");
+    }
+    let sock = net::receiver_socket(opts.iface.as_deref(), session.group, opts.rcvbuf)
+        .map_err(ReceiveError::Socket)?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (job_tx, job_rx) = crossbeam_channel::unbounded();
+    let (done_tx, done_rx) = crossbeam_channel::unbounded();
+    let (status_tx, mut status_rx) = mpsc::unbounded_channel();
+    let (verdict_tx, verdict_rx) = oneshot::channel::<Result<[u8; 32], String>>();
+    {
+        let (m, p, s) = (m.clone(), progress.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let r = writer_loop(m, out, resume, written, job_rx, done_tx, p, s);
+            let _ = verdict_tx.send(r);
+        });
+    }
+    let recv = RecvLoop {
+        core,
+        sock,
+        jobs: job_tx,
+        done: done_rx,
+        status: status_tx,
+        progress: progress.clone(),
+        stop: stop.clone(),
+        feedback: Duration::from_millis(session.feedback_ms.clamp(5, 5000) as u64),
+        idle_timeout: opts.idle_timeout,
+    };
+    let recv_handle = std::thread::spawn(move || recv.run());
+
+    conn.send(&Msg::Ready {
+        resumed_blocks: resumed,
+    })
+    .await?;
+    let (mut sink, mut stream) = conn.split();
+    let mut verdict_rx = verdict_rx;
+    let outcome: Result<[u8; 32], String> = loop {
+        tokio::select! {
+            st = status_rx.recv() => {
+                if let Some(st) = st {
+                    let Ok(bytes) = control::emit(&Msg::Status(st)) else { continue };
+                    if let Err(e) = sink.send(bytes::Bytes::from(bytes)).await {
+                        break Err(format!("control connection lost: {e}"));
+                    }
+                }
+            }
+            v = &mut verdict_rx => {
+                break v.unwrap_or_else(|_| Err("writer thread ended unexpectedly".into()));
+            }
+            msg = tokio::time::timeout(opts.idle_timeout, stream.next()) => {
+                match msg {
+                    Err(_) => break Err(format!("sender silent for {} s", opts.idle_timeout.as_secs())),
+                    Ok(None) => break Err("sender closed the control connection".into()),
+                    Ok(Some(Err(e))) => break Err(format!("control connection: {e}")),
+                    Ok(Some(Ok(frame))) => match control::parse(&frame) {
+                        Ok(Msg::Finish { reason }) => break Err(format!("sender ended the session: {reason}")),
+                        Ok(Msg::Error { message }) => break Err(format!("sender error: {message}")),
+                        Ok(_) => {}
+                        Err(e) => break Err(format!("bad message from sender: {e}")),
+                    },
+                }
+            }
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    let counters = match recv_handle.join() {
+        Ok(Ok(c)) => c,
+        Ok(Err((e, c))) => {
+            tracing::warn!(error = %e, "receive loop");
+            c
+        }
+        Err(_) => Counters::default(),
+    };
+    let (verified, reason) = match outcome {
+        Ok(h) if h == m.image_hash => (true, None),
+        Ok(h) => (
+            false,
+            Some(format!(
+                "written image hashes to {}, manifest says {}",
+                blake3::Hash::from_bytes(h).to_hex(),
+                m.image_hash_hex()
+            )),
+        ),
+        Err(e) => (false, Some(e)),
+    };
+    let verdict = if verified {
+        // Done: a later run must not "resume" into a finished image.
+        let _ = std::fs::remove_file(&state_path);
+        Verdict::Verified {
+            image_hash: m.image_hash,
+        }
+    } else {
+        if reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("written image hashes"))
+        {
+            // The resume state led to a bad image: do not reuse it.
+            let _ = std::fs::remove_file(&state_path);
+        }
+        Verdict::Failed {
+            reason: reason.clone().unwrap_or_default(),
+        }
+    };
+    if let Ok(bytes) = control::emit(&Msg::Done(verdict)) {
+        let _ = sink.send(bytes::Bytes::from(bytes)).await;
+        // Wait briefly for the sender's Finish so it counted our verdict.
+        let _ = tokio::time::timeout(Duration::from_secs(2), stream.next()).await;
+    }
+    Ok(ReceiveReport {
+        verified,
+        reason,
+        image_hash: m.image_hash_hex(),
+        image_bytes: m.image_size,
+        seconds: t0.elapsed().as_secs_f64(),
+        resumed_blocks: resumed,
+        packets: counters.packets,
+        symbols: counters.symbols,
+        auth_failures: counters.auth_failures,
+        wrong_session: counters.wrong_session,
+        malformed: counters.malformed + counters.bad_block + counters.bad_length,
+        duplicates: counters.duplicates,
+        decode_retries: counters.decode_retries,
+        hash_failures: counters.hash_failures,
+    })
+}

@@ -1,0 +1,641 @@
+//! The wave sender's I/O driver: TCP control server, a pacing send thread
+//! that owns the [`WaveSender`] core and the UDP socket, and worker threads
+//! that read image blocks and build repair encoders.
+//!
+//! Owns: threads, sockets, the image file, memory for loaded blocks and
+//! encoders, metrics. Must not: make protocol decisions; it executes the
+//! core's [`Action`]s and asks it what to transmit.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use futures_util::{SinkExt, StreamExt};
+use rand::Rng;
+use serde::Serialize;
+use thiserror::Error;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::dataplane::conn::{Conn, ConnError};
+use crate::dataplane::net;
+use crate::dataplane::sender::{Action, RxState, SenderConfig, Tx, WaveSender};
+use crate::fec::{self, BlockEncoder};
+use crate::manifest::Manifest;
+use crate::wire::control::{self, Msg, SessionParams, PROTOCOL_VERSION};
+use crate::wire::packet::{self, Header, Kind, KEY_LEN};
+
+/// Ethernet header bytes: the token bucket counts whole frames, as tbf
+/// and switch ports do.
+const ETH_HEADER: usize = 14;
+const SEND_BATCH: usize = 32;
+
+#[derive(Debug, Clone)]
+pub struct SendOptions {
+    pub image: PathBuf,
+    pub manifest: Manifest,
+    pub iface: Option<String>,
+    pub group: SocketAddrV4,
+    pub control: SocketAddr,
+    pub ttl: u32,
+    pub feedback_ms: u32,
+    pub hello_timeout: Duration,
+    pub cfg: SenderConfig,
+}
+
+#[derive(Debug, Error)]
+pub enum SendError {
+    #[error("control listener on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("multicast socket: {0}")]
+    Socket(std::io::Error),
+    #[error("image source: {0}")]
+    Image(String),
+    #[error("send thread failed: {0}")]
+    Thread(String),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReceiverReport {
+    pub name: String,
+    pub verdict: String,
+    pub ok: bool,
+    pub seconds: Option<f64>,
+    pub resumed_blocks: u32,
+    pub auth_failures: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SendReport {
+    pub ok: bool,
+    pub image_bytes: u64,
+    pub image_hash: String,
+    pub wire_bytes: u64,
+    pub seconds: f64,
+    pub goodput_bps: f64,
+    pub rate_bps: u64,
+    pub source_packets: u64,
+    pub repair_packets: u64,
+    pub probe_packets: u64,
+    pub repair_overhead_pct: f64,
+    pub expected_receivers: usize,
+    pub receivers: Vec<ReceiverReport>,
+    pub error: Option<String>,
+}
+
+enum Event {
+    Hello {
+        name: String,
+        out: mpsc::UnboundedSender<Msg>,
+        reply: oneshot::Sender<u32>,
+    },
+    Msg(u32, Msg),
+    Disconnect(u32),
+    Loaded(u32, Arc<Vec<u8>>),
+    Encoder(u32, Arc<BlockEncoder>),
+    SourceError(String),
+}
+
+enum Job {
+    Load(u32),
+    Encode(u32),
+}
+
+/// Read `b` from the image and check it against the manifest, so a
+/// changed, truncated or corrupt source never reaches the wire.
+fn read_block(file: &File, m: &Manifest, b: u32) -> Result<Vec<u8>, String> {
+    let mut data = vec![0u8; m.block_len(b)];
+    file.read_exact_at(&mut data, m.block_offset(b))
+        .map_err(|e| format!("block {b}: {e} (image shorter than its manifest?)"))?;
+    if *blake3::hash(&data).as_bytes() != m.blocks[b as usize].hash {
+        return Err(format!(
+            "block {b} does not match the manifest: the image changed or is corrupt"
+        ));
+    }
+    Ok(data)
+}
+
+fn worker(file: Arc<File>, m: Arc<Manifest>, jobs: Receiver<Job>, events: Sender<Event>) {
+    for job in jobs {
+        let ev = match job {
+            Job::Load(b) => match read_block(&file, &m, b) {
+                Ok(d) => Event::Loaded(b, Arc::new(d)),
+                Err(e) => Event::SourceError(e),
+            },
+            Job::Encode(b) => match read_block(&file, &m, b) {
+                Ok(d) => Event::Encoder(b, Arc::new(BlockEncoder::new(&m.block_oti(b), &d))),
+                Err(e) => Event::SourceError(e),
+            },
+        };
+        if events.send(ev).is_err() {
+            return;
+        }
+    }
+}
+
+/// Run one wave to its end. Returns the report; `report.ok` is true only
+/// if every expected receiver verified the image.
+pub async fn run_send(opts: SendOptions) -> Result<SendReport, SendError> {
+    let listener = TcpListener::bind(opts.control)
+        .await
+        .map_err(|source| SendError::Listen {
+            addr: opts.control,
+            source,
+        })?;
+    let sock = net::sender_socket(opts.iface.as_deref(), opts.group, opts.ttl)
+        .map_err(SendError::Socket)?;
+    let file = File::open(&opts.image)
+        .map_err(|e| SendError::Image(format!("{}: {e}", opts.image.display())))?;
+    let len = file
+        .metadata()
+        .map_err(|e| SendError::Image(e.to_string()))?
+        .len();
+    if len != opts.manifest.image_size {
+        return Err(SendError::Image(format!(
+            "{} is {len} bytes, its manifest says {}",
+            opts.image.display(),
+            opts.manifest.image_size
+        )));
+    }
+    let mut key = [0u8; KEY_LEN];
+    rand::rng().fill(&mut key);
+    let session = SessionParams {
+        session_id: rand::rng().random(),
+        group: opts.group,
+        key,
+        manifest: opts.manifest.clone(),
+        feedback_ms: opts.feedback_ms,
+    };
+    let session = Arc::new(session);
+    let (ev_tx, ev_rx) = crossbeam_channel::unbounded::<Event>();
+
+    let accept_tx = ev_tx.clone();
+    let accept_session = session.clone();
+    let hello_timeout = opts.hello_timeout;
+    let rx_timeout = opts.cfg.receiver_timeout;
+    let acceptor = tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    let tx = accept_tx.clone();
+                    let s = accept_session.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) =
+                            serve_receiver(stream, tx, s, hello_timeout, rx_timeout).await
+                        {
+                            tracing::warn!(%peer, error = %e, "control connection ended");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of fds and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+
+    let m = Arc::new(opts.manifest.clone());
+    let file = Arc::new(file);
+    let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job>();
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4);
+    let mut handles = Vec::new();
+    for _ in 0..workers {
+        let (f, m, j, e) = (file.clone(), m.clone(), job_rx.clone(), ev_tx.clone());
+        handles.push(std::thread::spawn(move || worker(f, m, j, e)));
+    }
+    drop(ev_tx);
+    let cfg = opts.cfg.clone();
+    let expected = cfg.expected;
+    let sess = session.clone();
+    let report = tokio::task::spawn_blocking(move || send_loop(cfg, sess, sock, ev_rx, job_tx))
+        .await
+        .map_err(|e| SendError::Thread(e.to_string()))?;
+    acceptor.abort();
+    for h in handles {
+        let _ = h.join();
+    }
+    let mut report = report;
+    report.expected_receivers = expected;
+    Ok(report)
+}
+
+async fn serve_receiver(
+    stream: TcpStream,
+    events: Sender<Event>,
+    session: Arc<SessionParams>,
+    hello_timeout: Duration,
+    rx_timeout: Duration,
+) -> Result<(), ConnError> {
+    let mut conn = Conn::new(stream);
+    let name = match conn.recv(hello_timeout).await {
+        Ok(Msg::Hello { name, .. }) => name,
+        Ok(other) => {
+            let m = format!("expected Hello, got {}", msg_name(&other));
+            conn.close_with_error(m.clone()).await;
+            metrics::counter!("rackcast_control_errors_total", "kind" => "out_of_order")
+                .increment(1);
+            return Err(ConnError::Protocol(control::ControlError::Malformed(m)));
+        }
+        Err(e) => {
+            metrics::counter!("rackcast_control_errors_total", "kind" => "bad_hello").increment(1);
+            conn.close_with_error(e.to_string()).await;
+            return Err(e);
+        }
+    };
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Msg>();
+    let (id_tx, id_rx) = oneshot::channel();
+    if events
+        .send(Event::Hello {
+            name,
+            out: out_tx,
+            reply: id_tx,
+        })
+        .is_err()
+    {
+        conn.close_with_error("wave is over".into()).await;
+        return Ok(());
+    }
+    let Ok(id) = id_rx.await else {
+        conn.close_with_error("wave is over".into()).await;
+        return Ok(());
+    };
+    conn.send(&Msg::Welcome {
+        protocol: PROTOCOL_VERSION,
+        receiver_id: id,
+        session: (*session).clone(),
+    })
+    .await?;
+    let (mut sink, mut stream) = conn.split();
+    let writer = tokio::spawn(async move {
+        while let Some(m) = out_rx.recv().await {
+            let Ok(bytes) = control::emit(&m) else {
+                continue;
+            };
+            if sink.send(bytes::Bytes::from(bytes)).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let result = loop {
+        let next = tokio::time::timeout(rx_timeout, stream.next()).await;
+        let msg = match next {
+            Err(_) => break Err(ConnError::Timeout(rx_timeout)),
+            Ok(None) => break Ok(()),
+            Ok(Some(Err(e))) => break Err(ConnError::Io(e)),
+            Ok(Some(Ok(frame))) => match control::parse(&frame) {
+                Ok(m) => m,
+                Err(e) => {
+                    metrics::counter!("rackcast_control_errors_total", "kind" => "malformed")
+                        .increment(1);
+                    break Err(e.into());
+                }
+            },
+        };
+        if events.send(Event::Msg(id, msg)).is_err() {
+            break Ok(());
+        }
+    };
+    let _ = events.send(Event::Disconnect(id));
+    // The writer ends when the core drops our sender (Disconnect action)
+    // or the wave ends; don't let it linger past that.
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    result
+}
+
+fn msg_name(m: &Msg) -> &'static str {
+    match m {
+        Msg::Hello { .. } => "Hello",
+        Msg::Ready { .. } => "Ready",
+        Msg::Status(_) => "Status",
+        Msg::Done(_) => "Done",
+        Msg::Welcome { .. } => "Welcome",
+        Msg::Finish { .. } => "Finish",
+        Msg::Error { .. } => "Error",
+    }
+}
+
+/// Per-thread packet builder: owns datagram buffers and the key.
+struct Packetizer {
+    key: [u8; KEY_LEN],
+    session: u32,
+    symbol_size: usize,
+    bufs: Vec<Vec<u8>>,
+    lens: Vec<usize>,
+    sym: Vec<u8>,
+}
+
+impl Packetizer {
+    fn new(key: [u8; KEY_LEN], session: u32, symbol_size: usize) -> Packetizer {
+        Packetizer {
+            key,
+            session,
+            symbol_size,
+            bufs: (0..SEND_BATCH)
+                .map(|_| vec![0u8; packet::datagram_len(symbol_size)])
+                .collect(),
+            lens: vec![0; SEND_BATCH],
+            sym: vec![0u8; symbol_size],
+        }
+    }
+}
+
+#[allow(clippy::too_many_lines)]
+fn send_loop(
+    cfg: SenderConfig,
+    session: Arc<SessionParams>,
+    sock: std::net::UdpSocket,
+    events: Receiver<Event>,
+    jobs: Sender<Job>,
+) -> SendReport {
+    let m = &session.manifest;
+    let symbol_size = m.symbol_size as usize;
+    let frame = packet::datagram_len(symbol_size) + packet::IP_UDP_OVERHEAD + ETH_HEADER;
+    let t0 = Instant::now();
+    let mut core = WaveSender::new(cfg.clone(), m.clone(), frame, t0);
+    let mut pk = Packetizer::new(session.key, session.session_id, symbol_size);
+    let mut loaded: HashMap<u32, Arc<Vec<u8>>> = HashMap::new();
+    let mut encoders: HashMap<u32, Arc<BlockEncoder>> = HashMap::new();
+    let mut outs: HashMap<u32, mpsc::UnboundedSender<Msg>> = HashMap::new();
+    let mut txs: Vec<Tx> = Vec::with_capacity(SEND_BATCH);
+    let mut next_tick = t0;
+    let mut wire_bytes = 0u64;
+    let mut error: Option<String> = None;
+    let mut send_errors = 0u64;
+    metrics::gauge!("rackcast_wave_blocks").set(m.block_count() as f64);
+
+    'outer: loop {
+        let now = Instant::now();
+        // Events first: they may unblock sends.
+        while let Ok(ev) = events.try_recv() {
+            handle_event(
+                ev,
+                &mut core,
+                &mut outs,
+                &mut loaded,
+                &mut encoders,
+                &mut error,
+            );
+        }
+        if let Some(e) = &error {
+            tracing::error!(error = %e, "image source failed; aborting wave");
+            for (_, o) in outs.drain() {
+                let _ = o.send(Msg::Finish {
+                    reason: format!("sender aborted: {e}"),
+                });
+            }
+            break 'outer;
+        }
+        while let Some(a) = core.poll_action() {
+            match a {
+                Action::Load(b) => {
+                    let _ = jobs.send(Job::Load(b));
+                }
+                Action::Release(b) => {
+                    loaded.remove(&b);
+                }
+                Action::BuildEncoder(b) => {
+                    let _ = jobs.send(Job::Encode(b));
+                }
+                Action::DropEncoder(b) => {
+                    encoders.remove(&b);
+                }
+                Action::Control(id, msg) => {
+                    if let Some(o) = outs.get(&id) {
+                        let _ = o.send(msg);
+                    }
+                }
+                Action::Disconnect(id) => {
+                    outs.remove(&id);
+                }
+                Action::Finished => break 'outer,
+            }
+        }
+        if now >= next_tick {
+            core.on_tick(now);
+            next_tick = now + Duration::from_millis(10);
+            publish_metrics(&core);
+            continue;
+        }
+        txs.clear();
+        core.poll_transmit(now, SEND_BATCH, &mut txs);
+        if !txs.is_empty() {
+            let mut n = 0;
+            for tx in &txs {
+                let (h, payload): (Header, &[u8]) = match *tx {
+                    Tx::Probe { seq } => (
+                        Header {
+                            kind: Kind::Probe,
+                            session: pk.session,
+                            seq,
+                            block: 0,
+                            esi: 0,
+                            payload_len: 0,
+                        },
+                        &[],
+                    ),
+                    Tx::Symbol { seq, block, esi } => {
+                        let k = m.source_symbols(block);
+                        if esi < k {
+                            let Some(d) = loaded.get(&block) else {
+                                tracing::error!(block, "source block not loaded; skipped");
+                                continue;
+                            };
+                            fec::source_symbol(d, esi, &mut pk.sym);
+                        } else {
+                            let Some(e) = encoders.get(&block) else {
+                                tracing::error!(block, "encoder missing; skipped");
+                                continue;
+                            };
+                            if let Some(s) = e.repair(esi, 1).pop() {
+                                pk.sym.copy_from_slice(&s);
+                            }
+                        }
+                        (
+                            Header {
+                                kind: Kind::Symbol,
+                                session: pk.session,
+                                seq,
+                                block,
+                                esi,
+                                payload_len: pk.symbol_size as u16,
+                            },
+                            &pk.sym,
+                        )
+                    }
+                };
+                match packet::emit(&h, payload, &pk.key, &mut pk.bufs[n]) {
+                    Ok(len) => {
+                        pk.lens[n] = len;
+                        n += 1;
+                    }
+                    Err(e) => tracing::error!(error = %e, "packet emit failed"),
+                }
+            }
+            let mut off = 0;
+            while off < n {
+                match net::send_batch(&sock, &pk.bufs[off..n], &pk.lens[off..n]) {
+                    Ok(k) => {
+                        for l in &pk.lens[off..off + k] {
+                            wire_bytes += *l as u64;
+                        }
+                        off += k;
+                    }
+                    Err(e) => {
+                        // ENOBUFS under a full qdisc: the packets are lost
+                        // like any other loss; FEC repairs them.
+                        send_errors += 1;
+                        if send_errors % 1000 == 1 {
+                            tracing::warn!(error = %e, "sendmmsg failed");
+                        }
+                        std::thread::sleep(Duration::from_micros(200));
+                        break;
+                    }
+                }
+            }
+            let bytes: usize = pk.lens[..off].iter().sum();
+            metrics::counter!("rackcast_bytes_sent_total").increment(bytes as u64);
+            metrics::counter!("rackcast_packets_sent_total").increment(off as u64);
+            continue;
+        }
+        // Nothing to send now: sleep until pacing, a probe or an event.
+        let wake = core
+            .poll_timeout(now)
+            .unwrap_or(now + Duration::from_millis(10))
+            .min(next_tick);
+        let wait = wake.saturating_duration_since(Instant::now());
+        if wait > Duration::from_micros(50) {
+            match events.recv_timeout(wait) {
+                Ok(ev) => {
+                    handle_event(
+                        ev,
+                        &mut core,
+                        &mut outs,
+                        &mut loaded,
+                        &mut encoders,
+                        &mut error,
+                    );
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+    }
+    // Let queued Finish messages reach the receivers.
+    drop(outs);
+    std::thread::sleep(Duration::from_millis(50));
+
+    let st = core.stats.clone();
+    let end = st.finished_at.unwrap_or_else(Instant::now);
+    let seconds = st
+        .started_at
+        .map_or(0.0, |s| end.saturating_duration_since(s).as_secs_f64());
+    let receivers: Vec<ReceiverReport> = core
+        .summary()
+        .into_iter()
+        .map(|(_, r)| ReceiverReport {
+            ok: r.state == RxState::Verified,
+            verdict: match &r.state {
+                RxState::Verified => "verified".into(),
+                RxState::Failed(why) => format!("failed: {why}"),
+                other => format!("unfinished: {other:?}"),
+            },
+            seconds: r.ended_at.map(|e| {
+                let from = st.started_at.unwrap_or(r.joined_at).max(r.joined_at);
+                e.saturating_duration_since(from).as_secs_f64()
+            }),
+            resumed_blocks: r.resumed_blocks,
+            auth_failures: r.status.auth_failures,
+            name: r.name,
+        })
+        .collect();
+    let verified = receivers.iter().filter(|r| r.ok).count();
+    let sym = (st.source_packets + st.repair_packets).max(1);
+    SendReport {
+        ok: error.is_none() && verified >= cfg.expected && verified == receivers.len(),
+        image_bytes: m.image_size,
+        image_hash: m.image_hash_hex(),
+        wire_bytes,
+        seconds,
+        goodput_bps: if seconds > 0.0 {
+            m.image_size as f64 * 8.0 / seconds
+        } else {
+            0.0
+        },
+        rate_bps: cfg.rate_bps,
+        source_packets: st.source_packets,
+        repair_packets: st.repair_packets,
+        probe_packets: st.probe_packets,
+        repair_overhead_pct: st.repair_packets as f64 * 100.0 / sym as f64,
+        expected_receivers: cfg.expected,
+        receivers,
+        error,
+    }
+}
+
+/// Feed one event from a connection or worker into the core.
+fn handle_event(
+    ev: Event,
+    core: &mut WaveSender,
+    outs: &mut HashMap<u32, mpsc::UnboundedSender<Msg>>,
+    loaded: &mut HashMap<u32, Arc<Vec<u8>>>,
+    encoders: &mut HashMap<u32, Arc<BlockEncoder>>,
+    error: &mut Option<String>,
+) {
+    let now = Instant::now();
+    match ev {
+        Event::Hello { name, out, reply } => {
+            if !core.is_finished() {
+                let id = core.on_hello(&name, now);
+                outs.insert(id, out);
+                let _ = reply.send(id);
+            }
+        }
+        Event::Msg(id, msg) => core.on_message(id, msg, now),
+        Event::Disconnect(id) => {
+            outs.remove(&id);
+            core.on_disconnect(id, now);
+        }
+        Event::Loaded(b, d) => {
+            loaded.insert(b, d);
+            core.on_block_loaded(b);
+        }
+        Event::Encoder(b, e) => {
+            encoders.insert(b, e);
+            core.on_encoder_ready(b);
+        }
+        Event::SourceError(e) => *error = Some(e),
+    }
+}
+
+fn publish_metrics(core: &WaveSender) {
+    let st = &core.stats;
+    metrics::gauge!("rackcast_rate_bps").set(core.current_rate() as f64);
+    metrics::counter!("rackcast_source_packets_total").absolute(st.source_packets);
+    metrics::counter!("rackcast_repair_packets_total").absolute(st.repair_packets);
+    metrics::counter!("rackcast_probe_packets_total").absolute(st.probe_packets);
+    let total = core.manifest().block_count().max(1) as f64;
+    for r in core.receivers().values() {
+        let name = r.name.clone();
+        metrics::gauge!("rackcast_receiver_progress_ratio", "receiver" => name.clone())
+            .set(r.status.blocks_done as f64 / total);
+        metrics::gauge!("rackcast_receiver_auth_failures", "receiver" => name.clone())
+            .set(r.status.auth_failures as f64);
+        metrics::gauge!("rackcast_receiver_malformed_packets", "receiver" => name)
+            .set(r.status.malformed as f64);
+    }
+}

@@ -1,0 +1,991 @@
+//! The wave sender core: which symbol goes next, when repair is due, when a
+//! receiver is dropped and when the wave is over.
+//!
+//! Owns: send order (source symbols interleaved across a group of blocks,
+//! then repair driven by aggregated receiver feedback), pacing through a
+//! token bucket, the loss-driven rate, receiver liveness and the end
+//! condition. Must not: touch sockets, files, threads or clocks. The I/O
+//! driver (`dataplane::send`) calls `on_*` with events and `now`, drains
+//! [`Action`]s and asks [`WaveSender::poll_transmit`] what to put on the wire.
+//!
+//! Repair rule: a receiver's report about block `b` counts only if it has
+//! seen a packet sent after the last symbol of `b` (`seq_hi >= last_seq[b]`);
+//! then symbols still missing there are lost, not in flight. The sender
+//! schedules `max over receivers (shortfall) + margin` fresh repair symbols
+//! for `b`: one repair symbol fixes a different loss at every receiver.
+//! Probes (empty packets) advance `seq` while idle so the tail of the
+//! stream is never stuck behind a lost last packet.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::manifest::Manifest;
+use crate::pacing::{RateController, TokenBucket};
+use crate::wire::control::{Msg, Status, Verdict};
+
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    /// Receivers the wave waits for before sending.
+    pub expected: usize,
+    /// Start with whoever is ready once this passed (never wait forever).
+    pub start_timeout: Duration,
+    /// A receiver silent this long is dropped as failed.
+    pub receiver_timeout: Duration,
+    /// Rate ceiling, bits/s on the wire (Ethernet frame bytes).
+    pub rate_bps: u64,
+    /// Floor of the loss-driven rate control.
+    pub min_rate_bps: u64,
+    /// Worst-receiver loss above which the rate is cut.
+    pub loss_threshold: f64,
+    /// Blocks whose source symbols are interleaved round-robin.
+    pub interleave: usize,
+    /// Extra repair symbols per block and round: fixed part ...
+    pub repair_margin: u32,
+    /// ... plus this fraction of the shortfall.
+    pub repair_margin_frac: f64,
+    /// Encoders kept for repair at once (each holds ~2 blocks of memory).
+    pub max_encoders: usize,
+    /// Probe spacing while there is nothing else to send.
+    pub probe_interval: Duration,
+    /// Rate-control interval.
+    pub rate_interval: Duration,
+    /// Token bucket depth in bytes.
+    pub burst_bytes: usize,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        SenderConfig {
+            expected: 1,
+            start_timeout: Duration::from_secs(60),
+            receiver_timeout: Duration::from_secs(15),
+            rate_bps: 100_000_000,
+            min_rate_bps: 10_000_000,
+            loss_threshold: 0.25,
+            interleave: 16,
+            repair_margin: 2,
+            repair_margin_frac: 0.05,
+            max_encoders: 64,
+            probe_interval: Duration::from_millis(5),
+            rate_interval: Duration::from_millis(250),
+            burst_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// One datagram to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tx {
+    Symbol { seq: u32, block: u32, esi: u32 },
+    Probe { seq: u32 },
+}
+
+/// What the I/O driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Read `block` of the image and call `on_block_loaded`.
+    Load(u32),
+    /// Source data of `block` no longer needed.
+    Release(u32),
+    /// Build a repair encoder for `block` and call `on_encoder_ready`.
+    BuildEncoder(u32),
+    DropEncoder(u32),
+    /// Send a control message to a receiver.
+    Control(u32, Msg),
+    /// Close a receiver's connection (after any queued message).
+    Disconnect(u32),
+    /// The wave ended; see [`WaveSender::summary`].
+    Finished,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Waiting,
+    Sending,
+    Finished,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RxState {
+    /// Welcome sent, not joined yet.
+    Joining,
+    Ready,
+    /// Connection lost; may come back under the same name.
+    Disconnected {
+        since: Instant,
+    },
+    Verified,
+    Failed(String),
+}
+
+impl RxState {
+    fn terminal(&self) -> bool {
+        matches!(self, RxState::Verified | RxState::Failed(_))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ReceiverInfo {
+    pub name: String,
+    pub state: RxState,
+    pub joined_at: Instant,
+    pub ended_at: Option<Instant>,
+    pub resumed_blocks: u32,
+    pub last_heard: Instant,
+    pub status: Status,
+    prev_received: u64,
+    prev_expected: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EncState {
+    None,
+    Requested,
+    Ready,
+}
+
+/// Counters for the summary and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct SendStats {
+    pub source_packets: u64,
+    pub repair_packets: u64,
+    pub probe_packets: u64,
+    pub rate_bps: u64,
+    pub started_at: Option<Instant>,
+    pub finished_at: Option<Instant>,
+}
+
+pub struct WaveSender {
+    cfg: SenderConfig,
+    manifest: Manifest,
+    /// Source symbols per block.
+    k: Vec<u32>,
+    /// Blocks that go on the wire, in image order.
+    order: Vec<u32>,
+    phase: Phase,
+    created: Instant,
+    bucket: TokenBucket,
+    rate: RateController,
+    next_rate_tick: Instant,
+    worst_loss: f64,
+    frame_bytes: usize,
+    seq: u32,
+    // Source cursor: group index, round (ESI), position within the group.
+    group: usize,
+    round: u32,
+    pos: usize,
+    source_done_all: bool,
+    loaded: Vec<bool>,
+    load_requested: Vec<bool>,
+    source_done: Vec<bool>,
+    last_seq: Vec<u32>,
+    next_esi: Vec<u32>,
+    pending_repair: Vec<u32>,
+    repair_queue: VecDeque<u32>,
+    enc: Vec<EncState>,
+    enc_lru: VecDeque<u32>,
+    last_send: Instant,
+    receivers: BTreeMap<u32, ReceiverInfo>,
+    actions: VecDeque<Action>,
+    pub stats: SendStats,
+}
+
+impl WaveSender {
+    /// `frame_bytes`: bytes one symbol packet costs on the wire (Ethernet
+    /// frame), the unit the token bucket counts.
+    pub fn new(
+        cfg: SenderConfig,
+        manifest: Manifest,
+        frame_bytes: usize,
+        now: Instant,
+    ) -> WaveSender {
+        let n = manifest.block_count() as usize;
+        let k: Vec<u32> = (0..n as u32).map(|b| manifest.source_symbols(b)).collect();
+        let order: Vec<u32> = manifest.data_blocks().collect();
+        let mut s = WaveSender {
+            bucket: TokenBucket::new(cfg.rate_bps, cfg.burst_bytes.max(frame_bytes), now),
+            rate: RateController::new(cfg.rate_bps, cfg.min_rate_bps, cfg.loss_threshold),
+            next_rate_tick: now + cfg.rate_interval,
+            worst_loss: 0.0,
+            frame_bytes,
+            cfg,
+            seq: 0,
+            group: 0,
+            round: 0,
+            pos: 0,
+            source_done_all: order.is_empty(),
+            loaded: vec![false; n],
+            load_requested: vec![false; n],
+            source_done: vec![false; n],
+            last_seq: vec![0; n],
+            next_esi: k.clone(),
+            pending_repair: vec![0; n],
+            repair_queue: VecDeque::new(),
+            enc: vec![EncState::None; n],
+            enc_lru: VecDeque::new(),
+            k,
+            order,
+            manifest,
+            phase: Phase::Waiting,
+            created: now,
+            last_send: now,
+            receivers: BTreeMap::new(),
+            actions: VecDeque::new(),
+            stats: SendStats::default(),
+        };
+        s.stats.rate_bps = s.cfg.rate_bps;
+        s.request_group_loads(0);
+        s.request_group_loads(1);
+        s
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn receivers(&self) -> &BTreeMap<u32, ReceiverInfo> {
+        &self.receivers
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.phase == Phase::Finished
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    fn group_range(&self, g: usize) -> std::ops::Range<usize> {
+        let w = self.cfg.interleave.max(1);
+        let start = (g * w).min(self.order.len());
+        start..((g + 1) * w).min(self.order.len())
+    }
+
+    fn request_group_loads(&mut self, g: usize) {
+        for i in self.group_range(g) {
+            let b = self.order[i] as usize;
+            if !self.load_requested[b] {
+                self.load_requested[b] = true;
+                self.actions.push_back(Action::Load(b as u32));
+            }
+        }
+    }
+
+    // ---- events -------------------------------------------------------
+
+    /// A receiver said hello. Returns its id; a known name (a restarted
+    /// receiver) takes its old slot back.
+    pub fn on_hello(&mut self, name: &str, now: Instant) -> u32 {
+        let existing = self
+            .receivers
+            .iter()
+            .find(|(_, r)| r.name == name)
+            .map(|(id, _)| *id);
+        let id = existing.unwrap_or_else(|| self.receivers.keys().next_back().map_or(1, |k| k + 1));
+        let info = ReceiverInfo {
+            name: name.to_string(),
+            state: RxState::Joining,
+            joined_at: now,
+            ended_at: None,
+            resumed_blocks: 0,
+            last_heard: now,
+            status: Status::default(),
+            prev_received: 0,
+            prev_expected: 0,
+        };
+        tracing::info!(
+            receiver = id,
+            name,
+            reconnect = existing.is_some(),
+            "receiver connected"
+        );
+        self.receivers.insert(id, info);
+        id
+    }
+
+    pub fn on_message(&mut self, id: u32, msg: Msg, now: Instant) {
+        let Some(rx) = self.receivers.get_mut(&id) else {
+            return;
+        };
+        rx.last_heard = now;
+        match msg {
+            Msg::Ready { resumed_blocks } => {
+                if rx.state == RxState::Joining {
+                    rx.state = RxState::Ready;
+                    rx.resumed_blocks = resumed_blocks;
+                }
+            }
+            Msg::Status(st) => self.on_status(id, st),
+            Msg::Done(v) => {
+                rx.ended_at = Some(now);
+                rx.state = match v {
+                    Verdict::Verified { image_hash } if image_hash == self.manifest.image_hash => {
+                        RxState::Verified
+                    }
+                    Verdict::Verified { .. } => {
+                        RxState::Failed("reported a hash that is not the manifest's".into())
+                    }
+                    Verdict::Failed { reason } => RxState::Failed(reason),
+                };
+                tracing::info!(receiver = id, state = ?rx.state, "receiver finished");
+                self.actions.push_back(Action::Control(
+                    id,
+                    Msg::Finish {
+                        reason: "verdict received".into(),
+                    },
+                ));
+                self.actions.push_back(Action::Disconnect(id));
+            }
+            Msg::Error { message } => {
+                self.fail(id, format!("receiver error: {message}"), now);
+            }
+            // A receiver has no business sending these.
+            Msg::Hello { .. } | Msg::Welcome { .. } | Msg::Finish { .. } => {
+                self.fail(id, "unexpected message from receiver".into(), now);
+            }
+        }
+        self.maybe_start(now);
+        self.maybe_finish(now);
+    }
+
+    pub fn on_disconnect(&mut self, id: u32, now: Instant) {
+        if let Some(rx) = self.receivers.get_mut(&id) {
+            if !rx.state.terminal() {
+                tracing::warn!(receiver = id, name = %rx.name, "receiver connection lost");
+                rx.state = RxState::Disconnected { since: now };
+            }
+        }
+        self.maybe_finish(now);
+    }
+
+    fn fail(&mut self, id: u32, reason: String, now: Instant) {
+        if let Some(rx) = self.receivers.get_mut(&id) {
+            if rx.state.terminal() {
+                return;
+            }
+            tracing::warn!(receiver = id, name = %rx.name, %reason, "receiver dropped");
+            rx.state = RxState::Failed(reason.clone());
+            rx.ended_at = Some(now);
+            self.actions
+                .push_back(Action::Control(id, Msg::Finish { reason }));
+            self.actions.push_back(Action::Disconnect(id));
+        }
+    }
+
+    fn on_status(&mut self, id: u32, st: Status) {
+        let Some(rx) = self.receivers.get_mut(&id) else {
+            return;
+        };
+        // Loss over the interval since this receiver's previous report.
+        let dr = st.received.saturating_sub(rx.prev_received);
+        let de = st.expected.saturating_sub(rx.prev_expected);
+        if de >= 50 {
+            let loss = 1.0 - (dr as f64 / de as f64).min(1.0);
+            self.worst_loss = self.worst_loss.max(loss);
+        }
+        rx.prev_received = st.received;
+        rx.prev_expected = st.expected;
+        if matches!(rx.state, RxState::Joining) {
+            rx.state = RxState::Ready;
+        }
+        let margin = |short: u32, cfg: &SenderConfig| {
+            short + cfg.repair_margin + (short as f64 * cfg.repair_margin_frac).ceil() as u32
+        };
+        let mut want: Vec<(u32, u32)> = Vec::new();
+        if st.seen_any {
+            for &(b, short) in &st.partial {
+                let bi = b as usize;
+                if bi < self.k.len() && self.source_done[bi] && seq_ge(st.seq_hi, self.last_seq[bi])
+                {
+                    want.push((b, margin(short.min(self.k[bi]), &self.cfg)));
+                }
+            }
+        }
+        for &(first, len) in &st.missing {
+            let end = first.saturating_add(len).min(self.k.len() as u32);
+            for b in first..end {
+                let bi = b as usize;
+                if self.manifest.blocks[bi].zero || !self.source_done[bi] {
+                    continue;
+                }
+                // A block with nothing received: either all its packets
+                // were lost after the receiver joined, or it joined late.
+                if !st.seen_any || seq_ge(st.seq_hi, self.last_seq[bi]) {
+                    want.push((b, margin(self.k[bi], &self.cfg)));
+                }
+            }
+        }
+        rx.status = st;
+        for (b, n) in want {
+            self.schedule_repair(b, n);
+        }
+    }
+
+    fn schedule_repair(&mut self, b: u32, n: u32) {
+        let bi = b as usize;
+        if self.pending_repair[bi] == 0 {
+            self.repair_queue.push_back(b);
+        }
+        self.pending_repair[bi] = self.pending_repair[bi].max(n);
+        match self.enc[bi] {
+            EncState::None => {
+                self.enc[bi] = EncState::Requested;
+                self.actions.push_back(Action::BuildEncoder(b));
+            }
+            EncState::Requested => {}
+            EncState::Ready => self.touch_encoder(b),
+        }
+    }
+
+    pub fn on_block_loaded(&mut self, b: u32) {
+        if let Some(l) = self.loaded.get_mut(b as usize) {
+            *l = true;
+        }
+    }
+
+    pub fn on_encoder_ready(&mut self, b: u32) {
+        let bi = b as usize;
+        if bi < self.enc.len() && self.enc[bi] == EncState::Requested {
+            self.enc[bi] = EncState::Ready;
+            self.touch_encoder(b);
+            self.evict_encoders();
+        }
+    }
+
+    fn touch_encoder(&mut self, b: u32) {
+        self.enc_lru.retain(|x| *x != b);
+        self.enc_lru.push_back(b);
+    }
+
+    fn evict_encoders(&mut self) {
+        let mut budget = self.enc_lru.len();
+        while self.enc_lru.len() > self.cfg.max_encoders && budget > 0 {
+            budget -= 1;
+            let Some(b) = self.enc_lru.pop_front() else {
+                break;
+            };
+            if self.pending_repair[b as usize] > 0 {
+                self.enc_lru.push_back(b);
+                continue;
+            }
+            self.enc[b as usize] = EncState::None;
+            self.actions.push_back(Action::DropEncoder(b));
+        }
+    }
+
+    /// Periodic housekeeping: start policy, receiver timeouts, rate control.
+    pub fn on_tick(&mut self, now: Instant) {
+        let timeout = self.cfg.receiver_timeout;
+        let stale: Vec<u32> = self
+            .receivers
+            .iter()
+            .filter(|(_, r)| !r.state.terminal())
+            .filter(|(_, r)| match r.state {
+                RxState::Disconnected { since } => now.saturating_duration_since(since) >= timeout,
+                _ => now.saturating_duration_since(r.last_heard) >= timeout,
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            self.fail(id, format!("no report for {} s", timeout.as_secs()), now);
+        }
+        if now >= self.next_rate_tick {
+            self.next_rate_tick = now + self.cfg.rate_interval;
+            let r = self.rate.on_interval(self.worst_loss);
+            if r != self.bucket.rate_bps() {
+                tracing::info!(rate_bps = r, worst_loss = self.worst_loss, "rate changed");
+                self.bucket.set_rate(r, now);
+            }
+            self.stats.rate_bps = r;
+            self.worst_loss = 0.0;
+        }
+        self.maybe_start(now);
+        self.maybe_finish(now);
+    }
+
+    fn maybe_start(&mut self, now: Instant) {
+        if self.phase != Phase::Waiting {
+            return;
+        }
+        let ready = self
+            .receivers
+            .values()
+            .filter(|r| r.state == RxState::Ready)
+            .count();
+        let waited = now.saturating_duration_since(self.created);
+        if ready >= self.cfg.expected || (ready > 0 && waited >= self.cfg.start_timeout) {
+            tracing::info!(ready, expected = self.cfg.expected, "wave starts");
+            self.phase = Phase::Sending;
+            self.stats.started_at = Some(now);
+        } else if waited >= self.cfg.start_timeout {
+            tracing::warn!("no receiver ready before the start timeout");
+            self.finish(now);
+        }
+    }
+
+    fn maybe_finish(&mut self, now: Instant) {
+        if self.phase != Phase::Sending {
+            return;
+        }
+        let all_in = self.receivers.len() >= self.cfg.expected
+            || now.saturating_duration_since(self.created) >= self.cfg.start_timeout;
+        if all_in && self.receivers.values().all(|r| r.state.terminal()) {
+            self.finish(now);
+        }
+    }
+
+    fn finish(&mut self, now: Instant) {
+        self.phase = Phase::Finished;
+        self.stats.finished_at = Some(now);
+        let open: Vec<u32> = self
+            .receivers
+            .iter()
+            .filter(|(_, r)| !r.state.terminal())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in open {
+            self.fail(id, "wave ended".into(), now);
+        }
+        self.actions.push_back(Action::Finished);
+    }
+
+    // ---- transmit -----------------------------------------------------
+
+    /// Earliest instant at which `poll_transmit` may return something new
+    /// (pacing or probe), or `None` when not sending.
+    pub fn poll_timeout(&mut self, now: Instant) -> Option<Instant> {
+        if self.phase != Phase::Sending {
+            return None;
+        }
+        if self.has_work() {
+            Some(now + self.bucket.wait_for(now, self.frame_bytes))
+        } else {
+            Some(self.last_send + self.cfg.probe_interval)
+        }
+    }
+
+    fn has_work(&self) -> bool {
+        self.repair_queue
+            .iter()
+            .any(|b| self.enc[*b as usize] == EncState::Ready)
+            || self.next_source_ready()
+    }
+
+    fn next_source_ready(&self) -> bool {
+        if self.source_done_all {
+            return false;
+        }
+        let r = self.group_range(self.group);
+        match r.clone().nth(self.pos) {
+            Some(i) => self.loaded[self.order[i] as usize],
+            None => false,
+        }
+    }
+
+    /// Append up to `max` transmissions allowed now to `out`.
+    pub fn poll_transmit(&mut self, now: Instant, max: usize, out: &mut Vec<Tx>) {
+        if self.phase != Phase::Sending {
+            return;
+        }
+        let allowed = self.bucket.available(now, self.frame_bytes, max);
+        let mut sent = 0;
+        while sent < allowed {
+            if let Some(tx) = self.next_repair().or_else(|| self.next_source()) {
+                out.push(tx);
+                sent += 1;
+            } else {
+                break;
+            }
+        }
+        if sent > 0 {
+            self.last_send = now;
+        } else if now >= self.last_send + self.cfg.probe_interval {
+            out.push(Tx::Probe {
+                seq: self.bump_seq(),
+            });
+            self.stats.probe_packets += 1;
+            self.last_send = now;
+        }
+        // The bucket pays only for symbols that left (probes are free:
+        // they are tiny and only sent while idle).
+        self.bucket.consume(sent * self.frame_bytes);
+    }
+
+    fn bump_seq(&mut self) -> u32 {
+        let s = self.seq;
+        self.seq = self.seq.wrapping_add(1);
+        s
+    }
+
+    fn next_repair(&mut self) -> Option<Tx> {
+        let idx = self
+            .repair_queue
+            .iter()
+            .position(|b| self.enc[*b as usize] == EncState::Ready)?;
+        let b = self.repair_queue[idx];
+        let bi = b as usize;
+        let esi = self.next_esi[bi];
+        if esi > crate::wire::packet::MAX_ESI {
+            // ESI space of this block exhausted (2^24 symbols): nothing
+            // more can be sent for it; receivers will time out on it.
+            self.pending_repair[bi] = 0;
+            self.repair_queue.remove(idx);
+            return None;
+        }
+        self.next_esi[bi] += 1;
+        self.pending_repair[bi] -= 1;
+        if self.pending_repair[bi] == 0 {
+            self.repair_queue.remove(idx);
+        }
+        let seq = self.bump_seq();
+        self.last_seq[bi] = seq;
+        self.stats.repair_packets += 1;
+        Some(Tx::Symbol { seq, block: b, esi })
+    }
+
+    fn next_source(&mut self) -> Option<Tx> {
+        loop {
+            if self.source_done_all {
+                return None;
+            }
+            let range = self.group_range(self.group);
+            if range.is_empty() {
+                self.source_done_all = true;
+                return None;
+            }
+            let max_k = range
+                .clone()
+                .map(|i| self.k[self.order[i] as usize])
+                .max()
+                .unwrap_or(0);
+            if self.round >= max_k {
+                // Group complete: release it, prefetch the one after next.
+                for i in range {
+                    self.actions.push_back(Action::Release(self.order[i]));
+                }
+                self.group += 1;
+                self.round = 0;
+                self.pos = 0;
+                self.request_group_loads(self.group + 1);
+                continue;
+            }
+            let Some(i) = range.clone().nth(self.pos) else {
+                self.pos = 0;
+                self.round += 1;
+                continue;
+            };
+            let b = self.order[i];
+            let bi = b as usize;
+            if self.round >= self.k[bi] || self.all_ready_have(b) {
+                self.mark_source_done_if_last(bi);
+                self.pos += 1;
+                continue;
+            }
+            if !self.loaded[bi] {
+                return None;
+            }
+            let esi = self.round;
+            self.pos += 1;
+            let seq = self.bump_seq();
+            self.last_seq[bi] = seq;
+            if esi + 1 == self.k[bi] {
+                self.source_done[bi] = true;
+            }
+            self.stats.source_packets += 1;
+            return Some(Tx::Symbol { seq, block: b, esi });
+        }
+    }
+
+    fn mark_source_done_if_last(&mut self, bi: usize) {
+        if !self.source_done[bi] && self.round >= self.k[bi].saturating_sub(1) {
+            self.source_done[bi] = true;
+        }
+    }
+
+    /// Every ready receiver already reported `b` complete (resumed
+    /// receivers): its source symbols would help nobody.
+    fn all_ready_have(&self, b: u32) -> bool {
+        let mut any = false;
+        for r in self.receivers.values() {
+            match r.state {
+                RxState::Ready | RxState::Joining | RxState::Disconnected { .. } => {
+                    if !r.status.seen_any && r.resumed_blocks == 0 {
+                        return false;
+                    }
+                    if status_needs(&r.status, b) || r.status.blocks_done == 0 {
+                        return false;
+                    }
+                    any = true;
+                }
+                _ => {}
+            }
+        }
+        any
+    }
+
+    /// Summary lines per receiver, by id.
+    pub fn summary(&self) -> Vec<(u32, ReceiverInfo)> {
+        self.receivers
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect()
+    }
+
+    pub fn current_rate(&self) -> u64 {
+        self.bucket.rate_bps()
+    }
+}
+
+fn status_needs(st: &Status, b: u32) -> bool {
+    st.partial.iter().any(|(x, _)| *x == b)
+        || st.missing.iter().any(|(f, l)| b >= *f && (b - f) < *l)
+}
+
+/// `a >= b` in sequence space (wrapping, window of 2^31).
+pub fn seq_ge(a: u32, b: u32) -> bool {
+    a.wrapping_sub(b) < (1 << 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::BlockInfo;
+
+    fn manifest(blocks: usize, zero: &[usize]) -> Manifest {
+        Manifest {
+            image_size: blocks as u64 * 4096,
+            image_hash: [9; 32],
+            block_size: 4096,
+            symbol_size: 1024,
+            blocks: (0..blocks)
+                .map(|i| BlockInfo {
+                    hash: [0; 32],
+                    zero: zero.contains(&i),
+                })
+                .collect(),
+        }
+    }
+
+    fn cfg(expected: usize) -> SenderConfig {
+        SenderConfig {
+            expected,
+            interleave: 2,
+            rate_bps: 1_000_000_000,
+            ..Default::default()
+        }
+    }
+
+    /// Run the sender's actions the way the driver would: loads and
+    /// encoders complete at once.
+    fn pump(s: &mut WaveSender) -> Vec<Action> {
+        let mut seen = Vec::new();
+        while let Some(a) = s.poll_action() {
+            match a {
+                Action::Load(b) => s.on_block_loaded(b),
+                Action::BuildEncoder(b) => s.on_encoder_ready(b),
+                _ => {}
+            }
+            seen.push(a);
+        }
+        seen
+    }
+
+    fn drain(s: &mut WaveSender, now: Instant) -> Vec<Tx> {
+        let mut out = Vec::new();
+        for _ in 0..1000 {
+            pump(s);
+            let before = out.len();
+            s.poll_transmit(now, 64, &mut out);
+            if out.len() == before || matches!(out.last(), Some(Tx::Probe { .. })) {
+                break;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn waits_for_expected_receivers_then_interleaves_source() {
+        let t0 = Instant::now();
+        let mut s = WaveSender::new(cfg(2), manifest(5, &[3]), 1100, t0);
+        pump(&mut s);
+        let a = s.on_hello("a", t0);
+        s.on_message(a, Msg::Ready { resumed_blocks: 0 }, t0);
+        let mut out = Vec::new();
+        s.poll_transmit(t0, 64, &mut out);
+        assert!(out.is_empty(), "sent before all receivers were ready");
+        let b = s.on_hello("b", t0);
+        s.on_message(b, Msg::Ready { resumed_blocks: 0 }, t0);
+        let txs = drain(&mut s, t0 + Duration::from_millis(1));
+        let syms: Vec<(u32, u32)> = txs
+            .iter()
+            .filter_map(|t| match t {
+                Tx::Symbol { block, esi, .. } => Some((*block, *esi)),
+                _ => None,
+            })
+            .collect();
+        // Groups of 2 blocks, round-robin inside a group, zero block 3 skipped.
+        assert_eq!(
+            &syms[..8],
+            &[
+                (0, 0),
+                (1, 0),
+                (0, 1),
+                (1, 1),
+                (0, 2),
+                (1, 2),
+                (0, 3),
+                (1, 3)
+            ]
+        );
+        assert_eq!(syms.len(), 16);
+        assert!(!syms.iter().any(|(b, _)| *b == 3));
+        // Sequence numbers are consecutive.
+        for (i, t) in txs.iter().enumerate() {
+            if let Tx::Symbol { seq, .. } = t {
+                assert_eq!(*seq, i as u32);
+            }
+        }
+    }
+
+    #[test]
+    fn repair_is_max_shortfall_plus_margin_and_only_after_seen() {
+        let t0 = Instant::now();
+        let mut s = WaveSender::new(cfg(2), manifest(2, &[]), 1100, t0);
+        let a = s.on_hello("a", t0);
+        let b = s.on_hello("b", t0);
+        s.on_message(a, Msg::Ready { resumed_blocks: 0 }, t0);
+        s.on_message(b, Msg::Ready { resumed_blocks: 0 }, t0);
+        let txs = drain(&mut s, t0);
+        assert_eq!(
+            txs.iter()
+                .filter(|t| matches!(t, Tx::Symbol { .. }))
+                .count(),
+            8
+        );
+        // Receiver a's report predates the last symbol of block 1: ignored.
+        let early = Status {
+            seq_hi: 5,
+            seen_any: true,
+            partial: vec![(1, 2)],
+            ..Default::default()
+        };
+        s.on_message(a, Msg::Status(early), t0);
+        pump(&mut s);
+        assert!(drain(&mut s, t0)
+            .iter()
+            .all(|t| matches!(t, Tx::Probe { .. })));
+        let st = |short| Status {
+            seq_hi: 8,
+            seen_any: true,
+            partial: vec![(0, short)],
+            ..Default::default()
+        };
+        s.on_message(a, Msg::Status(st(1)), t0);
+        s.on_message(b, Msg::Status(st(3)), t0);
+        let txs = drain(&mut s, t0 + Duration::from_millis(1));
+        let rep: Vec<_> = txs
+            .iter()
+            .filter_map(|t| match t {
+                Tx::Symbol { block, esi, .. } => Some((*block, *esi)),
+                _ => None,
+            })
+            .collect();
+        // max(1, 3) + 2 fixed + ceil(3 * 0.05) = 6 fresh ESIs from K=4.
+        assert_eq!(rep, (4..10).map(|e| (0, e)).collect::<Vec<_>>());
+        // A stale repeat of the same report does not trigger more.
+        s.on_message(b, Msg::Status(st(3)), t0);
+        assert!(drain(&mut s, t0 + Duration::from_millis(2))
+            .iter()
+            .all(|t| matches!(t, Tx::Probe { .. })));
+    }
+
+    #[test]
+    fn ends_when_all_verified_or_dropped() {
+        let t0 = Instant::now();
+        let mut s = WaveSender::new(cfg(2), manifest(2, &[]), 1100, t0);
+        let a = s.on_hello("a", t0);
+        let b = s.on_hello("b", t0);
+        s.on_message(a, Msg::Ready { resumed_blocks: 0 }, t0);
+        s.on_message(b, Msg::Ready { resumed_blocks: 0 }, t0);
+        s.on_message(
+            a,
+            Msg::Done(Verdict::Verified {
+                image_hash: [9; 32],
+            }),
+            t0,
+        );
+        assert!(!s.is_finished());
+        // b goes silent: dropped after the timeout, and the wave ends.
+        s.on_tick(t0 + Duration::from_secs(16));
+        assert!(s.is_finished());
+        let sum = s.summary();
+        assert_eq!(sum[0].1.state, RxState::Verified);
+        assert!(matches!(sum[1].1.state, RxState::Failed(_)));
+    }
+
+    #[test]
+    fn wrong_hash_verdict_is_a_failure() {
+        let t0 = Instant::now();
+        let mut s = WaveSender::new(cfg(1), manifest(1, &[]), 1100, t0);
+        let a = s.on_hello("a", t0);
+        s.on_message(a, Msg::Ready { resumed_blocks: 0 }, t0);
+        s.on_message(
+            a,
+            Msg::Done(Verdict::Verified {
+                image_hash: [1; 32],
+            }),
+            t0,
+        );
+        assert!(s.is_finished());
+        assert!(matches!(s.summary()[0].1.state, RxState::Failed(_)));
+    }
+
+    #[test]
+    fn start_timeout_starts_with_present_and_never_waits_forever() {
+        let t0 = Instant::now();
+        let mut s = WaveSender::new(cfg(3), manifest(1, &[]), 1100, t0);
+        s.on_tick(t0 + Duration::from_secs(61));
+        assert!(s.is_finished(), "nobody came: must end");
+        let mut s = WaveSender::new(cfg(3), manifest(1, &[]), 1100, t0);
+        let a = s.on_hello("a", t0);
+        s.on_message(a, Msg::Ready { resumed_blocks: 0 }, t0);
+        s.on_message(
+            a,
+            Msg::Status(Status::default()),
+            t0 + Duration::from_secs(55),
+        );
+        s.on_tick(t0 + Duration::from_secs(61));
+        assert!(!drain(&mut s, t0 + Duration::from_secs(61)).is_empty());
+    }
+
+    #[test]
+    fn reconnect_keeps_identity_and_late_joiner_gets_repair() {
+        let t0 = Instant::now();
+        let mut s = WaveSender::new(cfg(1), manifest(2, &[]), 1100, t0);
+        let a = s.on_hello("a", t0);
+        s.on_message(a, Msg::Ready { resumed_blocks: 0 }, t0);
+        drain(&mut s, t0);
+        s.on_disconnect(a, t0);
+        let a2 = s.on_hello("a", t0);
+        assert_eq!(a, a2);
+        s.on_message(a2, Msg::Ready { resumed_blocks: 1 }, t0);
+        let st = Status {
+            seq_hi: 0,
+            seen_any: false,
+            blocks_done: 1,
+            missing: vec![(1, 1)],
+            ..Default::default()
+        };
+        s.on_message(a2, Msg::Status(st), t0);
+        let txs = drain(&mut s, t0 + Duration::from_millis(1));
+        let blocks: Vec<u32> = txs
+            .iter()
+            .filter_map(|t| match t {
+                Tx::Symbol { block, .. } => Some(*block),
+                _ => None,
+            })
+            .collect();
+        // K=4 plus margin 2 + ceil(0.2) = 7 symbols, all for block 1.
+        assert_eq!(blocks, vec![1; 7]);
+    }
+}

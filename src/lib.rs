@@ -1,0 +1,62 @@
+//! rackcast: images a rack of bare-metal servers at once.
+//!
+//! Per-device work (agent, BIOS, RAID programs) goes asynchronously over
+//! TCP; the OS image goes to every device of a wave concurrently over
+//! rate-controlled UDP multicast with RaptorQ coding. This crate is the
+//! appliance library and holds every shared wire format; the device agent
+//! (`rackcast-agent`) depends on it.
+
+pub mod dataplane;
+pub mod fec;
+pub mod manifest;
+pub mod pacing;
+pub mod wire;
+
+use std::net::Ipv4Addr;
+
+/// Groups the product accepts: administratively scoped IPv4 multicast
+/// (239.0.0.0/8, RFC 2365), never global groups.
+pub fn is_lab_or_admin_group(ip: Ipv4Addr) -> bool {
+    ip.octets()[0] == 239
+}
+
+/// Parse a rate like `300M`, `1.5G`, `800k` or `500000000` into bits/s.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('k' | 'K') => (&s[..s.len() - 1], 1e3),
+        Some('m' | 'M') => (&s[..s.len() - 1], 1e6),
+        Some('g' | 'G') => (&s[..s.len() - 1], 1e9),
+        _ => (s, 1.0),
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("rate {s:?}: expected a number with optional k/M/G suffix"))?;
+    let bps = v * mult;
+    if !(1e3..=1e11).contains(&bps) {
+        return Err(format!("rate {s:?} out of range (1k .. 100G bit/s)"));
+    }
+    Ok(bps as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("300M"), Ok(300_000_000));
+        assert_eq!(parse_rate("1.5G"), Ok(1_500_000_000));
+        assert_eq!(parse_rate("800k"), Ok(800_000));
+        assert_eq!(parse_rate("5000"), Ok(5000));
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("0").is_err());
+        assert!(parse_rate("").is_err());
+    }
+
+    #[test]
+    fn groups() {
+        assert!(is_lab_or_admin_group("239.255.1.1".parse().unwrap()));
+        assert!(!is_lab_or_admin_group("224.0.0.1".parse().unwrap()));
+    }
+}

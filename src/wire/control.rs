@@ -1,0 +1,240 @@
+//! Control-plane messages of a wave session (TCP, one connection per
+//! receiver): manifest and key out, feedback and verdicts back.
+//!
+//! Owns: the message set, its binary encoding (postcard inside a
+//! length-delimited frame with a bounded size) and validation of what came
+//! off the wire. Must not: do I/O (see `dataplane::conn`).
+
+use std::net::SocketAddrV4;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::manifest::Manifest;
+use crate::wire::packet::KEY_LEN;
+
+/// Spoken in `Hello`/`Welcome`; a mismatch closes the connection with a
+/// clear error on both sides.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Largest frame accepted (64 MiB), refused before allocation. A manifest
+/// costs ~34 bytes per block, so this bounds one image to ~1.9 TiB in 1 MiB
+/// blocks; larger images use larger blocks.
+pub const MAX_FRAME: usize = 64 << 20;
+
+/// Session parameters handed to a receiver once it said hello.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionParams {
+    pub session_id: u32,
+    pub group: SocketAddrV4,
+    pub key: [u8; KEY_LEN],
+    pub manifest: Manifest,
+    /// How often the receiver reports its state.
+    pub feedback_ms: u32,
+}
+
+/// Aggregated receiver feedback. Blocks not listed in `missing` or
+/// `partial` are complete (decoded, hash-checked, written) or being
+/// written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// Highest packet sequence number seen (valid packets only).
+    pub seq_hi: u32,
+    /// Any packet of this session seen yet.
+    pub seen_any: bool,
+    /// Valid packets received since joining.
+    pub received: u64,
+    /// Packets the sequence range says were sent since joining.
+    pub expected: u64,
+    pub blocks_done: u32,
+    /// Runs `(first, len)` of blocks with no symbol at all.
+    pub missing: Vec<(u32, u32)>,
+    /// `(block, symbols short)` for blocks with some symbols.
+    pub partial: Vec<(u32, u32)>,
+    pub auth_failures: u64,
+    pub malformed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verdict {
+    /// The written image hashes to this (the manifest's) BLAKE3.
+    Verified {
+        image_hash: [u8; 32],
+    },
+    Failed {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Msg {
+    // receiver -> sender
+    Hello {
+        protocol: u16,
+        name: String,
+    },
+    /// Joined the group; `resumed_blocks` were already on disk.
+    Ready {
+        resumed_blocks: u32,
+    },
+    Status(Status),
+    Done(Verdict),
+    // sender -> receiver
+    Welcome {
+        protocol: u16,
+        receiver_id: u32,
+        session: SessionParams,
+    },
+    /// The sender ends the session (all done, or giving up on this receiver).
+    Finish {
+        reason: String,
+    },
+    // either way
+    Error {
+        message: String,
+    },
+}
+
+#[derive(Debug, Error)]
+pub enum ControlError {
+    #[error("malformed control message: {0}")]
+    Malformed(String),
+    #[error("protocol version {got} not supported (this side speaks {PROTOCOL_VERSION})")]
+    Version { got: u16 },
+    #[error("invalid session parameters: {0}")]
+    Invalid(String),
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    Oversize(usize),
+}
+
+pub fn parse(frame: &[u8]) -> Result<Msg, ControlError> {
+    if frame.len() > MAX_FRAME {
+        return Err(ControlError::Oversize(frame.len()));
+    }
+    let msg: Msg =
+        postcard::from_bytes(frame).map_err(|e| ControlError::Malformed(e.to_string()))?;
+    match &msg {
+        Msg::Hello { protocol, .. } | Msg::Welcome { protocol, .. }
+            if *protocol != PROTOCOL_VERSION =>
+        {
+            return Err(ControlError::Version { got: *protocol });
+        }
+        Msg::Welcome { session, .. } => {
+            session
+                .manifest
+                .validate()
+                .map_err(|e| ControlError::Invalid(e.to_string()))?;
+            if !crate::is_lab_or_admin_group(*session.group.ip()) {
+                return Err(ControlError::Invalid(format!(
+                    "group {} is outside 239.0.0.0/8",
+                    session.group
+                )));
+            }
+        }
+        Msg::Status(s) => {
+            if s.missing.len() + s.partial.len() > crate::manifest::MAX_IMAGE_SIZE as usize / 4096 {
+                return Err(ControlError::Invalid("status lists too many blocks".into()));
+            }
+        }
+        _ => {}
+    }
+    Ok(msg)
+}
+
+pub fn emit(msg: &Msg) -> Result<Vec<u8>, ControlError> {
+    let v = postcard::to_stdvec(msg).map_err(|e| ControlError::Malformed(e.to_string()))?;
+    if v.len() > MAX_FRAME {
+        return Err(ControlError::Oversize(v.len()));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::BlockInfo;
+    use proptest::prelude::*;
+
+    fn welcome() -> Msg {
+        Msg::Welcome {
+            protocol: PROTOCOL_VERSION,
+            receiver_id: 3,
+            session: SessionParams {
+                session_id: 9,
+                group: "239.255.1.1:9000".parse().unwrap(),
+                key: [1; 32],
+                manifest: Manifest {
+                    image_size: 5000,
+                    image_hash: [2; 32],
+                    block_size: 4096,
+                    symbol_size: 1024,
+                    blocks: vec![
+                        BlockInfo {
+                            hash: [3; 32],
+                            zero: false
+                        };
+                        2
+                    ],
+                },
+                feedback_ms: 50,
+            },
+        }
+    }
+
+    #[test]
+    fn round_trip_and_version_check() {
+        let m = welcome();
+        assert_eq!(parse(&emit(&m).unwrap()).unwrap(), m);
+        let bad = Msg::Hello {
+            protocol: 99,
+            name: "x".into(),
+        };
+        assert!(matches!(
+            parse(&emit(&bad).unwrap()),
+            Err(ControlError::Version { got: 99 })
+        ));
+    }
+
+    #[test]
+    fn welcome_with_broken_manifest_is_refused() {
+        let mut m = welcome();
+        if let Msg::Welcome { session, .. } = &mut m {
+            session.manifest.blocks.pop();
+        }
+        assert!(matches!(
+            parse(&emit(&m).unwrap()),
+            Err(ControlError::Invalid(_))
+        ));
+        let mut m = welcome();
+        if let Msg::Welcome { session, .. } = &mut m {
+            session.group = "10.1.1.1:9".parse().unwrap();
+        }
+        assert!(matches!(
+            parse(&emit(&m).unwrap()),
+            Err(ControlError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn truncations_are_errors() {
+        let bytes = emit(&welcome()).unwrap();
+        for cut in 0..bytes.len() {
+            assert!(parse(&bytes[..cut]).is_err());
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse(&data);
+        }
+
+        #[test]
+        fn status_round_trip(seq: u32, received: u64, done: u32,
+                             missing in proptest::collection::vec((any::<u32>(), any::<u32>()), 0..20),
+                             partial in proptest::collection::vec((any::<u32>(), any::<u32>()), 0..20)) {
+            let m = Msg::Status(Status { seq_hi: seq, seen_any: true, received, expected: received,
+                blocks_done: done, missing, partial, auth_failures: 1, malformed: 2 });
+            prop_assert_eq!(parse(&emit(&m).unwrap()).unwrap(), m);
+        }
+    }
+}
