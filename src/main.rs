@@ -222,9 +222,10 @@ fn send(a: SendArgs) -> Result<()> {
 
 fn print_report(r: &SendReport, json: bool) -> Result<()> {
     println!(
-        "wave: {} bytes in {:.2} s, goodput {:.1} Mbit/s ({:.3} x rate), repair overhead {:.2} %, {} source + {} repair packets",
+        "wave: {} bytes in {:.2} s (source phase {:.2} s), goodput {:.1} Mbit/s ({:.3} x rate), repair overhead {:.2} %, {} source + {} repair packets",
         r.image_bytes,
         r.seconds,
+        r.source_seconds,
         r.goodput_bps / 1e6,
         r.goodput_bps / r.rate_bps as f64,
         r.repair_overhead_pct,

@@ -80,6 +80,8 @@ pub struct SendReport {
     pub image_hash: String,
     pub wire_bytes: u64,
     pub seconds: f64,
+    /// Wave start to the last source symbol sent.
+    pub source_seconds: f64,
     pub goodput_bps: f64,
     pub rate_bps: u64,
     pub source_packets: u64,
@@ -571,6 +573,10 @@ fn send_loop(
         image_hash: m.image_hash_hex(),
         wire_bytes,
         seconds,
+        source_seconds: match (st.started_at, st.source_done_at) {
+            (Some(a), Some(b)) => b.saturating_duration_since(a).as_secs_f64(),
+            _ => 0.0,
+        },
         goodput_bps: if seconds > 0.0 {
             m.image_size as f64 * 8.0 / seconds
         } else {

@@ -51,6 +51,9 @@ pub struct SenderConfig {
     pub rate_interval: Duration,
     /// Token bucket depth in bytes.
     pub burst_bytes: usize,
+    /// Packets the driver waits to have tokens for before waking: fewer,
+    /// larger `sendmmsg` batches and no busy waiting (must fit the burst).
+    pub pace_batch: usize,
 }
 
 impl Default for SenderConfig {
@@ -68,7 +71,8 @@ impl Default for SenderConfig {
             max_encoders: 64,
             probe_interval: Duration::from_millis(5),
             rate_interval: Duration::from_millis(250),
-            burst_bytes: 64 * 1024,
+            burst_bytes: 192 * 1024,
+            pace_batch: 16,
         }
     }
 }
@@ -152,6 +156,8 @@ pub struct SendStats {
     pub probe_packets: u64,
     pub rate_bps: u64,
     pub started_at: Option<Instant>,
+    /// When the last source symbol left.
+    pub source_done_at: Option<Instant>,
     pub finished_at: Option<Instant>,
 }
 
@@ -558,28 +564,20 @@ impl WaveSender {
             return None;
         }
         if self.has_work() {
-            Some(now + self.bucket.wait_for(now, self.frame_bytes))
+            let batch = self.cfg.pace_batch.max(1) * self.frame_bytes;
+            Some(now + self.bucket.wait_for(now, batch.min(self.cfg.burst_bytes)))
         } else {
             Some(self.last_send + self.cfg.probe_interval)
         }
     }
 
-    fn has_work(&self) -> bool {
+    fn has_work(&mut self) -> bool {
         self.repair_queue
             .iter()
             .any(|b| self.enc[*b as usize] == EncState::Ready)
-            || self.next_source_ready()
-    }
-
-    fn next_source_ready(&self) -> bool {
-        if self.source_done_all {
-            return false;
-        }
-        let r = self.group_range(self.group);
-        match r.clone().nth(self.pos) {
-            Some(i) => self.loaded[self.order[i] as usize],
-            None => false,
-        }
+            || self
+                .source_cursor()
+                .is_some_and(|b| self.loaded[b as usize])
     }
 
     /// Append up to `max` transmissions allowed now to `out`.
@@ -643,7 +641,9 @@ impl WaveSender {
         Some(Tx::Symbol { seq, block: b, esi })
     }
 
-    fn next_source(&mut self) -> Option<Tx> {
+    /// Move the source cursor past finished rounds, groups and blocks
+    /// that need no source symbol, and return the block it points at.
+    fn source_cursor(&mut self) -> Option<u32> {
         loop {
             if self.source_done_all {
                 return None;
@@ -651,6 +651,7 @@ impl WaveSender {
             let range = self.group_range(self.group);
             if range.is_empty() {
                 self.source_done_all = true;
+                self.stats.source_done_at = Some(self.last_send);
                 return None;
             }
             let max_k = range
@@ -681,19 +682,25 @@ impl WaveSender {
                 self.pos += 1;
                 continue;
             }
-            if !self.loaded[bi] {
-                return None;
-            }
-            let esi = self.round;
-            self.pos += 1;
-            let seq = self.bump_seq();
-            self.last_seq[bi] = seq;
-            if esi + 1 == self.k[bi] {
-                self.source_done[bi] = true;
-            }
-            self.stats.source_packets += 1;
-            return Some(Tx::Symbol { seq, block: b, esi });
+            return Some(b);
         }
+    }
+
+    fn next_source(&mut self) -> Option<Tx> {
+        let b = self.source_cursor()?;
+        let bi = b as usize;
+        if !self.loaded[bi] {
+            return None;
+        }
+        let esi = self.round;
+        self.pos += 1;
+        let seq = self.bump_seq();
+        self.last_seq[bi] = seq;
+        if esi + 1 == self.k[bi] {
+            self.source_done[bi] = true;
+        }
+        self.stats.source_packets += 1;
+        Some(Tx::Symbol { seq, block: b, esi })
     }
 
     fn mark_source_done_if_last(&mut self, bi: usize) {

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Namespace lab: one switch namespace with a bridge, one appliance
+# namespace and N device namespaces, each joined to the bridge by a veth.
+# Nothing touches the root namespace. Addresses only in 198.18.0.0/15,
+# multicast only in 239.255.0.0/16 (enforced by the callers' arguments).
+#
+#   lab.sh up   PREFIX N [--rate RATE] [--loss DEV=PCT ...]
+#   lab.sh down PREFIX N
+#   lab.sh loss PREFIX DEV PCT      # set/replace random loss toward device DEV
+#   lab.sh stats PREFIX             # nft counters (dropped packets)
+#
+# Names: ${PREFIX}sw (switch), ${PREFIX}app (appliance, iface srv0,
+# 198.18.0.1/24), ${PREFIX}d1..dN (devices, iface d0, 198.18.0.(10+i)/24).
+# Rate: tbf on srv0 (the appliance's egress). Loss: nftables bridge rule
+# in the switch namespace (this kernel has no netem), applied toward the
+# device only.
+set -euo pipefail
+
+cmd=${1:?usage: lab.sh up|down|loss|stats PREFIX ...}
+P=${2:?prefix}
+
+ipn() { ip -n "$1" "${@:2}"; }
+
+dev_ip() { echo "198.18.0.$((10 + $1))"; }
+
+lab_down() {
+  local n=$1
+  for i in $(seq 1 "$n"); do ip netns del "${P}d$i" 2>/dev/null || true; done
+  ip netns del "${P}app" 2>/dev/null || true
+  ip netns del "${P}sw" 2>/dev/null || true
+}
+
+host_setup() {
+  local ns=$1 ifc=$2 addr=$3
+  ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1
+  ip netns exec "$ns" sysctl -qw net.ipv6.conf.default.disable_ipv6=1
+  ipn "$ns" link set lo up
+  ipn "$ns" addr add "$addr/24" dev "$ifc"
+  ipn "$ns" link set "$ifc" up
+  # Without this multicast sends fail with "network unreachable".
+  ipn "$ns" route add 224.0.0.0/4 dev "$ifc"
+}
+
+set_loss() {
+  local dev=$1 pct=$2
+  local per10k
+  per10k=$(awk -v p="$pct" 'BEGIN { printf "%d", p * 100 + 0.5 }')
+  ip netns exec "${P}sw" nft list table bridge lab >/dev/null 2>&1 || \
+    ip netns exec "${P}sw" nft add table bridge lab
+  ip netns exec "${P}sw" nft list chain bridge lab lossfwd >/dev/null 2>&1 || \
+    ip netns exec "${P}sw" nft add chain bridge lab lossfwd '{ type filter hook forward priority 0; policy accept; }'
+  # Replace any earlier rule for this port.
+  local h
+  for h in $(ip netns exec "${P}sw" nft -a list chain bridge lab lossfwd | awk -v d="\"vd$dev\"" '$0 ~ "oifname " d { print $NF }'); do
+    ip netns exec "${P}sw" nft delete rule bridge lab lossfwd handle "$h"
+  done
+  if [ "$per10k" -gt 0 ]; then
+    ip netns exec "${P}sw" nft add rule bridge lab lossfwd oifname "vd$dev" numgen random mod 10000 '<' "$per10k" counter drop
+  fi
+}
+
+case "$cmd" in
+  up)
+    N=${3:?N}; shift 3
+    rate="" losses=()
+    while [ $# -gt 0 ]; do
+      case "$1" in
+        --rate) rate=$2; shift 2 ;;
+        --loss) losses+=("$2"); shift 2 ;;
+        *) echo "lab.sh: unknown option $1" >&2; exit 2 ;;
+      esac
+    done
+    [ "$N" -ge 1 ] && [ "$N" -le 200 ] || { echo "lab.sh: N must be 1..200" >&2; exit 2; }
+    lab_down "$N"
+    ip netns add "${P}sw"
+    ipn "${P}sw" link set lo up
+    ipn "${P}sw" link add br0 type bridge stp_state 0 forward_delay 0 mcast_snooping 0
+    ipn "${P}sw" link set br0 up
+    ip netns exec "${P}sw" sysctl -qw net.ipv6.conf.all.disable_ipv6=1
+    ip netns add "${P}app"
+    ipn "${P}app" link add srv0 type veth peer name vs0 netns "${P}sw"
+    ipn "${P}sw" link set vs0 master br0 up
+    host_setup "${P}app" srv0 198.18.0.1
+    for i in $(seq 1 "$N"); do
+      ip netns add "${P}d$i"
+      ipn "${P}d$i" link add d0 type veth peer name "vd$i" netns "${P}sw"
+      ipn "${P}sw" link set "vd$i" master br0 up
+      host_setup "${P}d$i" d0 "$(dev_ip "$i")"
+    done
+    if [ -n "$rate" ]; then
+      ip netns exec "${P}app" tc qdisc replace dev srv0 root tbf rate "$rate" burst 256kb latency 100ms
+    fi
+    for l in "${losses[@]+"${losses[@]}"}"; do
+      set_loss "${l%%=*}" "${l#*=}"
+    done
+    ;;
+  down)
+    lab_down "${3:?N}"
+    ;;
+  loss)
+    set_loss "${3:?dev}" "${4:?pct}"
+    ;;
+  stats)
+    ip netns exec "${P}sw" nft list table bridge lab 2>/dev/null || true
+    ;;
+  *)
+    echo "lab.sh: unknown command $cmd" >&2; exit 2 ;;
+esac
