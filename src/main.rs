@@ -79,6 +79,9 @@ struct SendArgs {
     /// Receiver feedback interval in milliseconds.
     #[arg(long, default_value_t = 20)]
     feedback_ms: u32,
+    /// Datagrams per UDP GSO send; 1 disables GSO (plain sendmmsg).
+    #[arg(long, default_value_t = 16)]
+    gso_segments: usize,
     /// Multicast TTL.
     #[arg(long, default_value_t = 1)]
     ttl: u32,
@@ -209,6 +212,7 @@ fn send(a: SendArgs) -> Result<()> {
             ttl: a.ttl,
             feedback_ms: a.feedback_ms,
             hello_timeout: Duration::from_secs(10),
+            gso_segments: a.gso_segments.clamp(1, 64),
             cfg,
         })
         .await?;

@@ -121,37 +121,67 @@ pub fn receiver_socket(
     };
     sock.join_multicast_v4_n(group.ip(), &itf)?;
     sock.set_read_timeout(Some(Duration::from_millis(20)))?;
-    Ok(sock.into())
+    let sock: UdpSocket = sock.into();
+    if let Err(e) = enable_gro(&sock) {
+        tracing::debug!(error = %e, "UDP GRO not available; reading datagram by datagram");
+    }
+    Ok(sock)
 }
 
-/// Send `bufs[i][..lens[i]]` as one datagram each with one syscall per
-/// kernel batch. Returns how many went; `WouldBlock`/`ENOBUFS` surface as
-/// errors for the caller to retry.
-pub fn send_batch(sock: &UdpSocket, bufs: &[Vec<u8>], lens: &[usize]) -> io::Result<usize> {
-    let n = bufs.len().min(lens.len());
-    if n == 0 {
+/// Linux UDP socket options (uapi/linux/udp.h).
+const UDP_SEGMENT: libc::c_int = 103;
+const UDP_GRO: libc::c_int = 104;
+
+/// Send `count` datagrams of `dlen` bytes each, laid out back to back in
+/// `buf`. With `gso_segments > 1` they go as UDP GSO super-datagrams of up
+/// to that many segments (one trip through the stack each); otherwise one
+/// `sendmmsg`. Returns how many datagrams went.
+pub fn send_batch(
+    sock: &UdpSocket,
+    buf: &[u8],
+    dlen: usize,
+    count: usize,
+    gso_segments: usize,
+) -> io::Result<usize> {
+    let count = count.min(buf.len() / dlen.max(1));
+    if count == 0 {
         return Ok(0);
     }
-    let mut iovs: Vec<libc::iovec> = (0..n)
+    if gso_segments > 1 && dlen <= u16::MAX as usize {
+        let mut sent = 0;
+        while sent < count {
+            let k = (count - sent).min(gso_segments);
+            match send_gso(sock, &buf[sent * dlen..(sent + k) * dlen], dlen as u16) {
+                Ok(()) => sent += k,
+                Err(e) if sent > 0 => {
+                    tracing::debug!(error = %e, "GSO send cut short");
+                    return Ok(sent);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        return Ok(sent);
+    }
+    let mut iovs: Vec<libc::iovec> = (0..count)
         .map(|i| libc::iovec {
-            iov_base: bufs[i].as_ptr() as *mut libc::c_void,
-            iov_len: lens[i].min(bufs[i].len()),
+            iov_base: buf[i * dlen..].as_ptr() as *mut libc::c_void,
+            iov_len: dlen,
         })
         .collect();
     // SAFETY: zeroed mmsghdr is a valid "no name, no control" header.
-    let mut msgs: Vec<libc::mmsghdr> = (0..n).map(|_| unsafe { std::mem::zeroed() }).collect();
+    let mut msgs: Vec<libc::mmsghdr> = (0..count).map(|_| unsafe { std::mem::zeroed() }).collect();
     for (m, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
         m.msg_hdr.msg_iov = iov as *mut libc::iovec;
         m.msg_hdr.msg_iovlen = 1;
     }
     let mut sent = 0;
-    while sent < n {
-        // SAFETY: msgs/iovs point into live buffers for the whole call.
+    while sent < count {
+        // SAFETY: msgs/iovs point into `buf`, alive for the whole call.
         let r = unsafe {
             libc::sendmmsg(
                 sock.as_raw_fd(),
                 msgs[sent..].as_mut_ptr(),
-                (n - sent) as libc::c_uint,
+                (count - sent) as libc::c_uint,
                 0,
             )
         };
@@ -170,26 +200,96 @@ pub fn send_batch(sock: &UdpSocket, bufs: &[Vec<u8>], lens: &[usize]) -> io::Res
     Ok(sent)
 }
 
-/// Reusable buffers for `recvmmsg`.
-pub struct RecvBatch {
-    bufs: Vec<Vec<u8>>,
-    lens: Vec<usize>,
-    count: usize,
+/// One `sendmsg` with a UDP_SEGMENT control message: the kernel splits
+/// `data` into datagrams of `seg` bytes.
+fn send_gso(sock: &UdpSocket, data: &[u8], seg: u16) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // u64 storage keeps the control buffer aligned for cmsghdr.
+    let mut control = [0u64; 4];
+    // SAFETY: zeroed msghdr is valid; the cmsg is written inside `control`,
+    // whose size we pass, via the CMSG_* helpers.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) as _;
+        let cm = libc::CMSG_FIRSTHDR(&msg);
+        if cm.is_null() {
+            return Err(io::Error::other("no room for UDP_SEGMENT cmsg"));
+        }
+        (*cm).cmsg_level = libc::SOL_UDP;
+        (*cm).cmsg_type = UDP_SEGMENT;
+        (*cm).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cm) as *mut u16, seg);
+        loop {
+            let r = libc::sendmsg(sock.as_raw_fd(), &msg, 0);
+            if r >= 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
 }
 
+/// Ask the kernel to hand us coalesced (GRO) UDP data where it can; each
+/// read then carries its segment size in a control message.
+pub fn enable_gro(sock: &UdpSocket) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt with an int value.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_UDP,
+            UDP_GRO,
+            &on as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Reusable buffers for `recvmmsg`, GRO-aware: one read may hold many
+/// datagrams of the segment size the kernel reports.
+pub struct RecvBatch {
+    bufs: Vec<Vec<u8>>,
+    controls: Vec<[u64; 8]>,
+    /// (message, offset, length) of each datagram of the last read.
+    segs: Vec<(usize, usize, usize)>,
+}
+
+/// Largest UDP payload; GRO reads can be this large.
+pub const MAX_DATAGRAM: usize = 65_535;
+
 impl RecvBatch {
-    pub fn new(batch: usize, size: usize) -> RecvBatch {
+    pub fn new(batch: usize) -> RecvBatch {
         RecvBatch {
-            bufs: (0..batch).map(|_| vec![0u8; size]).collect(),
-            lens: vec![0; batch],
-            count: 0,
+            bufs: (0..batch).map(|_| vec![0u8; MAX_DATAGRAM]).collect(),
+            controls: vec![[0u64; 8]; batch],
+            segs: Vec::with_capacity(batch * 44),
         }
     }
 
-    /// Receive up to a batch (blocking up to the socket's read timeout for
-    /// the first datagram). Returns the number received; 0 on timeout.
+    pub fn batch(&self) -> usize {
+        self.bufs.len()
+    }
+
+    /// Receive up to a batch of reads without blocking. Returns the number
+    /// of reads (0 when the queue is empty); [`RecvBatch::datagram`] gives
+    /// the datagrams they held.
     pub fn recv(&mut self, sock: &UdpSocket) -> io::Result<usize> {
         let n = self.bufs.len();
+        self.segs.clear();
         let mut iovs: Vec<libc::iovec> = self
             .bufs
             .iter_mut()
@@ -198,26 +298,33 @@ impl RecvBatch {
                 iov_len: b.len(),
             })
             .collect();
-        // SAFETY: zeroed mmsghdr is valid; we fill iov pointers below.
+        // SAFETY: zeroed mmsghdr is valid; we fill iov/control pointers.
         let mut msgs: Vec<libc::mmsghdr> = (0..n).map(|_| unsafe { std::mem::zeroed() }).collect();
-        for (m, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
+        for ((m, iov), c) in msgs
+            .iter_mut()
+            .zip(iovs.iter_mut())
+            .zip(self.controls.iter_mut())
+        {
             m.msg_hdr.msg_iov = iov as *mut libc::iovec;
             m.msg_hdr.msg_iovlen = 1;
+            m.msg_hdr.msg_control = c.as_mut_ptr() as *mut libc::c_void;
+            m.msg_hdr.msg_controllen = std::mem::size_of_val(c) as _;
         }
-        // SAFETY: buffers live across the call; MSG_WAITFORONE returns after
-        // the first datagram once the queue is drained.
+        // SAFETY: buffers live across the call. Non-blocking: the caller
+        // polls on a timer instead of being woken per datagram, which
+        // costs the sending side a wakeup per packet and us a context
+        // switch per packet.
         let r = unsafe {
             libc::recvmmsg(
                 sock.as_raw_fd(),
                 msgs.as_mut_ptr(),
                 n as libc::c_uint,
-                libc::MSG_WAITFORONE,
+                libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
             )
         };
         if r < 0 {
             let e = io::Error::last_os_error();
-            self.count = 0;
             return match e.kind() {
                 io::ErrorKind::WouldBlock
                 | io::ErrorKind::TimedOut
@@ -227,33 +334,55 @@ impl RecvBatch {
         }
         let r = r as usize;
         for (i, m) in msgs.iter().take(r).enumerate() {
-            // MSG_TRUNC in msg_flags: datagram was longer than our buffer.
-            // Report it one byte longer than the buffer so the parser
-            // rejects it as malformed instead of reading a cut datagram.
-            self.lens[i] = if m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
-                self.bufs[i].len() + 1
-            } else {
-                m.msg_len as usize
-            };
+            let len = m.msg_len as usize;
+            if m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 || len > self.bufs[i].len() {
+                // Longer than any datagram of ours: mark as one bad datagram
+                // (length 0 fails the parser's length check).
+                self.segs.push((i, 0, 0));
+                continue;
+            }
+            let seg = gro_segment_size(&m.msg_hdr).filter(|s| *s > 0 && *s < len);
+            match seg {
+                Some(s) => {
+                    let mut off = 0;
+                    while off < len {
+                        let l = s.min(len - off);
+                        self.segs.push((i, off, l));
+                        off += l;
+                    }
+                }
+                None => self.segs.push((i, 0, len)),
+            }
         }
-        self.count = r;
         Ok(r)
     }
 
-    /// The datagrams of the last `recv`; `None` for a truncated one.
-    pub fn get(&self, i: usize) -> Option<&[u8]> {
-        if i >= self.count {
-            return None;
+    /// Datagrams of the last read.
+    pub fn datagrams(&self) -> usize {
+        self.segs.len()
+    }
+
+    pub fn datagram(&self, k: usize) -> &[u8] {
+        match self.segs.get(k) {
+            Some(&(i, off, len)) => self.bufs[i].get(off..off + len).unwrap_or(&[]),
+            None => &[],
         }
-        let l = self.lens[i];
-        self.bufs[i].get(..l)
     }
+}
 
-    pub fn len(&self) -> usize {
-        self.count
+/// The UDP_GRO segment size of a received message, if the kernel sent one.
+fn gro_segment_size(hdr: &libc::msghdr) -> Option<usize> {
+    // SAFETY: walking the control buffer the kernel filled, with the
+    // lengths it reported, through the CMSG_* helpers.
+    unsafe {
+        let mut cm = libc::CMSG_FIRSTHDR(hdr);
+        while !cm.is_null() {
+            if (*cm).cmsg_level == libc::SOL_UDP && (*cm).cmsg_type == UDP_GRO {
+                let v = std::ptr::read_unaligned(libc::CMSG_DATA(cm) as *const libc::c_int);
+                return usize::try_from(v).ok();
+            }
+            cm = libc::CMSG_NXTHDR(hdr, cm);
+        }
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
+    None
 }

@@ -71,7 +71,7 @@ impl Default for SenderConfig {
             max_encoders: 64,
             probe_interval: Duration::from_millis(5),
             rate_interval: Duration::from_millis(250),
-            burst_bytes: 192 * 1024,
+            burst_bytes: 256 * 1024,
             pace_batch: 16,
         }
     }

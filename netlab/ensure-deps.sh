@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the Debian packages a netlab job needs, only if missing.
+#   ensure-deps.sh test|demo|bench
+set -euo pipefail
+need=(iproute2 nftables time procps)
+case "${1:-test}" in
+  test|demo) ;;
+  bench) need+=(udpcast uftp curl python3) ;;
+  *) echo "ensure-deps.sh: test|demo|bench" >&2; exit 2 ;;
+esac
+missing=()
+for p in "${need[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing: ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
