@@ -93,7 +93,21 @@ fn receive(a: ReceiveArgs) -> Result<()> {
     let show = rt.spawn(show_progress(p));
     let report = rt.block_on(run_receive(opts, progress));
     show.abort();
-    let report = report?;
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            // Could not take part at all: still one clear verdict line (and
+            // JSON), never a silent exit.
+            println!("FAILED {}: {e}", a.out.display());
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "verified": false, "reason": e.to_string() })
+                );
+            }
+            std::process::exit(1);
+        }
+    };
     if report.verified {
         println!(
             "VERIFIED {} ({} bytes, blake3 {}) in {:.2} s; resumed {} blocks; {} packets, {} auth failures, {} malformed",

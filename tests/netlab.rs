@@ -1,0 +1,410 @@
+//! Data plane end to end over real sockets in network namespaces: the
+//! `rackcast` sender and `rackcast-agent` receivers as separate processes,
+//! a bridge between them, tbf rate and nftables random loss
+//! (`netlab/lab.sh`). Needs root; under `CI=true` not being root fails.
+//!
+//! Every test builds its own lab under a unique prefix, bounds every
+//! process with a deadline, and tears the lab down when it ends (also on
+//! panic, via `Drop`).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Binaries of the other workspace members live beside ours.
+fn bin(name: &str) -> PathBuf {
+    let ours = PathBuf::from(env!("CARGO_BIN_EXE_rackcast"));
+    let p = ours.parent().expect("target dir").join(name);
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build --workspace` before the tests",
+        p.display()
+    );
+    p
+}
+
+fn can_run() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let is_root = unsafe { libc::geteuid() } == 0;
+    if !is_root {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "netns tests must run as root in CI"
+        );
+        eprintln!("skipping: network namespace tests need root");
+    }
+    is_root
+}
+
+struct Lab {
+    prefix: String,
+    n: usize,
+    dir: PathBuf,
+}
+
+impl Lab {
+    fn up(tag: &str, n: usize, rate: &str, loss: &[(usize, f64)]) -> Lab {
+        let prefix = format!("rt{tag}{}-", std::process::id() % 100_000);
+        let mut args = vec![
+            "up".to_string(),
+            prefix.clone(),
+            n.to_string(),
+            "--rate".into(),
+            rate.into(),
+        ];
+        for (d, pct) in loss {
+            args.push("--loss".into());
+            args.push(format!("{d}={pct}"));
+        }
+        let st = Command::new(root().join("netlab/lab.sh"))
+            .args(&args)
+            .status()
+            .expect("lab.sh");
+        assert!(st.success(), "lab.sh up failed");
+        let dir = std::env::temp_dir().join(format!("{prefix}files"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        Lab { prefix, n, dir }
+    }
+
+    fn ns(&self, host: &str) -> String {
+        format!("{}{host}", self.prefix)
+    }
+
+    fn cmd(&self, host: &str, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns(host)]).arg(program);
+        c.stdout(Stdio::piped()).stderr(Stdio::piped());
+        c
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = Command::new(root().join("netlab/lab.sh"))
+            .args(["down", &self.prefix, &self.n.to_string()])
+            .status();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Wait for a child with a deadline; kill it past the deadline.
+fn finish(mut child: Child, within: Duration) -> Output {
+    let deadline = Instant::now() + within;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return child.wait_with_output().expect("output"),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("output");
+                panic!(
+                    "process exceeded {within:?}\nstdout:\n{}\nstderr:\n{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
+}
+
+fn last_json(out: &Output) -> serde_json::Value {
+    let s = String::from_utf8_lossy(&out.stdout);
+    let line = s
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| {
+            panic!(
+                "no JSON line\nstdout:\n{s}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    serde_json::from_str(line).expect("json")
+}
+
+fn make_image(lab: &Lab, mib: u64, seed: u64) -> PathBuf {
+    let img = lab.file("image");
+    let st = Command::new(bin("rc-mkimage"))
+        .arg(&img)
+        .args([
+            "--mib",
+            &mib.to_string(),
+            "--zero-every",
+            "5",
+            "--tail",
+            "4321",
+        ])
+        .args(["--seed", &seed.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let st = Command::new(bin("rackcast"))
+        .arg("manifest")
+        .arg(&img)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    img
+}
+
+fn sender(lab: &Lab, img: &Path, rate: &str, receivers: usize, extra: &[&str]) -> Child {
+    let mut c = lab.cmd("app", &bin("rackcast"));
+    c.arg("send")
+        .arg(img)
+        .arg("--manifest")
+        .arg(format!("{}.rcmanifest", img.display()))
+        .args(["--iface", "srv0", "--group", "239.255.7.1:9000"])
+        .args(["--control", "198.18.0.1:7000", "--rate", rate])
+        .args(["--receivers", &receivers.to_string(), "--json"])
+        .args(["--start-timeout", "30"])
+        .args(extra);
+    c.spawn().expect("spawn sender")
+}
+
+fn receiver(lab: &Lab, dev: usize, out: &Path, extra: &[&str]) -> Child {
+    let mut c = lab.cmd(&format!("d{dev}"), &bin("rackcast-agent"));
+    c.arg("receive")
+        .args(["--server", "198.18.0.1:7000", "--iface", "d0", "--json"])
+        .args(["--connect-timeout", "20", "--idle-timeout", "20"])
+        .arg("--out")
+        .arg(out)
+        .args(extra);
+    c.spawn().expect("spawn receiver")
+}
+
+fn assert_same(a: &Path, b: &Path) {
+    let x = fs::read(a).unwrap();
+    let y = fs::read(b).unwrap();
+    assert_eq!(
+        x.len(),
+        y.len(),
+        "{} vs {}: length",
+        a.display(),
+        b.display()
+    );
+    assert!(x == y, "{} differs from {}", a.display(), b.display());
+}
+
+#[test]
+fn three_receivers_one_with_loss_all_verify() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::up("a", 3, "200mbit", &[(1, 5.0)]);
+    let img = make_image(&lab, 24, 1);
+    let outs: Vec<PathBuf> = (1..=3).map(|i| lab.file(&format!("out{i}"))).collect();
+    let rx: Vec<Child> = (1..=3)
+        .map(|i| receiver(&lab, i, &outs[i - 1], &[]))
+        .collect();
+    let tx = sender(&lab, &img, "200M", 3, &[]);
+    let sent = finish(tx, Duration::from_secs(90));
+    let rx_out: Vec<Output> = rx
+        .into_iter()
+        .map(|c| finish(c, Duration::from_secs(30)))
+        .collect();
+    let report = last_json(&sent);
+    assert!(sent.status.success(), "sender failed: {report}");
+    assert_eq!(report["ok"], true);
+    let receivers = report["receivers"].as_array().unwrap();
+    assert_eq!(receivers.len(), 3);
+    assert!(receivers.iter().all(|r| r["ok"] == true), "{report}");
+    // 5 % loss toward d1 had to be repaired.
+    assert!(report["repair_packets"].as_u64().unwrap() > 0, "{report}");
+    for (o, path) in rx_out.iter().zip(&outs) {
+        assert!(
+            o.status.success(),
+            "receiver failed: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        let r = last_json(o);
+        assert_eq!(r["verified"], true);
+        assert_same(&img, path);
+    }
+    // The lossy receiver really lost packets: nft counted drops.
+    let lossy = last_json(&rx_out[0]);
+    let clean = last_json(&rx_out[1]);
+    assert!(lossy["packets"].as_u64().unwrap() > 0 && clean["packets"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn killed_receiver_resumes_from_its_bitmap() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::up("b", 1, "100mbit", &[]);
+    let img = make_image(&lab, 32, 2);
+    let out = lab.file("out1");
+    let first = receiver(&lab, 1, &out, &["--name", "dev1"]);
+    let tx = sender(
+        &lab,
+        &img,
+        "40M",
+        1,
+        &["--receiver-timeout", "20", "--interleave", "4"],
+    );
+    // ~7 s at 40 Mbit/s: kill the receiver part way through.
+    std::thread::sleep(Duration::from_millis(3500));
+    let pid = first.id();
+    // SAFETY: signalling our own child by PID.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let killed = finish(first, Duration::from_secs(5));
+    assert!(!killed.status.success());
+    let state = PathBuf::from(format!("{}.rcresume", out.display()));
+    assert!(state.exists(), "resume state not written before the kill");
+    let second = receiver(&lab, 1, &out, &["--name", "dev1"]);
+    let r2 = finish(second, Duration::from_secs(60));
+    let sent = finish(tx, Duration::from_secs(60));
+    let rep = last_json(&r2);
+    assert_eq!(rep["verified"], true, "{rep}");
+    assert!(
+        rep["resumed_blocks"].as_u64().unwrap() > 0,
+        "nothing resumed: {rep}"
+    );
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stdout)
+    );
+    assert_same(&img, &out);
+    assert!(!state.exists(), "resume state left behind after success");
+}
+
+#[test]
+fn forged_packets_are_counted_and_ignored() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::up("c", 2, "100mbit", &[]);
+    let img = make_image(&lab, 16, 3);
+    let out = lab.file("out1");
+    let rx = receiver(&lab, 1, &out, &[]);
+    let tx = sender(&lab, &img, "30M", 1, &[]);
+    // A second host on the segment learns the session id from the wire and
+    // floods forged symbols (wrong key) and truncated datagrams.
+    let mut f = lab.cmd("d2", &bin("rc-forge"));
+    f.args([
+        "--group",
+        "239.255.7.1:9000",
+        "--sniff",
+        "--count",
+        "3000",
+        "--seconds",
+        "15",
+    ]);
+    let forged = finish(f.spawn().unwrap(), Duration::from_secs(30));
+    assert!(
+        forged.status.success(),
+        "{}",
+        String::from_utf8_lossy(&forged.stderr)
+    );
+    let r = finish(rx, Duration::from_secs(60));
+    let sent = finish(tx, Duration::from_secs(30));
+    let rep = last_json(&r);
+    assert_eq!(rep["verified"], true, "{rep}");
+    assert!(rep["auth_failures"].as_u64().unwrap() >= 1000, "{rep}");
+    assert!(rep["malformed"].as_u64().unwrap() >= 100, "{rep}");
+    assert!(sent.status.success());
+    assert_same(&img, &out);
+}
+
+#[test]
+fn corrupt_image_source_is_never_reported_good() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::up("d", 1, "100mbit", &[]);
+    let img = make_image(&lab, 8, 4);
+    // Flip a byte in block 3 behind the manifest's back (same size, same
+    // mtime): only the per-block check at read time can catch it.
+    let mtime = fs::metadata(&img).unwrap().modified().unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, 3 * 1048576 + 17).unwrap();
+        b[0] ^= 0xff;
+        f.write_all_at(&b, 3 * 1048576 + 17).unwrap();
+        f.set_modified(mtime).unwrap();
+    }
+    let out = lab.file("out1");
+    let rx = receiver(&lab, 1, &out, &[]);
+    let tx = sender(&lab, &img, "50M", 1, &[]);
+    let sent = finish(tx, Duration::from_secs(60));
+    let r = finish(rx, Duration::from_secs(30));
+    assert!(
+        !sent.status.success(),
+        "sender reported success for a corrupt source"
+    );
+    let rep = last_json(&sent);
+    assert!(
+        rep["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("does not match the manifest"),
+        "{rep}"
+    );
+    assert!(!r.status.success());
+    let rr = last_json(&r);
+    assert_eq!(rr["verified"], false);
+    assert!(
+        rr["reason"].as_str().unwrap_or("").contains("sender"),
+        "{rr}"
+    );
+
+    // Truncated source: refused before anything is sent.
+    let f = fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.set_len(5 * 1048576).unwrap();
+    drop(f);
+    let tx = sender(&lab, &img, "50M", 1, &[]);
+    let sent = finish(tx, Duration::from_secs(30));
+    assert!(!sent.status.success());
+    let err = String::from_utf8_lossy(&sent.stderr);
+    assert!(
+        err.contains("size or mtime changed") || err.contains("manifest"),
+        "{err}"
+    );
+}
+
+#[test]
+fn manifest_of_another_image_is_refused() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::up("e", 1, "100mbit", &[]);
+    let img = make_image(&lab, 4, 5);
+    let other = lab.file("other");
+    fs::copy(&img, &other).unwrap();
+    let mut c = lab.cmd("app", &bin("rackcast"));
+    c.arg("send")
+        .arg(&other)
+        .arg("--manifest")
+        .arg(format!("{}.rcmanifest", img.display()))
+        .args(["--iface", "srv0", "--group", "239.255.7.1:9000"])
+        .args([
+            "--control",
+            "198.18.0.1:7000",
+            "--rate",
+            "10M",
+            "--receivers",
+            "1",
+        ]);
+    let out = finish(c.spawn().unwrap(), Duration::from_secs(20));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("was built for another version"), "{err}");
+}
