@@ -71,7 +71,7 @@ struct SendArgs {
     #[arg(long)]
     manifest: Option<PathBuf>,
     /// Blocks interleaved in the source phase.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 8)]
     interleave: usize,
     /// Worst receiver loss above which the rate is cut (0..1).
     #[arg(long, default_value_t = 0.25)]

@@ -25,6 +25,10 @@ pub enum ConnError {
     Protocol(#[from] ControlError),
 }
 
+pub type FrameSink =
+    futures_util::stream::SplitSink<Framed<TcpStream, LengthDelimitedCodec>, bytes::Bytes>;
+pub type FrameStream = futures_util::stream::SplitStream<Framed<TcpStream, LengthDelimitedCodec>>;
+
 pub struct Conn {
     framed: Framed<TcpStream, LengthDelimitedCodec>,
 }
@@ -78,12 +82,8 @@ impl Conn {
         .await;
     }
 
-    pub fn split(
-        self,
-    ) -> (
-        futures_util::stream::SplitSink<Framed<TcpStream, LengthDelimitedCodec>, bytes::Bytes>,
-        futures_util::stream::SplitStream<Framed<TcpStream, LengthDelimitedCodec>>,
-    ) {
+    /// Separate halves, for a reader and a writer running at once.
+    pub fn split(self) -> (FrameSink, FrameStream) {
         self.framed.split()
     }
 }

@@ -65,7 +65,7 @@ impl Default for SenderConfig {
             rate_bps: 100_000_000,
             min_rate_bps: 10_000_000,
             loss_threshold: 0.25,
-            interleave: 16,
+            interleave: 8,
             repair_margin: 2,
             repair_margin_frac: 0.05,
             max_encoders: 64,

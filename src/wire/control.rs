@@ -130,14 +130,33 @@ pub fn parse(frame: &[u8]) -> Result<Msg, ControlError> {
                 )));
             }
         }
-        Msg::Status(s) => {
-            if s.missing.len() + s.partial.len() > crate::manifest::MAX_IMAGE_SIZE as usize / 4096 {
-                return Err(ControlError::Invalid("status lists too many blocks".into()));
-            }
-        }
+        Msg::Status(s) => check_status(s)?,
         _ => {}
     }
     Ok(msg)
+}
+
+/// Block lists must be strictly ascending and non-overlapping (as the
+/// receiver builds them), so handling a report costs at most one pass over
+/// the image's blocks, whatever a peer sends.
+fn check_status(s: &Status) -> Result<(), ControlError> {
+    let mut next = 0u64;
+    for &(first, len) in &s.missing {
+        if len == 0 || (first as u64) < next {
+            return Err(ControlError::Invalid(
+                "missing-block runs not ascending".into(),
+            ));
+        }
+        next = first as u64 + len as u64;
+    }
+    let mut prev: Option<u32> = None;
+    for &(b, _) in &s.partial {
+        if prev.is_some_and(|p| b <= p) {
+            return Err(ControlError::Invalid("partial blocks not ascending".into()));
+        }
+        prev = Some(b);
+    }
+    Ok(())
 }
 
 pub fn emit(msg: &Msg) -> Result<Vec<u8>, ControlError> {
@@ -215,6 +234,24 @@ mod tests {
     }
 
     #[test]
+    fn unordered_status_lists_are_refused() {
+        let st = |missing: Vec<(u32, u32)>, partial: Vec<(u32, u32)>| {
+            parse(
+                &emit(&Msg::Status(Status {
+                    missing,
+                    partial,
+                    ..Default::default()
+                }))
+                .unwrap(),
+            )
+        };
+        assert!(st(vec![(0, 5), (5, 2)], vec![(9, 1), (10, 1)]).is_ok());
+        assert!(st(vec![(0, 5), (4, 2)], vec![]).is_err());
+        assert!(st(vec![(3, 0)], vec![]).is_err());
+        assert!(st(vec![], vec![(9, 1), (9, 1)]).is_err());
+    }
+
+    #[test]
     fn truncations_are_errors() {
         let bytes = emit(&welcome()).unwrap();
         for cut in 0..bytes.len() {
@@ -230,8 +267,10 @@ mod tests {
 
         #[test]
         fn status_round_trip(seq: u32, received: u64, done: u32,
-                             missing in proptest::collection::vec((any::<u32>(), any::<u32>()), 0..20),
-                             partial in proptest::collection::vec((any::<u32>(), any::<u32>()), 0..20)) {
+                             starts in proptest::collection::btree_set(0u32..1_000_000, 0..20),
+                             blocks in proptest::collection::btree_set(any::<u32>(), 0..20)) {
+            let missing: Vec<(u32, u32)> = starts.iter().map(|s| (s * 4, 3)).collect();
+            let partial: Vec<(u32, u32)> = blocks.iter().map(|b| (*b, 5)).collect();
             let m = Msg::Status(Status { seq_hi: seq, seen_any: true, received, expected: received,
                 blocks_done: done, missing, partial, auth_failures: 1, malformed: 2 });
             prop_assert_eq!(parse(&emit(&m).unwrap()).unwrap(), m);

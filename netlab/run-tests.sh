@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The test command (README "Run the tests"; .ci/run runs exactly this).
+# Installs what the tests need, then: format check, clippy, unit and
+# property tests, and the network-namespace end-to-end tests (root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" = 0 ]; then
+  netlab/ensure-deps.sh test
+else
+  echo "note: not root: the network-namespace tests will be skipped" >&2
+fi
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -q -- -D warnings
+# The netns tests run the other workspace binaries (agent, lab tools).
+cargo build --workspace -q
+cargo test --workspace
