@@ -139,8 +139,10 @@ run_uftp() { local n=$1 i t0 t1 rc=0 ids=""
   timeout "$TMO" ip netns exec "${P}app" uftp -I srv0 -M 239.255.2.1 -P 239.255.2.2 -R $((RATE_BPS / 1000)) \
     -B 4194304 -Y none -H "$ids" "$IMG" >"$WORK/send.log" 2>&1 || rc=$?
   t1=$(now)
-  # uftpd runs until killed; stop the ones we started (by PID).
-  for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+  # uftpd runs until killed; stop the ones we started. Each PID is
+  # /usr/bin/time (which ignores SIGINT) over `timeout`: signal its child,
+  # `timeout` passes the signal on to uftpd.
+  for p in "${pids[@]}"; do pkill -TERM -P "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   [ "$rc" = 0 ] || echo "uftp run failed (rc=$rc)" >&2
   echo "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') $(verify $(for i in $(seq 1 "$n"); do echo "$WORK/u$i/image"; done)) $(cpu_sum $(for i in $(seq 1 "$n"); do echo "$WORK/d$i.time"; done))"

@@ -127,6 +127,21 @@ impl BlockAssembly {
         self.k.saturating_sub(self.count())
     }
 
+    /// Source ESIs not yet received, if there are at most `cap` of them.
+    pub fn missing_source(&self, cap: usize) -> Option<Vec<u32>> {
+        let missing = (self.k - self.have_source) as usize;
+        if missing == 0 || missing > cap {
+            return None;
+        }
+        let mut out = Vec::with_capacity(missing);
+        for esi in 0..self.k {
+            if self.have[(esi / 64) as usize] & (1 << (esi % 64)) == 0 {
+                out.push(esi);
+            }
+        }
+        Some(out)
+    }
+
     pub fn ready(&self) -> bool {
         self.count() >= self.k
     }

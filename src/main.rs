@@ -73,6 +73,11 @@ struct SendArgs {
     /// Blocks interleaved in the source phase.
     #[arg(long, default_value_t = 8)]
     interleave: usize,
+    /// Resend exactly the source symbols receivers miss while their union
+    /// is at most this many times the largest shortfall (receivers then
+    /// never decode); beyond it, fountain repair. 0 = always fountain.
+    #[arg(long, default_value_t = 4.0)]
+    source_resend_factor: f64,
     /// Worst receiver loss above which the rate is cut (0..1).
     #[arg(long, default_value_t = 0.25)]
     loss_threshold: f64,
@@ -120,6 +125,7 @@ fn symbol_size(mtu: usize) -> Result<u16> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    rackcast::tune_allocator();
     init_logs(&cli.log);
     match cli.cmd {
         Cmd::Manifest(a) => {
@@ -191,6 +197,7 @@ fn send(a: SendArgs) -> Result<()> {
             min_rate_bps: (a.rate / 10).max(1_000_000),
             loss_threshold: a.loss_threshold,
             interleave: a.interleave.max(1),
+            source_resend_factor: a.source_resend_factor.max(0.0),
             ..Default::default()
         };
         eprintln!(
@@ -226,7 +233,7 @@ fn send(a: SendArgs) -> Result<()> {
 
 fn print_report(r: &SendReport, json: bool) -> Result<()> {
     println!(
-        "wave: {} bytes in {:.2} s (source phase {:.2} s), goodput {:.1} Mbit/s ({:.3} x rate), repair overhead {:.2} %, {} source + {} repair packets",
+        "wave: {} bytes in {:.2} s (source phase {:.2} s), goodput {:.1} Mbit/s ({:.3} x rate), repair overhead {:.2} %, {} source + {} repair packets ({} of them resent source symbols)",
         r.image_bytes,
         r.seconds,
         r.source_seconds,
@@ -234,7 +241,8 @@ fn print_report(r: &SendReport, json: bool) -> Result<()> {
         r.goodput_bps / r.rate_bps as f64,
         r.repair_overhead_pct,
         r.source_packets,
-        r.repair_packets
+        r.repair_packets,
+        r.resent_source_packets
     );
     for rx in &r.receivers {
         println!(

@@ -62,6 +62,7 @@ struct ReceiveArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    rackcast::tune_allocator();
     let f = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()

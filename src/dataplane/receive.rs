@@ -375,14 +375,16 @@ fn default_name(local: &SocketAddr) -> String {
 
 async fn connect(addr: SocketAddr, within: Duration) -> Result<TcpStream, ReceiveError> {
     let deadline = Instant::now() + within;
-    let mut backoff = Duration::from_millis(50);
+    // Receivers usually start before the sender: retry quickly at first
+    // (a refused local connect costs nothing), then back off to 1 s.
+    let mut backoff = Duration::from_millis(20);
     loop {
         match TcpStream::connect(addr).await {
             Ok(s) => return Ok(s),
             Err(e) if Instant::now() + backoff < deadline => {
                 tracing::debug!(error = %e, "sender not reachable yet; retrying");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff = (backoff * 3 / 2).min(Duration::from_secs(1));
             }
             Err(source) => return Err(ReceiveError::Connect { addr, source }),
         }

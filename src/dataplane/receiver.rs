@@ -10,7 +10,7 @@
 
 use crate::fec::{Added, BlockAssembly};
 use crate::manifest::Manifest;
-use crate::wire::control::Status;
+use crate::wire::control::{Status, MAX_GAP_LIST};
 use crate::wire::packet::{self, Kind, PacketError, KEY_LEN};
 
 /// Why a datagram was dropped (each has a counter).
@@ -243,6 +243,7 @@ impl ReceiverCore {
     pub fn status(&self) -> Status {
         let mut missing: Vec<(u32, u32)> = Vec::new();
         let mut partial = Vec::new();
+        let mut source_gaps = Vec::new();
         for (i, s) in self.slots.iter().enumerate() {
             let b = i as u32;
             match s {
@@ -253,6 +254,9 @@ impl ReceiverCore {
                 Slot::Collecting { asm, min_count } => {
                     let short = min_count.saturating_sub(asm.count()).max(1);
                     partial.push((b, short));
+                    if let Some(g) = asm.missing_source(MAX_GAP_LIST) {
+                        source_gaps.push((b, g));
+                    }
                 }
                 _ => {}
             }
@@ -269,6 +273,7 @@ impl ReceiverCore {
             blocks_done: self.done,
             missing,
             partial,
+            source_gaps,
             auth_failures: self.counters.auth_failures,
             malformed: self.counters.malformed + self.counters.bad_block + self.counters.bad_length,
         }

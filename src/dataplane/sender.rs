@@ -51,6 +51,12 @@ pub struct SenderConfig {
     pub rate_interval: Duration,
     /// Token bucket depth in bytes.
     pub burst_bytes: usize,
+    /// Resend the exact source symbols receivers miss (instead of fountain
+    /// repair) while their union is at most this factor times the largest
+    /// shortfall: receivers then never run the RaptorQ decoder for the
+    /// block. 0 = always fountain repair. Beyond the factor, one repair
+    /// symbol fixing a different loss at every receiver is cheaper.
+    pub source_resend_factor: f64,
     /// Packets the driver waits to have tokens for before waking: fewer,
     /// larger `sendmmsg` batches and no busy waiting (must fit the burst).
     pub pace_batch: usize,
@@ -73,6 +79,7 @@ impl Default for SenderConfig {
             rate_interval: Duration::from_millis(250),
             burst_bytes: 256 * 1024,
             pace_batch: 16,
+            source_resend_factor: 4.0,
         }
     }
 }
@@ -152,7 +159,10 @@ enum EncState {
 #[derive(Debug, Clone, Default)]
 pub struct SendStats {
     pub source_packets: u64,
+    /// Fountain repair symbols plus resent source symbols.
     pub repair_packets: u64,
+    /// Of `repair_packets`, resent source symbols.
+    pub resent_source_packets: u64,
     pub probe_packets: u64,
     pub rate_bps: u64,
     pub started_at: Option<Instant>,
@@ -188,6 +198,11 @@ pub struct WaveSender {
     next_esi: Vec<u32>,
     pending_repair: Vec<u32>,
     repair_queue: VecDeque<u32>,
+    /// Source ESIs to resend per block, and the blocks that have some.
+    resend: Vec<std::collections::BTreeSet<u32>>,
+    resend_queue: VecDeque<u32>,
+    /// Largest shortfall reported for a block since its last repair round.
+    max_short: Vec<u32>,
     enc: Vec<EncState>,
     enc_lru: VecDeque<u32>,
     last_send: Instant,
@@ -227,6 +242,9 @@ impl WaveSender {
             next_esi: k.clone(),
             pending_repair: vec![0; n],
             repair_queue: VecDeque::new(),
+            resend: vec![std::collections::BTreeSet::new(); n],
+            resend_queue: VecDeque::new(),
+            max_short: vec![0; n],
             enc: vec![EncState::None; n],
             enc_lru: VecDeque::new(),
             k,
@@ -394,16 +412,22 @@ impl WaveSender {
         if matches!(rx.state, RxState::Joining) {
             rx.state = RxState::Ready;
         }
-        let margin = |short: u32, cfg: &SenderConfig| {
-            short + cfg.repair_margin + (short as f64 * cfg.repair_margin_frac).ceil() as u32
-        };
-        let mut want: Vec<(u32, u32)> = Vec::new();
+        // (block, shortfall, exact missing source ESIs if known)
+        let mut want: Vec<(u32, u32, Option<Vec<u32>>)> = Vec::new();
         if st.seen_any {
+            let mut gaps = st.source_gaps.iter().peekable();
             for &(b, short) in &st.partial {
                 let bi = b as usize;
+                while gaps.peek().is_some_and(|(g, _)| *g < b) {
+                    gaps.next();
+                }
+                let g = match gaps.peek() {
+                    Some((g, list)) if *g == b => Some(list.clone()),
+                    _ => None,
+                };
                 if bi < self.k.len() && self.source_done[bi] && seq_ge(st.seq_hi, self.last_seq[bi])
                 {
-                    want.push((b, margin(short.min(self.k[bi]), &self.cfg)));
+                    want.push((b, short.min(self.k[bi]), g));
                 }
             }
         }
@@ -417,14 +441,49 @@ impl WaveSender {
                 // A block with nothing received: either all its packets
                 // were lost after the receiver joined, or it joined late.
                 if !st.seen_any || seq_ge(st.seq_hi, self.last_seq[bi]) {
-                    want.push((b, margin(self.k[bi], &self.cfg)));
+                    want.push((b, self.k[bi], Some((0..self.k[bi]).collect())));
                 }
             }
         }
         rx.status = st;
-        for (b, n) in want {
-            self.schedule_repair(b, n);
+        for (b, short, gaps) in want {
+            self.schedule(b, short, gaps);
         }
+    }
+
+    fn margin(&self, short: u32) -> u32 {
+        short + self.cfg.repair_margin + (short as f64 * self.cfg.repair_margin_frac).ceil() as u32
+    }
+
+    /// One receiver's need for block `b`: resend its missing source symbols
+    /// while the union over receivers stays small, else fountain repair.
+    fn schedule(&mut self, b: u32, short: u32, gaps: Option<Vec<u32>>) {
+        let bi = b as usize;
+        self.max_short[bi] = self.max_short[bi].max(short);
+        let factor = self.cfg.source_resend_factor;
+        if let Some(g) = gaps {
+            if factor > 0.0 && self.pending_repair[bi] == 0 {
+                let before = self.resend[bi].len();
+                let k = self.k[bi];
+                self.resend[bi].extend(g.into_iter().filter(|e| *e < k));
+                let limit = factor * self.max_short[bi] as f64 + self.cfg.repair_margin as f64;
+                if self.resend[bi].len() as f64 <= limit {
+                    if before == 0 && !self.resend[bi].is_empty() {
+                        self.resend_queue.push_back(b);
+                    }
+                    if !self.loaded[bi] && !self.load_requested[bi] {
+                        self.load_requested[bi] = true;
+                        self.actions.push_back(Action::Load(b));
+                    }
+                    return;
+                }
+                // Too many distinct losses: one fountain round serves all.
+                self.resend[bi].clear();
+                self.resend_queue.retain(|x| *x != b);
+            }
+        }
+        let n = self.margin(self.max_short[bi]);
+        self.schedule_repair(b, n);
     }
 
     fn schedule_repair(&mut self, b: u32, n: u32) {
@@ -575,6 +634,7 @@ impl WaveSender {
         self.repair_queue
             .iter()
             .any(|b| self.enc[*b as usize] == EncState::Ready)
+            || self.resend_queue.iter().any(|b| self.loaded[*b as usize])
             || self
                 .source_cursor()
                 .is_some_and(|b| self.loaded[b as usize])
@@ -588,7 +648,11 @@ impl WaveSender {
         let allowed = self.bucket.available(now, self.frame_bytes, max);
         let mut sent = 0;
         while sent < allowed {
-            if let Some(tx) = self.next_repair().or_else(|| self.next_source()) {
+            if let Some(tx) = self
+                .next_repair()
+                .or_else(|| self.next_resend())
+                .or_else(|| self.next_source())
+            {
                 out.push(tx);
                 sent += 1;
             } else {
@@ -634,6 +698,7 @@ impl WaveSender {
         self.pending_repair[bi] -= 1;
         if self.pending_repair[bi] == 0 {
             self.repair_queue.remove(idx);
+            self.max_short[bi] = 0;
         }
         let seq = self.bump_seq();
         self.last_seq[bi] = seq;
@@ -660,9 +725,13 @@ impl WaveSender {
                 .max()
                 .unwrap_or(0);
             if self.round >= max_k {
-                // Group complete: release it, prefetch the one after next.
+                // Group complete: release it (blocks still being resent
+                // keep their data), prefetch the one after next.
                 for i in range {
-                    self.actions.push_back(Action::Release(self.order[i]));
+                    let b = self.order[i];
+                    if self.resend[b as usize].is_empty() {
+                        self.release(b);
+                    }
                 }
                 self.group += 1;
                 self.round = 0;
@@ -700,6 +769,45 @@ impl WaveSender {
             self.source_done[bi] = true;
         }
         self.stats.source_packets += 1;
+        Some(Tx::Symbol { seq, block: b, esi })
+    }
+
+    fn release(&mut self, b: u32) {
+        let bi = b as usize;
+        if self.loaded[bi] || self.load_requested[bi] {
+            self.loaded[bi] = false;
+            self.load_requested[bi] = false;
+            self.actions.push_back(Action::Release(b));
+        }
+    }
+
+    /// Whether `b` is in the group being sent or the one prefetched.
+    fn in_source_window(&self, b: u32) -> bool {
+        !self.source_done_all
+            && (self.group..self.group + 2).any(|g| self.group_range(g).any(|i| self.order[i] == b))
+    }
+
+    fn next_resend(&mut self) -> Option<Tx> {
+        let idx = self
+            .resend_queue
+            .iter()
+            .position(|b| self.loaded[*b as usize])?;
+        let b = self.resend_queue[idx];
+        let bi = b as usize;
+        let esi = self.resend[bi].pop_first()?;
+        if self.resend[bi].is_empty() {
+            self.resend_queue.remove(idx);
+            if self.pending_repair[bi] == 0 {
+                self.max_short[bi] = 0;
+            }
+            if !self.in_source_window(b) {
+                self.release(b);
+            }
+        }
+        let seq = self.bump_seq();
+        self.last_seq[bi] = seq;
+        self.stats.repair_packets += 1;
+        self.stats.resent_source_packets += 1;
         Some(Tx::Symbol { seq, block: b, esi })
     }
 
@@ -966,7 +1074,7 @@ mod tests {
     }
 
     #[test]
-    fn reconnect_keeps_identity_and_late_joiner_gets_repair() {
+    fn reconnect_keeps_identity_and_late_joiner_gets_source_again() {
         let t0 = Instant::now();
         let mut s = WaveSender::new(cfg(1), manifest(2, &[]), 1100, t0);
         let a = s.on_hello("a", t0);
@@ -984,15 +1092,78 @@ mod tests {
             ..Default::default()
         };
         s.on_message(a2, Msg::Status(st), t0);
-        let txs = drain(&mut s, t0 + Duration::from_millis(1));
-        let blocks: Vec<u32> = txs
-            .iter()
+        // A whole block missing at one receiver: its source symbols again
+        // (no encoder, no decoding at the receiver).
+        assert_eq!(
+            symbols(&drain(&mut s, t0 + Duration::from_millis(1))),
+            vec![(1, 0), (1, 1), (1, 2), (1, 3)]
+        );
+        assert_eq!(s.stats.resent_source_packets, 4);
+    }
+
+    fn symbols(txs: &[Tx]) -> Vec<(u32, u32)> {
+        txs.iter()
             .filter_map(|t| match t {
-                Tx::Symbol { block, .. } => Some(*block),
+                Tx::Symbol { block, esi, .. } => Some((*block, *esi)),
                 _ => None,
             })
-            .collect();
-        // K=4 plus margin 2 + ceil(0.2) = 7 symbols, all for block 1.
-        assert_eq!(blocks, vec![1; 7]);
+            .collect()
+    }
+
+    fn two_ready(s: &mut WaveSender, t0: Instant) -> (u32, u32) {
+        let a = s.on_hello("a", t0);
+        let b = s.on_hello("b", t0);
+        s.on_message(a, Msg::Ready { resumed_blocks: 0 }, t0);
+        s.on_message(b, Msg::Ready { resumed_blocks: 0 }, t0);
+        drain(s, t0);
+        (a, b)
+    }
+
+    fn gap_report(block: u32, gaps: Vec<u32>) -> Msg {
+        Msg::Status(Status {
+            seq_hi: 100,
+            seen_any: true,
+            partial: vec![(block, gaps.len() as u32)],
+            source_gaps: vec![(block, gaps)],
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn few_distinct_losses_are_resent_as_source_symbols() {
+        let t0 = Instant::now();
+        let big = Manifest {
+            image_size: 64 * 1024,
+            image_hash: [9; 32],
+            block_size: 64 * 1024,
+            symbol_size: 1024,
+            blocks: vec![BlockInfo {
+                hash: [0; 32],
+                zero: false,
+            }],
+        };
+        let mut s = WaveSender::new(cfg(2), big.clone(), 1100, t0);
+        let (a, b) = two_ready(&mut s, t0);
+        s.on_message(a, gap_report(0, vec![3, 9]), t0);
+        s.on_message(b, gap_report(0, vec![9, 40]), t0);
+        // Union {3, 9, 40} <= 4 x max shortfall 2 + 2: exact resends.
+        assert_eq!(
+            symbols(&drain(&mut s, t0 + Duration::from_millis(1))),
+            vec![(0, 3), (0, 9), (0, 40)]
+        );
+
+        // Distinct losses beyond factor x max shortfall (here factor 1:
+        // union 20 > 10 + 2): one fountain round of fresh ESIs >= K serves
+        // both receivers instead.
+        let mut c = cfg(2);
+        c.source_resend_factor = 1.0;
+        let mut s = WaveSender::new(c, big, 1100, t0);
+        let (a, b) = two_ready(&mut s, t0);
+        s.on_message(a, gap_report(0, (0..10).collect()), t0);
+        s.on_message(b, gap_report(0, (20..30).collect()), t0);
+        let sent = symbols(&drain(&mut s, t0 + Duration::from_millis(1)));
+        assert!(sent.iter().all(|(_, esi)| *esi >= 64), "{sent:?}");
+        // max shortfall 10 + 2 + ceil(0.5) = 13 repair symbols.
+        assert_eq!(sent.len(), 13);
     }
 }

@@ -21,6 +21,9 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// blocks; larger images use larger blocks.
 pub const MAX_FRAME: usize = 64 << 20;
 
+/// Longest list of missing source ESIs a receiver reports for one block.
+pub const MAX_GAP_LIST: usize = 128;
+
 /// Session parameters handed to a receiver once it said hello.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionParams {
@@ -50,6 +53,10 @@ pub struct Status {
     pub missing: Vec<(u32, u32)>,
     /// `(block, symbols short)` for blocks with some symbols.
     pub partial: Vec<(u32, u32)>,
+    /// For partial blocks missing only a few source symbols: exactly which
+    /// (ascending ESIs, at most [`MAX_GAP_LIST`] each). Lets the sender
+    /// resend those source symbols so the receiver never has to decode.
+    pub source_gaps: Vec<(u32, Vec<u32>)>,
     pub auth_failures: u64,
     pub malformed: u64,
 }
@@ -156,6 +163,20 @@ fn check_status(s: &Status) -> Result<(), ControlError> {
         }
         prev = Some(b);
     }
+    let mut prev: Option<u32> = None;
+    for (b, esis) in &s.source_gaps {
+        if prev.is_some_and(|p| *b <= p) {
+            return Err(ControlError::Invalid(
+                "source-gap blocks not ascending".into(),
+            ));
+        }
+        prev = Some(*b);
+        if esis.is_empty() || esis.len() > MAX_GAP_LIST || esis.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(ControlError::Invalid(
+                "source-gap list empty, too long or unordered".into(),
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -249,6 +270,19 @@ mod tests {
         assert!(st(vec![(0, 5), (4, 2)], vec![]).is_err());
         assert!(st(vec![(3, 0)], vec![]).is_err());
         assert!(st(vec![], vec![(9, 1), (9, 1)]).is_err());
+        let gaps = |g: Vec<(u32, Vec<u32>)>| {
+            parse(
+                &emit(&Msg::Status(Status {
+                    source_gaps: g,
+                    ..Default::default()
+                }))
+                .unwrap(),
+            )
+        };
+        assert!(gaps(vec![(1, vec![3, 7]), (2, vec![0])]).is_ok());
+        assert!(gaps(vec![(1, vec![7, 3])]).is_err());
+        assert!(gaps(vec![(1, vec![])]).is_err());
+        assert!(gaps(vec![(1, (0..200).collect())]).is_err());
     }
 
     #[test]
@@ -272,7 +306,7 @@ mod tests {
             let missing: Vec<(u32, u32)> = starts.iter().map(|s| (s * 4, 3)).collect();
             let partial: Vec<(u32, u32)> = blocks.iter().map(|b| (*b, 5)).collect();
             let m = Msg::Status(Status { seq_hi: seq, seen_any: true, received, expected: received,
-                blocks_done: done, missing, partial, auth_failures: 1, malformed: 2 });
+                blocks_done: done, missing, partial, source_gaps: vec![(3, vec![1, 9])], auth_failures: 1, malformed: 2 });
             prop_assert_eq!(parse(&emit(&m).unwrap()).unwrap(), m);
         }
     }
