@@ -77,6 +77,12 @@ case "$cmd" in
     ipn "${P}sw" link add br0 type bridge stp_state 0 forward_delay 0 mcast_snooping 0
     ipn "${P}sw" link set br0 up
     ip netns exec "${P}sw" sysctl -qw net.ipv6.conf.all.disable_ipv6=1
+    # A switch does not run the host firewall on bridged frames: with
+    # br_netfilter loaded, every forwarded packet would also pass the
+    # iptables hooks and cost lab CPU that no real rack pays.
+    for k in iptables ip6tables arptables; do
+      ip netns exec "${P}sw" sysctl -qw "net.bridge.bridge-nf-call-$k=0" 2>/dev/null || true
+    done
     ip netns add "${P}app"
     ipn "${P}app" link add srv0 type veth peer name vs0 netns "${P}sw"
     ipn "${P}sw" link set vs0 master br0 up

@@ -281,6 +281,36 @@ fn killed_receiver_resumes_from_its_bitmap() {
 }
 
 #[test]
+fn late_joiner_gets_what_it_missed() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::up("f", 2, "100mbit", &[]);
+    let img = make_image(&lab, 24, 6);
+    let (o1, o2) = (lab.file("out1"), lab.file("out2"));
+    let early = receiver(&lab, 1, &o1, &[]);
+    let tx = sender(&lab, &img, "40M", 1, &[]);
+    // The wave starts with one receiver; the second joins ~2 s into a ~5 s
+    // transfer and must be served the blocks that went by before it came.
+    std::thread::sleep(Duration::from_secs(2));
+    let late = receiver(&lab, 2, &o2, &[]);
+    let r1 = finish(early, Duration::from_secs(60));
+    let r2 = finish(late, Duration::from_secs(60));
+    let sent = finish(tx, Duration::from_secs(60));
+    let report = last_json(&sent);
+    assert!(sent.status.success(), "{report}");
+    assert_eq!(report["receivers"].as_array().unwrap().len(), 2, "{report}");
+    assert_eq!(last_json(&r1)["verified"], true);
+    assert_eq!(last_json(&r2)["verified"], true);
+    assert!(
+        report["repair_packets"].as_u64().unwrap() > 1000,
+        "late joiner was not served: {report}"
+    );
+    assert_same(&img, &o1);
+    assert_same(&img, &o2);
+}
+
+#[test]
 fn forged_packets_are_counted_and_ignored() {
     if !can_run() {
         return;

@@ -377,7 +377,7 @@ async fn connect(addr: SocketAddr, within: Duration) -> Result<TcpStream, Receiv
     let deadline = Instant::now() + within;
     // Receivers usually start before the sender: retry quickly at first
     // (a refused local connect costs nothing), then back off to 1 s.
-    let mut backoff = Duration::from_millis(20);
+    let mut backoff = Duration::from_millis(10);
     loop {
         match TcpStream::connect(addr).await {
             Ok(s) => return Ok(s),
@@ -518,7 +518,7 @@ pub async fn run_receive(
                 if let Some(st) = st {
                     let Ok(bytes) = control::emit(&Msg::Status(st)) else { continue };
                     if let Err(e) = sink.send(bytes::Bytes::from(bytes)).await {
-                        break Err(format!("control connection lost: {e}"));
+                        break Err(format!("lost the control connection to the sender: {e}"));
                     }
                 }
             }
@@ -529,7 +529,7 @@ pub async fn run_receive(
                 match msg {
                     Err(_) => break Err(format!("sender silent for {} s", opts.idle_timeout.as_secs())),
                     Ok(None) => break Err("sender closed the control connection".into()),
-                    Ok(Some(Err(e))) => break Err(format!("control connection: {e}")),
+                    Ok(Some(Err(e))) => break Err(format!("lost the control connection to the sender: {e}")),
                     Ok(Some(Ok(frame))) => match control::parse(&frame) {
                         Ok(Msg::Finish { reason }) => break Err(format!("sender ended the session: {reason}")),
                         Ok(Msg::Error { message }) => break Err(format!("sender error: {message}")),

@@ -276,6 +276,7 @@ impl ReceiverCore {
             source_gaps,
             auth_failures: self.counters.auth_failures,
             malformed: self.counters.malformed + self.counters.bad_block + self.counters.bad_length,
+            decode_failures: self.counters.decode_retries + self.counters.hash_failures,
         }
     }
 }

@@ -593,9 +593,10 @@ fn send_loop(
             }
         }
     }
-    // Let queued Finish messages reach the receivers.
+    // Give queued Finish messages a moment to leave; receivers that miss
+    // one see the connection close, which ends them just as well.
     drop(outs);
-    std::thread::sleep(Duration::from_millis(50));
+    std::thread::sleep(Duration::from_millis(5));
 
     let st = core.stats.clone();
     let end = st.finished_at.unwrap_or_else(Instant::now);
@@ -692,13 +693,26 @@ fn publish_metrics(core: &WaveSender) {
     metrics::counter!("rackcast_repair_packets_total").absolute(st.repair_packets);
     metrics::counter!("rackcast_probe_packets_total").absolute(st.probe_packets);
     let total = core.manifest().block_count().max(1) as f64;
+    let (mut active, mut verified, mut failed) = (0u32, 0u32, 0u32);
+    for r in core.receivers().values() {
+        match r.state {
+            RxState::Verified => verified += 1,
+            RxState::Failed(_) => failed += 1,
+            _ => active += 1,
+        }
+    }
+    metrics::gauge!("rackcast_receivers", "state" => "active").set(active as f64);
+    metrics::gauge!("rackcast_receivers", "state" => "verified").set(verified as f64);
+    metrics::gauge!("rackcast_receivers", "state" => "failed").set(failed as f64);
     for r in core.receivers().values() {
         let name = r.name.clone();
         metrics::gauge!("rackcast_receiver_progress_ratio", "receiver" => name.clone())
             .set(r.status.blocks_done as f64 / total);
         metrics::gauge!("rackcast_receiver_auth_failures", "receiver" => name.clone())
             .set(r.status.auth_failures as f64);
-        metrics::gauge!("rackcast_receiver_malformed_packets", "receiver" => name)
+        metrics::gauge!("rackcast_receiver_malformed_packets", "receiver" => name.clone())
             .set(r.status.malformed as f64);
+        metrics::gauge!("rackcast_receiver_decode_failures", "receiver" => name)
+            .set(r.status.decode_failures as f64);
     }
 }

@@ -59,6 +59,8 @@ pub struct Status {
     pub source_gaps: Vec<(u32, Vec<u32>)>,
     pub auth_failures: u64,
     pub malformed: u64,
+    /// Blocks whose decode failed or whose hash did not match (retried).
+    pub decode_failures: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -306,7 +308,7 @@ mod tests {
             let missing: Vec<(u32, u32)> = starts.iter().map(|s| (s * 4, 3)).collect();
             let partial: Vec<(u32, u32)> = blocks.iter().map(|b| (*b, 5)).collect();
             let m = Msg::Status(Status { seq_hi: seq, seen_any: true, received, expected: received,
-                blocks_done: done, missing, partial, source_gaps: vec![(3, vec![1, 9])], auth_failures: 1, malformed: 2 });
+                blocks_done: done, missing, partial, source_gaps: vec![(3, vec![1, 9])], auth_failures: 1, malformed: 2, decode_failures: 3 });
             prop_assert_eq!(parse(&emit(&m).unwrap()).unwrap(), m);
         }
     }
