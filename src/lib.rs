@@ -27,6 +27,17 @@ pub fn tune_allocator() {
     }
 }
 
+/// Logs to stderr with a RUST_LOG-style filter (`info`, `rackcast=debug`);
+/// a bad filter falls back to `info` rather than failing the binary.
+pub fn init_logs(filter: &str) {
+    let f = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(f)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// Groups the product accepts: administratively scoped IPv4 multicast
 /// (239.0.0.0/8, RFC 2365), never global groups.
 pub fn is_lab_or_admin_group(ip: Ipv4Addr) -> bool {

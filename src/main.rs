@@ -110,15 +110,6 @@ struct ManifestArgs {
     block_size: u32,
 }
 
-fn init_logs(filter: &str) {
-    let f = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(f)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn symbol_size(mtu: usize) -> Result<u16> {
     symbol_size_for_mtu(mtu).with_context(|| format!("MTU {mtu} leaves no room for a symbol"))
 }
@@ -126,7 +117,7 @@ fn symbol_size(mtu: usize) -> Result<u16> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     rackcast::tune_allocator();
-    init_logs(&cli.log);
+    rackcast::init_logs(&cli.log);
     match cli.cmd {
         Cmd::Manifest(a) => {
             let t = Instant::now();

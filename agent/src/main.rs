@@ -63,12 +63,7 @@ struct ReceiveArgs {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     rackcast::tune_allocator();
-    let f = tracing_subscriber::EnvFilter::try_new(&cli.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(f)
-        .with_writer(std::io::stderr)
-        .init();
+    rackcast::init_logs(&cli.log);
     match cli.cmd {
         Cmd::Receive(a) => receive(a),
     }

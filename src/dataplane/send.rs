@@ -443,13 +443,10 @@ fn send_loop(
     let t0 = Instant::now();
     let mut core = WaveSender::new(cfg.clone(), m.clone(), frame, t0);
     let mut pk = Packetizer::new(session.key, session.session_id, symbol_size);
-    let mut loaded: HashMap<u32, Arc<Vec<u8>>> = HashMap::new();
-    let mut encoders: HashMap<u32, Arc<BlockEncoder>> = HashMap::new();
-    let mut outs: HashMap<u32, mpsc::UnboundedSender<Msg>> = HashMap::new();
+    let mut held = Held::default();
     let mut txs: Vec<Tx> = Vec::with_capacity(SEND_BATCH);
     let mut next_tick = t0;
     let mut wire_bytes = 0u64;
-    let mut error: Option<String> = None;
     let mut send_errors = 0u64;
     let mut gso = gso_segments;
     metrics::gauge!("rackcast_wave_blocks").set(m.block_count() as f64);
@@ -458,18 +455,11 @@ fn send_loop(
         let now = Instant::now();
         // Events first: they may unblock sends.
         while let Ok(ev) = events.try_recv() {
-            handle_event(
-                ev,
-                &mut core,
-                &mut outs,
-                &mut loaded,
-                &mut encoders,
-                &mut error,
-            );
+            held.on_event(&mut core, ev);
         }
-        if let Some(e) = &error {
+        if let Some(e) = &held.error {
             tracing::error!(error = %e, "image source failed; aborting wave");
-            for (_, o) in outs.drain() {
+            for (_, o) in held.outs.drain() {
                 let _ = o.send(Msg::Finish {
                     reason: format!("sender aborted: {e}"),
                 });
@@ -482,21 +472,21 @@ fn send_loop(
                     let _ = jobs.send(Job::Load(b));
                 }
                 Action::Release(b) => {
-                    loaded.remove(&b);
+                    held.loaded.remove(&b);
                 }
                 Action::BuildEncoder(b) => {
                     let _ = jobs.send(Job::Encode(b));
                 }
                 Action::DropEncoder(b) => {
-                    encoders.remove(&b);
+                    held.encoders.remove(&b);
                 }
                 Action::Control(id, msg) => {
-                    if let Some(o) = outs.get(&id) {
+                    if let Some(o) = held.outs.get(&id) {
                         let _ = o.send(msg);
                     }
                 }
                 Action::Disconnect(id) => {
-                    outs.remove(&id);
+                    held.outs.remove(&id);
                 }
                 Action::Finished => break 'outer,
             }
@@ -521,13 +511,13 @@ fn send_loop(
                     Tx::Symbol { seq, block, esi } => {
                         let k = m.source_symbols(block);
                         if esi < k {
-                            let Some(d) = loaded.get(&block) else {
+                            let Some(d) = held.loaded.get(&block) else {
                                 tracing::error!(block, "source block not loaded; skipped");
                                 continue;
                             };
                             fec::source_symbol(d, esi, &mut pk.sym);
                         } else {
-                            let Some(e) = encoders.get(&block) else {
+                            let Some(e) = held.encoders.get(&block) else {
                                 tracing::error!(block, "encoder missing; skipped");
                                 continue;
                             };
@@ -577,14 +567,7 @@ fn send_loop(
         if wait > Duration::from_micros(50) {
             match events.recv_timeout(wait) {
                 Ok(ev) => {
-                    handle_event(
-                        ev,
-                        &mut core,
-                        &mut outs,
-                        &mut loaded,
-                        &mut encoders,
-                        &mut error,
-                    );
+                    held.on_event(&mut core, ev);
                 }
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
@@ -595,7 +578,7 @@ fn send_loop(
     }
     // Give queued Finish messages a moment to leave; receivers that miss
     // one see the connection close, which ends them just as well.
-    drop(outs);
+    drop(std::mem::take(&mut held.outs));
     std::thread::sleep(Duration::from_millis(5));
 
     let st = core.stats.clone();
@@ -625,7 +608,7 @@ fn send_loop(
     let verified = receivers.iter().filter(|r| r.ok).count();
     let sym = (st.source_packets + st.repair_packets).max(1);
     SendReport {
-        ok: error.is_none() && verified >= cfg.expected && verified == receivers.len(),
+        ok: held.error.is_none() && verified >= cfg.expected && verified == receivers.len(),
         image_bytes: m.image_size,
         image_hash: m.image_hash_hex(),
         wire_bytes,
@@ -647,42 +630,47 @@ fn send_loop(
         repair_overhead_pct: st.repair_packets as f64 * 100.0 / sym as f64,
         expected_receivers: cfg.expected,
         receivers,
-        error,
+        error: held.error,
     }
 }
 
-/// Feed one event from a connection or worker into the core.
-fn handle_event(
-    ev: Event,
-    core: &mut WaveSender,
-    outs: &mut HashMap<u32, mpsc::UnboundedSender<Msg>>,
-    loaded: &mut HashMap<u32, Arc<Vec<u8>>>,
-    encoders: &mut HashMap<u32, Arc<BlockEncoder>>,
-    error: &mut Option<String>,
-) {
-    let now = Instant::now();
-    match ev {
-        Event::Hello { name, out, reply } => {
-            if !core.is_finished() {
-                let id = core.on_hello(&name, now);
-                outs.insert(id, out);
-                let _ = reply.send(id);
+/// What the send thread holds for the core: connections' outboxes, loaded
+/// blocks, built encoders, and the first image-source error.
+#[derive(Default)]
+struct Held {
+    outs: HashMap<u32, mpsc::UnboundedSender<Msg>>,
+    loaded: HashMap<u32, Arc<Vec<u8>>>,
+    encoders: HashMap<u32, Arc<BlockEncoder>>,
+    error: Option<String>,
+}
+
+impl Held {
+    /// Feed one event from a connection or worker into the core.
+    fn on_event(&mut self, core: &mut WaveSender, ev: Event) {
+        let now = Instant::now();
+        match ev {
+            Event::Hello { name, out, reply } => {
+                if !core.is_finished() {
+                    let id = core.on_hello(&name, now);
+                    self.outs.insert(id, out);
+                    let _ = reply.send(id);
+                }
             }
+            Event::Msg(id, msg) => core.on_message(id, msg, now),
+            Event::Disconnect(id) => {
+                self.outs.remove(&id);
+                core.on_disconnect(id, now);
+            }
+            Event::Loaded(b, d) => {
+                self.loaded.insert(b, d);
+                core.on_block_loaded(b);
+            }
+            Event::Encoder(b, e) => {
+                self.encoders.insert(b, e);
+                core.on_encoder_ready(b);
+            }
+            Event::SourceError(e) => self.error = Some(e),
         }
-        Event::Msg(id, msg) => core.on_message(id, msg, now),
-        Event::Disconnect(id) => {
-            outs.remove(&id);
-            core.on_disconnect(id, now);
-        }
-        Event::Loaded(b, d) => {
-            loaded.insert(b, d);
-            core.on_block_loaded(b);
-        }
-        Event::Encoder(b, e) => {
-            encoders.insert(b, e);
-            core.on_encoder_ready(b);
-        }
-        Event::SourceError(e) => *error = Some(e),
     }
 }
 
