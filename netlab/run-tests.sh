@@ -13,4 +13,10 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets -q -- -D warnings
 # The netns tests run the other workspace binaries (agent, lab tools).
 cargo build --workspace -q
-cargo test --workspace
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace 2>&1 | tee "$log"
+# One closing line over all test binaries (cargo prints one per binary,
+# the last of which is often an empty doc-test run).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "summary: %d passed, %d failed\n", p, f }' "$log"
