@@ -310,6 +310,73 @@ fn late_joiner_gets_what_it_missed() {
     assert_same(&img, &o2);
 }
 
+/// A loop device standing in for a disk; detached on drop.
+struct LoopDev {
+    path: PathBuf,
+}
+
+impl LoopDev {
+    fn new(backing: &Path, mib: u64, fill: u8) -> LoopDev {
+        fs::write(backing, vec![fill; (mib << 20) as usize]).unwrap();
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(backing)
+            .output()
+            .expect("losetup");
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        LoopDev {
+            path: PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()),
+        }
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+    }
+}
+
+#[test]
+fn receives_onto_a_block_device_over_old_data() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::up("g", 1, "200mbit", &[]);
+    let img = make_image(&lab, 12, 7);
+    // A "disk" full of old data: zero blocks of the image must be written
+    // as zeros, not skipped as on a fresh sparse file.
+    let dev = LoopDev::new(&lab.file("disk"), 16, 0xAA);
+    let rx = receiver(&lab, 1, &dev.path, &[]);
+    let tx = sender(&lab, &img, "100M", 1, &[]);
+    let sent = finish(tx, Duration::from_secs(60));
+    let r = finish(rx, Duration::from_secs(30));
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stdout)
+    );
+    assert_eq!(last_json(&r)["verified"], true);
+    let want = fs::read(&img).unwrap();
+    let mut got = vec![0u8; want.len()];
+    {
+        use std::io::Read;
+        let mut f = fs::File::open(&dev.path).unwrap();
+        f.read_exact(&mut got).unwrap();
+    }
+    assert!(got == want, "device content differs from the image");
+    // A device's resume state lives in /run/rackcast, never in /dev, and
+    // is removed after success.
+    let name = dev.path.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(!PathBuf::from(format!("{}.rcresume", dev.path.display())).exists());
+    assert!(!Path::new("/run/rackcast")
+        .join(format!("{name}.rcresume"))
+        .exists());
+}
+
 #[test]
 fn forged_packets_are_counted_and_ignored() {
     if !can_run() {

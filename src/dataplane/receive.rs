@@ -373,6 +373,22 @@ fn default_name(local: &SocketAddr) -> String {
     format!("{host}@{}", local.ip())
 }
 
+/// Beside a file output; for a block device (whose directory is /dev) in
+/// /run/rackcast, named after the device.
+fn default_state_path(out: &Path) -> PathBuf {
+    let is_dev = std::fs::metadata(out).is_ok_and(|m| m.file_type().is_block_device());
+    if is_dev {
+        let dir = PathBuf::from("/run/rackcast");
+        let _ = std::fs::create_dir_all(&dir);
+        let name = out
+            .file_name()
+            .map_or("device".into(), |n| n.to_string_lossy().into_owned());
+        dir.join(format!("{name}.rcresume"))
+    } else {
+        PathBuf::from(format!("{}.rcresume", out.display()))
+    }
+}
+
 async fn connect(addr: SocketAddr, within: Duration) -> Result<TcpStream, ReceiveError> {
     let deadline = Instant::now() + within;
     // Receivers usually start before the sender: retry quickly at first
@@ -432,7 +448,7 @@ pub async fn run_receive(
     let state_path = opts
         .state
         .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("{}.rcresume", opts.out.display())));
+        .unwrap_or_else(|| default_state_path(&opts.out));
     let mut resume = ResumeState::load(&state_path, &m);
     let resume_valid = (0..n).any(|b| resume.has(b));
     let out = open_output(&opts.out, &m, resume_valid).map_err(|source| ReceiveError::Output {
