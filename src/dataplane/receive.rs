@@ -391,16 +391,20 @@ fn default_state_path(out: &Path) -> PathBuf {
 
 async fn connect(addr: SocketAddr, within: Duration) -> Result<TcpStream, ReceiveError> {
     let deadline = Instant::now() + within;
-    // Receivers usually start before the sender: retry quickly at first
-    // (a refused local connect costs nothing), then back off to 1 s.
-    let mut backoff = Duration::from_millis(10);
+    // Receivers usually start before the sender: retry every 20 ms for the
+    // first 2 s (a refused connect costs one RST), then back off to 1 s so
+    // a rack waiting for a down appliance does not flood it.
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(20);
     loop {
         match TcpStream::connect(addr).await {
             Ok(s) => return Ok(s),
             Err(e) if Instant::now() + backoff < deadline => {
                 tracing::debug!(error = %e, "sender not reachable yet; retrying");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 3 / 2).min(Duration::from_secs(1));
+                if started.elapsed() > Duration::from_secs(2) {
+                    backoff = (backoff * 3 / 2).min(Duration::from_secs(1));
+                }
             }
             Err(source) => return Err(ReceiveError::Connect { addr, source }),
         }
