@@ -53,7 +53,9 @@ struct ReceiveArgs {
     #[arg(long, default_value_t = 30)]
     idle_timeout: u64,
     /// Socket receive buffer in bytes (forced past rmem_max when root).
-    #[arg(long, default_value_t = 16 << 20)]
+    /// Deep enough to ride out ~1 s at 500 Mbit/s when the host is busy
+    /// (decoding, writing): an overflow is loss that costs a repair round.
+    #[arg(long, default_value_t = 64 << 20)]
     rcvbuf: usize,
     /// Print the report as one JSON object on the last line.
     #[arg(long)]
