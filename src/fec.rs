@@ -127,16 +127,17 @@ impl BlockAssembly {
         self.k.saturating_sub(self.count())
     }
 
-    /// Source ESIs not yet received, if there are at most `cap` of them.
-    pub fn missing_source(&self, cap: usize) -> Option<Vec<u32>> {
-        let missing = (self.k - self.have_source) as usize;
+    /// Bitmap of source ESIs not yet received (bit `e % 8` of byte `e / 8`),
+    /// if at least one and at most `cap` are missing.
+    pub fn missing_source(&self, cap: u32) -> Option<Vec<u8>> {
+        let missing = self.k - self.have_source;
         if missing == 0 || missing > cap {
             return None;
         }
-        let mut out = Vec::with_capacity(missing);
+        let mut out = vec![0u8; (self.k as usize).div_ceil(8)];
         for esi in 0..self.k {
             if self.have[(esi / 64) as usize] & (1 << (esi % 64)) == 0 {
-                out.push(esi);
+                out[(esi / 8) as usize] |= 1 << (esi % 8);
             }
         }
         Some(out)

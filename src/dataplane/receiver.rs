@@ -10,7 +10,7 @@
 
 use crate::fec::{Added, BlockAssembly};
 use crate::manifest::Manifest;
-use crate::wire::control::{Status, MAX_GAP_LIST};
+use crate::wire::control::{Status, MAX_GAP_SYMBOLS};
 use crate::wire::packet::{self, Kind, PacketError, KEY_LEN};
 
 /// Why a datagram was dropped (each has a counter).
@@ -254,7 +254,7 @@ impl ReceiverCore {
                 Slot::Collecting { asm, min_count } => {
                     let short = min_count.saturating_sub(asm.count()).max(1);
                     partial.push((b, short));
-                    if let Some(g) = asm.missing_source(MAX_GAP_LIST) {
+                    if let Some(g) = asm.missing_source(MAX_GAP_SYMBOLS) {
                         source_gaps.push((b, g));
                     }
                 }

@@ -422,7 +422,7 @@ impl WaveSender {
                     gaps.next();
                 }
                 let g = match gaps.peek() {
-                    Some((g, list)) if *g == b => Some(list.clone()),
+                    Some((g, bits)) if *g == b && bi < self.k.len() => gap_esis(bits, self.k[bi]),
                     _ => None,
                 };
                 if bi < self.k.len() && self.source_done[bi] && seq_ge(st.seq_hi, self.last_seq[bi])
@@ -856,6 +856,18 @@ fn status_needs(st: &Status, b: u32) -> bool {
         || st.missing.iter().any(|(f, l)| b >= *f && (b - f) < *l)
 }
 
+/// ESIs set in a receiver's gap bitmap for a block of `k` source symbols;
+/// `None` if the bitmap does not fit the block (then fountain repair).
+fn gap_esis(bits: &[u8], k: u32) -> Option<Vec<u32>> {
+    if bits.len() != (k as usize).div_ceil(8) {
+        return None;
+    }
+    let esis: Vec<u32> = (0..k)
+        .filter(|e| bits[(e / 8) as usize] & (1 << (e % 8)) != 0)
+        .collect();
+    (!esis.is_empty()).then_some(esis)
+}
+
 /// `a >= b` in sequence space (wrapping, window of 2^31).
 pub fn seq_ge(a: u32, b: u32) -> bool {
     a.wrapping_sub(b) < (1 << 31)
@@ -1119,12 +1131,20 @@ mod tests {
         (a, b)
     }
 
+    fn bitmap(esis: &[u32], k: u32) -> Vec<u8> {
+        let mut b = vec![0u8; (k as usize).div_ceil(8)];
+        for e in esis {
+            b[(*e / 8) as usize] |= 1 << (e % 8);
+        }
+        b
+    }
+
     fn gap_report(block: u32, gaps: Vec<u32>) -> Msg {
         Msg::Status(Status {
             seq_hi: 100,
             seen_any: true,
             partial: vec![(block, gaps.len() as u32)],
-            source_gaps: vec![(block, gaps)],
+            source_gaps: vec![(block, bitmap(&gaps, 64))],
             ..Default::default()
         })
     }

@@ -21,8 +21,11 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// blocks; larger images use larger blocks.
 pub const MAX_FRAME: usize = 64 << 20;
 
-/// Longest list of missing source ESIs a receiver reports for one block.
-pub const MAX_GAP_LIST: usize = 128;
+/// A receiver reports exactly which source symbols a block misses while
+/// there are at most this many (beyond, it would need most of the block).
+pub const MAX_GAP_SYMBOLS: u32 = 512;
+/// Largest gap bitmap accepted (K'max = 56403 bits).
+pub const MAX_GAP_BITMAP: usize = 56_403usize.div_ceil(8);
 
 /// Session parameters handed to a receiver once it said hello.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,10 +56,11 @@ pub struct Status {
     pub missing: Vec<(u32, u32)>,
     /// `(block, symbols short)` for blocks with some symbols.
     pub partial: Vec<(u32, u32)>,
-    /// For partial blocks missing only a few source symbols: exactly which
-    /// (ascending ESIs, at most [`MAX_GAP_LIST`] each). Lets the sender
-    /// resend those source symbols so the receiver never has to decode.
-    pub source_gaps: Vec<(u32, Vec<u32>)>,
+    /// For partial blocks missing at most [`MAX_GAP_SYMBOLS`] source
+    /// symbols: which ones, as a bitmap over ESIs `0..K` (bit `e % 8` of
+    /// byte `e / 8` set = missing). Lets the sender resend exactly those
+    /// source symbols so the receiver never has to decode.
+    pub source_gaps: Vec<(u32, Vec<u8>)>,
     pub auth_failures: u64,
     pub malformed: u64,
     /// Blocks whose decode failed or whose hash did not match (retried).
@@ -166,16 +170,16 @@ fn check_status(s: &Status) -> Result<(), ControlError> {
         prev = Some(b);
     }
     let mut prev: Option<u32> = None;
-    for (b, esis) in &s.source_gaps {
+    for (b, bits) in &s.source_gaps {
         if prev.is_some_and(|p| *b <= p) {
             return Err(ControlError::Invalid(
                 "source-gap blocks not ascending".into(),
             ));
         }
         prev = Some(*b);
-        if esis.is_empty() || esis.len() > MAX_GAP_LIST || esis.windows(2).any(|w| w[0] >= w[1]) {
+        if bits.is_empty() || bits.len() > MAX_GAP_BITMAP {
             return Err(ControlError::Invalid(
-                "source-gap list empty, too long or unordered".into(),
+                "source-gap bitmap empty or too long".into(),
             ));
         }
     }
@@ -272,7 +276,7 @@ mod tests {
         assert!(st(vec![(0, 5), (4, 2)], vec![]).is_err());
         assert!(st(vec![(3, 0)], vec![]).is_err());
         assert!(st(vec![], vec![(9, 1), (9, 1)]).is_err());
-        let gaps = |g: Vec<(u32, Vec<u32>)>| {
+        let gaps = |g: Vec<(u32, Vec<u8>)>| {
             parse(
                 &emit(&Msg::Status(Status {
                     source_gaps: g,
@@ -281,10 +285,10 @@ mod tests {
                 .unwrap(),
             )
         };
-        assert!(gaps(vec![(1, vec![3, 7]), (2, vec![0])]).is_ok());
-        assert!(gaps(vec![(1, vec![7, 3])]).is_err());
+        assert!(gaps(vec![(1, vec![0b1000_1000]), (2, vec![1, 0])]).is_ok());
+        assert!(gaps(vec![(2, vec![1]), (1, vec![1])]).is_err());
         assert!(gaps(vec![(1, vec![])]).is_err());
-        assert!(gaps(vec![(1, (0..200).collect())]).is_err());
+        assert!(gaps(vec![(1, vec![0xff; MAX_GAP_BITMAP + 1])]).is_err());
     }
 
     #[test]
