@@ -176,7 +176,12 @@ fn receiver(lab: &Lab, dev: usize, out: &Path, extra: &[&str]) -> Child {
     let mut c = lab.cmd(&format!("d{dev}"), &bin("rackcast-agent"));
     c.arg("receive")
         .args(["--server", "198.18.0.1:7000", "--iface", "d0", "--json"])
-        .args(["--connect-timeout", "20", "--idle-timeout", "20"])
+        .args(["--connect-timeout", "20"])
+        .args(if extra.contains(&"--idle-timeout") {
+            &[][..]
+        } else {
+            &["--idle-timeout", "20"][..]
+        })
         .arg("--out")
         .arg(out)
         .args(extra);
@@ -375,6 +380,29 @@ fn receives_onto_a_block_device_over_old_data() {
     assert!(!Path::new("/run/rackcast")
         .join(format!("{name}.rcresume"))
         .exists());
+}
+
+#[test]
+fn early_receiver_outlasts_its_idle_timeout_while_the_wave_waits() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::up("h", 2, "200mbit", &[]);
+    let img = make_image(&lab, 4, 8);
+    let (o1, o2) = (lab.file("out1"), lab.file("out2"));
+    // d1 gives up after 2 s without a valid packet; the wave waits ~4 s for
+    // d2. Keep-alive probes must hold d1 until the wave starts.
+    let early = receiver(&lab, 1, &o1, &["--idle-timeout", "2"]);
+    let tx = sender(&lab, &img, "100M", 2, &[]);
+    std::thread::sleep(Duration::from_secs(4));
+    let late = receiver(&lab, 2, &o2, &[]);
+    let r1 = finish(early, Duration::from_secs(30));
+    let r2 = finish(late, Duration::from_secs(30));
+    let sent = finish(tx, Duration::from_secs(30));
+    assert_eq!(last_json(&r1)["verified"], true, "{}", last_json(&r1));
+    assert_eq!(last_json(&r2)["verified"], true);
+    assert!(sent.status.success());
+    assert_same(&img, &o1);
 }
 
 #[test]

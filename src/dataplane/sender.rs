@@ -84,6 +84,9 @@ impl Default for SenderConfig {
     }
 }
 
+/// Probe spacing while waiting for receivers before the wave starts.
+const WAITING_PROBE_INTERVAL: Duration = Duration::from_millis(200);
+
 /// One datagram to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tx {
@@ -642,6 +645,18 @@ impl WaveSender {
 
     /// Append up to `max` transmissions allowed now to `out`.
     pub fn poll_transmit(&mut self, now: Instant, max: usize, out: &mut Vec<Tx>) {
+        if self.phase == Phase::Waiting {
+            // Receivers that joined early see the wave is alive (their
+            // idle timeout counts valid packets) while others still come.
+            if now >= self.last_send + WAITING_PROBE_INTERVAL {
+                out.push(Tx::Probe {
+                    seq: self.bump_seq(),
+                });
+                self.stats.probe_packets += 1;
+                self.last_send = now;
+            }
+            return;
+        }
         if self.phase != Phase::Sending {
             return;
         }
@@ -938,8 +953,13 @@ mod tests {
         let a = s.on_hello("a", t0);
         s.on_message(a, Msg::Ready { resumed_blocks: 0 }, t0);
         let mut out = Vec::new();
-        s.poll_transmit(t0, 64, &mut out);
-        assert!(out.is_empty(), "sent before all receivers were ready");
+        s.poll_transmit(t0 + Duration::from_secs(1), 64, &mut out);
+        // Only a keep-alive probe while waiting, no symbols.
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(
+            matches!(out[0], Tx::Probe { .. }),
+            "sent before all receivers were ready"
+        );
         let b = s.on_hello("b", t0);
         s.on_message(b, Msg::Ready { resumed_blocks: 0 }, t0);
         let txs = drain(&mut s, t0 + Duration::from_millis(1));
@@ -969,7 +989,7 @@ mod tests {
         // Sequence numbers are consecutive.
         for (i, t) in txs.iter().enumerate() {
             if let Tx::Symbol { seq, .. } = t {
-                assert_eq!(*seq, i as u32);
+                assert_eq!(*seq, i as u32 + 1, "probe sent while waiting took seq 0");
             }
         }
     }
