@@ -100,7 +100,7 @@ enum Event {
     Hello {
         name: String,
         out: mpsc::UnboundedSender<Msg>,
-        reply: oneshot::Sender<u32>,
+        reply: oneshot::Sender<Result<u32, String>>,
     },
     Msg(u32, Msg),
     Disconnect(u32),
@@ -281,9 +281,17 @@ async fn serve_receiver(
         conn.close_with_error("wave is over".into()).await;
         return Ok(());
     }
-    let Ok(id) = id_rx.await else {
-        conn.close_with_error("wave is over".into()).await;
-        return Ok(());
+    let id = match id_rx.await {
+        Ok(Ok(id)) => id,
+        Ok(Err(why)) => {
+            tracing::warn!(reason = %why, "receiver refused");
+            conn.close_with_error(why).await;
+            return Ok(());
+        }
+        Err(_) => {
+            conn.close_with_error("wave is over".into()).await;
+            return Ok(());
+        }
     };
     conn.send(&Msg::Welcome {
         protocol: PROTOCOL_VERSION,
@@ -656,10 +664,12 @@ impl Held {
         let now = Instant::now();
         match ev {
             Event::Hello { name, out, reply } => {
-                if !core.is_finished() {
+                if core.is_finished() {
+                    let _ = reply.send(Err("wave is over".into()));
+                } else {
                     let id = core.on_hello(&name, now);
                     self.outs.insert(id, out);
-                    let _ = reply.send(id);
+                    let _ = reply.send(Ok(id));
                 }
             }
             Event::Msg(id, msg) => core.on_message(id, msg, now),

@@ -300,15 +300,38 @@ impl WaveSender {
 
     // ---- events -------------------------------------------------------
 
-    /// A receiver said hello. Returns its id; a known name (a restarted
-    /// receiver) takes its old slot back.
+    /// A receiver said hello; returns its id. A known name whose receiver
+    /// is gone (disconnected or finished) takes its old slot back: a
+    /// restarted device. A known name that still looks connected is a
+    /// device that came back before its old connection timed out (power
+    /// cycle): the newest connection wins, the old one is told and closed.
     pub fn on_hello(&mut self, name: &str, now: Instant) -> u32 {
         let existing = self
             .receivers
             .iter()
             .find(|(_, r)| r.name == name)
-            .map(|(id, _)| *id);
-        let id = existing.unwrap_or_else(|| self.receivers.keys().next_back().map_or(1, |k| k + 1));
+            .map(|(id, r)| (*id, r.state.clone()));
+        let next_id = self.receivers.keys().next_back().map_or(1, |k| k + 1);
+        let id = match existing {
+            Some((old, RxState::Joining | RxState::Ready)) => {
+                tracing::warn!(
+                    receiver = old,
+                    name,
+                    "same name connected again; replacing the old connection"
+                );
+                self.receivers.remove(&old);
+                self.actions.push_back(Action::Control(
+                    old,
+                    Msg::Finish {
+                        reason: "replaced by a newer connection with the same name".into(),
+                    },
+                ));
+                self.actions.push_back(Action::Disconnect(old));
+                next_id
+            }
+            Some((old, _)) => old,
+            None => next_id,
+        };
         let info = ReceiverInfo {
             name: name.to_string(),
             state: RxState::Joining,
@@ -1068,6 +1091,33 @@ mod tests {
         let sum = s.summary();
         assert_eq!(sum[0].1.state, RxState::Verified);
         assert!(matches!(sum[1].1.state, RxState::Failed(_)));
+    }
+
+    #[test]
+    fn same_name_again_replaces_a_live_connection_and_reclaims_a_dead_one() {
+        let t0 = Instant::now();
+        let mut s = WaveSender::new(cfg(2), manifest(1, &[]), 1100, t0);
+        let a = s.on_hello("a", t0);
+        pump(&mut s);
+        // Still "connected" (a power-cycled device's old TCP session):
+        // the new connection gets a new slot, the old one is closed.
+        let a2 = s.on_hello("a", t0);
+        assert_ne!(a, a2);
+        let acts = pump(&mut s);
+        assert!(acts.contains(&Action::Disconnect(a)), "{acts:?}");
+        assert_eq!(s.receivers().len(), 1);
+        // Messages still arriving on the old connection are ignored.
+        s.on_message(
+            a,
+            Msg::Done(Verdict::Verified {
+                image_hash: [9; 32],
+            }),
+            t0,
+        );
+        assert!(s.receivers().values().all(|r| r.state == RxState::Joining));
+        // After a clean disconnect the same name takes its slot back.
+        s.on_disconnect(a2, t0);
+        assert_eq!(s.on_hello("a", t0), a2);
     }
 
     #[test]
