@@ -10,9 +10,13 @@
 //!
 //! Repair rule: a receiver's report about block `b` counts only if it has
 //! seen a packet sent after the last symbol of `b` (`seq_hi >= last_seq[b]`);
-//! then symbols still missing there are lost, not in flight. The sender
-//! schedules `max over receivers (shortfall) + margin` fresh repair symbols
-//! for `b`: one repair symbol fixes a different loss at every receiver.
+//! then symbols still missing there are lost, not in flight. While the union
+//! of the source symbols receivers miss stays within `source_resend_factor`
+//! times the largest shortfall, exactly those source symbols are resent
+//! (receivers then complete the block without decoding); otherwise the
+//! sender schedules `max over receivers (shortfall) + margin` fresh repair
+//! symbols for `b`: one repair symbol fixes a different loss at every
+//! receiver.
 //! Probes (empty packets) advance `seq` while idle so the tail of the
 //! stream is never stuck behind a lost last packet.
 
