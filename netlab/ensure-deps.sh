@@ -2,9 +2,10 @@
 # Installs the Debian packages a netlab job needs, only if missing.
 #   ensure-deps.sh test|demo|bench
 set -euo pipefail
-need=(iproute2 nftables time procps)
+need=(iproute2 nftables time procps curl)
 case "${1:-test}" in
-  test|demo) ;;
+  test) need+=(prometheus) ;;
+  demo) ;;
   bench) need+=(udpcast uftp curl python3) ;;
   *) echo "ensure-deps.sh: test|demo|bench" >&2; exit 2 ;;
 esac
