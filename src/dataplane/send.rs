@@ -678,8 +678,9 @@ impl Held {
                 core.on_disconnect(id, now);
             }
             Event::Loaded(b, d) => {
-                self.loaded.insert(b, d);
-                core.on_block_loaded(b);
+                if core.on_block_loaded(b) {
+                    self.loaded.insert(b, d);
+                }
             }
             Event::Encoder(b, e) => {
                 self.encoders.insert(b, e);

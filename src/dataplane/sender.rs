@@ -532,9 +532,15 @@ impl WaveSender {
         }
     }
 
-    pub fn on_block_loaded(&mut self, b: u32) {
-        if let Some(l) = self.loaded.get_mut(b as usize) {
-            *l = true;
+    /// A block's data arrived. Returns false if it is no longer wanted (it
+    /// was released while being read): the driver then drops it.
+    pub fn on_block_loaded(&mut self, b: u32) -> bool {
+        let bi = b as usize;
+        if bi < self.loaded.len() && self.load_requested[bi] {
+            self.loaded[bi] = true;
+            true
+        } else {
+            false
         }
     }
 
@@ -950,7 +956,9 @@ mod tests {
         let mut seen = Vec::new();
         while let Some(a) = s.poll_action() {
             match a {
-                Action::Load(b) => s.on_block_loaded(b),
+                Action::Load(b) => {
+                    s.on_block_loaded(b);
+                }
                 Action::BuildEncoder(b) => s.on_encoder_ready(b),
                 _ => {}
             }
