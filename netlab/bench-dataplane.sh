@@ -34,13 +34,8 @@ MAXN=0
 for c in $CASES; do n=${c%%:*}; [ "$n" -gt "$MAXN" ] && MAXN=$n; done
 WORK=/dev/shm/rcbench.$$
 mkdir -p "$WORK"
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]+"${PIDS[@]}"}"; do kill "$p" 2>/dev/null || true; done
-  "$HERE/lab.sh" down "$P" "$MAXN" || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
+. "$HERE/common.sh"
+lab_cleanup_on_exit "$MAXN"
 
 echo "building release binaries..." >&2
 (cd "$ROOT" && cargo build --release --workspace -q)
@@ -50,7 +45,7 @@ IMG="$WORK/image"
 "$BIN/rackcast" manifest "$IMG" >/dev/null
 WANT=$(sha256sum "$IMG" | cut -d' ' -f1)
 BYTES=$(stat -c %s "$IMG")
-RATE_BPS=$(awk -v r="$RATE" 'BEGIN { m = 1; if (r ~ /gbit$/) m = 1e9; else if (r ~ /mbit$/) m = 1e6; else if (r ~ /kbit$/) m = 1e3; sub(/[a-z]+$/, "", r); printf "%d", r * m }')
+RATE_BPS=$(rate_bps "$RATE")
 RATE_M=$((RATE_BPS / 1000000))
 
 now() { date +%s.%N; }

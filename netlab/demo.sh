@@ -28,19 +28,14 @@ command -v cargo >/dev/null || { echo "demo.sh: needs a Rust toolchain (cargo)" 
 
 P=rc-
 WORK=/dev/shm/rcdemo.$$
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]+"${PIDS[@]}"}"; do kill "$p" 2>/dev/null || true; done
-  "$HERE/lab.sh" down "$P" "$N" || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
+. "$HERE/common.sh"
+lab_cleanup_on_exit "$N"
 mkdir -p "$WORK"
 
 echo "== building (release)"
 (cd "$ROOT" && cargo build --release --workspace -q)
 BIN="$ROOT/target/release"
-RATE_M=$(awk -v r="$RATE" 'BEGIN { m = 1; if (r ~ /gbit$/) m = 1000; else if (r ~ /kbit$/) m = 0.001; sub(/[a-z]+$/, "", r); printf "%d", r * m }')
+RATE_M=$(( $(rate_bps "$RATE") / 1000000 ))
 
 echo "== lab: ${P}app + ${P}d1..${P}d$N, $RATE on the appliance, $LOSS % loss toward ${P}d2"
 "$HERE/lab.sh" up "$P" "$N" --rate "$RATE" --loss "2=$LOSS"

@@ -81,6 +81,6 @@ mod tests {
     #[test]
     fn groups() {
         assert!(is_lab_or_admin_group("239.255.1.1".parse().unwrap()));
-        assert!(!is_lab_or_admin_group("224.0.0.1".parse().unwrap()));
+        assert!(!is_lab_or_admin_group("198.18.0.1".parse().unwrap()));
     }
 }

@@ -62,20 +62,35 @@ fn if_index(name: &str) -> io::Result<u32> {
     }
 }
 
-fn force_buffer(sock: &Socket, opt: libc::c_int, bytes: usize) {
-    let v = bytes as libc::c_int;
-    // SAFETY: setsockopt with a c_int value of the right size. The FORCE
-    // variants need CAP_NET_ADMIN and bypass rmem_max; fall back silently.
+/// `setsockopt` with an `int` value.
+fn set_int_opt(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: the value pointer and size describe one live c_int.
     let r = unsafe {
         libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
+            fd,
+            level,
             opt,
-            &v as *const _ as *const libc::c_void,
+            &value as *const _ as *const libc::c_void,
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if r != 0 {
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The FORCE variants need CAP_NET_ADMIN and bypass rmem_max/wmem_max;
+/// without it fall back to the capped ordinary option.
+fn force_buffer(sock: &Socket, opt: libc::c_int, bytes: usize) {
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    if set_int_opt(sock.as_raw_fd(), libc::SOL_SOCKET, opt, v).is_err() {
         let _ = if opt == libc::SO_RCVBUFFORCE {
             sock.set_recv_buffer_size(bytes)
         } else {
@@ -241,22 +256,7 @@ fn send_gso(sock: &UdpSocket, data: &[u8], seg: u16) -> io::Result<()> {
 /// Ask the kernel to hand us coalesced (GRO) UDP data where it can; each
 /// read then carries its segment size in a control message.
 pub fn enable_gro(sock: &UdpSocket) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: setsockopt with an int value.
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_UDP,
-            UDP_GRO,
-            &on as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    set_int_opt(sock.as_raw_fd(), libc::SOL_UDP, UDP_GRO, 1)
 }
 
 /// Reusable buffers for `recvmmsg`, GRO-aware: one read may hold many

@@ -111,7 +111,9 @@ enum Event {
 
 enum Job {
     Load(u32),
-    Encode(u32),
+    /// Build an encoder; with the block's data when it is still loaded
+    /// (checked against the manifest when it was read), else read it.
+    Encode(u32, Option<Arc<Vec<u8>>>),
 }
 
 /// Read `b` from the image and check it against the manifest, so a
@@ -135,7 +137,10 @@ fn worker(file: Arc<File>, m: Arc<Manifest>, jobs: Receiver<Job>, events: Sender
                 Ok(d) => Event::Loaded(b, Arc::new(d)),
                 Err(e) => Event::SourceError(e),
             },
-            Job::Encode(b) => match read_block(&file, &m, b) {
+            Job::Encode(b, Some(d)) => {
+                Event::Encoder(b, Arc::new(BlockEncoder::new(&m.block_oti(b), &d)))
+            }
+            Job::Encode(b, None) => match read_block(&file, &m, b) {
                 Ok(d) => Event::Encoder(b, Arc::new(BlockEncoder::new(&m.block_oti(b), &d))),
                 Err(e) => Event::SourceError(e),
             },
@@ -489,7 +494,7 @@ fn send_loop(
                     held.loaded.remove(&b);
                 }
                 Action::BuildEncoder(b) => {
-                    let _ = jobs.send(Job::Encode(b));
+                    let _ = jobs.send(Job::Encode(b, held.loaded.get(&b).cloned()));
                 }
                 Action::DropEncoder(b) => {
                     held.encoders.remove(&b);

@@ -210,6 +210,11 @@ pub struct WaveSender {
     resend_queue: VecDeque<u32>,
     /// Largest shortfall reported for a block since its last repair round.
     max_short: Vec<u32>,
+    /// Decided once per block when its group's first round reaches it:
+    /// every ready receiver already has the block, so its source symbols
+    /// are skipped (checking receivers per symbol would cost N x the list
+    /// lengths on every packet).
+    skip_source: Vec<bool>,
     enc: Vec<EncState>,
     enc_lru: VecDeque<u32>,
     last_send: Instant,
@@ -252,6 +257,7 @@ impl WaveSender {
             resend: vec![std::collections::BTreeSet::new(); n],
             resend_queue: VecDeque::new(),
             max_short: vec![0; n],
+            skip_source: vec![false; n],
             enc: vec![EncState::None; n],
             enc_lru: VecDeque::new(),
             k,
@@ -427,6 +433,9 @@ impl WaveSender {
     }
 
     fn on_status(&mut self, id: u32, st: Status) {
+        // Blocks past the source frontier cannot be due yet: don't walk them
+        // (a new receiver reports the whole image as missing).
+        let frontier = self.source_frontier();
         let Some(rx) = self.receivers.get_mut(&id) else {
             return;
         };
@@ -462,7 +471,7 @@ impl WaveSender {
             }
         }
         for &(first, len) in &st.missing {
-            let end = first.saturating_add(len).min(self.k.len() as u32);
+            let end = first.saturating_add(len).min(frontier);
             for b in first..end {
                 let bi = b as usize;
                 if self.manifest.blocks[bi].zero || !self.source_done[bi] {
@@ -478,6 +487,18 @@ impl WaveSender {
         rx.status = st;
         for (b, short, gaps) in want {
             self.schedule(b, short, gaps);
+        }
+    }
+
+    /// One past the last block whose source symbols may all have been sent.
+    fn source_frontier(&self) -> u32 {
+        if self.source_done_all {
+            return self.k.len() as u32;
+        }
+        let r = self.group_range(self.group);
+        match r.end.checked_sub(1).and_then(|i| self.order.get(i)) {
+            Some(&b) => b + 1,
+            None => self.k.len() as u32,
         }
     }
 
@@ -794,7 +815,10 @@ impl WaveSender {
             };
             let b = self.order[i];
             let bi = b as usize;
-            if self.round >= self.k[bi] || self.all_ready_have(b) {
+            if self.round == 0 {
+                self.skip_source[bi] = self.all_ready_have(b);
+            }
+            if self.round >= self.k[bi] || self.skip_source[bi] {
                 self.mark_source_done_if_last(bi);
                 self.pos += 1;
                 continue;

@@ -252,7 +252,7 @@ mod tests {
         ));
         let mut m = welcome();
         if let Msg::Welcome { session, .. } = &mut m {
-            session.group = "10.1.1.1:9".parse().unwrap();
+            session.group = "198.18.0.9:9".parse().unwrap();
         }
         assert!(matches!(
             parse(&emit(&m).unwrap()),
