@@ -9,6 +9,9 @@
 #       [--cases "4:0 4:2 1:0 8:0"] [--tools "rackcast udpcast uftp http"]
 #       [--timeout 120]
 #
+# RC_SEND_ARGS (environment) is appended to `rackcast send`, to compare
+# sender settings in one lab, e.g. RC_SEND_ARGS="--source-resend-factor 1".
+#
 # A case is N:LOSS_PERCENT. Run as root. Lab: 198.18.0.0/24, groups in
 # 239.255.0.0/16, namespaces rcb-*; everything it starts is stopped by PID
 # and the namespaces are removed on exit.
@@ -88,7 +91,7 @@ run_rackcast() { local n=$1 i t0 t1 rc=0
   t0=$(now)
   timeout "$TMO" ip netns exec "${P}app" "$BIN/rackcast" send "$IMG" --manifest "$IMG.rcmanifest" \
     --iface srv0 --group 239.255.3.1:9000 --control 198.18.0.1:7000 --rate "${RATE_M}M" \
-    --receivers "$n" --json --log warn >"$WORK/send.log" 2>&1 || rc=$?
+    --receivers "$n" --json --log warn ${RC_SEND_ARGS:-} >"$WORK/send.log" 2>&1 || rc=$?
   for p in "${pids[@]}"; do wait "$p" || rc=$?; done
   t1=$(now)
   [ "$rc" = 0 ] || { echo "rackcast run failed (rc=$rc):" >&2; tail -n 5 "$WORK/send.log" >&2; }
