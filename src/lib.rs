@@ -6,11 +6,15 @@
 //! appliance library and holds every shared wire format; the device agent
 //! (`rackcast-agent`) depends on it.
 
+pub mod bundle;
+pub mod config;
 pub mod dataplane;
 pub mod fec;
 pub mod manifest;
 pub mod pacing;
+pub mod store;
 pub mod wire;
+pub mod workflow;
 
 use std::net::Ipv4Addr;
 

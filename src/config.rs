@@ -1,0 +1,518 @@
+//! `rackcast serve` configuration (TOML): listen addresses, data plane,
+//! wave policy, workflow limits, images, agents, module catalogue and
+//! device profiles. `rackcast.example.toml` in the repository documents
+//! every key.
+//!
+//! Owns: parsing and validation, with errors that name the key and say
+//! what was expected. Must not: open sockets or files other than the
+//! config itself (paths are checked when used, where the error can say
+//! which device needed them).
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use thiserror::Error;
+
+use crate::bundle::{check_raid_level, DiskRule};
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!("{s:?} is not a duration like \"30s\" or \"5m\": {e}"))
+    })
+}
+
+fn de_rate<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let s = String::deserialize(d)?;
+    crate::parse_rate(&s).map_err(serde::de::Error::custom)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub appliance: ApplianceConfig,
+    pub dataplane: DataplaneConfig,
+    #[serde(default)]
+    pub waves: WavePolicy,
+    #[serde(default)]
+    pub workflow: WorkflowLimits,
+    /// Agent binary per CPU architecture (`x86_64 = "/path"`).
+    pub agents: BTreeMap<String, PathBuf>,
+    #[serde(default)]
+    pub images: Vec<ImageConfig>,
+    #[serde(default)]
+    pub modules: Vec<ModuleConfig>,
+    pub profiles: Vec<ProfileConfig>,
+    #[serde(default)]
+    pub devices: Vec<DeviceOverride>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplianceConfig {
+    /// Agents connect here (TCP control plane).
+    pub control_listen: SocketAddr,
+    /// REST API and `/metrics`.
+    pub api_listen: Option<SocketAddr>,
+    /// Blobs, bundles, manifests.
+    pub state_dir: PathBuf,
+    /// SQLite file (default `<state_dir>/rackcast.db`).
+    pub store: Option<PathBuf>,
+    #[serde(default = "d_bundles")]
+    pub max_inflight_bundles: usize,
+    #[serde(default = "d_transfers")]
+    pub max_inflight_transfers: usize,
+    /// Every read on a control connection must complete within this.
+    #[serde(default = "d_read_timeout", deserialize_with = "de_duration")]
+    pub read_timeout: Duration,
+}
+
+fn d_bundles() -> usize {
+    16
+}
+fn d_transfers() -> usize {
+    32
+}
+fn d_read_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataplaneConfig {
+    /// Interface the multicast goes out of.
+    pub iface: Option<String>,
+    /// Address the waves' TCP control listeners bind to (devices reach it).
+    pub bind: std::net::IpAddr,
+    /// Shared by all running waves.
+    #[serde(deserialize_with = "de_rate")]
+    pub total_rate: u64,
+    /// Wave n uses group `group_base + n` (within 239.255.0.0/16 in labs).
+    pub group_base: Ipv4Addr,
+    #[serde(default = "d_port")]
+    pub port: u16,
+    #[serde(default = "d_mtu")]
+    pub mtu: usize,
+    #[serde(default = "d_ttl")]
+    pub ttl: u32,
+}
+
+fn d_port() -> u16 {
+    9000
+}
+fn d_mtu() -> usize {
+    1500
+}
+fn d_ttl() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WavePolicy {
+    /// Start once this many members are ready and `start_after` passed
+    /// since the first one; a wave also starts when every device expected
+    /// for the image is ready.
+    #[serde(default = "d_min_members")]
+    pub min_members: usize,
+    #[serde(default = "d_start_after", deserialize_with = "de_duration")]
+    pub start_after: Duration,
+    /// A member silent this long is dropped as failed.
+    #[serde(default = "d_member_timeout", deserialize_with = "de_duration")]
+    pub member_timeout: Duration,
+}
+
+fn d_min_members() -> usize {
+    1
+}
+fn d_start_after() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_member_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for WavePolicy {
+    fn default() -> Self {
+        WavePolicy {
+            min_members: d_min_members(),
+            start_after: d_start_after(),
+            member_timeout: d_member_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowLimits {
+    #[serde(default = "d_step_timeout", deserialize_with = "de_duration")]
+    pub step_timeout: Duration,
+    #[serde(default = "d_imaging_timeout", deserialize_with = "de_duration")]
+    pub imaging_timeout: Duration,
+    #[serde(default = "d_attempts")]
+    pub max_attempts: u32,
+    #[serde(default = "d_backoff", deserialize_with = "de_duration")]
+    pub retry_backoff: Duration,
+}
+
+fn d_step_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn d_imaging_timeout() -> Duration {
+    Duration::from_secs(3600)
+}
+fn d_attempts() -> u32 {
+    3
+}
+fn d_backoff() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl Default for WorkflowLimits {
+    fn default() -> Self {
+        WorkflowLimits {
+            step_timeout: d_step_timeout(),
+            imaging_timeout: d_imaging_timeout(),
+            max_attempts: d_attempts(),
+            retry_backoff: d_backoff(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageConfig {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProgramConfig {
+    pub name: String,
+    pub argv: Vec<String>,
+    #[serde(default = "d_prog_timeout", deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+fn d_prog_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl ProgramConfig {
+    pub fn to_program(&self) -> crate::bundle::Program {
+        crate::bundle::Program {
+            name: self.name.clone(),
+            argv: self.argv.clone(),
+            timeout_s: self.timeout.as_secs().max(1),
+            env: self.env.clone(),
+        }
+    }
+}
+
+/// A driver or tool in the catalogue, selected by PCI id.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleConfig {
+    pub name: String,
+    /// `vendor:device` in hex, e.g. `15b3:1017`.
+    pub pci_ids: Vec<String>,
+    pub file: PathBuf,
+    pub load: Option<ProgramConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BiosConfig {
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    pub program: Option<ProgramConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RaidConfig {
+    pub level: String,
+    pub disks: DiskRule,
+    /// The array the image goes to (e.g. `/dev/md/rackcast`).
+    pub array: String,
+    pub program: Option<ProgramConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileConfig {
+    pub name: String,
+    /// DMI vendor glob (`*` matches anything).
+    #[serde(default = "star")]
+    pub vendor: String,
+    #[serde(default = "star")]
+    pub model: String,
+    pub image: String,
+    /// Image target when there is no RAID: the first disk of this rule.
+    pub target: Option<DiskRule>,
+    pub bios: Option<BiosConfig>,
+    pub raid: Option<RaidConfig>,
+    #[serde(default)]
+    pub programs: Vec<ProgramConfig>,
+    #[serde(default)]
+    pub post_install: Vec<ProgramConfig>,
+    pub boot_to_disk: Option<ProgramConfig>,
+}
+
+fn star() -> String {
+    "*".into()
+}
+
+/// Per-device overrides by MAC (a subset gets another OS: claim 29).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceOverride {
+    pub mac: String,
+    pub image: Option<String>,
+    pub profile: Option<String>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        self.appliance
+            .store
+            .clone()
+            .unwrap_or_else(|| self.appliance.state_dir.join("rackcast.db"))
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: String, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            message,
+        };
+        if self.dataplane.total_rate < 1_000_000 {
+            return Err(bad(
+                "dataplane.total_rate".into(),
+                "expected at least 1M (bits/s)".into(),
+            ));
+        }
+        if !self.dataplane.group_base.is_multicast() {
+            return Err(bad(
+                "dataplane.group_base".into(),
+                format!("{} is not a multicast address", self.dataplane.group_base),
+            ));
+        }
+        if !(576..=9000).contains(&self.dataplane.mtu) {
+            return Err(bad(
+                "dataplane.mtu".into(),
+                "expected 576..=9000".into(),
+            ));
+        }
+        if self.waves.min_members == 0 {
+            return Err(bad("waves.min_members".into(), "expected >= 1".into()));
+        }
+        if self.workflow.max_attempts == 0 {
+            return Err(bad("workflow.max_attempts".into(), "expected >= 1".into()));
+        }
+        if self.appliance.max_inflight_bundles == 0 || self.appliance.max_inflight_transfers == 0 {
+            return Err(bad(
+                "appliance.max_inflight_*".into(),
+                "expected >= 1".into(),
+            ));
+        }
+        if self.agents.is_empty() {
+            return Err(bad(
+                "agents".into(),
+                "expected at least one `arch = \"/path/to/rackcast-agent\"`".into(),
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, im) in self.images.iter().enumerate() {
+            if !names.insert(im.name.as_str()) {
+                return Err(bad(
+                    format!("images[{i}].name"),
+                    format!("duplicate image {:?}", im.name),
+                ));
+            }
+        }
+        for (i, m) in self.modules.iter().enumerate() {
+            for id in &m.pci_ids {
+                if !is_pci_id(id) {
+                    return Err(bad(
+                        format!("modules[{i}].pci_ids"),
+                        format!("{id:?}: expected vendor:device in hex, like \"15b3:1017\""),
+                    ));
+                }
+            }
+        }
+        if self.profiles.is_empty() {
+            return Err(bad(
+                "profiles".into(),
+                "expected at least one [[profiles]]".into(),
+            ));
+        }
+        let mut pnames = std::collections::HashSet::new();
+        for (i, p) in self.profiles.iter().enumerate() {
+            if !pnames.insert(p.name.as_str()) {
+                return Err(bad(
+                    format!("profiles[{i}].name"),
+                    format!("duplicate profile {:?}", p.name),
+                ));
+            }
+            if let Some(r) = &p.raid {
+                let n = r.disks.count;
+                if n > 0 {
+                    check_raid_level(&r.level, n)
+                        .map_err(|m| bad(format!("profiles[{i}].raid"), m))?;
+                } else if check_raid_level(&r.level, usize::MAX).is_err() {
+                    return Err(bad(
+                        format!("profiles[{i}].raid.level"),
+                        format!("{:?}: expected raid0, raid1, raid5, raid6 or raid10", r.level),
+                    ));
+                }
+            } else if p.target.is_none() {
+                return Err(bad(
+                    format!("profiles[{i}]"),
+                    "expected `target` (a disk rule) or `raid` (the image goes to the array)"
+                        .into(),
+                ));
+            }
+            for rule in p.target.iter().chain(p.raid.as_ref().map(|r| &r.disks)) {
+                if rule.order != "smallest" && rule.order != "largest" {
+                    return Err(bad(
+                        format!("profiles[{i}] disk rule order"),
+                        format!("{:?}: expected smallest or largest", rule.order),
+                    ));
+                }
+            }
+        }
+        for (i, d) in self.devices.iter().enumerate() {
+            if let Some(pr) = &d.profile {
+                if !pnames.contains(pr.as_str()) {
+                    return Err(bad(
+                        format!("devices[{i}].profile"),
+                        format!("no profile named {pr:?}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_pci_id(s: &str) -> bool {
+    let Some((v, d)) = s.split_once(':') else {
+        return false;
+    };
+    v.len() == 4
+        && d.len() == 4
+        && v.chars().all(|c| c.is_ascii_hexdigit())
+        && d.chars().all(|c| c.is_ascii_hexdigit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub const MINIMAL: &str = r#"
+[appliance]
+control_listen = "198.18.0.1:7100"
+state_dir = "/tmp/rc"
+
+[dataplane]
+bind = "198.18.0.1"
+total_rate = "500M"
+group_base = "239.255.10.1"
+
+[agents]
+x86_64 = "/usr/bin/rackcast-agent"
+
+[[profiles]]
+name = "any"
+image = "img"
+target = { order = "largest", count = 1 }
+"#;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.dataplane.total_rate, 500_000_000);
+        assert_eq!(c.waves.start_after, Duration::from_secs(30));
+        assert_eq!(c.workflow.max_attempts, 3);
+        assert_eq!(c.store_path(), PathBuf::from("/tmp/rc/rackcast.db"));
+        assert_eq!(c.profiles[0].vendor, "*");
+    }
+
+    #[test]
+    fn bad_configs_name_the_key() {
+        let cases = [
+            (MINIMAL.replace("500M", "fast"), "total_rate"),
+            (MINIMAL.replace("239.255.10.1", "198.18.0.9"), "group_base"),
+            (
+                MINIMAL.replace("[agents]", "[waves]\nstart_after = \"soon\"\n[agents]"),
+                "start_after",
+            ),
+            (
+                MINIMAL.replace("[agents]", "[waves]\nmin_member = 2\n[agents]"),
+                "min_member",
+            ),
+            (
+                MINIMAL.replace("target = { order = \"largest\", count = 1 }", ""),
+                "profiles[0]",
+            ),
+            (
+                MINIMAL.replace(
+                    "target = { order = \"largest\", count = 1 }",
+                    "[profiles.raid]\nlevel = \"raid1\"\narray = \"/dev/md/x\"\ndisks = { count = 1 }",
+                ),
+                "raid1 needs at least 2",
+            ),
+            (MINIMAL.replace("control_listen = \"198.18.0.1:7100\"", ""), "control_listen"),
+        ];
+        for (text, want) in cases {
+            let e = parse(&text).expect_err(want).to_string();
+            assert!(e.contains(want), "{want:?} not in {e:?}");
+            assert!(e.starts_with("test.toml"), "{e}");
+        }
+    }
+}

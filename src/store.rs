@@ -1,0 +1,566 @@
+//! The fleet record: devices, hardware inventory, steps, waves, images and
+//! the append-only event log.
+//!
+//! Owns: the [`Store`] trait the controller talks to and its SQLite
+//! implementation (one file, WAL, versioned migrations). A device's new
+//! record, its step rows and its event-log rows are written in one
+//! transaction, so the log and the state never disagree and a restart
+//! resumes every device where it was. Must not: decide anything; the SQL is
+//! kept to portable types (TEXT, BIGINT, JSON in TEXT) so a PostgreSQL
+//! implementation of the same trait can share one fleet record between
+//! appliances.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::bundle::Inventory;
+use crate::workflow::{Device, LogRow, Millis, Step};
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("store: corrupt record for {what}: {why}")]
+    Corrupt { what: String, why: String },
+    #[error("store schema version {found} is newer than this rackcast ({known})")]
+    TooNew { found: i64, known: i64 },
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ImageRecord {
+    pub name: String,
+    pub path: String,
+    pub size: u64,
+    pub hash: String,
+    pub block_size: u32,
+    pub added_at: Millis,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct WaveRecord {
+    pub id: i64,
+    pub image: String,
+    /// `running`, `finished`, `aborted`.
+    pub state: String,
+    pub group: String,
+    pub created_at: Millis,
+    pub ended_at: Option<Millis>,
+    pub members: u32,
+    pub verified: u32,
+    pub failed: u32,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct EventRecord {
+    pub id: i64,
+    pub device: String,
+    #[serde(flatten)]
+    pub row: LogRow,
+}
+
+/// What the controller needs from a fleet record.
+pub trait Store: Send {
+    fn load_devices(&mut self) -> Result<Vec<Device>, StoreError>;
+    /// Write the device record, its steps and `rows` atomically.
+    fn commit(
+        &mut self,
+        dev: &Device,
+        rows: &[LogRow],
+        inventory: Option<&Inventory>,
+    ) -> Result<(), StoreError>;
+    fn inventory(&mut self, device: &str) -> Result<Option<Inventory>, StoreError>;
+    fn events(&mut self, device: &str) -> Result<Vec<EventRecord>, StoreError>;
+    fn event_count(&mut self) -> Result<u64, StoreError>;
+    fn put_image(&mut self, img: &ImageRecord) -> Result<(), StoreError>;
+    fn images(&mut self) -> Result<Vec<ImageRecord>, StoreError>;
+    fn create_wave(&mut self, image: &str, group: &str, now: Millis) -> Result<i64, StoreError>;
+    fn update_wave(&mut self, w: &WaveRecord) -> Result<(), StoreError>;
+    fn waves(&mut self) -> Result<Vec<WaveRecord>, StoreError>;
+    /// Mark waves left `running` by a previous process as aborted.
+    fn abort_running_waves(&mut self, why: &str, now: Millis) -> Result<Vec<i64>, StoreError>;
+}
+
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    "CREATE TABLE devices (
+        id TEXT PRIMARY KEY,
+        mac TEXT NOT NULL,
+        state TEXT NOT NULL,
+        step TEXT NOT NULL,
+        reached TEXT NOT NULL,
+        image TEXT,
+        bundle TEXT,
+        wave BIGINT,
+        record TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL
+    );
+    CREATE TABLE inventory (
+        device_id TEXT PRIMARY KEY REFERENCES devices(id),
+        vendor TEXT NOT NULL,
+        model TEXT NOT NULL,
+        serial TEXT NOT NULL,
+        arch TEXT NOT NULL,
+        report TEXT NOT NULL,
+        updated_at BIGINT NOT NULL
+    );
+    CREATE TABLE steps (
+        device_id TEXT NOT NULL REFERENCES devices(id),
+        step TEXT NOT NULL,
+        status TEXT NOT NULL,
+        started_at BIGINT,
+        ended_at BIGINT,
+        duration_ms BIGINT,
+        detail TEXT NOT NULL,
+        PRIMARY KEY (device_id, step)
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        device_id TEXT NOT NULL REFERENCES devices(id),
+        at BIGINT NOT NULL,
+        step TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        from_state TEXT NOT NULL,
+        to_state TEXT NOT NULL,
+        duration_ms BIGINT,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX events_device ON events(device_id, id);
+    CREATE TABLE images (
+        name TEXT PRIMARY KEY,
+        path TEXT NOT NULL,
+        size BIGINT NOT NULL,
+        hash TEXT NOT NULL,
+        block_size BIGINT NOT NULL,
+        added_at BIGINT NOT NULL
+    );
+    CREATE TABLE waves (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        image TEXT NOT NULL,
+        state TEXT NOT NULL,
+        group_addr TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        ended_at BIGINT,
+        members BIGINT NOT NULL DEFAULT 0,
+        verified BIGINT NOT NULL DEFAULT 0,
+        failed BIGINT NOT NULL DEFAULT 0,
+        detail TEXT NOT NULL DEFAULT ''
+    );",
+)];
+
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let conn = Connection::open(path)?;
+        // WAL: readers (the CLI) never block the appliance; NORMAL sync is
+        // durable across a process kill (only an OS crash can lose the
+        // last transactions, never corrupt the file).
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        let mut s = SqliteStore { conn };
+        s.migrate()?;
+        Ok(s)
+    }
+
+    /// Read-only access for the CLI while the appliance runs.
+    pub fn open_readonly(path: &Path) -> Result<SqliteStore, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        Ok(SqliteStore { conn })
+    }
+
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| {
+                r.get(0)
+            })?)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        self.conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+        )?;
+        let have = self.schema_version()?;
+        let known = MIGRATIONS.last().map_or(0, |m| m.0);
+        if have > known {
+            return Err(StoreError::TooNew { found: have, known });
+        }
+        for (v, sql) in MIGRATIONS.iter().filter(|m| m.0 > have) {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
+                params![v, now_ms()],
+            )?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+}
+
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Millis)
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        what: what.to_string(),
+        why: e.to_string(),
+    }
+}
+
+/// Step-table status for an event kind (None: the row does not change it).
+fn step_status(kind: &str) -> Option<&'static str> {
+    match kind {
+        "started" | "retry" => Some("running"),
+        "ok" => Some("ok"),
+        "skipped" => Some("skipped"),
+        "failed" => Some("failed"),
+        _ => None,
+    }
+}
+
+impl Store for SqliteStore {
+    fn load_devices(&mut self) -> Result<Vec<Device>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, record FROM devices ORDER BY id")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, rec) = row?;
+            out.push(serde_json::from_str(&rec).map_err(|e| corrupt(&id, e))?);
+        }
+        Ok(out)
+    }
+
+    fn commit(
+        &mut self,
+        dev: &Device,
+        rows: &[LogRow],
+        inventory: Option<&Inventory>,
+    ) -> Result<(), StoreError> {
+        let record = serde_json::to_string(dev).map_err(|e| corrupt(&dev.id, e))?;
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO devices (id, mac, state, step, reached, image, bundle, wave, record,
+                                  created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+             ON CONFLICT (id) DO UPDATE SET mac = excluded.mac, state = excluded.state,
+                step = excluded.step, reached = excluded.reached, image = excluded.image,
+                bundle = excluded.bundle, wave = excluded.wave, record = excluded.record,
+                updated_at = excluded.updated_at",
+            params![
+                dev.id,
+                dev.mac,
+                dev.state(),
+                dev.current_step().as_str(),
+                dev.reached.as_str(),
+                dev.image,
+                dev.bundle,
+                dev.wave,
+                record,
+                dev.created,
+                dev.updated
+            ],
+        )?;
+        if let Some(inv) = inventory {
+            let report = serde_json::to_string(inv).map_err(|e| corrupt(&dev.id, e))?;
+            tx.execute(
+                "INSERT INTO inventory (device_id, vendor, model, serial, arch, report, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (device_id) DO UPDATE SET vendor = excluded.vendor,
+                    model = excluded.model, serial = excluded.serial, arch = excluded.arch,
+                    report = excluded.report, updated_at = excluded.updated_at",
+                params![
+                    dev.id,
+                    inv.dmi.vendor,
+                    inv.dmi.model,
+                    inv.dmi.serial,
+                    inv.cpu.arch,
+                    report,
+                    dev.updated
+                ],
+            )?;
+        }
+        for r in rows {
+            tx.execute(
+                "INSERT INTO events (device_id, at, step, kind, from_state, to_state, duration_ms, detail)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    dev.id,
+                    r.at,
+                    r.step.as_str(),
+                    r.kind,
+                    r.from_state,
+                    r.to_state,
+                    r.duration_ms.map(|d| d as i64),
+                    r.detail
+                ],
+            )?;
+            if let Some(status) = step_status(&r.kind) {
+                let started = (status == "running").then_some(r.at);
+                let ended = (status != "running").then_some(r.at);
+                tx.execute(
+                    "INSERT INTO steps (device_id, step, status, started_at, ended_at, duration_ms, detail)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT (device_id, step) DO UPDATE SET status = excluded.status,
+                        started_at = COALESCE(excluded.started_at, steps.started_at),
+                        ended_at = excluded.ended_at, duration_ms = excluded.duration_ms,
+                        detail = excluded.detail",
+                    params![
+                        dev.id,
+                        r.step.as_str(),
+                        status,
+                        started,
+                        ended,
+                        r.duration_ms.map(|d| d as i64),
+                        r.detail
+                    ],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn inventory(&mut self, device: &str) -> Result<Option<Inventory>, StoreError> {
+        let rep: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT report FROM inventory WHERE device_id = ?1",
+                [device],
+                |r| r.get(0),
+            )
+            .optional()?;
+        rep.map(|s| serde_json::from_str(&s).map_err(|e| corrupt(device, e)))
+            .transpose()
+    }
+
+    fn events(&mut self, device: &str) -> Result<Vec<EventRecord>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT id, device_id, at, step, kind, from_state, to_state, duration_ms, detail
+             FROM events WHERE device_id = ?1 ORDER BY id",
+        )?;
+        let rows = st.query_map([device], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+                r.get::<_, Option<i64>>(7)?,
+                r.get::<_, String>(8)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, device, at, step, kind, from_state, to_state, dur, detail) = row?;
+            let step = Step::parse(&step).ok_or_else(|| corrupt(&device, "unknown step"))?;
+            out.push(EventRecord {
+                id,
+                device,
+                row: LogRow {
+                    at,
+                    step,
+                    kind,
+                    from_state,
+                    to_state,
+                    duration_ms: dur.map(|d| d.max(0) as u64),
+                    detail,
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    fn event_count(&mut self) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))?;
+        Ok(n.max(0) as u64)
+    }
+
+    fn put_image(&mut self, img: &ImageRecord) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO images (name, path, size, hash, block_size, added_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (name) DO UPDATE SET path = excluded.path, size = excluded.size,
+                hash = excluded.hash, block_size = excluded.block_size",
+            params![
+                img.name,
+                img.path,
+                img.size as i64,
+                img.hash,
+                img.block_size,
+                img.added_at
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn images(&mut self) -> Result<Vec<ImageRecord>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT name, path, size, hash, block_size, added_at FROM images ORDER BY name",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(ImageRecord {
+                name: r.get(0)?,
+                path: r.get(1)?,
+                size: r.get::<_, i64>(2)?.max(0) as u64,
+                hash: r.get(3)?,
+                block_size: r.get::<_, i64>(4)?.max(0) as u32,
+                added_at: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn create_wave(&mut self, image: &str, group: &str, now: Millis) -> Result<i64, StoreError> {
+        self.conn.execute(
+            "INSERT INTO waves (image, state, group_addr, created_at) VALUES (?1, 'running', ?2, ?3)",
+            params![image, group, now],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    fn update_wave(&mut self, w: &WaveRecord) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE waves SET state = ?2, ended_at = ?3, members = ?4, verified = ?5, failed = ?6,
+                detail = ?7 WHERE id = ?1",
+            params![w.id, w.state, w.ended_at, w.members, w.verified, w.failed, w.detail],
+        )?;
+        Ok(())
+    }
+
+    fn waves(&mut self) -> Result<Vec<WaveRecord>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT id, image, state, group_addr, created_at, ended_at, members, verified, failed,
+                    detail FROM waves ORDER BY id",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(WaveRecord {
+                id: r.get(0)?,
+                image: r.get(1)?,
+                state: r.get(2)?,
+                group: r.get(3)?,
+                created_at: r.get(4)?,
+                ended_at: r.get(5)?,
+                members: r.get::<_, i64>(6)?.max(0) as u32,
+                verified: r.get::<_, i64>(7)?.max(0) as u32,
+                failed: r.get::<_, i64>(8)?.max(0) as u32,
+                detail: r.get(9)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn abort_running_waves(&mut self, why: &str, now: Millis) -> Result<Vec<i64>, StoreError> {
+        let ids: Vec<i64> = {
+            let mut st = self
+                .conn
+                .prepare("SELECT id FROM waves WHERE state = 'running'")?;
+            let rows = st.query_map([], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        self.conn.execute(
+            "UPDATE waves SET state = 'aborted', ended_at = ?1, detail = ?2 WHERE state = 'running'",
+            params![now, why],
+        )?;
+        Ok(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workflow::{self, Event, WorkflowConfig};
+
+    #[test]
+    fn transitions_and_log_rows_commit_together_and_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let mut s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), 1);
+        let cfg = WorkflowConfig::default();
+        let mut d = Device::new("d-1", "02:00:00:00:00:01", 1000);
+        let acts = workflow::on_event(
+            &mut d,
+            &cfg,
+            1000,
+            Event::AgentConnected(workflow::AgentMode::Loader { os_present: false }),
+        );
+        let rows: Vec<LogRow> = acts
+            .iter()
+            .filter_map(|a| match a {
+                workflow::Action::Record(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect();
+        assert!(rows.len() >= 2);
+        s.commit(&d, &rows, None).unwrap();
+        drop(s);
+        // Reopen: migrations are not re-run, the record and log are there.
+        let mut s = SqliteStore::open(&path).unwrap();
+        let devs = s.load_devices().unwrap();
+        assert_eq!(devs, vec![d.clone()]);
+        let ev = s.events("d-1").unwrap();
+        assert_eq!(ev.len(), rows.len());
+        assert_eq!(ev[0].row, rows[0]);
+        assert_eq!(s.event_count().unwrap(), rows.len() as u64);
+        let status: String = s
+            .conn
+            .query_row(
+                "SELECT status FROM steps WHERE device_id = 'd-1' AND step = 'inventoried'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(status, "running");
+        let w = s.create_wave("img", "239.255.10.1:9000", 5).unwrap();
+        assert_eq!(s.abort_running_waves("restart", 6).unwrap(), vec![w]);
+        assert_eq!(s.waves().unwrap()[0].state, "aborted");
+    }
+
+    #[test]
+    fn failed_commit_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        let d = Device::new("d-1", "m", 1);
+        s.commit(&d, &[], None).unwrap();
+        // Break the events table so the second statement of the next
+        // transaction fails: the device update must roll back with it.
+        s.conn.execute_batch("DROP TABLE events").unwrap();
+        let mut d2 = d.clone();
+        d2.reached = Step::Inventoried;
+        let row = LogRow {
+            at: 2,
+            step: Step::Inventoried,
+            kind: "ok".into(),
+            from_state: String::new(),
+            to_state: String::new(),
+            duration_ms: None,
+            detail: String::new(),
+        };
+        assert!(s.commit(&d2, &[row], None).is_err());
+        assert_eq!(s.load_devices().unwrap()[0].reached, Step::Discovered);
+    }
+}

@@ -1,0 +1,875 @@
+//! The per-device workflow: which step a device is on, what the appliance
+//! asks its agent to do next, timeouts, failures and retries.
+//!
+//! Owns: the step order of DESIGN.md, the rules for skipped steps, command
+//! ids (so a result that arrives twice, or late, is applied once), the
+//! event-log rows each transition produces. Must not: touch sockets, the
+//! store, clocks or threads. The controller calls [`on_event`] with the
+//! device's record, an [`Event`] and `now` (unix milliseconds, so records
+//! survive a restart), commits the changed record together with the
+//! returned [`Action::Record`] rows in one store transaction, then carries
+//! out the other actions.
+
+use serde::{Deserialize, Serialize};
+
+use crate::bundle::{Inventory, Plan};
+
+/// Unix time in milliseconds.
+pub type Millis = i64;
+
+/// The steps of an installation, in order. `Discovered` is the power-on
+/// (first DHCP/boot request); a device that already runs an OS enters at
+/// `LoaderBooted` when its agent connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    Discovered,
+    LoaderBooted,
+    Inventoried,
+    AgentDelivered,
+    BiosConfigured,
+    RaidConfigured,
+    ProgramsRun,
+    ReadyForImage,
+    Imaging,
+    ImageVerified,
+    PostInstall,
+    BootToDisk,
+    Done,
+}
+
+impl Step {
+    pub const ALL: [Step; 13] = [
+        Step::Discovered,
+        Step::LoaderBooted,
+        Step::Inventoried,
+        Step::AgentDelivered,
+        Step::BiosConfigured,
+        Step::RaidConfigured,
+        Step::ProgramsRun,
+        Step::ReadyForImage,
+        Step::Imaging,
+        Step::ImageVerified,
+        Step::PostInstall,
+        Step::BootToDisk,
+        Step::Done,
+    ];
+
+    pub fn next(self) -> Option<Step> {
+        let i = Step::ALL.iter().position(|s| *s == self)?;
+        Step::ALL.get(i + 1).copied()
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Discovered => "discovered",
+            Step::LoaderBooted => "loader_booted",
+            Step::Inventoried => "inventoried",
+            Step::AgentDelivered => "agent_delivered",
+            Step::BiosConfigured => "bios_configured",
+            Step::RaidConfigured => "raid_configured",
+            Step::ProgramsRun => "programs_run",
+            Step::ReadyForImage => "ready_for_image",
+            Step::Imaging => "imaging",
+            Step::ImageVerified => "image_verified",
+            Step::PostInstall => "post_install",
+            Step::BootToDisk => "boot_to_disk",
+            Step::Done => "done",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Step> {
+        Step::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How the agent that connected runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentMode {
+    /// The loader: network-booted, or started from an installed OS.
+    Loader { os_present: bool },
+    /// The deployment agent from a bundle (hash), exec'd by the loader.
+    Agent { bundle: String },
+}
+
+/// What the agent must do for the step in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Work {
+    /// Report the hardware inventory.
+    Inventory,
+    /// Download bundle `hash`, verify it, start its agent.
+    FetchBundle { hash: String },
+    /// Run the bundle plan's programs for this step.
+    RunPlan,
+    /// Ask for the image: the barrier; the reply is the image request.
+    RequestImage,
+    /// Receive the image from the wave's data plane and verify it.
+    JoinWave(WaveJoin),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaveJoin {
+    pub wave_id: i64,
+    /// The wave sender's TCP control address (manifest, key, feedback).
+    pub control: std::net::SocketAddr,
+    pub image: String,
+    pub image_hash: String,
+    pub image_size: u64,
+}
+
+/// A command to the device's agent. `cmd_id` makes results idempotent:
+/// only a report carrying the id of the command in progress is applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    pub cmd_id: u64,
+    pub step: Step,
+    pub work: Work,
+}
+
+/// One operation the agent performed for a step (a program run, a
+/// download, a verification): one event-log row each.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpRecord {
+    pub op: String,
+    pub ok: bool,
+    pub exit_code: Option<i32>,
+    pub duration_ms: u64,
+    /// Captured output or detail, bounded by the agent.
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Ok { detail: String },
+    Failed { reason: String },
+}
+
+/// Data a step hands back besides its outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StepData {
+    None,
+    Inventory(Box<Inventory>),
+    /// The whole-image BLAKE3 of what was written, checked by the agent.
+    ImageWritten { hash: String, bytes: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Running {
+    pub step: Step,
+    pub cmd_id: u64,
+    pub started: Millis,
+    pub attempt: u32,
+    pub work: Work,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub step: Step,
+    pub reason: String,
+    pub attempts: u32,
+    /// Automatic retry due at (None: waits for an operator `retry`).
+    pub retry_at: Option<Millis>,
+}
+
+/// The durable record of one device's installation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    pub id: String,
+    pub mac: String,
+    /// Last completed (or skipped) step.
+    pub reached: Step,
+    pub running: Option<Running>,
+    pub failed: Option<Failure>,
+    /// Waiting for a wave (after the barrier).
+    pub queued_for_image: bool,
+    pub image: Option<String>,
+    pub bundle: Option<String>,
+    pub plan: Option<Plan>,
+    pub wave: Option<i64>,
+    pub next_cmd: u64,
+    /// Came in through an installed OS (claim 17) rather than a boot.
+    pub via_os: bool,
+    pub created: Millis,
+    pub updated: Millis,
+}
+
+impl Device {
+    pub fn new(id: &str, mac: &str, now: Millis) -> Device {
+        Device {
+            id: id.to_string(),
+            mac: mac.to_string(),
+            reached: Step::Discovered,
+            running: None,
+            failed: None,
+            queued_for_image: false,
+            image: None,
+            bundle: None,
+            plan: None,
+            wave: None,
+            next_cmd: 1,
+            via_os: false,
+            created: now,
+            updated: now,
+        }
+    }
+
+    /// Short state name for tables and metrics.
+    pub fn state(&self) -> &'static str {
+        if self.failed.is_some() {
+            "failed"
+        } else if self.reached == Step::Done {
+            "done"
+        } else if self.running.is_some() {
+            "running"
+        } else if self.queued_for_image {
+            "waiting_for_wave"
+        } else {
+            "idle"
+        }
+    }
+
+    /// The step the device is on (in progress, failed, or next).
+    pub fn current_step(&self) -> Step {
+        if let Some(r) = &self.running {
+            r.step
+        } else if let Some(f) = &self.failed {
+            f.step
+        } else {
+            self.reached
+        }
+    }
+}
+
+/// Per-step limits.
+#[derive(Debug, Clone)]
+pub struct WorkflowConfig {
+    /// Timeout of any step but imaging.
+    pub step_timeout_ms: Millis,
+    pub imaging_timeout_ms: Millis,
+    /// Attempts per step before waiting for an operator.
+    pub max_attempts: u32,
+    /// Delay before an automatic retry (doubles per attempt).
+    pub retry_backoff_ms: Millis,
+}
+
+impl Default for WorkflowConfig {
+    fn default() -> Self {
+        WorkflowConfig {
+            step_timeout_ms: 10 * 60_000,
+            imaging_timeout_ms: 60 * 60_000,
+            max_attempts: 3,
+            retry_backoff_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The device asked to boot (DHCP/PXE): the power-on trigger.
+    BootSeen,
+    AgentConnected(AgentMode),
+    AgentDisconnected,
+    /// The agent's result for command `cmd_id`.
+    Report {
+        cmd_id: u64,
+        outcome: Outcome,
+        data: StepData,
+        ops: Vec<OpRecord>,
+    },
+    /// The controller generated the device's bundle.
+    BundleBuilt {
+        hash: String,
+        plan: Box<Plan>,
+    },
+    BundleFailed(String),
+    /// The wave scheduler put the device into a wave.
+    WaveAssigned(WaveJoin),
+    /// The device's wave ended without the device verified.
+    WaveLost(String),
+    Tick,
+    /// Operator: retry the failed step now.
+    Retry,
+}
+
+/// One event-log row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRow {
+    pub at: Millis,
+    pub step: Step,
+    /// `started`, `ok`, `skipped`, `failed`, `op`, `info`, ...
+    pub kind: String,
+    pub from_state: String,
+    pub to_state: String,
+    pub duration_ms: Option<u64>,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Append to the device's event log (same transaction as the record).
+    Record(LogRow),
+    /// Send to the agent if it is connected.
+    Send(Command),
+    /// Store the hardware report (same transaction).
+    StoreInventory(Box<Inventory>),
+    /// Generate the device's bundle; answer with `BundleBuilt`/`BundleFailed`.
+    BuildBundle,
+    /// Put the device in the queue of its image's wave.
+    RequestWave { image: String },
+    /// Take the device out of any wave queue or wave.
+    LeaveWave,
+    /// A step finished: for the step-duration histogram.
+    StepFinished {
+        step: Step,
+        ok: bool,
+        duration_ms: u64,
+    },
+}
+
+/// Apply `ev` to `dev` at `now`. The caller commits `dev` and the
+/// `Record` actions atomically, then performs the rest.
+pub fn on_event(dev: &mut Device, cfg: &WorkflowConfig, now: Millis, ev: Event) -> Vec<Action> {
+    let mut fx = Fx {
+        dev,
+        cfg,
+        now,
+        out: Vec::new(),
+    };
+    fx.handle(ev);
+    fx.dev.updated = now;
+    fx.out
+}
+
+struct Fx<'a> {
+    dev: &'a mut Device,
+    cfg: &'a WorkflowConfig,
+    now: Millis,
+    out: Vec<Action>,
+}
+
+impl Fx<'_> {
+    fn state_label(&self) -> String {
+        format!("{}:{}", self.dev.state(), self.dev.current_step())
+    }
+
+    fn log(&mut self, step: Step, kind: &str, duration_ms: Option<u64>, detail: String) {
+        self.log_transition(step, kind, self.state_label(), duration_ms, detail);
+    }
+
+    fn log_transition(
+        &mut self,
+        step: Step,
+        kind: &str,
+        from: String,
+        duration_ms: Option<u64>,
+        detail: String,
+    ) {
+        let to = self.state_label();
+        self.out.push(Action::Record(LogRow {
+            at: self.now,
+            step,
+            kind: kind.to_string(),
+            from_state: from,
+            to_state: to,
+            duration_ms,
+            detail,
+        }));
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::BootSeen => self.on_boot(),
+            Event::AgentConnected(mode) => self.on_connected(mode),
+            Event::AgentDisconnected => {
+                // Running steps keep running on the device; their timeout
+                // covers a device that never comes back.
+            }
+            Event::Report {
+                cmd_id,
+                outcome,
+                data,
+                ops,
+            } => self.on_report(cmd_id, outcome, data, ops),
+            Event::BundleBuilt { hash, plan } => self.on_bundle(hash, *plan),
+            Event::BundleFailed(why) => {
+                if self.dev.reached == Step::Inventoried && self.dev.running.is_none() {
+                    self.fail_step(Step::AgentDelivered, format!("bundle generation: {why}"));
+                }
+            }
+            Event::WaveAssigned(join) => self.on_wave(join),
+            Event::WaveLost(why) => {
+                if let Some(r) = &self.dev.running {
+                    if r.step == Step::Imaging {
+                        self.dev.wave = None;
+                        self.fail_running(format!("wave lost: {why}"));
+                    }
+                }
+            }
+            Event::Tick => self.on_tick(),
+            Event::Retry => {
+                if let Some(f) = self.dev.failed.clone() {
+                    let from = self.state_label();
+                    self.dev.failed = None;
+                    self.log_transition(
+                        f.step,
+                        "retry",
+                        from,
+                        None,
+                        format!("operator retry after: {}", f.reason),
+                    );
+                    self.start_step(f.step, f.attempts + 1);
+                }
+            }
+        }
+    }
+
+    fn on_boot(&mut self) {
+        if self.dev.reached == Step::Discovered && self.dev.running.is_none() {
+            self.log(Step::Discovered, "ok", None, "power-on: boot request seen".into());
+        }
+    }
+
+    fn on_connected(&mut self, mode: AgentMode) {
+        match mode {
+            AgentMode::Loader { os_present } => {
+                if self.dev.reached == Step::Done {
+                    // A finished device whose loader runs again was asked
+                    // to be re-imaged (booted into the loader on purpose).
+                    let from = self.state_label();
+                    *self.dev = Device {
+                        created: self.dev.created,
+                        next_cmd: self.dev.next_cmd,
+                        ..Device::new(&self.dev.id, &self.dev.mac, self.now)
+                    };
+                    self.log_transition(
+                        Step::Discovered,
+                        "info",
+                        from,
+                        None,
+                        "loader started on a finished device: reinstall".into(),
+                    );
+                }
+                if self.dev.reached < Step::LoaderBooted {
+                    let from = self.state_label();
+                    self.dev.via_os = os_present;
+                    self.dev.reached = Step::LoaderBooted;
+                    let how = if os_present {
+                        "loader started from the installed OS"
+                    } else {
+                        "loader network-booted"
+                    };
+                    self.log_transition(Step::LoaderBooted, "ok", from, None, how.into());
+                    self.advance();
+                    return;
+                }
+                // A loader while the device is past the bundle: it rebooted
+                // (a BIOS reset does that). Hand it its bundle again; the
+                // workflow continues where it stands.
+                if self.dev.reached >= Step::AgentDelivered && self.dev.running.is_none() {
+                    if let Some(hash) = self.dev.bundle.clone() {
+                        let cmd = Command {
+                            cmd_id: self.take_cmd(),
+                            step: Step::AgentDelivered,
+                            work: Work::FetchBundle { hash },
+                        };
+                        self.log(
+                            Step::AgentDelivered,
+                            "info",
+                            None,
+                            "loader rebooted: bundle delivered again".into(),
+                        );
+                        self.out.push(Action::Send(cmd));
+                        return;
+                    }
+                }
+                self.resend_or_advance();
+            }
+            AgentMode::Agent { bundle } => {
+                if self.dev.bundle.as_deref() != Some(bundle.as_str())
+                    && self.dev.reached >= Step::AgentDelivered
+                {
+                    let cmd = Command {
+                        cmd_id: self.take_cmd(),
+                        step: Step::AgentDelivered,
+                        work: Work::FetchBundle {
+                            hash: self.dev.bundle.clone().unwrap_or_default(),
+                        },
+                    };
+                    self.log(
+                        Step::AgentDelivered,
+                        "info",
+                        None,
+                        format!("agent runs bundle {bundle}, not the device's: delivered again"),
+                    );
+                    self.out.push(Action::Send(cmd));
+                    return;
+                }
+                self.resend_or_advance();
+            }
+        }
+    }
+
+    /// On (re)connection: repeat the command in progress (same id, so a
+    /// result the agent already has is applied once), or go on.
+    fn resend_or_advance(&mut self) {
+        if let Some(r) = &self.dev.running {
+            self.out.push(Action::Send(Command {
+                cmd_id: r.cmd_id,
+                step: r.step,
+                work: r.work.clone(),
+            }));
+        } else if self.dev.failed.is_none() && !self.dev.queued_for_image {
+            self.advance();
+        }
+    }
+
+    fn take_cmd(&mut self) -> u64 {
+        let id = self.dev.next_cmd;
+        self.dev.next_cmd += 1;
+        id
+    }
+
+    /// Start whatever comes after `reached`, skipping steps the plan does
+    /// not need (recorded as skipped).
+    fn advance(&mut self) {
+        while let Some(step) = self.dev.reached.next() {
+            if let Some(why) = self.skip_reason(step) {
+                let from = self.state_label();
+                self.dev.reached = step;
+                self.log_transition(step, "skipped", from, None, why);
+                continue;
+            }
+            if step == Step::Done {
+                let from = self.state_label();
+                self.dev.reached = Step::Done;
+                self.log_transition(step, "ok", from, None, "installation complete".into());
+                return;
+            }
+            self.start_step(step, 1);
+            return;
+        }
+    }
+
+    fn skip_reason(&self, step: Step) -> Option<String> {
+        let plan = self.dev.plan.as_ref()?;
+        match step {
+            Step::BiosConfigured if plan.bios.is_none() => {
+                Some("profile sets no BIOS parameters".into())
+            }
+            Step::RaidConfigured if plan.raid.is_none() => Some("profile declares no RAID".into()),
+            Step::ProgramsRun if plan.programs.is_empty() => {
+                Some("profile has no configuration programs".into())
+            }
+            Step::PostInstall if plan.post_install.is_empty() => {
+                Some("profile has no post-install programs".into())
+            }
+            Step::BootToDisk if plan.boot_to_disk.is_none() => {
+                Some("profile has no boot-to-disk program".into())
+            }
+            _ => None,
+        }
+    }
+
+    fn start_step(&mut self, step: Step, attempt: u32) {
+        let work = match step {
+            Step::Discovered | Step::LoaderBooted => {
+                // Only the loader itself can do these: wait for it.
+                return;
+            }
+            Step::Inventoried => Work::Inventory,
+            Step::AgentDelivered => match self.dev.bundle.clone() {
+                Some(hash) if self.dev.plan.is_some() => Work::FetchBundle { hash },
+                _ => {
+                    // The bundle is built first; BundleBuilt resumes here.
+                    self.out.push(Action::BuildBundle);
+                    return;
+                }
+            },
+            Step::BiosConfigured
+            | Step::RaidConfigured
+            | Step::ProgramsRun
+            | Step::PostInstall
+            | Step::BootToDisk => Work::RunPlan,
+            Step::ReadyForImage => Work::RequestImage,
+            Step::Imaging => {
+                // Joins happen when the scheduler assigns a wave.
+                if let Some(image) = self.dev.image.clone() {
+                    self.dev.queued_for_image = true;
+                    self.out.push(Action::RequestWave { image });
+                }
+                return;
+            }
+            Step::ImageVerified | Step::Done => {
+                // Decided here, not on the device.
+                return;
+            }
+        };
+        let cmd_id = self.take_cmd();
+        let from = self.state_label();
+        self.dev.running = Some(Running {
+            step,
+            cmd_id,
+            started: self.now,
+            attempt,
+            work: work.clone(),
+        });
+        self.log_transition(
+            step,
+            "started",
+            from,
+            None,
+            if attempt > 1 {
+                format!("attempt {attempt}")
+            } else {
+                String::new()
+            },
+        );
+        self.out.push(Action::Send(Command { cmd_id, step, work }));
+    }
+
+    fn on_bundle(&mut self, hash: String, plan: Plan) {
+        if self.dev.reached != Step::Inventoried || self.dev.running.is_some() {
+            return;
+        }
+        self.dev.image = Some(plan.image.name.clone());
+        self.dev.bundle = Some(hash.clone());
+        self.dev.plan = Some(plan);
+        self.log(
+            Step::AgentDelivered,
+            "info",
+            None,
+            format!("bundle {hash} generated for this hardware"),
+        );
+        let attempt = self.dev.failed.take().map_or(1, |f| f.attempts + 1);
+        self.start_step(Step::AgentDelivered, attempt);
+    }
+
+    fn on_wave(&mut self, join: WaveJoin) {
+        if !self.dev.queued_for_image || self.dev.running.is_some() {
+            return;
+        }
+        self.dev.queued_for_image = false;
+        self.dev.wave = Some(join.wave_id);
+        let attempt = self.dev.failed.take().map_or(1, |f| f.attempts + 1);
+        let cmd_id = self.take_cmd();
+        let from = self.state_label();
+        let work = Work::JoinWave(join.clone());
+        self.dev.running = Some(Running {
+            step: Step::Imaging,
+            cmd_id,
+            started: self.now,
+            attempt,
+            work: work.clone(),
+        });
+        self.log_transition(
+            Step::Imaging,
+            "started",
+            from,
+            None,
+            format!("wave {} (image {})", join.wave_id, join.image),
+        );
+        self.out.push(Action::Send(Command {
+            cmd_id,
+            step: Step::Imaging,
+            work,
+        }));
+    }
+
+    fn on_report(&mut self, cmd_id: u64, outcome: Outcome, data: StepData, ops: Vec<OpRecord>) {
+        let Some(run) = self.dev.running.clone() else {
+            return; // late or duplicate: already applied
+        };
+        if run.cmd_id != cmd_id {
+            return;
+        }
+        for op in &ops {
+            self.log(
+                run.step,
+                "op",
+                Some(op.duration_ms),
+                format!(
+                    "{} {}{}{}",
+                    op.op,
+                    if op.ok { "ok" } else { "FAILED" },
+                    op.exit_code.map(|c| format!(" (exit {c})")).unwrap_or_default(),
+                    if op.detail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", op.detail)
+                    }
+                ),
+            );
+        }
+        let took = u64::try_from(self.now - run.started).unwrap_or(0);
+        match outcome {
+            Outcome::Failed { reason } => {
+                self.out.push(Action::StepFinished {
+                    step: run.step,
+                    ok: false,
+                    duration_ms: took,
+                });
+                if run.step == Step::Imaging {
+                    self.out.push(Action::LeaveWave);
+                    self.dev.wave = None;
+                }
+                self.fail_running(reason);
+            }
+            Outcome::Ok { detail } => {
+                if let Err(why) = self.check_data(run.step, &data) {
+                    self.out.push(Action::StepFinished {
+                        step: run.step,
+                        ok: false,
+                        duration_ms: took,
+                    });
+                    self.fail_running(why);
+                    return;
+                }
+                let hash = match data {
+                    StepData::Inventory(inv) => {
+                        self.out.push(Action::StoreInventory(inv));
+                        String::new()
+                    }
+                    StepData::ImageWritten { hash, .. } => hash,
+                    StepData::None => String::new(),
+                };
+                let from = self.state_label();
+                self.dev.running = None;
+                self.dev.reached = run.step;
+                self.out.push(Action::StepFinished {
+                    step: run.step,
+                    ok: true,
+                    duration_ms: took,
+                });
+                self.log_transition(run.step, "ok", from, Some(took), detail);
+                if run.step == Step::Imaging {
+                    self.out.push(Action::LeaveWave);
+                    let from = self.state_label();
+                    self.dev.reached = Step::ImageVerified;
+                    self.log_transition(
+                        Step::ImageVerified,
+                        "ok",
+                        from,
+                        Some(0),
+                        format!("whole-image BLAKE3 {hash} matches the image manifest"),
+                    );
+                }
+                self.advance();
+            }
+        }
+    }
+
+    /// Checks of what a step returned that the appliance can do itself.
+    fn check_data(&self, step: Step, data: &StepData) -> Result<(), String> {
+        match (step, data) {
+            (Step::Inventoried, StepData::Inventory(_)) => Ok(()),
+            (Step::Inventoried, _) => Err("inventory step returned no inventory".into()),
+            (Step::Imaging, StepData::ImageWritten { hash, .. }) => {
+                let want = self
+                    .dev
+                    .running
+                    .as_ref()
+                    .and_then(|r| match &r.work {
+                        Work::JoinWave(j) => Some(j.image_hash.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                if *hash == want && !want.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "agent reports image hash {hash}, the manifest says {want}"
+                    ))
+                }
+            }
+            (Step::Imaging, _) => Err("imaging step returned no image hash".into()),
+            _ => Ok(()),
+        }
+    }
+
+    fn fail_running(&mut self, reason: String) {
+        let Some(run) = self.dev.running.take() else {
+            return;
+        };
+        self.fail_with(run.step, reason, run.attempt, Some(run.started));
+    }
+
+    fn fail_step(&mut self, step: Step, reason: String) {
+        let attempts = self.dev.failed.as_ref().map_or(1, |f| f.attempts + 1);
+        self.fail_with(step, reason, attempts, None);
+    }
+
+    fn fail_with(&mut self, step: Step, reason: String, attempts: u32, started: Option<Millis>) {
+        let from = format!("running:{step}");
+        let retry_at = (attempts < self.cfg.max_attempts).then(|| {
+            let factor = 1i64 << (attempts.saturating_sub(1)).min(6);
+            self.now + self.cfg.retry_backoff_ms * factor
+        });
+        self.dev.failed = Some(Failure {
+            step,
+            reason: reason.clone(),
+            attempts,
+            retry_at,
+        });
+        let took = started.map(|s| u64::try_from(self.now - s).unwrap_or(0));
+        let detail = match retry_at {
+            Some(at) => format!(
+                "{reason} (attempt {attempts} of {}; retry in {} s)",
+                self.cfg.max_attempts,
+                (at - self.now) / 1000
+            ),
+            None => format!("{reason} (attempt {attempts}; waiting for `rackcast retry`)"),
+        };
+        self.log_transition(step, "failed", from, took, detail);
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(run) = &self.dev.running {
+            let limit = if run.step == Step::Imaging {
+                self.cfg.imaging_timeout_ms
+            } else {
+                self.cfg.step_timeout_ms
+            };
+            if self.now - run.started >= limit {
+                let step = run.step;
+                if step == Step::Imaging {
+                    self.out.push(Action::LeaveWave);
+                    self.dev.wave = None;
+                }
+                self.fail_running(format!("{step} timed out after {} s", limit / 1000));
+            }
+            return;
+        }
+        if let Some(f) = self.dev.failed.clone() {
+            if f.retry_at.is_some_and(|at| self.now >= at) {
+                let from = self.state_label();
+                self.dev.failed = None;
+                self.log_transition(
+                    f.step,
+                    "retry",
+                    from,
+                    None,
+                    format!("automatic retry {} after: {}", f.attempts + 1, f.reason),
+                );
+                if f.step == Step::AgentDelivered && self.dev.bundle.is_none() {
+                    // Rebuild first; `on_bundle` starts the next attempt.
+                    self.dev.failed = Some(Failure {
+                        retry_at: None,
+                        ..f
+                    });
+                    self.out.push(Action::BuildBundle);
+                    return;
+                }
+                self.start_step(f.step, f.attempts + 1);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

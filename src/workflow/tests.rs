@@ -1,0 +1,379 @@
+//! Workflow core tests: no sockets, no sleeps, time is a number.
+
+use super::*;
+use crate::bundle::{BiosPlan, ImagePlan, Inventory, Plan, Program};
+
+const IMG_HASH: &str = "abc123";
+
+fn plan(full: bool) -> Plan {
+    let prog = |n: &str| Program {
+        name: n.into(),
+        argv: vec!["true".into()],
+        timeout_s: 5,
+        env: Default::default(),
+    };
+    Plan {
+        profile: "p".into(),
+        bios: full.then(|| BiosPlan {
+            attributes: [("BootMode".to_string(), "Uefi".to_string())].into(),
+            program: Some(prog("bios")),
+        }),
+        raid: None,
+        programs: if full { vec![prog("cfg")] } else { vec![] },
+        image: ImagePlan {
+            name: "img".into(),
+            hash: IMG_HASH.into(),
+            size: 10,
+            target: "/dev/sda".into(),
+        },
+        post_install: vec![],
+        boot_to_disk: full.then(|| prog("efiboot")),
+    }
+}
+
+struct Sim {
+    dev: Device,
+    cfg: WorkflowConfig,
+    now: Millis,
+    rows: Vec<LogRow>,
+    sent: Vec<Command>,
+    other: Vec<Action>,
+}
+
+impl Sim {
+    fn new() -> Sim {
+        Sim {
+            dev: Device::new("d-1", "02:00:00:00:00:01", 0),
+            cfg: WorkflowConfig {
+                step_timeout_ms: 10_000,
+                imaging_timeout_ms: 100_000,
+                max_attempts: 2,
+                retry_backoff_ms: 1_000,
+            },
+            now: 0,
+            rows: vec![],
+            sent: vec![],
+            other: vec![],
+        }
+    }
+
+    fn ev(&mut self, e: Event) -> Vec<Action> {
+        let acts = on_event(&mut self.dev, &self.cfg, self.now, e);
+        for a in &acts {
+            match a {
+                Action::Record(r) => self.rows.push(r.clone()),
+                Action::Send(c) => self.sent.push(c.clone()),
+                o => self.other.push(o.clone()),
+            }
+        }
+        acts
+    }
+
+    fn last_cmd(&self) -> Command {
+        self.sent.last().cloned().expect("a command was sent")
+    }
+
+    fn ok(&mut self, data: StepData) {
+        let c = self.last_cmd();
+        self.now += 100;
+        self.ev(Event::Report {
+            cmd_id: c.cmd_id,
+            outcome: Outcome::Ok {
+                detail: format!("{} done", c.step),
+            },
+            data,
+            ops: vec![],
+        });
+    }
+
+    fn fail(&mut self, why: &str) {
+        let c = self.last_cmd();
+        self.now += 100;
+        self.ev(Event::Report {
+            cmd_id: c.cmd_id,
+            outcome: Outcome::Failed { reason: why.into() },
+            data: StepData::None,
+            ops: vec![],
+        });
+    }
+
+    /// Loader connects, reports inventory, gets its bundle.
+    fn to_agent_delivered(&mut self, plan: Plan) {
+        self.ev(Event::AgentConnected(AgentMode::Loader { os_present: false }));
+        assert_eq!(self.last_cmd().work, Work::Inventory);
+        self.ok(StepData::Inventory(Box::new(Inventory::default())));
+        assert!(self.other.contains(&Action::BuildBundle));
+        self.ev(Event::BundleBuilt {
+            hash: "b1".into(),
+            plan: Box::new(plan),
+        });
+        assert_eq!(
+            self.last_cmd().work,
+            Work::FetchBundle { hash: "b1".into() }
+        );
+        self.ok(StepData::None);
+        assert!(self.dev.reached >= Step::AgentDelivered);
+        self.ev(Event::AgentConnected(AgentMode::Agent {
+            bundle: "b1".into(),
+        }));
+    }
+
+    fn join(&self) -> WaveJoin {
+        WaveJoin {
+            wave_id: 7,
+            control: "198.18.0.1:40000".parse().unwrap(),
+            image: "img".into(),
+            image_hash: IMG_HASH.into(),
+            image_size: 10,
+        }
+    }
+
+    fn steps_logged(&self, kind: &str) -> Vec<Step> {
+        self.rows
+            .iter()
+            .filter(|r| r.kind == kind)
+            .map(|r| r.step)
+            .collect()
+    }
+}
+
+#[test]
+fn every_step_in_order_to_done() {
+    let mut s = Sim::new();
+    s.to_agent_delivered(plan(true));
+    // bios -> (raid skipped) -> programs -> ready_for_image
+    assert_eq!(s.last_cmd().step, Step::BiosConfigured);
+    s.ok(StepData::None);
+    assert_eq!(s.last_cmd().step, Step::ProgramsRun);
+    s.ok(StepData::None);
+    assert_eq!(s.last_cmd().work, Work::RequestImage);
+    s.ok(StepData::None);
+    assert!(s.dev.queued_for_image);
+    assert!(s
+        .other
+        .contains(&Action::RequestWave { image: "img".into() }));
+    s.ev(Event::WaveAssigned(s.join()));
+    assert_eq!(s.last_cmd().work, Work::JoinWave(s.join()));
+    assert_eq!(s.dev.wave, Some(7));
+    s.ok(StepData::ImageWritten {
+        hash: IMG_HASH.into(),
+        bytes: 10,
+    });
+    assert_eq!(s.dev.reached, Step::PostInstall);
+    // post_install skipped, boot_to_disk runs
+    assert_eq!(s.last_cmd().step, Step::BootToDisk);
+    s.ok(StepData::None);
+    assert_eq!(s.dev.reached, Step::Done);
+    assert_eq!(s.dev.state(), "done");
+    assert_eq!(
+        s.steps_logged("ok"),
+        vec![
+            Step::LoaderBooted,
+            Step::Inventoried,
+            Step::AgentDelivered,
+            Step::BiosConfigured,
+            Step::ProgramsRun,
+            Step::ReadyForImage,
+            Step::Imaging,
+            Step::ImageVerified,
+            Step::BootToDisk,
+            Step::Done
+        ]
+    );
+    assert_eq!(
+        s.steps_logged("skipped"),
+        vec![Step::RaidConfigured, Step::PostInstall]
+    );
+    // Every finished step has a duration.
+    assert!(s
+        .rows
+        .iter()
+        .filter(|r| r.kind == "ok" && r.step != Step::LoaderBooted && r.step != Step::Done)
+        .all(|r| r.duration_ms.is_some()));
+}
+
+#[test]
+fn plan_without_programs_records_skips() {
+    let mut s = Sim::new();
+    s.to_agent_delivered(plan(false));
+    assert_eq!(s.last_cmd().work, Work::RequestImage);
+    assert_eq!(
+        s.steps_logged("skipped"),
+        vec![Step::BiosConfigured, Step::RaidConfigured, Step::ProgramsRun]
+    );
+    assert!(s
+        .rows
+        .iter()
+        .any(|r| r.kind == "skipped" && r.detail.contains("no BIOS")));
+}
+
+#[test]
+fn failure_retries_automatically_then_waits_for_operator() {
+    let mut s = Sim::new();
+    s.to_agent_delivered(plan(true));
+    let first = s.last_cmd();
+    s.fail("BMC refused BootMode");
+    let f = s.dev.failed.clone().unwrap();
+    assert_eq!((f.step, f.attempts), (Step::BiosConfigured, 1));
+    assert_eq!(s.dev.state(), "failed");
+    assert!(f.reason.contains("BootMode"));
+    // Not before the backoff.
+    s.now += 500;
+    let n = s.sent.len();
+    s.ev(Event::Tick);
+    assert_eq!(s.sent.len(), n);
+    s.now += 600;
+    s.ev(Event::Tick);
+    let again = s.last_cmd();
+    assert_eq!(again.step, Step::BiosConfigured);
+    assert_ne!(again.cmd_id, first.cmd_id);
+    assert_eq!(s.dev.running.as_ref().unwrap().attempt, 2);
+    // Second failure reaches max_attempts: no automatic retry.
+    s.fail("still refused");
+    assert_eq!(s.dev.failed.as_ref().unwrap().retry_at, None);
+    s.now += 1_000_000;
+    let n = s.sent.len();
+    s.ev(Event::Tick);
+    assert_eq!(s.sent.len(), n);
+    // Operator retry restarts the failed step, and it can succeed.
+    s.ev(Event::Retry);
+    assert_eq!(s.last_cmd().step, Step::BiosConfigured);
+    s.ok(StepData::None);
+    assert_eq!(s.last_cmd().step, Step::ProgramsRun);
+    assert_eq!(s.steps_logged("failed"), vec![Step::BiosConfigured; 2]);
+}
+
+#[test]
+fn steps_time_out() {
+    let mut s = Sim::new();
+    s.to_agent_delivered(plan(true));
+    s.now += 9_999;
+    s.ev(Event::Tick);
+    assert!(s.dev.running.is_some());
+    s.now += 1;
+    s.ev(Event::Tick);
+    let f = s.dev.failed.clone().unwrap();
+    assert!(f.reason.contains("timed out"), "{}", f.reason);
+    // A report for the timed-out command arriving late changes nothing.
+    let rows = s.rows.len();
+    s.ev(Event::Report {
+        cmd_id: 4,
+        outcome: Outcome::Ok { detail: "late".into() },
+        data: StepData::None,
+        ops: vec![],
+    });
+    assert_eq!(s.rows.len(), rows);
+    assert!(s.dev.failed.is_some());
+}
+
+#[test]
+fn duplicate_and_stale_reports_apply_once() {
+    let mut s = Sim::new();
+    s.to_agent_delivered(plan(true));
+    let c = s.last_cmd();
+    let report = Event::Report {
+        cmd_id: c.cmd_id,
+        outcome: Outcome::Ok { detail: "x".into() },
+        data: StepData::None,
+        ops: vec![OpRecord {
+            op: "bios".into(),
+            ok: true,
+            exit_code: Some(0),
+            duration_ms: 5,
+            detail: "out".into(),
+        }],
+    };
+    s.ev(report.clone());
+    let rows = s.rows.len();
+    let reached = s.dev.reached;
+    s.ev(report);
+    assert_eq!(s.rows.len(), rows);
+    assert_eq!(s.dev.reached, reached);
+    assert_eq!(
+        s.rows.iter().filter(|r| r.kind == "op").count(),
+        1,
+        "op rows logged once"
+    );
+}
+
+#[test]
+fn reconnect_resends_the_running_command_with_its_id() {
+    let mut s = Sim::new();
+    s.to_agent_delivered(plan(true));
+    let c = s.last_cmd();
+    s.ev(Event::AgentDisconnected);
+    s.ev(Event::AgentConnected(AgentMode::Agent {
+        bundle: "b1".into(),
+    }));
+    assert_eq!(s.last_cmd(), c);
+    // A loader (device rebooted by the BIOS step) gets its bundle again,
+    // without a new step.
+    s.ok(StepData::None);
+    let reached = s.dev.reached;
+    s.ev(Event::AgentDisconnected);
+    let running = s.dev.running.clone();
+    s.ev(Event::AgentConnected(AgentMode::Loader { os_present: false }));
+    if running.is_none() {
+        assert!(matches!(s.last_cmd().work, Work::FetchBundle { .. }));
+    }
+    assert_eq!(s.dev.reached, reached);
+}
+
+#[test]
+fn wrong_image_hash_is_never_verified() {
+    let mut s = Sim::new();
+    s.to_agent_delivered(plan(false));
+    s.ok(StepData::None);
+    s.ev(Event::WaveAssigned(s.join()));
+    s.ok(StepData::ImageWritten {
+        hash: "not-it".into(),
+        bytes: 10,
+    });
+    assert_eq!(s.dev.reached, Step::ReadyForImage);
+    let f = s.dev.failed.clone().unwrap();
+    assert_eq!(f.step, Step::Imaging);
+    assert!(f.reason.contains("manifest"));
+    assert!(!s.steps_logged("ok").contains(&Step::ImageVerified));
+    // Retry re-queues the device for a wave.
+    s.now += 10_000;
+    s.ev(Event::Tick);
+    assert!(s.dev.queued_for_image);
+}
+
+#[test]
+fn wave_lost_fails_imaging_and_requeues_later() {
+    let mut s = Sim::new();
+    s.to_agent_delivered(plan(false));
+    s.ok(StepData::None);
+    s.ev(Event::WaveAssigned(s.join()));
+    s.ev(Event::WaveLost("member timed out".into()));
+    assert_eq!(s.dev.failed.as_ref().unwrap().step, Step::Imaging);
+    assert_eq!(s.dev.wave, None);
+}
+
+#[test]
+fn device_with_an_os_enters_at_the_loader_step() {
+    let mut s = Sim::new();
+    s.ev(Event::AgentConnected(AgentMode::Loader { os_present: true }));
+    assert!(s.dev.via_os);
+    assert_eq!(s.dev.reached, Step::LoaderBooted);
+    assert!(s.rows.iter().any(|r| r.detail.contains("installed OS")));
+}
+
+#[test]
+fn bundle_failure_is_a_step_failure_and_retries_the_build() {
+    let mut s = Sim::new();
+    s.ev(Event::AgentConnected(AgentMode::Loader { os_present: false }));
+    s.ok(StepData::Inventory(Box::default()));
+    s.ev(Event::BundleFailed("no profile".into()));
+    assert_eq!(s.dev.failed.as_ref().unwrap().step, Step::AgentDelivered);
+    s.other.clear();
+    s.now += 2_000;
+    s.ev(Event::Tick);
+    assert!(s.other.contains(&Action::BuildBundle));
+    s.ev(Event::BundleBuilt {
+        hash: "b1".into(),
+        plan: Box::new(plan(false)),
+    });
+    assert_eq!(s.dev.running.as_ref().unwrap().attempt, 2);
+}
