@@ -8,6 +8,7 @@
 
 pub mod bundle;
 pub mod config;
+pub mod conn;
 pub mod dataplane;
 pub mod fec;
 pub mod manifest;

@@ -104,6 +104,15 @@ impl RateController {
         self.current
     }
 
+    /// New ceiling (waves sharing a total rate are re-split when one starts
+    /// or ends): the current rate drops to it at once and climbs to it as
+    /// usual.
+    pub fn set_max_rate(&mut self, max_rate: u64) {
+        self.max_rate = max_rate.max(1);
+        self.min_rate = self.min_rate.min(self.max_rate);
+        self.current = self.current.min(self.max_rate);
+    }
+
     /// Feed the worst receiver loss fraction of the last interval; returns
     /// the new rate.
     pub fn on_interval(&mut self, worst_loss: f64) -> u64 {
@@ -113,6 +122,26 @@ impl RateController {
             self.current = (self.current + self.max_rate / 20).min(self.max_rate);
         }
         self.current
+    }
+}
+
+#[cfg(test)]
+mod rate_ceiling_tests {
+    use super::*;
+
+    #[test]
+    fn ceiling_applies_at_once_and_rate_climbs_back_to_it() {
+        let mut r = RateController::new(1_000_000_000, 10_000_000, 0.25);
+        r.set_max_rate(400_000_000);
+        assert_eq!(r.current(), 400_000_000);
+        assert_eq!(r.on_interval(0.5), 340_000_000);
+        for _ in 0..10 {
+            r.on_interval(0.0);
+        }
+        assert_eq!(r.current(), 400_000_000);
+        r.set_max_rate(800_000_000);
+        assert_eq!(r.current(), 400_000_000);
+        assert_eq!(r.on_interval(0.0), 440_000_000);
     }
 }
 

@@ -4,7 +4,6 @@
 //! out); `send` and `receive` are their thread/tokio drivers; `net` holds
 //! the socket calls and `conn` the control-connection framing.
 
-pub mod conn;
 pub mod net;
 pub mod receive;
 pub mod receiver;

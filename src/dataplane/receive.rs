@@ -25,7 +25,7 @@ use thiserror::Error;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::dataplane::conn::{Conn, ConnError};
+use crate::conn::{Conn, ConnError};
 use crate::dataplane::net::{self, RecvBatch};
 use crate::dataplane::receiver::{decode_block, Counters, DecodeJob, DecodeOutcome, ReceiverCore};
 use crate::fec::BlockAssembly;
@@ -427,7 +427,7 @@ pub async fn run_receive(
             source,
         })?;
     let name = opts.name.clone().unwrap_or_else(|| default_name(&local));
-    let mut conn = Conn::new(stream);
+    let mut conn = Conn::new(stream, control::MAX_FRAME);
     conn.send(&Msg::Hello {
         protocol: PROTOCOL_VERSION,
         name: name.clone(),

@@ -22,7 +22,7 @@ use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::dataplane::conn::{Conn, ConnError};
+use crate::conn::{Conn, ConnError};
 use crate::dataplane::net;
 use crate::dataplane::sender::{Action, RxState, SenderConfig, Tx, WaveSender};
 use crate::fec::{self, BlockEncoder};
@@ -96,6 +96,36 @@ pub struct SendReport {
     pub error: Option<String>,
 }
 
+/// Orders from the appliance to a running wave.
+#[derive(Debug, Clone)]
+pub enum WaveCommand {
+    /// A late member joins this wave.
+    Expect(String),
+    /// This wave's share of the total rate changed.
+    SetRate(u64),
+}
+
+/// What a running wave tells the appliance.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WaveEvent {
+    /// A member's receiver ended: verified, or failed with a reason.
+    Verdict {
+        name: String,
+        ok: bool,
+        detail: String,
+    },
+    /// Blocks done per member (every ~second).
+    Progress { name: String, done: u32, total: u32 },
+}
+
+/// The appliance's handle on a wave it runs: named members (nobody else
+/// may join), commands in, verdicts and progress out.
+pub struct WaveLink {
+    pub members: Vec<String>,
+    pub commands: Receiver<WaveCommand>,
+    pub events: mpsc::UnboundedSender<WaveEvent>,
+}
+
 enum Event {
     Hello {
         name: String,
@@ -154,12 +184,25 @@ fn worker(file: Arc<File>, m: Arc<Manifest>, jobs: Receiver<Job>, events: Sender
 /// Run one wave to its end. Returns the report; `report.ok` is true only
 /// if every expected receiver verified the image.
 pub async fn run_send(opts: SendOptions) -> Result<SendReport, SendError> {
-    let listener = TcpListener::bind(opts.control)
+    let listener = bind_control(opts.control).await?;
+    run_wave(opts, listener, None).await
+}
+
+/// The wave's TCP control listener; bind it first to learn the address
+/// (port 0 = any) that members must be told.
+pub async fn bind_control(addr: SocketAddr) -> Result<TcpListener, SendError> {
+    TcpListener::bind(addr)
         .await
-        .map_err(|source| SendError::Listen {
-            addr: opts.control,
-            source,
-        })?;
+        .map_err(|source| SendError::Listen { addr, source })
+}
+
+/// Run one wave on an already bound control listener; with a `link`, only
+/// its members may join and the appliance steers the wave through it.
+pub async fn run_wave(
+    opts: SendOptions,
+    listener: TcpListener,
+    link: Option<WaveLink>,
+) -> Result<SendReport, SendError> {
     let sock = net::sender_socket(opts.iface.as_deref(), opts.group, opts.ttl)
         .map_err(SendError::Socket)?;
     let file = File::open(&opts.image)
@@ -235,7 +278,15 @@ pub async fn run_send(opts: SendOptions) -> Result<SendReport, SendError> {
         .name("rc-pacer".into())
         .spawn(move || {
             raise_priority();
-            let _ = done_tx.send(send_loop(gso_segments, cfg, sess, sock, ev_rx, job_tx));
+            let _ = done_tx.send(send_loop(
+                gso_segments,
+                cfg,
+                sess,
+                sock,
+                ev_rx,
+                job_tx,
+                link,
+            ));
         })
         .map_err(|e| SendError::Thread(e.to_string()))?;
     let report = done_rx
@@ -257,7 +308,7 @@ async fn serve_receiver(
     hello_timeout: Duration,
     rx_timeout: Duration,
 ) -> Result<(), ConnError> {
-    let mut conn = Conn::new(stream);
+    let mut conn = Conn::new(stream, control::MAX_FRAME);
     let name = match conn.recv(hello_timeout).await {
         Ok(Msg::Hello { name, .. }) => name,
         Ok(other) => {
@@ -455,6 +506,7 @@ fn send_loop(
     sock: std::net::UdpSocket,
     events: Receiver<Event>,
     jobs: Sender<Job>,
+    link: Option<WaveLink>,
 ) -> SendReport {
     let m = &session.manifest;
     let symbol_size = m.symbol_size as usize;
@@ -469,6 +521,16 @@ fn send_loop(
     let mut send_errors = 0u64;
     let mut gso = gso_segments;
     metrics::gauge!("rackcast_wave_blocks").set(m.block_count() as f64);
+    let mut reporter = link.map(|l| {
+        for name in &l.members {
+            core.expect_member(name, t0);
+        }
+        LinkReporter {
+            link: l,
+            reported: std::collections::HashSet::new(),
+            next_progress: t0,
+        }
+    });
 
     'outer: loop {
         let now = Instant::now();
@@ -511,9 +573,15 @@ fn send_loop(
             }
         }
         if now >= next_tick {
+            if let Some(r) = &mut reporter {
+                r.commands(&mut core, now);
+            }
             core.on_tick(now);
             next_tick = now + Duration::from_millis(10);
             publish_metrics(&core);
+            if let Some(r) = &mut reporter {
+                r.report(&mut core, now);
+            }
             continue;
         }
         txs.clear();
@@ -595,6 +663,9 @@ fn send_loop(
             }
         }
     }
+    if let Some(r) = &mut reporter {
+        r.report(&mut core, Instant::now());
+    }
     // Give queued Finish messages a moment to leave; receivers that miss
     // one see the connection close, which ends them just as well.
     drop(std::mem::take(&mut held.outs));
@@ -671,6 +742,10 @@ impl Held {
             Event::Hello { name, out, reply } => {
                 if core.is_finished() {
                     let _ = reply.send(Err("wave is over".into()));
+                } else if !core.admits(&name) {
+                    metrics::counter!("rackcast_control_errors_total", "kind" => "not_member")
+                        .increment(1);
+                    let _ = reply.send(Err(format!("{name:?} is not a member of this wave")));
                 } else {
                     let id = core.on_hello(&name, now);
                     self.outs.insert(id, out);
@@ -692,6 +767,69 @@ impl Held {
                 core.on_encoder_ready(b);
             }
             Event::SourceError(e) => self.error = Some(e),
+        }
+    }
+}
+
+struct LinkReporter {
+    link: WaveLink,
+    reported: std::collections::HashSet<String>,
+    next_progress: Instant,
+}
+
+impl LinkReporter {
+    fn commands(&mut self, core: &mut WaveSender, now: Instant) {
+        while let Ok(c) = self.link.commands.try_recv() {
+            match c {
+                WaveCommand::Expect(name) => {
+                    // A member that failed earlier in this wave may come back.
+                    self.reported.remove(&name);
+                    core.expect_member(&name, now);
+                }
+                WaveCommand::SetRate(bps) => core.set_rate_ceiling(bps, now),
+            }
+        }
+    }
+
+    fn report(&mut self, core: &mut WaveSender, now: Instant) {
+        for (name, why) in core.take_dropped() {
+            self.reported.insert(name.clone());
+            let _ = self.link.events.send(WaveEvent::Verdict {
+                name,
+                ok: false,
+                detail: why,
+            });
+        }
+        for r in core.receivers().values() {
+            if !matches!(r.state, RxState::Verified | RxState::Failed(_)) {
+                // Back after a failure (restarted device): report it again.
+                self.reported.remove(&r.name);
+            }
+            let verdict = match &r.state {
+                RxState::Verified => Some((true, "verified".to_string())),
+                RxState::Failed(why) => Some((false, why.clone())),
+                _ => None,
+            };
+            if let Some((ok, detail)) = verdict {
+                if self.reported.insert(r.name.clone()) {
+                    let _ = self.link.events.send(WaveEvent::Verdict {
+                        name: r.name.clone(),
+                        ok,
+                        detail,
+                    });
+                }
+            }
+        }
+        if now >= self.next_progress {
+            self.next_progress = now + Duration::from_secs(1);
+            let total = core.manifest().block_count();
+            for r in core.receivers().values() {
+                let _ = self.link.events.send(WaveEvent::Progress {
+                    name: r.name.clone(),
+                    done: r.status.blocks_done,
+                    total,
+                });
+            }
         }
     }
 }

@@ -219,6 +219,12 @@ pub struct WaveSender {
     enc_lru: VecDeque<u32>,
     last_send: Instant,
     receivers: BTreeMap<u32, ReceiverInfo>,
+    /// Named membership (appliance waves): only these names may join;
+    /// value = since when the member is expected. `None`: anyone may join
+    /// (the `rackcast send` CLI).
+    members: Option<BTreeMap<String, Instant>>,
+    /// Members that never connected within the receiver timeout.
+    dropped: Vec<(String, String)>,
     actions: VecDeque<Action>,
     pub stats: SendStats,
 }
@@ -267,6 +273,8 @@ impl WaveSender {
             created: now,
             last_send: now,
             receivers: BTreeMap::new(),
+            members: None,
+            dropped: Vec::new(),
             actions: VecDeque::new(),
             stats: SendStats::default(),
         };
@@ -274,6 +282,44 @@ impl WaveSender {
         s.request_group_loads(0);
         s.request_group_loads(1);
         s
+    }
+
+    /// Restrict the wave to named members and expect `name` (a device the
+    /// scheduler put in this wave; late members join a running wave). The
+    /// wave does not end while an expected member has not connected, until
+    /// the receiver timeout drops it.
+    pub fn expect_member(&mut self, name: &str, now: Instant) {
+        let members = self.members.get_or_insert_with(BTreeMap::new);
+        members.entry(name.to_string()).or_insert(now);
+    }
+
+    /// Whether `name` may join.
+    pub fn admits(&self, name: &str) -> bool {
+        self.members.as_ref().is_none_or(|m| m.contains_key(name))
+    }
+
+    /// Members dropped because they never connected, since the last call.
+    pub fn take_dropped(&mut self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.dropped)
+    }
+
+    /// Share of a total rate (see `RateController::set_max_rate`).
+    pub fn set_rate_ceiling(&mut self, bps: u64, now: Instant) {
+        self.rate.set_max_rate(bps);
+        let r = self.rate.current();
+        if r != self.bucket.rate_bps() {
+            self.bucket.set_rate(r, now);
+            self.stats.rate_bps = r;
+        }
+    }
+
+    /// Expected members with no connection yet.
+    fn pending_members(&self) -> usize {
+        self.members.as_ref().map_or(0, |m| {
+            m.keys()
+                .filter(|n| !self.receivers.values().any(|r| &r.name == *n))
+                .count()
+        })
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -611,6 +657,22 @@ impl WaveSender {
         for id in stale {
             self.fail(id, format!("no report for {} s", timeout.as_secs()), now);
         }
+        if let Some(members) = &mut self.members {
+            let never: Vec<String> = members
+                .iter()
+                .filter(|(n, since)| {
+                    now.saturating_duration_since(**since) >= timeout
+                        && !self.receivers.values().any(|r| &r.name == *n)
+                })
+                .map(|(n, _)| n.clone())
+                .collect();
+            for n in never {
+                members.remove(&n);
+                tracing::warn!(name = %n, "wave member never connected; dropped");
+                self.dropped
+                    .push((n, format!("never joined within {} s", timeout.as_secs())));
+            }
+        }
         if now >= self.next_rate_tick {
             self.next_rate_tick = now + self.cfg.rate_interval;
             let r = self.rate.on_interval(self.worst_loss);
@@ -651,7 +713,10 @@ impl WaveSender {
         }
         let all_in = self.receivers.len() >= self.cfg.expected
             || now.saturating_duration_since(self.created) >= self.cfg.start_timeout;
-        if all_in && self.receivers.values().all(|r| r.state.terminal()) {
+        if all_in
+            && self.pending_members() == 0
+            && self.receivers.values().all(|r| r.state.terminal())
+        {
             self.finish(now);
         }
     }
@@ -1291,5 +1356,64 @@ mod tests {
         assert!(sent.iter().all(|(_, esi)| *esi >= 64), "{sent:?}");
         // max shortfall 10 + 2 + ceil(0.5) = 13 repair symbols.
         assert_eq!(sent.len(), 13);
+    }
+}
+
+#[cfg(test)]
+mod membership_tests {
+    use super::*;
+    use crate::manifest::BlockInfo;
+
+    fn manifest() -> Manifest {
+        Manifest {
+            image_size: 4096,
+            image_hash: [9; 32],
+            block_size: 4096,
+            symbol_size: 1024,
+            blocks: vec![BlockInfo {
+                hash: [0; 32],
+                zero: false,
+            }],
+        }
+    }
+
+    #[test]
+    fn named_members_only_and_a_member_that_never_joins_is_dropped() {
+        let t0 = Instant::now();
+        let cfg = SenderConfig {
+            expected: 1,
+            receiver_timeout: Duration::from_secs(5),
+            ..Default::default()
+        };
+        let mut s = WaveSender::new(cfg, manifest(), 1100, t0);
+        assert!(s.admits("anyone"), "open wave without members");
+        s.expect_member("d-1", t0);
+        s.expect_member("d-2", t0);
+        assert!(s.admits("d-2"));
+        assert!(!s.admits("intruder"));
+        let a = s.on_hello("d-1", t0);
+        s.on_message(a, Msg::Ready { resumed_blocks: 0 }, t0);
+        s.on_tick(t0);
+        s.on_message(
+            a,
+            Msg::Done(Verdict::Verified {
+                image_hash: [9; 32],
+            }),
+            t0,
+        );
+        s.on_tick(t0 + Duration::from_secs(1));
+        assert!(!s.is_finished(), "d-2 is still expected");
+        s.on_tick(t0 + Duration::from_secs(6));
+        assert_eq!(s.take_dropped().len(), 1);
+        s.on_tick(t0 + Duration::from_secs(6));
+        assert!(s.is_finished());
+    }
+
+    #[test]
+    fn rate_ceiling_changes_the_pacing_rate() {
+        let t0 = Instant::now();
+        let mut s = WaveSender::new(SenderConfig::default(), manifest(), 1100, t0);
+        s.set_rate_ceiling(20_000_000, t0);
+        assert_eq!(s.current_rate(), 20_000_000);
     }
 }

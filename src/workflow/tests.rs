@@ -1,7 +1,7 @@
 //! Workflow core tests: no sockets, no sleeps, time is a number.
 
 use super::*;
-use crate::bundle::{BiosPlan, ImagePlan, Inventory, Plan, Program};
+use crate::bundle::{BiosPlan, ImagePlan, Plan, Program};
 
 const IMG_HASH: &str = "abc123";
 
@@ -98,10 +98,10 @@ impl Sim {
     }
 
     /// Loader connects, reports inventory, gets its bundle.
-    fn to_agent_delivered(&mut self, plan: Plan) {
+    fn reach_agent_delivered(&mut self, plan: Plan) {
         self.ev(Event::AgentConnected(AgentMode::Loader { os_present: false }));
         assert_eq!(self.last_cmd().work, Work::Inventory);
-        self.ok(StepData::Inventory(Box::new(Inventory::default())));
+        self.ok(StepData::Inventory(Box::default()));
         assert!(self.other.contains(&Action::BuildBundle));
         self.ev(Event::BundleBuilt {
             hash: "b1".into(),
@@ -140,7 +140,7 @@ impl Sim {
 #[test]
 fn every_step_in_order_to_done() {
     let mut s = Sim::new();
-    s.to_agent_delivered(plan(true));
+    s.reach_agent_delivered(plan(true));
     // bios -> (raid skipped) -> programs -> ready_for_image
     assert_eq!(s.last_cmd().step, Step::BiosConfigured);
     s.ok(StepData::None);
@@ -195,7 +195,7 @@ fn every_step_in_order_to_done() {
 #[test]
 fn plan_without_programs_records_skips() {
     let mut s = Sim::new();
-    s.to_agent_delivered(plan(false));
+    s.reach_agent_delivered(plan(false));
     assert_eq!(s.last_cmd().work, Work::RequestImage);
     assert_eq!(
         s.steps_logged("skipped"),
@@ -210,7 +210,7 @@ fn plan_without_programs_records_skips() {
 #[test]
 fn failure_retries_automatically_then_waits_for_operator() {
     let mut s = Sim::new();
-    s.to_agent_delivered(plan(true));
+    s.reach_agent_delivered(plan(true));
     let first = s.last_cmd();
     s.fail("BMC refused BootMode");
     let f = s.dev.failed.clone().unwrap();
@@ -246,7 +246,7 @@ fn failure_retries_automatically_then_waits_for_operator() {
 #[test]
 fn steps_time_out() {
     let mut s = Sim::new();
-    s.to_agent_delivered(plan(true));
+    s.reach_agent_delivered(plan(true));
     s.now += 9_999;
     s.ev(Event::Tick);
     assert!(s.dev.running.is_some());
@@ -269,7 +269,7 @@ fn steps_time_out() {
 #[test]
 fn duplicate_and_stale_reports_apply_once() {
     let mut s = Sim::new();
-    s.to_agent_delivered(plan(true));
+    s.reach_agent_delivered(plan(true));
     let c = s.last_cmd();
     let report = Event::Report {
         cmd_id: c.cmd_id,
@@ -299,7 +299,7 @@ fn duplicate_and_stale_reports_apply_once() {
 #[test]
 fn reconnect_resends_the_running_command_with_its_id() {
     let mut s = Sim::new();
-    s.to_agent_delivered(plan(true));
+    s.reach_agent_delivered(plan(true));
     let c = s.last_cmd();
     s.ev(Event::AgentDisconnected);
     s.ev(Event::AgentConnected(AgentMode::Agent {
@@ -322,7 +322,7 @@ fn reconnect_resends_the_running_command_with_its_id() {
 #[test]
 fn wrong_image_hash_is_never_verified() {
     let mut s = Sim::new();
-    s.to_agent_delivered(plan(false));
+    s.reach_agent_delivered(plan(false));
     s.ok(StepData::None);
     s.ev(Event::WaveAssigned(s.join()));
     s.ok(StepData::ImageWritten {
@@ -343,7 +343,7 @@ fn wrong_image_hash_is_never_verified() {
 #[test]
 fn wave_lost_fails_imaging_and_requeues_later() {
     let mut s = Sim::new();
-    s.to_agent_delivered(plan(false));
+    s.reach_agent_delivered(plan(false));
     s.ok(StepData::None);
     s.ev(Event::WaveAssigned(s.join()));
     s.ev(Event::WaveLost("member timed out".into()));

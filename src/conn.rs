@@ -1,0 +1,144 @@
+//! A TCP control connection: length-delimited frames of one message type
+//! per direction, a bounded frame size and a timeout on every read. Both
+//! control protocols use it: a wave's session (`wire::control`) and the
+//! device workflow (`wire::device`).
+//!
+//! Owns: framing and the mapping of I/O failures to [`ConnError`]. Must not:
+//! decide anything about the session (the cores do).
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use thiserror::Error;
+use tokio::net::TcpStream;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use crate::wire::control::{self, ControlError, Msg};
+use crate::wire::device::{AgentMsg, ApplianceMsg, DeviceWireError};
+
+#[derive(Debug, Error)]
+pub enum ConnError {
+    #[error("connection closed by peer")]
+    Closed,
+    #[error("no message within {0:?}")]
+    Timeout(Duration),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("frame larger than {0} bytes")]
+    Oversize(usize),
+    #[error(transparent)]
+    Protocol(#[from] ControlError),
+    #[error(transparent)]
+    Device(#[from] DeviceWireError),
+}
+
+/// A message type that travels in frames.
+pub trait Frame: Sized {
+    const MAX_FRAME: usize;
+    fn encode(&self) -> Result<Vec<u8>, ConnError>;
+    fn decode(frame: &[u8]) -> Result<Self, ConnError>;
+}
+
+impl Frame for Msg {
+    const MAX_FRAME: usize = control::MAX_FRAME;
+    fn encode(&self) -> Result<Vec<u8>, ConnError> {
+        Ok(control::emit(self)?)
+    }
+    fn decode(frame: &[u8]) -> Result<Self, ConnError> {
+        Ok(control::parse(frame)?)
+    }
+}
+
+impl Frame for AgentMsg {
+    const MAX_FRAME: usize = crate::wire::device::MAX_FRAME;
+    fn encode(&self) -> Result<Vec<u8>, ConnError> {
+        Ok(self.emit()?)
+    }
+    fn decode(frame: &[u8]) -> Result<Self, ConnError> {
+        Ok(AgentMsg::parse(frame)?)
+    }
+}
+
+impl Frame for ApplianceMsg {
+    const MAX_FRAME: usize = crate::wire::device::MAX_FRAME;
+    fn encode(&self) -> Result<Vec<u8>, ConnError> {
+        Ok(self.emit()?)
+    }
+    fn decode(frame: &[u8]) -> Result<Self, ConnError> {
+        Ok(ApplianceMsg::parse(frame)?)
+    }
+}
+
+pub type FrameSink =
+    futures_util::stream::SplitSink<Framed<TcpStream, LengthDelimitedCodec>, bytes::Bytes>;
+pub type FrameStream = futures_util::stream::SplitStream<Framed<TcpStream, LengthDelimitedCodec>>;
+
+pub struct Conn {
+    framed: Framed<TcpStream, LengthDelimitedCodec>,
+    max_frame: usize,
+}
+
+pub fn codec(max_frame: usize) -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(max_frame)
+        .length_field_length(4)
+        .new_codec()
+}
+
+impl Conn {
+    /// A connection whose largest accepted frame is `max_frame` (use the
+    /// larger of the two directions' `Frame::MAX_FRAME`).
+    pub fn new(stream: TcpStream, max_frame: usize) -> Conn {
+        let _ = stream.set_nodelay(true);
+        Conn {
+            framed: Framed::new(stream, codec(max_frame)),
+            max_frame,
+        }
+    }
+
+    pub async fn send<M: Frame>(&mut self, msg: &M) -> Result<(), ConnError> {
+        let bytes = msg.encode()?;
+        SinkExt::<bytes::Bytes>::send(&mut self.framed, bytes::Bytes::from(bytes)).await?;
+        Ok(())
+    }
+
+    /// Next message, or an error: closed, timed out, oversize (the codec
+    /// refuses the length before allocating) or malformed.
+    pub async fn recv<M: Frame>(&mut self, timeout: Duration) -> Result<M, ConnError> {
+        match tokio::time::timeout(timeout, self.framed.next()).await {
+            Err(_) => Err(ConnError::Timeout(timeout)),
+            Ok(None) => Err(ConnError::Closed),
+            Ok(Some(Err(e))) => Err(map_io(e, self.max_frame)),
+            Ok(Some(Ok(frame))) => M::decode(&frame),
+        }
+    }
+
+    /// Best effort: send `last` (an error message), then close.
+    pub async fn close_with<M: Frame>(mut self, last: M) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.send(&last)).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            SinkExt::<bytes::Bytes>::close(&mut self.framed),
+        )
+        .await;
+    }
+
+    /// Data-plane session: tell the receiver why, then close.
+    pub async fn close_with_error(self, message: String) {
+        self.close_with(Msg::Error { message }).await;
+    }
+
+    /// Separate halves, for a reader and a writer running at once.
+    pub fn split(self) -> (FrameSink, FrameStream) {
+        self.framed.split()
+    }
+}
+
+/// The codec reports an oversize length prefix as `InvalidData`.
+pub fn map_io(e: std::io::Error, max_frame: usize) -> ConnError {
+    if e.kind() == std::io::ErrorKind::InvalidData {
+        ConnError::Oversize(max_frame)
+    } else {
+        ConnError::Io(e)
+    }
+}

@@ -1,0 +1,313 @@
+//! Device control protocol (TCP, one connection per device): the agent's
+//! hello, commands and their results, bundle and blob downloads.
+//!
+//! Owns: the message sets in both directions, their encoding (postcard in
+//! a length-delimited frame of at most [`MAX_FRAME`] bytes) and the checks
+//! of everything that came off the wire (lengths, counts, version). Must
+//! not: do I/O (see `dataplane::conn`) or decide anything.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::workflow::{AgentMode, Command, OpRecord, Outcome, StepData};
+
+/// Spoken in `Hello`/`Welcome`.
+pub const DEVICE_PROTOCOL: u16 = 1;
+/// Largest frame either side accepts (blob chunks are 1 MiB).
+pub const MAX_FRAME: usize = 4 << 20;
+/// Blob bytes per `BlobChunk`.
+pub const BLOB_CHUNK: usize = 1 << 20;
+const MAX_ID: usize = 128;
+const MAX_OPS: usize = 1024;
+const MAX_DETAIL: usize = 64 << 10;
+
+/// Agent to appliance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentMsg {
+    Hello {
+        protocol: u16,
+        /// Boot interface MAC: the device's identity before it has an id.
+        mac: String,
+        device_id: Option<String>,
+        mode: AgentMode,
+    },
+    Report {
+        cmd_id: u64,
+        outcome: Outcome,
+        data: StepData,
+        ops: Vec<OpRecord>,
+    },
+    GetBundle {
+        hash: String,
+    },
+    GetBlob {
+        hash: String,
+        offset: u64,
+    },
+    Ping,
+}
+
+/// Appliance to agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApplianceMsg {
+    Welcome {
+        protocol: u16,
+        device_id: String,
+    },
+    Run(Command),
+    /// The result of `cmd_id` is durably recorded; the agent may forget it.
+    Ack {
+        cmd_id: u64,
+    },
+    Bundle {
+        hash: String,
+        bytes: Vec<u8>,
+    },
+    BlobChunk {
+        hash: String,
+        offset: u64,
+        total: u64,
+        data: Vec<u8>,
+    },
+    Pong,
+    Error {
+        message: String,
+    },
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DeviceWireError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    Oversize(usize),
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("invalid message: {0}")]
+    Invalid(String),
+}
+
+fn check_len(what: &str, s: &str, max: usize) -> Result<(), DeviceWireError> {
+    if s.len() > max {
+        return Err(DeviceWireError::Invalid(format!(
+            "{what} is {} bytes (max {max})",
+            s.len()
+        )));
+    }
+    Ok(())
+}
+
+fn check_hash(h: &str) -> Result<(), DeviceWireError> {
+    if h.len() != 64 || !h.bytes().all(|c| c.is_ascii_hexdigit()) {
+        return Err(DeviceWireError::Invalid(
+            "hash must be 64 hex digits (BLAKE3)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A MAC as `aa:bb:cc:dd:ee:ff`.
+pub fn valid_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|c| c.is_ascii_hexdigit()))
+}
+
+impl AgentMsg {
+    pub fn parse(frame: &[u8]) -> Result<AgentMsg, DeviceWireError> {
+        if frame.len() > MAX_FRAME {
+            return Err(DeviceWireError::Oversize(frame.len()));
+        }
+        let m: AgentMsg =
+            postcard::from_bytes(frame).map_err(|e| DeviceWireError::Malformed(e.to_string()))?;
+        m.validate()?;
+        Ok(m)
+    }
+
+    pub fn emit(&self) -> Result<Vec<u8>, DeviceWireError> {
+        let v = postcard::to_stdvec(self).map_err(|e| DeviceWireError::Malformed(e.to_string()))?;
+        if v.len() > MAX_FRAME {
+            return Err(DeviceWireError::Oversize(v.len()));
+        }
+        Ok(v)
+    }
+
+    fn validate(&self) -> Result<(), DeviceWireError> {
+        match self {
+            AgentMsg::Hello {
+                mac,
+                device_id,
+                mode,
+                ..
+            } => {
+                if !valid_mac(mac) {
+                    return Err(DeviceWireError::Invalid(format!(
+                        "MAC {:?} is not aa:bb:cc:dd:ee:ff",
+                        mac.chars().take(40).collect::<String>()
+                    )));
+                }
+                if let Some(id) = device_id {
+                    check_len("device id", id, MAX_ID)?;
+                }
+                if let AgentMode::Agent { bundle } = mode {
+                    check_hash(bundle)?;
+                }
+                Ok(())
+            }
+            AgentMsg::Report { outcome, ops, .. } => {
+                if ops.len() > MAX_OPS {
+                    return Err(DeviceWireError::Invalid(format!(
+                        "{} op records (max {MAX_OPS})",
+                        ops.len()
+                    )));
+                }
+                for op in ops {
+                    check_len("op name", &op.op, MAX_ID * 4)?;
+                    check_len("op detail", &op.detail, MAX_DETAIL)?;
+                }
+                match outcome {
+                    Outcome::Ok { detail } => check_len("detail", detail, MAX_DETAIL),
+                    Outcome::Failed { reason } => check_len("reason", reason, MAX_DETAIL),
+                }
+            }
+            AgentMsg::GetBundle { hash } | AgentMsg::GetBlob { hash, .. } => check_hash(hash),
+            AgentMsg::Ping => Ok(()),
+        }
+    }
+}
+
+impl ApplianceMsg {
+    pub fn parse(frame: &[u8]) -> Result<ApplianceMsg, DeviceWireError> {
+        if frame.len() > MAX_FRAME {
+            return Err(DeviceWireError::Oversize(frame.len()));
+        }
+        let m: ApplianceMsg =
+            postcard::from_bytes(frame).map_err(|e| DeviceWireError::Malformed(e.to_string()))?;
+        if let ApplianceMsg::BlobChunk {
+            offset, total, data, ..
+        } = &m
+        {
+            if data.len() > BLOB_CHUNK || offset.saturating_add(data.len() as u64) > *total {
+                return Err(DeviceWireError::Invalid("blob chunk out of range".into()));
+            }
+        }
+        Ok(m)
+    }
+
+    pub fn emit(&self) -> Result<Vec<u8>, DeviceWireError> {
+        let v = postcard::to_stdvec(self).map_err(|e| DeviceWireError::Malformed(e.to_string()))?;
+        if v.len() > MAX_FRAME {
+            return Err(DeviceWireError::Oversize(v.len()));
+        }
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workflow::{Step, Work};
+    use proptest::prelude::*;
+
+    fn hello() -> AgentMsg {
+        AgentMsg::Hello {
+            protocol: DEVICE_PROTOCOL,
+            mac: "02:00:00:00:00:01".into(),
+            device_id: None,
+            mode: AgentMode::Loader { os_present: false },
+        }
+    }
+
+    #[test]
+    fn fixtures_round_trip() {
+        let msgs = vec![
+            hello(),
+            AgentMsg::Report {
+                cmd_id: 3,
+                outcome: Outcome::Failed {
+                    reason: "exit 2".into(),
+                },
+                data: StepData::ImageWritten {
+                    hash: "ab".into(),
+                    bytes: 5,
+                },
+                ops: vec![OpRecord {
+                    op: "bios".into(),
+                    ok: false,
+                    exit_code: Some(2),
+                    duration_ms: 10,
+                    detail: "refused".into(),
+                }],
+            },
+            AgentMsg::GetBlob {
+                hash: "a".repeat(64),
+                offset: 1 << 20,
+            },
+            AgentMsg::Ping,
+        ];
+        for m in msgs {
+            assert_eq!(AgentMsg::parse(&m.emit().unwrap()).unwrap(), m);
+        }
+        let r = ApplianceMsg::Run(Command {
+            cmd_id: 9,
+            step: Step::Inventoried,
+            work: Work::Inventory,
+        });
+        assert_eq!(ApplianceMsg::parse(&r.emit().unwrap()).unwrap(), r);
+    }
+
+    #[test]
+    fn invalid_input_is_refused() {
+        let bad_mac = AgentMsg::Hello {
+            protocol: 1,
+            mac: "zz".into(),
+            device_id: None,
+            mode: AgentMode::Loader { os_present: false },
+        };
+        assert!(matches!(
+            AgentMsg::parse(&postcard::to_stdvec(&bad_mac).unwrap()),
+            Err(DeviceWireError::Invalid(_))
+        ));
+        let bad_hash = AgentMsg::GetBundle {
+            hash: "../etc/passwd".into(),
+        };
+        assert!(AgentMsg::parse(&postcard::to_stdvec(&bad_hash).unwrap()).is_err());
+        assert!(AgentMsg::parse(&[0xff; 9]).is_err());
+        assert!(AgentMsg::parse(&[]).is_err());
+        let chunk = ApplianceMsg::BlobChunk {
+            hash: "a".repeat(64),
+            offset: 10,
+            total: 12,
+            data: vec![0; 5],
+        };
+        assert!(ApplianceMsg::parse(&postcard::to_stdvec(&chunk).unwrap()).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = AgentMsg::parse(&bytes);
+            let _ = ApplianceMsg::parse(&bytes);
+        }
+
+        #[test]
+        fn every_truncation_of_a_valid_hello_is_refused_or_valid(cut in 0usize..40) {
+            let b = hello().emit().unwrap();
+            let cut = cut.min(b.len());
+            if let Ok(m) = AgentMsg::parse(&b[..cut]) {
+                prop_assert!(m.validate().is_ok());
+            }
+        }
+
+        #[test]
+        fn reports_round_trip(cmd in any::<u64>(), detail in ".{0,200}", code in any::<Option<i32>>()) {
+            let m = AgentMsg::Report {
+                cmd_id: cmd,
+                outcome: Outcome::Ok { detail: detail.clone() },
+                data: StepData::None,
+                ops: vec![OpRecord { op: "x".into(), ok: true, exit_code: code, duration_ms: 1, detail }],
+            };
+            prop_assert_eq!(AgentMsg::parse(&m.emit().unwrap()).unwrap(), m);
+        }
+    }
+}
