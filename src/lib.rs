@@ -9,11 +9,13 @@
 pub mod bundle;
 pub mod config;
 pub mod conn;
+pub mod controller;
 pub mod dataplane;
 pub mod fec;
 pub mod manifest;
 pub mod pacing;
 pub mod store;
+pub mod waves;
 pub mod wire;
 pub mod workflow;
 

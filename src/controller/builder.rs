@@ -1,0 +1,245 @@
+//! Bundle generation: from a device's inventory to its bundle (agent for
+//! its arch, modules by PCI id, BIOS profile by DMI, RAID members and image
+//! target by disk rules, step plan), and the content-addressed blob store
+//! the bundles point into.
+//!
+//! Owns: the blob index (hash -> file), the bundle files under
+//! `<state_dir>/bundles/<hash>`. Must not: talk to devices or the store.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::bundle::{
+    glob_match, BiosPlan, BlobRef, Bundle, BundleError, ImagePlan, Inventory, ModuleRef, Plan,
+    RaidPlan, BUNDLE_VERSION,
+};
+use crate::config::{Config, ProfileConfig};
+
+/// One image the appliance can send.
+#[derive(Debug, Clone)]
+pub struct ImageEntry {
+    pub name: String,
+    pub path: PathBuf,
+    pub hash: String,
+    pub size: u64,
+}
+
+pub struct Builder {
+    cfg: Config,
+    bundles_dir: PathBuf,
+    /// hash -> (path, size)
+    blobs: HashMap<String, (PathBuf, u64)>,
+    agents: HashMap<String, BlobRef>,
+    modules: Vec<(crate::config::ModuleConfig, BlobRef)>,
+}
+
+fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    Ok((h.finalize().to_hex().to_string(), n))
+}
+
+impl Builder {
+    /// Hash every agent binary and module file of the config (once, at
+    /// start: bundles then cost no I/O but writing their small manifest).
+    pub fn new(cfg: &Config) -> Result<Builder, String> {
+        let bundles_dir = cfg.appliance.state_dir.join("bundles");
+        std::fs::create_dir_all(&bundles_dir)
+            .map_err(|e| format!("{}: {e}", bundles_dir.display()))?;
+        let mut blobs = HashMap::new();
+        let mut agents = HashMap::new();
+        for (arch, path) in &cfg.agents {
+            let (hash, size) =
+                hash_file(path).map_err(|e| format!("agents.{arch}: {}: {e}", path.display()))?;
+            blobs.insert(hash.clone(), (path.clone(), size));
+            agents.insert(
+                arch.clone(),
+                BlobRef {
+                    name: "rackcast-agent".into(),
+                    hash,
+                    size,
+                    executable: true,
+                },
+            );
+        }
+        let mut modules = Vec::new();
+        for m in &cfg.modules {
+            let (hash, size) = hash_file(&m.file)
+                .map_err(|e| format!("modules {}: {}: {e}", m.name, m.file.display()))?;
+            blobs.insert(hash.clone(), (m.file.clone(), size));
+            let name = m
+                .file
+                .file_name()
+                .map_or_else(|| m.name.clone(), |n| n.to_string_lossy().into_owned());
+            modules.push((
+                m.clone(),
+                BlobRef {
+                    name,
+                    hash,
+                    size,
+                    executable: true,
+                },
+            ));
+        }
+        Ok(Builder {
+            cfg: cfg.clone(),
+            bundles_dir,
+            blobs,
+            agents,
+            modules,
+        })
+    }
+
+    /// Path and size of a blob, if the appliance serves it.
+    pub fn blob(&self, hash: &str) -> Option<(PathBuf, u64)> {
+        self.blobs.get(hash).cloned()
+    }
+
+    pub fn bundle_path(&self, hash: &str) -> Option<PathBuf> {
+        if hash.len() != 64 || !hash.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return None;
+        }
+        let p = self.bundles_dir.join(hash);
+        p.exists().then_some(p)
+    }
+
+    fn profile_for(&self, mac: &str, inv: &Inventory) -> Result<&ProfileConfig, BundleError> {
+        let ov = self
+            .cfg
+            .devices
+            .iter()
+            .find(|d| d.mac.eq_ignore_ascii_case(mac));
+        if let Some(name) = ov.and_then(|o| o.profile.as_ref()) {
+            if let Some(p) = self.cfg.profiles.iter().find(|p| &p.name == name) {
+                return Ok(p);
+            }
+        }
+        self.cfg
+            .profiles
+            .iter()
+            .find(|p| glob_match(&p.vendor, &inv.dmi.vendor) && glob_match(&p.model, &inv.dmi.model))
+            .ok_or_else(|| BundleError::NoProfile {
+                vendor: inv.dmi.vendor.clone(),
+                model: inv.dmi.model.clone(),
+            })
+    }
+
+    /// Generate (and store) the bundle for one device.
+    pub fn build(
+        &self,
+        device: &str,
+        mac: &str,
+        inv: &Inventory,
+        images: &HashMap<String, ImageEntry>,
+    ) -> Result<(String, Plan), BundleError> {
+        let p = self.profile_for(mac, inv)?;
+        let rule_err = |why: String| BundleError::Rule {
+            profile: p.name.clone(),
+            why,
+        };
+        let agent = self
+            .agents
+            .get(&inv.cpu.arch)
+            .cloned()
+            .ok_or_else(|| BundleError::NoAgent(inv.cpu.arch.clone()))?;
+        let pci = inv.pci_ids();
+        let modules: Vec<ModuleRef> = self
+            .modules
+            .iter()
+            .filter(|(m, _)| {
+                m.pci_ids
+                    .iter()
+                    .any(|id| pci.contains(&id.to_ascii_lowercase()))
+            })
+            .map(|(m, blob)| ModuleRef {
+                name: m.name.clone(),
+                blob: blob.clone(),
+                load: m.load.as_ref().map(|l| l.to_program()),
+            })
+            .collect();
+        let image_name = self
+            .cfg
+            .devices
+            .iter()
+            .find(|d| d.mac.eq_ignore_ascii_case(mac))
+            .and_then(|d| d.image.clone())
+            .unwrap_or_else(|| p.image.clone());
+        let img = images
+            .get(&image_name)
+            .ok_or_else(|| BundleError::NoImage(image_name.clone()))?;
+        let raid = match &p.raid {
+            Some(r) => {
+                let members = r.disks.select(&inv.disks).map_err(rule_err)?;
+                crate::bundle::check_raid_level(&r.level, members.len()).map_err(rule_err)?;
+                Some(RaidPlan {
+                    level: r.level.clone(),
+                    members: members.iter().map(|d| d.path.clone()).collect(),
+                    program: r.program.as_ref().map(|x| x.to_program()),
+                })
+            }
+            None => None,
+        };
+        let target = match (&p.raid, &p.target) {
+            (Some(r), _) => r.array.clone(),
+            (None, Some(rule)) => {
+                let d = rule.select(&inv.disks).map_err(rule_err)?;
+                let disk = d.first().ok_or_else(|| rule_err("no target disk".into()))?;
+                if disk.size_bytes < img.size {
+                    return Err(rule_err(format!(
+                        "target disk {} ({} bytes) is smaller than image {} ({} bytes)",
+                        disk.path, disk.size_bytes, img.name, img.size
+                    )));
+                }
+                disk.path.clone()
+            }
+            (None, None) => return Err(rule_err("no image target".into())),
+        };
+        let plan = Plan {
+            profile: p.name.clone(),
+            bios: p.bios.as_ref().map(|b| BiosPlan {
+                attributes: b.attributes.clone(),
+                program: b.program.as_ref().map(|x| x.to_program()),
+            }),
+            raid,
+            programs: p.programs.iter().map(|x| x.to_program()).collect(),
+            image: ImagePlan {
+                name: img.name.clone(),
+                hash: img.hash.clone(),
+                size: img.size,
+                target,
+            },
+            post_install: p.post_install.iter().map(|x| x.to_program()).collect(),
+            boot_to_disk: p.boot_to_disk.as_ref().map(|x| x.to_program()),
+        };
+        let bundle = Bundle {
+            version: BUNDLE_VERSION,
+            device: device.to_string(),
+            arch: inv.cpu.arch.clone(),
+            agent,
+            modules,
+            plan: plan.clone(),
+        };
+        let bytes = bundle.to_bytes();
+        let hash = blake3::hash(&bytes).to_hex().to_string();
+        let path = self.bundles_dir.join(&hash);
+        if !path.exists() {
+            // Write then rename: a reader never sees half a bundle.
+            let tmp = self.bundles_dir.join(format!(".{hash}.tmp"));
+            std::fs::write(&tmp, &bytes)
+                .and_then(|_| std::fs::rename(&tmp, &path))
+                .map_err(|e| BundleError::Malformed(format!("{}: {e}", path.display())))?;
+        }
+        Ok((hash, plan))
+    }
+}

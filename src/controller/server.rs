@@ -1,0 +1,256 @@
+//! Agent connections: handshake, framing, timeouts, bundle and blob
+//! downloads. Workflow messages go to the controller thread; downloads are
+//! served here (bounded by the transfer semaphore) so a slow device never
+//! holds up the controller.
+//!
+//! Owns: one task per connection and its error handling (a bad frame gets
+//! an `Error` message and a closed connection; the appliance keeps
+//! serving the others). Must not: change device state.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Input, Shared};
+use crate::conn::{map_io, Conn, ConnError, Frame};
+use crate::wire::device::{AgentMsg, ApplianceMsg, BLOB_CHUNK, DEVICE_PROTOCOL, MAX_FRAME};
+
+static CONN_IDS: AtomicU64 = AtomicU64::new(1);
+
+pub async fn accept_loop(listener: TcpListener, shared: Shared) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let s = shared.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_agent(stream, s).await {
+                        tracing::warn!(%peer, error = %e, "agent connection ended");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+fn count_error(kind: &'static str) {
+    metrics::counter!("rackcast_agent_protocol_errors_total", "kind" => kind).increment(1);
+}
+
+async fn serve_agent(stream: TcpStream, shared: Shared) -> Result<(), ConnError> {
+    let read_timeout = shared.cfg.appliance.read_timeout;
+    let mut conn = Conn::new(stream, MAX_FRAME);
+    let hello: AgentMsg = match conn.recv(read_timeout).await {
+        Ok(m) => m,
+        Err(e) => {
+            count_error("bad_hello");
+            conn.close_with(ApplianceMsg::Error {
+                message: format!("expected Hello: {e}"),
+            })
+            .await;
+            return Err(e);
+        }
+    };
+    let AgentMsg::Hello {
+        protocol,
+        mac,
+        device_id,
+        mode,
+    } = hello
+    else {
+        count_error("out_of_order");
+        conn.close_with(ApplianceMsg::Error {
+            message: "expected Hello first".into(),
+        })
+        .await;
+        return Ok(());
+    };
+    if protocol != DEVICE_PROTOCOL {
+        count_error("version");
+        conn.close_with(ApplianceMsg::Error {
+            message: format!(
+                "protocol version {protocol} not supported (appliance speaks {DEVICE_PROTOCOL})"
+            ),
+        })
+        .await;
+        return Ok(());
+    }
+    let conn_id = CONN_IDS.fetch_add(1, Ordering::Relaxed);
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<ApplianceMsg>();
+    let (reply_tx, reply_rx) = oneshot::channel();
+    if shared
+        .inbox
+        .send(Input::Connected {
+            conn_id,
+            mac: mac.clone(),
+            device_id,
+            mode,
+            out: out_tx.clone(),
+            reply: reply_tx,
+        })
+        .is_err()
+    {
+        return Ok(());
+    }
+    let device = match reply_rx.await {
+        Ok(Ok(id)) => id,
+        Ok(Err(why)) => {
+            conn.close_with(ApplianceMsg::Error { message: why }).await;
+            return Ok(());
+        }
+        Err(_) => return Ok(()),
+    };
+    tracing::info!(%device, %mac, "agent connected");
+    // Welcome goes first on the writer: queue it before anything else.
+    let (mut sink, mut frames) = conn.split();
+    let welcome = ApplianceMsg::Welcome {
+        protocol: DEVICE_PROTOCOL,
+        device_id: device.clone(),
+    }
+    .encode()?;
+    sink.send(bytes::Bytes::from(welcome)).await?;
+    let writer = tokio::spawn(async move {
+        while let Some(m) = out_rx.recv().await {
+            let Ok(bytes) = m.encode() else { continue };
+            let last = matches!(m, ApplianceMsg::Error { .. });
+            if sink.send(bytes::Bytes::from(bytes)).await.is_err() || last {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let result = loop {
+        let next = tokio::time::timeout(read_timeout, frames.next()).await;
+        let frame = match next {
+            Err(_) => break Err(ConnError::Timeout(read_timeout)),
+            Ok(None) => break Ok(()),
+            Ok(Some(Err(e))) => {
+                let e = map_io(e, MAX_FRAME);
+                if matches!(e, ConnError::Oversize(_)) {
+                    count_error("oversize");
+                    let _ = out_tx.send(ApplianceMsg::Error {
+                        message: format!("frame larger than {MAX_FRAME} bytes"),
+                    });
+                }
+                break Err(e);
+            }
+            Ok(Some(Ok(f))) => f,
+        };
+        let msg = match AgentMsg::decode(&frame) {
+            Ok(m) => m,
+            Err(e) => {
+                count_error("malformed");
+                let _ = out_tx.send(ApplianceMsg::Error {
+                    message: e.to_string(),
+                });
+                break Err(e);
+            }
+        };
+        match msg {
+            AgentMsg::Report {
+                cmd_id,
+                outcome,
+                data,
+                ops,
+            } => {
+                if shared
+                    .inbox
+                    .send(Input::Report {
+                        device: device.clone(),
+                        cmd_id,
+                        outcome,
+                        data,
+                        ops,
+                    })
+                    .is_err()
+                {
+                    break Ok(());
+                }
+            }
+            AgentMsg::GetBundle { hash } => {
+                let reply = match shared.builder.bundle_path(&hash) {
+                    Some(p) => match tokio::fs::read(&p).await {
+                        Ok(bytes) => ApplianceMsg::Bundle { hash, bytes },
+                        Err(e) => ApplianceMsg::Error {
+                            message: format!("bundle {hash}: {e}"),
+                        },
+                    },
+                    None => ApplianceMsg::Error {
+                        message: format!("no bundle {hash}"),
+                    },
+                };
+                let fatal = matches!(reply, ApplianceMsg::Error { .. });
+                let _ = out_tx.send(reply);
+                if fatal {
+                    break Ok(());
+                }
+            }
+            AgentMsg::GetBlob { hash, offset } => {
+                let _permit = shared.transfer_permits.clone().acquire_owned().await;
+                let reply = match shared.builder.blob(&hash) {
+                    Some((path, total)) if offset <= total => {
+                        read_chunk(path, offset, total, hash).await
+                    }
+                    _ => ApplianceMsg::Error {
+                        message: format!("no blob {hash} at offset {offset}"),
+                    },
+                };
+                let fatal = matches!(reply, ApplianceMsg::Error { .. });
+                let _ = out_tx.send(reply);
+                if fatal {
+                    break Ok(());
+                }
+            }
+            AgentMsg::Ping => {
+                let _ = out_tx.send(ApplianceMsg::Pong);
+            }
+            AgentMsg::Hello { .. } => {
+                count_error("out_of_order");
+                let _ = out_tx.send(ApplianceMsg::Error {
+                    message: "Hello twice".into(),
+                });
+                break Ok(());
+            }
+        }
+    };
+    let _ = shared.inbox.send(Input::Disconnected {
+        device: device.clone(),
+        conn_id,
+    });
+    drop(out_tx);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
+    tracing::info!(%device, ?result, "agent disconnected");
+    result
+}
+
+async fn read_chunk(path: std::path::PathBuf, offset: u64, total: u64, hash: String) -> ApplianceMsg {
+    let r = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+        let mut f = std::fs::File::open(&path)?;
+        f.seek(SeekFrom::Start(offset))?;
+        let n = (total - offset).min(BLOB_CHUNK as u64) as usize;
+        let mut buf = vec![0u8; n];
+        f.read_exact(&mut buf)?;
+        Ok(buf)
+    })
+    .await;
+    match r {
+        Ok(Ok(data)) => ApplianceMsg::BlobChunk {
+            hash,
+            offset,
+            total,
+            data,
+        },
+        Ok(Err(e)) => ApplianceMsg::Error {
+            message: format!("blob {hash}: {e}"),
+        },
+        Err(e) => ApplianceMsg::Error {
+            message: format!("blob {hash}: {e}"),
+        },
+    }
+}
