@@ -1,5 +1,6 @@
-//! `rackcast`: the appliance binary. For now: the data-plane sender and the
-//! image manifest tool.
+//! `rackcast`: the appliance binary: `serve` (the appliance), the fleet
+//! CLI (`devices`, `log`, `waves`, `images`, `retry`), and the standalone
+//! data-plane sender and manifest tool.
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
@@ -33,6 +34,54 @@ enum Cmd {
     Send(SendArgs),
     /// Build an image's manifest (block hashes, zero blocks) ahead of time.
     Manifest(ManifestArgs),
+    /// Run the appliance: control plane, workflow, waves, REST API.
+    Serve(ConfigArg),
+    /// Table of devices: MAC, state, step, wave, progress.
+    Devices(ListArgs),
+    /// Every operation on one device, with time and duration.
+    Log(LogArgs),
+    /// Waves: image, members, verified, state.
+    Waves(ListArgs),
+    /// The image store.
+    #[command(subcommand)]
+    Images(ImagesCmd),
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// Appliance configuration (see rackcast.example.toml).
+    #[arg(long, short, default_value = "/etc/rackcast/rackcast.toml")]
+    config: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct ListArgs {
+    #[command(flatten)]
+    cfg: ConfigArg,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct LogArgs {
+    /// Device id (`rc-<mac hex>`) or MAC.
+    device: String,
+    #[command(flatten)]
+    cfg: ConfigArg,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum ImagesCmd {
+    /// Add (or replace) an image: builds its manifest.
+    Add {
+        name: String,
+        path: PathBuf,
+        #[command(flatten)]
+        cfg: ConfigArg,
+    },
+    List(ListArgs),
 }
 
 #[derive(clap::Args)]
@@ -119,6 +168,16 @@ fn main() -> Result<()> {
     rackcast::tune_allocator();
     rackcast::init_logs(&cli.log);
     match cli.cmd {
+        Cmd::Serve(a) => {
+            let cfg = rackcast::config::Config::load(&a.config)?;
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(rackcast::controller::serve(cfg))
+        }
+        Cmd::Devices(a) => fleet::devices(&a.cfg.config, a.json),
+        Cmd::Log(a) => fleet::log(&a.cfg.config, &a.device, a.json),
+        Cmd::Waves(a) => fleet::waves(&a.cfg.config, a.json),
+        Cmd::Images(ImagesCmd::Add { name, path, cfg }) => fleet::images_add(&cfg.config, &name, &path),
+        Cmd::Images(ImagesCmd::List(a)) => fleet::images_list(&a.cfg.config, a.json),
         Cmd::Manifest(a) => {
             let t = Instant::now();
             let m = Manifest::build(&a.image, a.block_size, symbol_size(a.mtu)?)
@@ -260,4 +319,134 @@ fn print_report(r: &SendReport, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string(r)?);
     }
     Ok(())
+}
+
+/// The fleet CLI: reads the appliance's store (read-only; safe while it
+/// runs) and prints tables or JSON.
+mod fleet {
+    use std::path::Path;
+
+    use anyhow::{Context, Result};
+    use rackcast::config::Config;
+    use rackcast::store::{SqliteStore, Store};
+
+    fn open(config: &Path) -> Result<(Config, SqliteStore)> {
+        let cfg = Config::load(config)?;
+        let path = cfg.store_path();
+        let st = SqliteStore::open_readonly(&path)
+            .with_context(|| format!("opening the fleet record {}", path.display()))?;
+        Ok((cfg, st))
+    }
+
+    fn ms_to_time(ms: i64) -> String {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+        humantime::format_rfc3339_millis(t).to_string()
+    }
+
+    pub fn devices(config: &Path, json: bool) -> Result<()> {
+        let (_, mut st) = open(config)?;
+        let rows = rackcast::controller::device_rows(&st.load_devices()?);
+        if json {
+            println!("{}", serde_json::to_string(&rows)?);
+            return Ok(());
+        }
+        println!(
+            "{:<16} {:<17} {:<16} {:<16} {:>5} {:<10} DETAIL",
+            "DEVICE", "MAC", "STATE", "STEP", "WAVE", "IMAGE"
+        );
+        for r in rows {
+            println!(
+                "{:<16} {:<17} {:<16} {:<16} {:>5} {:<10} {}",
+                r.device,
+                r.mac,
+                r.state,
+                r.step,
+                r.wave.map(|w| w.to_string()).unwrap_or_else(|| "-".into()),
+                r.image.unwrap_or_else(|| "-".into()),
+                r.detail
+            );
+        }
+        Ok(())
+    }
+
+    pub fn log(config: &Path, device: &str, json: bool) -> Result<()> {
+        let (_, mut st) = open(config)?;
+        let id = if device.contains(':') {
+            rackcast::controller::device_id_for(device)
+        } else {
+            device.to_string()
+        };
+        let ev = st.events(&id)?;
+        if ev.is_empty() {
+            anyhow::bail!("no events for device {id}");
+        }
+        if json {
+            println!("{}", serde_json::to_string(&ev)?);
+            return Ok(());
+        }
+        for e in ev {
+            let r = e.row;
+            println!(
+                "{}  {:<16} {:<8} {:>9}  {}",
+                ms_to_time(r.at),
+                r.step.as_str(),
+                r.kind,
+                r.duration_ms
+                    .map(|d| format!("{:.3}s", d as f64 / 1000.0))
+                    .unwrap_or_default(),
+                r.detail
+            );
+        }
+        Ok(())
+    }
+
+    pub fn waves(config: &Path, json: bool) -> Result<()> {
+        let (_, mut st) = open(config)?;
+        let w = st.waves()?;
+        if json {
+            println!("{}", serde_json::to_string(&w)?);
+            return Ok(());
+        }
+        println!(
+            "{:>5} {:<12} {:<9} {:<20} {:>7} {:>8} {:>6}  STARTED",
+            "WAVE", "IMAGE", "STATE", "GROUP", "MEMBERS", "VERIFIED", "FAILED"
+        );
+        for w in w {
+            println!(
+                "{:>5} {:<12} {:<9} {:<20} {:>7} {:>8} {:>6}  {}",
+                w.id,
+                w.image,
+                w.state,
+                w.group,
+                w.members,
+                w.verified,
+                w.failed,
+                ms_to_time(w.created_at)
+            );
+        }
+        Ok(())
+    }
+
+    pub fn images_add(config: &Path, name: &str, path: &Path) -> Result<()> {
+        let cfg = Config::load(config)?;
+        std::fs::create_dir_all(&cfg.appliance.state_dir)?;
+        let mut st = SqliteStore::open(&cfg.store_path())?;
+        let rec = rackcast::controller::add_image(&cfg, &mut st, name, path)?;
+        println!("{} {} {} bytes blake3 {}", rec.name, rec.path, rec.size, rec.hash);
+        Ok(())
+    }
+
+    pub fn images_list(config: &Path, json: bool) -> Result<()> {
+        let (_, mut st) = open(config)?;
+        let im = st.images()?;
+        if json {
+            println!("{}", serde_json::to_string(&im)?);
+            return Ok(());
+        }
+        println!("{:<16} {:>14}  {:<64}  PATH", "IMAGE", "BYTES", "BLAKE3");
+        for i in im {
+            println!("{:<16} {:>14}  {:<64}  {}", i.name, i.size, i.hash, i.path);
+        }
+        Ok(())
+    }
 }
