@@ -282,7 +282,11 @@ impl DiskRule {
     pub fn select<'a>(&self, disks: &'a [Disk]) -> Result<Vec<&'a Disk>, String> {
         let mut d: Vec<&Disk> = disks
             .iter()
-            .filter(|d| self.model.as_deref().is_none_or(|m| glob_match(m, &d.model)))
+            .filter(|d| {
+                self.model
+                    .as_deref()
+                    .is_none_or(|m| glob_match(m, &d.model))
+            })
             .filter(|d| self.ssd.is_none_or(|s| s != d.rotational))
             .filter(|d| self.min_size_bytes.is_none_or(|m| d.size_bytes >= m))
             .filter(|d| self.serial.as_deref().is_none_or(|s| s == d.serial))
@@ -296,7 +300,11 @@ impl DiskRule {
         match self.order.as_str() {
             "smallest" => {}
             "largest" => d.reverse(),
-            o => return Err(format!("disk rule order {o:?}: expected smallest or largest")),
+            o => {
+                return Err(format!(
+                    "disk rule order {o:?}: expected smallest or largest"
+                ))
+            }
         }
         if self.count > 0 {
             if d.len() < self.count {
@@ -394,9 +402,17 @@ mod tests {
             min_size_bytes: None,
             serial: None,
         };
-        let got: Vec<_> = data.select(&disks).unwrap().iter().map(|d| d.serial.clone()).collect();
+        let got: Vec<_> = data
+            .select(&disks)
+            .unwrap()
+            .iter()
+            .map(|d| d.serial.clone())
+            .collect();
         assert_eq!(got, vec!["h2", "h1"]);
-        let too_many = DiskRule { count: 4, ..os.clone() };
+        let too_many = DiskRule {
+            count: 4,
+            ..os.clone()
+        };
         assert!(too_many.select(&disks).unwrap_err().contains("wants 4"));
         assert!(check_raid_level("raid10", 3).is_err());
         assert!(check_raid_level("raid1", 2).is_ok());

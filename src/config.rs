@@ -38,7 +38,9 @@ pub enum ConfigError {
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_duration(&s).map_err(|e| {
-        serde::de::Error::custom(format!("{s:?} is not a duration like \"30s\" or \"5m\": {e}"))
+        serde::de::Error::custom(format!(
+            "{s:?} is not a duration like \"30s\" or \"5m\": {e}"
+        ))
     })
 }
 
@@ -339,10 +341,7 @@ impl Config {
             ));
         }
         if !(576..=9000).contains(&self.dataplane.mtu) {
-            return Err(bad(
-                "dataplane.mtu".into(),
-                "expected 576..=9000".into(),
-            ));
+            return Err(bad("dataplane.mtu".into(), "expected 576..=9000".into()));
         }
         if self.waves.min_members == 0 {
             return Err(bad("waves.min_members".into(), "expected >= 1".into()));
@@ -403,7 +402,10 @@ impl Config {
                 } else if check_raid_level(&r.level, usize::MAX).is_err() {
                     return Err(bad(
                         format!("profiles[{i}].raid.level"),
-                        format!("{:?}: expected raid0, raid1, raid5, raid6 or raid10", r.level),
+                        format!(
+                            "{:?}: expected raid0, raid1, raid5, raid6 or raid10",
+                            r.level
+                        ),
                     ));
                 }
             } else if p.target.is_none() {

@@ -176,7 +176,9 @@ fn main() -> Result<()> {
         Cmd::Devices(a) => fleet::devices(&a.cfg.config, a.json),
         Cmd::Log(a) => fleet::log(&a.cfg.config, &a.device, a.json),
         Cmd::Waves(a) => fleet::waves(&a.cfg.config, a.json),
-        Cmd::Images(ImagesCmd::Add { name, path, cfg }) => fleet::images_add(&cfg.config, &name, &path),
+        Cmd::Images(ImagesCmd::Add { name, path, cfg }) => {
+            fleet::images_add(&cfg.config, &name, &path)
+        }
         Cmd::Images(ImagesCmd::List(a)) => fleet::images_list(&a.cfg.config, a.json),
         Cmd::Manifest(a) => {
             let t = Instant::now();
@@ -432,7 +434,10 @@ mod fleet {
         std::fs::create_dir_all(&cfg.appliance.state_dir)?;
         let mut st = SqliteStore::open(&cfg.store_path())?;
         let rec = rackcast::controller::add_image(&cfg, &mut st, name, path)?;
-        println!("{} {} {} bytes blake3 {}", rec.name, rec.path, rec.size, rec.hash);
+        println!(
+            "{} {} {} bytes blake3 {}",
+            rec.name, rec.path, rec.size, rec.hash
+        );
         Ok(())
     }
 

@@ -97,8 +97,8 @@ impl WaveScheduler {
             }
             let first = q.values().min().copied().unwrap_or(now);
             let all_ready = q.len() >= expected(&image);
-            let enough = q.len() >= self.policy.min_members
-                && now - first >= self.policy.start_after_ms;
+            let enough =
+                q.len() >= self.policy.min_members && now - first >= self.policy.start_after_ms;
             if all_ready || enough {
                 let members: Vec<String> = q.keys().cloned().collect();
                 self.queues.remove(&image);
@@ -214,10 +214,7 @@ mod tests {
             vec![WaveAction::Rates(vec![(1, 450), (2, 450)])]
         );
         assert_eq!(s.running_waves(), 2);
-        assert_eq!(
-            s.finished(1),
-            vec![WaveAction::Rates(vec![(2, 900)])]
-        );
+        assert_eq!(s.finished(1), vec![WaveAction::Rates(vec![(2, 900)])]);
         // A device removed from its queue is not started.
         s.enqueue("c", "alma", 0);
         s.remove("c");

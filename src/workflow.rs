@@ -156,7 +156,10 @@ pub enum StepData {
     None,
     Inventory(Box<Inventory>),
     /// The whole-image BLAKE3 of what was written, checked by the agent.
-    ImageWritten { hash: String, bytes: u64 },
+    ImageWritten {
+        hash: String,
+        bytes: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -431,7 +434,12 @@ impl Fx<'_> {
 
     fn on_boot(&mut self) {
         if self.dev.reached == Step::Discovered && self.dev.running.is_none() {
-            self.log(Step::Discovered, "ok", None, "power-on: boot request seen".into());
+            self.log(
+                Step::Discovered,
+                "ok",
+                None,
+                "power-on: boot request seen".into(),
+            );
         }
     }
 
@@ -697,7 +705,9 @@ impl Fx<'_> {
                     "{} {}{}{}",
                     op.op,
                     if op.ok { "ok" } else { "FAILED" },
-                    op.exit_code.map(|c| format!(" (exit {c})")).unwrap_or_default(),
+                    op.exit_code
+                        .map(|c| format!(" (exit {c})"))
+                        .unwrap_or_default(),
                     if op.detail.is_empty() {
                         String::new()
                     } else {

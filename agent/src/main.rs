@@ -1,5 +1,9 @@
-//! `rackcast-agent`: runs on the device. For now: `receive`, the data-plane
-//! receiver that writes and verifies one image.
+//! `rackcast-agent`: runs on the device. `run` is the workflow agent
+//! (loader mode, then the bundle's agent); `receive` is the standalone
+//! data-plane receiver that writes and verifies one image.
+
+mod inventory;
+mod run;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -24,8 +28,39 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Take part in the appliance's workflow: report hardware, fetch and
+    /// run the generated bundle, receive the image, report every step.
+    Run(RunArgs),
     /// Receive one image from a wave, write it and verify it.
     Receive(ReceiveArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The appliance's control plane (`appliance.control_listen`).
+    #[arg(long)]
+    server: SocketAddr,
+    /// Hardware description (JSON inventory) instead of probing /sys.
+    #[arg(long)]
+    hardware: Option<PathBuf>,
+    /// Where bundles and resume state are kept.
+    #[arg(long, default_value = "/run/rackcast")]
+    work_dir: PathBuf,
+    /// Device id (set by the loader when it starts the bundle's agent).
+    #[arg(long)]
+    device_id: Option<String>,
+    /// Verified bundle to run (set by the loader).
+    #[arg(long)]
+    bundle_dir: Option<PathBuf>,
+    /// Running from an installed OS (default: detected from the root fs).
+    #[arg(long)]
+    os_present: Option<bool>,
+    /// Interface to receive the image on.
+    #[arg(long)]
+    iface: Option<String>,
+    /// Exit when the appliance is unreachable this many seconds.
+    #[arg(long, default_value_t = 600)]
+    give_up: u64,
 }
 
 #[derive(clap::Args)]
@@ -68,6 +103,21 @@ fn main() -> Result<()> {
     rackcast::init_logs(&cli.log);
     match cli.cmd {
         Cmd::Receive(a) => receive(a),
+        Cmd::Run(a) => {
+            std::fs::create_dir_all(&a.work_dir)?;
+            let args = run::RunArgs {
+                server: a.server,
+                hardware: a.hardware,
+                work_dir: a.work_dir,
+                device_id: a.device_id,
+                bundle_dir: a.bundle_dir,
+                os_present: a.os_present.unwrap_or_else(inventory::os_present),
+                iface: a.iface,
+                give_up: Duration::from_secs(a.give_up),
+            };
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(run::run(args))
+        }
     }
 }
 

@@ -51,7 +51,10 @@ async fn with_store<T: Send + 'static>(
 async fn metrics(State(s): State<Shared>) -> Response {
     match &s.metrics {
         Some(h) => h.render().into_response(),
-        None => err(StatusCode::SERVICE_UNAVAILABLE, "metrics recorder not installed"),
+        None => err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder not installed",
+        ),
     }
 }
 
@@ -85,8 +88,7 @@ async fn images(State(s): State<Shared>) -> Response {
 
 async fn retry(State(s): State<Shared>, Path(id): Path<String>) -> Response {
     let (tx, rx) = oneshot::channel();
-    if s
-        .inbox
+    if s.inbox
         .send(Input::Retry {
             device: id,
             reply: tx,

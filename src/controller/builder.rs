@@ -128,7 +128,9 @@ impl Builder {
         self.cfg
             .profiles
             .iter()
-            .find(|p| glob_match(&p.vendor, &inv.dmi.vendor) && glob_match(&p.model, &inv.dmi.model))
+            .find(|p| {
+                glob_match(&p.vendor, &inv.dmi.vendor) && glob_match(&p.model, &inv.dmi.model)
+            })
             .ok_or_else(|| BundleError::NoProfile {
                 vendor: inv.dmi.vendor.clone(),
                 model: inv.dmi.model.clone(),

@@ -132,8 +132,12 @@ pub fn image_manifest(
         return Ok(m);
     }
     tracing::info!(image = name, path = %path.display(), "building manifest");
-    let ss = crate::wire::packet::symbol_size_for_mtu(cfg.dataplane.mtu)
-        .ok_or_else(|| anyhow::anyhow!("dataplane.mtu {} leaves no room for a symbol", cfg.dataplane.mtu))?;
+    let ss = crate::wire::packet::symbol_size_for_mtu(cfg.dataplane.mtu).ok_or_else(|| {
+        anyhow::anyhow!(
+            "dataplane.mtu {} leaves no room for a symbol",
+            cfg.dataplane.mtu
+        )
+    })?;
     let m = Manifest::build(path, crate::manifest::DEFAULT_BLOCK_SIZE, ss)
         .map_err(|e| anyhow::anyhow!("image {name}: {}: {e}", path.display()))?;
     if let Some(dir) = mpath.parent() {
@@ -191,8 +195,12 @@ fn load_images(
                     },
                 );
             }
-            Ok(_) => tracing::error!(image = %rec.name, "image changed since it was added; not served"),
-            Err(e) => tracing::error!(image = %rec.name, error = %e, "image not usable; not served"),
+            Ok(_) => {
+                tracing::error!(image = %rec.name, "image changed since it was added; not served")
+            }
+            Err(e) => {
+                tracing::error!(image = %rec.name, error = %e, "image not usable; not served")
+            }
         }
     }
     Ok((images, manifests))

@@ -229,7 +229,12 @@ async fn serve_agent(stream: TcpStream, shared: Shared) -> Result<(), ConnError>
     result
 }
 
-async fn read_chunk(path: std::path::PathBuf, offset: u64, total: u64, hash: String) -> ApplianceMsg {
+async fn read_chunk(
+    path: std::path::PathBuf,
+    offset: u64,
+    total: u64,
+    hash: String,
+) -> ApplianceMsg {
     let r = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
         let mut f = std::fs::File::open(&path)?;
         f.seek(SeekFrom::Start(offset))?;

@@ -184,7 +184,10 @@ impl ApplianceMsg {
         let m: ApplianceMsg =
             postcard::from_bytes(frame).map_err(|e| DeviceWireError::Malformed(e.to_string()))?;
         if let ApplianceMsg::BlobChunk {
-            offset, total, data, ..
+            offset,
+            total,
+            data,
+            ..
         } = &m
         {
             if data.len() > BLOB_CHUNK || offset.saturating_add(data.len() as u64) > *total {

@@ -99,7 +99,9 @@ impl Sim {
 
     /// Loader connects, reports inventory, gets its bundle.
     fn reach_agent_delivered(&mut self, plan: Plan) {
-        self.ev(Event::AgentConnected(AgentMode::Loader { os_present: false }));
+        self.ev(Event::AgentConnected(AgentMode::Loader {
+            os_present: false,
+        }));
         assert_eq!(self.last_cmd().work, Work::Inventory);
         self.ok(StepData::Inventory(Box::default()));
         assert!(self.other.contains(&Action::BuildBundle));
@@ -149,9 +151,9 @@ fn every_step_in_order_to_done() {
     assert_eq!(s.last_cmd().work, Work::RequestImage);
     s.ok(StepData::None);
     assert!(s.dev.queued_for_image);
-    assert!(s
-        .other
-        .contains(&Action::RequestWave { image: "img".into() }));
+    assert!(s.other.contains(&Action::RequestWave {
+        image: "img".into()
+    }));
     s.ev(Event::WaveAssigned(s.join()));
     assert_eq!(s.last_cmd().work, Work::JoinWave(s.join()));
     assert_eq!(s.dev.wave, Some(7));
@@ -199,7 +201,11 @@ fn plan_without_programs_records_skips() {
     assert_eq!(s.last_cmd().work, Work::RequestImage);
     assert_eq!(
         s.steps_logged("skipped"),
-        vec![Step::BiosConfigured, Step::RaidConfigured, Step::ProgramsRun]
+        vec![
+            Step::BiosConfigured,
+            Step::RaidConfigured,
+            Step::ProgramsRun
+        ]
     );
     assert!(s
         .rows
@@ -258,7 +264,9 @@ fn steps_time_out() {
     let rows = s.rows.len();
     s.ev(Event::Report {
         cmd_id: 4,
-        outcome: Outcome::Ok { detail: "late".into() },
+        outcome: Outcome::Ok {
+            detail: "late".into(),
+        },
         data: StepData::None,
         ops: vec![],
     });
@@ -312,7 +320,9 @@ fn reconnect_resends_the_running_command_with_its_id() {
     let reached = s.dev.reached;
     s.ev(Event::AgentDisconnected);
     let running = s.dev.running.clone();
-    s.ev(Event::AgentConnected(AgentMode::Loader { os_present: false }));
+    s.ev(Event::AgentConnected(AgentMode::Loader {
+        os_present: false,
+    }));
     if running.is_none() {
         assert!(matches!(s.last_cmd().work, Work::FetchBundle { .. }));
     }
@@ -354,7 +364,9 @@ fn wave_lost_fails_imaging_and_requeues_later() {
 #[test]
 fn device_with_an_os_enters_at_the_loader_step() {
     let mut s = Sim::new();
-    s.ev(Event::AgentConnected(AgentMode::Loader { os_present: true }));
+    s.ev(Event::AgentConnected(AgentMode::Loader {
+        os_present: true,
+    }));
     assert!(s.dev.via_os);
     assert_eq!(s.dev.reached, Step::LoaderBooted);
     assert!(s.rows.iter().any(|r| r.detail.contains("installed OS")));
@@ -363,7 +375,9 @@ fn device_with_an_os_enters_at_the_loader_step() {
 #[test]
 fn bundle_failure_is_a_step_failure_and_retries_the_build() {
     let mut s = Sim::new();
-    s.ev(Event::AgentConnected(AgentMode::Loader { os_present: false }));
+    s.ev(Event::AgentConnected(AgentMode::Loader {
+        os_present: false,
+    }));
     s.ok(StepData::Inventory(Box::default()));
     s.ev(Event::BundleFailed("no profile".into()));
     assert_eq!(s.dev.failed.as_ref().unwrap().step, Step::AgentDelivered);

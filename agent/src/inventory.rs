@@ -1,0 +1,138 @@
+//! Hardware inventory of the device the agent runs on: DMI, CPU, memory,
+//! NICs with PCI ids, disks, storage controllers, read from /sys and
+//! /proc. A lab device passes `--hardware FILE` (JSON of the same shape)
+//! instead: its namespace has no hardware of its own.
+
+use std::fs;
+use std::path::Path;
+
+use rackcast::bundle::{Cpu, Disk, Dmi, Inventory, Nic, StorageController};
+
+fn read(p: impl AsRef<Path>) -> String {
+    fs::read_to_string(p)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// `0x15b3` + `0x1017` -> `15b3:1017`.
+fn pci_id(dev: &Path) -> Option<String> {
+    let v = read(dev.join("vendor"));
+    let d = read(dev.join("device"));
+    let v = v.strip_prefix("0x")?;
+    let d = d.strip_prefix("0x")?;
+    Some(format!("{v}:{d}").to_ascii_lowercase())
+}
+
+pub fn probe() -> Inventory {
+    let dmi = Dmi {
+        vendor: read("/sys/class/dmi/id/sys_vendor"),
+        model: read("/sys/class/dmi/id/product_name"),
+        serial: read("/sys/class/dmi/id/product_serial"),
+        uuid: read("/sys/class/dmi/id/product_uuid"),
+    };
+    let cpuinfo = read("/proc/cpuinfo");
+    let cpu = Cpu {
+        arch: std::env::consts::ARCH.to_string(),
+        count: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        model: cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default(),
+    };
+    let memory_bytes = read("/proc/meminfo")
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024);
+    let mut nics = Vec::new();
+    if let Ok(rd) = fs::read_dir("/sys/class/net") {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == "lo" {
+                continue;
+            }
+            let p = e.path();
+            nics.push(Nic {
+                mac: read(p.join("address")),
+                pci_id: pci_id(&p.join("device")),
+                name,
+            });
+        }
+    }
+    nics.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut disks = Vec::new();
+    let mut controllers = Vec::new();
+    if let Ok(rd) = fs::read_dir("/sys/block") {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if ["loop", "ram", "zram", "dm-", "md", "sr"]
+                .iter()
+                .any(|p| name.starts_with(p))
+            {
+                continue;
+            }
+            let p = e.path();
+            let sectors: u64 = read(p.join("size")).parse().unwrap_or(0);
+            if sectors == 0 {
+                continue;
+            }
+            disks.push(Disk {
+                path: format!("/dev/{name}"),
+                size_bytes: sectors * 512,
+                model: read(p.join("device/model")),
+                serial: read(p.join("device/serial")),
+                rotational: read(p.join("queue/rotational")) == "1",
+                name,
+            });
+            // The controller is the PCI function above the disk.
+            if let Ok(real) = fs::canonicalize(p.join("device")) {
+                if let Some(ctrl) = real.ancestors().find(|a| pci_id(a).is_some()) {
+                    if let Some(id) = pci_id(ctrl) {
+                        if !controllers
+                            .iter()
+                            .any(|c: &StorageController| c.pci_id == id)
+                        {
+                            controllers.push(StorageController {
+                                pci_id: id,
+                                name: ctrl
+                                    .file_name()
+                                    .map(|n| n.to_string_lossy().into_owned())
+                                    .unwrap_or_default(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    disks.sort_by(|a, b| a.name.cmp(&b.name));
+    Inventory {
+        dmi,
+        cpu,
+        memory_bytes,
+        nics,
+        disks,
+        storage_controllers: controllers,
+    }
+}
+
+/// The lab's stand-in for real hardware.
+pub fn from_file(path: &Path) -> anyhow::Result<Inventory> {
+    let text = fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("hardware file {}: {e}", path.display()))?;
+    serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("hardware file {}: {e}", path.display()))
+}
+
+/// Running from an installed OS rather than the network-booted loader
+/// (whose root is a RAM filesystem).
+pub fn os_present() -> bool {
+    read("/proc/mounts")
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("/"))
+        .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
+        .is_some_and(|fs| fs != "rootfs" && fs != "tmpfs" && fs != "ramfs")
+}

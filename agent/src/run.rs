@@ -1,0 +1,647 @@
+//! `rackcast-agent run`: the device side of the workflow. Loader mode
+//! reports the inventory and fetches the bundle, verifies every hash, then
+//! execs the bundle's agent, which runs the plan's steps, requests and
+//! receives the image, and reports each step.
+//!
+//! Owns: the connection to the appliance (reconnect with backoff, resume
+//! where the device stands), one command at a time (a newer command
+//! replaces the one in progress), results kept until the appliance acks
+//! them. Must not: decide the order of steps (the appliance does).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::{mpsc, oneshot};
+
+use rackcast::bundle::{BlobRef, Bundle, Inventory, Plan, Program};
+use rackcast::conn::{map_io, Conn, Frame};
+use rackcast::dataplane::receive::{run_receive, Progress, ReceiveOptions};
+use rackcast::wire::device::{AgentMsg, ApplianceMsg, DEVICE_PROTOCOL, MAX_FRAME};
+use rackcast::workflow::{AgentMode, Command, OpRecord, Outcome, Step, StepData, Work};
+
+/// Output kept per program (the tail: where the error usually is).
+const MAX_OUTPUT: usize = 8 << 10;
+
+#[derive(Debug, Clone)]
+pub struct RunArgs {
+    pub server: SocketAddr,
+    pub hardware: Option<PathBuf>,
+    pub work_dir: PathBuf,
+    pub device_id: Option<String>,
+    pub bundle_dir: Option<PathBuf>,
+    pub os_present: bool,
+    pub iface: Option<String>,
+    /// Give up when the appliance cannot be reached for this long.
+    pub give_up: Duration,
+}
+
+type Request = (AgentMsg, oneshot::Sender<ApplianceMsg>);
+
+struct Report {
+    cmd_id: u64,
+    outcome: Outcome,
+    data: StepData,
+    ops: Vec<OpRecord>,
+    /// Exec this after the appliance acked the report (new bundle agent).
+    then_exec: Option<PathBuf>,
+}
+
+pub async fn run(args: RunArgs) -> Result<()> {
+    let inventory = match &args.hardware {
+        Some(p) => crate::inventory::from_file(p)?,
+        None => crate::inventory::probe(),
+    };
+    let mac = boot_mac(&inventory)?;
+    let mode = match &args.bundle_dir {
+        Some(dir) => AgentMode::Agent {
+            bundle: read_bundle_hash(dir)?,
+        },
+        None => AgentMode::Loader {
+            os_present: args.os_present,
+        },
+    };
+    let mut device_id = args.device_id.clone();
+    let mut pending: Option<Report> = None;
+    let mut current: Option<(u64, tokio::task::JoinHandle<Report>)> = None;
+    let (req_tx, mut req_rx) = mpsc::unbounded_channel::<Request>();
+    let mut backoff = Duration::from_millis(200);
+    let mut unreachable_since: Option<Instant> = None;
+    loop {
+        let stream = match tokio::net::TcpStream::connect(args.server).await {
+            Ok(s) => s,
+            Err(e) => {
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= args.give_up {
+                    bail!(
+                        "appliance {} unreachable for {:?}: {e}",
+                        args.server,
+                        args.give_up
+                    );
+                }
+                tracing::warn!(error = %e, retry_in = ?backoff, "appliance unreachable");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        unreachable_since = None;
+        backoff = Duration::from_millis(200);
+        let mut conn = Conn::new(stream, MAX_FRAME);
+        conn.send(&AgentMsg::Hello {
+            protocol: DEVICE_PROTOCOL,
+            mac: mac.clone(),
+            device_id: device_id.clone(),
+            mode: mode.clone(),
+        })
+        .await?;
+        let id = match conn.recv::<ApplianceMsg>(Duration::from_secs(30)).await {
+            Ok(ApplianceMsg::Welcome { device_id: id, .. }) => id,
+            Ok(ApplianceMsg::Error { message }) => bail!("appliance refused us: {message}"),
+            Ok(other) => bail!("expected Welcome, got {other:?}"),
+            Err(e) => {
+                tracing::warn!(error = %e, "handshake failed; reconnecting");
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+        };
+        tracing::info!(device = %id, "connected to the appliance");
+        device_id = Some(id.clone());
+        let (mut sink, mut frames) = conn.split();
+        if let Some(r) = &pending {
+            let _ = sink.send(report_frame(r)?).await;
+        }
+        let mut waiting: HashMap<String, oneshot::Sender<ApplianceMsg>> = HashMap::new();
+        let mut ping = tokio::time::interval(Duration::from_secs(10));
+        let ctx = Ctx {
+            device: id.clone(),
+            inventory: inventory.clone(),
+            work_dir: args.work_dir.clone(),
+            bundle_dir: args.bundle_dir.clone(),
+            iface: args.iface.clone(),
+            requests: req_tx.clone(),
+        };
+        let lost: Result<()> = loop {
+            tokio::select! {
+                frame = frames.next() => {
+                    let msg = match frame {
+                        None => break Err(anyhow!("appliance closed the connection")),
+                        Some(Err(e)) => break Err(map_io(e, MAX_FRAME).into()),
+                        Some(Ok(f)) => match ApplianceMsg::decode(&f) {
+                            Ok(m) => m,
+                            Err(e) => break Err(e.into()),
+                        },
+                    };
+                    match msg {
+                        ApplianceMsg::Run(cmd) => {
+                            if pending.as_ref().is_some_and(|p| p.cmd_id == cmd.cmd_id) {
+                                // Done already; the report is on its way.
+                                if let Some(r) = &pending {
+                                    let _ = sink.send(report_frame(r)?).await;
+                                }
+                                continue;
+                            }
+                            if current.as_ref().is_some_and(|(c, _)| *c == cmd.cmd_id) {
+                                continue;
+                            }
+                            if let Some((old, h)) = current.take() {
+                                tracing::warn!(old, new = cmd.cmd_id, "newer command replaces the one in progress");
+                                h.abort();
+                            }
+                            tracing::info!(cmd = cmd.cmd_id, step = %cmd.step, "running step");
+                            let c = ctx.clone();
+                            let id = cmd.cmd_id;
+                            current = Some((id, tokio::spawn(async move { execute(c, cmd).await })));
+                        }
+                        ApplianceMsg::Ack { cmd_id } => {
+                            if pending.as_ref().is_some_and(|p| p.cmd_id == cmd_id) {
+                                let r = pending.take();
+                                if let Some(bin) = r.and_then(|r| r.then_exec) {
+                                    let _ = sink.close().await;
+                                    return exec_agent(&bin, &args, &id);
+                                }
+                            }
+                        }
+                        ApplianceMsg::Bundle { ref hash, .. } | ApplianceMsg::BlobChunk { ref hash, .. } => {
+                            let key = match &msg {
+                                ApplianceMsg::Bundle { .. } => format!("bundle:{hash}"),
+                                ApplianceMsg::BlobChunk { offset, .. } => format!("blob:{hash}:{offset}"),
+                                _ => String::new(),
+                            };
+                            if let Some(tx) = waiting.remove(&key) {
+                                let _ = tx.send(msg);
+                            }
+                        }
+                        ApplianceMsg::Error { message } => {
+                            // Fails whatever download waits; the step
+                            // reports it and the appliance decides.
+                            waiting.clear();
+                            break Err(anyhow!("appliance: {message}"));
+                        }
+                        ApplianceMsg::Pong | ApplianceMsg::Welcome { .. } => {}
+                    }
+                }
+                Some((req, reply)) = req_rx.recv() => {
+                    let key = match &req {
+                        AgentMsg::GetBundle { hash } => format!("bundle:{hash}"),
+                        AgentMsg::GetBlob { hash, offset } => format!("blob:{hash}:{offset}"),
+                        _ => continue,
+                    };
+                    waiting.insert(key, reply);
+                    if sink.send(bytes::Bytes::from(req.encode()?)).await.is_err() {
+                        break Err(anyhow!("connection lost"));
+                    }
+                }
+                done = async {
+                    match &mut current {
+                        Some((_, h)) => h.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    current = None;
+                    match done {
+                        Ok(r) => {
+                            tracing::info!(cmd = r.cmd_id, outcome = ?r.outcome, "step finished");
+                            let f = report_frame(&r)?;
+                            pending = Some(r);
+                            if sink.send(f).await.is_err() {
+                                break Err(anyhow!("connection lost"));
+                            }
+                        }
+                        Err(e) if e.is_cancelled() => {}
+                        Err(e) => tracing::error!(error = %e, "step task crashed"),
+                    }
+                }
+                _ = ping.tick() => {
+                    if sink.send(bytes::Bytes::from(AgentMsg::Ping.encode()?)).await.is_err() {
+                        break Err(anyhow!("connection lost"));
+                    }
+                }
+            }
+        };
+        if let Err(e) = lost {
+            tracing::warn!(error = %e, "control connection lost; reconnecting");
+        }
+        tokio::time::sleep(backoff).await;
+    }
+}
+
+fn report_frame(r: &Report) -> Result<bytes::Bytes> {
+    let m = AgentMsg::Report {
+        cmd_id: r.cmd_id,
+        outcome: r.outcome.clone(),
+        data: r.data.clone(),
+        ops: r.ops.clone(),
+    };
+    Ok(bytes::Bytes::from(m.encode()?))
+}
+
+/// The boot interface's MAC: the first NIC with a real address.
+fn boot_mac(inv: &Inventory) -> Result<String> {
+    inv.nics
+        .iter()
+        .map(|n| n.mac.to_ascii_lowercase())
+        .find(|m| rackcast::wire::device::valid_mac(m) && m != "00:00:00:00:00:00")
+        .ok_or_else(|| anyhow!("no network interface with a MAC address in the inventory"))
+}
+
+fn read_bundle_hash(dir: &Path) -> Result<String> {
+    let bytes = std::fs::read(dir.join("bundle.bin"))
+        .with_context(|| format!("bundle in {}", dir.display()))?;
+    Ok(blake3::hash(&bytes).to_hex().to_string())
+}
+
+fn load_bundle(dir: &Path) -> Result<Bundle> {
+    let bytes = std::fs::read(dir.join("bundle.bin"))
+        .with_context(|| format!("bundle in {}", dir.display()))?;
+    let hash = blake3::hash(&bytes).to_hex().to_string();
+    Ok(Bundle::from_verified_bytes(&bytes, &hash)?)
+}
+
+/// Replace this process with the bundle's agent.
+fn exec_agent(bin: &Path, args: &RunArgs, device: &str) -> Result<()> {
+    let dir = bin.parent().unwrap_or(Path::new("."));
+    tracing::info!(agent = %bin.display(), "starting the bundle's agent");
+    let mut c = std::process::Command::new(bin);
+    c.arg("run")
+        .arg("--server")
+        .arg(args.server.to_string())
+        .arg("--work-dir")
+        .arg(&args.work_dir)
+        .arg("--device-id")
+        .arg(device)
+        .arg("--bundle-dir")
+        .arg(dir);
+    if let Some(h) = &args.hardware {
+        c.arg("--hardware").arg(h);
+    }
+    if let Some(i) = &args.iface {
+        c.arg("--iface").arg(i);
+    }
+    let err = c.exec();
+    Err(anyhow!("exec {}: {err}", bin.display()))
+}
+
+#[derive(Clone)]
+struct Ctx {
+    device: String,
+    inventory: Inventory,
+    work_dir: PathBuf,
+    bundle_dir: Option<PathBuf>,
+    iface: Option<String>,
+    requests: mpsc::UnboundedSender<Request>,
+}
+
+impl Ctx {
+    async fn ask(&self, msg: AgentMsg) -> Result<ApplianceMsg> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send((msg, tx))
+            .map_err(|_| anyhow!("agent stopping"))?;
+        tokio::time::timeout(Duration::from_secs(60), rx)
+            .await
+            .map_err(|_| anyhow!("no answer from the appliance in 60 s"))?
+            .map_err(|_| anyhow!("connection lost during download"))
+    }
+}
+
+async fn execute(ctx: Ctx, cmd: Command) -> Report {
+    let mut ops = Vec::new();
+    let mut then_exec = None;
+    let r: Result<(String, StepData)> = match &cmd.work {
+        Work::Inventory => Ok((
+            format!(
+                "{} {} serial {}, {} CPUs, {} disks, {} NICs",
+                ctx.inventory.dmi.vendor,
+                ctx.inventory.dmi.model,
+                ctx.inventory.dmi.serial,
+                ctx.inventory.cpu.count,
+                ctx.inventory.disks.len(),
+                ctx.inventory.nics.len()
+            ),
+            StepData::Inventory(Box::new(ctx.inventory.clone())),
+        )),
+        Work::FetchBundle { hash } => fetch_bundle(&ctx, hash, &mut ops).await.map(|bin| {
+            then_exec = Some(bin);
+            (format!("bundle {hash} verified"), StepData::None)
+        }),
+        Work::RunPlan => run_plan(&ctx, cmd.step, &mut ops)
+            .await
+            .map(|d| (d, StepData::None)),
+        Work::RequestImage => plan_of(&ctx).map(|p| {
+            (
+                format!("requests image {} for {}", p.image.name, p.image.target),
+                StepData::None,
+            )
+        }),
+        Work::JoinWave(join) => receive_image(&ctx, join, &mut ops).await,
+    };
+    let (outcome, data) = match r {
+        Ok((detail, data)) => (Outcome::Ok { detail }, data),
+        Err(e) => {
+            then_exec = None;
+            (
+                Outcome::Failed {
+                    reason: format!("{e:#}"),
+                },
+                StepData::None,
+            )
+        }
+    };
+    Report {
+        cmd_id: cmd.cmd_id,
+        outcome,
+        data,
+        ops,
+        then_exec,
+    }
+}
+
+fn plan_of(ctx: &Ctx) -> Result<Plan> {
+    let dir = ctx
+        .bundle_dir
+        .as_ref()
+        .ok_or_else(|| anyhow!("no bundle: the loader cannot run plan steps"))?;
+    Ok(load_bundle(dir)?.plan)
+}
+
+/// Download the bundle and its blobs, verify every hash, make it
+/// runnable. Returns the agent binary to exec.
+async fn fetch_bundle(ctx: &Ctx, hash: &str, ops: &mut Vec<OpRecord>) -> Result<PathBuf> {
+    let t = Instant::now();
+    let bytes = match ctx
+        .ask(AgentMsg::GetBundle {
+            hash: hash.to_string(),
+        })
+        .await?
+    {
+        ApplianceMsg::Bundle { bytes, .. } => bytes,
+        other => bail!("expected the bundle, got {other:?}"),
+    };
+    let bundle = Bundle::from_verified_bytes(&bytes, hash)?;
+    let dir = ctx.work_dir.join(format!("bundle-{hash}"));
+    std::fs::create_dir_all(&dir)?;
+    for blob in std::iter::once(&bundle.agent).chain(bundle.modules.iter().map(|m| &m.blob)) {
+        fetch_blob(ctx, blob, &dir).await?;
+    }
+    std::fs::write(dir.join("bundle.bin"), &bytes)?;
+    ops.push(OpRecord {
+        op: "fetch-bundle".into(),
+        ok: true,
+        exit_code: None,
+        duration_ms: t.elapsed().as_millis() as u64,
+        detail: format!(
+            "bundle {hash}: agent {} + {} modules, every BLAKE3 verified",
+            bundle.agent.hash,
+            bundle.modules.len()
+        ),
+    });
+    for m in &bundle.modules {
+        if let Some(load) = &m.load {
+            let file = dir.join(&m.blob.name);
+            let mut p = load.clone();
+            for a in &mut p.argv {
+                *a = a.replace("{file}", &file.display().to_string());
+            }
+            let op = run_program(ctx, &p, &HashMap::new()).await;
+            let ok = op.ok;
+            ops.push(op);
+            if !ok {
+                bail!("module {} failed to load", m.name);
+            }
+        }
+    }
+    Ok(dir.join(&bundle.agent.name))
+}
+
+async fn fetch_blob(ctx: &Ctx, blob: &BlobRef, dir: &Path) -> Result<()> {
+    let path = dir.join(&blob.name);
+    if blob.name.contains('/') || blob.name.starts_with('.') {
+        bail!("blob name {:?} is not a plain file name", blob.name);
+    }
+    // Already here and intact (re-delivery after a reboot of the loader).
+    if let Ok(data) = std::fs::read(&path) {
+        if blake3::hash(&data).to_hex().as_str() == blob.hash {
+            return Ok(());
+        }
+    }
+    let mut h = blake3::Hasher::new();
+    let mut out = Vec::with_capacity(blob.size as usize);
+    while (out.len() as u64) < blob.size {
+        let offset = out.len() as u64;
+        match ctx
+            .ask(AgentMsg::GetBlob {
+                hash: blob.hash.clone(),
+                offset,
+            })
+            .await?
+        {
+            ApplianceMsg::BlobChunk {
+                data,
+                total,
+                offset: o,
+                ..
+            } if o == offset && total == blob.size && !data.is_empty() => {
+                h.update(&data);
+                out.extend_from_slice(&data);
+            }
+            other => bail!("blob {}: unexpected answer {other:?}", blob.hash),
+        }
+    }
+    let got = h.finalize().to_hex().to_string();
+    if got != blob.hash {
+        bail!("blob {} hashes to {got}: refused", blob.name);
+    }
+    let tmp = dir.join(format!(".{}.tmp", blob.name));
+    std::fs::write(&tmp, &out)?;
+    if blob.executable {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    Ok(())
+}
+
+async fn run_plan(ctx: &Ctx, step: Step, ops: &mut Vec<OpRecord>) -> Result<String> {
+    let plan = plan_of(ctx)?;
+    let mut env = HashMap::new();
+    env.insert("RC_IMAGE_TARGET".to_string(), plan.image.target.clone());
+    let programs: Vec<Program> = match step {
+        Step::BiosConfigured => {
+            let b = plan
+                .bios
+                .as_ref()
+                .ok_or_else(|| anyhow!("plan has no BIOS part"))?;
+            for (k, v) in &b.attributes {
+                env.insert(format!("RC_BIOS_{k}"), v.clone());
+            }
+            env.insert(
+                "RC_BIOS_ATTRIBUTES".into(),
+                b.attributes.keys().cloned().collect::<Vec<_>>().join(" "),
+            );
+            b.program.iter().cloned().collect()
+        }
+        Step::RaidConfigured => {
+            let r = plan
+                .raid
+                .as_ref()
+                .ok_or_else(|| anyhow!("plan has no RAID part"))?;
+            env.insert("RC_RAID_LEVEL".into(), r.level.clone());
+            env.insert("RC_RAID_MEMBERS".into(), r.members.join(" "));
+            r.program.iter().cloned().collect()
+        }
+        Step::ProgramsRun => plan.programs.clone(),
+        Step::PostInstall => plan.post_install.clone(),
+        Step::BootToDisk => plan.boot_to_disk.iter().cloned().collect(),
+        other => bail!("step {other} has no programs"),
+    };
+    let mut names = Vec::new();
+    for p in &programs {
+        let op = run_program(ctx, p, &env).await;
+        let ok = op.ok;
+        let detail = op.detail.clone();
+        ops.push(op);
+        if !ok {
+            bail!(
+                "program {} failed: {}",
+                p.name,
+                detail.lines().last().unwrap_or("")
+            );
+        }
+        names.push(p.name.clone());
+    }
+    Ok(format!("ran {}", names.join(", ")))
+}
+
+/// Run one program with its timeout; output (tail, bounded) and exit
+/// code go to the event log.
+async fn run_program(ctx: &Ctx, p: &Program, env: &HashMap<String, String>) -> OpRecord {
+    let t = Instant::now();
+    let Some((bin, rest)) = p.argv.split_first() else {
+        return OpRecord {
+            op: p.name.clone(),
+            ok: false,
+            exit_code: None,
+            duration_ms: 0,
+            detail: "empty argv".into(),
+        };
+    };
+    let mut c = tokio::process::Command::new(bin);
+    c.args(rest)
+        .envs(env)
+        .envs(&p.env)
+        .env("RC_DEVICE", &ctx.device)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let res = tokio::time::timeout(Duration::from_secs(p.timeout_s), c.output()).await;
+    let ms = t.elapsed().as_millis() as u64;
+    match res {
+        Err(_) => OpRecord {
+            op: p.name.clone(),
+            ok: false,
+            exit_code: None,
+            duration_ms: ms,
+            detail: format!("timed out after {} s (killed)", p.timeout_s),
+        },
+        Ok(Err(e)) => OpRecord {
+            op: p.name.clone(),
+            ok: false,
+            exit_code: None,
+            duration_ms: ms,
+            detail: format!("cannot start {bin}: {e}"),
+        },
+        Ok(Ok(out)) => {
+            let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&out.stderr));
+            if text.len() > MAX_OUTPUT {
+                let mut cut = text.len() - MAX_OUTPUT;
+                while !text.is_char_boundary(cut) {
+                    cut += 1;
+                }
+                text = format!("[...{cut} bytes cut...]{}", &text[cut..]);
+            }
+            OpRecord {
+                op: p.name.clone(),
+                ok: out.status.success(),
+                exit_code: out.status.code(),
+                duration_ms: ms,
+                detail: text.trim_end().to_string(),
+            }
+        }
+    }
+}
+
+async fn receive_image(
+    ctx: &Ctx,
+    join: &rackcast::workflow::WaveJoin,
+    ops: &mut Vec<OpRecord>,
+) -> Result<(String, StepData)> {
+    let plan = plan_of(ctx)?;
+    if plan.image.hash != join.image_hash {
+        bail!(
+            "wave sends image {} ({}), the bundle plans {} ({})",
+            join.image,
+            join.image_hash,
+            plan.image.name,
+            plan.image.hash
+        );
+    }
+    let state = ctx.work_dir.join(format!(
+        "{}.rcresume",
+        &join.image_hash[..16.min(join.image_hash.len())]
+    ));
+    let opts = ReceiveOptions {
+        server: join.control,
+        out: PathBuf::from(&plan.image.target),
+        iface: ctx.iface.clone(),
+        name: Some(ctx.device.clone()),
+        state: Some(state),
+        connect_timeout: Duration::from_secs(30),
+        idle_timeout: Duration::from_secs(30),
+        rcvbuf: 16 << 20,
+    };
+    let t = Instant::now();
+    let progress = std::sync::Arc::new(Progress::default());
+    let rep = run_receive(opts, progress)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    ops.push(OpRecord {
+        op: "receive-image".into(),
+        ok: rep.verified,
+        exit_code: None,
+        duration_ms: t.elapsed().as_millis() as u64,
+        detail: format!(
+            "wave {} -> {}: {} bytes, {} packets, {} resumed blocks, {} auth failures{}",
+            join.wave_id,
+            plan.image.target,
+            rep.image_bytes,
+            rep.packets,
+            rep.resumed_blocks,
+            rep.auth_failures,
+            rep.reason
+                .as_ref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        ),
+    });
+    if !rep.verified {
+        bail!(
+            "image not verified: {}",
+            rep.reason.unwrap_or_else(|| "unknown".into())
+        );
+    }
+    Ok((
+        format!(
+            "image {} written to {} and verified",
+            join.image, plan.image.target
+        ),
+        StepData::ImageWritten {
+            hash: rep.image_hash,
+            bytes: rep.image_bytes,
+        },
+    ))
+}
