@@ -55,7 +55,7 @@ pub enum Input {
     },
     BundleDone {
         device: String,
-        result: Result<(String, crate::bundle::Plan), String>,
+        result: Result<(String, Box<crate::bundle::Plan>), String>,
     },
     Wave {
         wave: i64,
@@ -63,7 +63,7 @@ pub enum Input {
     },
     WaveEnded {
         wave: i64,
-        result: Result<send::SendReport, String>,
+        result: Result<Box<send::SendReport>, String>,
     },
     /// Operator: retry a failed device.
     Retry {
@@ -170,11 +170,10 @@ pub fn add_image(
     Ok(rec)
 }
 
+type ImageMaps = (HashMap<String, ImageEntry>, HashMap<String, Arc<Manifest>>);
+
 /// Register the config's images, then load every image of the store.
-fn load_images(
-    cfg: &Config,
-    store: &mut dyn Store,
-) -> anyhow::Result<(HashMap<String, ImageEntry>, HashMap<String, Arc<Manifest>>)> {
+fn load_images(cfg: &Config, store: &mut dyn Store) -> anyhow::Result<ImageMaps> {
     for im in &cfg.images {
         add_image(cfg, store, &im.name, &im.path)?;
     }
@@ -378,10 +377,7 @@ impl Controller {
             }
             Input::BundleDone { device, result } => {
                 let ev = match result {
-                    Ok((hash, plan)) => Event::BundleBuilt {
-                        hash,
-                        plan: Box::new(plan),
-                    },
+                    Ok((hash, plan)) => Event::BundleBuilt { hash, plan },
                     Err(e) => Event::BundleFailed(e),
                 };
                 self.apply(&device, ev);
@@ -512,6 +508,7 @@ impl Controller {
             let result = tokio::task::spawn_blocking(move || {
                 builder
                     .build(&dev2, &mac, &inv, &images)
+                    .map(|(h, p)| (h, Box::new(p)))
                     .map_err(|e| e.to_string())
             })
             .await
@@ -697,6 +694,7 @@ impl Controller {
         self.rt.spawn(async move {
             let result = send::run_wave(opts, listener, Some(link))
                 .await
+                .map(Box::new)
                 .map_err(|e| e.to_string());
             let _ = inbox.send(Input::WaveEnded { wave: id, result });
         });
@@ -743,7 +741,7 @@ impl Controller {
         }
     }
 
-    fn on_wave_end(&mut self, wave: i64, result: Result<send::SendReport, String>) {
+    fn on_wave_end(&mut self, wave: i64, result: Result<Box<send::SendReport>, String>) {
         let Some(mut w) = self.waves.remove(&wave) else {
             return;
         };
