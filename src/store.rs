@@ -445,8 +445,10 @@ impl Store for SqliteStore {
     fn update_wave(&mut self, w: &WaveRecord) -> Result<(), StoreError> {
         self.conn.execute(
             "UPDATE waves SET state = ?2, ended_at = ?3, members = ?4, verified = ?5, failed = ?6,
-                detail = ?7 WHERE id = ?1",
-            params![w.id, w.state, w.ended_at, w.members, w.verified, w.failed, w.detail],
+                detail = ?7, group_addr = ?8 WHERE id = ?1",
+            params![
+                w.id, w.state, w.ended_at, w.members, w.verified, w.failed, w.detail, w.group
+            ],
         )?;
         Ok(())
     }

@@ -72,6 +72,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let (req_tx, mut req_rx) = mpsc::unbounded_channel::<Request>();
     let mut backoff = Duration::from_millis(200);
     let mut unreachable_since: Option<Instant> = None;
+    let mut finished = false;
     loop {
         let stream = match tokio::net::TcpStream::connect(args.server).await {
             Ok(s) => s,
@@ -165,6 +166,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
                                     let _ = sink.close().await;
                                     return exec_agent(&bin, &args, &id);
                                 }
+                                if finished && current.is_none() {
+                                    let _ = sink.close().await;
+                                    return Ok(());
+                                }
                             }
                         }
                         ApplianceMsg::Bundle { ref hash, .. } | ApplianceMsg::BlobChunk { ref hash, .. } => {
@@ -182,6 +187,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
                             // reports it and the appliance decides.
                             waiting.clear();
                             break Err(anyhow!("appliance: {message}"));
+                        }
+                        ApplianceMsg::Finished { detail } => {
+                            tracing::info!(%detail, "appliance says the device is done");
+                            if pending.is_none() && current.is_none() {
+                                let _ = sink.close().await;
+                                return Ok(());
+                            }
+                            // The last report's Ack is still to come.
+                            finished = true;
                         }
                         ApplianceMsg::Pong | ApplianceMsg::Welcome { .. } => {}
                     }

@@ -346,7 +346,12 @@ impl Controller {
                 }
                 self.conns.insert(id.clone(), (conn_id, out));
                 let _ = reply.send(Ok(id.clone()));
+                let done_agent = matches!(mode, AgentMode::Agent { .. })
+                    && self.devices[&id].reached == Step::Done;
                 self.apply(&id, Event::AgentConnected(mode));
+                if done_agent {
+                    self.send_finished(&id);
+                }
             }
             Input::Report {
                 device,
@@ -439,8 +444,21 @@ impl Controller {
         for r in &rows {
             tracing::info!(device = id, step = %r.step, kind = %r.kind, detail = %r.detail, "device event");
         }
+        let finished_now = next.reached == Step::Done && dev.reached != Step::Done;
         self.devices.insert(id.to_string(), next);
         self.perform(id, actions);
+        if finished_now {
+            self.send_finished(id);
+        }
+    }
+
+    fn send_finished(&self, id: &str) {
+        self.send_to(
+            id,
+            ApplianceMsg::Finished {
+                detail: "installation complete".into(),
+            },
+        );
     }
 
     fn perform(&mut self, id: &str, actions: Vec<Action>) {

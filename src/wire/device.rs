@@ -61,17 +61,24 @@ pub enum ApplianceMsg {
     },
     Bundle {
         hash: String,
+        // Bytes, not a sequence of u8: one copy instead of a loop.
+        #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
     BlobChunk {
         hash: String,
         offset: u64,
         total: u64,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     Pong,
     Error {
         message: String,
+    },
+    /// The device's installation is complete: the agent may exit.
+    Finished {
+        detail: String,
     },
 }
 
