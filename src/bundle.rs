@@ -78,6 +78,15 @@ pub struct Inventory {
 }
 
 impl Inventory {
+    /// A plan's disk reference: a disk name of this inventory maps to its
+    /// path; anything else (an array path) is used as it is.
+    pub fn resolve_disk(&self, target: &str) -> String {
+        self.disks
+            .iter()
+            .find(|d| d.name == target)
+            .map_or_else(|| target.to_string(), |d| d.path.clone())
+    }
+
     /// Every PCI id on the device (NICs and storage controllers).
     pub fn pci_ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = self
@@ -115,7 +124,9 @@ pub struct BiosPlan {
 pub struct RaidPlan {
     /// `raid0`, `raid1`, `raid5`, `raid6`, `raid10`.
     pub level: String,
-    /// Member disks (paths), chosen by the profile's rule.
+    /// Member disks by kernel name (`sda`), chosen by the profile's rule;
+    /// the agent maps names to paths from its own inventory, so identical
+    /// machines share one bundle.
     pub members: Vec<String>,
     /// Program-runner backend; gets `RC_RAID_LEVEL` and `RC_RAID_MEMBERS`.
     pub program: Option<Program>,
@@ -126,7 +137,8 @@ pub struct ImagePlan {
     pub name: String,
     pub hash: String,
     pub size: u64,
-    /// Where the image is written (disk path, or the RAID array).
+    /// Where the image is written: a disk by kernel name (see
+    /// [`RaidPlan::members`]) or the RAID array's path.
     pub target: String,
 }
 
@@ -161,11 +173,13 @@ pub struct ModuleRef {
     pub load: Option<Program>,
 }
 
-/// The bundle: what the loader downloads, verifies and runs.
+/// The bundle: what the loader downloads, verifies and runs. It holds no
+/// device identity, so devices of the same hardware and plan share one
+/// bundle (one address, built and stored once) and different hardware
+/// gets a different one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bundle {
     pub version: u16,
-    pub device: String,
     pub arch: String,
     pub agent: BlobRef,
     pub modules: Vec<ModuleRef>,
@@ -423,7 +437,6 @@ mod tests {
     fn bundle_hash_is_checked() {
         let b = Bundle {
             version: BUNDLE_VERSION,
-            device: "d1".into(),
             arch: "x86_64".into(),
             agent: BlobRef {
                 name: "rackcast-agent".into(),

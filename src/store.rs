@@ -446,9 +446,7 @@ impl Store for SqliteStore {
         self.conn.execute(
             "UPDATE waves SET state = ?2, ended_at = ?3, members = ?4, verified = ?5, failed = ?6,
                 detail = ?7, group_addr = ?8 WHERE id = ?1",
-            params![
-                w.id, w.state, w.ended_at, w.members, w.verified, w.failed, w.detail, w.group
-            ],
+            params![w.id, w.state, w.ended_at, w.members, w.verified, w.failed, w.detail, w.group],
         )?;
         Ok(())
     }

@@ -479,7 +479,7 @@ impl Fx<'_> {
                 // A loader while the device is past the bundle: it rebooted
                 // (a BIOS reset does that). Hand it its bundle again; the
                 // workflow continues where it stands.
-                if self.dev.reached >= Step::AgentDelivered && self.dev.running.is_none() {
+                if self.dev.reached >= Step::AgentDelivered {
                     if let Some(hash) = self.dev.bundle.clone() {
                         let cmd = Command {
                             cmd_id: self.take_cmd(),

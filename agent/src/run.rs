@@ -150,6 +150,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
                             if current.as_ref().is_some_and(|(c, _)| *c == cmd.cmd_id) {
                                 continue;
                             }
+                            if args.bundle_dir.is_none()
+                                && !matches!(cmd.work, Work::Inventory | Work::FetchBundle { .. })
+                            {
+                                // Plan steps are for the bundle's agent; the
+                                // appliance repeats this one when it connects.
+                                tracing::debug!(cmd = cmd.cmd_id, step = %cmd.step, "plan step left to the bundle's agent");
+                                continue;
+                            }
                             if let Some((old, h)) = current.take() {
                                 tracing::warn!(old, new = cmd.cmd_id, "newer command replaces the one in progress");
                                 h.abort();
@@ -349,7 +357,11 @@ async fn execute(ctx: Ctx, cmd: Command) -> Report {
             .map(|d| (d, StepData::None)),
         Work::RequestImage => plan_of(&ctx).map(|p| {
             (
-                format!("requests image {} for {}", p.image.name, p.image.target),
+                format!(
+                    "requests image {} for {}",
+                    p.image.name,
+                    ctx.inventory.resolve_disk(&p.image.target)
+                ),
                 StepData::None,
             )
         }),
@@ -483,7 +495,10 @@ async fn fetch_blob(ctx: &Ctx, blob: &BlobRef, dir: &Path) -> Result<()> {
 async fn run_plan(ctx: &Ctx, step: Step, ops: &mut Vec<OpRecord>) -> Result<String> {
     let plan = plan_of(ctx)?;
     let mut env = HashMap::new();
-    env.insert("RC_IMAGE_TARGET".to_string(), plan.image.target.clone());
+    env.insert(
+        "RC_IMAGE_TARGET".to_string(),
+        ctx.inventory.resolve_disk(&plan.image.target),
+    );
     let programs: Vec<Program> = match step {
         Step::BiosConfigured => {
             let b = plan
@@ -505,7 +520,12 @@ async fn run_plan(ctx: &Ctx, step: Step, ops: &mut Vec<OpRecord>) -> Result<Stri
                 .as_ref()
                 .ok_or_else(|| anyhow!("plan has no RAID part"))?;
             env.insert("RC_RAID_LEVEL".into(), r.level.clone());
-            env.insert("RC_RAID_MEMBERS".into(), r.members.join(" "));
+            let members: Vec<String> = r
+                .members
+                .iter()
+                .map(|m| ctx.inventory.resolve_disk(m))
+                .collect();
+            env.insert("RC_RAID_MEMBERS".into(), members.join(" "));
             r.program.iter().cloned().collect()
         }
         Step::ProgramsRun => plan.programs.clone(),
@@ -608,9 +628,10 @@ async fn receive_image(
         "{}.rcresume",
         &join.image_hash[..16.min(join.image_hash.len())]
     ));
+    let target = ctx.inventory.resolve_disk(&plan.image.target);
     let opts = ReceiveOptions {
         server: join.control,
-        out: PathBuf::from(&plan.image.target),
+        out: PathBuf::from(&target),
         iface: ctx.iface.clone(),
         name: Some(ctx.device.clone()),
         state: Some(state),
@@ -631,7 +652,7 @@ async fn receive_image(
         detail: format!(
             "wave {} -> {}: {} bytes, {} packets, {} resumed blocks, {} auth failures{}",
             join.wave_id,
-            plan.image.target,
+            target,
             rep.image_bytes,
             rep.packets,
             rep.resumed_blocks,

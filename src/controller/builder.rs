@@ -140,7 +140,6 @@ impl Builder {
     /// Generate (and store) the bundle for one device.
     pub fn build(
         &self,
-        device: &str,
         mac: &str,
         inv: &Inventory,
         images: &HashMap<String, ImageEntry>,
@@ -186,7 +185,7 @@ impl Builder {
                 crate::bundle::check_raid_level(&r.level, members.len()).map_err(rule_err)?;
                 Some(RaidPlan {
                     level: r.level.clone(),
-                    members: members.iter().map(|d| d.path.clone()).collect(),
+                    members: members.iter().map(|d| d.name.clone()).collect(),
                     program: r.program.as_ref().map(|x| x.to_program()),
                 })
             }
@@ -203,7 +202,7 @@ impl Builder {
                         disk.path, disk.size_bytes, img.name, img.size
                     )));
                 }
-                disk.path.clone()
+                disk.name.clone()
             }
             (None, None) => return Err(rule_err("no image target".into())),
         };
@@ -226,7 +225,6 @@ impl Builder {
         };
         let bundle = Bundle {
             version: BUNDLE_VERSION,
-            device: device.to_string(),
             arch: inv.cpu.arch.clone(),
             agent,
             modules,

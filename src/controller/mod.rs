@@ -522,10 +522,9 @@ impl Controller {
             // Bounded: 1,000 devices inventoried at once do not build
             // 1,000 bundles at once.
             let _permit = permits.acquire_owned().await;
-            let dev2 = device.clone();
             let result = tokio::task::spawn_blocking(move || {
                 builder
-                    .build(&dev2, &mac, &inv, &images)
+                    .build(&mac, &inv, &images)
                     .map(|(h, p)| (h, Box::new(p)))
                     .map_err(|e| e.to_string())
             })
@@ -810,6 +809,7 @@ pub struct DeviceRow {
     pub step: String,
     pub wave: Option<i64>,
     pub image: Option<String>,
+    pub bundle: Option<String>,
     pub detail: String,
 }
 
@@ -822,6 +822,7 @@ pub fn device_rows(devs: &[Device]) -> Vec<DeviceRow> {
             step: d.current_step().to_string(),
             wave: d.wave,
             image: d.image.clone(),
+            bundle: d.bundle.clone(),
             detail: d
                 .failed
                 .as_ref()

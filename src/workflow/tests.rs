@@ -319,14 +319,29 @@ fn reconnect_resends_the_running_command_with_its_id() {
     s.ok(StepData::None);
     let reached = s.dev.reached;
     s.ev(Event::AgentDisconnected);
-    let running = s.dev.running.clone();
+    let running = s.dev.running.clone().expect("next step running");
     s.ev(Event::AgentConnected(AgentMode::Loader {
         os_present: false,
     }));
-    if running.is_none() {
-        assert!(matches!(s.last_cmd().work, Work::FetchBundle { .. }));
-    }
+    let fetch = s.last_cmd();
+    assert!(matches!(fetch.work, Work::FetchBundle { .. }));
     assert_eq!(s.dev.reached, reached);
+    // Its report is not a step result; the step in progress is untouched
+    // and repeated to the bundle's agent when it connects.
+    let rows = s.rows.len();
+    s.ev(Event::Report {
+        cmd_id: fetch.cmd_id,
+        outcome: Outcome::Ok {
+            detail: "again".into(),
+        },
+        data: StepData::None,
+        ops: vec![],
+    });
+    assert_eq!(s.rows.len(), rows);
+    s.ev(Event::AgentConnected(AgentMode::Agent {
+        bundle: "b1".into(),
+    }));
+    assert_eq!(s.last_cmd().cmd_id, running.cmd_id);
 }
 
 #[test]

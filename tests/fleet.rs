@@ -1,0 +1,571 @@
+//! The appliance end to end: `rackcast serve` in the appliance namespace,
+//! `rackcast-agent run` in every device namespace (hardware description
+//! files, disk files), through every workflow step to `done`; a killed
+//! appliance; bad input on the control plane. Needs root (netns).
+
+mod common;
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+struct Rack {
+    lab: Lab,
+    config: PathBuf,
+    images: HashMap<String, PathBuf>,
+    serve: Option<Child>,
+    agents: Vec<Option<Child>>,
+}
+
+const MAC_PREFIX: &str = "02:aa:00:00:00:";
+
+fn mac(i: usize) -> String {
+    format!("{MAC_PREFIX}{i:02x}")
+}
+
+fn device_id(i: usize) -> String {
+    format!("rc-02aa000000{i:02x}")
+}
+
+impl Rack {
+    /// `n` devices: odd ones are "Dell PowerEdge R650" (BIOS + programs +
+    /// boot-to-disk, image debian), even ones generic (nothing to
+    /// configure, image rocky); `rocky_override` odd devices get rocky by
+    /// MAC. Device 1 also has a NIC with a PCI id that pulls a module.
+    fn new(tag: &str, n: usize, rate: &str, mib: (u64, u64), extra_cfg: &str) -> Rack {
+        let lab = Lab::up(tag, n, rate, &[]);
+        let dir = lab.dir.clone();
+        let state = dir.join("state");
+        fs::create_dir_all(&state).unwrap();
+        // A stripped copy of the agent: bundles carry it to every device.
+        let agent = dir.join("rackcast-agent");
+        let st = Command::new("strip")
+            .arg("-o")
+            .arg(&agent)
+            .arg(bin("rackcast-agent"))
+            .status()
+            .expect("strip (binutils)");
+        assert!(st.success());
+        let module = dir.join("mlx-fw-tool.sh");
+        fs::write(&module, "#!/bin/sh\necho mlx firmware tool loaded\n").unwrap();
+        let mut images = HashMap::new();
+        for (name, size, seed) in [("debian", mib.0, 11u64), ("rocky", mib.1, 12)] {
+            let p = dir.join(format!("{name}.img"));
+            let st = Command::new(bin("rc-mkimage"))
+                .arg(&p)
+                .args([
+                    "--mib",
+                    &size.to_string(),
+                    "--seed",
+                    &seed.to_string(),
+                    "--zero-every",
+                    "5",
+                ])
+                .stdout(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(st.success());
+            images.insert(name.to_string(), p);
+        }
+        let config = dir.join("rackcast.toml");
+        let text = format!(
+            r#"
+[appliance]
+control_listen = "198.18.0.1:7100"
+api_listen = "198.18.0.1:7180"
+state_dir = "{state}"
+read_timeout = "30s"
+
+[dataplane]
+iface = "srv0"
+bind = "198.18.0.1"
+total_rate = "{cfg_rate}"
+group_base = "239.255.30.1"
+
+[workflow]
+step_timeout = "60s"
+imaging_timeout = "120s"
+retry_backoff = "1s"
+max_attempts = 4
+
+[agents]
+x86_64 = "{agent}"
+
+[[images]]
+name = "debian"
+path = "{debian}"
+
+[[images]]
+name = "rocky"
+path = "{rocky}"
+
+[[modules]]
+name = "mlx-fw"
+pci_ids = ["15b3:1017"]
+file = "{module}"
+load = {{ name = "load-mlx-fw", argv = ["sh", "{{file}}"], timeout = "10s" }}
+
+[[profiles]]
+name = "r650"
+vendor = "Dell*"
+model = "PowerEdge R650"
+image = "debian"
+target = {{ order = "largest", count = 1 }}
+bios = {{ attributes = {{ BootMode = "Uefi", ProcVirtualization = "Enabled" }}, program = {{ name = "bios-apply", argv = ["sh", "-c", "echo BootMode=$RC_BIOS_BootMode VT=$RC_BIOS_ProcVirtualization"] }} }}
+programs = [ {{ name = "set-hostname", argv = ["sh", "-c", "echo host $RC_DEVICE target $RC_IMAGE_TARGET"], timeout = "10s" }} ]
+post_install = [ {{ name = "check-image", argv = ["sh", "-c", "test -s $RC_IMAGE_TARGET && echo image present"] }} ]
+boot_to_disk = {{ name = "efibootmgr", argv = ["true"] }}
+
+[[profiles]]
+name = "generic"
+image = "rocky"
+target = {{ order = "smallest", count = 1 }}
+
+[[devices]]
+mac = "{override_mac}"
+image = "rocky"
+{extra_cfg}
+"#,
+            state = state.display(),
+            agent = agent.display(),
+            debian = images["debian"].display(),
+            rocky = images["rocky"].display(),
+            module = module.display(),
+            override_mac = mac(3),
+            cfg_rate = rate.replace("mbit", "M"),
+        );
+        fs::write(&config, text).unwrap();
+        for i in 1..=n {
+            let (vendor, model) = if i % 2 == 1 {
+                ("Dell Inc.", "PowerEdge R650")
+            } else {
+                ("Supermicro", "SYS-1029U")
+            };
+            let big = dir.join(format!("d{i}-disk-big.img"));
+            let small = dir.join(format!("d{i}-disk-small.img"));
+            // Sparse files standing in for disks, filled with old data
+            // at the start so a wrong write cannot pass as the image.
+            for (p, mb) in [(&big, 96u64), (&small, 64)] {
+                fs::write(p, vec![0xAAu8; 1 << 20]).unwrap();
+                let f = fs::OpenOptions::new().write(true).open(p).unwrap();
+                f.set_len(mb << 20).unwrap();
+            }
+            let pci = if i == 1 { "15b3:1017" } else { "8086:1521" };
+            let hw = serde_json::json!({
+                "dmi": {"vendor": vendor, "model": model, "serial": format!("SN{i:04}")},
+                "cpu": {"arch": "x86_64", "count": 8},
+                "memory_bytes": 68_719_476_736u64,
+                "nics": [{"name": "d0", "mac": mac(i), "pci_id": pci}],
+                // Listed small-first on odd devices, big-first on even
+                // ones: the rules pick by size, not by order.
+                "disks": if i % 2 == 1 {
+                    serde_json::json!([
+                        {"name": "sdb", "path": small, "size_bytes": 64u64 << 20, "model": "SSD-S", "serial": format!("S{i}")},
+                        {"name": "sda", "path": big, "size_bytes": 96u64 << 20, "model": "SSD-B", "serial": format!("B{i}")}
+                    ])
+                } else {
+                    serde_json::json!([
+                        {"name": "sda", "path": big, "size_bytes": 96u64 << 20, "model": "SSD-B", "serial": format!("B{i}")},
+                        {"name": "sdb", "path": small, "size_bytes": 64u64 << 20, "model": "SSD-S", "serial": format!("S{i}")}
+                    ])
+                },
+            });
+            fs::write(dir.join(format!("d{i}.json")), hw.to_string()).unwrap();
+        }
+        let mut r = Rack {
+            lab,
+            config,
+            images,
+            serve: None,
+            agents: (0..n).map(|_| None).collect(),
+        };
+        r.start_serve();
+        r
+    }
+
+    fn start_serve(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.lab.file("serve.log"))
+            .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.lab.ns("app")])
+            .arg(bin("rackcast"))
+            .args(["serve", "--log", "info,rackcast=debug", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.serve = Some(child);
+        // Ready when the API answers.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.api("/api/images").is_some() {
+                return;
+            }
+            if let Some(c) = self.serve.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("appliance exited ({st}):\n{}", self.serve_log());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("appliance did not come up:\n{}", self.serve_log());
+    }
+
+    fn start_agent(&mut self, i: usize) {
+        let dir = &self.lab.dir;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("agent{i}.log")))
+            .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.lab.ns(&format!("d{i}"))])
+            .arg(bin("rackcast-agent"))
+            .args(["run", "--server", "198.18.0.1:7100", "--iface", "d0"])
+            .args(["--os-present", "false", "--give-up", "60", "--hardware"])
+            .arg(dir.join(format!("d{i}.json")))
+            .arg("--work-dir")
+            .arg(dir.join(format!("work{i}")))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.agents[i - 1] = Some(child);
+    }
+
+    /// GET on the appliance's API from inside its namespace (real curl).
+    fn api(&self, path: &str) -> Option<Value> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.lab.ns("app"),
+                "curl",
+                "-sf",
+                "-m",
+                "5",
+            ])
+            .arg(format!("http://198.18.0.1:7180{path}"))
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    fn cli(&self, args: &[&str]) -> Value {
+        let out = Command::new(bin("rackcast"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "rackcast {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn devices(&self) -> Vec<Value> {
+        self.cli(&["devices"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn serve_log(&self) -> String {
+        fs::read_to_string(self.lab.file("serve.log")).unwrap_or_default()
+    }
+
+    fn agent_log(&self, i: usize) -> String {
+        fs::read_to_string(self.lab.file(&format!("agent{i}.log"))).unwrap_or_default()
+    }
+
+    /// Wait until `pred(devices)` or the deadline; panics with logs.
+    fn wait_for(&self, what: &str, within: Duration, pred: impl Fn(&[Value]) -> bool) {
+        let deadline = Instant::now() + within;
+        loop {
+            let d = self.devices();
+            if pred(&d) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "timed out waiting for {what}\ndevices: {}\nserve log tail:\n{}\nagent1 log tail:\n{}",
+                    serde_json::to_string_pretty(&d).unwrap(),
+                    tail(&self.serve_log(), 40),
+                    tail(&self.agent_log(1), 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn kill_serve(&mut self) {
+        if let Some(mut c) = self.serve.take() {
+            // `ip netns exec` execs the program: this is the appliance.
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Rack {
+    fn drop(&mut self) {
+        for a in self.agents.iter_mut().flatten() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        self.kill_serve();
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn all_done(n: usize) -> impl Fn(&[Value]) -> bool {
+    move |d: &[Value]| d.len() == n && d.iter().all(|x| x["state"] == "done")
+}
+
+/// The first `len` bytes of `disk` are exactly `image`.
+fn assert_image_on(disk: &Path, image: &Path) {
+    let want = fs::read(image).unwrap();
+    let got = fs::read(disk).unwrap();
+    assert!(got.len() >= want.len(), "{} too short", disk.display());
+    assert!(
+        got[..want.len()] == want[..],
+        "{} does not hold {}",
+        disk.display(),
+        image.display()
+    );
+}
+
+const ORDER: [&str; 12] = [
+    "loader_booted",
+    "inventoried",
+    "agent_delivered",
+    "bios_configured",
+    "raid_configured",
+    "programs_run",
+    "ready_for_image",
+    "imaging",
+    "image_verified",
+    "post_install",
+    "boot_to_disk",
+    "done",
+];
+
+/// The device's event log: every step completed or skipped exactly once
+/// and in order, durations on completed agent steps, every row chained
+/// to the one before it (none lost), no step completed twice (none
+/// duplicated), every start closed by one result.
+fn check_log(rack: &Rack, i: usize) -> Vec<Value> {
+    let ev = rack.cli(&["log", &device_id(i)]);
+    let ev = ev.as_array().cloned().unwrap();
+    let finals: Vec<(String, String)> = ev
+        .iter()
+        .filter(|e| e["kind"] == "ok" || e["kind"] == "skipped")
+        .map(|e| {
+            (
+                e["step"].as_str().unwrap().to_string(),
+                e["kind"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let steps: Vec<&str> = finals.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(steps, ORDER, "device {i} log order: {finals:?}");
+    for e in &ev {
+        if e["kind"] == "ok"
+            && !["loader_booted", "done", "image_verified"].contains(&e["step"].as_str().unwrap())
+        {
+            assert!(
+                e["duration_ms"].is_u64(),
+                "device {i}: {} ok without duration",
+                e["step"]
+            );
+        }
+    }
+    for w in ev.windows(2) {
+        assert_eq!(
+            w[0]["to_state"], w[1]["from_state"],
+            "device {i}: log rows do not chain: {} then {}",
+            w[0], w[1]
+        );
+    }
+    let mut open: HashMap<String, u32> = HashMap::new();
+    for e in &ev {
+        let step = e["step"].as_str().unwrap().to_string();
+        match e["kind"].as_str().unwrap() {
+            "started" => {
+                let c = open.entry(step.clone()).or_default();
+                assert_eq!(*c, 0, "device {i}: {step} started twice without a result");
+                *c = 1;
+            }
+            "ok" | "failed" => {
+                if let Some(c) = open.get_mut(&step) {
+                    *c = 0;
+                }
+            }
+            _ => {}
+        }
+    }
+    ev
+}
+
+#[test]
+fn rack_of_eight_two_profiles_two_images_concurrent_waves() {
+    if !can_run() {
+        return;
+    }
+    let n = 8;
+    let mut rack = Rack::new(
+        "fl",
+        n,
+        "300mbit",
+        (48, 40),
+        "[waves]\nmin_members = 3\nstart_after = \"3s\"\nmember_timeout = \"20s\"",
+    );
+    for i in 1..=n {
+        rack.start_agent(i);
+    }
+    rack.wait_for("all devices done", Duration::from_secs(240), all_done(n));
+    // Every agent exits 0 when told its device is done.
+    for (k, a) in rack.agents.iter_mut().enumerate() {
+        let out = finish(a.take().unwrap(), Duration::from_secs(20));
+        assert!(
+            out.status.success(),
+            "agent {} exit {:?}",
+            k + 1,
+            out.status
+        );
+    }
+    let devs = rack.devices();
+    let by_id: HashMap<String, Value> = devs
+        .iter()
+        .map(|d| (d["device"].as_str().unwrap().to_string(), d.clone()))
+        .collect();
+    for i in 1..=n {
+        let d = &by_id[&device_id(i)];
+        let image = if i % 2 == 1 && i != 3 {
+            "debian"
+        } else {
+            "rocky"
+        };
+        assert_eq!(d["image"], image, "device {i}");
+        // R650 (odd): image on the largest disk; generic: the smallest.
+        let disk = rack.lab.file(&if i % 2 == 1 {
+            format!("d{i}-disk-big.img")
+        } else {
+            format!("d{i}-disk-small.img")
+        });
+        assert_image_on(&disk, &rack.images[image]);
+        let ev = check_log(&rack, i);
+        let kinds = |step: &str| -> Vec<String> {
+            ev.iter()
+                .filter(|e| e["step"] == step && (e["kind"] == "ok" || e["kind"] == "skipped"))
+                .map(|e| e["kind"].as_str().unwrap().to_string())
+                .collect()
+        };
+        if i % 2 == 1 {
+            assert_eq!(kinds("bios_configured"), ["ok"], "device {i}");
+            assert!(ev.iter().any(|e| e["detail"]
+                .as_str()
+                .unwrap()
+                .contains("BootMode=Uefi VT=Enabled")));
+        } else {
+            assert_eq!(kinds("bios_configured"), ["skipped"], "device {i}");
+        }
+        assert_eq!(kinds("raid_configured"), ["skipped"]);
+    }
+    // Device 1's NIC pulls the module: its load program ran and was logged.
+    let ev1 = check_log(&rack, 1);
+    assert!(ev1.iter().any(|e| e["detail"]
+        .as_str()
+        .unwrap()
+        .contains("mlx firmware tool loaded")));
+    // Bundles: same hardware and plan share one; different hardware gets
+    // a different one (profile, module, image target).
+    let bundle = |i: usize| by_id[&device_id(i)]["bundle"].as_str().unwrap().to_string();
+    assert_eq!(bundle(5), bundle(7), "identical R650s share a bundle");
+    assert_eq!(
+        bundle(2),
+        bundle(4),
+        "identical generic boxes share a bundle"
+    );
+    assert_ne!(
+        bundle(1),
+        bundle(5),
+        "the NIC module makes device 1's bundle differ"
+    );
+    assert_ne!(bundle(5), bundle(2), "different hardware, different bundle");
+    assert_ne!(bundle(3), bundle(5), "another image, another plan");
+    // Two waves (one per image) ran at the same time.
+    let waves = rack.cli(&["waves"]);
+    let waves = waves.as_array().unwrap();
+    let first = |img: &str| {
+        waves
+            .iter()
+            .find(|w| w["image"] == img)
+            .unwrap_or_else(|| panic!("no wave for {img}: {waves:?}"))
+            .clone()
+    };
+    let (a, b) = (first("debian"), first("rocky"));
+    for w in [&a, &b] {
+        assert_eq!(w["state"], "finished", "{w}");
+        assert!(w["verified"].as_u64().unwrap() >= 1);
+    }
+    let span = |w: &Value| {
+        (
+            w["created_at"].as_i64().unwrap(),
+            w["ended_at"].as_i64().unwrap(),
+        )
+    };
+    let ((a0, a1), (b0, b1)) = (span(&a), span(&b));
+    assert!(
+        a0 < b1 && b0 < a1,
+        "waves did not overlap: debian {a0}..{a1}, rocky {b0}..{b1}"
+    );
+    let verified: u64 = waves.iter().map(|w| w["verified"].as_u64().unwrap()).sum();
+    assert_eq!(
+        verified, n as u64,
+        "every device verified in some wave: {waves:?}"
+    );
+    // The REST API and a Prometheus-format /metrics answer too.
+    let api = rack.api("/api/devices").unwrap();
+    assert_eq!(api.as_array().unwrap().len(), n);
+    let metrics = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &rack.lab.ns("app"),
+            "curl",
+            "-sf",
+            "-m",
+            "5",
+        ])
+        .arg("http://198.18.0.1:7180/metrics")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        text.contains("rackcast_devices{state=\"done\"} 8"),
+        "{}",
+        tail(&text, 30)
+    );
+    assert!(text.contains("rackcast_step_duration_seconds_count{step=\"imaging\",result=\"ok\"}"));
+}
