@@ -569,3 +569,70 @@ fn rack_of_eight_two_profiles_two_images_concurrent_waves() {
     );
     assert!(text.contains("rackcast_step_duration_seconds_count{step=\"imaging\",result=\"ok\"}"));
 }
+
+#[test]
+fn appliance_killed_mid_wave_resumes_every_device() {
+    if !can_run() {
+        return;
+    }
+    let n = 4;
+    let mut rack = Rack::new(
+        "fk",
+        n,
+        "100mbit",
+        (64, 64),
+        "[waves]\nmin_members = 4\nstart_after = \"20s\"\nmember_timeout = \"20s\"",
+    );
+    for i in 1..=n {
+        rack.start_agent(i);
+    }
+    // Kill -9 the appliance once the wave has moved a good part of the
+    // image (64 MiB at 100 Mbit/s takes ~6 s).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let w = rack.cli(&["waves"]);
+        if w.as_array().is_some_and(|w| w.iter().any(|w| w["state"] == "running")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no wave started:\n{}", tail(&rack.serve_log(), 30));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    let rows_before: usize = (1..=n)
+        .map(|i| rack.cli(&["log", &device_id(i)]).as_array().unwrap().len())
+        .sum();
+    rack.kill_serve();
+    std::thread::sleep(Duration::from_millis(500));
+    rack.start_serve();
+    rack.wait_for("all devices done after the restart", Duration::from_secs(180), all_done(n));
+    let waves = rack.cli(&["waves"]);
+    let waves = waves.as_array().unwrap();
+    assert!(waves.iter().any(|w| w["state"] == "aborted"), "{waves:?}");
+    assert!(waves.iter().any(|w| w["state"] == "finished"));
+    let devs = rack.devices();
+    let mut resumed_any = false;
+    let mut rows_after = 0;
+    for i in 1..=n {
+        let disk = rack.lab.file(&if i % 2 == 1 {
+            format!("d{i}-disk-big.img")
+        } else {
+            format!("d{i}-disk-small.img")
+        });
+        let d = devs.iter().find(|d| d["device"] == device_id(i)).unwrap();
+        assert_image_on(&disk, &rack.images[d["image"].as_str().unwrap()]);
+        let ev = check_log(&rack, i);
+        rows_after += ev.len();
+        assert!(
+            ev.iter().any(|e| e["step"] == "imaging"
+                && e["kind"] == "failed"
+                && e["detail"].as_str().unwrap().contains("appliance restarted")),
+            "device {i}: the lost wave is in the log"
+        );
+        resumed_any |= ev.iter().any(|e| {
+            let d = e["detail"].as_str().unwrap();
+            e["kind"] == "op" && d.contains("receive-image ok") && !d.contains(" 0 resumed blocks")
+        });
+    }
+    assert!(rows_after > rows_before, "the log kept every row from before the kill");
+    assert!(resumed_any, "no receiver resumed from its bitmap after the restart");
+}
