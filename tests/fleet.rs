@@ -591,10 +591,16 @@ fn appliance_killed_mid_wave_resumes_every_device() {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let w = rack.cli(&["waves"]);
-        if w.as_array().is_some_and(|w| w.iter().any(|w| w["state"] == "running")) {
+        if w.as_array()
+            .is_some_and(|w| w.iter().any(|w| w["state"] == "running"))
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "no wave started:\n{}", tail(&rack.serve_log(), 30));
+        assert!(
+            Instant::now() < deadline,
+            "no wave started:\n{}",
+            tail(&rack.serve_log(), 30)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(2500));
@@ -604,7 +610,11 @@ fn appliance_killed_mid_wave_resumes_every_device() {
     rack.kill_serve();
     std::thread::sleep(Duration::from_millis(500));
     rack.start_serve();
-    rack.wait_for("all devices done after the restart", Duration::from_secs(180), all_done(n));
+    rack.wait_for(
+        "all devices done after the restart",
+        Duration::from_secs(180),
+        all_done(n),
+    );
     let waves = rack.cli(&["waves"]);
     let waves = waves.as_array().unwrap();
     assert!(waves.iter().any(|w| w["state"] == "aborted"), "{waves:?}");
@@ -625,7 +635,10 @@ fn appliance_killed_mid_wave_resumes_every_device() {
         assert!(
             ev.iter().any(|e| e["step"] == "imaging"
                 && e["kind"] == "failed"
-                && e["detail"].as_str().unwrap().contains("appliance restarted")),
+                && e["detail"]
+                    .as_str()
+                    .unwrap()
+                    .contains("appliance restarted")),
             "device {i}: the lost wave is in the log"
         );
         resumed_any |= ev.iter().any(|e| {
@@ -633,6 +646,102 @@ fn appliance_killed_mid_wave_resumes_every_device() {
             e["kind"] == "op" && d.contains("receive-image ok") && !d.contains(" 0 resumed blocks")
         });
     }
-    assert!(rows_after > rows_before, "the log kept every row from before the kill");
-    assert!(resumed_any, "no receiver resumed from its bitmap after the restart");
+    assert!(
+        rows_after > rows_before,
+        "the log kept every row from before the kill"
+    );
+    assert!(
+        resumed_any,
+        "no receiver resumed from its bitmap after the restart"
+    );
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_the_others_are_served() {
+    if !can_run() {
+        return;
+    }
+    let mut rack = Rack::new("fb", 1, "300mbit", (8, 8), "[waves]\nstart_after = \"1s\"");
+    // The real device works through all of this.
+    rack.start_agent(1);
+    let app_ns = rack.lab.ns("app");
+    let bad = |case: &str| -> Value {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &app_ns, "python3"])
+            .arg(root().join("tests/fixtures/bad_agent.py"))
+            .args(["198.18.0.1", "7100", case])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    for (case, want) in [
+        ("garbage", "malformed"),
+        ("oversize", "larger than"),
+        ("version", "protocol version 99 not supported"),
+        ("bad_mac", "not aa:bb:cc:dd:ee:ff"),
+    ] {
+        let r = bad(case);
+        assert!(
+            r["closed"].as_bool().unwrap(),
+            "{case}: connection left open: {r}"
+        );
+        assert!(
+            r["text"].as_str().unwrap().contains(want),
+            "{case}: answer {r} lacks {want:?}"
+        );
+    }
+    let r = bad("midstep");
+    assert!(
+        r["frames"].as_u64().unwrap() >= 2,
+        "welcome and a command: {r}"
+    );
+    rack.wait_for("the real device done", Duration::from_secs(120), |d| {
+        d.iter()
+            .any(|x| x["device"] == device_id(1) && x["state"] == "done")
+    });
+    // The device that vanished mid-step is recorded, its step still open
+    // (its timeout will fail it), the appliance still up.
+    let devs = rack.devices();
+    let ghost = devs
+        .iter()
+        .find(|d| d["mac"] == "02:bb:00:00:00:02")
+        .expect("mid-step device recorded");
+    assert_eq!(ghost["state"], "running", "{ghost}");
+    assert_eq!(ghost["step"], "inventoried");
+    assert!(
+        !devs.iter().any(|d| d["mac"] == "02:bb:00:00:00:01"),
+        "a wrong-version hello must not create a device"
+    );
+    let metrics = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &rack.lab.ns("app"),
+            "curl",
+            "-sf",
+            "-m",
+            "5",
+        ])
+        .arg("http://198.18.0.1:7180/metrics")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&metrics.stdout);
+    for kind in ["malformed", "oversize", "version"] {
+        assert!(
+            text.contains(&format!(
+                "rackcast_agent_protocol_errors_total{{kind=\"{kind}\"}}"
+            )),
+            "no {kind} counter in:\n{}",
+            tail(&text, 40)
+        );
+    }
+    assert!(
+        rack.serve.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "appliance died"
+    );
 }

@@ -49,7 +49,12 @@ async fn serve_agent(stream: TcpStream, shared: Shared) -> Result<(), ConnError>
     let hello: AgentMsg = match conn.recv(read_timeout).await {
         Ok(m) => m,
         Err(e) => {
-            count_error("bad_hello");
+            count_error(match e {
+                ConnError::Oversize(_) => "oversize",
+                ConnError::Timeout(_) => "timeout",
+                ConnError::Closed | ConnError::Io(_) => "closed",
+                _ => "malformed",
+            });
             conn.close_with(ApplianceMsg::Error {
                 message: format!("expected Hello: {e}"),
             })
