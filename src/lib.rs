@@ -34,6 +34,32 @@ pub fn tune_allocator() {
     }
 }
 
+/// An appliance holds one TCP connection per device (and a wave's
+/// control connections on top): lift the soft open-file limit to the hard
+/// one so a rack of 1,000 devices does not hit the default 1,024.
+pub fn raise_fd_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return 0;
+        }
+        if r.rlim_cur < r.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                return want.rlim_cur;
+            }
+        }
+        r.rlim_cur
+    }
+}
+
 /// Logs to stderr with a RUST_LOG-style filter (`info`, `rackcast=debug`);
 /// a bad filter falls back to `info` rather than failing the binary.
 pub fn init_logs(filter: &str) {

@@ -207,6 +207,8 @@ fn load_images(cfg: &Config, store: &mut dyn Store) -> anyhow::Result<ImageMaps>
 
 /// Run the appliance until SIGINT/SIGTERM.
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let fds = crate::raise_fd_limit();
+    tracing::info!(open_files = fds, "file descriptor limit");
     let cfg = Arc::new(cfg);
     std::fs::create_dir_all(&cfg.appliance.state_dir)?;
     let mut store = SqliteStore::open(&cfg.store_path())?;
@@ -361,7 +363,7 @@ impl Controller {
                 ops,
             } => {
                 if self.devices.contains_key(&device) {
-                    self.apply(
+                    self.apply_acked(
                         &device,
                         Event::Report {
                             cmd_id,
@@ -369,9 +371,8 @@ impl Controller {
                             data,
                             ops,
                         },
+                        Some(cmd_id),
                     );
-                    // Durable now (or was already): the agent may forget it.
-                    self.send_to(&device, ApplianceMsg::Ack { cmd_id });
                 }
             }
             Input::Disconnected { device, conn_id } => {
@@ -414,6 +415,12 @@ impl Controller {
     /// Apply one workflow event: commit the record and its log rows in one
     /// transaction, then carry out the rest.
     fn apply(&mut self, id: &str, ev: Event) {
+        self.apply_acked(id, ev, None);
+    }
+
+    /// `ack`: the report being applied; its Ack goes out once the result
+    /// is durable (or was already), before any command it causes.
+    fn apply_acked(&mut self, id: &str, ev: Event, ack: Option<u64>) {
         let Some(dev) = self.devices.get(id) else {
             return;
         };
@@ -431,6 +438,9 @@ impl Controller {
             _ => None,
         });
         if next == *dev && rows.is_empty() && inv.is_none() {
+            if let Some(cmd_id) = ack {
+                self.send_to(id, ApplianceMsg::Ack { cmd_id });
+            }
             self.perform(id, actions);
             return;
         }
@@ -446,6 +456,9 @@ impl Controller {
         }
         let finished_now = next.reached == Step::Done && dev.reached != Step::Done;
         self.devices.insert(id.to_string(), next);
+        if let Some(cmd_id) = ack {
+            self.send_to(id, ApplianceMsg::Ack { cmd_id });
+        }
         self.perform(id, actions);
         if finished_now {
             self.send_finished(id);

@@ -1,0 +1,550 @@
+//! fleet-sim: control-plane benchmark. Starts a real `rackcast serve` in a
+//! network namespace of its own (loopback only), then N simulated devices
+//! (tokio tasks) walk every workflow step against it over TCP: hello,
+//! inventory (fake hardware), bundle fetch and hash check, reconnect as
+//! the bundle's agent, plan steps, image request, the wave's data-plane
+//! session, post-install, done. The image step is short-circuited through
+//! the real wave protocol: each simulated receiver joins its wave and
+//! reports the manifest's hash as verified without taking the multicast
+//! (the data plane has its own benchmark). Prints devices/s and the
+//! appliance's peak RSS, as a table and one JSON line.
+//!
+//!   fleet-sim --devices 1000 [--rackcast target/release/rackcast]
+//!
+//! Run as root. Namespace `rcfs-<pid>`, loopback and 239.255.40.0/24
+//! only; the appliance is stopped by PID and the namespace removed at the
+//! end, also on failure.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt};
+
+use rackcast::bundle::Bundle;
+use rackcast::conn::{Conn, Frame};
+use rackcast::wire::control::{self, Msg, Verdict};
+use rackcast::wire::device::{AgentMsg, ApplianceMsg, DEVICE_PROTOCOL, MAX_FRAME};
+use rackcast::workflow::{AgentMode, Command as Cmd, OpRecord, Outcome, StepData, Work};
+
+#[derive(Parser)]
+#[command(about = "Simulated fleet against a real appliance: devices/s and appliance RSS")]
+struct Args {
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// The appliance binary (default: beside this one).
+    #[arg(long)]
+    rackcast: Option<PathBuf>,
+    /// The agent binary the bundles carry (default: beside this one).
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// Download every blob for every device (default: once per blob, as
+    /// devices with a cache or the same bundle on a local mirror would).
+    #[arg(long)]
+    fetch_all_blobs: bool,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+}
+
+struct Lab {
+    ns: String,
+    dir: PathBuf,
+    serve: Option<Child>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.serve.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn sh(args: &[&str]) -> Result<()> {
+    let st = Command::new(args[0]).args(&args[1..]).status()?;
+    if !st.success() {
+        bail!("{args:?} failed");
+    }
+    Ok(())
+}
+
+fn beside(name: &str) -> Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    Ok(me.parent().context("exe dir")?.join(name))
+}
+
+/// Enter the namespace: every socket this process opens from now on
+/// lives there.
+fn enter_netns(ns: &str) -> Result<()> {
+    let f = std::fs::File::open(format!("/run/netns/{ns}"))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns on a valid namespace fd, before any runtime threads.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns {ns}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("fleet-sim needs root (it creates a network namespace)");
+    }
+    rackcast::raise_fd_limit();
+    let rackcast_bin = args
+        .rackcast
+        .clone()
+        .map_or_else(|| beside("rackcast"), Ok)?;
+    let agent_bin = args
+        .agent
+        .clone()
+        .map_or_else(|| beside("rackcast-agent"), Ok)?;
+    let ns = format!("rcfs-{}", std::process::id());
+    let dir = std::env::temp_dir().join(&ns);
+    std::fs::create_dir_all(&dir)?;
+    let mut lab = Lab {
+        ns: ns.clone(),
+        dir: dir.clone(),
+        serve: None,
+    };
+    sh(&["ip", "netns", "add", &ns])?;
+    sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+    sh(&["ip", "-n", &ns, "link", "set", "lo", "multicast", "on"])?;
+    sh(&[
+        "ip",
+        "-n",
+        &ns,
+        "route",
+        "add",
+        "239.255.40.0/24",
+        "dev",
+        "lo",
+    ])?;
+    let image = dir.join("tiny.img");
+    let data: Vec<u8> = (0..(1u32 << 20))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&image, &data)?;
+    let config = dir.join("rackcast.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[appliance]
+control_listen = "127.0.0.1:7100"
+api_listen = "127.0.0.1:7180"
+state_dir = "{state}"
+max_inflight_bundles = 16
+max_inflight_transfers = 64
+
+[dataplane]
+iface = "lo"
+bind = "127.0.0.1"
+total_rate = "20M"
+group_base = "239.255.40.1"
+
+[waves]
+min_members = 1
+start_after = "2s"
+member_timeout = "60s"
+
+[workflow]
+step_timeout = "120s"
+
+[agents]
+x86_64 = "{agent}"
+
+[[images]]
+name = "tiny"
+path = "{image}"
+
+[[profiles]]
+name = "sim"
+image = "tiny"
+target = {{ order = "largest", count = 1 }}
+bios = {{ attributes = {{ BootMode = "Uefi" }}, program = {{ name = "bios", argv = ["true"] }} }}
+programs = [ {{ name = "configure", argv = ["true"] }} ]
+post_install = [ {{ name = "post", argv = ["true"] }} ]
+boot_to_disk = {{ name = "efiboot", argv = ["true"] }}
+"#,
+            state = dir.join("state").display(),
+            agent = agent_bin.display(),
+            image = image.display(),
+        ),
+    )?;
+    let log = std::fs::File::create(dir.join("serve.log"))?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(&rackcast_bin)
+        .args(["serve", "--log", "warn", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    let pid = child.id();
+    lab.serve = Some(child);
+    enter_netns(&ns)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let res = rt.block_on(run_fleet(
+        args.devices,
+        args.fetch_all_blobs,
+        Duration::from_secs(args.timeout),
+        pid,
+    ));
+    let rss = peak_rss_kib(pid);
+    match res {
+        Ok((secs, max_rss)) => {
+            let rss = rss.max(max_rss);
+            let per_s = args.devices as f64 / secs;
+            println!(
+                "fleet-sim  devices={}  seconds={secs:.2}  devices/s={per_s:.1}  appliance peak RSS={:.1} MiB",
+                args.devices,
+                rss as f64 / 1024.0
+            );
+            println!(
+                "{}",
+                serde_json::json!({
+                    "devices": args.devices,
+                    "seconds": secs,
+                    "devices_per_s": per_s,
+                    "appliance_peak_rss_mib": rss as f64 / 1024.0,
+                })
+            );
+            Ok(())
+        }
+        Err(e) => {
+            let log = std::fs::read_to_string(dir.join("serve.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            eprintln!("appliance log tail:");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn run_fleet(n: usize, all_blobs: bool, timeout: Duration, pid: u32) -> Result<(f64, u64)> {
+    let server: SocketAddr = "127.0.0.1:7100".parse()?;
+    // Wait for the appliance to listen.
+    let up = Instant::now();
+    while tokio::net::TcpStream::connect(server).await.is_err() {
+        if up.elapsed() > Duration::from_secs(30) {
+            bail!("appliance did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let fetched: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let t0 = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let f = fetched.clone();
+        tasks.push(tokio::spawn(async move {
+            sim_device(i, server, f, all_blobs).await
+        }));
+    }
+    let sampler = tokio::spawn(async move {
+        let mut max = 0;
+        loop {
+            max = max.max(peak_rss_kib(pid));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if max == u64::MAX {
+                return max;
+            }
+        }
+    });
+    let all = futures_util::future::join_all(tasks);
+    let results = tokio::time::timeout(timeout, all)
+        .await
+        .map_err(|_| anyhow!("fleet did not finish within {timeout:?}"))?;
+    let secs = t0.elapsed().as_secs_f64();
+    let mut failed = 0;
+    for r in results {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                failed += 1;
+                if failed <= 5 {
+                    eprintln!("device failed: {e:#}");
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("device task crashed: {e}");
+            }
+        }
+    }
+    sampler.abort();
+    if failed > 0 {
+        bail!("{failed} of {n} simulated devices did not finish");
+    }
+    Ok((secs, peak_rss_kib(pid)))
+}
+
+/// One device's agent connection: send `hello`, then answer commands.
+struct Session {
+    sink: rackcast::conn::FrameSink,
+    frames: rackcast::conn::FrameStream,
+    device: String,
+}
+
+impl Session {
+    async fn open(server: SocketAddr, hello: AgentMsg) -> Result<Session> {
+        let mut backoff = Duration::from_millis(20);
+        let stream = loop {
+            match tokio::net::TcpStream::connect(server).await {
+                Ok(s) => break s,
+                Err(e) if backoff < Duration::from_secs(5) => {
+                    let _ = e;
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let mut conn = Conn::new(stream, MAX_FRAME);
+        conn.send(&hello).await?;
+        let device = match conn.recv::<ApplianceMsg>(Duration::from_secs(60)).await? {
+            ApplianceMsg::Welcome { device_id, .. } => device_id,
+            other => bail!("expected Welcome, got {other:?}"),
+        };
+        let (sink, frames) = conn.split();
+        Ok(Session {
+            sink,
+            frames,
+            device,
+        })
+    }
+
+    async fn send(&mut self, m: &AgentMsg) -> Result<()> {
+        self.sink.send(bytes::Bytes::from(m.encode()?)).await?;
+        Ok(())
+    }
+
+    async fn next(&mut self) -> Result<ApplianceMsg> {
+        loop {
+            let f = tokio::time::timeout(Duration::from_secs(120), self.frames.next())
+                .await
+                .map_err(|_| anyhow!("no message in 120 s"))?
+                .ok_or_else(|| anyhow!("appliance closed the connection"))??;
+            let m = ApplianceMsg::decode(&f)?;
+            if !matches!(m, ApplianceMsg::Pong) {
+                return Ok(m);
+            }
+        }
+    }
+
+    async fn report(&mut self, cmd: &Cmd, detail: &str, data: StepData) -> Result<()> {
+        self.send(&AgentMsg::Report {
+            cmd_id: cmd.cmd_id,
+            outcome: Outcome::Ok {
+                detail: detail.into(),
+            },
+            data,
+            ops: vec![OpRecord {
+                op: format!("sim-{}", cmd.step),
+                ok: true,
+                exit_code: Some(0),
+                duration_ms: 0,
+                detail: String::new(),
+            }],
+        })
+        .await?;
+        match self.next().await? {
+            ApplianceMsg::Ack { cmd_id } if cmd_id == cmd.cmd_id => Ok(()),
+            ApplianceMsg::Finished { .. } => match self.next().await? {
+                ApplianceMsg::Ack { .. } => Err(anyhow!("finished")),
+                other => bail!("expected Ack, got {other:?}"),
+            },
+            other => bail!("expected Ack for {}, got {other:?}", cmd.cmd_id),
+        }
+    }
+}
+
+fn inventory(i: usize) -> rackcast::bundle::Inventory {
+    serde_json::from_value(serde_json::json!({
+        "dmi": {"vendor": "Sim", "model": "S1", "serial": format!("SIM{i:05}")},
+        "cpu": {"arch": "x86_64", "count": 64},
+        "memory_bytes": 274_877_906_944u64,
+        "nics": [{"name": "eth0", "mac": mac(i), "pci_id": "8086:1521"}],
+        "disks": [{"name": "sda", "path": "/dev/sda", "size_bytes": 960_197_124_096u64, "model": "SIM-SSD", "serial": format!("D{i}")}],
+    }))
+    .unwrap_or_default()
+}
+
+fn mac(i: usize) -> String {
+    format!(
+        "02:5a:00:{:02x}:{:02x}:{:02x}",
+        (i >> 16) & 0xff,
+        (i >> 8) & 0xff,
+        i & 0xff
+    )
+}
+
+async fn sim_device(
+    i: usize,
+    server: SocketAddr,
+    fetched: Arc<Mutex<HashSet<String>>>,
+    all_blobs: bool,
+) -> Result<()> {
+    // Loader: inventory and bundle.
+    let mut s = Session::open(
+        server,
+        AgentMsg::Hello {
+            protocol: DEVICE_PROTOCOL,
+            mac: mac(i),
+            device_id: None,
+            mode: AgentMode::Loader { os_present: false },
+        },
+    )
+    .await?;
+    let bundle_hash = loop {
+        let ApplianceMsg::Run(cmd) = s.next().await? else {
+            continue;
+        };
+        match &cmd.work {
+            Work::Inventory => {
+                s.report(
+                    &cmd,
+                    "sim inventory",
+                    StepData::Inventory(Box::new(inventory(i))),
+                )
+                .await?;
+            }
+            Work::FetchBundle { hash } => {
+                s.send(&AgentMsg::GetBundle { hash: hash.clone() }).await?;
+                let bytes = match s.next().await? {
+                    ApplianceMsg::Bundle { bytes, .. } => bytes,
+                    other => bail!("expected Bundle, got {other:?}"),
+                };
+                let bundle = Bundle::from_verified_bytes(&bytes, hash)?;
+                let blobs = std::iter::once(bundle.agent.clone())
+                    .chain(bundle.modules.iter().map(|m| m.blob.clone()));
+                for b in blobs {
+                    let first = fetched
+                        .lock()
+                        .map(|mut f| f.insert(b.hash.clone()))
+                        .unwrap_or(true);
+                    if all_blobs || first {
+                        fetch_blob(&mut s, &b.hash, b.size).await?;
+                    }
+                }
+                s.report(&cmd, "bundle verified", StepData::None).await?;
+                break hash.clone();
+            }
+            _ => {} // plan steps go to the bundle's agent
+        }
+    };
+    let device = s.device.clone();
+    drop(s);
+    // The bundle's agent.
+    let mut s = Session::open(
+        server,
+        AgentMsg::Hello {
+            protocol: DEVICE_PROTOCOL,
+            mac: mac(i),
+            device_id: Some(device.clone()),
+            mode: AgentMode::Agent {
+                bundle: bundle_hash,
+            },
+        },
+    )
+    .await?;
+    loop {
+        let cmd = match s.next().await? {
+            ApplianceMsg::Run(cmd) => cmd,
+            ApplianceMsg::Finished { .. } => return Ok(()),
+            ApplianceMsg::Error { message } => bail!("appliance: {message}"),
+            _ => continue,
+        };
+        let r = match &cmd.work {
+            Work::JoinWave(join) => {
+                join_wave(join.control, &device).await?;
+                s.report(
+                    &cmd,
+                    "sim image verified",
+                    StepData::ImageWritten {
+                        hash: join.image_hash.clone(),
+                        bytes: join.image_size,
+                    },
+                )
+                .await
+            }
+            _ => s.report(&cmd, "sim step ok", StepData::None).await,
+        };
+        match r {
+            Ok(()) => {}
+            Err(e) if e.to_string() == "finished" => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn fetch_blob(s: &mut Session, hash: &str, size: u64) -> Result<()> {
+    let mut h = blake3::Hasher::new();
+    let mut off = 0u64;
+    while off < size {
+        s.send(&AgentMsg::GetBlob {
+            hash: hash.to_string(),
+            offset: off,
+        })
+        .await?;
+        match s.next().await? {
+            ApplianceMsg::BlobChunk { data, .. } if !data.is_empty() => {
+                h.update(&data);
+                off += data.len() as u64;
+            }
+            other => bail!("expected a blob chunk, got {other:?}"),
+        }
+    }
+    if h.finalize().to_hex().as_str() != hash {
+        bail!("blob {hash} does not match its hash");
+    }
+    Ok(())
+}
+
+/// The wave's session without the multicast: hello, ready, verified.
+async fn join_wave(control: SocketAddr, name: &str) -> Result<()> {
+    let stream = tokio::net::TcpStream::connect(control).await?;
+    let mut conn = Conn::new(stream, control::MAX_FRAME);
+    conn.send(&Msg::Hello {
+        protocol: control::PROTOCOL_VERSION,
+        name: name.to_string(),
+    })
+    .await?;
+    let session = match conn.recv::<Msg>(Duration::from_secs(60)).await? {
+        Msg::Welcome { session, .. } => session,
+        Msg::Error { message } => bail!("wave refused {name}: {message}"),
+        other => bail!("expected Welcome, got {other:?}"),
+    };
+    conn.send(&Msg::Ready { resumed_blocks: 0 }).await?;
+    conn.send(&Msg::Done(Verdict::Verified {
+        image_hash: session.manifest.image_hash,
+    }))
+    .await?;
+    // Like a real receiver, leave once the verdict is out.
+    drop(conn);
+    Ok(())
+}
