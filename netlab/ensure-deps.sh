@@ -2,7 +2,7 @@
 # Installs the Debian packages a netlab job needs, only if missing.
 #   ensure-deps.sh test|demo|bench
 set -euo pipefail
-need=(iproute2 nftables time procps curl)
+need=(iproute2 nftables time procps curl binutils python3)
 case "${1:-test}" in
   test) need+=(prometheus) ;;
   demo) ;;

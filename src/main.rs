@@ -45,6 +45,9 @@ enum Cmd {
     /// The image store.
     #[command(subcommand)]
     Images(ImagesCmd),
+    /// Retry a failed device from its failed step (asks the running
+    /// appliance through its API).
+    Retry(LogArgs),
 }
 
 #[derive(clap::Args)]
@@ -180,6 +183,7 @@ fn main() -> Result<()> {
             fleet::images_add(&cfg.config, &name, &path)
         }
         Cmd::Images(ImagesCmd::List(a)) => fleet::images_list(&a.cfg.config, a.json),
+        Cmd::Retry(a) => fleet::retry(&a.cfg.config, &a.device),
         Cmd::Manifest(a) => {
             let t = Instant::now();
             let m = Manifest::build(&a.image, a.block_size, symbol_size(a.mtu)?)
@@ -345,26 +349,90 @@ mod fleet {
         humantime::format_rfc3339_millis(t).to_string()
     }
 
+    /// One HTTP/1.1 request to the appliance's API (it listens on the
+    /// provisioning network, plain HTTP): status and body.
+    fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> Result<(u16, String)> {
+        use std::io::{Read, Write};
+        let t = std::time::Duration::from_secs(5);
+        let mut s = std::net::TcpStream::connect_timeout(&addr, t)?;
+        s.set_read_timeout(Some(t))?;
+        s.set_write_timeout(Some(t))?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut resp = Vec::new();
+        s.take(64 << 20).read_to_end(&mut resp)?;
+        let text = String::from_utf8_lossy(&resp);
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .context("malformed HTTP answer")?;
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .context("malformed HTTP status line")?;
+        Ok((code, body.to_string()))
+    }
+
+    pub fn retry(config: &Path, device: &str) -> Result<()> {
+        let cfg = Config::load(config)?;
+        let addr = cfg
+            .appliance
+            .api_listen
+            .context("appliance.api_listen is not set: the appliance has no API to ask")?;
+        let id = device_arg(device);
+        let (code, body) = http(addr, "POST", &format!("/api/devices/{id}/retry"))
+            .with_context(|| format!("asking the appliance at {addr}"))?;
+        if code != 200 {
+            anyhow::bail!("retry {id}: HTTP {code}: {body}");
+        }
+        println!("{id}: retrying its failed step");
+        Ok(())
+    }
+
+    fn device_arg(device: &str) -> String {
+        if device.contains(':') {
+            rackcast::controller::device_id_for(device)
+        } else {
+            device.to_string()
+        }
+    }
+
     pub fn devices(config: &Path, json: bool) -> Result<()> {
-        let (_, mut st) = open(config)?;
-        let rows = rackcast::controller::device_rows(&st.load_devices()?);
+        let (cfg, mut st) = open(config)?;
+        // Live progress comes from the running appliance; without it the
+        // table is the store's (no progress column values).
+        let live: Option<Vec<rackcast::controller::DeviceRow>> = cfg
+            .appliance
+            .api_listen
+            .and_then(|a| http(a, "GET", "/api/devices").ok())
+            .filter(|(code, _)| *code == 200)
+            .and_then(|(_, body)| serde_json::from_str(&body).ok());
+        let rows = match live {
+            Some(r) => r,
+            None => rackcast::controller::device_rows(&st.load_devices()?, &Default::default()),
+        };
         if json {
             println!("{}", serde_json::to_string(&rows)?);
             return Ok(());
         }
         println!(
-            "{:<16} {:<17} {:<16} {:<16} {:>5} {:<10} DETAIL",
-            "DEVICE", "MAC", "STATE", "STEP", "WAVE", "IMAGE"
+            "{:<16} {:<17} {:<16} {:<16} {:>5} {:<10} {:>8} DETAIL",
+            "DEVICE", "MAC", "STATE", "STEP", "WAVE", "IMAGE", "PROGRESS"
         );
         for r in rows {
             println!(
-                "{:<16} {:<17} {:<16} {:<16} {:>5} {:<10} {}",
+                "{:<16} {:<17} {:<16} {:<16} {:>5} {:<10} {:>8} {}",
                 r.device,
                 r.mac,
                 r.state,
                 r.step,
                 r.wave.map(|w| w.to_string()).unwrap_or_else(|| "-".into()),
                 r.image.unwrap_or_else(|| "-".into()),
+                r.progress
+                    .map(|p| format!("{p:.0}%"))
+                    .unwrap_or_else(|| "-".into()),
                 r.detail
             );
         }
@@ -373,11 +441,7 @@ mod fleet {
 
     pub fn log(config: &Path, device: &str, json: bool) -> Result<()> {
         let (_, mut st) = open(config)?;
-        let id = if device.contains(':') {
-            rackcast::controller::device_id_for(device)
-        } else {
-            device.to_string()
-        };
+        let id = device_arg(device);
         let ev = st.events(&id)?;
         if ev.is_empty() {
             anyhow::bail!("no events for device {id}");

@@ -198,6 +198,10 @@ pub struct Device {
     pub next_cmd: u64,
     /// Came in through an installed OS (claim 17) rather than a boot.
     pub via_os: bool,
+    /// Attempt number of a step that waits for the appliance before it
+    /// runs (bundle generation, a wave), so retries stay counted.
+    #[serde(default)]
+    pub deferred_attempt: u32,
     pub created: Millis,
     pub updated: Millis,
 }
@@ -217,6 +221,7 @@ impl Device {
             wave: None,
             next_cmd: 1,
             via_os: false,
+            deferred_attempt: 0,
             created: now,
             updated: now,
         }
@@ -401,8 +406,19 @@ impl Fx<'_> {
             } => self.on_report(cmd_id, outcome, data, ops),
             Event::BundleBuilt { hash, plan } => self.on_bundle(hash, *plan),
             Event::BundleFailed(why) => {
-                if self.dev.reached == Step::Inventoried && self.dev.running.is_none() {
-                    self.fail_step(Step::AgentDelivered, format!("bundle generation: {why}"));
+                if self.dev.reached == Step::Inventoried
+                    && self.dev.running.is_none()
+                    && self.dev.failed.is_none()
+                {
+                    let from = self.state_label();
+                    let attempts = self.dev.deferred_attempt.max(1);
+                    self.fail_with(
+                        from,
+                        Step::AgentDelivered,
+                        format!("bundle generation: {why}"),
+                        attempts,
+                        None,
+                    );
                 }
             }
             Event::WaveAssigned(join) => self.on_wave(join),
@@ -595,6 +611,7 @@ impl Fx<'_> {
                 Some(hash) if self.dev.plan.is_some() => Work::FetchBundle { hash },
                 _ => {
                     // The bundle is built first; BundleBuilt resumes here.
+                    self.dev.deferred_attempt = attempt;
                     self.out.push(Action::BuildBundle);
                     return;
                 }
@@ -608,7 +625,16 @@ impl Fx<'_> {
             Step::Imaging => {
                 // Joins happen when the scheduler assigns a wave.
                 if let Some(image) = self.dev.image.clone() {
+                    let from = self.state_label();
                     self.dev.queued_for_image = true;
+                    self.dev.deferred_attempt = attempt;
+                    self.log_transition(
+                        Step::Imaging,
+                        "queued",
+                        from,
+                        None,
+                        format!("waiting for a wave of image {image}"),
+                    );
                     self.out.push(Action::RequestWave { image });
                 }
                 return;
@@ -645,16 +671,21 @@ impl Fx<'_> {
         if self.dev.reached != Step::Inventoried || self.dev.running.is_some() {
             return;
         }
+        if self.dev.failed.is_some() {
+            return; // a retry builds it again
+        }
+        let from = self.state_label();
+        let attempt = self.dev.deferred_attempt.max(1);
         self.dev.image = Some(plan.image.name.clone());
         self.dev.bundle = Some(hash.clone());
         self.dev.plan = Some(plan);
-        self.log(
+        self.log_transition(
             Step::AgentDelivered,
             "info",
+            from,
             None,
             format!("bundle {hash} generated for this hardware"),
         );
-        let attempt = self.dev.failed.take().map_or(1, |f| f.attempts + 1);
         self.start_step(Step::AgentDelivered, attempt);
     }
 
@@ -662,11 +693,11 @@ impl Fx<'_> {
         if !self.dev.queued_for_image || self.dev.running.is_some() {
             return;
         }
+        let from = self.state_label();
         self.dev.queued_for_image = false;
         self.dev.wave = Some(join.wave_id);
-        let attempt = self.dev.failed.take().map_or(1, |f| f.attempts + 1);
+        let attempt = self.dev.deferred_attempt.max(1);
         let cmd_id = self.take_cmd();
-        let from = self.state_label();
         let work = Work::JoinWave(join.clone());
         self.dev.running = Some(Running {
             step: Step::Imaging,
@@ -803,19 +834,21 @@ impl Fx<'_> {
     }
 
     fn fail_running(&mut self, reason: String) {
+        let from = self.state_label();
         let Some(run) = self.dev.running.take() else {
             return;
         };
-        self.fail_with(run.step, reason, run.attempt, Some(run.started));
+        self.fail_with(from, run.step, reason, run.attempt, Some(run.started));
     }
 
-    fn fail_step(&mut self, step: Step, reason: String) {
-        let attempts = self.dev.failed.as_ref().map_or(1, |f| f.attempts + 1);
-        self.fail_with(step, reason, attempts, None);
-    }
-
-    fn fail_with(&mut self, step: Step, reason: String, attempts: u32, started: Option<Millis>) {
-        let from = format!("running:{step}");
+    fn fail_with(
+        &mut self,
+        from: String,
+        step: Step,
+        reason: String,
+        attempts: u32,
+        started: Option<Millis>,
+    ) {
         let retry_at = (attempts < self.cfg.max_attempts).then(|| {
             let factor = 1i64 << (attempts.saturating_sub(1)).min(6);
             self.now + self.cfg.retry_backoff_ms * factor
@@ -866,15 +899,6 @@ impl Fx<'_> {
                     None,
                     format!("automatic retry {} after: {}", f.attempts + 1, f.reason),
                 );
-                if f.step == Step::AgentDelivered && self.dev.bundle.is_none() {
-                    // Rebuild first; `on_bundle` starts the next attempt.
-                    self.dev.failed = Some(Failure {
-                        retry_at: None,
-                        ..f
-                    });
-                    self.out.push(Action::BuildBundle);
-                    return;
-                }
                 self.start_step(f.step, f.attempts + 1);
             }
         }

@@ -38,6 +38,17 @@ impl Rack {
     /// configure, image rocky); `rocky_override` odd devices get rocky by
     /// MAC. Device 1 also has a NIC with a PCI id that pulls a module.
     fn new(tag: &str, n: usize, rate: &str, mib: (u64, u64), extra_cfg: &str) -> Rack {
+        Rack::build(tag, n, rate, mib, extra_cfg, true)
+    }
+
+    fn build(
+        tag: &str,
+        n: usize,
+        rate: &str,
+        mib: (u64, u64),
+        extra_cfg: &str,
+        mixed: bool,
+    ) -> Rack {
         let lab = Lab::up(tag, n, rate, &[]);
         let dir = lab.dir.clone();
         let state = dir.join("state");
@@ -126,9 +137,7 @@ name = "generic"
 image = "rocky"
 target = {{ order = "smallest", count = 1 }}
 
-[[devices]]
-mac = "{override_mac}"
-image = "rocky"
+{override_block}
 {extra_cfg}
 "#,
             state = state.display(),
@@ -136,7 +145,11 @@ image = "rocky"
             debian = images["debian"].display(),
             rocky = images["rocky"].display(),
             module = module.display(),
-            override_mac = mac(3),
+            override_block = if mixed {
+                format!("[[devices]]\nmac = \"{}\"\nimage = \"rocky\"\n", mac(3))
+            } else {
+                String::new()
+            },
             cfg_rate = rate.replace("mbit", "M"),
         );
         fs::write(&config, text).unwrap();
@@ -263,8 +276,12 @@ image = "rocky"
         serde_json::from_slice(&out.stdout).ok()
     }
 
+    /// The fleet CLI, run where an operator runs it: on the appliance
+    /// (its namespace), so its API address is local.
     fn cli(&self, args: &[&str]) -> Value {
-        let out = Command::new(bin("rackcast"))
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.lab.ns("app")])
+            .arg(bin("rackcast"))
             .args(args)
             .arg("--config")
             .arg(&self.config)
@@ -277,6 +294,23 @@ image = "rocky"
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Like `cli`, but `None` when the command fails (nothing logged yet).
+    fn cli_opt(&self, args: &[&str]) -> Option<Value> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.lab.ns("app")])
+            .arg(bin("rackcast"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--json")
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
     }
 
     fn devices(&self) -> Vec<Value> {
@@ -576,33 +610,28 @@ fn appliance_killed_mid_wave_resumes_every_device() {
         return;
     }
     let n = 4;
-    let mut rack = Rack::new(
-        "fk",
-        n,
-        "100mbit",
-        (64, 64),
-        "[waves]\nmin_members = 4\nstart_after = \"20s\"\nmember_timeout = \"20s\"",
+    // Every device on the R650 profile: one image, one wave of four.
+    let extra = format!(
+        "[waves]\nmin_members = 4\nstart_after = \"20s\"\nmember_timeout = \"20s\"\n{}",
+        (1..=n)
+            .map(|i| format!("[[devices]]\nmac = \"{}\"\nprofile = \"r650\"\n", mac(i)))
+            .collect::<String>()
     );
+    let mut rack = Rack::build("fk", n, "100mbit", (64, 64), &extra, false);
     for i in 1..=n {
         rack.start_agent(i);
     }
     // Kill -9 the appliance once the wave has moved a good part of the
     // image (64 MiB at 100 Mbit/s takes ~6 s).
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let w = rack.cli(&["waves"]);
-        if w.as_array()
-            .is_some_and(|w| w.iter().any(|w| w["state"] == "running"))
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no wave started:\n{}",
-            tail(&rack.serve_log(), 30)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    rack.wait_for(
+        "all four imaging in one wave",
+        Duration::from_secs(120),
+        |d| {
+            d.len() == n
+                && d.iter()
+                    .all(|x| x["step"] == "imaging" && x["state"] == "running" && x["wave"] == 1)
+        },
+    );
     std::thread::sleep(Duration::from_millis(2500));
     let rows_before: usize = (1..=n)
         .map(|i| rack.cli(&["log", &device_id(i)]).as_array().unwrap().len())
@@ -623,13 +652,10 @@ fn appliance_killed_mid_wave_resumes_every_device() {
     let mut resumed_any = false;
     let mut rows_after = 0;
     for i in 1..=n {
-        let disk = rack.lab.file(&if i % 2 == 1 {
-            format!("d{i}-disk-big.img")
-        } else {
-            format!("d{i}-disk-small.img")
-        });
+        let disk = rack.lab.file(&format!("d{i}-disk-big.img"));
         let d = devs.iter().find(|d| d["device"] == device_id(i)).unwrap();
-        assert_image_on(&disk, &rack.images[d["image"].as_str().unwrap()]);
+        assert_eq!(d["image"], "debian");
+        assert_image_on(&disk, &rack.images["debian"]);
         let ev = check_log(&rack, i);
         rows_after += ev.len();
         assert!(
@@ -744,4 +770,87 @@ fn bad_input_gets_clear_errors_and_the_others_are_served() {
         rack.serve.as_mut().unwrap().try_wait().unwrap().is_none(),
         "appliance died"
     );
+}
+
+#[test]
+fn failed_step_is_logged_and_retried_by_the_operator() {
+    if !can_run() {
+        return;
+    }
+    let marker_dir = std::env::temp_dir().join(format!("rcflaky{}", std::process::id()));
+    let _ = fs::remove_dir_all(&marker_dir);
+    fs::create_dir_all(&marker_dir).unwrap();
+    let marker = marker_dir.join("fixed");
+    let extra = format!(
+        r#"
+[[profiles]]
+name = "flaky"
+image = "rocky"
+target = {{ order = "smallest", count = 1 }}
+programs = [ {{ name = "raid-firmware", argv = ["sh", "-c", "test -e {m} || {{ echo controller firmware too old >&2; exit 3; }}"] }} ]
+
+[[devices]]
+mac = "{mac}"
+profile = "flaky"
+"#,
+        m = marker.display(),
+        mac = mac(1)
+    );
+    let mut rack = Rack::new("fr", 1, "300mbit", (8, 8), &extra);
+    rack.start_agent(1);
+    // 4 attempts (automatic retries with backoff), then it waits.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let ev = rack
+            .cli_opt(&["log", &device_id(1)])
+            .unwrap_or(Value::Array(vec![]));
+        let waiting = ev.as_array().unwrap().iter().any(|e| {
+            e["kind"] == "failed"
+                && e["detail"]
+                    .as_str()
+                    .unwrap()
+                    .contains("waiting for `rackcast retry`")
+        });
+        if waiting {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never gave up: {ev}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let devs = rack.devices();
+    assert_eq!(devs[0]["state"], "failed");
+    assert_eq!(devs[0]["step"], "programs_run");
+    assert!(devs[0]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("raid-firmware failed"));
+    let ev = rack.cli(&["log", &device_id(1)]);
+    let ev = ev.as_array().unwrap();
+    let failures = ev
+        .iter()
+        .filter(|e| e["kind"] == "failed" && e["step"] == "programs_run")
+        .count();
+    assert_eq!(failures, 4, "max_attempts = 4");
+    assert!(ev.iter().any(|e| e["kind"] == "op"
+        && e["detail"]
+            .as_str()
+            .unwrap()
+            .contains("(exit 3): controller firmware too old")));
+    // The operator fixes the cause and retries.
+    fs::write(&marker, "").unwrap();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &rack.lab.ns("app")])
+        .arg(bin("rackcast"))
+        .args(["retry", &device_id(1), "--config"])
+        .arg(&rack.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    rack.wait_for("retried device done", Duration::from_secs(90), all_done(1));
+    check_log(&rack, 1);
+    let _ = fs::remove_dir_all(&marker_dir);
 }

@@ -129,7 +129,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         };
         let lost: Result<()> = loop {
             tokio::select! {
-                frame = frames.next() => {
+                // Pings every 10 s get Pongs: silence for 35 s is a dead
+                // path (no FIN), not a quiet appliance.
+                frame = tokio::time::timeout(Duration::from_secs(35), frames.next()) => {
+                    let Ok(frame) = frame else {
+                        break Err(anyhow!("no message from the appliance for 35 s"));
+                    };
                     let msg = match frame {
                         None => break Err(anyhow!("appliance closed the connection")),
                         Some(Err(e)) => break Err(map_io(e, MAX_FRAME).into()),

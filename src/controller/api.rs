@@ -60,7 +60,10 @@ async fn metrics(State(s): State<Shared>) -> Response {
 
 async fn devices(State(s): State<Shared>) -> Response {
     match with_store(&s, |st| st.load_devices()).await {
-        Ok(d) => Json(crate::controller::device_rows(&d)).into_response(),
+        Ok(d) => {
+            let progress = s.progress.lock().map(|p| p.clone()).unwrap_or_default();
+            Json(crate::controller::device_rows(&d, &progress)).into_response()
+        }
         Err(r) => r,
     }
 }

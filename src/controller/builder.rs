@@ -234,11 +234,18 @@ impl Builder {
         let hash = blake3::hash(&bytes).to_hex().to_string();
         let path = self.bundles_dir.join(&hash);
         if !path.exists() {
-            // Write then rename: a reader never sees half a bundle.
-            let tmp = self.bundles_dir.join(format!(".{hash}.tmp"));
-            std::fs::write(&tmp, &bytes)
-                .and_then(|_| std::fs::rename(&tmp, &path))
-                .map_err(|e| BundleError::Malformed(format!("{}: {e}", path.display())))?;
+            // Write then rename: a reader never sees half a bundle. Devices
+            // of the same hardware build the same bundle at the same time:
+            // each writes its own temporary file; the renames are atomic
+            // and put identical bytes in place.
+            static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let tmp = self.bundles_dir.join(format!(".{hash}.{n}.tmp"));
+            let r = std::fs::write(&tmp, &bytes).and_then(|_| std::fs::rename(&tmp, &path));
+            if let Err(e) = r {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(BundleError::Malformed(format!("{}: {e}", path.display())));
+            }
         }
         Ok((hash, plan))
     }

@@ -91,7 +91,9 @@ pub struct Controller {
     store: Box<dyn Store>,
     devices: HashMap<String, Device>,
     conns: HashMap<String, (u64, mpsc::UnboundedSender<ApplianceMsg>)>,
-    progress: HashMap<String, (u32, u32)>,
+    /// Image blocks done/total per device in a running wave (shared with
+    /// the API; not stored: it changes every second).
+    progress: Progress,
     sched: WaveScheduler,
     waves: HashMap<i64, RunningWave>,
     images: HashMap<String, ImageEntry>,
@@ -102,9 +104,12 @@ pub struct Controller {
     inbox: mpsc::UnboundedSender<Input>,
 }
 
+pub type Progress = Arc<std::sync::Mutex<HashMap<String, (u32, u32)>>>;
+
 /// Everything the tokio side shares.
 #[derive(Clone)]
 pub struct Shared {
+    pub progress: Progress,
     pub cfg: Arc<Config>,
     pub builder: Arc<Builder>,
     pub inbox: mpsc::UnboundedSender<Input>,
@@ -219,6 +224,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         .ok();
     let (inbox, rx) = mpsc::unbounded_channel();
     let shared = Shared {
+        progress: Progress::default(),
         cfg: cfg.clone(),
         builder: builder.clone(),
         inbox: inbox.clone(),
@@ -242,7 +248,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         store: Box::new(store),
         devices: HashMap::new(),
         conns: HashMap::new(),
-        progress: HashMap::new(),
+        progress: shared.progress.clone(),
         waves: HashMap::new(),
         images,
         manifests,
@@ -486,7 +492,9 @@ impl Controller {
                 }
                 Action::LeaveWave => {
                     self.sched.remove(id);
-                    self.progress.remove(id);
+                    if let Ok(mut p) = self.progress.lock() {
+                        p.remove(id);
+                    }
                 }
                 Action::StepFinished {
                     step,
@@ -750,7 +758,18 @@ impl Controller {
             WaveEvent::Progress { name, done, total } => {
                 metrics::gauge!("rackcast_device_image_progress_ratio", "device" => name.clone())
                     .set(f64::from(done) / f64::from(total.max(1)));
-                self.progress.insert(name, (done, total));
+                let (mut d, mut t) = (0u64, 0u64);
+                if let Ok(mut p) = self.progress.lock() {
+                    p.insert(name, (done, total));
+                    for dev in self.devices.values().filter(|x| x.wave == Some(wave)) {
+                        if let Some((a, b)) = p.get(&dev.id) {
+                            d += u64::from(*a);
+                            t += u64::from(*b);
+                        }
+                    }
+                }
+                metrics::gauge!("rackcast_wave_progress_ratio", "wave" => wave.to_string())
+                    .set(d as f64 / t.max(1) as f64);
             }
             WaveEvent::Verdict { name, ok, detail } => {
                 if let Some(w) = self.waves.get_mut(&wave) {
@@ -814,7 +833,7 @@ impl Controller {
 }
 
 /// One line of `rackcast devices` / `GET /api/devices`.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DeviceRow {
     pub device: String,
     pub mac: String,
@@ -823,12 +842,18 @@ pub struct DeviceRow {
     pub wave: Option<i64>,
     pub image: Option<String>,
     pub bundle: Option<String>,
+    /// Image progress in percent while the device is in a running wave.
+    pub progress: Option<f64>,
     pub detail: String,
 }
 
-pub fn device_rows(devs: &[Device]) -> Vec<DeviceRow> {
+pub fn device_rows(devs: &[Device], progress: &HashMap<String, (u32, u32)>) -> Vec<DeviceRow> {
     devs.iter()
         .map(|d| DeviceRow {
+            progress: progress
+                .get(&d.id)
+                .filter(|_| d.wave.is_some() && d.reached < Step::ImageVerified)
+                .map(|(a, b)| f64::from(*a) * 100.0 / f64::from((*b).max(1))),
             device: d.id.clone(),
             mac: d.mac.clone(),
             state: d.state().to_string(),

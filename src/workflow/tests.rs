@@ -406,3 +406,103 @@ fn bundle_failure_is_a_step_failure_and_retries_the_build() {
     });
     assert_eq!(s.dev.running.as_ref().unwrap().attempt, 2);
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Loader,
+        Agent,
+        Disconnect,
+        ReportCurrent(bool),
+        ReportStale,
+        Bundle,
+        BundleFail,
+        Wave,
+        WaveLost,
+        Tick(u16),
+        Retry,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            Just(Op::Loader),
+            Just(Op::Agent),
+            Just(Op::Disconnect),
+            any::<bool>().prop_map(Op::ReportCurrent),
+            Just(Op::ReportStale),
+            Just(Op::Bundle),
+            Just(Op::BundleFail),
+            Just(Op::Wave),
+            Just(Op::WaveLost),
+            (0u16..20_000).prop_map(Op::Tick),
+            Just(Op::Retry),
+        ]
+    }
+
+    proptest! {
+        /// Whatever arrives in whatever order: no panic, every log row
+        /// starts where the previous one ended (the log can be replayed),
+        /// a device is never failed and running at once, and only a
+        /// report of the command in progress completes a step.
+        #[test]
+        fn log_rows_always_chain(ops in proptest::collection::vec(op(), 1..80)) {
+            let mut s = Sim::new();
+            for o in ops {
+                let before = s.dev.clone();
+                match o {
+                    Op::Loader => { s.ev(Event::AgentConnected(AgentMode::Loader { os_present: false })); }
+                    Op::Agent => { s.ev(Event::AgentConnected(AgentMode::Agent { bundle: "b1".into() })); }
+                    Op::Disconnect => { s.ev(Event::AgentDisconnected); }
+                    Op::ReportCurrent(ok) => {
+                        if let Some(r) = s.dev.running.clone() {
+                            let data = match r.step {
+                                Step::Inventoried => StepData::Inventory(Box::default()),
+                                Step::Imaging => StepData::ImageWritten { hash: IMG_HASH.into(), bytes: 10 },
+                                _ => StepData::None,
+                            };
+                            let outcome = if ok { Outcome::Ok { detail: "ok".into() } } else { Outcome::Failed { reason: "no".into() } };
+                            s.ev(Event::Report { cmd_id: r.cmd_id, outcome, data, ops: vec![] });
+                        }
+                    }
+                    Op::ReportStale => {
+                        let rows = s.rows.len();
+                        let stale = s.dev.next_cmd + 7;
+                        s.ev(Event::Report { cmd_id: stale, outcome: Outcome::Ok { detail: "x".into() }, data: StepData::None, ops: vec![] });
+                        prop_assert_eq!(s.rows.len(), rows);
+                        prop_assert_eq!(&s.dev.reached, &before.reached);
+                    }
+                    Op::Bundle => { s.ev(Event::BundleBuilt { hash: "b1".into(), plan: Box::new(plan(true)) }); }
+                    Op::BundleFail => { s.ev(Event::BundleFailed("x".into())); }
+                    Op::Wave => { let j = s.join(); s.ev(Event::WaveAssigned(j)); }
+                    Op::WaveLost => { s.ev(Event::WaveLost("x".into())); }
+                    Op::Tick(ms) => { s.now += i64::from(ms); s.ev(Event::Tick); }
+                    Op::Retry => { s.ev(Event::Retry); }
+                }
+                prop_assert!(!(s.dev.running.is_some() && s.dev.failed.is_some()), "{:?}", s.dev);
+            }
+            for w in s.rows.windows(2) {
+                prop_assert_eq!(&w[0].to_state, &w[1].from_state, "{:?} then {:?}", w[0], w[1]);
+            }
+        }
+    }
+}
+
+#[test]
+fn imaging_retries_are_counted_and_end() {
+    let mut s = Sim::new();
+    s.reach_agent_delivered(plan(false));
+    s.ok(StepData::None); // ready_for_image
+    for attempt in 1..=2 {
+        assert!(s.dev.queued_for_image, "attempt {attempt} queued");
+        s.ev(Event::WaveAssigned(s.join()));
+        assert_eq!(s.dev.running.as_ref().unwrap().attempt, attempt);
+        s.fail("disk write error");
+        s.now += 100_000;
+        s.ev(Event::Tick);
+    }
+    let f = s.dev.failed.clone().expect("gave up");
+    assert_eq!((f.step, f.attempts, f.retry_at), (Step::Imaging, 2, None));
+}
