@@ -20,6 +20,8 @@ struct Rack {
     images: HashMap<String, PathBuf>,
     serve: Option<Child>,
     agents: Vec<Option<Child>>,
+    /// Devices whose agent starts from an installed OS.
+    with_os: Vec<usize>,
 }
 
 const MAC_PREFIX: &str = "02:aa:00:00:00:";
@@ -196,6 +198,7 @@ target = {{ order = "smallest", count = 1 }}
             images,
             serve: None,
             agents: (0..n).map(|_| None).collect(),
+            with_os: Vec::new(),
         };
         r.start_serve();
         r
@@ -240,12 +243,23 @@ target = {{ order = "smallest", count = 1 }}
             .append(true)
             .open(dir.join(format!("agent{i}.log")))
             .unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.lab.ns(&format!("d{i}"))])
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.lab.ns(&format!("d{i}"))])
             .arg(bin("rackcast-agent"))
             .args(["run", "--server", "198.18.0.1:7100", "--iface", "d0"])
-            .args(["--os-present", "false", "--give-up", "60", "--hardware"])
-            .arg(dir.join(format!("d{i}.json")))
+            .args(["--give-up", "60", "--hardware"])
+            .arg(dir.join(format!("d{i}.json")));
+        if self.with_os.contains(&i) {
+            // Already runs an OS: the agent is started from it (claim 17)
+            // and names its disks itself.
+            c.args(["--os-present", "true", "--disk"])
+                .arg(dir.join(format!("d{i}-disk-big.img")))
+                .arg("--disk")
+                .arg(dir.join(format!("d{i}-disk-small.img")));
+        } else {
+            c.args(["--os-present", "false"]);
+        }
+        let child = c
             .arg("--work-dir")
             .arg(dir.join(format!("work{i}")))
             .stdout(Stdio::null())
@@ -474,6 +488,7 @@ fn rack_of_eight_two_profiles_two_images_concurrent_waves() {
         (48, 40),
         "[waves]\nmin_members = 3\nstart_after = \"3s\"\nmember_timeout = \"20s\"",
     );
+    rack.with_os = vec![6, 8];
     for i in 1..=n {
         rack.start_agent(i);
     }
@@ -526,6 +541,17 @@ fn rack_of_eight_two_profiles_two_images_concurrent_waves() {
         }
         assert_eq!(kinds("raid_configured"), ["skipped"]);
     }
+    // Both entry paths: network-booted loader and an agent started from
+    // an installed OS (with its disks given by path).
+    let booted = |i: usize| {
+        check_log(&rack, i)
+            .iter()
+            .find(|e| e["step"] == "loader_booted")
+            .map(|e| e["detail"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    assert_eq!(booted(1), "loader network-booted");
+    assert_eq!(booted(6), "loader started from the installed OS");
     // Device 1's NIC pulls the module: its load program ran and was logged.
     let ev1 = check_log(&rack, 1);
     assert!(ev1.iter().any(|e| e["detail"]

@@ -136,3 +136,30 @@ pub fn os_present() -> bool {
         .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
         .is_some_and(|fs| fs != "rootfs" && fs != "tmpfs" && fs != "ramfs")
 }
+
+/// Disks given by path (`--disk`): size from the file or block device,
+/// name from the file name.
+pub fn disks_from_paths(paths: &[std::path::PathBuf]) -> anyhow::Result<Vec<Disk>> {
+    use std::io::{Seek, SeekFrom};
+    let mut out = Vec::new();
+    for p in paths {
+        let mut f = fs::File::open(p).map_err(|e| anyhow::anyhow!("disk {}: {e}", p.display()))?;
+        // Seeking to the end gives the size of files and block devices alike.
+        let size = f
+            .seek(SeekFrom::End(0))
+            .map_err(|e| anyhow::anyhow!("disk {}: {e}", p.display()))?;
+        let name = p.file_name().map_or_else(
+            || p.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        out.push(Disk {
+            name,
+            path: p.display().to_string(),
+            size_bytes: size,
+            model: String::new(),
+            serial: String::new(),
+            rotational: false,
+        });
+    }
+    Ok(out)
+}

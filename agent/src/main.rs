@@ -43,6 +43,11 @@ struct RunArgs {
     /// Hardware description (JSON inventory) instead of probing /sys.
     #[arg(long)]
     hardware: Option<PathBuf>,
+    /// The device's disks are these (files or block devices; repeat the
+    /// flag), instead of the probed or described ones: a lab device's
+    /// loop files.
+    #[arg(long)]
+    disk: Vec<PathBuf>,
     /// Where bundles and resume state are kept.
     #[arg(long, default_value = "/run/rackcast")]
     work_dir: PathBuf,
@@ -108,6 +113,7 @@ fn main() -> Result<()> {
             let args = run::RunArgs {
                 server: a.server,
                 hardware: a.hardware,
+                disks: a.disk,
                 work_dir: a.work_dir,
                 device_id: a.device_id,
                 bundle_dir: a.bundle_dir,

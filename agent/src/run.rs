@@ -32,6 +32,7 @@ const MAX_OUTPUT: usize = 8 << 10;
 pub struct RunArgs {
     pub server: SocketAddr,
     pub hardware: Option<PathBuf>,
+    pub disks: Vec<PathBuf>,
     pub work_dir: PathBuf,
     pub device_id: Option<String>,
     pub bundle_dir: Option<PathBuf>,
@@ -53,10 +54,13 @@ struct Report {
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
-    let inventory = match &args.hardware {
+    let mut inventory = match &args.hardware {
         Some(p) => crate::inventory::from_file(p)?,
         None => crate::inventory::probe(),
     };
+    if !args.disks.is_empty() {
+        inventory.disks = crate::inventory::disks_from_paths(&args.disks)?;
+    }
     let mac = boot_mac(&inventory)?;
     let mode = match &args.bundle_dir {
         Some(dir) => AgentMode::Agent {
@@ -306,6 +310,9 @@ fn exec_agent(bin: &Path, args: &RunArgs, device: &str) -> Result<()> {
         .arg(dir);
     if let Some(h) = &args.hardware {
         c.arg("--hardware").arg(h);
+    }
+    for d in &args.disks {
+        c.arg("--disk").arg(d);
     }
     if let Some(i) = &args.iface {
         c.arg("--iface").arg(i);
