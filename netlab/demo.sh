@@ -1,28 +1,35 @@
 #!/usr/bin/env bash
-# The rackcast demo: builds rackcast, creates a namespace lab (appliance
-# rc-app + 4 devices rc-d1..rc-d4 on a bridge, 500 Mbit/s tbf on the
-# appliance, 2 % random loss toward rc-d2), generates a 256 MiB image,
-# sends it to all four devices at once over multicast, checks every copy
-# and prints the result table and a Prometheus scrape of the sender.
+# The rackcast demo: an appliance and a simulated rack in network
+# namespaces. `rackcast serve` runs in rc-app; every device rc-d1..rc-dN
+# runs `rackcast-agent run` with a hardware description (two hardware
+# profiles: "Dell PowerEdge R650" with BIOS settings, configuration and
+# boot programs, and a generic box) and disk files. Every device walks
+# its steps on its own (inventory, generated bundle, BIOS, programs),
+# then the images go out concurrently: one wave per image (two OSes, a
+# subset of devices gets the second), sharing the appliance's rate.
+# Prints a live device table, then devices, waves, one device's full log,
+# and checks every disk byte for byte against its image.
 #
-#   sudo netlab/demo.sh [--mib 256] [--rate 500mbit] [--devices 4] [--loss 2]
+#   sudo netlab/demo.sh [--devices 8] [--rate 500mbit] [--mib 256] [--loss 1]
 #
-# Installs missing Debian packages itself. Removes its namespaces and
-# processes when it ends.
+# Installs missing Debian packages itself. Removes its namespaces,
+# processes and files when it ends. Lab addresses 198.18.0.0/24, groups
+# 239.255.50.0/24.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
-MIB=256 RATE=500mbit N=4 LOSS=2
+N=8 RATE=500mbit MIB=256 LOSS=1
 while [ $# -gt 0 ]; do
   case "$1" in
-    --mib) MIB=$2; shift 2 ;;
-    --rate) RATE=$2; shift 2 ;;
     --devices) N=$2; shift 2 ;;
+    --rate) RATE=$2; shift 2 ;;
+    --mib) MIB=$2; shift 2 ;;
     --loss) LOSS=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
 [ "$(id -u)" = 0 ] || { echo "demo.sh: run as root (it creates network namespaces)" >&2; exit 2; }
+[ "$N" -ge 2 ] && [ "$N" -le 40 ] || { echo "demo.sh: --devices 2..40" >&2; exit 2; }
 "$HERE/ensure-deps.sh" demo
 command -v cargo >/dev/null || { echo "demo.sh: needs a Rust toolchain (cargo)" >&2; exit 2; }
 
@@ -30,56 +37,131 @@ P=rc-
 WORK=/dev/shm/rcdemo.$$
 . "$HERE/common.sh"
 lab_cleanup_on_exit "$N"
-mkdir -p "$WORK"
+mkdir -p "$WORK/state"
 
 echo "== building (release)"
 (cd "$ROOT" && cargo build --release --workspace -q)
 BIN="$ROOT/target/release"
 RATE_M=$(( $(rate_bps "$RATE") / 1000000 ))
+strip -o "$WORK/rackcast-agent" "$BIN/rackcast-agent"
 
 echo "== lab: ${P}app + ${P}d1..${P}d$N, $RATE on the appliance, $LOSS % loss toward ${P}d2"
 "$HERE/lab.sh" up "$P" "$N" --rate "$RATE" --loss "2=$LOSS"
 
-echo "== image: $MIB MiB"
-"$BIN/rc-mkimage" "$WORK/image" --mib "$MIB" --zero-every 16 --seed 42
-"$BIN/rackcast" manifest "$WORK/image"
+echo "== images: debian ($MIB MiB), rocky ($((MIB / 2)) MiB)"
+"$BIN/rc-mkimage" "$WORK/debian.img" --mib "$MIB" --zero-every 16 --seed 42
+"$BIN/rc-mkimage" "$WORK/rocky.img" --mib $((MIB / 2)) --zero-every 16 --seed 43
 
-echo "== receivers start (each is rackcast-agent in its own namespace)"
+mac() { printf '02:de:00:00:00:%02x' "$1"; }
+cat >"$WORK/rackcast.toml" <<EOF
+[appliance]
+control_listen = "198.18.0.1:7100"
+api_listen = "198.18.0.1:7180"
+state_dir = "$WORK/state"
+
+[dataplane]
+iface = "srv0"
+bind = "198.18.0.1"
+total_rate = "${RATE_M}M"
+group_base = "239.255.50.1"
+
+[waves]
+min_members = 2
+start_after = "5s"
+
+[agents]
+x86_64 = "$WORK/rackcast-agent"
+
+[[images]]
+name = "debian"
+path = "$WORK/debian.img"
+
+[[images]]
+name = "rocky"
+path = "$WORK/rocky.img"
+
+[[profiles]]
+name = "r650"
+vendor = "Dell*"
+model = "PowerEdge R650"
+image = "debian"
+target = { order = "largest", count = 1 }
+bios = { attributes = { BootMode = "Uefi", ProcVirtualization = "Enabled" }, program = { name = "bios-apply", argv = ["sh", "-c", "echo BootMode=\$RC_BIOS_BootMode ProcVirtualization=\$RC_BIOS_ProcVirtualization"] } }
+programs = [ { name = "set-hostname", argv = ["sh", "-c", "echo hostname \$RC_DEVICE"] } ]
+post_install = [ { name = "check-target", argv = ["sh", "-c", "test -s \$RC_IMAGE_TARGET && echo image on \$RC_IMAGE_TARGET"] } ]
+boot_to_disk = { name = "efibootmgr", argv = ["true"] }
+
+[[profiles]]
+name = "generic"
+image = "rocky"
+target = { order = "smallest", count = 1 }
+
+[[devices]]
+mac = "$(mac 3)"
+image = "rocky"
+EOF
+big=$(( MIB * 3 / 2 )); small=$MIB
 for i in $(seq 1 "$N"); do
-  timeout 300 ip netns exec "${P}d$i" "$BIN/rackcast-agent" receive --server 198.18.0.1:7000 \
-    --iface d0 --out "$WORK/disk$i" --json --log warn >"$WORK/rx$i.log" 2>&1 &
+  if [ $((i % 2)) = 1 ]; then vendor="Dell Inc."; model="PowerEdge R650"; else vendor="Supermicro"; model="SYS-1029U"; fi
+  truncate -s "${big}M" "$WORK/d$i-sda.img"
+  truncate -s "${small}M" "$WORK/d$i-sdb.img"
+  cat >"$WORK/d$i.json" <<EOF
+{"dmi": {"vendor": "$vendor", "model": "$model", "serial": "SN$i"},
+ "cpu": {"arch": "x86_64", "count": 32}, "memory_bytes": 137438953472,
+ "nics": [{"name": "d0", "mac": "$(mac "$i")", "pci_id": "8086:1521"}],
+ "disks": [{"name": "sda", "path": "$WORK/d$i-sda.img", "size_bytes": $((big << 20)), "model": "SSD-960", "serial": "A$i"},
+           {"name": "sdb", "path": "$WORK/d$i-sdb.img", "size_bytes": $((small << 20)), "model": "SSD-480", "serial": "B$i"}]}
+EOF
+done
+
+echo "== appliance: rackcast serve (in ${P}app)"
+ip netns exec "${P}app" "$BIN/rackcast" serve --config "$WORK/rackcast.toml" --log warn >"$WORK/serve.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 1 100); do
+  ip netns exec "${P}app" curl -sf -m 1 http://198.18.0.1:7180/api/images >/dev/null 2>&1 && break
+  sleep 0.1
+done
+
+echo "== devices power on: rackcast-agent run in each device namespace"
+t0=$(date +%s.%N)
+for i in $(seq 1 "$N"); do
+  ip netns exec "${P}d$i" "$BIN/rackcast-agent" run --server 198.18.0.1:7100 --iface d0 \
+    --hardware "$WORK/d$i.json" --work-dir "$WORK/work$i" --os-present false --log warn \
+    >"$WORK/agent$i.log" 2>&1 &
   PIDS+=($!)
 done
 
-echo "== sending"
-t0=$(date +%s.%N)
-rc=0
-timeout 300 ip netns exec "${P}app" "$BIN/rackcast" send "$WORK/image" --manifest "$WORK/image.rcmanifest" \
-  --iface srv0 --group 239.255.1.1:9000 --control 198.18.0.1:7000 --rate "${RATE_M}M" \
-  --receivers "$N" --metrics 198.18.0.1:9464 --json --log warn >"$WORK/send.log" 2>&1 &
-SPID=$!; PIDS+=("$SPID")
-# Scrape the live exporter while the wave runs (Prometheus text format).
-sleep 2
-ip netns exec "${P}app" curl -s --max-time 2 http://198.18.0.1:9464/metrics >"$WORK/metrics.txt" || true
-wait "$SPID" || rc=$?
-for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || rc=$?; done
+cli() { ip netns exec "${P}app" "$BIN/rackcast" "$@" --config "$WORK/rackcast.toml"; }
+deadline=$(( $(date +%s) + 600 ))
+while :; do
+  sleep 2
+  done_n=$(cli devices --json | python3 -c 'import json,sys; print(sum(1 for d in json.load(sys.stdin) if d["state"] in ("done",)))')
+  failed_n=$(cli devices --json | python3 -c 'import json,sys; print(sum(1 for d in json.load(sys.stdin) if d["state"] == "failed"))')
+  printf '\n-- %s: %s of %s devices done, %s failed\n' "$(date +%T)" "$done_n" "$N" "$failed_n"
+  cli devices | cut -c1-130
+  [ "$done_n" = "$N" ] && break
+  [ "$(date +%s)" -lt "$deadline" ] || { echo "demo.sh: not done after 600 s; serve log:" >&2; tail -n 30 "$WORK/serve.log" >&2; exit 1; }
+done
 t1=$(date +%s.%N)
 
 echo
-grep -v '^{' "$WORK/send.log" | grep -v '^rackcast send' || true
+echo "== waves"
+cli waves
 echo
-printf '%-6s %-10s %-9s %-12s %s\n' device verdict seconds "goodput" "sha256 matches image"
-want=$(sha256sum "$WORK/image" | cut -d' ' -f1)
+echo "== log of device 1 ($(mac 1))"
+cli log "$(mac 1)"
+echo
+echo "== checking every disk against its image"
+bad=0
 for i in $(seq 1 "$N"); do
-  line=$(grep '^{' "$WORK/rx$i.log" | tail -n1)
-  verdict=$(echo "$line" | sed -n 's/.*"verified":\([a-z]*\).*/\1/p')
-  secs=$(echo "$line" | sed -n 's/.*"seconds":\([0-9.]*\).*/\1/p')
-  got=$(sha256sum "$WORK/disk$i" 2>/dev/null | cut -d' ' -f1)
-  gp=$(awk -v s="$secs" -v m="$MIB" 'BEGIN { if (s > 0) printf "%.0f Mbit/s", m * 8388608 / s / 1e6; else print "-" }')
-  printf '%-6s %-10s %-9s %-12s %s\n' "d$i" "$([ "$verdict" = true ] && echo VERIFIED || echo FAILED)" "${secs:0:5}" "$gp" "$([ "$got" = "$want" ] && echo yes || echo NO)"
+  img=$(cli devices --json | python3 -c "import json,sys; print([d['image'] for d in json.load(sys.stdin) if d['mac']=='$(mac "$i")'][0])")
+  if [ $((i % 2)) = 1 ]; then disk="$WORK/d$i-sda.img"; else disk="$WORK/d$i-sdb.img"; fi
+  size=$(stat -c %s "$WORK/$img.img")
+  if cmp -s -n "$size" "$WORK/$img.img" "$disk"; then
+    echo "device $i: $img on $(basename "$disk") verified"
+  else
+    echo "device $i: $img on $(basename "$disk") DIFFERS"; bad=$((bad + 1))
+  fi
 done
-echo
-echo "wall time (sender start to last receiver): $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f s", b - a }')"
-echo "metrics scraped mid-wave:"
-grep -E '^rackcast_(rate_bps|packets_sent_total|bytes_sent_total|repair_packets_total|receiver_progress_ratio)' "$WORK/metrics.txt" | head -n 12 || echo "  (no scrape)"
-exit "$rc"
+awk -v a="$t0" -v b="$t1" -v n="$N" 'BEGIN { printf "\n%d devices installed in %.1f s (power-on to done)\n", n, b - a }'
+[ "$bad" = 0 ]

@@ -518,3 +518,21 @@ target = { order = "largest", count = 1 }
         }
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_parses() {
+        let c = Config::parse(
+            include_str!("../rackcast.example.toml"),
+            Path::new("rackcast.example.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.profiles.len(), 2);
+        assert_eq!(c.profiles[0].raid.as_ref().unwrap().level, "raid1");
+        assert_eq!(c.devices[0].image.as_deref(), Some("rocky9"));
+        assert_eq!(c.modules[0].pci_ids.len(), 2);
+    }
+}

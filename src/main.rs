@@ -474,12 +474,12 @@ mod fleet {
             return Ok(());
         }
         println!(
-            "{:>5} {:<12} {:<9} {:<20} {:>7} {:>8} {:>6}  STARTED",
-            "WAVE", "IMAGE", "STATE", "GROUP", "MEMBERS", "VERIFIED", "FAILED"
+            "{:>5} {:<12} {:<9} {:<20} {:>7} {:>8} {:>6}  {:<24}  DETAIL",
+            "WAVE", "IMAGE", "STATE", "GROUP", "MEMBERS", "VERIFIED", "FAILED", "STARTED"
         );
         for w in w {
             println!(
-                "{:>5} {:<12} {:<9} {:<20} {:>7} {:>8} {:>6}  {}",
+                "{:>5} {:<12} {:<9} {:<20} {:>7} {:>8} {:>6}  {:<24}  {}",
                 w.id,
                 w.image,
                 w.state,
@@ -487,7 +487,8 @@ mod fleet {
                 w.members,
                 w.verified,
                 w.failed,
-                ms_to_time(w.created_at)
+                ms_to_time(w.created_at),
+                w.detail
             );
         }
         Ok(())

@@ -682,10 +682,7 @@ async fn receive_image(
         );
     }
     Ok((
-        format!(
-            "image {} written to {} and verified",
-            join.image, plan.image.target
-        ),
+        format!("image {} written to {target} and verified", join.image),
         StepData::ImageWritten {
             hash: rep.image_hash,
             bytes: rep.image_bytes,

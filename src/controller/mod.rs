@@ -81,6 +81,8 @@ pub fn device_id_for(mac: &str) -> String {
 
 struct RunningWave {
     image: String,
+    /// Where members connect (the wave's TCP control listener).
+    control: SocketAddr,
     commands: crossbeam_channel::Sender<WaveCommand>,
     record: WaveRecord,
 }
@@ -631,10 +633,9 @@ impl Controller {
     fn join_for(&self, wave: i64, image: &str) -> Option<WaveJoin> {
         let w = self.waves.get(&wave)?;
         let img = self.images.get(image)?;
-        let control = w.record.detail.parse().ok()?;
         Some(WaveJoin {
             wave_id: wave,
-            control,
+            control: w.control,
             image: image.to_string(),
             image_hash: img.hash.clone(),
             image_size: img.size,
@@ -714,7 +715,7 @@ impl Controller {
             members: members.len() as u32,
             verified: 0,
             failed: 0,
-            detail: control.to_string(),
+            detail: format!("members connect to {control}"),
         };
         if let Err(e) = self.store.update_wave(&record) {
             tracing::error!(error = %e, "cannot record wave");
@@ -740,6 +741,7 @@ impl Controller {
             id,
             RunningWave {
                 image: image.to_string(),
+                control,
                 commands: cmd_tx,
                 record,
             },
@@ -805,6 +807,12 @@ impl Controller {
                 w.record.failed = w.record.members - w.record.verified;
                 metrics::gauge!("rackcast_wave_goodput_bps", "image" => w.image.clone())
                     .set(rep.goodput_bps);
+                w.record.detail = format!(
+                    "{:.2} s, goodput {:.1} Mbit/s, repair overhead {:.1} %",
+                    rep.seconds,
+                    rep.goodput_bps / 1e6,
+                    rep.repair_overhead_pct
+                );
             }
             Err(e) => {
                 w.record.state = "aborted".into();
