@@ -277,6 +277,7 @@ fn send(a: SendArgs) -> Result<()> {
             hello_timeout: Duration::from_secs(10),
             gso_segments: a.gso_segments.clamp(1, 64),
             cfg,
+            wave_label: "send".into(),
         })
         .await?;
         print_report(&report, a.json)?;

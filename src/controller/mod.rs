@@ -692,6 +692,7 @@ impl Controller {
             feedback_ms: 20,
             hello_timeout: Duration::from_secs(10),
             gso_segments: 16,
+            wave_label: id.to_string(),
             cfg: SenderConfig {
                 expected: members.len(),
                 start_timeout: self.cfg.waves.member_timeout,

@@ -48,6 +48,8 @@ pub struct SendOptions {
     /// Datagrams per UDP GSO send (1 = plain `sendmmsg`).
     pub gso_segments: usize,
     pub cfg: SenderConfig,
+    /// `wave` label on this wave's metrics (waves run side by side).
+    pub wave_label: String,
 }
 
 #[derive(Debug, Error)]
@@ -272,6 +274,7 @@ pub async fn run_wave(
     let cfg = opts.cfg.clone();
     let expected = cfg.expected;
     let gso_segments = opts.gso_segments;
+    let wave_label = opts.wave_label.clone();
     let sess = session.clone();
     let (done_tx, done_rx) = oneshot::channel();
     std::thread::Builder::new()
@@ -286,6 +289,7 @@ pub async fn run_wave(
                 ev_rx,
                 job_tx,
                 link,
+                wave_label,
             ));
         })
         .map_err(|e| SendError::Thread(e.to_string()))?;
@@ -507,6 +511,7 @@ fn send_loop(
     events: Receiver<Event>,
     jobs: Sender<Job>,
     link: Option<WaveLink>,
+    wave: String,
 ) -> SendReport {
     let m = &session.manifest;
     let symbol_size = m.symbol_size as usize;
@@ -520,7 +525,9 @@ fn send_loop(
     let mut wire_bytes = 0u64;
     let mut send_errors = 0u64;
     let mut gso = gso_segments;
-    metrics::gauge!("rackcast_wave_blocks").set(m.block_count() as f64);
+    metrics::gauge!("rackcast_wave_blocks", "wave" => wave.clone()).set(m.block_count() as f64);
+    let bytes_sent = metrics::counter!("rackcast_bytes_sent_total", "wave" => wave.clone());
+    let packets_sent = metrics::counter!("rackcast_packets_sent_total", "wave" => wave.clone());
     let mut reporter = link.map(|l| {
         for name in &l.members {
             core.expect_member(name, t0);
@@ -578,7 +585,7 @@ fn send_loop(
             }
             core.on_tick(now);
             next_tick = now + Duration::from_millis(10);
-            publish_metrics(&core);
+            publish_metrics(&core, &wave);
             if let Some(r) = &mut reporter {
                 r.report(&mut core, now);
             }
@@ -641,8 +648,8 @@ fn send_loop(
                 }
             }
             wire_bytes += (off * pk.dlen) as u64;
-            metrics::counter!("rackcast_bytes_sent_total").increment((off * pk.dlen) as u64);
-            metrics::counter!("rackcast_packets_sent_total").increment(off as u64);
+            bytes_sent.increment((off * pk.dlen) as u64);
+            packets_sent.increment(off as u64);
             continue;
         }
         // Nothing to send now: sleep until pacing, a probe or an event.
@@ -834,12 +841,16 @@ impl LinkReporter {
     }
 }
 
-fn publish_metrics(core: &WaveSender) {
+fn publish_metrics(core: &WaveSender, wave: &str) {
     let st = &core.stats;
-    metrics::gauge!("rackcast_rate_bps").set(core.current_rate() as f64);
-    metrics::counter!("rackcast_source_packets_total").absolute(st.source_packets);
-    metrics::counter!("rackcast_repair_packets_total").absolute(st.repair_packets);
-    metrics::counter!("rackcast_probe_packets_total").absolute(st.probe_packets);
+    let w = wave.to_string();
+    metrics::gauge!("rackcast_rate_bps", "wave" => w.clone()).set(core.current_rate() as f64);
+    metrics::counter!("rackcast_source_packets_total", "wave" => w.clone())
+        .absolute(st.source_packets);
+    metrics::counter!("rackcast_repair_packets_total", "wave" => w.clone())
+        .absolute(st.repair_packets);
+    metrics::counter!("rackcast_probe_packets_total", "wave" => w.clone())
+        .absolute(st.probe_packets);
     let total = core.manifest().block_count().max(1) as f64;
     let (mut active, mut verified, mut failed) = (0u32, 0u32, 0u32);
     for r in core.receivers().values() {
@@ -849,9 +860,11 @@ fn publish_metrics(core: &WaveSender) {
             _ => active += 1,
         }
     }
-    metrics::gauge!("rackcast_receivers", "state" => "active").set(active as f64);
-    metrics::gauge!("rackcast_receivers", "state" => "verified").set(verified as f64);
-    metrics::gauge!("rackcast_receivers", "state" => "failed").set(failed as f64);
+    metrics::gauge!("rackcast_receivers", "wave" => w.clone(), "state" => "active")
+        .set(active as f64);
+    metrics::gauge!("rackcast_receivers", "wave" => w.clone(), "state" => "verified")
+        .set(verified as f64);
+    metrics::gauge!("rackcast_receivers", "wave" => w, "state" => "failed").set(failed as f64);
     for r in core.receivers().values() {
         let name = r.name.clone();
         metrics::gauge!("rackcast_receiver_progress_ratio", "receiver" => name.clone())
