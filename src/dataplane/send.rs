@@ -281,16 +281,13 @@ pub async fn run_wave(
         .name("rc-pacer".into())
         .spawn(move || {
             raise_priority();
-            let _ = done_tx.send(send_loop(
+            let setup = LoopSetup {
                 gso_segments,
                 cfg,
-                sess,
-                sock,
-                ev_rx,
-                job_tx,
-                link,
-                wave_label,
-            ));
+                session: sess,
+                wave: wave_label,
+            };
+            let _ = done_tx.send(send_loop(setup, sock, ev_rx, job_tx, link));
         })
         .map_err(|e| SendError::Thread(e.to_string()))?;
     let report = done_rx
@@ -502,17 +499,29 @@ impl Packetizer {
     }
 }
 
-#[allow(clippy::too_many_lines)]
-fn send_loop(
+/// What the pacing thread starts from.
+struct LoopSetup {
     gso_segments: usize,
     cfg: SenderConfig,
     session: Arc<SessionParams>,
+    /// Metrics label.
+    wave: String,
+}
+
+#[allow(clippy::too_many_lines)]
+fn send_loop(
+    setup: LoopSetup,
     sock: std::net::UdpSocket,
     events: Receiver<Event>,
     jobs: Sender<Job>,
     link: Option<WaveLink>,
-    wave: String,
 ) -> SendReport {
+    let LoopSetup {
+        gso_segments,
+        cfg,
+        session,
+        wave,
+    } = setup;
     let m = &session.manifest;
     let symbol_size = m.symbol_size as usize;
     let frame = packet::datagram_len(symbol_size) + packet::IP_UDP_OVERHEAD + ETH_HEADER;
