@@ -433,16 +433,8 @@ impl Fx<'_> {
             Event::Tick => self.on_tick(),
             Event::Retry => {
                 if let Some(f) = self.dev.failed.clone() {
-                    let from = self.state_label();
-                    self.dev.failed = None;
-                    self.log_transition(
-                        f.step,
-                        "retry",
-                        from,
-                        None,
-                        format!("operator retry after: {}", f.reason),
-                    );
-                    self.start_step(f.step, f.attempts + 1);
+                    let why = format!("operator retry after: {}", f.reason);
+                    self.retry(f, why);
                 }
             }
         }
@@ -871,6 +863,14 @@ impl Fx<'_> {
         self.log_transition(step, "failed", from, took, detail);
     }
 
+    /// Start the failed step again (its next attempt).
+    fn retry(&mut self, f: Failure, why: String) {
+        let from = self.state_label();
+        self.dev.failed = None;
+        self.log_transition(f.step, "retry", from, None, why);
+        self.start_step(f.step, f.attempts + 1);
+    }
+
     fn on_tick(&mut self) {
         if let Some(run) = &self.dev.running {
             let limit = if run.step == Step::Imaging {
@@ -890,16 +890,8 @@ impl Fx<'_> {
         }
         if let Some(f) = self.dev.failed.clone() {
             if f.retry_at.is_some_and(|at| self.now >= at) {
-                let from = self.state_label();
-                self.dev.failed = None;
-                self.log_transition(
-                    f.step,
-                    "retry",
-                    from,
-                    None,
-                    format!("automatic retry {} after: {}", f.attempts + 1, f.reason),
-                );
-                self.start_step(f.step, f.attempts + 1);
+                let why = format!("automatic retry {} after: {}", f.attempts + 1, f.reason);
+                self.retry(f, why);
             }
         }
     }

@@ -270,8 +270,10 @@ target = {{ order = "smallest", count = 1 }}
     }
 
     /// GET on the appliance's API from inside its namespace (real curl).
-    fn api(&self, path: &str) -> Option<Value> {
-        let out = Command::new("ip")
+    /// GET on the appliance's API from inside its namespace (real curl);
+    /// empty when it does not answer.
+    fn http_get(&self, path: &str) -> String {
+        Command::new("ip")
             .args([
                 "netns",
                 "exec",
@@ -283,17 +285,20 @@ target = {{ order = "smallest", count = 1 }}
             ])
             .arg(format!("http://198.18.0.1:7180{path}"))
             .output()
-            .ok()?;
-        if !out.status.success() {
-            return None;
-        }
-        serde_json::from_slice(&out.stdout).ok()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
     }
 
-    /// The fleet CLI, run where an operator runs it: on the appliance
-    /// (its namespace), so its API address is local.
-    fn cli(&self, args: &[&str]) -> Value {
-        let out = Command::new("ip")
+    fn api(&self, path: &str) -> Option<Value> {
+        serde_json::from_str(&self.http_get(path)).ok()
+    }
+
+    /// The fleet CLI with `--json`, run where an operator runs it: on the
+    /// appliance (its namespace), so its API address is local.
+    fn cli_output(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
             .args(["netns", "exec", &self.lab.ns("app")])
             .arg(bin("rackcast"))
             .args(args)
@@ -301,7 +306,11 @@ target = {{ order = "smallest", count = 1 }}
             .arg(&self.config)
             .arg("--json")
             .output()
-            .unwrap();
+            .unwrap()
+    }
+
+    fn cli(&self, args: &[&str]) -> Value {
+        let out = self.cli_output(args);
         assert!(
             out.status.success(),
             "rackcast {args:?}: {}",
@@ -312,19 +321,11 @@ target = {{ order = "smallest", count = 1 }}
 
     /// Like `cli`, but `None` when the command fails (nothing logged yet).
     fn cli_opt(&self, args: &[&str]) -> Option<Value> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.lab.ns("app")])
-            .arg(bin("rackcast"))
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--json")
-            .output()
-            .ok()?;
-        if !out.status.success() {
-            return None;
-        }
-        serde_json::from_slice(&out.stdout).ok()
+        let out = self.cli_output(args);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
     }
 
     fn devices(&self) -> Vec<Value> {
@@ -608,20 +609,7 @@ fn rack_of_eight_two_profiles_two_images_concurrent_waves() {
     // The REST API and a Prometheus-format /metrics answer too.
     let api = rack.api("/api/devices").unwrap();
     assert_eq!(api.as_array().unwrap().len(), n);
-    let metrics = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &rack.lab.ns("app"),
-            "curl",
-            "-sf",
-            "-m",
-            "5",
-        ])
-        .arg("http://198.18.0.1:7180/metrics")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&metrics.stdout);
+    let text = rack.http_get("/metrics");
     assert!(
         text.contains("rackcast_devices{state=\"done\"} 8"),
         "{}",
@@ -769,20 +757,7 @@ fn bad_input_gets_clear_errors_and_the_others_are_served() {
         !devs.iter().any(|d| d["mac"] == "02:bb:00:00:00:01"),
         "a wrong-version hello must not create a device"
     );
-    let metrics = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &rack.lab.ns("app"),
-            "curl",
-            "-sf",
-            "-m",
-            "5",
-        ])
-        .arg("http://198.18.0.1:7180/metrics")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&metrics.stdout);
+    let text = rack.http_get("/metrics");
     for kind in ["malformed", "oversize", "version"] {
         assert!(
             text.contains(&format!(

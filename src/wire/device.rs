@@ -122,21 +122,13 @@ pub fn valid_mac(mac: &str) -> bool {
 
 impl AgentMsg {
     pub fn parse(frame: &[u8]) -> Result<AgentMsg, DeviceWireError> {
-        if frame.len() > MAX_FRAME {
-            return Err(DeviceWireError::Oversize(frame.len()));
-        }
-        let m: AgentMsg =
-            postcard::from_bytes(frame).map_err(|e| DeviceWireError::Malformed(e.to_string()))?;
+        let m: AgentMsg = decode(frame)?;
         m.validate()?;
         Ok(m)
     }
 
     pub fn emit(&self) -> Result<Vec<u8>, DeviceWireError> {
-        let v = postcard::to_stdvec(self).map_err(|e| DeviceWireError::Malformed(e.to_string()))?;
-        if v.len() > MAX_FRAME {
-            return Err(DeviceWireError::Oversize(v.len()));
-        }
-        Ok(v)
+        encode(self)
     }
 
     fn validate(&self) -> Result<(), DeviceWireError> {
@@ -185,11 +177,7 @@ impl AgentMsg {
 
 impl ApplianceMsg {
     pub fn parse(frame: &[u8]) -> Result<ApplianceMsg, DeviceWireError> {
-        if frame.len() > MAX_FRAME {
-            return Err(DeviceWireError::Oversize(frame.len()));
-        }
-        let m: ApplianceMsg =
-            postcard::from_bytes(frame).map_err(|e| DeviceWireError::Malformed(e.to_string()))?;
+        let m: ApplianceMsg = decode(frame)?;
         if let ApplianceMsg::BlobChunk {
             offset,
             total,
@@ -205,12 +193,23 @@ impl ApplianceMsg {
     }
 
     pub fn emit(&self) -> Result<Vec<u8>, DeviceWireError> {
-        let v = postcard::to_stdvec(self).map_err(|e| DeviceWireError::Malformed(e.to_string()))?;
-        if v.len() > MAX_FRAME {
-            return Err(DeviceWireError::Oversize(v.len()));
-        }
-        Ok(v)
+        encode(self)
     }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(frame: &[u8]) -> Result<T, DeviceWireError> {
+    if frame.len() > MAX_FRAME {
+        return Err(DeviceWireError::Oversize(frame.len()));
+    }
+    postcard::from_bytes(frame).map_err(|e| DeviceWireError::Malformed(e.to_string()))
+}
+
+fn encode<T: Serialize>(m: &T) -> Result<Vec<u8>, DeviceWireError> {
+    let v = postcard::to_stdvec(m).map_err(|e| DeviceWireError::Malformed(e.to_string()))?;
+    if v.len() > MAX_FRAME {
+        return Err(DeviceWireError::Oversize(v.len()));
+    }
+    Ok(v)
 }
 
 #[cfg(test)]
