@@ -62,7 +62,8 @@ state_dir = "$WORK/state"
 [dataplane]
 iface = "srv0"
 bind = "198.18.0.1"
-total_rate = "${RATE_M}M"
+# 80 % of the link: bundles and feedback need room beside the waves.
+total_rate = "$((RATE_M * 4 / 5))M"
 group_base = "239.255.50.1"
 
 [waves]

@@ -152,7 +152,12 @@ target = {{ order = "smallest", count = 1 }}
             } else {
                 String::new()
             },
-            cfg_rate = rate.replace("mbit", "M"),
+            // 80 % of the link: the control plane (bundles, feedback)
+            // needs headroom beside a wave running at full rate.
+            cfg_rate = format!(
+                "{}M",
+                rate.trim_end_matches("mbit").parse::<u64>().unwrap() * 4 / 5
+            ),
         );
         fs::write(&config, text).unwrap();
         for i in 1..=n {
@@ -854,4 +859,86 @@ profile = "flaky"
     rack.wait_for("retried device done", Duration::from_secs(90), all_done(1));
     check_log(&rack, 1);
     let _ = fs::remove_dir_all(&marker_dir);
+}
+
+#[test]
+fn wave_takes_a_late_member_drops_a_silent_one_and_the_device_comes_back() {
+    if !can_run() {
+        return;
+    }
+    let n = 4;
+    let extra = format!(
+        "[waves]\nmin_members = 3\nstart_after = \"1s\"\nmember_timeout = \"4s\"\n{}",
+        (1..=n)
+            .map(|i| format!("[[devices]]\nmac = \"{}\"\nprofile = \"r650\"\n", mac(i)))
+            .collect::<String>()
+    );
+    let mut rack = Rack::build("fw", n, "100mbit", (90, 8), &extra, false);
+    for i in 1..=3 {
+        rack.start_agent(i);
+    }
+    rack.wait_for("three imaging in wave 1", Duration::from_secs(120), |d| {
+        d.iter()
+            .filter(|x| x["step"] == "imaging" && x["state"] == "running" && x["wave"] == 1)
+            .count()
+            == 3
+    });
+    // A late device joins the running wave.
+    rack.start_agent(4);
+    rack.wait_for("device 4 in wave 1", Duration::from_secs(60), |d| {
+        d.iter()
+            .any(|x| x["device"] == device_id(4) && x["wave"] == 1 && x["step"] == "imaging")
+    });
+    // Device 2 dies mid-wave (power loss: its agent is killed).
+    if let Some(mut a) = rack.agents[1].take() {
+        let _ = a.kill();
+        let _ = a.wait();
+    }
+    rack.wait_for("the others done", Duration::from_secs(120), |d| {
+        [1, 3, 4].iter().all(|i| {
+            d.iter()
+                .any(|x| x["device"] == device_id(*i) && x["state"] == "done")
+        })
+    });
+    let waves = rack.cli(&["waves"]);
+    let w1 = waves
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["id"] == 1)
+        .unwrap()
+        .clone();
+    assert_eq!(w1["state"], "finished", "{w1}");
+    assert_eq!(w1["verified"], 3, "{w1}");
+    assert!(w1["failed"].as_u64().unwrap() >= 1, "{w1}");
+    let ev2 = rack.cli(&["log", &device_id(2)]);
+    assert!(
+        ev2.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["step"] == "imaging"
+                && e["kind"] == "failed"
+                && e["detail"].as_str().unwrap().contains("wave lost")),
+        "device 2's dropped membership is in its log: {ev2}"
+    );
+    // The device comes back (powered on again: its loader starts): it
+    // gets its bundle again, rejoins a new wave, resumes its blocks.
+    rack.start_agent(2);
+    rack.wait_for("device 2 done", Duration::from_secs(120), all_done(n));
+    for i in 1..=n {
+        assert_image_on(
+            &rack.lab.file(&format!("d{i}-disk-big.img")),
+            &rack.images["debian"],
+        );
+        check_log(&rack, i);
+    }
+    let ev2 = check_log(&rack, 2);
+    assert!(ev2.iter().any(|e| e["detail"]
+        .as_str()
+        .unwrap()
+        .contains("loader rebooted: bundle delivered again")));
+    assert!(ev2.iter().any(|e| {
+        let d = e["detail"].as_str().unwrap();
+        e["kind"] == "op" && d.contains("receive-image ok") && !d.contains(" 0 resumed blocks")
+    }));
 }
