@@ -86,6 +86,9 @@ impl Rack {
             images.insert(name.to_string(), p);
         }
         let config = dir.join("rackcast.toml");
+        // 80 % of the link: the control plane (bundles, feedback) needs
+        // headroom beside a wave running at full rate.
+        let cfg_rate = rate.trim_end_matches("mbit").parse::<u64>().unwrap() * 4 / 5;
         let text = format!(
             r#"
 [appliance]
@@ -97,7 +100,7 @@ read_timeout = "30s"
 [dataplane]
 iface = "srv0"
 bind = "198.18.0.1"
-total_rate = "{cfg_rate}"
+total_rate = "{cfg_rate}M"
 group_base = "239.255.30.1"
 
 [workflow]
@@ -152,12 +155,7 @@ target = {{ order = "smallest", count = 1 }}
             } else {
                 String::new()
             },
-            // 80 % of the link: the control plane (bundles, feedback)
-            // needs headroom beside a wave running at full rate.
-            cfg_rate = format!(
-                "{}M",
-                rate.trim_end_matches("mbit").parse::<u64>().unwrap() * 4 / 5
-            ),
+            cfg_rate = cfg_rate,
         );
         fs::write(&config, text).unwrap();
         for i in 1..=n {
