@@ -39,7 +39,7 @@ pub enum Input {
         mac: String,
         device_id: Option<String>,
         mode: AgentMode,
-        out: mpsc::UnboundedSender<ApplianceMsg>,
+        out: Outbox,
         reply: oneshot::Sender<Result<String, String>>,
     },
     Report {
@@ -74,6 +74,11 @@ pub enum Input {
     Shutdown,
 }
 
+/// Messages to one agent connection's writer. A blob chunk carries its
+/// transfer permit: it is released once the chunk left, so at most
+/// `max_inflight_transfers` chunks are in memory, however slow the devices.
+pub type Outbox = mpsc::UnboundedSender<(ApplianceMsg, Option<tokio::sync::OwnedSemaphorePermit>)>;
+
 /// Device id from its boot MAC: stable across reboots and reinstalls.
 pub fn device_id_for(mac: &str) -> String {
     format!("rc-{}", mac.to_ascii_lowercase().replace(':', ""))
@@ -92,7 +97,7 @@ pub struct Controller {
     wf: WorkflowConfig,
     store: Box<dyn Store>,
     devices: HashMap<String, Device>,
-    conns: HashMap<String, (u64, mpsc::UnboundedSender<ApplianceMsg>)>,
+    conns: HashMap<String, (u64, Outbox)>,
     /// Image blocks done/total per device in a running wave (shared with
     /// the API; not stored: it changes every second).
     progress: Progress,
@@ -416,7 +421,7 @@ impl Controller {
 
     fn send_to(&self, device: &str, msg: ApplianceMsg) {
         if let Some((_, out)) = self.conns.get(device) {
-            let _ = out.send(msg);
+            let _ = out.send((msg, None));
         }
     }
 

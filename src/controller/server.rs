@@ -87,7 +87,8 @@ async fn serve_agent(stream: TcpStream, shared: Shared) -> Result<(), ConnError>
         return Ok(());
     }
     let conn_id = CONN_IDS.fetch_add(1, Ordering::Relaxed);
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<ApplianceMsg>();
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel();
+    let out_tx: super::Outbox = out_tx;
     let (reply_tx, reply_rx) = oneshot::channel();
     if shared
         .inbox
@@ -121,10 +122,13 @@ async fn serve_agent(stream: TcpStream, shared: Shared) -> Result<(), ConnError>
     .encode()?;
     sink.send(bytes::Bytes::from(welcome)).await?;
     let writer = tokio::spawn(async move {
-        while let Some(m) = out_rx.recv().await {
+        while let Some((m, permit)) = out_rx.recv().await {
             let Ok(bytes) = m.encode() else { continue };
             let last = matches!(m, ApplianceMsg::Error { .. });
-            if sink.send(bytes::Bytes::from(bytes)).await.is_err() || last {
+            drop(m);
+            let sent = sink.send(bytes::Bytes::from(bytes)).await;
+            drop(permit);
+            if sent.is_err() || last {
                 break;
             }
         }
@@ -139,9 +143,12 @@ async fn serve_agent(stream: TcpStream, shared: Shared) -> Result<(), ConnError>
                 let e = map_io(e, MAX_FRAME);
                 if matches!(e, ConnError::Oversize(_)) {
                     count_error("oversize");
-                    let _ = out_tx.send(ApplianceMsg::Error {
-                        message: format!("frame larger than {MAX_FRAME} bytes"),
-                    });
+                    let _ = out_tx.send((
+                        ApplianceMsg::Error {
+                            message: format!("frame larger than {MAX_FRAME} bytes"),
+                        },
+                        None,
+                    ));
                 }
                 break Err(e);
             }
@@ -151,9 +158,12 @@ async fn serve_agent(stream: TcpStream, shared: Shared) -> Result<(), ConnError>
             Ok(m) => m,
             Err(e) => {
                 count_error("malformed");
-                let _ = out_tx.send(ApplianceMsg::Error {
-                    message: e.to_string(),
-                });
+                let _ = out_tx.send((
+                    ApplianceMsg::Error {
+                        message: e.to_string(),
+                    },
+                    None,
+                ));
                 break Err(e);
             }
         };
@@ -191,13 +201,13 @@ async fn serve_agent(stream: TcpStream, shared: Shared) -> Result<(), ConnError>
                     },
                 };
                 let fatal = matches!(reply, ApplianceMsg::Error { .. });
-                let _ = out_tx.send(reply);
+                let _ = out_tx.send((reply, None));
                 if fatal {
                     break Ok(());
                 }
             }
             AgentMsg::GetBlob { hash, offset } => {
-                let _permit = shared.transfer_permits.clone().acquire_owned().await;
+                let permit = shared.transfer_permits.clone().acquire_owned().await.ok();
                 let reply = match shared.builder.blob(&hash) {
                     Some((path, total)) if offset <= total => {
                         read_chunk(path, offset, total, hash).await
@@ -207,19 +217,22 @@ async fn serve_agent(stream: TcpStream, shared: Shared) -> Result<(), ConnError>
                     },
                 };
                 let fatal = matches!(reply, ApplianceMsg::Error { .. });
-                let _ = out_tx.send(reply);
+                let _ = out_tx.send((reply, permit));
                 if fatal {
                     break Ok(());
                 }
             }
             AgentMsg::Ping => {
-                let _ = out_tx.send(ApplianceMsg::Pong);
+                let _ = out_tx.send((ApplianceMsg::Pong, None));
             }
             AgentMsg::Hello { .. } => {
                 count_error("out_of_order");
-                let _ = out_tx.send(ApplianceMsg::Error {
-                    message: "Hello twice".into(),
-                });
+                let _ = out_tx.send((
+                    ApplianceMsg::Error {
+                        message: "Hello twice".into(),
+                    },
+                    None,
+                ));
                 break Ok(());
             }
         }

@@ -550,7 +550,11 @@ fn send_loop(
 
     'outer: loop {
         let now = Instant::now();
-        // Events first: they may unblock sends.
+        // Membership first: a member the appliance just added may already
+        // be saying hello. Then events: they may unblock sends.
+        if let Some(r) = &mut reporter {
+            r.commands(&mut core, now);
+        }
         while let Ok(ev) = events.try_recv() {
             held.on_event(&mut core, ev);
         }
@@ -589,9 +593,6 @@ fn send_loop(
             }
         }
         if now >= next_tick {
-            if let Some(r) = &mut reporter {
-                r.commands(&mut core, now);
-            }
             core.on_tick(now);
             next_tick = now + Duration::from_millis(10);
             publish_metrics(&core, &wave);
@@ -670,6 +671,9 @@ fn send_loop(
         if wait > Duration::from_micros(50) {
             match events.recv_timeout(wait) {
                 Ok(ev) => {
+                    if let Some(r) = &mut reporter {
+                        r.commands(&mut core, Instant::now());
+                    }
                     held.on_event(&mut core, ev);
                 }
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}

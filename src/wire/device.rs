@@ -15,8 +15,10 @@ use crate::workflow::{AgentMode, Command, OpRecord, Outcome, StepData};
 pub const DEVICE_PROTOCOL: u16 = 1;
 /// Largest frame either side accepts (blob chunks are 1 MiB).
 pub const MAX_FRAME: usize = 4 << 20;
-/// Blob bytes per `BlobChunk`.
-pub const BLOB_CHUNK: usize = 1 << 20;
+/// Blob bytes per `BlobChunk`. Small on purpose: a connection's write
+/// buffer keeps the capacity of the largest frame it ever sent, and an
+/// appliance holds a thousand connections.
+pub const BLOB_CHUNK: usize = 64 << 10;
 const MAX_ID: usize = 128;
 const MAX_OPS: usize = 1024;
 const MAX_DETAIL: usize = 64 << 10;

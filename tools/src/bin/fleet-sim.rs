@@ -157,7 +157,6 @@ control_listen = "127.0.0.1:7100"
 api_listen = "127.0.0.1:7180"
 state_dir = "{state}"
 max_inflight_bundles = 16
-max_inflight_transfers = 64
 
 [dataplane]
 iface = "lo"
