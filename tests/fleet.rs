@@ -940,3 +940,26 @@ fn wave_takes_a_late_member_drops_a_silent_one_and_the_device_comes_back() {
         e["kind"] == "op" && d.contains("receive-image ok") && !d.contains(" 0 resumed blocks")
     }));
 }
+
+/// The control-plane benchmark tool keeps working (its numbers come from
+/// release builds; this only checks that a simulated fleet completes).
+#[test]
+fn fleet_sim_completes_a_small_fleet() {
+    if !can_run() {
+        return;
+    }
+    let out = Command::new(bin("fleet-sim"))
+        .args(["--devices", "40", "--timeout", "120"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap();
+    let v: Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["devices"], 40);
+    assert!(v["appliance_peak_rss_mib"].as_f64().unwrap() > 1.0);
+}
