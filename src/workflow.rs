@@ -343,6 +343,7 @@ pub enum Action {
 /// Apply `ev` to `dev` at `now`. The caller commits `dev` and the
 /// `Record` actions atomically, then performs the rest.
 pub fn on_event(dev: &mut Device, cfg: &WorkflowConfig, now: Millis, ev: Event) -> Vec<Action> {
+    let before = dev.clone();
     let mut fx = Fx {
         dev,
         cfg,
@@ -350,7 +351,11 @@ pub fn on_event(dev: &mut Device, cfg: &WorkflowConfig, now: Millis, ev: Event) 
         out: Vec::new(),
     };
     fx.handle(ev);
-    fx.dev.updated = now;
+    // Only a real change is an update (ticks that change nothing must not
+    // cost a store write per device).
+    if *fx.dev != before {
+        fx.dev.updated = now;
+    }
     fx.out
 }
 

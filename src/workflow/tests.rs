@@ -506,3 +506,14 @@ fn imaging_retries_are_counted_and_end() {
     let f = s.dev.failed.clone().expect("gave up");
     assert_eq!((f.step, f.attempts, f.retry_at), (Step::Imaging, 2, None));
 }
+
+#[test]
+fn a_tick_that_changes_nothing_leaves_the_record_alone() {
+    let mut s = Sim::new();
+    s.reach_agent_delivered(plan(true));
+    let before = s.dev.clone();
+    s.now += 10;
+    let acts = s.ev(Event::Tick);
+    assert!(acts.is_empty());
+    assert_eq!(s.dev, before, "no change, no store write");
+}
