@@ -298,8 +298,13 @@ pub enum Event {
     BundleFailed(String),
     /// The wave scheduler put the device into a wave.
     WaveAssigned(WaveJoin),
-    /// The device's wave ended without the device verified.
-    WaveLost(String),
+    /// The device's wave (`Some`: only if it is still that one; `None`:
+    /// whatever it waits for or runs in) ended or failed to start without
+    /// the device verified.
+    WaveLost {
+        wave: Option<i64>,
+        why: String,
+    },
     Tick,
     /// Operator: retry the failed step now.
     Retry,
@@ -427,12 +432,29 @@ impl Fx<'_> {
                 }
             }
             Event::WaveAssigned(join) => self.on_wave(join),
-            Event::WaveLost(why) => {
-                if let Some(r) = &self.dev.running {
-                    if r.step == Step::Imaging {
-                        self.dev.wave = None;
-                        self.fail_running(format!("wave lost: {why}"));
-                    }
+            Event::WaveLost { wave, why } => {
+                let same = wave.is_none() || wave == self.dev.wave;
+                let imaging = self
+                    .dev
+                    .running
+                    .as_ref()
+                    .is_some_and(|r| r.step == Step::Imaging);
+                if imaging && same {
+                    self.dev.wave = None;
+                    self.out.push(Action::LeaveWave);
+                    self.fail_running(format!("wave lost: {why}"));
+                } else if self.dev.queued_for_image && wave.is_none() {
+                    let from = self.state_label();
+                    self.dev.queued_for_image = false;
+                    self.out.push(Action::LeaveWave);
+                    let attempts = self.dev.deferred_attempt.max(1);
+                    self.fail_with(
+                        from,
+                        Step::Imaging,
+                        format!("wave lost: {why}"),
+                        attempts,
+                        None,
+                    );
                 }
             }
             Event::Tick => self.on_tick(),

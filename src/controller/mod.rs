@@ -320,7 +320,13 @@ impl Controller {
                 .as_ref()
                 .is_some_and(|r| r.step == Step::Imaging);
             if imaging {
-                self.apply(&id, Event::WaveLost("appliance restarted".into()));
+                self.apply(
+                    &id,
+                    Event::WaveLost {
+                        wave: None,
+                        why: "appliance restarted".into(),
+                    },
+                );
             } else if self.devices[&id].queued_for_image {
                 if let Some(img) = self.devices[&id].image.clone() {
                     let acts = self.sched.enqueue(&id, &img, now);
@@ -651,7 +657,13 @@ impl Controller {
         let (Some(img), Some(manifest)) = (self.images.get(image), self.manifests.get(image))
         else {
             for m in &members {
-                self.apply(m, Event::WaveLost(format!("image {image} is not served")));
+                self.apply(
+                    m,
+                    Event::WaveLost {
+                        wave: None,
+                        why: format!("image {image} is not served"),
+                    },
+                );
             }
             return;
         };
@@ -673,7 +685,13 @@ impl Controller {
             Err(e) => {
                 tracing::error!(error = %e, "wave control listener");
                 for m in &members {
-                    self.apply(m, Event::WaveLost(e.to_string()));
+                    self.apply(
+                        m,
+                        Event::WaveLost {
+                            wave: None,
+                            why: e.to_string(),
+                        },
+                    );
                 }
                 return;
             }
@@ -792,7 +810,13 @@ impl Controller {
                 // The agent's own report carries the verified hash; a
                 // failed receiver ends the device's imaging step here.
                 if !ok {
-                    self.apply(&name, Event::WaveLost(detail));
+                    self.apply(
+                        &name,
+                        Event::WaveLost {
+                            wave: Some(wave),
+                            why: detail,
+                        },
+                    );
                 }
             }
         }
@@ -840,7 +864,13 @@ impl Controller {
             // ended (its Done was the last message): give it the imaging
             // timeout rather than failing it here, unless the wave failed.
             if result.is_err() {
-                self.apply(&id, Event::WaveLost("wave aborted".into()));
+                self.apply(
+                    &id,
+                    Event::WaveLost {
+                        wave: Some(wave),
+                        why: "wave aborted".into(),
+                    },
+                );
             }
         }
     }

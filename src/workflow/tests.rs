@@ -371,7 +371,16 @@ fn wave_lost_fails_imaging_and_requeues_later() {
     s.reach_agent_delivered(plan(false));
     s.ok(StepData::None);
     s.ev(Event::WaveAssigned(s.join()));
-    s.ev(Event::WaveLost("member timed out".into()));
+    // A verdict from an older wave does not touch the current one.
+    s.ev(Event::WaveLost {
+        wave: Some(3),
+        why: "old wave".into(),
+    });
+    assert!(s.dev.running.is_some());
+    s.ev(Event::WaveLost {
+        wave: Some(7),
+        why: "member timed out".into(),
+    });
     assert_eq!(s.dev.failed.as_ref().unwrap().step, Step::Imaging);
     assert_eq!(s.dev.wave, None);
 }
@@ -477,7 +486,7 @@ mod properties {
                     Op::Bundle => { s.ev(Event::BundleBuilt { hash: "b1".into(), plan: Box::new(plan(true)) }); }
                     Op::BundleFail => { s.ev(Event::BundleFailed("x".into())); }
                     Op::Wave => { let j = s.join(); s.ev(Event::WaveAssigned(j)); }
-                    Op::WaveLost => { s.ev(Event::WaveLost("x".into())); }
+                    Op::WaveLost => { s.ev(Event::WaveLost { wave: None, why: "x".into() }); }
                     Op::Tick(ms) => { s.now += i64::from(ms); s.ev(Event::Tick); }
                     Op::Retry => { s.ev(Event::Retry); }
                 }
@@ -516,4 +525,21 @@ fn a_tick_that_changes_nothing_leaves_the_record_alone() {
     let acts = s.ev(Event::Tick);
     assert!(acts.is_empty());
     assert_eq!(s.dev, before, "no change, no store write");
+}
+
+#[test]
+fn a_wave_that_cannot_start_fails_its_queued_devices() {
+    let mut s = Sim::new();
+    s.reach_agent_delivered(plan(false));
+    s.ok(StepData::None);
+    assert!(s.dev.queued_for_image);
+    s.ev(Event::WaveLost {
+        wave: None,
+        why: "image img is not served".into(),
+    });
+    assert!(!s.dev.queued_for_image);
+    let f = s.dev.failed.clone().unwrap();
+    assert_eq!(f.step, Step::Imaging);
+    assert!(f.reason.contains("not served"));
+    assert!(s.other.contains(&Action::LeaveWave));
 }
