@@ -198,6 +198,12 @@ pub struct Device {
     pub next_cmd: u64,
     /// Came in through an installed OS (claim 17) rather than a boot.
     pub via_os: bool,
+    /// An agent of the device is connected now (not stored: after a
+    /// restart every agent reconnects). Automatic retries wait for it: a
+    /// powered-off device must not use up its attempts on waves it cannot
+    /// join.
+    #[serde(skip)]
+    pub connected: bool,
     /// Attempt number of a step that waits for the appliance before it
     /// runs (bundle generation, a wave), so retries stay counted.
     #[serde(default)]
@@ -222,6 +228,7 @@ impl Device {
             next_cmd: 1,
             via_os: false,
             deferred_attempt: 0,
+            connected: false,
             created: now,
             updated: now,
         }
@@ -403,10 +410,16 @@ impl Fx<'_> {
     fn handle(&mut self, ev: Event) {
         match ev {
             Event::BootSeen => self.on_boot(),
-            Event::AgentConnected(mode) => self.on_connected(mode),
+            Event::AgentConnected(mode) => {
+                self.dev.connected = true;
+                self.on_connected(mode);
+                // A retry that came due while the device was away.
+                self.on_tick();
+            }
             Event::AgentDisconnected => {
                 // Running steps keep running on the device; their timeout
                 // covers a device that never comes back.
+                self.dev.connected = false;
             }
             Event::Report {
                 cmd_id,
@@ -916,7 +929,7 @@ impl Fx<'_> {
             return;
         }
         if let Some(f) = self.dev.failed.clone() {
-            if f.retry_at.is_some_and(|at| self.now >= at) {
+            if self.dev.connected && f.retry_at.is_some_and(|at| self.now >= at) {
                 let why = format!("automatic retry {} after: {}", f.attempts + 1, f.reason);
                 self.retry(f, why);
             }

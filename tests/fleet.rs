@@ -40,7 +40,7 @@ impl Rack {
     /// configure, image rocky); `rocky_override` odd devices get rocky by
     /// MAC. Device 1 also has a NIC with a PCI id that pulls a module.
     fn new(tag: &str, n: usize, rate: &str, mib: (u64, u64), extra_cfg: &str) -> Rack {
-        Rack::build(tag, n, rate, mib, extra_cfg, true)
+        Rack::build(tag, n, rate, mib, extra_cfg, true, 80)
     }
 
     fn build(
@@ -50,6 +50,7 @@ impl Rack {
         mib: (u64, u64),
         extra_cfg: &str,
         mixed: bool,
+        rate_pct: u64,
     ) -> Rack {
         let lab = Lab::up(tag, n, rate, &[]);
         let dir = lab.dir.clone();
@@ -86,9 +87,9 @@ impl Rack {
             images.insert(name.to_string(), p);
         }
         let config = dir.join("rackcast.toml");
-        // 80 % of the link: the control plane (bundles, feedback) needs
-        // headroom beside a wave running at full rate.
-        let cfg_rate = rate.trim_end_matches("mbit").parse::<u64>().unwrap() * 4 / 5;
+        // `rate_pct` of the link (80 by default): the control plane
+        // (bundles, feedback) needs headroom beside a wave at full rate.
+        let cfg_rate = rate.trim_end_matches("mbit").parse::<u64>().unwrap() * rate_pct / 100;
         let text = format!(
             r#"
 [appliance]
@@ -634,7 +635,7 @@ fn appliance_killed_mid_wave_resumes_every_device() {
             .map(|i| format!("[[devices]]\nmac = \"{}\"\nprofile = \"r650\"\n", mac(i)))
             .collect::<String>()
     );
-    let mut rack = Rack::build("fk", n, "100mbit", (64, 64), &extra, false);
+    let mut rack = Rack::build("fk", n, "100mbit", (64, 64), &extra, false, 80);
     for i in 1..=n {
         rack.start_agent(i);
     }
@@ -871,7 +872,10 @@ fn wave_takes_a_late_member_drops_a_silent_one_and_the_device_comes_back() {
             .map(|i| format!("[[devices]]\nmac = \"{}\"\nprofile = \"r650\"\n", mac(i)))
             .collect::<String>()
     );
-    let mut rack = Rack::build("fw", n, "100mbit", (90, 8), &extra, false);
+    // Half the link for the wave (~15 s for 90 MiB): the late device's
+    // bundle download has room beside it, so it joins this wave even on a
+    // loaded machine.
+    let mut rack = Rack::build("fw", n, "100mbit", (90, 8), &extra, false, 50);
     for i in 1..=3 {
         rack.start_agent(i);
     }

@@ -543,3 +543,21 @@ fn a_wave_that_cannot_start_fails_its_queued_devices() {
     assert!(f.reason.contains("not served"));
     assert!(s.other.contains(&Action::LeaveWave));
 }
+
+#[test]
+fn automatic_retries_wait_for_the_device_to_be_back() {
+    let mut s = Sim::new();
+    s.reach_agent_delivered(plan(true));
+    s.fail("BMC unreachable");
+    s.ev(Event::AgentDisconnected);
+    s.now += 1_000_000;
+    let n = s.sent.len();
+    s.ev(Event::Tick);
+    assert_eq!(s.sent.len(), n, "no retry while the device is away");
+    assert_eq!(s.dev.failed.as_ref().unwrap().attempts, 1);
+    s.ev(Event::AgentConnected(AgentMode::Agent {
+        bundle: "b1".into(),
+    }));
+    assert_eq!(s.last_cmd().step, Step::BiosConfigured);
+    assert_eq!(s.dev.running.as_ref().unwrap().attempt, 2);
+}
