@@ -391,6 +391,19 @@ fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// Extra config: a `[waves]` policy and every device on the R650 profile
+/// (one image, so one wave).
+fn all_r650(n: usize, waves: &str) -> String {
+    let mut s = format!("[waves]\n{waves}\n");
+    for i in 1..=n {
+        s.push_str(&format!(
+            "[[devices]]\nmac = \"{}\"\nprofile = \"r650\"\n",
+            mac(i)
+        ));
+    }
+    s
+}
+
 fn all_done(n: usize) -> impl Fn(&[Value]) -> bool {
     move |d: &[Value]| d.len() == n && d.iter().all(|x| x["state"] == "done")
 }
@@ -629,11 +642,9 @@ fn appliance_killed_mid_wave_resumes_every_device() {
     }
     let n = 4;
     // Every device on the R650 profile: one image, one wave of four.
-    let extra = format!(
-        "[waves]\nmin_members = 4\nstart_after = \"20s\"\nmember_timeout = \"20s\"\n{}",
-        (1..=n)
-            .map(|i| format!("[[devices]]\nmac = \"{}\"\nprofile = \"r650\"\n", mac(i)))
-            .collect::<String>()
+    let extra = all_r650(
+        n,
+        "min_members = 4\nstart_after = \"20s\"\nmember_timeout = \"20s\"",
     );
     let mut rack = Rack::build("fk", n, "100mbit", (64, 64), &extra, false, 80);
     for i in 1..=n {
@@ -866,11 +877,9 @@ fn wave_takes_a_late_member_drops_a_silent_one_and_the_device_comes_back() {
         return;
     }
     let n = 4;
-    let extra = format!(
-        "[waves]\nmin_members = 3\nstart_after = \"1s\"\nmember_timeout = \"4s\"\n{}",
-        (1..=n)
-            .map(|i| format!("[[devices]]\nmac = \"{}\"\nprofile = \"r650\"\n", mac(i)))
-            .collect::<String>()
+    let extra = all_r650(
+        n,
+        "min_members = 3\nstart_after = \"1s\"\nmember_timeout = \"4s\"",
     );
     // Half the link for the wave (~15 s for 90 MiB): the late device's
     // bundle download has room beside it, so it joins this wave even on a
