@@ -6,6 +6,7 @@
 //! appliance library and holds every shared wire format; the device agent
 //! (`rackcast-agent`) depends on it.
 
+pub mod boot;
 pub mod bundle;
 pub mod config;
 pub mod conn;

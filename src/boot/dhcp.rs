@@ -1,0 +1,557 @@
+//! DHCP for network boot: a full server for an isolated provisioning
+//! network (address pool, leases, renew/rebind, decline, release) or
+//! proxyDHCP beside an existing server (PXE clients only, no addresses),
+//! and the PXE boot decision (legacy BIOS, x86-64 UEFI, ARM64 UEFI, iPXE).
+//!
+//! Owns: the lease table and the answer to each request, as a sans-IO core:
+//! the driver decodes datagrams with dhcproto (counting and dropping what
+//! does not decode), calls [`DhcpServer::handle`] with `now`, the port the
+//! request came in on and what the controller wants the device to boot,
+//! and carries out the returned [`DhcpAction`]s (send, persist a lease,
+//! report a power-on). Must not: touch sockets, the store or clocks.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use dhcproto::v4::{
+    Architecture, DhcpOption, Flags, HType, Message, MessageType, Opcode, OptionCode,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::workflow::Millis;
+
+/// PXE firmware kinds, from option 93.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Firmware {
+    BiosX86,
+    UefiX64,
+    UefiArm64,
+    Other(u16),
+}
+
+impl Firmware {
+    fn from_arch(a: &Architecture) -> Firmware {
+        match a {
+            Architecture::Intelx86PC => Firmware::BiosX86,
+            // 7 (EFI BC) is what most x86-64 UEFI firmware sends.
+            Architecture::BC | Architecture::X86_64 => Firmware::UefiX64,
+            Architecture::Unknown(11) => Firmware::UefiArm64,
+            other => Firmware::Other(u16::from(*other)),
+        }
+    }
+}
+
+/// What kind of client asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientInfo {
+    pub mac: [u8; 6],
+    /// Option 60 starts with "PXEClient".
+    pub pxe: bool,
+    pub firmware: Option<Firmware>,
+    /// iPXE already runs (option 77 "iPXE" or option 175 present).
+    pub ipxe: bool,
+    /// Option 97, hex.
+    pub uuid: Option<String>,
+}
+
+/// What the controller wants this device to boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootChoice {
+    /// Unknown or installing: the loader (via iPXE).
+    Install,
+    /// Installed: no network boot file, firmware goes on to the disk.
+    LocalDisk,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pool {
+    pub start: Ipv4Addr,
+    pub end: Ipv4Addr,
+    pub netmask: Ipv4Addr,
+    pub router: Option<Ipv4Addr>,
+    pub dns: Vec<Ipv4Addr>,
+    pub lease_secs: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    Full(Pool),
+    Proxy,
+}
+
+/// Boot files by firmware (served by TFTP) and the iPXE script base URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootFiles {
+    pub bios: String,
+    pub uefi_x64: String,
+    pub uefi_arm64: String,
+    /// `{base}/{mac}.ipxe` is a device's script (HTTP).
+    pub script_base: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct DhcpConfig {
+    pub server_ip: Ipv4Addr,
+    pub mode: Mode,
+    pub boot: BootFiles,
+    /// A declined address is not handed out again for this long.
+    pub decline_hold_ms: Millis,
+    /// An offer not taken up is freed after this long.
+    pub offer_hold_ms: Millis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaseState {
+    Offered,
+    Bound,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub mac: [u8; 6],
+    pub ip: Ipv4Addr,
+    pub state: LeaseState,
+    pub expires: Millis,
+}
+
+/// Where a reply goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// Limited broadcast on the serving interface, client port 68.
+    Broadcast,
+    /// A client that has an address (renewing, INFORM, or proxyDHCP 4011).
+    Unicast(Ipv4Addr, u16),
+    /// Back through the relay agent (port 67).
+    Relay(Ipv4Addr),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum DhcpAction {
+    Reply {
+        msg: Box<Message>,
+        to: Destination,
+    },
+    /// Store this lease (bound leases survive a restart).
+    SaveLease(Lease),
+    ForgetLease([u8; 6]),
+    /// A PXE boot request: the power-on trigger (first one creates the
+    /// device record and starts its workflow).
+    BootSeen(ClientInfo),
+    /// Not answered, and why (for the log and a counter).
+    Ignored(&'static str),
+}
+
+pub struct DhcpServer {
+    cfg: DhcpConfig,
+    leases: BTreeMap<[u8; 6], Lease>,
+    declined: BTreeMap<Ipv4Addr, Millis>,
+}
+
+/// Read what kind of client sent `m`.
+pub fn client_info(m: &Message) -> Option<ClientInfo> {
+    let ch = m.chaddr();
+    if m.htype() != HType::Eth || ch.len() < 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&ch[..6]);
+    let o = m.opts();
+    let pxe = matches!(o.get(OptionCode::ClassIdentifier),
+        Some(DhcpOption::ClassIdentifier(v)) if v.starts_with(b"PXEClient"));
+    let firmware = match o.get(OptionCode::ClientSystemArchitecture) {
+        Some(DhcpOption::ClientSystemArchitecture(a)) => Some(Firmware::from_arch(a)),
+        _ => None,
+    };
+    let ipxe = matches!(o.get(OptionCode::UserClass),
+        Some(DhcpOption::UserClass(v)) if user_class_is_ipxe(v))
+        || o.get(OptionCode::Unknown(175)).is_some();
+    let uuid = match o.get(OptionCode::ClientMachineIdentifier) {
+        Some(DhcpOption::ClientMachineIdentifier(v)) if v.len() == 17 && v[0] == 0 => {
+            Some(v[1..].iter().map(|b| format!("{b:02x}")).collect())
+        }
+        _ => None,
+    };
+    Some(ClientInfo {
+        mac,
+        pxe,
+        firmware,
+        ipxe,
+        uuid,
+    })
+}
+
+/// Option 77 is a list of length-prefixed classes (RFC 3004); iPXE sends
+/// "iPXE" that way, some clients send the bare string.
+fn user_class_is_ipxe(v: &[u8]) -> bool {
+    if v == b"iPXE" {
+        return true;
+    }
+    let mut i = 0;
+    while i < v.len() {
+        let n = v[i] as usize;
+        let Some(class) = v.get(i + 1..i + 1 + n) else {
+            return false;
+        };
+        if class == b"iPXE" {
+            return true;
+        }
+        i += 1 + n;
+    }
+    false
+}
+
+pub fn mac_string(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+impl DhcpServer {
+    pub fn new(cfg: DhcpConfig, leases: Vec<Lease>) -> DhcpServer {
+        DhcpServer {
+            cfg,
+            leases: leases.into_iter().map(|l| (l.mac, l)).collect(),
+            declined: BTreeMap::new(),
+        }
+    }
+
+    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.leases.values()
+    }
+
+    /// The boot file (or script URL) for a PXE client, if it is to boot
+    /// from the network.
+    pub fn boot_file(&self, c: &ClientInfo, choice: BootChoice) -> Option<String> {
+        if !c.pxe || choice == BootChoice::LocalDisk {
+            return None;
+        }
+        if c.ipxe {
+            return Some(format!(
+                "{}/{}.ipxe",
+                self.cfg.boot.script_base.trim_end_matches('/'),
+                mac_string(&c.mac)
+            ));
+        }
+        match c.firmware {
+            Some(Firmware::BiosX86) | None => Some(self.cfg.boot.bios.clone()),
+            Some(Firmware::UefiX64) => Some(self.cfg.boot.uefi_x64.clone()),
+            Some(Firmware::UefiArm64) => Some(self.cfg.boot.uefi_arm64.clone()),
+            Some(Firmware::Other(_)) => None,
+        }
+    }
+
+    /// Answer one request. `port` is the server port it arrived on (67,
+    /// or 4011 for proxyDHCP boot requests).
+    pub fn handle(
+        &mut self,
+        m: &Message,
+        port: u16,
+        now: Millis,
+        choice: BootChoice,
+    ) -> Vec<DhcpAction> {
+        let mut out = Vec::new();
+        if m.opcode() != Opcode::BootRequest {
+            out.push(DhcpAction::Ignored("not a BOOTREQUEST"));
+            return out;
+        }
+        let Some(c) = client_info(m) else {
+            out.push(DhcpAction::Ignored("not an Ethernet client"));
+            return out;
+        };
+        let Some(kind) = m.opts().msg_type() else {
+            out.push(DhcpAction::Ignored("no message type"));
+            return out;
+        };
+        self.expire(now);
+        let boot = self.boot_file(&c, choice);
+        if c.pxe && matches!(kind, MessageType::Discover | MessageType::Request) {
+            out.push(DhcpAction::BootSeen(c.clone()));
+        }
+        match &self.cfg.mode {
+            Mode::Proxy => self.proxy(m, &c, kind, port, boot, &mut out),
+            Mode::Full(pool) => {
+                let pool = pool.clone();
+                self.full(m, &c, kind, now, &pool, boot, &mut out)
+            }
+        }
+        out
+    }
+
+    fn expire(&mut self, now: Millis) {
+        self.leases.retain(|_, l| l.expires > now);
+        self.declined.retain(|_, until| *until > now);
+    }
+
+    fn base_reply(&self, m: &Message, kind: MessageType) -> Message {
+        // chaddr from the validated 6-byte MAC, never the raw field.
+        let mac = client_info(m).map_or([0u8; 6], |c| c.mac);
+        let mut r = Message::new_with_id(
+            m.xid(),
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            m.giaddr(),
+            &mac,
+        );
+        r.set_opcode(Opcode::BootReply)
+            .set_flags(m.flags())
+            .set_secs(0);
+        r.opts_mut().insert(DhcpOption::MessageType(kind));
+        r.opts_mut()
+            .insert(DhcpOption::ServerIdentifier(self.cfg.server_ip));
+        r
+    }
+
+    fn add_boot(&self, r: &mut Message, c: &ClientInfo, file: &str) {
+        r.set_siaddr(self.cfg.server_ip);
+        r.set_fname_str(file);
+        r.opts_mut()
+            .insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));
+        if !c.ipxe {
+            // PXE vendor options: discovery control 8 = boot file name
+            // given here, no boot-server discovery (what PXE ROMs need to
+            // take a proxyDHCP answer).
+            r.opts_mut()
+                .insert(DhcpOption::VendorExtensions(vec![6, 1, 8, 255]));
+        }
+    }
+
+    fn destination(m: &Message, port: u16) -> Destination {
+        if !m.giaddr().is_unspecified() {
+            Destination::Relay(m.giaddr())
+        } else if !m.ciaddr().is_unspecified() {
+            // Renewing clients and PXE clients on 4011 have an address.
+            Destination::Unicast(m.ciaddr(), if port == 4011 { 4011 } else { 68 })
+        } else {
+            Destination::Broadcast
+        }
+    }
+
+    fn proxy(
+        &mut self,
+        m: &Message,
+        c: &ClientInfo,
+        kind: MessageType,
+        port: u16,
+        boot: Option<String>,
+        out: &mut Vec<DhcpAction>,
+    ) {
+        if !c.pxe {
+            out.push(DhcpAction::Ignored("proxyDHCP answers PXE clients only"));
+            return;
+        }
+        let Some(file) = boot else {
+            out.push(DhcpAction::Ignored("device boots from its disk"));
+            return;
+        };
+        let reply_kind = match (kind, port) {
+            (MessageType::Discover, 67) => MessageType::Offer,
+            (MessageType::Request, 4011) | (MessageType::Inform, 4011) => MessageType::Ack,
+            (MessageType::Request, _) => {
+                // The client's REQUEST to the real DHCP server: not ours.
+                out.push(DhcpAction::Ignored("request for another server"));
+                return;
+            }
+            _ => {
+                out.push(DhcpAction::Ignored("message type not used by proxyDHCP"));
+                return;
+            }
+        };
+        let mut r = self.base_reply(m, reply_kind);
+        self.add_boot(&mut r, c, &file);
+        out.push(DhcpAction::Reply {
+            msg: Box::new(r),
+            to: Self::destination(m, port),
+        });
+    }
+
+    fn in_pool(pool: &Pool, ip: Ipv4Addr) -> bool {
+        u32::from(ip) >= u32::from(pool.start) && u32::from(ip) <= u32::from(pool.end)
+    }
+
+    fn taken_by_other(&self, ip: Ipv4Addr, mac: &[u8; 6]) -> bool {
+        self.declined.contains_key(&ip)
+            || self.leases.values().any(|l| l.ip == ip && &l.mac != mac)
+            || ip == self.cfg.server_ip
+    }
+
+    fn pick(&self, pool: &Pool, c: &ClientInfo, m: &Message) -> Option<Ipv4Addr> {
+        if let Some(l) = self.leases.get(&c.mac) {
+            return Some(l.ip);
+        }
+        if let Some(DhcpOption::RequestedIpAddress(ip)) =
+            m.opts().get(OptionCode::RequestedIpAddress)
+        {
+            if Self::in_pool(pool, *ip) && !self.taken_by_other(*ip, &c.mac) {
+                return Some(*ip);
+            }
+        }
+        (u32::from(pool.start)..=u32::from(pool.end))
+            .map(Ipv4Addr::from)
+            .find(|ip| !self.taken_by_other(*ip, &c.mac))
+    }
+
+    fn add_lease_opts(&self, r: &mut Message, pool: &Pool) {
+        let o = r.opts_mut();
+        o.insert(DhcpOption::AddressLeaseTime(pool.lease_secs));
+        o.insert(DhcpOption::Renewal(pool.lease_secs / 2));
+        o.insert(DhcpOption::Rebinding(pool.lease_secs / 8 * 7));
+        o.insert(DhcpOption::SubnetMask(pool.netmask));
+        if let Some(gw) = pool.router {
+            o.insert(DhcpOption::Router(vec![gw]));
+        }
+        if !pool.dns.is_empty() {
+            o.insert(DhcpOption::DomainNameServer(pool.dns.clone()));
+        }
+    }
+
+    fn nak(&self, m: &Message, why: &str, out: &mut Vec<DhcpAction>) {
+        let mut r = self.base_reply(m, MessageType::Nak);
+        r.opts_mut().insert(DhcpOption::Message(why.to_string()));
+        // NAKs are broadcast unless relayed (RFC 2131 4.1).
+        let to = if m.giaddr().is_unspecified() {
+            Destination::Broadcast
+        } else {
+            Destination::Relay(m.giaddr())
+        };
+        r.set_flags(Flags::default().set_broadcast());
+        out.push(DhcpAction::Reply {
+            msg: Box::new(r),
+            to,
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn full(
+        &mut self,
+        m: &Message,
+        c: &ClientInfo,
+        kind: MessageType,
+        now: Millis,
+        pool: &Pool,
+        boot: Option<String>,
+        out: &mut Vec<DhcpAction>,
+    ) {
+        let requested = match m.opts().get(OptionCode::RequestedIpAddress) {
+            Some(DhcpOption::RequestedIpAddress(ip)) => Some(*ip),
+            _ => None,
+        };
+        let server_id = match m.opts().get(OptionCode::ServerIdentifier) {
+            Some(DhcpOption::ServerIdentifier(ip)) => Some(*ip),
+            _ => None,
+        };
+        match kind {
+            MessageType::Discover => {
+                let Some(ip) = self.pick(pool, c, m) else {
+                    out.push(DhcpAction::Ignored("address pool exhausted"));
+                    return;
+                };
+                let lease = Lease {
+                    mac: c.mac,
+                    ip,
+                    state: self
+                        .leases
+                        .get(&c.mac)
+                        .map_or(LeaseState::Offered, |l| l.state),
+                    expires: self
+                        .leases
+                        .get(&c.mac)
+                        .map_or(now + self.cfg.offer_hold_ms, |l| l.expires),
+                };
+                self.leases.insert(c.mac, lease);
+                let mut r = self.base_reply(m, MessageType::Offer);
+                r.set_yiaddr(ip);
+                self.add_lease_opts(&mut r, pool);
+                if let Some(f) = &boot {
+                    self.add_boot(&mut r, c, f);
+                }
+                out.push(DhcpAction::Reply {
+                    msg: Box::new(r),
+                    to: Self::destination(m, 67),
+                });
+            }
+            MessageType::Request => {
+                if let Some(sid) = server_id {
+                    if sid != self.cfg.server_ip {
+                        // The client took another server's offer.
+                        if self
+                            .leases
+                            .get(&c.mac)
+                            .is_some_and(|l| l.state == LeaseState::Offered)
+                        {
+                            self.leases.remove(&c.mac);
+                        }
+                        out.push(DhcpAction::Ignored("client chose another server"));
+                        return;
+                    }
+                }
+                // SELECTING/INIT-REBOOT name the address in option 50;
+                // RENEWING/REBINDING in ciaddr.
+                let want = requested.or_else(|| (!m.ciaddr().is_unspecified()).then(|| m.ciaddr()));
+                let Some(want) = want else {
+                    self.nak(m, "no address requested", out);
+                    return;
+                };
+                let ours = self.leases.get(&c.mac).filter(|l| l.ip == want).cloned();
+                let Some(mut lease) = ours else {
+                    if server_id.is_some() || Self::in_pool(pool, want) {
+                        self.nak(m, "address not leased to this client", out);
+                    } else {
+                        out.push(DhcpAction::Ignored(
+                            "request for an address we do not manage",
+                        ));
+                    }
+                    return;
+                };
+                lease.state = LeaseState::Bound;
+                lease.expires = now + i64::from(pool.lease_secs) * 1000;
+                self.leases.insert(c.mac, lease.clone());
+                out.push(DhcpAction::SaveLease(lease));
+                let mut r = self.base_reply(m, MessageType::Ack);
+                r.set_yiaddr(want);
+                r.set_ciaddr(m.ciaddr());
+                self.add_lease_opts(&mut r, pool);
+                if let Some(f) = &boot {
+                    self.add_boot(&mut r, c, f);
+                }
+                out.push(DhcpAction::Reply {
+                    msg: Box::new(r),
+                    to: Self::destination(m, 67),
+                });
+            }
+            MessageType::Decline => {
+                if let Some(ip) = requested {
+                    if self.leases.get(&c.mac).is_some_and(|l| l.ip == ip) {
+                        self.leases.remove(&c.mac);
+                        out.push(DhcpAction::ForgetLease(c.mac));
+                    }
+                    self.declined.insert(ip, now + self.cfg.decline_hold_ms);
+                }
+                out.push(DhcpAction::Ignored("decline recorded"));
+            }
+            MessageType::Release => {
+                if self.leases.get(&c.mac).is_some_and(|l| l.ip == m.ciaddr()) {
+                    self.leases.remove(&c.mac);
+                    out.push(DhcpAction::ForgetLease(c.mac));
+                }
+                out.push(DhcpAction::Ignored("release recorded"));
+            }
+            MessageType::Inform => {
+                let mut r = self.base_reply(m, MessageType::Ack);
+                r.opts_mut().insert(DhcpOption::SubnetMask(pool.netmask));
+                if let Some(f) = &boot {
+                    self.add_boot(&mut r, c, f);
+                }
+                out.push(DhcpAction::Reply {
+                    msg: Box::new(r),
+                    to: Self::destination(m, 67),
+                });
+            }
+            _ => out.push(DhcpAction::Ignored("message type not handled")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
