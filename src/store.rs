@@ -82,11 +82,16 @@ pub trait Store: Send {
     fn waves(&mut self) -> Result<Vec<WaveRecord>, StoreError>;
     /// Mark waves left `running` by a previous process as aborted.
     fn abort_running_waves(&mut self, why: &str, now: Millis) -> Result<Vec<i64>, StoreError>;
+    /// Bound DHCP leases (full DHCP mode), kept across restarts.
+    fn leases(&mut self) -> Result<Vec<crate::boot::dhcp::Lease>, StoreError>;
+    fn save_lease(&mut self, l: &crate::boot::dhcp::Lease) -> Result<(), StoreError>;
+    fn forget_lease(&mut self, mac: &[u8; 6]) -> Result<(), StoreError>;
 }
 
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE devices (
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE devices (
         id TEXT PRIMARY KEY,
         mac TEXT NOT NULL,
         state TEXT NOT NULL,
@@ -150,7 +155,16 @@ const MIGRATIONS: &[(i64, &str)] = &[(
         failed BIGINT NOT NULL DEFAULT 0,
         detail TEXT NOT NULL DEFAULT ''
     );",
-)];
+    ),
+    (
+        2,
+        "CREATE TABLE leases (
+        mac TEXT PRIMARY KEY,
+        ip TEXT NOT NULL,
+        expires_at BIGINT NOT NULL
+    );",
+    ),
+];
 
 pub struct SqliteStore {
     conn: Connection,
@@ -473,6 +487,53 @@ impl Store for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    fn leases(&mut self) -> Result<Vec<crate::boot::dhcp::Lease>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT mac, ip, expires_at FROM leases ORDER BY mac")?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (mac, ip, expires) = row?;
+            let mac = crate::boot::dhcp::parse_mac(&mac).ok_or_else(|| corrupt(&mac, "bad MAC"))?;
+            let ip = ip.parse().map_err(|e| corrupt("lease", e))?;
+            out.push(crate::boot::dhcp::Lease {
+                mac,
+                ip,
+                state: crate::boot::dhcp::LeaseState::Bound,
+                expires,
+            });
+        }
+        Ok(out)
+    }
+
+    fn save_lease(&mut self, l: &crate::boot::dhcp::Lease) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO leases (mac, ip, expires_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (mac) DO UPDATE SET ip = excluded.ip, expires_at = excluded.expires_at",
+            params![
+                crate::boot::dhcp::mac_string(&l.mac),
+                l.ip.to_string(),
+                l.expires
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn forget_lease(&mut self, mac: &[u8; 6]) -> Result<(), StoreError> {
+        self.conn.execute(
+            "DELETE FROM leases WHERE mac = ?1",
+            [crate::boot::dhcp::mac_string(mac)],
+        )?;
+        Ok(())
+    }
+
     fn abort_running_waves(&mut self, why: &str, now: Millis) -> Result<Vec<i64>, StoreError> {
         let ids: Vec<i64> = {
             let mut st = self
@@ -499,7 +560,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
         let mut s = SqliteStore::open(&path).unwrap();
-        assert_eq!(s.schema_version().unwrap(), 1);
+        assert_eq!(s.schema_version().unwrap(), 2);
         let cfg = WorkflowConfig::default();
         let mut d = Device::new("d-1", "02:00:00:00:00:01", 1000);
         let acts = workflow::on_event(
@@ -538,6 +599,16 @@ mod tests {
             )
             .unwrap();
         assert_eq!(status, "running");
+        let lease = crate::boot::dhcp::Lease {
+            mac: [2, 0, 0, 0, 0, 9],
+            ip: "198.18.0.100".parse().unwrap(),
+            state: crate::boot::dhcp::LeaseState::Bound,
+            expires: 99,
+        };
+        s.save_lease(&lease).unwrap();
+        assert_eq!(s.leases().unwrap(), vec![lease.clone()]);
+        s.forget_lease(&lease.mac).unwrap();
+        assert!(s.leases().unwrap().is_empty());
         let w = s.create_wave("img", "239.255.10.1:9000", 5).unwrap();
         assert_eq!(s.abort_running_waves("restart", 6).unwrap(), vec![w]);
         assert_eq!(s.waves().unwrap()[0].state, "aborted");

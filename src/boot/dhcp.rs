@@ -200,6 +200,16 @@ fn user_class_is_ipxe(v: &[u8]) -> bool {
     false
 }
 
+/// `aa:bb:cc:dd:ee:ff` -> bytes.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
 pub fn mac_string(mac: &[u8; 6]) -> String {
     mac.iter()
         .map(|b| format!("{b:02x}"))
