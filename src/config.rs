@@ -67,6 +67,54 @@ pub struct Config {
     pub profiles: Vec<ProfileConfig>,
     #[serde(default)]
     pub devices: Vec<DeviceOverride>,
+    #[serde(default)]
+    pub boot: BootConfig,
+}
+
+/// The network boot service (each part optional).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootConfig {
+    pub dhcp: Option<DhcpSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DhcpSection {
+    /// `full` (address pool, isolated provisioning network) or `proxy`
+    /// (beside an existing DHCP server: PXE clients only, no addresses).
+    pub mode: String,
+    /// Interface the service answers on.
+    pub iface: String,
+    /// This appliance's address on it (option 54, next-server).
+    pub server_ip: Ipv4Addr,
+    pub pool_start: Option<Ipv4Addr>,
+    pub pool_end: Option<Ipv4Addr>,
+    pub netmask: Option<Ipv4Addr>,
+    pub router: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub dns: Vec<Ipv4Addr>,
+    #[serde(default = "d_lease", deserialize_with = "de_duration")]
+    pub lease_time: Duration,
+    #[serde(default = "d_bios_file")]
+    pub bios_file: String,
+    #[serde(default = "d_uefi_file")]
+    pub uefi_x64_file: String,
+    #[serde(default = "d_arm_file")]
+    pub uefi_arm64_file: String,
+}
+
+fn d_lease() -> Duration {
+    Duration::from_secs(3600)
+}
+fn d_bios_file() -> String {
+    "undionly.kpxe".into()
+}
+fn d_uefi_file() -> String {
+    "ipxe.efi".into()
+}
+fn d_arm_file() -> String {
+    "ipxe-arm64.efi".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -424,6 +472,43 @@ impl Config {
                 }
             }
         }
+        if let Some(d) = &self.boot.dhcp {
+            let key = |k: &str| format!("boot.dhcp.{k}");
+            match d.mode.as_str() {
+                "proxy" => {}
+                "full" => {
+                    let (Some(a), Some(b), Some(m)) = (d.pool_start, d.pool_end, d.netmask) else {
+                        return Err(bad(
+                            key("pool_start"),
+                            "full mode needs pool_start, pool_end and netmask".into(),
+                        ));
+                    };
+                    let net = |ip: Ipv4Addr| u32::from(ip) & u32::from(m);
+                    if u32::from(a) > u32::from(b) {
+                        return Err(bad(key("pool_end"), "expected pool_end >= pool_start".into()));
+                    }
+                    if net(a) != net(d.server_ip) || net(b) != net(d.server_ip) {
+                        return Err(bad(
+                            key("pool_start"),
+                            format!("pool {a}-{b} is not in the subnet of server_ip {}", d.server_ip),
+                        ));
+                    }
+                }
+                other => {
+                    return Err(bad(
+                        key("mode"),
+                        format!("{other:?}: expected \"full\" or \"proxy\""),
+                    ))
+                }
+            }
+            if self.appliance.api_listen.is_none() {
+                return Err(bad(
+                    key("mode"),
+                    "network boot needs appliance.api_listen (iPXE fetches its script there)"
+                        .into(),
+                ));
+            }
+        }
         for (i, d) in self.devices.iter().enumerate() {
             if let Some(pr) = &d.profile {
                 if !pnames.contains(pr.as_str()) {
@@ -510,6 +595,18 @@ target = { order = "largest", count = 1 }
                 "raid1 needs at least 2",
             ),
             (MINIMAL.replace("control_listen = \"198.18.0.1:7100\"", ""), "control_listen"),
+            (
+                format!("{MINIMAL}\n[boot.dhcp]\nmode = \"full\"\niface = \"srv0\"\nserver_ip = \"198.18.0.1\"\n"),
+                "boot.dhcp.pool_start",
+            ),
+            (
+                format!("{MINIMAL}\n[boot.dhcp]\nmode = \"relay\"\niface = \"srv0\"\nserver_ip = \"198.18.0.1\"\n"),
+                "expected \"full\" or \"proxy\"",
+            ),
+            (
+                format!("{MINIMAL}\n[boot.dhcp]\nmode = \"full\"\niface = \"srv0\"\nserver_ip = \"198.18.0.1\"\npool_start = \"198.18.1.10\"\npool_end = \"198.18.1.20\"\nnetmask = \"255.255.255.0\"\n"),
+                "not in the subnet",
+            ),
         ];
         for (text, want) in cases {
             let e = parse(&text).expect_err(want).to_string();

@@ -286,8 +286,9 @@ impl Default for WorkflowConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// The device asked to boot (DHCP/PXE): the power-on trigger.
-    BootSeen,
+    /// The device asked to boot (DHCP/PXE): the power-on trigger. The
+    /// text says how (firmware kind, iPXE).
+    BootSeen(String),
     AgentConnected(AgentMode),
     AgentDisconnected,
     /// The agent's result for command `cmd_id`.
@@ -409,7 +410,7 @@ impl Fx<'_> {
 
     fn handle(&mut self, ev: Event) {
         match ev {
-            Event::BootSeen => self.on_boot(),
+            Event::BootSeen(how) => self.on_boot(how),
             Event::AgentConnected(mode) => {
                 self.dev.connected = true;
                 self.on_connected(mode);
@@ -480,14 +481,18 @@ impl Fx<'_> {
         }
     }
 
-    fn on_boot(&mut self) {
+    fn on_boot(&mut self, how: String) {
         if self.dev.reached == Step::Discovered && self.dev.running.is_none() {
+            let first = self.dev.created == self.now;
             self.log(
                 Step::Discovered,
-                "ok",
+                if first { "ok" } else { "info" },
                 None,
-                "power-on: boot request seen".into(),
+                format!("power-on: {how}"),
             );
+        } else {
+            let step = self.dev.current_step();
+            self.log(step, "info", None, format!("network boot: {how}"));
         }
     }
 

@@ -275,7 +275,8 @@ impl DhcpServer {
         };
         self.expire(now);
         let boot = self.boot_file(&c, choice);
-        if c.pxe && matches!(kind, MessageType::Discover | MessageType::Request) {
+        // One trigger per boot attempt (firmware and iPXE each discover).
+        if c.pxe && kind == MessageType::Discover {
             out.push(DhcpAction::BootSeen(c.clone()));
         }
         match &self.cfg.mode {

@@ -4,3 +4,4 @@
 
 pub mod dhcp;
 pub mod dhcp_wire;
+pub mod server;

@@ -65,6 +65,11 @@ pub enum Input {
         wave: i64,
         result: Result<Box<send::SendReport>, String>,
     },
+    /// A network boot request (DHCP/PXE): the power-on trigger.
+    BootSeen {
+        mac: String,
+        how: String,
+    },
     /// Operator: retry a failed device.
     Retry {
         device: String,
@@ -101,6 +106,8 @@ pub struct Controller {
     /// Image blocks done/total per device in a running wave (shared with
     /// the API; not stored: it changes every second).
     progress: Progress,
+    /// MACs of installed devices (the boot service sends them to disk).
+    installed: crate::boot::server::Installed,
     sched: WaveScheduler,
     waves: HashMap<i64, RunningWave>,
     images: HashMap<String, ImageEntry>,
@@ -256,6 +263,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         devices: HashMap::new(),
         conns: HashMap::new(),
         progress: shared.progress.clone(),
+        installed: crate::boot::server::Installed::default(),
         waves: HashMap::new(),
         images,
         manifests,
@@ -265,6 +273,19 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         inbox: inbox.clone(),
     };
     ctl.recover()?;
+    if cfg.boot.dhcp.is_some() {
+        let installed = ctl.installed.clone();
+        let inbox2 = inbox.clone();
+        let trigger: crate::boot::server::BootTrigger = Box::new(move |mac, how| {
+            let _ = inbox2.send(Input::BootSeen { mac, how });
+        });
+        let c = cfg.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::boot::server::run_dhcp(c, installed, trigger).await {
+                tracing::error!(error = %e, "DHCP service stopped");
+            }
+        });
+    }
     let control = tokio::net::TcpListener::bind(cfg.appliance.control_listen).await?;
     tracing::info!(addr = %cfg.appliance.control_listen, "control plane listening");
     tokio::spawn(server::accept_loop(control, shared.clone()));
@@ -311,6 +332,11 @@ impl Controller {
             tracing::warn!(waves = ?aborted, "waves of the previous run marked aborted");
         }
         for d in self.store.load_devices()? {
+            if d.reached == Step::Done {
+                if let Ok(mut set) = self.installed.write() {
+                    set.insert(d.mac.clone());
+                }
+            }
             self.devices.insert(d.id.clone(), d);
         }
         let ids: Vec<String> = self.devices.keys().cloned().collect();
@@ -420,6 +446,15 @@ impl Controller {
                 };
                 let _ = reply.send(r);
             }
+            Input::BootSeen { mac, how } => {
+                let id = device_id_for(&mac);
+                if !self.devices.contains_key(&id) {
+                    tracing::info!(device = %id, %mac, %how, "new device powered on");
+                    self.devices
+                        .insert(id.clone(), Device::new(&id, &mac.to_ascii_lowercase(), now_ms()));
+                }
+                self.apply(&id, Event::BootSeen(how));
+            }
             Input::Tick => self.on_tick(),
             Input::Shutdown => {}
         }
@@ -474,6 +509,15 @@ impl Controller {
             tracing::info!(device = id, step = %r.step, kind = %r.kind, detail = %r.detail, "device event");
         }
         let finished_now = next.reached == Step::Done && dev.reached != Step::Done;
+        if next.reached == Step::Done || dev.reached == Step::Done {
+            if let Ok(mut set) = self.installed.write() {
+                if next.reached == Step::Done {
+                    set.insert(next.mac.clone());
+                } else {
+                    set.remove(&next.mac);
+                }
+            }
+        }
         self.devices.insert(id.to_string(), next);
         if let Some(cmd_id) = ack {
             self.send_to(id, ApplianceMsg::Ack { cmd_id });

@@ -1,0 +1,209 @@
+//! The DHCP service's I/O driver: UDP sockets on port 67 (and 4011 in
+//! proxy mode) bound to the provisioning interface, the [`DhcpServer`]
+//! core, lease persistence, and the power-on trigger to the controller.
+//!
+//! Owns: sockets and their errors (a bad datagram is counted and dropped;
+//! the service keeps serving). Must not: decide the answer (the core does)
+//! or a device's state (the controller does).
+
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::{Arc, RwLock};
+
+use tokio::net::UdpSocket;
+
+use super::dhcp::{
+    mac_string, BootChoice, BootFiles, DhcpAction, DhcpConfig, DhcpServer, Destination,
+    Firmware, Mode, Pool,
+};
+use super::dhcp_wire;
+use crate::config::{Config, DhcpSection};
+use crate::store::{now_ms, SqliteStore, Store};
+
+/// MACs of installed devices: they boot their disk.
+pub type Installed = Arc<RwLock<HashSet<String>>>;
+
+/// A boot request seen: (MAC, how it booted).
+pub type BootTrigger = Box<dyn Fn(String, String) + Send + Sync>;
+
+fn socket(iface: &str, port: u16) -> std::io::Result<UdpSocket> {
+    let s = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    s.set_reuse_address(true)?;
+    s.set_broadcast(true)?;
+    // Requests arrive as broadcasts: bind the port on any address, but
+    // only hear (and answer on) the provisioning interface.
+    s.bind_device(Some(iface.as_bytes()))?;
+    s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+    s.set_nonblocking(true)?;
+    UdpSocket::from_std(s.into())
+}
+
+pub fn core_config(d: &DhcpSection, api: SocketAddr) -> DhcpConfig {
+    let mode = match (d.mode.as_str(), d.pool_start, d.pool_end, d.netmask) {
+        ("full", Some(start), Some(end), Some(netmask)) => Mode::Full(Pool {
+            start,
+            end,
+            netmask,
+            router: d.router,
+            dns: d.dns.clone(),
+            lease_secs: d.lease_time.as_secs().clamp(60, u64::from(u32::MAX)) as u32,
+        }),
+        _ => Mode::Proxy,
+    };
+    DhcpConfig {
+        server_ip: d.server_ip,
+        mode,
+        boot: BootFiles {
+            bios: d.bios_file.clone(),
+            uefi_x64: d.uefi_x64_file.clone(),
+            uefi_arm64: d.uefi_arm64_file.clone(),
+            script_base: format!("http://{api}/boot"),
+        },
+        decline_hold_ms: 10 * 60_000,
+        offer_hold_ms: 60_000,
+    }
+}
+
+fn describe(c: &super::dhcp::ClientInfo) -> String {
+    let fw = match c.firmware {
+        Some(Firmware::BiosX86) => "legacy BIOS PXE".to_string(),
+        Some(Firmware::UefiX64) => "x86-64 UEFI PXE".to_string(),
+        Some(Firmware::UefiArm64) => "ARM64 UEFI PXE".to_string(),
+        Some(Firmware::Other(n)) => format!("PXE arch {n}"),
+        None => "PXE".to_string(),
+    };
+    let mut s = if c.ipxe { format!("iPXE ({fw})") } else { fw };
+    if let Some(u) = &c.uuid {
+        s.push_str(&format!(", uuid {u}"));
+    }
+    s
+}
+
+/// Serve DHCP until the task is dropped.
+pub async fn run_dhcp(
+    cfg: Arc<Config>,
+    installed: Installed,
+    trigger: BootTrigger,
+) -> anyhow::Result<()> {
+    let Some(d) = cfg.boot.dhcp.clone() else {
+        return Ok(());
+    };
+    let api = cfg
+        .appliance
+        .api_listen
+        .ok_or_else(|| anyhow::anyhow!("boot.dhcp needs appliance.api_listen"))?;
+    let mut store = SqliteStore::open(&cfg.store_path())?;
+    let leases = store.leases()?;
+    let mut core = DhcpServer::new(core_config(&d, api), leases);
+    let s67 = socket(&d.iface, 67)?;
+    let s4011 = if d.mode == "proxy" {
+        Some(socket(&d.iface, 4011)?)
+    } else {
+        None
+    };
+    tracing::info!(iface = %d.iface, mode = %d.mode, "DHCP service listening");
+    let mut b67 = vec![0u8; 2048];
+    let mut b4011 = vec![0u8; 2048];
+    loop {
+        let (n, from, port) = tokio::select! {
+            r = s67.recv_from(&mut b67) => match r {
+                Ok((n, from)) => (n, from, 67u16),
+                Err(e) => { tracing::warn!(error = %e, "DHCP receive"); continue; }
+            },
+            r = async {
+                match &s4011 {
+                    Some(s) => s.recv_from(&mut b4011).await,
+                    None => std::future::pending().await,
+                }
+            } => match r {
+                Ok((n, from)) => (n, from, 4011u16),
+                Err(e) => { tracing::warn!(error = %e, "DHCP receive"); continue; }
+            },
+        };
+        let data = if port == 67 { &b67[..n] } else { &b4011[..n] };
+        let msg = match dhcp_wire::parse(data) {
+            Ok(m) => m,
+            Err(e) => {
+                metrics::counter!("rackcast_dhcp_dropped_total", "reason" => "malformed")
+                    .increment(1);
+                tracing::debug!(%from, error = %e, "DHCP datagram dropped");
+                continue;
+            }
+        };
+        let choice = match super::dhcp::client_info(&msg) {
+            Some(c)
+                if installed
+                    .read()
+                    .map(|s| s.contains(&mac_string(&c.mac)))
+                    .unwrap_or(false) =>
+            {
+                BootChoice::LocalDisk
+            }
+            _ => BootChoice::Install,
+        };
+        for a in core.handle(&msg, port, now_ms(), choice) {
+            match a {
+                DhcpAction::Reply { msg, to } => {
+                    let bytes = match dhcp_wire::emit(&msg) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            tracing::error!(error = %e, "DHCP reply encode");
+                            continue;
+                        }
+                    };
+                    let sock = if port == 4011 {
+                        s4011.as_ref().unwrap_or(&s67)
+                    } else {
+                        &s67
+                    };
+                    let dest = match to {
+                        Destination::Broadcast => SocketAddrV4::new(Ipv4Addr::BROADCAST, 68),
+                        Destination::Unicast(ip, p) => SocketAddrV4::new(ip, p),
+                        Destination::Relay(ip) => SocketAddrV4::new(ip, 67),
+                    };
+                    // proxyDHCP answers on 4011 go back to the client's port.
+                    let dest = if port == 4011 {
+                        match from {
+                            SocketAddr::V4(f) if !f.ip().is_unspecified() => f,
+                            _ => dest,
+                        }
+                    } else {
+                        dest
+                    };
+                    if let Err(e) = sock.send_to(&bytes, dest).await {
+                        tracing::warn!(%dest, error = %e, "DHCP send");
+                    }
+                    metrics::counter!("rackcast_dhcp_replies_total").increment(1);
+                }
+                DhcpAction::SaveLease(l) => {
+                    tracing::info!(mac = %mac_string(&l.mac), ip = %l.ip, "DHCP lease bound");
+                    if let Err(e) = store.save_lease(&l) {
+                        tracing::error!(error = %e, "lease not stored");
+                    }
+                }
+                DhcpAction::ForgetLease(mac) => {
+                    if let Err(e) = store.forget_lease(&mac) {
+                        tracing::error!(error = %e, "lease not removed");
+                    }
+                }
+                DhcpAction::BootSeen(c) => trigger(mac_string(&c.mac), describe(&c)),
+                DhcpAction::Ignored(why) => {
+                    metrics::counter!("rackcast_dhcp_dropped_total", "reason" => why)
+                        .increment(1);
+                    if why == "address pool exhausted" {
+                        tracing::warn!(
+                            mac = ?super::dhcp::client_info(&msg).map(|c| mac_string(&c.mac)),
+                            "DHCP pool exhausted: no offer"
+                        );
+                    } else {
+                        tracing::debug!(why, "DHCP request not answered");
+                    }
+                }
+            }
+        }
+    }
+}
