@@ -485,12 +485,18 @@ impl Config {
                     };
                     let net = |ip: Ipv4Addr| u32::from(ip) & u32::from(m);
                     if u32::from(a) > u32::from(b) {
-                        return Err(bad(key("pool_end"), "expected pool_end >= pool_start".into()));
+                        return Err(bad(
+                            key("pool_end"),
+                            "expected pool_end >= pool_start".into(),
+                        ));
                     }
                     if net(a) != net(d.server_ip) || net(b) != net(d.server_ip) {
                         return Err(bad(
                             key("pool_start"),
-                            format!("pool {a}-{b} is not in the subnet of server_ip {}", d.server_ip),
+                            format!(
+                                "pool {a}-{b} is not in the subnet of server_ip {}",
+                                d.server_ip
+                            ),
                         ));
                     }
                 }

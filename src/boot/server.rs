@@ -13,8 +13,8 @@ use std::sync::{Arc, RwLock};
 use tokio::net::UdpSocket;
 
 use super::dhcp::{
-    mac_string, BootChoice, BootFiles, DhcpAction, DhcpConfig, DhcpServer, Destination,
-    Firmware, Mode, Pool,
+    mac_string, BootChoice, BootFiles, Destination, DhcpAction, DhcpConfig, DhcpServer, Firmware,
+    Mode, Pool,
 };
 use super::dhcp_wire;
 use crate::config::{Config, DhcpSection};
@@ -192,8 +192,7 @@ pub async fn run_dhcp(
                 }
                 DhcpAction::BootSeen(c) => trigger(mac_string(&c.mac), describe(&c)),
                 DhcpAction::Ignored(why) => {
-                    metrics::counter!("rackcast_dhcp_dropped_total", "reason" => why)
-                        .increment(1);
+                    metrics::counter!("rackcast_dhcp_dropped_total", "reason" => why).increment(1);
                     if why == "address pool exhausted" {
                         tracing::warn!(
                             mac = ?super::dhcp::client_info(&msg).map(|c| mac_string(&c.mac)),

@@ -450,8 +450,10 @@ impl Controller {
                 let id = device_id_for(&mac);
                 if !self.devices.contains_key(&id) {
                     tracing::info!(device = %id, %mac, %how, "new device powered on");
-                    self.devices
-                        .insert(id.clone(), Device::new(&id, &mac.to_ascii_lowercase(), now_ms()));
+                    self.devices.insert(
+                        id.clone(),
+                        Device::new(&id, &mac.to_ascii_lowercase(), now_ms()),
+                    );
                 }
                 self.apply(&id, Event::BootSeen(how));
             }
