@@ -149,6 +149,16 @@ impl Drop for Appliance {
     }
 }
 
+/// A process stopped when the test ends, also on panic.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -273,4 +283,168 @@ for d in [b"\xff" * 300, bytes(hdr[:100]), crafted, bytes(hdr) + bytes([53, 1, 1
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
     assert!(dropped >= 3.0, "malformed drops counted: {dropped}\n{m}");
+}
+
+#[test]
+fn proxy_dhcp_beside_dnsmasq_boots_pxe_clients_only() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::up("bp", 3, "200mbit", &[]);
+    let dir = lab.dir.clone();
+    let img = dir.join("img");
+    fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+    let config = dir.join("rackcast.toml");
+    fs::write(
+        &config,
+        format!(
+            r#"
+[appliance]
+control_listen = "198.18.0.1:7100"
+api_listen = "198.18.0.1:7180"
+state_dir = "{state}"
+[dataplane]
+bind = "198.18.0.1"
+total_rate = "100M"
+group_base = "239.255.62.1"
+[agents]
+x86_64 = "{agent}"
+[[images]]
+name = "img"
+path = "{img}"
+[[profiles]]
+name = "any"
+image = "img"
+target = {{ order = "largest", count = 1 }}
+[boot.dhcp]
+mode = "proxy"
+iface = "srv0"
+server_ip = "198.18.0.1"
+"#,
+            state = dir.join("state").display(),
+            agent = bin("rackcast-agent").display(),
+            img = img.display(),
+        ),
+    )
+    .unwrap();
+    let log = fs::File::create(lab.file("serve.log")).unwrap();
+    let _serve = Proc(
+        Command::new("ip")
+            .args(["netns", "exec", &lab.ns("app")])
+            .arg(bin("rackcast"))
+            .args(["serve", "--log", "info", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    // The site's DHCP server: dnsmasq, DHCP only, in device namespace 3.
+    let _dnsmasq = Proc(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.ns("d3"),
+                "dnsmasq",
+                "--no-daemon",
+                "--port=0",
+            ])
+            .args([
+                "--interface=d0",
+                "--bind-interfaces",
+                "--dhcp-authoritative",
+                "--no-ping",
+            ])
+            .args(["--dhcp-range=198.18.0.150,198.18.0.160,255.255.255.0,10m"])
+            .arg(format!(
+                "--dhcp-leasefile={}",
+                lab.file("dnsmasq.leases").display()
+            ))
+            .arg("--log-dhcp")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !fs::read_to_string(lab.file("serve.log"))
+        .unwrap_or_default()
+        .contains("DHCP service listening")
+    {
+        assert!(Instant::now() < deadline, "no DHCP service");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("d1"), "python3"])
+        .arg(root().join("tests/fixtures/pxe_client.py"))
+        .args(["d0", "02:cc:00:00:00:01", "198.18.0.1", "198.18.0.11"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let offers = v["offers"].as_array().unwrap();
+    let from = |server: &str| offers.iter().find(|o| o["server"] == server).cloned();
+    let site = from("198.18.0.13").unwrap_or_else(|| panic!("no offer from dnsmasq: {v}"));
+    let ours = from("198.18.0.1").unwrap_or_else(|| panic!("no proxyDHCP offer: {v}"));
+    // The address comes from the site's server, the boot file from us.
+    let ip = site["yiaddr"].as_str().unwrap();
+    assert!(
+        ip.starts_with("198.18.0.15") || ip == "198.18.0.160",
+        "{site}"
+    );
+    assert_eq!(ours["yiaddr"], "0.0.0.0", "{ours}");
+    assert_eq!(ours["file"], "undionly.kpxe");
+    assert_eq!(ours["siaddr"], "198.18.0.1");
+    assert_eq!(ours["class"], "PXEClient");
+    let ack = &v["ack"];
+    assert_eq!(ack["type"], 5, "ACK on 4011: {v}");
+    assert_eq!(ack["file"], "undionly.kpxe");
+    // A plain client gets its address from dnsmasq; rackcast stays silent
+    // and records no device for it.
+    let o = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("d2")])
+        .args([
+            "busybox",
+            "udhcpc",
+            "-i",
+            "d0",
+            "-n",
+            "-q",
+            "-f",
+            "-t",
+            "3",
+            "-T",
+            "1",
+            "-s",
+            "/bin/true",
+        ])
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert!(t.contains("obtained from 198.18.0.13"), "{t}");
+    let devs = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("app")])
+        .arg(bin("rackcast"))
+        .args(["devices", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let devs: serde_json::Value = serde_json::from_slice(&devs.stdout).unwrap();
+    let macs: Vec<&str> = devs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["mac"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        macs,
+        ["02:cc:00:00:00:01"],
+        "only the PXE client is a device"
+    );
 }
