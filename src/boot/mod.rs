@@ -5,3 +5,4 @@
 pub mod dhcp;
 pub mod dhcp_wire;
 pub mod server;
+pub mod tftp_wire;
