@@ -5,4 +5,5 @@
 pub mod dhcp;
 pub mod dhcp_wire;
 pub mod server;
+pub mod tftp;
 pub mod tftp_wire;

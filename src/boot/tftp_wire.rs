@@ -216,7 +216,10 @@ mod tests {
                 ],
             }
         );
-        assert_eq!(parse(b"\x00\x04\x00\x07").unwrap(), Packet::Ack { block: 7 });
+        assert_eq!(
+            parse(b"\x00\x04\x00\x07").unwrap(),
+            Packet::Ack { block: 7 }
+        );
         assert!(parse(b"\x00\x01file\x00oct").is_err(), "unterminated mode");
         assert!(parse(b"\x00\x04\x00").is_err());
         assert!(parse(b"\x00\x09xx").is_err());
