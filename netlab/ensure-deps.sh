@@ -4,7 +4,7 @@
 set -euo pipefail
 need=(iproute2 nftables time procps curl binutils python3)
 case "${1:-test}" in
-  test) need+=(prometheus busybox isc-dhcp-client dnsmasq-base) ;;
+  test) need+=(prometheus busybox isc-dhcp-client dnsmasq-base tftp-hpa atftp) ;;
   demo) need+=(binutils python3) ;;
   bench) need+=(udpcast uftp curl python3) ;;
   *) echo "ensure-deps.sh: test|demo|bench" >&2; exit 2 ;;

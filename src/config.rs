@@ -76,6 +76,29 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct BootConfig {
     pub dhcp: Option<DhcpSection>,
+    pub tftp: Option<TftpSection>,
+}
+
+/// Read-only TFTP for the firmware's first file (iPXE).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TftpSection {
+    /// Files are served from under this folder only.
+    pub root: PathBuf,
+    pub iface: String,
+    /// Largest block size granted (blksize option).
+    #[serde(default = "d_blksize")]
+    pub max_blksize: usize,
+    /// Largest window granted (windowsize option).
+    #[serde(default = "d_window")]
+    pub max_window: u16,
+}
+
+fn d_blksize() -> usize {
+    1468
+}
+fn d_window() -> u16 {
+    64
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -448,3 +448,182 @@ server_ip = "198.18.0.1"
         "only the PXE client is a device"
     );
 }
+
+#[test]
+fn tftp_serves_real_clients_read_only_and_refuses_traversal() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::up("bt", 1, "500mbit", &[]);
+    let dir = lab.dir.clone();
+    let root = dir.join("tftproot");
+    fs::create_dir_all(root.join("efi")).unwrap();
+    // A file that is not a multiple of any block size, one that is, and a
+    // secret outside the root.
+    let big: Vec<u8> = (0..300_001u32).map(|i| (i * 7 + 3) as u8).collect();
+    fs::write(root.join("undionly.kpxe"), &big).unwrap();
+    fs::write(root.join("efi/ipxe.efi"), vec![0x5a; 4096]).unwrap();
+    fs::write(dir.join("secret"), b"do not serve").unwrap();
+    std::os::unix::fs::symlink(dir.join("secret"), root.join("link")).unwrap();
+    let img = dir.join("img");
+    fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+    let config = dir.join("rackcast.toml");
+    fs::write(
+        &config,
+        format!(
+            r#"
+[appliance]
+control_listen = "198.18.0.1:7100"
+state_dir = "{state}"
+[dataplane]
+bind = "198.18.0.1"
+total_rate = "100M"
+group_base = "239.255.63.1"
+[agents]
+x86_64 = "{agent}"
+[[images]]
+name = "img"
+path = "{img}"
+[[profiles]]
+name = "any"
+image = "img"
+target = {{ order = "largest", count = 1 }}
+[boot.tftp]
+root = "{root}"
+iface = "srv0"
+"#,
+            state = dir.join("state").display(),
+            agent = bin("rackcast-agent").display(),
+            img = img.display(),
+            root = root.display(),
+        ),
+    )
+    .unwrap();
+    let log = fs::File::create(lab.file("serve.log")).unwrap();
+    let _serve = Proc(
+        Command::new("ip")
+            .args(["netns", "exec", &lab.ns("app")])
+            .arg(bin("rackcast"))
+            .args(["serve", "--log", "info", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !fs::read_to_string(lab.file("serve.log"))
+        .unwrap_or_default()
+        .contains("TFTP service listening")
+    {
+        assert!(Instant::now() < deadline, "no TFTP service");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let in_dev = |args: &[&str]| -> Output {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &lab.ns("d1")])
+            .args(args)
+            .current_dir(&dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        finish(child, Duration::from_secs(30))
+    };
+    // tftp-hpa (its client speaks plain RFC 1350: 512-byte blocks).
+    let out1 = dir.join("hpa.bin");
+    let o = in_dev(&[
+        "tftp",
+        "-m",
+        "binary",
+        "198.18.0.1",
+        "-c",
+        "get",
+        "undionly.kpxe",
+        out1.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(fs::read(&out1).unwrap(), big);
+    // 4096 bytes: a multiple of 512, so the transfer ends with an empty
+    // block.
+    let out2 = dir.join("hpa-efi.bin");
+    let o = in_dev(&[
+        "tftp",
+        "-m",
+        "binary",
+        "198.18.0.1",
+        "-c",
+        "get",
+        "efi/ipxe.efi",
+        out2.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(fs::read(&out2).unwrap(), vec![0x5a; 4096]);
+    // atftp with blksize, tsize and windowsize.
+    let out3 = dir.join("atftp.bin");
+    let o = in_dev(&[
+        "atftp",
+        "--get",
+        "-r",
+        "undionly.kpxe",
+        "-l",
+        out3.to_str().unwrap(),
+        "--option",
+        "blksize 1468",
+        "--option",
+        "tsize",
+        "--option",
+        "windowsize 8",
+        "198.18.0.1",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(fs::read(&out3).unwrap(), big);
+    // Traversal, a symlink out of the root, a missing file, a write.
+    for name in ["../secret", "/../secret", "link", "efi/../../secret"] {
+        let out = dir.join("stolen");
+        let _ = fs::remove_file(&out);
+        let o = in_dev(&[
+            "atftp",
+            "--get",
+            "-r",
+            name,
+            "-l",
+            out.to_str().unwrap(),
+            "198.18.0.1",
+        ]);
+        assert!(!o.status.success(), "{name} served: {}", text(&o));
+        assert!(
+            fs::read(&out).map(|d| d.is_empty()).unwrap_or(true),
+            "{name} leaked"
+        );
+    }
+    let o = in_dev(&[
+        "atftp",
+        "--get",
+        "-r",
+        "nope.efi",
+        "-l",
+        "/dev/null",
+        "198.18.0.1",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).to_lowercase().contains("not found"),
+        "{}",
+        text(&o)
+    );
+    let up = dir.join("upload");
+    fs::write(&up, b"x").unwrap();
+    let o = in_dev(&[
+        "atftp",
+        "--put",
+        "-l",
+        up.to_str().unwrap(),
+        "-r",
+        "new.efi",
+        "198.18.0.1",
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("read-only"), "{}", text(&o));
+    assert!(!root.join("new.efi").exists());
+}

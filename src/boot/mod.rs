@@ -6,4 +6,5 @@ pub mod dhcp;
 pub mod dhcp_wire;
 pub mod server;
 pub mod tftp;
+pub mod tftp_server;
 pub mod tftp_wire;

@@ -273,6 +273,18 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         inbox: inbox.clone(),
     };
     ctl.recover()?;
+    if let Some(t) = cfg.boot.tftp.clone() {
+        let limits = crate::boot::tftp::Limits {
+            max_blksize: t.max_blksize.clamp(512, 65464),
+            max_window: t.max_window.max(1),
+            ..Default::default()
+        };
+        tokio::spawn(async move {
+            if let Err(e) = crate::boot::tftp_server::run_tftp(t.root, t.iface, limits).await {
+                tracing::error!(error = %e, "TFTP service stopped");
+            }
+        });
+    }
     if cfg.boot.dhcp.is_some() {
         let installed = ctl.installed.clone();
         let inbox2 = inbox.clone();
