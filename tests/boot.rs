@@ -17,10 +17,25 @@ struct Appliance {
     lab: Lab,
     config: PathBuf,
     serve: Option<Child>,
+    /// The log line that says the service under test is up.
+    ready: String,
 }
 
 impl Appliance {
+    /// Full-mode DHCP with pool `198.18.0.a..=198.18.0.b`.
     fn new(tag: &str, n: usize, pool: (u8, u8)) -> Appliance {
+        let boot = format!(
+            "[boot.dhcp]\nmode = \"full\"\niface = \"srv0\"\nserver_ip = \"198.18.0.1\"\n\
+             pool_start = \"198.18.0.{}\"\npool_end = \"198.18.0.{}\"\n\
+             netmask = \"255.255.255.0\"\nlease_time = \"10m\"\n",
+            pool.0, pool.1
+        );
+        Appliance::with_boot(tag, n, &boot, "DHCP service listening")
+    }
+
+    /// An appliance whose config ends with `boot` (its `[boot.*]`
+    /// sections); started and waited for until its log shows `ready`.
+    fn with_boot(tag: &str, n: usize, boot: &str, ready: &str) -> Appliance {
         let lab = Lab::up(tag, n, "200mbit", &[]);
         let dir = lab.dir.clone();
         let img = dir.join("img");
@@ -52,20 +67,11 @@ name = "any"
 image = "img"
 target = {{ order = "largest", count = 1 }}
 
-[boot.dhcp]
-mode = "full"
-iface = "srv0"
-server_ip = "198.18.0.1"
-pool_start = "198.18.0.{a}"
-pool_end = "198.18.0.{b}"
-netmask = "255.255.255.0"
-lease_time = "10m"
+{boot}
 "#,
                 state = dir.join("state").display(),
                 agent = bin("rackcast-agent").display(),
                 img = img.display(),
-                a = pool.0,
-                b = pool.1,
             ),
         )
         .unwrap();
@@ -73,6 +79,7 @@ lease_time = "10m"
             lab,
             config,
             serve: None,
+            ready: ready.to_string(),
         };
         a.start();
         a
@@ -96,12 +103,8 @@ lease_time = "10m"
                 .unwrap(),
         );
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.log().contains("DHCP service listening") {
-            assert!(
-                Instant::now() < deadline,
-                "no DHCP service:\n{}",
-                self.log()
-            );
+        while !self.log().contains(&self.ready) {
+            assert!(Instant::now() < deadline, "not ready:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -290,55 +293,13 @@ fn proxy_dhcp_beside_dnsmasq_boots_pxe_clients_only() {
     if !can_run() {
         return;
     }
-    let lab = Lab::up("bp", 3, "200mbit", &[]);
-    let dir = lab.dir.clone();
-    let img = dir.join("img");
-    fs::write(&img, vec![7u8; 1 << 20]).unwrap();
-    let config = dir.join("rackcast.toml");
-    fs::write(
-        &config,
-        format!(
-            r#"
-[appliance]
-control_listen = "198.18.0.1:7100"
-api_listen = "198.18.0.1:7180"
-state_dir = "{state}"
-[dataplane]
-bind = "198.18.0.1"
-total_rate = "100M"
-group_base = "239.255.62.1"
-[agents]
-x86_64 = "{agent}"
-[[images]]
-name = "img"
-path = "{img}"
-[[profiles]]
-name = "any"
-image = "img"
-target = {{ order = "largest", count = 1 }}
-[boot.dhcp]
-mode = "proxy"
-iface = "srv0"
-server_ip = "198.18.0.1"
-"#,
-            state = dir.join("state").display(),
-            agent = bin("rackcast-agent").display(),
-            img = img.display(),
-        ),
-    )
-    .unwrap();
-    let log = fs::File::create(lab.file("serve.log")).unwrap();
-    let _serve = Proc(
-        Command::new("ip")
-            .args(["netns", "exec", &lab.ns("app")])
-            .arg(bin("rackcast"))
-            .args(["serve", "--log", "info", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
+    let a = Appliance::with_boot(
+        "bp",
+        3,
+        "[boot.dhcp]\nmode = \"proxy\"\niface = \"srv0\"\nserver_ip = \"198.18.0.1\"\n",
+        "DHCP service listening",
     );
+    let (lab, config) = (&a.lab, &a.config);
     // The site's DHCP server: dnsmasq, DHCP only, in device namespace 3.
     let _dnsmasq = Proc(
         Command::new("ip")
@@ -367,14 +328,6 @@ server_ip = "198.18.0.1"
             .spawn()
             .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !fs::read_to_string(lab.file("serve.log"))
-        .unwrap_or_default()
-        .contains("DHCP service listening")
-    {
-        assert!(Instant::now() < deadline, "no DHCP service");
-        std::thread::sleep(Duration::from_millis(100));
-    }
     std::thread::sleep(Duration::from_millis(500));
     let out = Command::new("ip")
         .args(["netns", "exec", &lab.ns("d1"), "python3"])
@@ -432,7 +385,7 @@ server_ip = "198.18.0.1"
         .args(["netns", "exec", &lab.ns("app")])
         .arg(bin("rackcast"))
         .args(["devices", "--json", "--config"])
-        .arg(&config)
+        .arg(config)
         .output()
         .unwrap();
     let devs: serde_json::Value = serde_json::from_slice(&devs.stdout).unwrap();
@@ -454,71 +407,29 @@ fn tftp_serves_real_clients_read_only_and_refuses_traversal() {
     if !can_run() {
         return;
     }
-    let lab = Lab::up("bt", 1, "500mbit", &[]);
-    let dir = lab.dir.clone();
-    let root = dir.join("tftproot");
+    // The root is filled before the appliance starts; its path is fixed
+    // by the lab prefix.
+    let root = std::env::temp_dir().join(format!("rcbt{}-tftproot", std::process::id()));
+    let _ = fs::remove_dir_all(&root);
     fs::create_dir_all(root.join("efi")).unwrap();
-    // A file that is not a multiple of any block size, one that is, and a
-    // secret outside the root.
+    let outside = root.with_extension("outside");
+    fs::create_dir_all(&outside).unwrap();
     let big: Vec<u8> = (0..300_001u32).map(|i| (i * 7 + 3) as u8).collect();
     fs::write(root.join("undionly.kpxe"), &big).unwrap();
     fs::write(root.join("efi/ipxe.efi"), vec![0x5a; 4096]).unwrap();
-    fs::write(dir.join("secret"), b"do not serve").unwrap();
-    std::os::unix::fs::symlink(dir.join("secret"), root.join("link")).unwrap();
-    let img = dir.join("img");
-    fs::write(&img, vec![7u8; 1 << 20]).unwrap();
-    let config = dir.join("rackcast.toml");
-    fs::write(
-        &config,
-        format!(
-            r#"
-[appliance]
-control_listen = "198.18.0.1:7100"
-state_dir = "{state}"
-[dataplane]
-bind = "198.18.0.1"
-total_rate = "100M"
-group_base = "239.255.63.1"
-[agents]
-x86_64 = "{agent}"
-[[images]]
-name = "img"
-path = "{img}"
-[[profiles]]
-name = "any"
-image = "img"
-target = {{ order = "largest", count = 1 }}
-[boot.tftp]
-root = "{root}"
-iface = "srv0"
-"#,
-            state = dir.join("state").display(),
-            agent = bin("rackcast-agent").display(),
-            img = img.display(),
-            root = root.display(),
+    fs::write(outside.join("secret"), b"do not serve").unwrap();
+    std::os::unix::fs::symlink(outside.join("secret"), root.join("link")).unwrap();
+    let a = Appliance::with_boot(
+        "bt",
+        1,
+        &format!(
+            "[boot.tftp]\nroot = \"{}\"\niface = \"srv0\"\n",
+            root.display()
         ),
-    )
-    .unwrap();
-    let log = fs::File::create(lab.file("serve.log")).unwrap();
-    let _serve = Proc(
-        Command::new("ip")
-            .args(["netns", "exec", &lab.ns("app")])
-            .arg(bin("rackcast"))
-            .args(["serve", "--log", "info", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
+        "TFTP service listening",
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !fs::read_to_string(lab.file("serve.log"))
-        .unwrap_or_default()
-        .contains("TFTP service listening")
-    {
-        assert!(Instant::now() < deadline, "no TFTP service");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (lab, dir) = (&a.lab, a.lab.dir.clone());
+    fs::write(dir.join("secret"), b"do not serve").unwrap();
     let in_dev = |args: &[&str]| -> Output {
         let child = Command::new("ip")
             .args(["netns", "exec", &lab.ns("d1")])
@@ -626,4 +537,6 @@ iface = "srv0"
     assert!(!o.status.success());
     assert!(text(&o).contains("read-only"), "{}", text(&o));
     assert!(!root.join("new.efi").exists());
+    let _ = fs::remove_dir_all(&root);
+    let _ = fs::remove_dir_all(&outside);
 }

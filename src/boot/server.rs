@@ -10,8 +10,6 @@ use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, RwLock};
 
-use tokio::net::UdpSocket;
-
 use super::dhcp::{
     mac_string, BootChoice, BootFiles, Destination, DhcpAction, DhcpConfig, DhcpServer, Firmware,
     Mode, Pool,
@@ -25,22 +23,6 @@ pub type Installed = Arc<RwLock<HashSet<String>>>;
 
 /// A boot request seen: (MAC, how it booted).
 pub type BootTrigger = Box<dyn Fn(String, String) + Send + Sync>;
-
-fn socket(iface: &str, port: u16) -> std::io::Result<UdpSocket> {
-    let s = socket2::Socket::new(
-        socket2::Domain::IPV4,
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )?;
-    s.set_reuse_address(true)?;
-    s.set_broadcast(true)?;
-    // Requests arrive as broadcasts: bind the port on any address, but
-    // only hear (and answer on) the provisioning interface.
-    s.bind_device(Some(iface.as_bytes()))?;
-    s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
-    s.set_nonblocking(true)?;
-    UdpSocket::from_std(s.into())
-}
 
 pub fn core_config(d: &DhcpSection, api: SocketAddr) -> DhcpConfig {
     let mode = match (d.mode.as_str(), d.pool_start, d.pool_end, d.netmask) {
@@ -99,9 +81,9 @@ pub async fn run_dhcp(
     let mut store = SqliteStore::open(&cfg.store_path())?;
     let leases = store.leases()?;
     let mut core = DhcpServer::new(core_config(&d, api), leases);
-    let s67 = socket(&d.iface, 67)?;
+    let s67 = super::iface_socket(&d.iface, 67)?;
     let s4011 = if d.mode == "proxy" {
-        Some(socket(&d.iface, 4011)?)
+        Some(super::iface_socket(&d.iface, 4011)?)
     } else {
         None
     };

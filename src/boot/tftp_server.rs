@@ -8,7 +8,7 @@
 //! transfer's course (the [`ReadTransfer`] core does).
 
 use std::io::{Read, Seek, SeekFrom};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,19 +24,6 @@ const ERR_ACCESS: u16 = 2;
 const ERR_ILLEGAL: u16 = 4;
 const ERR_UNKNOWN_TID: u16 = 5;
 const ERR_OPTION: u16 = 8;
-
-fn bound_socket(iface: &str, port: u16) -> std::io::Result<UdpSocket> {
-    let s = socket2::Socket::new(
-        socket2::Domain::IPV4,
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )?;
-    s.set_reuse_address(true)?;
-    s.bind_device(Some(iface.as_bytes()))?;
-    s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
-    s.set_nonblocking(true)?;
-    UdpSocket::from_std(s.into())
-}
 
 /// Resolve a requested name under `root`, or say which TFTP error it is.
 pub fn resolve(root: &Path, name: &str) -> Result<PathBuf, (u16, String)> {
@@ -82,7 +69,7 @@ fn count(kind: &'static str) {
 
 /// Serve TFTP reads from `root` on `iface` until the task is dropped.
 pub async fn run_tftp(root: PathBuf, iface: String, limits: Limits) -> anyhow::Result<()> {
-    let sock = bound_socket(&iface, 69)?;
+    let sock = super::iface_socket(&iface, 69)?;
     let root = Arc::new(root);
     let limits = Arc::new(limits);
     tracing::info!(root = %root.display(), %iface, "TFTP service listening");
@@ -157,7 +144,7 @@ async fn transfer(
     options: &[(String, String)],
     limits: &Limits,
 ) -> anyhow::Result<u64> {
-    let sock = bound_socket(iface, 0)?;
+    let sock = super::iface_socket(iface, 0)?;
     let mut file = std::fs::File::open(path)?;
     let size = file.metadata()?.len();
     let (mut t, mut acts) = ReadTransfer::start(options, size, limits, now_ms());
