@@ -77,6 +77,31 @@ pub struct Config {
 pub struct BootConfig {
     pub dhcp: Option<DhcpSection>,
     pub tftp: Option<TftpSection>,
+    pub http: Option<HttpBootSection>,
+}
+
+/// iPXE's second stage over HTTP (on `appliance.api_listen`): the
+/// per-device script at `/boot/<mac>.ipxe` and the loader's files at
+/// `/boot/files/...` (byte ranges supported).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpBootSection {
+    /// Folder with the loader kernel and initrd.
+    pub files: PathBuf,
+    #[serde(default = "d_kernel")]
+    pub kernel: String,
+    #[serde(default = "d_initrd")]
+    pub initrd: String,
+    /// Extra kernel command line (e.g. `console=ttyS0`).
+    #[serde(default)]
+    pub cmdline: String,
+}
+
+fn d_kernel() -> String {
+    "vmlinuz".into()
+}
+fn d_initrd() -> String {
+    "initrd.img".into()
 }
 
 /// Read-only TFTP for the firmware's first file (iPXE).
@@ -536,6 +561,22 @@ impl Config {
                     "network boot needs appliance.api_listen (iPXE fetches its script there)"
                         .into(),
                 ));
+            }
+        }
+        if let Some(h) = &self.boot.http {
+            if self.appliance.api_listen.is_none() {
+                return Err(bad(
+                    "boot.http".into(),
+                    "needs appliance.api_listen (the scripts and files are served there)".into(),
+                ));
+            }
+            for (k, v) in [("kernel", &h.kernel), ("initrd", &h.initrd)] {
+                if v.contains('/') || v.starts_with('.') || v.is_empty() {
+                    return Err(bad(
+                        format!("boot.http.{k}"),
+                        format!("{v:?}: expected a file name inside boot.http.files"),
+                    ));
+                }
             }
         }
         for (i, d) in self.devices.iter().enumerate() {

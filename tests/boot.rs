@@ -540,3 +540,130 @@ fn tftp_serves_real_clients_read_only_and_refuses_traversal() {
     let _ = fs::remove_dir_all(&root);
     let _ = fs::remove_dir_all(&outside);
 }
+
+#[test]
+fn ipxe_script_follows_the_device_state_and_files_serve_ranges() {
+    if !can_run() {
+        return;
+    }
+    let files = std::env::temp_dir().join(format!("rcbh{}-files", std::process::id()));
+    let _ = fs::remove_dir_all(&files);
+    fs::create_dir_all(&files).unwrap();
+    let kernel: Vec<u8> = (0..100_000u32).map(|i| (i * 13 + 1) as u8).collect();
+    fs::write(files.join("vmlinuz"), &kernel).unwrap();
+    fs::write(files.join("initrd.img"), vec![1u8; 5000]).unwrap();
+    let a = Appliance::with_boot(
+        "bh",
+        1,
+        &format!(
+            "[boot.http]\nfiles = \"{}\"\ncmdline = \"console=ttyS0\"\n",
+            files.display()
+        ),
+        "REST API and /metrics listening",
+    );
+    let curl = |args: &[&str]| -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &a.lab.ns("d1"), "curl", "-s", "-m", "5"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let mac = "02:dd:00:00:00:01";
+    let url = format!("http://198.18.0.1:7180/boot/{mac}.ipxe");
+    let script = String::from_utf8_lossy(&curl(&[&url]).stdout).into_owned();
+    assert!(script.starts_with("#!ipxe"), "{script}");
+    assert!(
+        script.contains("kernel http://198.18.0.1:7180/boot/files/vmlinuz initrd=initrd.img rackcast.server=198.18.0.1:7100"),
+        "{script}"
+    );
+    assert!(
+        script.contains("console=ttyS0")
+            && script.contains("initrd http://198.18.0.1:7180/boot/files/initrd.img")
+    );
+    // Byte ranges on the loader's files (real curl).
+    let o = curl(&[
+        "-r",
+        "100-199",
+        "-w",
+        "%{http_code}",
+        "-o",
+        "-",
+        "http://198.18.0.1:7180/boot/files/vmlinuz",
+    ]);
+    let body = o.stdout;
+    assert_eq!(&body[body.len() - 3..], b"206");
+    assert_eq!(&body[..body.len() - 3], &kernel[100..200]);
+    // Bad names: not a MAC, traversal out of the files folder.
+    let code = |u: &str| {
+        String::from_utf8_lossy(
+            &curl(&["-o", "/dev/null", "-w", "%{http_code}", "--path-as-is", u]).stdout,
+        )
+        .into_owned()
+    };
+    assert_eq!(code("http://198.18.0.1:7180/boot/zz.ipxe"), "400");
+    assert_ne!(
+        code("http://198.18.0.1:7180/boot/files/../../etc/passwd"),
+        "200"
+    );
+    // The script fetch is the power-on trigger and is logged.
+    let devs = a.devices();
+    assert_eq!(devs[0]["mac"], mac, "{devs}");
+    // Install the device (agent with that MAC), then it boots its disk.
+    let hw = a.lab.file("hw.json");
+    let disk = a.lab.file("disk.img");
+    fs::write(&disk, vec![0u8; 2 << 20]).unwrap();
+    fs::write(
+        &hw,
+        serde_json::json!({
+            "dmi": {"vendor": "QEMU", "model": "Standard PC", "serial": "1"},
+            "cpu": {"arch": "x86_64", "count": 1}, "memory_bytes": 1u64 << 30,
+            "nics": [{"name": "d0", "mac": mac}],
+            "disks": [{"name": "vda", "path": disk, "size_bytes": 2u64 << 20}],
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let agent = Command::new("ip")
+        .args(["netns", "exec", &a.lab.ns("d1")])
+        .arg(bin("rackcast-agent"))
+        .args([
+            "run",
+            "--server",
+            "198.18.0.1:7100",
+            "--iface",
+            "d0",
+            "--os-present",
+            "false",
+            "--give-up",
+            "30",
+            "--hardware",
+        ])
+        .arg(&hw)
+        .arg("--work-dir")
+        .arg(a.lab.file("work"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = finish(agent, Duration::from_secs(90));
+    assert!(out.status.success(), "agent did not finish");
+    let script = String::from_utf8_lossy(&curl(&[&url]).stdout).into_owned();
+    assert!(
+        script.contains("exit"),
+        "installed device must boot its disk: {script}"
+    );
+    let log = Command::new("ip")
+        .args(["netns", "exec", &a.lab.ns("app")])
+        .arg(bin("rackcast"))
+        .args(["log", mac, "--json", "--config"])
+        .arg(&a.config)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&log.stdout);
+    assert!(log.contains("iPXE fetched its script (loader)"), "{log}");
+    assert!(
+        log.contains("iPXE fetched its script (boot from disk)"),
+        "{log}"
+    );
+    let _ = fs::remove_dir_all(&files);
+}

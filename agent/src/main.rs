@@ -37,9 +37,11 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// The appliance's control plane (`appliance.control_listen`).
+    /// The appliance's control plane (`appliance.control_listen`); a
+    /// network-booted loader finds it on the kernel command line
+    /// (`rackcast.server=ADDR:PORT`, put there by the iPXE script).
     #[arg(long)]
-    server: SocketAddr,
+    server: Option<SocketAddr>,
     /// Hardware description (JSON inventory) instead of probing /sys.
     #[arg(long)]
     hardware: Option<PathBuf>,
@@ -110,8 +112,23 @@ fn main() -> Result<()> {
         Cmd::Receive(a) => receive(a),
         Cmd::Run(a) => {
             std::fs::create_dir_all(&a.work_dir)?;
+            let server = match a.server {
+                Some(s) => s,
+                None => std::fs::read_to_string("/proc/cmdline")
+                    .ok()
+                    .and_then(|c| {
+                        c.split_whitespace()
+                            .find_map(|w| w.strip_prefix("rackcast.server="))
+                            .and_then(|v| v.parse().ok())
+                    })
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "no --server and no rackcast.server= on the kernel command line"
+                        )
+                    })?,
+            };
             let args = run::RunArgs {
-                server: a.server,
+                server,
                 hardware: a.hardware,
                 disks: a.disk,
                 work_dir: a.work_dir,

@@ -17,14 +17,20 @@ use super::{Input, Shared};
 use crate::store::{SqliteStore, Store};
 
 pub async fn serve_api(listener: tokio::net::TcpListener, shared: Shared) {
-    let app = Router::new()
+    let app: Router<Shared> = Router::new()
         .route("/metrics", get(metrics))
         .route("/api/devices", get(devices))
         .route("/api/devices/{id}/log", get(device_log))
         .route("/api/devices/{id}/retry", post(retry))
         .route("/api/waves", get(waves))
         .route("/api/images", get(images))
-        .with_state(shared);
+        .route("/boot/{script}", get(ipxe_script));
+    let app = match &shared.cfg.boot.http {
+        // The loader's kernel and initrd, with byte ranges.
+        Some(h) => app.nest_service("/boot/files", tower_http::services::ServeDir::new(&h.files)),
+        None => app,
+    };
+    let app = app.with_state(shared);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "API server stopped");
     }
@@ -105,4 +111,55 @@ async fn retry(State(s): State<Shared>, Path(id): Path<String>) -> Response {
         Ok(Err(e)) => err(StatusCode::CONFLICT, e),
         Err(_) => err(StatusCode::SERVICE_UNAVAILABLE, "controller stopped"),
     }
+}
+
+/// The per-device iPXE script, `GET /boot/<mac>.ipxe`: the loader while
+/// the device is to be installed (the appliance address on its command
+/// line), `exit` (boot the next device: the disk) once it is installed.
+/// Every fetch is logged against the device.
+async fn ipxe_script(State(s): State<Shared>, Path(script): Path<String>) -> Response {
+    let Some(mac) = script.strip_suffix(".ipxe") else {
+        return err(StatusCode::NOT_FOUND, "not a script");
+    };
+    let Some(mac) = crate::boot::dhcp::parse_mac(mac) else {
+        return err(StatusCode::BAD_REQUEST, "not a MAC address");
+    };
+    let mac = crate::boot::dhcp::mac_string(&mac);
+    let Some(h) = s.cfg.boot.http.clone() else {
+        return err(StatusCode::NOT_FOUND, "HTTP boot is not configured");
+    };
+    let installed = s
+        .installed
+        .read()
+        .map(|set| set.contains(&mac))
+        .unwrap_or(false);
+    let _ = s.inbox.send(Input::BootSeen {
+        mac: mac.clone(),
+        how: format!(
+            "iPXE fetched its script ({})",
+            if installed {
+                "boot from disk"
+            } else {
+                "loader"
+            }
+        ),
+    });
+    let body = if installed {
+        "#!ipxe\necho rackcast: installed, booting from disk\nexit\n".to_string()
+    } else {
+        let base = match s.cfg.appliance.api_listen {
+            Some(a) => format!("http://{a}/boot/files"),
+            None => return err(StatusCode::NOT_FOUND, "no API address"),
+        };
+        format!(
+            "#!ipxe\necho rackcast: loading the loader for {mac}\n\
+             kernel {base}/{k} initrd={i} rackcast.server={srv} rackcast.mac={mac} {extra}\n\
+             initrd {base}/{i}\nboot\n",
+            k = h.kernel,
+            i = h.initrd,
+            srv = s.cfg.appliance.control_listen,
+            extra = h.cmdline,
+        )
+    };
+    ([(axum::http::header::CONTENT_TYPE, "text/plain")], body).into_response()
 }

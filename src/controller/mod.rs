@@ -124,6 +124,8 @@ pub type Progress = Arc<std::sync::Mutex<HashMap<String, (u32, u32)>>>;
 #[derive(Clone)]
 pub struct Shared {
     pub progress: Progress,
+    /// MACs of installed devices (boot from disk).
+    pub installed: crate::boot::server::Installed,
     pub cfg: Arc<Config>,
     pub builder: Arc<Builder>,
     pub inbox: mpsc::UnboundedSender<Input>,
@@ -239,6 +241,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let (inbox, rx) = mpsc::unbounded_channel();
     let shared = Shared {
         progress: Progress::default(),
+        installed: crate::boot::server::Installed::default(),
         cfg: cfg.clone(),
         builder: builder.clone(),
         inbox: inbox.clone(),
@@ -263,7 +266,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         devices: HashMap::new(),
         conns: HashMap::new(),
         progress: shared.progress.clone(),
-        installed: crate::boot::server::Installed::default(),
+        installed: shared.installed.clone(),
         waves: HashMap::new(),
         images,
         manifests,
