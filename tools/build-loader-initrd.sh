@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Build the rackcast loader initrd from Debian packages: busybox (static,
+# package busybox-static) for a shell, udhcpc and the usual tools, plus
+# rackcast-agent and the shared libraries it links. Its /init brings up
+# the network with udhcpc, reads rackcast.server= from the kernel command
+# line (the per-device iPXE script puts it there) and runs
+# `rackcast-agent run` in loader mode; on exit it drops to a shell on the
+# console instead of panicking the kernel.
+#
+#   tools/build-loader-initrd.sh OUT_DIR [AGENT_BINARY]
+#
+# Writes OUT_DIR/initrd.img (gzip'd newc cpio) and, if this machine has a
+# Debian kernel image, OUT_DIR/vmlinuz (else install linux-image-amd64 or
+# copy one in). Point `[boot.http] files` at OUT_DIR.
+#
+# The iPXE binaries the DHCP service names come from Debian too:
+# package ipxe -> /usr/lib/ipxe/undionly.kpxe (legacy BIOS) and
+# /usr/lib/ipxe/ipxe.efi (x86-64 UEFI); copy them into `[boot.tftp] root`.
+# ipxe-qemu has the ROMs QEMU uses for `-boot n`.
+#
+# Status: builds and is checked for its contents; booting it under QEMU is
+# the next step of the network-boot work (issue 5).
+set -euo pipefail
+OUT=${1:?usage: build-loader-initrd.sh OUT_DIR [AGENT_BINARY]}
+HERE=$(cd "$(dirname "$0")" && pwd)
+AGENT=${2:-$HERE/../target/release/rackcast-agent}
+[ -x "$AGENT" ] || { echo "no agent binary at $AGENT (cargo build --release --workspace)" >&2; exit 2; }
+BB=/bin/busybox
+if ! dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "install ok installed"; then
+  echo "installing busybox-static" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends busybox-static >/dev/null
+fi
+case "$(ldd "$BB" 2>&1 || true)" in
+  *"not a dynamic executable"*) ;;
+  *) echo "$BB is not static (install busybox-static)" >&2; exit 2 ;;
+esac
+command -v cpio >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cpio >/dev/null
+
+STAGE=$(mktemp -d)
+trap 'rm -rf "$STAGE"' EXIT
+mkdir -p "$STAGE"/{bin,sbin,etc,proc,sys,dev,run,tmp,usr/bin,usr/share/udhcpc,var/lib/rackcast}
+cp "$BB" "$STAGE/bin/busybox"
+for app in $("$BB" --list); do
+  [ -e "$STAGE/bin/$app" ] || ln -s busybox "$STAGE/bin/$app"
+done
+cp "$AGENT" "$STAGE/usr/bin/rackcast-agent"
+strip "$STAGE/usr/bin/rackcast-agent" 2>/dev/null || true
+# The agent's shared libraries (glibc, libgcc_s, the loader) at their paths.
+ldd "$AGENT" | awk '/=> \// { print $3 } $1 ~ /^\// { print $1 }' | sort -u | while read -r lib; do
+  mkdir -p "$STAGE$(dirname "$lib")"
+  cp -L "$lib" "$STAGE$lib"
+done
+
+cat >"$STAGE/usr/share/udhcpc/default.script" <<'EOF'
+#!/bin/sh
+# udhcpc hook: configure the interface from the lease.
+case "$1" in
+  bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface"
+    ;;
+esac
+EOF
+chmod +x "$STAGE/usr/share/udhcpc/default.script"
+
+cat >"$STAGE/init" <<'EOF'
+#!/bin/sh
+# rackcast loader: network up, then the agent in loader mode.
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null || mdev -s
+mount -t tmpfs tmpfs /run
+ip link set lo up
+server=""
+for w in $(cat /proc/cmdline); do
+  case "$w" in rackcast.server=*) server=${w#rackcast.server=} ;; esac
+done
+echo "rackcast loader: appliance ${server:-unknown}"
+for nic in /sys/class/net/*; do
+  n=$(basename "$nic"); [ "$n" = lo ] && continue
+  ip link set "$n" up
+  udhcpc -i "$n" -n -q -t 5 -T 2 -s /usr/share/udhcpc/default.script && break
+done
+# Loader mode: reports the inventory, fetches and verifies its bundle,
+# then execs the bundle's agent (which reconnects on its own).
+/usr/bin/rackcast-agent run ${server:+--server "$server"} --work-dir /run/rackcast --os-present false
+echo "rackcast loader: agent exited ($?); shell on the console"
+exec /bin/sh
+EOF
+chmod +x "$STAGE/init"
+
+mkdir -p "$OUT"
+(cd "$STAGE" && find . | cpio -o -H newc --quiet | gzip -9) >"$OUT/initrd.img"
+kernel=$(ls /boot/vmlinuz-* 2>/dev/null | sort -V | tail -n 1 || true)
+if [ -n "$kernel" ]; then cp "$kernel" "$OUT/vmlinuz"; else echo "note: no /boot/vmlinuz-*; put a kernel at $OUT/vmlinuz" >&2; fi
+echo "$OUT/initrd.img: $(stat -c %s "$OUT/initrd.img") bytes"
