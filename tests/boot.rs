@@ -407,8 +407,8 @@ fn tftp_serves_real_clients_read_only_and_refuses_traversal() {
     if !can_run() {
         return;
     }
-    // The root is filled before the appliance starts; its path is fixed
-    // by the lab prefix.
+    // The root is filled before the appliance starts (its config names
+    // it), so it lives beside the lab folder, named by our PID.
     let root = std::env::temp_dir().join(format!("rcbt{}-tftproot", std::process::id()));
     let _ = fs::remove_dir_all(&root);
     fs::create_dir_all(root.join("efi")).unwrap();
@@ -429,7 +429,6 @@ fn tftp_serves_real_clients_read_only_and_refuses_traversal() {
         "TFTP service listening",
     );
     let (lab, dir) = (&a.lab, a.lab.dir.clone());
-    fs::write(dir.join("secret"), b"do not serve").unwrap();
     let in_dev = |args: &[&str]| -> Output {
         let child = Command::new("ip")
             .args(["netns", "exec", &lab.ns("d1")])

@@ -417,6 +417,30 @@ impl DhcpServer {
         }
     }
 
+    /// OFFER or ACK of `ip` with the pool's options and, for a PXE client
+    /// that is to boot from the network, its boot file.
+    fn lease_reply(
+        &self,
+        m: &Message,
+        kind: MessageType,
+        ip: Ipv4Addr,
+        pool: &Pool,
+        c: &ClientInfo,
+        boot: Option<&str>,
+    ) -> DhcpAction {
+        let mut r = self.base_reply(m, kind);
+        r.set_yiaddr(ip);
+        r.set_ciaddr(m.ciaddr());
+        self.add_lease_opts(&mut r, pool);
+        if let Some(f) = boot {
+            self.add_boot(&mut r, c, f);
+        }
+        DhcpAction::Reply {
+            msg: Box::new(r),
+            to: Self::destination(m, 67),
+        }
+    }
+
     fn nak(&self, m: &Message, why: &str, out: &mut Vec<DhcpAction>) {
         let mut r = self.base_reply(m, MessageType::Nak);
         r.opts_mut().insert(DhcpOption::Message(why.to_string()));
@@ -471,16 +495,7 @@ impl DhcpServer {
                         .map_or(now + self.cfg.offer_hold_ms, |l| l.expires),
                 };
                 self.leases.insert(c.mac, lease);
-                let mut r = self.base_reply(m, MessageType::Offer);
-                r.set_yiaddr(ip);
-                self.add_lease_opts(&mut r, pool);
-                if let Some(f) = &boot {
-                    self.add_boot(&mut r, c, f);
-                }
-                out.push(DhcpAction::Reply {
-                    msg: Box::new(r),
-                    to: Self::destination(m, 67),
-                });
+                out.push(self.lease_reply(m, MessageType::Offer, ip, pool, c, boot.as_deref()));
             }
             MessageType::Request => {
                 if let Some(sid) = server_id {
@@ -519,17 +534,7 @@ impl DhcpServer {
                 lease.expires = now + i64::from(pool.lease_secs) * 1000;
                 self.leases.insert(c.mac, lease.clone());
                 out.push(DhcpAction::SaveLease(lease));
-                let mut r = self.base_reply(m, MessageType::Ack);
-                r.set_yiaddr(want);
-                r.set_ciaddr(m.ciaddr());
-                self.add_lease_opts(&mut r, pool);
-                if let Some(f) = &boot {
-                    self.add_boot(&mut r, c, f);
-                }
-                out.push(DhcpAction::Reply {
-                    msg: Box::new(r),
-                    to: Self::destination(m, 67),
-                });
+                out.push(self.lease_reply(m, MessageType::Ack, want, pool, c, boot.as_deref()));
             }
             MessageType::Decline => {
                 if let Some(ip) = requested {
