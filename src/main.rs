@@ -40,6 +40,8 @@ enum Cmd {
     Devices(ListArgs),
     /// Every operation on one device, with time and duration.
     Log(LogArgs),
+    /// The hardware a device reported: DMI, CPU, memory, NICs, disks.
+    Inventory(LogArgs),
     /// Waves: image, members, verified, state.
     Waves(ListArgs),
     /// The image store.
@@ -178,6 +180,7 @@ fn main() -> Result<()> {
         }
         Cmd::Devices(a) => fleet::devices(&a.cfg.config, a.json),
         Cmd::Log(a) => fleet::log(&a.cfg.config, &a.device, a.json),
+        Cmd::Inventory(a) => fleet::inventory(&a.cfg.config, &a.device, a.json),
         Cmd::Waves(a) => fleet::waves(&a.cfg.config, a.json),
         Cmd::Images(ImagesCmd::Add { name, path, cfg }) => {
             fleet::images_add(&cfg.config, &name, &path)
@@ -463,6 +466,53 @@ mod fleet {
                     .unwrap_or_default(),
                 r.detail
             );
+        }
+        Ok(())
+    }
+
+    pub fn inventory(config: &Path, device: &str, json: bool) -> Result<()> {
+        let (_, mut st) = open(config)?;
+        let id = device_arg(device);
+        let inv = st
+            .inventory(&id)?
+            .with_context(|| format!("device {id} has reported no inventory"))?;
+        if json {
+            println!("{}", serde_json::to_string(&inv)?);
+            return Ok(());
+        }
+        let d = &inv.dmi;
+        println!(
+            "{id}: {} {} serial {} uuid {}",
+            d.vendor, d.model, d.serial, d.uuid
+        );
+        println!(
+            "cpu: {} x {} ({}), memory {:.1} GiB",
+            inv.cpu.count,
+            inv.cpu.model,
+            inv.cpu.arch,
+            inv.memory_bytes as f64 / (1u64 << 30) as f64
+        );
+        for n in &inv.nics {
+            println!(
+                "nic:  {:<10} {:<17} pci {}",
+                n.name,
+                n.mac,
+                n.pci_id.as_deref().unwrap_or("-")
+            );
+        }
+        for k in &inv.disks {
+            println!(
+                "disk: {:<10} {:>10.1} GiB {} {} model {:?} serial {:?}",
+                k.name,
+                k.size_bytes as f64 / (1u64 << 30) as f64,
+                if k.rotational { "hdd" } else { "ssd" },
+                k.path,
+                k.model,
+                k.serial
+            );
+        }
+        for c in &inv.storage_controllers {
+            println!("storage: {} pci {}", c.name, c.pci_id);
         }
         Ok(())
     }

@@ -18,8 +18,16 @@
 # /usr/lib/ipxe/ipxe.efi (x86-64 UEFI); copy them into `[boot.tftp] root`.
 # ipxe-qemu has the ROMs QEMU uses for `-boot n`.
 #
-# Status: builds and is checked for its contents; booting it under QEMU is
-# the next step of the network-boot work (issue 5).
+# Kernel modules: the kernel's NIC and disk drivers are modules in Debian,
+# so the drivers named in RC_LOADER_MODULES (default below: virtio, the
+# common Intel/Broadcom NICs, AHCI/NVMe/SCSI disks) and everything they
+# depend on (`modprobe --show-depends`) are copied in and loaded by /init
+# in dependency order; names this kernel lacks are skipped. Firmware files
+# are not included: a NIC that needs firmware to come up wants its
+# /lib/firmware files added here.
+#
+# Proven by tests/pxe.rs: a QEMU machine PXE-boots it and its agent
+# reports the machine's inventory to the appliance.
 set -euo pipefail
 OUT=${1:?usage: build-loader-initrd.sh OUT_DIR [AGENT_BINARY]}
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -36,6 +44,9 @@ case "$(ldd "$BB" 2>&1 || true)" in
 esac
 command -v cpio >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cpio >/dev/null
 
+kernel=$(ls /boot/vmlinuz-* 2>/dev/null | sort -V | tail -n 1 || true)
+MODULES=${RC_LOADER_MODULES:-virtio_pci virtio_net virtio_blk virtio_scsi e1000 e1000e igb ixgbe i40e bnxt_en tg3 ahci nvme sd_mod}
+
 STAGE=$(mktemp -d)
 trap 'rm -rf "$STAGE"' EXIT
 mkdir -p "$STAGE"/{bin,sbin,etc,proc,sys,dev,run,tmp,usr/bin,usr/share/udhcpc,var/lib/rackcast}
@@ -50,6 +61,23 @@ ldd "$AGENT" | awk '/=> \// { print $3 } $1 ~ /^\// { print $1 }' | sort -u | wh
   mkdir -p "$STAGE$(dirname "$lib")"
   cp -L "$lib" "$STAGE$lib"
 done
+
+# Driver modules of the kernel we ship, with their dependencies first.
+: >"$STAGE/etc/modules.order"
+if [ -n "$kernel" ]; then
+  kver=${kernel#/boot/vmlinuz-}
+  if command -v modprobe >/dev/null && [ -d "/lib/modules/$kver" ]; then
+    for m in $MODULES; do
+      modprobe --show-depends -S "$kver" "$m" 2>/dev/null || echo "note: kernel $kver has no module $m (or it is built in)" >&2
+    done | awk '$1 == "insmod" && !seen[$2]++ { print $2 }' | while read -r ko; do
+      mkdir -p "$STAGE$(dirname "$ko")"
+      cp "$ko" "$STAGE$ko"
+      echo "$ko" >>"$STAGE/etc/modules.order"
+    done
+  else
+    echo "note: no modprobe or /lib/modules/$kver: no driver modules in the initrd" >&2
+  fi
+fi
 
 cat >"$STAGE/usr/share/udhcpc/default.script" <<'EOF'
 #!/bin/sh
@@ -71,6 +99,10 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null || mdev -s
 mount -t tmpfs tmpfs /run
+# Drivers (NIC, disks) in dependency order; a missing device is harmless.
+while read -r ko; do
+  case "$ko" in *.ko.xz) xz -dc "$ko" >/tmp/m.ko && insmod /tmp/m.ko ;; *) insmod "$ko" ;; esac 2>/dev/null
+done </etc/modules.order
 ip link set lo up
 server=""
 for w in $(cat /proc/cmdline); do
@@ -92,6 +124,5 @@ chmod +x "$STAGE/init"
 
 mkdir -p "$OUT"
 (cd "$STAGE" && find . | cpio -o -H newc --quiet | gzip -9) >"$OUT/initrd.img"
-kernel=$(ls /boot/vmlinuz-* 2>/dev/null | sort -V | tail -n 1 || true)
-if [ -n "$kernel" ]; then cp "$kernel" "$OUT/vmlinuz"; else echo "note: no /boot/vmlinuz-*; put a kernel at $OUT/vmlinuz" >&2; fi
-echo "$OUT/initrd.img: $(stat -c %s "$OUT/initrd.img") bytes"
+if [ -n "$kernel" ]; then cp "$kernel" "$OUT/vmlinuz"; else echo "note: no /boot/vmlinuz-*; put a kernel at $OUT/vmlinuz (apt-get install linux-image-amd64)" >&2; fi
+echo "$OUT/initrd.img: $(stat -c %s "$OUT/initrd.img") bytes, $(wc -l <"$STAGE/etc/modules.order") modules"

@@ -61,7 +61,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if !args.disks.is_empty() {
         inventory.disks = crate::inventory::disks_from_paths(&args.disks)?;
     }
-    let mac = boot_mac(&inventory)?;
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let mac = boot_mac(&inventory, &cmdline)?;
     let mode = match &args.bundle_dir {
         Some(dir) => AgentMode::Agent {
             bundle: read_bundle_hash(dir)?,
@@ -272,12 +273,25 @@ fn report_frame(r: &Report) -> Result<bytes::Bytes> {
     Ok(bytes::Bytes::from(m.encode()?))
 }
 
-/// The boot interface's MAC: the first NIC with a real address.
-fn boot_mac(inv: &Inventory) -> Result<String> {
-    inv.nics
+/// The boot interface's MAC: the one iPXE booted from when it put
+/// `rackcast.mac=` on the kernel command line and this machine has that
+/// NIC (a server with four ports must not be known by whichever one the
+/// kernel listed first), else the first NIC with a real address.
+fn boot_mac(inv: &Inventory, cmdline: &str) -> Result<String> {
+    let real = |m: &String| rackcast::wire::device::valid_mac(m) && m != "00:00:00:00:00:00";
+    let macs: Vec<String> = inv
+        .nics
         .iter()
         .map(|n| n.mac.to_ascii_lowercase())
-        .find(|m| rackcast::wire::device::valid_mac(m) && m != "00:00:00:00:00:00")
+        .filter(real)
+        .collect();
+    let booted = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("rackcast.mac="))
+        .map(str::to_ascii_lowercase)
+        .filter(|m| macs.contains(m));
+    booted
+        .or_else(|| macs.into_iter().next())
         .ok_or_else(|| anyhow!("no network interface with a MAC address in the inventory"))
 }
 
@@ -688,4 +702,43 @@ async fn receive_image(
             bytes: rep.image_bytes,
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rackcast::bundle::Nic;
+
+    fn inv(macs: &[&str]) -> Inventory {
+        Inventory {
+            nics: macs
+                .iter()
+                .map(|m| Nic {
+                    mac: m.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn boot_mac_prefers_the_nic_ipxe_booted_from() {
+        let i = inv(&[
+            "00:00:00:00:00:00",
+            "52:54:00:00:00:01",
+            "52:54:00:00:00:02",
+        ]);
+        assert_eq!(boot_mac(&i, "quiet").unwrap(), "52:54:00:00:00:01");
+        assert_eq!(
+            boot_mac(&i, "console=ttyS0 rackcast.mac=52:54:00:00:00:02").unwrap(),
+            "52:54:00:00:00:02"
+        );
+        // A MAC this machine does not have is not trusted.
+        assert_eq!(
+            boot_mac(&i, "rackcast.mac=52:54:00:00:00:09").unwrap(),
+            "52:54:00:00:00:01"
+        );
+        assert!(boot_mac(&inv(&["00:00:00:00:00:00"]), "").is_err());
+    }
 }

@@ -21,6 +21,7 @@ pub async fn serve_api(listener: tokio::net::TcpListener, shared: Shared) {
         .route("/metrics", get(metrics))
         .route("/api/devices", get(devices))
         .route("/api/devices/{id}/log", get(device_log))
+        .route("/api/devices/{id}/inventory", get(device_inventory))
         .route("/api/devices/{id}/retry", post(retry))
         .route("/api/waves", get(waves))
         .route("/api/images", get(images))
@@ -77,6 +78,17 @@ async fn devices(State(s): State<Shared>) -> Response {
 async fn device_log(State(s): State<Shared>, Path(id): Path<String>) -> Response {
     match with_store(&s, move |st| st.events(&id)).await {
         Ok(ev) => Json(ev).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn device_inventory(State(s): State<Shared>, Path(id): Path<String>) -> Response {
+    match with_store(&s, move |st| st.inventory(&id)).await {
+        Ok(Some(inv)) => Json(inv).into_response(),
+        Ok(None) => err(
+            StatusCode::NOT_FOUND,
+            "no inventory reported for this device",
+        ),
         Err(r) => r,
     }
 }

@@ -118,9 +118,11 @@ pub fn sender_socket(iface: Option<&str>, group: SocketAddrV4, ttl: u32) -> io::
     Ok(sock.into())
 }
 
-/// Receiving socket joined to `group` on `iface` (or the routing default).
+/// Receiving socket joined to `group` on `iface`, else on the interface
+/// that has address `local`, else on the routing default.
 pub fn receiver_socket(
     iface: Option<&str>,
+    local: Option<Ipv4Addr>,
     group: SocketAddrV4,
     rcvbuf: usize,
 ) -> io::Result<UdpSocket> {
@@ -132,7 +134,7 @@ pub fn receiver_socket(
     sock.bind(&SockAddr::from(group))?;
     let itf = match iface {
         Some(n) => InterfaceIndexOrAddress::Index(if_index(n)?),
-        None => InterfaceIndexOrAddress::Address(Ipv4Addr::UNSPECIFIED),
+        None => InterfaceIndexOrAddress::Address(local.unwrap_or(Ipv4Addr::UNSPECIFIED)),
     };
     sock.join_multicast_v4_n(group.ip(), &itf)?;
     sock.set_read_timeout(Some(Duration::from_millis(20)))?;

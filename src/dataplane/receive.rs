@@ -498,7 +498,14 @@ pub async fn run_receive(
     if resumed > 0 {
         tracing::info!(resumed, "resuming: blocks already on the output");
     }
-    let sock = net::receiver_socket(opts.iface.as_deref(), session.group, opts.rcvbuf)
+    // Without --iface, join on the address that reaches the sender: a
+    // network-booted device has no multicast (or default) route to choose
+    // an interface by.
+    let local_v4 = match local.ip() {
+        std::net::IpAddr::V4(a) if !a.is_loopback() => Some(a),
+        _ => None,
+    };
+    let sock = net::receiver_socket(opts.iface.as_deref(), local_v4, session.group, opts.rcvbuf)
         .map_err(ReceiveError::Socket)?;
 
     let stop = Arc::new(AtomicBool::new(false));
