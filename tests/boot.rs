@@ -2,7 +2,11 @@
 //! busybox `udhcpc` and ISC `dhclient` get leases from `rackcast serve`'s
 //! DHCP server; a PXE-flagged request is the power-on trigger that creates
 //! the device record; an exhausted pool gets no offer and says so; leases
-//! survive an appliance restart. Needs root.
+//! survive an appliance restart. proxyDHCP beside dnsmasq, TFTP with
+//! tftp-hpa and atftp, the iPXE script with curl, and QEMU machines that
+//! PXE-boot (SeaBIOS + iPXE ROM; OVMF's PXE -> ipxe.efi over TFTP) into the
+//! loader initrd, get installed over multicast and then boot their disk.
+//! Needs root.
 
 mod common;
 
@@ -36,10 +40,24 @@ impl Appliance {
     /// An appliance whose config ends with `boot` (its `[boot.*]`
     /// sections); started and waited for until its log shows `ready`.
     fn with_boot(tag: &str, n: usize, boot: &str, ready: &str) -> Appliance {
+        Appliance::with_parts(tag, n, boot, ready, &bin("rackcast-agent"), &[7u8; 1 << 20])
+    }
+
+    /// `with_boot` with the bundles' agent binary and the image's bytes
+    /// given; `{dir}` in `boot` stands for the lab's file folder.
+    fn with_parts(
+        tag: &str,
+        n: usize,
+        boot: &str,
+        ready: &str,
+        agent: &std::path::Path,
+        image: &[u8],
+    ) -> Appliance {
         let lab = Lab::up(tag, n, "200mbit", &[]);
         let dir = lab.dir.clone();
+        let boot = boot.replace("{dir}", &dir.display().to_string());
         let img = dir.join("img");
-        fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+        fs::write(&img, image).unwrap();
         let config = dir.join("rackcast.toml");
         fs::write(
             &config,
@@ -70,7 +88,7 @@ target = {{ order = "largest", count = 1 }}
 {boot}
 "#,
                 state = dir.join("state").display(),
-                agent = bin("rackcast-agent").display(),
+                agent = agent.display(),
                 img = img.display(),
             ),
         )
@@ -665,4 +683,420 @@ fn ipxe_script_follows_the_device_state_and_files_serve_ranges() {
         "{log}"
     );
     let _ = fs::remove_dir_all(&files);
+}
+
+// ---------------------------------------------------------------------------
+// PXE end to end: a QEMU machine (software emulation, `-accel tcg`: this
+// machine kind's /dev/kvm opens but its guests reset) on a tap in the lab's
+// switch namespace, booting Debian's iPXE ROM (BIOS) or OVMF's own PXE
+// (UEFI), the loader initrd of tools/build-loader-initrd.sh and Debian's
+// kernel.
+
+const QEMU: &str = "qemu-system-x86_64";
+
+/// Whether a PXE machine can run here. In CI everything it needs must be
+/// there (netlab/ensure-deps.sh installs it); elsewhere a missing piece
+/// skips with the reason.
+fn qemu_ready() -> bool {
+    let tcg = Command::new(QEMU)
+        .args(["-accel", "help"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("tcg"))
+        .unwrap_or(false);
+    let kernel = fs::read_dir("/boot")
+        .map(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .unwrap_or(false);
+    let missing: Vec<&str> = [
+        (
+            tcg,
+            "qemu-system-x86_64 with software emulation (qemu-system-x86)",
+        ),
+        (kernel, "a kernel in /boot (linux-image-amd64)"),
+        (
+            std::path::Path::new("/usr/lib/ipxe/ipxe.efi").exists(),
+            "/usr/lib/ipxe/ipxe.efi (ipxe)",
+        ),
+        (
+            std::path::Path::new("/usr/share/ovmf/OVMF.fd").exists(),
+            "/usr/share/ovmf/OVMF.fd (ovmf)",
+        ),
+    ]
+    .into_iter()
+    .filter(|(ok, _)| !ok)
+    .map(|(_, what)| what)
+    .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "PXE tests need {missing:?}: run netlab/ensure-deps.sh test"
+    );
+    eprintln!("skipping: PXE tests need {missing:?} (netlab/ensure-deps.sh test installs them)");
+    false
+}
+
+/// The loader (kernel + initrd with our agent) and a stripped agent for
+/// the bundles (the debug build's debug info would cost the emulated
+/// machine minutes to download).
+fn loader_files() -> tempfile::TempDir {
+    let t = tempfile::Builder::new().prefix("rcpxe").tempdir().unwrap();
+    let out = Command::new(root().join("tools/build-loader-initrd.sh"))
+        .arg(t.path().join("loader"))
+        .arg(bin("rackcast-agent"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "build-loader-initrd.sh: {}",
+        text(&out)
+    );
+    assert!(t.path().join("loader/vmlinuz").exists(), "{}", text(&out));
+    let st = Command::new("strip")
+        .arg("-o")
+        .arg(t.path().join("agent"))
+        .arg(bin("rackcast-agent"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    t
+}
+
+/// A disk image whose first sector boots: real-mode code that writes a
+/// line to the first serial port and halts; the rest is patterned data so
+/// a wrong byte anywhere shows.
+fn bootable_image(len: usize) -> Vec<u8> {
+    let mut img: Vec<u8> = (0..len as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    img[..512].fill(0);
+    #[rustfmt::skip]
+    let code: [u8; 23] = [
+        0x31, 0xc0,             // xor ax, ax
+        0x8e, 0xd8,             // mov ds, ax
+        0xfc,                   // cld
+        0xbe, 0x17, 0x7c,       // mov si, 0x7c17 (the message)
+        0xac,                   // next: lodsb
+        0x84, 0xc0,             // test al, al
+        0x74, 0x06,             // jz halt
+        0xba, 0xf8, 0x03,       // mov dx, 0x3f8 (COM1)
+        0xee,                   // out dx, al
+        0xeb, 0xf5,             // jmp next
+        0xfa, 0xf4, 0xeb, 0xfc, // halt: cli; hlt; jmp halt
+    ];
+    img[..23].copy_from_slice(&code);
+    let msg = b"rackcast-test: installed OS booted\r\n\0";
+    img[23..23 + msg.len()].copy_from_slice(msg);
+    img[510] = 0x55;
+    img[511] = 0xaa;
+    img
+}
+
+/// A tap on the lab bridge, in the switch namespace.
+fn lab_tap(lab: &Lab, name: &str) {
+    let sw = lab.ns("sw");
+    for args in [
+        vec!["tuntap", "add", name, "mode", "tap"],
+        vec!["link", "set", name, "master", "br0"],
+        vec!["link", "set", name, "up"],
+    ] {
+        let st = Command::new("ip")
+            .args(["-n", &sw])
+            .args(&args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip {args:?}");
+    }
+}
+
+struct Vm<'a> {
+    tap: &'a str,
+    mac: &'a str,
+    /// `-smbios type=1,...` fields and `-uuid`.
+    smbios: &'a str,
+    uuid: &'a str,
+    firmware: &'a [&'a str],
+    /// Extra `-device virtio-net-pci` properties (`romfile=` for OVMF's own PXE).
+    nic_extra: &'a str,
+    disk: Option<&'a std::path::Path>,
+}
+
+fn start_vm(lab: &Lab, vm: &Vm, console: &std::path::Path) -> Proc {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &lab.ns("sw"), QEMU])
+        .args([
+            "-accel", "tcg", "-m", "512", "-display", "none", "-monitor", "none",
+        ])
+        .arg("-no-reboot")
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .args(vm.firmware)
+        .arg("-netdev")
+        .arg(format!(
+            "tap,id=n0,ifname={},script=no,downscript=no",
+            vm.tap
+        ))
+        .arg("-device")
+        .arg(format!(
+            "virtio-net-pci,netdev=n0,mac={}{}",
+            vm.mac, vm.nic_extra
+        ))
+        .arg("-smbios")
+        .arg(format!("type=1,{}", vm.smbios))
+        .args(["-uuid", vm.uuid]);
+    if let Some(d) = vm.disk {
+        c.arg("-drive")
+            .arg(format!("file={},if=virtio,format=raw", d.display()));
+    }
+    Proc(
+        c.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+impl Appliance {
+    /// Wait (bounded) for `done`; on timeout show what the appliance and
+    /// the machine's console said.
+    fn wait_for(
+        &self,
+        what: &str,
+        secs: u64,
+        console: &std::path::Path,
+        mut ok: impl FnMut() -> bool,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !ok() {
+            if Instant::now() > deadline {
+                let con = fs::read_to_string(console).unwrap_or_default();
+                let tail: String = con
+                    .chars()
+                    .rev()
+                    .take(3000)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                panic!(
+                    "{what}: not within {secs} s\n--- appliance ---\n{}\n--- console ---\n{tail}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
+    fn cli_json(&self, args: &[&str]) -> Option<serde_json::Value> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.lab.ns("app")])
+            .arg(bin("rackcast"))
+            .args(args)
+            .args(["--json", "--config"])
+            .arg(&self.config)
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// The device's event-log details, in order.
+    fn log_details(&self, mac: &str) -> Vec<String> {
+        self.cli_json(&["log", mac])
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .map(|e| {
+                format!(
+                    "{} {} {}",
+                    e["step"].as_str().unwrap_or(""),
+                    e["kind"].as_str().unwrap_or(""),
+                    e["detail"].as_str().unwrap_or("")
+                )
+            })
+            .collect()
+    }
+}
+
+fn dhcp_full_with_http(files: &std::path::Path) -> String {
+    format!(
+        "[boot.dhcp]\nmode = \"full\"\niface = \"srv0\"\nserver_ip = \"198.18.0.1\"\n\
+         pool_start = \"198.18.0.100\"\npool_end = \"198.18.0.120\"\n\
+         netmask = \"255.255.255.0\"\nlease_time = \"10m\"\n\n\
+         [boot.http]\nfiles = \"{}\"\ncmdline = \"console=ttyS0 panic=-1\"\n",
+        files.join("loader").display()
+    )
+}
+
+fn assert_inventory(
+    a: &Appliance,
+    mac: &str,
+    product: &str,
+    serial: &str,
+    uuid: &str,
+) -> serde_json::Value {
+    let inv = a
+        .cli_json(&["inventory", mac])
+        .expect("the loader reported an inventory");
+    assert_eq!(inv["dmi"]["vendor"], "RackcastLab", "{inv}");
+    assert_eq!(inv["dmi"]["model"], product, "{inv}");
+    assert_eq!(inv["dmi"]["serial"], serial, "{inv}");
+    assert_eq!(inv["dmi"]["uuid"], uuid, "{inv}");
+    assert_eq!(inv["nics"][0]["mac"], mac, "{inv}");
+    // virtio-net's PCI id: the inventory came from the machine's /sys.
+    assert_eq!(inv["nics"][0]["pci_id"], "1af4:0001", "{inv}");
+    inv
+}
+
+#[test]
+fn bios_pxe_machine_is_installed_over_multicast_then_boots_its_disk() {
+    if !can_run() || !qemu_ready() {
+        return;
+    }
+    let files = loader_files();
+    let image = bootable_image(4 << 20);
+    let a = Appliance::with_parts(
+        "pb",
+        1,
+        &dhcp_full_with_http(files.path()),
+        "DHCP service listening",
+        &files.path().join("agent"),
+        &image,
+    );
+    let (mac, uuid) = ("52:54:00:18:00:01", "6a1c0e5e-8d0f-4a53-9f4e-0c9a3b6a7d01");
+    let disk = a.lab.file("vda.raw");
+    fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
+    lab_tap(&a.lab, "pxtap0");
+    let vm = Vm {
+        tap: "pxtap0",
+        mac,
+        smbios: "manufacturer=RackcastLab,product=PXE-Box-7,serial=SN-PXE-0001",
+        uuid,
+        // Network first, then the first disk: what a rack's BIOS is set to.
+        firmware: &["-boot", "order=nc"],
+        nic_extra: "",
+        disk: Some(&disk),
+    };
+
+    // Power-on: SeaBIOS -> iPXE ROM DHCP (the trigger) -> per-device script
+    // over HTTP -> kernel + loader initrd -> inventory -> bundle -> wave.
+    let console = a.lab.file("console-1.log");
+    let run = start_vm(&a.lab, &vm, &console);
+    let state = || {
+        a.cli_json(&["devices"])
+            .and_then(|d| d.as_array().cloned())
+            .and_then(|d| d.into_iter().find(|r| r["mac"] == mac))
+            .map(|r| r["state"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    a.wait_for("PXE machine installed", 300, &console, || state() == "done");
+    drop(run);
+    assert_inventory(&a, mac, "PXE-Box-7", "SN-PXE-0001", uuid);
+    let log = a.log_details(mac);
+    let has = |s: &str| log.iter().any(|l| l.contains(s));
+    for want in [
+        // Option 97 from the real firmware, shown as the BMC shows it.
+        &format!("discovered ok power-on: iPXE (legacy BIOS PXE), uuid {uuid}"),
+        "discovered info power-on: iPXE fetched its script (loader)",
+        "loader_booted ok loader network-booted",
+        "inventoried ok RackcastLab PXE-Box-7 serial SN-PXE-0001",
+        "imaging ok image img written to /dev/vda and verified",
+        "image_verified ok whole-image BLAKE3",
+        "done ok",
+    ] {
+        assert!(has(want), "no {want:?} in\n{}", log.join("\n"));
+    }
+    let written = fs::read(&disk).unwrap();
+    assert!(
+        written[..image.len()] == image[..],
+        "the disk does not hold the image"
+    );
+
+    // Reboot: the device is installed, DHCP names no boot file, iPXE gives
+    // up and the BIOS boots the disk the wave wrote.
+    let console = a.lab.file("console-2.log");
+    let _run = start_vm(&a.lab, &vm, &console);
+    a.wait_for("installed OS booting from its disk", 180, &console, || {
+        fs::read_to_string(&console)
+            .unwrap_or_default()
+            .contains("rackcast-test: installed OS booted")
+    });
+    let log = a.log_details(mac);
+    assert!(
+        log.iter().any(|l| l.contains(&format!(
+            "done info network boot: iPXE (legacy BIOS PXE), uuid {uuid}; installed: no boot file"
+        ))),
+        "{}",
+        log.join("\n")
+    );
+    assert_eq!(state(), "done");
+}
+
+#[test]
+fn uefi_pxe_firmware_gets_ipxe_by_tftp_and_its_loader_reports_inventory() {
+    if !can_run() || !qemu_ready() {
+        return;
+    }
+    let files = loader_files();
+    let tftp = files.path().join("tftp");
+    fs::create_dir_all(&tftp).unwrap();
+    fs::copy("/usr/lib/ipxe/ipxe.efi", tftp.join("ipxe.efi")).unwrap();
+    let boot = format!(
+        "{}\n[boot.tftp]\nroot = \"{}\"\niface = \"srv0\"\n",
+        dhcp_full_with_http(files.path()),
+        tftp.display()
+    );
+    let a = Appliance::with_parts(
+        "pu",
+        1,
+        &boot,
+        "DHCP service listening",
+        &files.path().join("agent"),
+        &[7u8; 1 << 20],
+    );
+    let (mac, uuid) = ("52:54:00:18:00:02", "6a1c0e5e-8d0f-4a53-9f4e-0c9a3b6a7d02");
+    lab_tap(&a.lab, "pxtap0");
+    let vm = Vm {
+        tap: "pxtap0",
+        mac,
+        smbios: "manufacturer=RackcastLab,product=UEFI-Box-2,serial=SN-UEFI-0002",
+        uuid,
+        firmware: &["-bios", "/usr/share/ovmf/OVMF.fd", "-boot", "n"],
+        // No iPXE option ROM: OVMF's own PXE client starts the chain.
+        nic_extra: ",romfile=",
+        disk: None,
+    };
+    let console = a.lab.file("console.log");
+    let _run = start_vm(&a.lab, &vm, &console);
+    a.wait_for("UEFI machine's inventory", 300, &console, || {
+        a.cli_json(&["inventory", mac]).is_some()
+    });
+    assert_inventory(&a, mac, "UEFI-Box-2", "SN-UEFI-0002", uuid);
+    let log = a.log_details(mac);
+    let pos = |s: &str| {
+        log.iter()
+            .position(|l| l.contains(s))
+            .unwrap_or_else(|| panic!("no {s:?} in\n{}", log.join("\n")))
+    };
+    // Firmware PXE (option 93 = x86-64 UEFI) first, then the iPXE it was
+    // sent, then the script, then the loader.
+    let firmware = pos("discovered ok power-on: x86-64 UEFI PXE");
+    let ipxe = pos("power-on: iPXE (x86-64 UEFI PXE)");
+    let script = pos("iPXE fetched its script (loader)");
+    let loader = pos("loader_booted ok");
+    assert!(
+        firmware < ipxe && ipxe < script && script < loader,
+        "{}",
+        log.join("\n")
+    );
+    let served = a.log();
+    assert!(
+        served.contains("TFTP transfer done") && served.contains("ipxe.efi"),
+        "{served}"
+    );
 }

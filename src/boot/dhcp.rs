@@ -167,7 +167,7 @@ pub fn client_info(m: &Message) -> Option<ClientInfo> {
         || o.get(OptionCode::Unknown(175)).is_some();
     let uuid = match o.get(OptionCode::ClientMachineIdentifier) {
         Some(DhcpOption::ClientMachineIdentifier(v)) if v.len() == 17 && v[0] == 0 => {
-            Some(v[1..].iter().map(|b| format!("{b:02x}")).collect())
+            Some(smbios_uuid(&v[1..]))
         }
         _ => None,
     };
@@ -178,6 +178,21 @@ pub fn client_info(m: &Message) -> Option<ClientInfo> {
         ipxe,
         uuid,
     })
+}
+
+/// PXE firmware sends the machine UUID (option 97) in SMBIOS byte order:
+/// the first three fields little-endian. Shown the way dmidecode, the BMC
+/// and /sys/class/dmi/id/product_uuid show it, so an operator can match it.
+fn smbios_uuid(b: &[u8]) -> String {
+    let hex = |r: &mut dyn Iterator<Item = &u8>| r.map(|x| format!("{x:02x}")).collect::<String>();
+    format!(
+        "{}-{}-{}-{}-{}",
+        hex(&mut b[0..4].iter().rev()),
+        hex(&mut b[4..6].iter().rev()),
+        hex(&mut b[6..8].iter().rev()),
+        hex(&mut b[8..10].iter()),
+        hex(&mut b[10..16].iter())
+    )
 }
 
 /// Option 77 is a list of length-prefixed classes (RFC 3004); iPXE sends

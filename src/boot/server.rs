@@ -172,7 +172,13 @@ pub async fn run_dhcp(
                         tracing::error!(error = %e, "lease not removed");
                     }
                 }
-                DhcpAction::BootSeen(c) => trigger(mac_string(&c.mac), describe(&c)),
+                DhcpAction::BootSeen(c) => {
+                    let mut how = describe(&c);
+                    if choice == BootChoice::LocalDisk {
+                        how.push_str("; installed: no boot file, the firmware boots its disk");
+                    }
+                    trigger(mac_string(&c.mac), how)
+                }
                 DhcpAction::Ignored(why) => {
                     metrics::counter!("rackcast_dhcp_dropped_total", "reason" => why).increment(1);
                     if why == "address pool exhausted" {

@@ -109,9 +109,13 @@ pub async fn run_tftp(root: PathBuf, iface: String, limits: Limits) -> anyhow::R
                 let (iface, limits) = (iface.clone(), limits.clone());
                 tokio::spawn(async move {
                     match transfer(&iface, peer, &path, &options, &limits).await {
-                        Ok(bytes) => {
+                        Ok(Served::File(bytes)) => {
                             count("ok");
                             tracing::info!(%peer, file = %file, bytes, "TFTP transfer done");
+                        }
+                        Ok(Served::SizeOnly) => {
+                            count("size_query");
+                            tracing::debug!(%peer, file = %file, "TFTP size query answered");
                         }
                         Err(e) => {
                             count("failed");
@@ -137,13 +141,22 @@ pub async fn run_tftp(root: PathBuf, iface: String, limits: Limits) -> anyhow::R
     }
 }
 
+/// How a read request ended well.
+enum Served {
+    File(u64),
+    /// The client only wanted the file's size: UEFI PXE firmware asks
+    /// for `tsize`, reads our OACK and aborts, then asks again for the
+    /// file. Not a failure.
+    SizeOnly,
+}
+
 async fn transfer(
     iface: &str,
     peer: SocketAddr,
     path: &Path,
     options: &[(String, String)],
     limits: &Limits,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<Served> {
     let sock = super::iface_socket(iface, 0)?;
     let mut file = std::fs::File::open(path)?;
     let size = file.metadata()?.len();
@@ -169,7 +182,7 @@ async fn transfer(
                     out.extend_from_slice(&data[..len]);
                     sock.send_to(&out, peer).await?;
                 }
-                TxAction::Finished => return Ok(size),
+                TxAction::Finished => return Ok(Served::File(size)),
                 TxAction::Fail(why) => anyhow::bail!(why),
             }
         }
@@ -192,6 +205,11 @@ async fn transfer(
                 match tftp_wire::parse(&inbuf[..n]) {
                     Ok(Packet::Ack { block }) => acts = t.on_ack(block, now_ms()),
                     Ok(Packet::Error { code, message }) => {
+                        let asked_size =
+                            options.iter().any(|(k, _)| k.eq_ignore_ascii_case("tsize"));
+                        if t.oack_pending() && asked_size {
+                            return Ok(Served::SizeOnly);
+                        }
                         if code == ERR_OPTION {
                             anyhow::bail!("client refused our options: {message}");
                         }

@@ -260,7 +260,10 @@ fn pxe_clients_get_the_file_for_their_firmware_and_ipxe_its_script() {
             _ => None,
         });
         let seen = seen.expect("power-on trigger");
-        assert_eq!(seen.uuid.as_deref(), Some("11".repeat(16).as_str()));
+        assert_eq!(
+            seen.uuid.as_deref(),
+            Some("11111111-1111-1111-1111-111111111111")
+        );
     }
     let (o, _) = one_reply(&s.handle(
         &msg(MessageType::Discover, 2, Client::Ipxe(9)),
@@ -377,4 +380,14 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn pxe_uuid_is_shown_in_smbios_order() {
+    // What SeaBIOS/iPXE sent for QEMU -uuid 6a1c0e5e-8d0f-4a53-9f4e-0c9a3b6a7d01.
+    let wire = [
+        0x5e, 0x0e, 0x1c, 0x6a, 0x0f, 0x8d, 0x53, 0x4a, 0x9f, 0x4e, 0x0c, 0x9a, 0x3b, 0x6a, 0x7d,
+        0x01,
+    ];
+    assert_eq!(smbios_uuid(&wire), "6a1c0e5e-8d0f-4a53-9f4e-0c9a3b6a7d01");
 }
