@@ -176,6 +176,10 @@ pub struct ApplianceConfig {
     pub state_dir: PathBuf,
     /// SQLite file (default `<state_dir>/rackcast.db`).
     pub store: Option<PathBuf>,
+    /// Ed25519 bundle-signing key (default `<state_dir>/signing.key`,
+    /// made on first start). Its fingerprint goes on network-booted
+    /// loaders' kernel command line (`rackcast.key=`).
+    pub signing_key: Option<PathBuf>,
     #[serde(default = "d_bundles")]
     pub max_inflight_bundles: usize,
     #[serde(default = "d_transfers")]
@@ -416,6 +420,13 @@ impl Config {
             .store
             .clone()
             .unwrap_or_else(|| self.appliance.state_dir.join("rackcast.db"))
+    }
+
+    pub fn signing_key_path(&self) -> PathBuf {
+        self.appliance
+            .signing_key
+            .clone()
+            .unwrap_or_else(|| self.appliance.state_dir.join("signing.key"))
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {

@@ -15,6 +15,7 @@ pub mod dataplane;
 pub mod fec;
 pub mod manifest;
 pub mod pacing;
+pub mod signing;
 pub mod store;
 pub mod waves;
 pub mod wire;

@@ -50,6 +50,10 @@ enum Cmd {
     /// Retry a failed device from its failed step (asks the running
     /// appliance through its API).
     Retry(LogArgs),
+    /// Fingerprint of the appliance's bundle-signing key (made on first
+    /// use): what `rackcast-agent run --trust-key` and `rackcast.key=` on a
+    /// loader's kernel command line take.
+    Key(ConfigArg),
 }
 
 #[derive(clap::Args)]
@@ -187,6 +191,12 @@ fn main() -> Result<()> {
         }
         Cmd::Images(ImagesCmd::List(a)) => fleet::images_list(&a.cfg.config, a.json),
         Cmd::Retry(a) => fleet::retry(&a.cfg.config, &a.device),
+        Cmd::Key(a) => {
+            let cfg = rackcast::config::Config::load(&a.config)?;
+            let signer = rackcast::signing::BundleSigner::load_or_create(&cfg.signing_key_path())?;
+            println!("{}", signer.fingerprint());
+            Ok(())
+        }
         Cmd::Manifest(a) => {
             let t = Instant::now();
             let m = Manifest::build(&a.image, a.block_size, symbol_size(a.mtu)?)

@@ -590,7 +590,7 @@ fn ipxe_script_follows_the_device_state_and_files_serve_ranges() {
     let script = String::from_utf8_lossy(&curl(&[&url]).stdout).into_owned();
     assert!(script.starts_with("#!ipxe"), "{script}");
     assert!(
-        script.contains("kernel http://198.18.0.1:7180/boot/files/vmlinuz initrd=initrd.img rackcast.server=198.18.0.1:7100"),
+        script.contains(&format!("kernel http://198.18.0.1:7180/boot/files/vmlinuz initrd=initrd.img rackcast.server=198.18.0.1:7100 rackcast.key={} ", a.key())),
         "{script}"
     );
     assert!(
@@ -890,6 +890,17 @@ impl Appliance {
         }
     }
 
+    /// The appliance's bundle-signing key fingerprint (`rackcast key`).
+    fn key(&self) -> String {
+        let out = Command::new(bin("rackcast"))
+            .args(["key", "--config"])
+            .arg(&self.config)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     fn cli_json(&self, args: &[&str]) -> Option<serde_json::Value> {
         let out = Command::new("ip")
             .args(["netns", "exec", &self.lab.ns("app")])
@@ -1005,6 +1016,9 @@ fn bios_pxe_machine_is_installed_over_multicast_then_boots_its_disk() {
         "discovered info power-on: iPXE fetched its script (loader)",
         "loader_booted ok loader network-booted",
         "inventoried ok RackcastLab PXE-Box-7 serial SN-PXE-0001",
+        // The loader took the appliance key's fingerprint from the kernel
+        // command line the iPXE script wrote, and checked the bundle.
+        &format!("signature verified with trusted key {}", a.key()),
         "imaging ok image img written to /dev/vda and verified",
         "image_verified ok whole-image BLAKE3",
         "done ok",

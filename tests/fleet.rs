@@ -240,7 +240,23 @@ target = {{ order = "smallest", count = 1 }}
         panic!("appliance did not come up:\n{}", self.serve_log());
     }
 
+    /// The appliance's bundle-signing key fingerprint (`rackcast key`).
+    fn key(&self) -> String {
+        let out = Command::new(bin("rackcast"))
+            .args(["key", "--config"])
+            .arg(&self.config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
     fn start_agent(&mut self, i: usize) {
+        let key = self.key();
         let dir = &self.lab.dir;
         let log = fs::OpenOptions::new()
             .create(true)
@@ -251,7 +267,7 @@ target = {{ order = "smallest", count = 1 }}
         c.args(["netns", "exec", &self.lab.ns(&format!("d{i}"))])
             .arg(bin("rackcast-agent"))
             .args(["run", "--server", "198.18.0.1:7100", "--iface", "d0"])
-            .args(["--give-up", "60", "--hardware"])
+            .args(["--give-up", "60", "--trust-key", &key, "--hardware"])
             .arg(dir.join(format!("d{i}.json")));
         if self.with_os.contains(&i) {
             // Already runs an OS: the agent is started from it (claim 17)
@@ -443,6 +459,14 @@ const ORDER: [&str; 12] = [
 fn check_log(rack: &Rack, i: usize) -> Vec<Value> {
     let ev = rack.cli(&["log", &device_id(i)]);
     let ev = ev.as_array().cloned().unwrap();
+    // Each bundle the device ran was signed by this appliance's key.
+    let signed = format!("signature verified with trusted key {}", rack.key());
+    assert!(
+        ev.iter().any(|e| e["step"] == "agent_delivered"
+            && e["kind"] == "op"
+            && e["detail"].as_str().unwrap_or("").contains(&signed)),
+        "device {i}: no {signed:?} in its log"
+    );
     let finals: Vec<(String, String)> = ev
         .iter()
         .filter(|e| e["kind"] == "ok" || e["kind"] == "skipped")
@@ -750,6 +774,45 @@ fn bad_input_gets_clear_errors_and_the_others_are_served() {
             "{case}: answer {r} lacks {want:?}"
         );
     }
+    // A loader told to trust another key follows no appliance holding a
+    // different one: no bundle is fetched, it gives up with the reason.
+    let wrong = "ab".repeat(32);
+    let hw = rack.lab.file("untrusting.json");
+    let mut desc: Value =
+        serde_json::from_str(&fs::read_to_string(rack.lab.file("d1.json")).unwrap()).unwrap();
+    desc["nics"][0]["mac"] = "02:bb:00:00:00:09".into();
+    fs::write(&hw, desc.to_string()).unwrap();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &rack.lab.ns("d1")])
+        .arg(bin("rackcast-agent"))
+        .args(["run", "--server", "198.18.0.1:7100", "--iface", "d0"])
+        .args([
+            "--give-up",
+            "2",
+            "--os-present",
+            "false",
+            "--trust-key",
+            &wrong,
+        ])
+        .arg("--hardware")
+        .arg(&hw)
+        .arg("--work-dir")
+        .arg(rack.lab.file("work-untrusting"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("is not the trusted key {wrong}"))
+            && err.contains("no trusted appliance"),
+        "{err}"
+    );
+    assert!(
+        fs::read_dir(rack.lab.file("work-untrusting"))
+            .map(|d| d.count() == 0)
+            .unwrap_or(true),
+        "the untrusting loader stored something"
+    );
     let r = bad("midstep");
     assert!(
         r["frames"].as_u64().unwrap() >= 2,

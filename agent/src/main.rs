@@ -68,6 +68,12 @@ struct RunArgs {
     /// Exit when the appliance is unreachable this many seconds.
     #[arg(long, default_value_t = 600)]
     give_up: u64,
+    /// Fingerprint (BLAKE3, 64 hex digits) of the appliance's
+    /// bundle-signing key: `rackcast key` prints it. Default:
+    /// `rackcast.key=` on the kernel command line, where the iPXE script
+    /// puts it.
+    #[arg(long)]
+    trust_key: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -112,21 +118,28 @@ fn main() -> Result<()> {
         Cmd::Receive(a) => receive(a),
         Cmd::Run(a) => {
             std::fs::create_dir_all(&a.work_dir)?;
+            let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+            let boot_arg = |key: &str| {
+                cmdline
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix(key))
+                    .map(str::to_string)
+            };
             let server = match a.server {
                 Some(s) => s,
-                None => std::fs::read_to_string("/proc/cmdline")
-                    .ok()
-                    .and_then(|c| {
-                        c.split_whitespace()
-                            .find_map(|w| w.strip_prefix("rackcast.server="))
-                            .and_then(|v| v.parse().ok())
-                    })
+                None => boot_arg("rackcast.server=")
+                    .and_then(|v| v.parse().ok())
                     .ok_or_else(|| {
                         anyhow::anyhow!(
                             "no --server and no rackcast.server= on the kernel command line"
                         )
                     })?,
             };
+            let trust_key = a
+                .trust_key
+                .or_else(|| boot_arg("rackcast.key="))
+                .map(|k| rackcast::signing::parse_fingerprint(&k))
+                .transpose()?;
             let args = run::RunArgs {
                 server,
                 hardware: a.hardware,
@@ -137,6 +150,7 @@ fn main() -> Result<()> {
                 os_present: a.os_present.unwrap_or_else(inventory::os_present),
                 iface: a.iface,
                 give_up: Duration::from_secs(a.give_up),
+                trust_key,
             };
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(run::run(args))

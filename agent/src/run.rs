@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use rackcast::bundle::{BlobRef, Bundle, Inventory, Plan, Program};
 use rackcast::conn::{map_io, Conn, Frame};
 use rackcast::dataplane::receive::{run_receive, Progress, ReceiveOptions};
+use rackcast::signing::TrustedKey;
 use rackcast::wire::device::{AgentMsg, ApplianceMsg, DEVICE_PROTOCOL, MAX_FRAME};
 use rackcast::workflow::{AgentMode, Command, OpRecord, Outcome, Step, StepData, Work};
 
@@ -40,6 +41,11 @@ pub struct RunArgs {
     pub iface: Option<String>,
     /// Give up when the appliance cannot be reached for this long.
     pub give_up: Duration,
+    /// Fingerprint of the appliance's bundle-signing key (`--trust-key`
+    /// or `rackcast.key=` on the kernel command line). With it, only an
+    /// appliance holding that key is followed and only bundles it signed
+    /// are run.
+    pub trust_key: Option<String>,
 }
 
 type Request = (AgentMsg, oneshot::Sender<ApplianceMsg>);
@@ -78,6 +84,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut backoff = Duration::from_millis(200);
     let mut unreachable_since: Option<Instant> = None;
     let mut finished = false;
+    // A connection to a host without the trusted key is not reaching
+    // the appliance: counted apart, as connects succeed meanwhile.
+    let mut refused_since: Option<Instant> = None;
+    if args.trust_key.is_none() {
+        tracing::warn!(
+            "no appliance key to trust (--trust-key / rackcast.key=): bundles are checked by hash only"
+        );
+    }
     loop {
         let stream = match tokio::net::TcpStream::connect(args.server).await {
             Ok(s) => s,
@@ -106,8 +120,33 @@ pub async fn run(args: RunArgs) -> Result<()> {
             mode: mode.clone(),
         })
         .await?;
-        let id = match conn.recv::<ApplianceMsg>(Duration::from_secs(30)).await {
-            Ok(ApplianceMsg::Welcome { device_id: id, .. }) => id,
+        let (id, trusted) = match conn.recv::<ApplianceMsg>(Duration::from_secs(30)).await {
+            Ok(ApplianceMsg::Welcome {
+                device_id: id,
+                signer,
+                ..
+            }) => match &args.trust_key {
+                None => (id, None),
+                Some(fp) => match TrustedKey::check(&signer, fp) {
+                    Ok(k) => (id, Some(k)),
+                    Err(e) => {
+                        // Not our appliance (or not yet: another host on
+                        // its address). Keep trying, never follow it.
+                        let since = *refused_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= args.give_up {
+                            bail!(
+                                "no trusted appliance at {} for {:?}: {e}",
+                                args.server,
+                                args.give_up
+                            );
+                        }
+                        tracing::error!(error = %e, retry_in = ?backoff, "refusing the appliance");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                },
+            },
             Ok(ApplianceMsg::Error { message }) => bail!("appliance refused us: {message}"),
             Ok(other) => bail!("expected Welcome, got {other:?}"),
             Err(e) => {
@@ -116,7 +155,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 continue;
             }
         };
-        tracing::info!(device = %id, "connected to the appliance");
+        refused_since = None;
+        tracing::info!(device = %id, trusted = trusted.is_some(), "connected to the appliance");
         device_id = Some(id.clone());
         let (mut sink, mut frames) = conn.split();
         if let Some(r) = &pending {
@@ -131,6 +171,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             bundle_dir: args.bundle_dir.clone(),
             iface: args.iface.clone(),
             requests: req_tx.clone(),
+            trusted,
         };
         let lost: Result<()> = loop {
             tokio::select! {
@@ -331,6 +372,9 @@ fn exec_agent(bin: &Path, args: &RunArgs, device: &str) -> Result<()> {
     if let Some(i) = &args.iface {
         c.arg("--iface").arg(i);
     }
+    if let Some(k) = &args.trust_key {
+        c.arg("--trust-key").arg(k);
+    }
     let err = c.exec();
     Err(anyhow!("exec {}: {err}", bin.display()))
 }
@@ -343,6 +387,8 @@ struct Ctx {
     bundle_dir: Option<PathBuf>,
     iface: Option<String>,
     requests: mpsc::UnboundedSender<Request>,
+    /// The appliance's key, when this device was told which to trust.
+    trusted: Option<TrustedKey>,
 }
 
 impl Ctx {
@@ -432,7 +478,14 @@ async fn fetch_bundle(ctx: &Ctx, hash: &str, ops: &mut Vec<OpRecord>) -> Result<
         })
         .await?
     {
-        ApplianceMsg::Bundle { bytes, .. } => bytes,
+        ApplianceMsg::Bundle {
+            bytes, signature, ..
+        } => {
+            if let Some(k) = &ctx.trusted {
+                k.verify_bundle(hash, &signature)?;
+            }
+            bytes
+        }
         other => bail!("expected the bundle, got {other:?}"),
     };
     let bundle = Bundle::from_verified_bytes(&bytes, hash)?;
@@ -448,9 +501,13 @@ async fn fetch_bundle(ctx: &Ctx, hash: &str, ops: &mut Vec<OpRecord>) -> Result<
         exit_code: None,
         duration_ms: t.elapsed().as_millis() as u64,
         detail: format!(
-            "bundle {hash}: agent {} + {} modules, every BLAKE3 verified",
+            "bundle {hash}: agent {} + {} modules, every BLAKE3 verified; {}",
             bundle.agent.hash,
-            bundle.modules.len()
+            bundle.modules.len(),
+            match &ctx.trusted {
+                Some(k) => format!("signature verified with trusted key {}", k.fingerprint()),
+                None => "no trusted key given: signature not checked".to_string(),
+            }
         ),
     });
     for m in &bundle.modules {

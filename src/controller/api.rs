@@ -126,8 +126,8 @@ async fn retry(State(s): State<Shared>, Path(id): Path<String>) -> Response {
 }
 
 /// The per-device iPXE script, `GET /boot/<mac>.ipxe`: the loader while
-/// the device is to be installed (the appliance address on its command
-/// line), `exit` (boot the next device: the disk) once it is installed.
+/// the device is to be installed (the appliance address and its signing
+/// key's fingerprint on its command line), `exit` (boot the next device: the disk) once it is installed.
 /// Every fetch is logged against the device.
 async fn ipxe_script(State(s): State<Shared>, Path(script): Path<String>) -> Response {
     let Some(mac) = script.strip_suffix(".ipxe") else {
@@ -165,11 +165,12 @@ async fn ipxe_script(State(s): State<Shared>, Path(script): Path<String>) -> Res
         };
         format!(
             "#!ipxe\necho rackcast: loading the loader for {mac}\n\
-             kernel {base}/{k} initrd={i} rackcast.server={srv} rackcast.mac={mac} {extra}\n\
+             kernel {base}/{k} initrd={i} rackcast.server={srv} rackcast.key={key} rackcast.mac={mac} {extra}\n\
              initrd {base}/{i}\nboot\n",
             k = h.kernel,
             i = h.initrd,
             srv = s.cfg.appliance.control_listen,
+            key = s.signer.fingerprint(),
             extra = h.cmdline,
         )
     };

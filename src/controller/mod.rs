@@ -131,6 +131,8 @@ pub struct Shared {
     pub inbox: mpsc::UnboundedSender<Input>,
     pub transfer_permits: Arc<Semaphore>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Signs every bundle served; its key is shown in `Welcome`.
+    pub signer: Arc<crate::signing::BundleSigner>,
 }
 
 /// Where the appliance keeps an image's manifest.
@@ -235,6 +237,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let mut store = SqliteStore::open(&cfg.store_path())?;
     let (images, manifests) = load_images(&cfg, &mut store)?;
     let builder = Arc::new(Builder::new(&cfg).map_err(anyhow::Error::msg)?);
+    let signer = Arc::new(crate::signing::BundleSigner::load_or_create(
+        &cfg.signing_key_path(),
+    )?);
+    tracing::info!(fingerprint = %signer.fingerprint(), "bundle-signing key");
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .ok();
@@ -247,6 +253,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         inbox: inbox.clone(),
         transfer_permits: Arc::new(Semaphore::new(cfg.appliance.max_inflight_transfers)),
         metrics,
+        signer,
     };
     let wf = WorkflowConfig {
         step_timeout_ms: cfg.workflow.step_timeout.as_millis() as Millis,

@@ -118,6 +118,7 @@ async fn serve_agent(stream: TcpStream, shared: Shared) -> Result<(), ConnError>
     let welcome = ApplianceMsg::Welcome {
         protocol: DEVICE_PROTOCOL,
         device_id: device.clone(),
+        signer: shared.signer.public_key().to_vec(),
     }
     .encode()?;
     sink.send(bytes::Bytes::from(welcome)).await?;
@@ -191,7 +192,11 @@ async fn serve_agent(stream: TcpStream, shared: Shared) -> Result<(), ConnError>
             AgentMsg::GetBundle { hash } => {
                 let reply = match shared.builder.bundle_path(&hash) {
                     Some(p) => match tokio::fs::read(&p).await {
-                        Ok(bytes) => ApplianceMsg::Bundle { hash, bytes },
+                        Ok(bytes) => ApplianceMsg::Bundle {
+                            signature: shared.signer.sign_bundle(&hash).to_vec(),
+                            hash,
+                            bytes,
+                        },
                         Err(e) => ApplianceMsg::Error {
                             message: format!("bundle {hash}: {e}"),
                         },

@@ -11,8 +11,9 @@ use thiserror::Error;
 
 use crate::workflow::{AgentMode, Command, OpRecord, Outcome, StepData};
 
-/// Spoken in `Hello`/`Welcome`.
-pub const DEVICE_PROTOCOL: u16 = 1;
+/// Spoken in `Hello`/`Welcome`. 2: the appliance's signing key in
+/// `Welcome`, a signature with every `Bundle`.
+pub const DEVICE_PROTOCOL: u16 = 2;
 /// Largest frame either side accepts (blob chunks are 1 MiB).
 pub const MAX_FRAME: usize = 4 << 20;
 /// Blob bytes per `BlobChunk`. Small on purpose: a connection's write
@@ -55,6 +56,10 @@ pub enum ApplianceMsg {
     Welcome {
         protocol: u16,
         device_id: String,
+        /// The appliance's Ed25519 public key (see `signing`): a device
+        /// told to trust a fingerprint checks it against this.
+        #[serde(with = "serde_bytes")]
+        signer: Vec<u8>,
     },
     Run(Command),
     /// The result of `cmd_id` is durably recorded; the agent may forget it.
@@ -66,6 +71,9 @@ pub enum ApplianceMsg {
         // Bytes, not a sequence of u8: one copy instead of a loop.
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
+        /// Ed25519 signature of `hash` by the `Welcome` key.
+        #[serde(with = "serde_bytes")]
+        signature: Vec<u8>,
     },
     BlobChunk {
         hash: String,
@@ -180,16 +188,35 @@ impl AgentMsg {
 impl ApplianceMsg {
     pub fn parse(frame: &[u8]) -> Result<ApplianceMsg, DeviceWireError> {
         let m: ApplianceMsg = decode(frame)?;
-        if let ApplianceMsg::BlobChunk {
-            offset,
-            total,
-            data,
-            ..
-        } = &m
-        {
-            if data.len() > BLOB_CHUNK || offset.saturating_add(data.len() as u64) > *total {
+        match &m {
+            ApplianceMsg::BlobChunk {
+                offset,
+                total,
+                data,
+                ..
+            } if data.len() > BLOB_CHUNK || offset.saturating_add(data.len() as u64) > *total => {
                 return Err(DeviceWireError::Invalid("blob chunk out of range".into()));
             }
+            ApplianceMsg::Welcome { signer, .. }
+                if !signer.is_empty() && signer.len() != crate::signing::PUBLIC_KEY_LEN =>
+            {
+                return Err(DeviceWireError::Invalid(format!(
+                    "signing key of {} bytes",
+                    signer.len()
+                )));
+            }
+            ApplianceMsg::Bundle {
+                hash, signature, ..
+            } => {
+                check_hash(hash)?;
+                if !signature.is_empty() && signature.len() != crate::signing::SIGNATURE_LEN {
+                    return Err(DeviceWireError::Invalid(format!(
+                        "bundle signature of {} bytes",
+                        signature.len()
+                    )));
+                }
+            }
+            _ => {}
         }
         Ok(m)
     }
@@ -259,12 +286,25 @@ mod tests {
         for m in msgs {
             assert_eq!(AgentMsg::parse(&m.emit().unwrap()).unwrap(), m);
         }
-        let r = ApplianceMsg::Run(Command {
-            cmd_id: 9,
-            step: Step::Inventoried,
-            work: Work::Inventory,
-        });
-        assert_eq!(ApplianceMsg::parse(&r.emit().unwrap()).unwrap(), r);
+        for r in [
+            ApplianceMsg::Run(Command {
+                cmd_id: 9,
+                step: Step::Inventoried,
+                work: Work::Inventory,
+            }),
+            ApplianceMsg::Welcome {
+                protocol: DEVICE_PROTOCOL,
+                device_id: "rc-1".into(),
+                signer: vec![3; 32],
+            },
+            ApplianceMsg::Bundle {
+                hash: "b".repeat(64),
+                bytes: vec![1, 2, 3],
+                signature: vec![9; 64],
+            },
+        ] {
+            assert_eq!(ApplianceMsg::parse(&r.emit().unwrap()).unwrap(), r);
+        }
     }
 
     #[test]
@@ -292,6 +332,18 @@ mod tests {
             data: vec![0; 5],
         };
         assert!(ApplianceMsg::parse(&postcard::to_stdvec(&chunk).unwrap()).is_err());
+        let short_key = ApplianceMsg::Welcome {
+            protocol: DEVICE_PROTOCOL,
+            device_id: "rc-1".into(),
+            signer: vec![3; 31],
+        };
+        assert!(ApplianceMsg::parse(&postcard::to_stdvec(&short_key).unwrap()).is_err());
+        let long_sig = ApplianceMsg::Bundle {
+            hash: "b".repeat(64),
+            bytes: vec![],
+            signature: vec![9; 65],
+        };
+        assert!(ApplianceMsg::parse(&postcard::to_stdvec(&long_sig).unwrap()).is_err());
     }
 
     proptest! {

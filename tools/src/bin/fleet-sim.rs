@@ -307,6 +307,9 @@ struct Session {
     sink: rackcast::conn::FrameSink,
     frames: rackcast::conn::FrameStream,
     device: String,
+    /// The key the appliance showed; bundles are checked against it like
+    /// a real loader does (the simulator trusts whatever key it is shown).
+    signer: rackcast::signing::TrustedKey,
 }
 
 impl Session {
@@ -325,8 +328,16 @@ impl Session {
         };
         let mut conn = Conn::new(stream, MAX_FRAME);
         conn.send(&hello).await?;
-        let device = match conn.recv::<ApplianceMsg>(Duration::from_secs(60)).await? {
-            ApplianceMsg::Welcome { device_id, .. } => device_id,
+        let (device, signer) = match conn.recv::<ApplianceMsg>(Duration::from_secs(60)).await? {
+            ApplianceMsg::Welcome {
+                device_id, signer, ..
+            } => {
+                let fp = rackcast::signing::fingerprint(&signer);
+                (
+                    device_id,
+                    rackcast::signing::TrustedKey::check(&signer, &fp)?,
+                )
+            }
             other => bail!("expected Welcome, got {other:?}"),
         };
         let (sink, frames) = conn.split();
@@ -334,6 +345,7 @@ impl Session {
             sink,
             frames,
             device,
+            signer,
         })
     }
 
@@ -435,7 +447,12 @@ async fn sim_device(
             Work::FetchBundle { hash } => {
                 s.send(&AgentMsg::GetBundle { hash: hash.clone() }).await?;
                 let bytes = match s.next().await? {
-                    ApplianceMsg::Bundle { bytes, .. } => bytes,
+                    ApplianceMsg::Bundle {
+                        bytes, signature, ..
+                    } => {
+                        s.signer.verify_bundle(hash, &signature)?;
+                        bytes
+                    }
                     other => bail!("expected Bundle, got {other:?}"),
                 };
                 let bundle = Bundle::from_verified_bytes(&bytes, hash)?;
