@@ -7,7 +7,8 @@ case "${1:-test}" in
   # PXE end to end: QEMU (software emulation), Debian's iPXE ROMs and
   # binaries, OVMF for UEFI, a kernel and cpio/kmod for the loader initrd.
   test) need+=(prometheus busybox-static isc-dhcp-client dnsmasq-base tftp-hpa atftp
-               qemu-system-x86 ipxe-qemu ipxe ovmf linux-image-amd64 cpio kmod) ;;
+               qemu-system-x86 ipxe-qemu ipxe ovmf linux-image-amd64 cpio kmod
+               python3-libvirt python3-venv) ;;
   demo) need+=(binutils python3) ;;
   bench) need+=(udpcast uftp curl python3) ;;
   *) echo "ensure-deps.sh: test|demo|bench" >&2; exit 2 ;;
@@ -21,4 +22,17 @@ if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The Redfish emulator the BIOS tests talk to: sushy-tools from PyPI in a
+# venv that sees Debian's python3-libvirt (its libvirt driver over the
+# in-process test:///default hypervisor has BIOS support, no daemon).
+if [ "${1:-test}" = test ]; then
+  venv="$(cd "$(dirname "$0")/.." && pwd)/target/sushy-venv"
+  if [ ! -x "$venv/bin/sushy-emulator" ]; then
+    echo "installing sushy-tools into $venv" >&2
+    rm -rf "$venv"
+    /usr/bin/python3 -m venv --system-site-packages "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check sushy-tools==2.2.0
+  fi
 fi

@@ -116,6 +116,10 @@ pub struct Program {
 pub struct BiosPlan {
     /// Wanted attributes (`BootMode = "Uefi"`), for the BIOS backend.
     pub attributes: BTreeMap<String, String>,
+    /// Redfish backend: the BMC, with its credentials (bundles are served
+    /// to the profile's devices only by hash and never logged).
+    #[serde(default)]
+    pub redfish: Option<crate::redfish::RedfishTarget>,
     /// Program-runner backend; gets the attributes as `RC_BIOS_<NAME>`.
     pub program: Option<Program>,
 }

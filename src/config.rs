@@ -350,7 +350,65 @@ pub struct ModuleConfig {
 pub struct BiosConfig {
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,
+    /// Backend: the machine's BMC over Redfish...
+    pub redfish: Option<RedfishConfig>,
+    /// ...or a program (a vendor tool) given the attributes as
+    /// `RC_BIOS_<NAME>`.
     pub program: Option<ProgramConfig>,
+}
+
+/// A profile's BMC. The Redfish Host Interface has one address on every
+/// machine of a model, so devices of one profile share it (and a bundle).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedfishConfig {
+    pub url: String,
+    pub username: String,
+    /// The password, or `password_file` (read when bundles are built).
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// ComputerSystem id (default: the only one the BMC lists).
+    pub system: Option<String>,
+    /// ResetType that applies pending settings.
+    #[serde(default = "d_reset")]
+    pub reset: String,
+    /// Check the BMC's TLS certificate (most BMCs ship self-signed ones).
+    #[serde(default = "d_true")]
+    pub tls_verify: bool,
+    /// Wait this long for the settings to read back after the reset.
+    #[serde(default = "d_settle", deserialize_with = "de_duration")]
+    pub settle_timeout: Duration,
+}
+
+fn d_reset() -> String {
+    "ForceRestart".into()
+}
+fn d_true() -> bool {
+    true
+}
+fn d_settle() -> Duration {
+    Duration::from_secs(600)
+}
+
+impl RedfishConfig {
+    pub fn to_target(&self) -> Result<crate::redfish::RedfishTarget, String> {
+        let password = match (&self.password, &self.password_file) {
+            (Some(p), None) => p.clone(),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+                .map_err(|e| format!("password_file {}: {e}", f.display()))?,
+            _ => return Err("expected one of password and password_file".into()),
+        };
+        Ok(crate::redfish::RedfishTarget {
+            url: self.url.clone(),
+            username: self.username.clone(),
+            password,
+            system: self.system.clone(),
+            reset: self.reset.clone(),
+            tls_verify: self.tls_verify,
+            settle_timeout_s: self.settle_timeout.as_secs(),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -500,6 +558,44 @@ impl Config {
                     format!("profiles[{i}].name"),
                     format!("duplicate profile {:?}", p.name),
                 ));
+            }
+            if let Some(b) = &p.bios {
+                let key = format!("profiles[{i}].bios");
+                match (&b.redfish, &b.program) {
+                    (Some(_), Some(_)) => {
+                        return Err(bad(
+                            key,
+                            "expected one backend: `redfish` or `program`".into(),
+                        ))
+                    }
+                    (None, None) => {
+                        return Err(bad(
+                            key,
+                            "expected a backend: `redfish` (the BMC) or `program`".into(),
+                        ))
+                    }
+                    (Some(r), None) => {
+                        if b.attributes.is_empty() {
+                            return Err(bad(
+                                format!("{key}.attributes"),
+                                "the Redfish backend needs the attributes wanted".into(),
+                            ));
+                        }
+                        if !(r.url.starts_with("http://") || r.url.starts_with("https://")) {
+                            return Err(bad(
+                                format!("{key}.redfish.url"),
+                                format!("{:?}: expected http:// or https://", r.url),
+                            ));
+                        }
+                        if r.password.is_some() == r.password_file.is_some() {
+                            return Err(bad(
+                                format!("{key}.redfish"),
+                                "expected one of password and password_file".into(),
+                            ));
+                        }
+                    }
+                    (None, Some(_)) => {}
+                }
             }
             if let Some(r) = &p.raid {
                 let n = r.disks.count;
@@ -687,6 +783,22 @@ target = { order = "largest", count = 1 }
             (
                 format!("{MINIMAL}\n[boot.dhcp]\nmode = \"full\"\niface = \"srv0\"\nserver_ip = \"198.18.0.1\"\npool_start = \"198.18.1.10\"\npool_end = \"198.18.1.20\"\nnetmask = \"255.255.255.0\"\n"),
                 "not in the subnet",
+            ),
+            (
+                format!("{MINIMAL}bios = {{ attributes = {{ A = \"1\" }} }}\n"),
+                "expected a backend",
+            ),
+            (
+                format!("{MINIMAL}bios = {{ attributes = {{ A = \"1\" }}, redfish = {{ url = \"198.18.1.1\", username = \"u\", password = \"p\" }} }}\n"),
+                "expected http:// or https://",
+            ),
+            (
+                format!("{MINIMAL}bios = {{ attributes = {{ A = \"1\" }}, redfish = {{ url = \"http://198.18.1.1\", username = \"u\" }} }}\n"),
+                "expected one of password and password_file",
+            ),
+            (
+                format!("{MINIMAL}bios = {{ redfish = {{ url = \"http://198.18.1.1\", username = \"u\", password = \"p\" }} }}\n"),
+                "needs the attributes wanted",
             ),
         ];
         for (text, want) in cases {

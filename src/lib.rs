@@ -6,6 +6,7 @@
 //! appliance library and holds every shared wire format; the device agent
 //! (`rackcast-agent`) depends on it.
 
+pub mod bios;
 pub mod boot;
 pub mod bundle;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod dataplane;
 pub mod fec;
 pub mod manifest;
 pub mod pacing;
+pub mod redfish;
 pub mod signing;
 pub mod store;
 pub mod waves;

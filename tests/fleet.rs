@@ -15,6 +15,8 @@ use common::*;
 use serde_json::Value;
 
 struct Rack {
+    /// Each device's BMC (Redfish emulator); dropped before the lab.
+    bmcs: Vec<Bmc>,
     lab: Lab,
     config: PathBuf,
     images: HashMap<String, PathBuf>,
@@ -133,7 +135,7 @@ vendor = "Dell*"
 model = "PowerEdge R650"
 image = "debian"
 target = {{ order = "largest", count = 1 }}
-bios = {{ attributes = {{ BootMode = "Uefi", ProcVirtualization = "Enabled" }}, program = {{ name = "bios-apply", argv = ["sh", "-c", "echo BootMode=$RC_BIOS_BootMode VT=$RC_BIOS_ProcVirtualization"] }} }}
+bios = {{ attributes = {{ BootMode = "Uefi", ProcTurboMode = "Disabled", EmbeddedSata = "Ahci" }}, redfish = {redfish} }}
 programs = [ {{ name = "set-hostname", argv = ["sh", "-c", "echo host $RC_DEVICE target $RC_IMAGE_TARGET"], timeout = "10s" }} ]
 post_install = [ {{ name = "check-image", argv = ["sh", "-c", "test -s $RC_IMAGE_TARGET && echo image present"] }} ]
 boot_to_disk = {{ name = "efibootmgr", argv = ["true"] }}
@@ -151,6 +153,7 @@ target = {{ order = "smallest", count = 1 }}
             debian = images["debian"].display(),
             rocky = images["rocky"].display(),
             module = module.display(),
+            redfish = redfish_cfg(),
             override_block = if mixed {
                 format!("[[devices]]\nmac = \"{}\"\nimage = \"rocky\"\n", mac(3))
             } else {
@@ -196,7 +199,18 @@ target = {{ order = "smallest", count = 1 }}
             });
             fs::write(dir.join(format!("d{i}.json")), hw.to_string()).unwrap();
         }
+        // Every device's BMC, started side by side.
+        let bmcs = std::thread::scope(|sc| {
+            let hs: Vec<_> = (1..=n)
+                .map(|i| {
+                    let lab = &lab;
+                    sc.spawn(move || Bmc::start(lab, &format!("d{i}")))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
         let mut r = Rack {
+            bmcs,
             lab,
             config,
             images,
@@ -402,6 +416,53 @@ impl Drop for Rack {
     }
 }
 
+/// Device `i` had its BIOS changed through its BMC exactly once: two
+/// attributes staged (BootMode already as wanted), reset, read back; the
+/// emulator now holds the wanted values; the password is in no log.
+fn assert_bios_changed_once(rack: &Rack, i: usize, ev: &[Value]) {
+    let op = |name: &str| -> String {
+        ev.iter()
+            .filter(|e| e["kind"] == "op")
+            .filter_map(|e| e["detail"].as_str())
+            .find(|d| d.starts_with(&format!("{name} ok")))
+            .unwrap_or_else(|| panic!("device {i}: no {name} ok row"))
+            .to_string()
+    };
+    let diff = op("bios-diff");
+    assert!(
+        diff.contains("2 to change: EmbeddedSata: \"Raid\" -> \"Ahci\", ProcTurboMode: \"Enabled\" -> \"Disabled\"")
+            && diff.contains("already as wanted: BootMode=\"Uefi\""),
+        "device {i}: {diff}"
+    );
+    assert!(op("bios-stage").contains("PATCH http://198.18.1.1:8000/redfish/v1/Systems/"));
+    assert!(op("bios-apply").contains("ResetType=ForceRestart"));
+    assert!(op("bios-verify").contains("3 as wanted"));
+    let bmc = &rack.bmcs[i - 1];
+    let bios = bmc.bios();
+    assert_eq!(bios["ProcTurboMode"], "Disabled", "device {i}: {bios}");
+    assert_eq!(bios["EmbeddedSata"], "Ahci", "device {i}: {bios}");
+    assert_eq!(bmc.count("PATCH", "/BIOS/Settings"), 1, "device {i}");
+    assert_eq!(bmc.count("POST", "ComputerSystem.Reset"), 1, "device {i}");
+    for text in [
+        rack.serve_log(),
+        fs::read_to_string(rack.lab.file(&format!("agent{i}.log"))).unwrap_or_default(),
+        serde_json::to_string(ev).unwrap(),
+    ] {
+        assert!(
+            !text.contains(BMC_PASSWORD),
+            "device {i}: BMC password in a log"
+        );
+    }
+}
+
+/// The lab BMC as a profile's `bios.redfish` (same address on every
+/// device, like a Host Interface).
+fn redfish_cfg() -> String {
+    format!(
+        "{{ url = \"http://{BMC_IP}:{BMC_PORT}\", username = \"{BMC_USER}\", password = \"{BMC_PASSWORD}\", settle_timeout = \"20s\" }}"
+    )
+}
+
 fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -573,11 +634,10 @@ fn rack_of_eight_two_profiles_two_images_concurrent_waves() {
                 .collect()
         };
         if i % 2 == 1 {
+            // The R650 profile's BIOS went through the device's BMC:
+            // only what differed was changed, then read back.
             assert_eq!(kinds("bios_configured"), ["ok"], "device {i}");
-            assert!(ev.iter().any(|e| e["detail"]
-                .as_str()
-                .unwrap()
-                .contains("BootMode=Uefi VT=Enabled")));
+            assert_bios_changed_once(&rack, i, &ev);
         } else {
             assert_eq!(kinds("bios_configured"), ["skipped"], "device {i}");
         }
@@ -1038,4 +1098,106 @@ fn fleet_sim_completes_a_small_fleet() {
     let v: Value = serde_json::from_str(line).unwrap();
     assert_eq!(v["devices"], 40);
     assert!(v["appliance_peak_rss_mib"].as_f64().unwrap() > 1.0);
+}
+
+#[test]
+fn bios_over_redfish_is_idempotent_names_refused_attributes_and_waits_for_the_bmc() {
+    if !can_run() {
+        return;
+    }
+    // d1, d3: the R650 profile; d2: a profile wanting an attribute this
+    // BIOS does not have.
+    let extra = format!(
+        "[waves]\nstart_after = \"1s\"\n\n\
+         [[profiles]]\nname = \"r650-typo\"\nimage = \"debian\"\n\
+         target = {{ order = \"largest\", count = 1 }}\n\
+         bios = {{ attributes = {{ BootMode = \"Uefi\", NoSuchKnob = \"On\" }}, redfish = {} }}\n\n\
+         [[devices]]\nmac = \"{}\"\nprofile = \"r650\"\n\
+         [[devices]]\nmac = \"{}\"\nprofile = \"r650-typo\"\n\
+         [[devices]]\nmac = \"{}\"\nprofile = \"r650\"\n",
+        redfish_cfg(),
+        mac(1),
+        mac(2),
+        mac(3)
+    );
+    let mut rack = Rack::build("fi", 3, "300mbit", (8, 8), &extra, false, 80);
+    // d3's BMC is down when its BIOS step starts.
+    rack.bmcs[2].stop();
+    for i in 1..=3 {
+        rack.start_agent(i);
+    }
+    let log_has = |rack: &Rack, i: usize, needle: &str| {
+        rack.cli_opt(&["log", &device_id(i)])
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .any(|e| e["detail"].as_str().unwrap_or("").contains(needle))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !log_has(&rack, 3, "BMC unreachable") {
+        assert!(Instant::now() < deadline, "{}", rack.serve_log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A retryable failure: the step fails with the reason, is retried
+    // with backoff, and goes through once the BMC answers.
+    rack.bmcs[2].restart();
+    rack.wait_for("d1 and d3 done, d2 failed", Duration::from_secs(120), |d| {
+        let st = |i: usize| {
+            d.iter()
+                .find(|x| x["device"] == device_id(i))
+                .map(|x| x["state"].as_str().unwrap_or("").to_string())
+                .unwrap_or_default()
+        };
+        st(1) == "done" && st(3) == "done" && st(2) == "failed"
+    });
+    for i in [1, 3] {
+        let ev = check_log(&rack, i);
+        assert_bios_changed_once(&rack, i, &ev);
+    }
+    let ev3 = rack.cli(&["log", &device_id(3)]);
+    let ev3 = ev3.as_array().unwrap();
+    let failed = ev3
+        .iter()
+        .position(|e| {
+            e["step"] == "bios_configured"
+                && e["kind"] == "failed"
+                && e["detail"].as_str().unwrap().contains("BMC unreachable")
+        })
+        .expect("d3's failed BIOS attempt");
+    let retried = ev3
+        .iter()
+        .position(|e| e["step"] == "bios_configured" && e["kind"] == "retry")
+        .expect("d3 retried");
+    let ok = ev3
+        .iter()
+        .position(|e| e["step"] == "bios_configured" && e["kind"] == "ok")
+        .expect("d3's BIOS step ok");
+    assert!(failed < retried && retried < ok);
+    // The attribute the BIOS lacks is named; nothing was sent to the BMC.
+    assert!(log_has(
+        &rack,
+        2,
+        "BIOS attribute NoSuchKnob is not offered by this machine's BIOS"
+    ));
+    assert_eq!(rack.bmcs[1].count("PATCH", "/"), 0);
+    assert_eq!(rack.bmcs[1].count("POST", "/"), 0);
+    let d2 = rack
+        .devices()
+        .into_iter()
+        .find(|x| x["device"] == device_id(2))
+        .unwrap();
+    assert_eq!(d2["step"], "bios_configured", "{d2}");
+
+    // Reinstall d1 (its loader runs again): the BIOS is already as
+    // wanted, so no PATCH and no reset this time.
+    let out = finish(rack.agents[0].take().unwrap(), Duration::from_secs(20));
+    assert!(out.status.success());
+    rack.start_agent(1);
+    rack.wait_for("d1 reinstalled", Duration::from_secs(120), |d| {
+        d.iter()
+            .any(|x| x["device"] == device_id(1) && x["state"] == "done")
+            && log_has(&rack, 1, "already as wanted, nothing to change")
+    });
+    assert_eq!(rack.bmcs[0].count("PATCH", "/BIOS/Settings"), 1);
+    assert_eq!(rack.bmcs[0].count("POST", "ComputerSystem.Reset"), 1);
 }

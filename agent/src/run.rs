@@ -588,6 +588,14 @@ async fn run_plan(ctx: &Ctx, step: Step, ops: &mut Vec<OpRecord>) -> Result<Stri
                 .bios
                 .as_ref()
                 .ok_or_else(|| anyhow!("plan has no BIOS part"))?;
+            if let Some(target) = &b.redfish {
+                let settle = rackcast::bios::Settle {
+                    timeout: Duration::from_secs(target.settle_timeout_s),
+                    interval: Duration::from_secs(2),
+                };
+                let mut bmc = rackcast::redfish::RedfishBios::new(target.clone())?;
+                return Ok(rackcast::bios::configure(&mut bmc, &b.attributes, settle, ops).await?);
+            }
             for (k, v) in &b.attributes {
                 env.insert(format!("RC_BIOS_{k}"), v.clone());
             }

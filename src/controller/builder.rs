@@ -206,12 +206,22 @@ impl Builder {
             }
             (None, None) => return Err(rule_err("no image target".into())),
         };
-        let plan = Plan {
-            profile: p.name.clone(),
-            bios: p.bios.as_ref().map(|b| BiosPlan {
+        let bios = match &p.bios {
+            Some(b) => Some(BiosPlan {
                 attributes: b.attributes.clone(),
+                redfish: b
+                    .redfish
+                    .as_ref()
+                    .map(|r| r.to_target())
+                    .transpose()
+                    .map_err(|e| rule_err(format!("bios.redfish: {e}")))?,
                 program: b.program.as_ref().map(|x| x.to_program()),
             }),
+            None => None,
+        };
+        let plan = Plan {
+            profile: p.name.clone(),
+            bios,
             raid,
             programs: p.programs.iter().map(|x| x.to_program()).collect(),
             image: ImagePlan {

@@ -16,6 +16,7 @@ fn plan(full: bool) -> Plan {
         profile: "p".into(),
         bios: full.then(|| BiosPlan {
             attributes: [("BootMode".to_string(), "Uefi".to_string())].into(),
+            redfish: None,
             program: Some(prog("bios")),
         }),
         raid: None,

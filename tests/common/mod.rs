@@ -152,3 +152,186 @@ pub fn make_image(lab: &Lab, mib: u64, seed: u64) -> PathBuf {
     assert!(st.success());
     img
 }
+
+/// The sushy-tools venv `netlab/ensure-deps.sh test` makes.
+pub fn sushy() -> PathBuf {
+    root().join("target/sushy-venv/bin/sushy-emulator")
+}
+
+/// Where each lab device's BMC answers: the same address in every device
+/// namespace, like the Redfish Host Interface of real machines (so
+/// devices of one profile share one bundle).
+pub const BMC_IP: &str = "198.18.1.1";
+pub const BMC_PORT: u16 = 8000;
+pub const BMC_USER: &str = "rcadmin";
+pub const BMC_PASSWORD: &str = "lab-bmc-pw-7f3a";
+
+/// A Redfish emulator (sushy-tools, libvirt driver over the in-process
+/// test hypervisor: BIOS support, no daemon) in a device namespace, on
+/// [`BMC_IP`], with basic auth. Stopped on drop.
+pub struct Bmc {
+    child: Option<Child>,
+    pub log: PathBuf,
+    conf: PathBuf,
+    ns: String,
+}
+
+impl Bmc {
+    pub fn start(lab: &Lab, host: &str) -> Bmc {
+        let exe = sushy();
+        assert!(
+            exe.exists(),
+            "{} missing: run netlab/ensure-deps.sh test",
+            exe.display()
+        );
+        let ns = lab.ns(host);
+        // On the namespace's loopback (this kernel has no dummy links):
+        // local to the device, like a Host Interface.
+        let _ = Command::new("ip")
+            .args([
+                "-n",
+                &ns,
+                "addr",
+                "replace",
+                &format!("{BMC_IP}/32"),
+                "dev",
+                "lo",
+            ])
+            .status();
+        let htpasswd = lab.file(&format!("bmc-{host}.htpasswd"));
+        if !htpasswd.exists() {
+            let out = Command::new(root().join("target/sushy-venv/bin/python"))
+                .args([
+                    "-c",
+                    &format!(
+                        "import bcrypt; print('{BMC_USER}:' + bcrypt.hashpw(b'{BMC_PASSWORD}', bcrypt.gensalt(rounds=4)).decode())"
+                    ),
+                ])
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            fs::write(&htpasswd, &out.stdout).unwrap();
+        }
+        let conf = lab.file(&format!("bmc-{host}.conf"));
+        fs::write(
+            &conf,
+            format!(
+                "SUSHY_EMULATOR_LISTEN_IP = '{BMC_IP}'\nSUSHY_EMULATOR_LISTEN_PORT = {BMC_PORT}\n\
+                 SUSHY_EMULATOR_LIBVIRT_URI = 'test:///default'\n\
+                 SUSHY_EMULATOR_AUTH_FILE = '{}'\n",
+                htpasswd.display()
+            ),
+        )
+        .unwrap();
+        let log = lab.file(&format!("bmc-{host}.log"));
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(&exe)
+            .arg("--config")
+            .arg(&conf)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let bmc = Bmc {
+            child: Some(child),
+            log,
+            conf,
+            ns,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !bmc.text().contains("Running on") {
+            assert!(
+                Instant::now() < deadline,
+                "Redfish emulator did not start:\n{}",
+                bmc.text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bmc
+    }
+
+    pub fn text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Requests of `method` to a path containing `part` seen so far.
+    pub fn count(&self, method: &str, part: &str) -> usize {
+        self.text()
+            .lines()
+            .filter(|l| l.contains(&format!("{method} /")) && l.contains(part))
+            .count()
+    }
+
+    /// GET a Redfish path from inside the device namespace (real curl).
+    pub fn get(&self, path: &str) -> serde_json::Value {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "curl", "-s", "-m", "10", "-u"])
+            .arg(format!("{BMC_USER}:{BMC_PASSWORD}"))
+            .arg(format!("http://{BMC_IP}:{BMC_PORT}{path}"))
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("GET {path}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// The system's current BIOS attributes, following the links.
+    pub fn bios(&self) -> serde_json::Value {
+        let systems = self.get("/redfish/v1/Systems");
+        let sys = systems["Members"][0]["@odata.id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let bios = self.get(&sys)["Bios"]["@odata.id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        self.get(&bios)["Attributes"].clone()
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start again (same namespace, config and log); BIOS state is the
+    /// emulator's memory, so it starts from the defaults.
+    pub fn restart(&mut self) {
+        self.stop();
+        let out = fs::OpenOptions::new().append(true).open(&self.log).unwrap();
+        let before = self.text().matches("Running on").count();
+        self.child = Some(
+            Command::new("ip")
+                .args(["netns", "exec", &self.ns])
+                .arg(sushy())
+                .arg("--config")
+                .arg(&self.conf)
+                .stdout(out.try_clone().unwrap())
+                .stderr(out)
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.text().matches("Running on").count() == before {
+            assert!(
+                Instant::now() < deadline,
+                "emulator restart:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Bmc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

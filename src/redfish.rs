@@ -1,0 +1,330 @@
+//! Redfish client for a machine's BMC: the BIOS settings backend.
+//!
+//! Owns: finding the ComputerSystem and following its links as a client
+//! must (`Bios`, the settings object named by `@Redfish.Settings`, the
+//! `#ComputerSystem.Reset` action target; no guessed paths), the HTTP
+//! calls with basic auth and timeouts, and turning BMC answers into
+//! errors that say what was refused and whether a retry can help. Must
+//! not: decide what to change (`crate::bios` does) or log credentials
+//! (`RedfishTarget`'s Debug hides the password; URLs never carry it).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::bios::{Attributes, BiosBackend, BiosError};
+
+/// A BMC as a bundle names it. Devices of one profile share it: the
+/// Redfish Host Interface has the same address on every machine.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RedfishTarget {
+    /// `https://169.254.95.118` (Host Interface) or any base URL.
+    pub url: String,
+    pub username: String,
+    pub password: String,
+    /// ComputerSystem id; default: the only member of /redfish/v1/Systems.
+    pub system: Option<String>,
+    /// The ResetType that makes pending BIOS settings take effect.
+    pub reset: String,
+    /// Check the BMC's TLS certificate (most ship self-signed ones).
+    pub tls_verify: bool,
+    /// How long to wait for the settings to read back after the reset.
+    pub settle_timeout_s: u64,
+}
+
+impl std::fmt::Debug for RedfishTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedfishTarget")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password", &"<hidden>")
+            .field("system", &self.system)
+            .field("reset", &self.reset)
+            .field("tls_verify", &self.tls_verify)
+            .finish()
+    }
+}
+
+fn backend(message: String, retryable: bool) -> BiosError {
+    BiosError::Backend { message, retryable }
+}
+
+/// The text of a Redfish error body: `error.message` and every
+/// `@Message.ExtendedInfo[].Message` (which usually names the attribute).
+fn redfish_message(body: &str) -> String {
+    let Ok(v) = serde_json::from_str::<Value>(body) else {
+        return body.chars().take(300).collect();
+    };
+    let e = &v["error"];
+    let mut parts: Vec<String> = Vec::new();
+    if let Some(m) = e["message"].as_str() {
+        parts.push(m.to_string());
+    }
+    if let Some(infos) = e["@Message.ExtendedInfo"].as_array() {
+        for i in infos {
+            if let Some(m) = i["Message"].as_str() {
+                parts.push(m.to_string());
+            }
+        }
+    }
+    if parts.is_empty() {
+        body.chars().take(300).collect()
+    } else {
+        parts.join("; ")
+    }
+}
+
+/// Where the BIOS settings of one system live, found by following links.
+#[derive(Debug, Clone)]
+struct Links {
+    bios: String,
+    settings: String,
+    reset_target: String,
+    reset_allowed: Vec<String>,
+}
+
+pub struct RedfishBios {
+    target: RedfishTarget,
+    base: String,
+    http: reqwest::Client,
+    links: Option<Links>,
+}
+
+impl RedfishBios {
+    pub fn new(target: RedfishTarget) -> Result<RedfishBios, BiosError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .danger_accept_invalid_certs(!target.tls_verify)
+            .build()
+            .map_err(|e| backend(format!("HTTP client: {e}"), false))?;
+        Ok(RedfishBios {
+            base: target.url.trim_end_matches('/').to_string(),
+            target,
+            http,
+            links: None,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        if path.starts_with("http://") || path.starts_with("https://") {
+            path.to_string()
+        } else {
+            format!("{}{path}", self.base)
+        }
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, BiosError> {
+        let url = self.url(path);
+        let mut req = self
+            .http
+            .request(method.clone(), &url)
+            .basic_auth(&self.target.username, Some(&self.target.password))
+            .header("Accept", "application/json");
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.map_err(|e| {
+            // Not reachable (yet): the BMC is down or resetting.
+            backend(
+                format!("BMC unreachable: {method} {url}: {}", error_chain(&e)),
+                true,
+            )
+        })?;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+            return Err(backend(
+                format!("BMC refused our credentials: {method} {url}: HTTP {status}"),
+                false,
+            ));
+        }
+        if !status.is_success() {
+            return Err(backend(
+                format!("{method} {url}: HTTP {status}: {}", redfish_message(&text)),
+                status.is_server_error(),
+            ));
+        }
+        if text.trim().is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_str(&text)
+            .map_err(|e| backend(format!("{method} {url}: not JSON: {e}"), false))
+    }
+
+    async fn get(&self, path: &str) -> Result<Value, BiosError> {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    async fn links(&mut self) -> Result<Links, BiosError> {
+        if let Some(l) = &self.links {
+            return Ok(l.clone());
+        }
+        let system_path = match &self.target.system {
+            Some(id) => format!("/redfish/v1/Systems/{id}"),
+            None => {
+                let col = self.get("/redfish/v1/Systems").await?;
+                let members: Vec<&str> = col["Members"]
+                    .as_array()
+                    .map(|m| m.iter().filter_map(|x| x["@odata.id"].as_str()).collect())
+                    .unwrap_or_default();
+                match members.as_slice() {
+                    [one] => one.to_string(),
+                    other => {
+                        return Err(backend(
+                            format!(
+                                "the BMC has {} systems ({}); name one in bios.redfish.system",
+                                other.len(),
+                                other.join(", ")
+                            ),
+                            false,
+                        ))
+                    }
+                }
+            }
+        };
+        let sys = self.get(&system_path).await?;
+        let bios = sys["Bios"]["@odata.id"]
+            .as_str()
+            .ok_or_else(|| backend(format!("{system_path} has no Bios resource"), false))?
+            .to_string();
+        let reset = &sys["Actions"]["#ComputerSystem.Reset"];
+        let reset_target = reset["target"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{system_path}/Actions/ComputerSystem.Reset"));
+        let reset_allowed = reset["ResetType@Redfish.AllowableValues"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let b = self.get(&bios).await?;
+        let settings = b["@Redfish.Settings"]["SettingsObject"]["@odata.id"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{bios}/Settings"));
+        let l = Links {
+            bios,
+            settings,
+            reset_target,
+            reset_allowed,
+        };
+        self.links = Some(l.clone());
+        Ok(l)
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+impl BiosBackend for RedfishBios {
+    fn describe(&self) -> String {
+        match &self.links {
+            Some(l) => self.url(&l.bios),
+            None => format!("Redfish BMC {}", self.base),
+        }
+    }
+
+    async fn read(&mut self) -> Result<Attributes, BiosError> {
+        let l = self.links().await?;
+        let b = self.get(&l.bios).await?;
+        b["Attributes"]
+            .as_object()
+            .cloned()
+            .ok_or_else(|| backend(format!("{} has no Attributes", l.bios), false))
+    }
+
+    async fn stage(&mut self, changes: &Attributes) -> Result<String, BiosError> {
+        let l = self.links().await?;
+        let names: Vec<&str> = changes.keys().map(String::as_str).collect();
+        self.call(
+            reqwest::Method::PATCH,
+            &l.settings,
+            Some(json!({ "Attributes": changes })),
+        )
+        .await
+        .map_err(|e| match e {
+            BiosError::Backend { message, retryable } => backend(
+                format!("the BMC refused {}: {message}", names.join(", ")),
+                retryable,
+            ),
+            other => other,
+        })?;
+        Ok(format!(
+            "PATCH {}: {}",
+            self.url(&l.settings),
+            names.join(", ")
+        ))
+    }
+
+    async fn apply(&mut self) -> Result<String, BiosError> {
+        let l = self.links().await?;
+        let kind = &self.target.reset;
+        if !l.reset_allowed.is_empty() && !l.reset_allowed.iter().any(|a| a == kind) {
+            return Err(backend(
+                format!(
+                    "ResetType {kind} is not offered by the BMC (it offers {})",
+                    l.reset_allowed.join(", ")
+                ),
+                false,
+            ));
+        }
+        self.call(
+            reqwest::Method::POST,
+            &l.reset_target,
+            Some(json!({ "ResetType": kind })),
+        )
+        .await?;
+        Ok(format!(
+            "POST {} ResetType={kind}: pending settings apply on this reset",
+            self.url(&l.reset_target)
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_password_never_shows_in_debug_output() {
+        let t = RedfishTarget {
+            url: "https://198.18.1.1".into(),
+            username: "admin".into(),
+            password: "s3cret-pw".into(),
+            system: None,
+            reset: "ForceRestart".into(),
+            tls_verify: false,
+            settle_timeout_s: 60,
+        };
+        let s = format!("{t:?}");
+        assert!(!s.contains("s3cret-pw") && s.contains("<hidden>"), "{s}");
+    }
+
+    #[test]
+    fn redfish_errors_are_read_with_their_extended_info() {
+        let body = r#"{"error":{"code":"Base.1.0.GeneralError","message":"A general error has occurred.",
+            "@Message.ExtendedInfo":[{"MessageId":"Base.1.0.PropertyValueNotInList",
+            "Message":"The value Foo for the property BootMode is not in the list of acceptable values."}]}}"#;
+        let m = redfish_message(body);
+        assert!(m.contains("BootMode") && m.contains("general error"), "{m}");
+        assert_eq!(redfish_message("not json"), "not json");
+    }
+}
