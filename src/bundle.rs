@@ -132,7 +132,15 @@ pub struct RaidPlan {
     /// the agent maps names to paths from its own inventory, so identical
     /// machines share one bundle.
     pub members: Vec<String>,
-    /// Program-runner backend; gets `RC_RAID_LEVEL` and `RC_RAID_MEMBERS`.
+    /// The array's path (`/dev/md/rackcast`): the image target.
+    #[serde(default)]
+    pub array: String,
+    /// Destroy a mismatching array or other RAID metadata on the members
+    /// instead of failing.
+    #[serde(default)]
+    pub wipe: bool,
+    /// Program-runner backend (instead of mdadm); gets `RC_RAID_LEVEL`,
+    /// `RC_RAID_MEMBERS` and `RC_RAID_ARRAY`.
     pub program: Option<Program>,
 }
 

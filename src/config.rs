@@ -418,6 +418,12 @@ pub struct RaidConfig {
     pub disks: DiskRule,
     /// The array the image goes to (e.g. `/dev/md/rackcast`).
     pub array: String,
+    /// Destroy a mismatching array or other RAID metadata on the chosen
+    /// disks instead of failing the step.
+    #[serde(default)]
+    pub wipe: bool,
+    /// A program instead of the built-in mdadm backend (hardware
+    /// controllers' vendor tools).
     pub program: Option<ProgramConfig>,
 }
 
@@ -617,6 +623,17 @@ impl Config {
                     "expected `target` (a disk rule) or `raid` (the image goes to the array)"
                         .into(),
                 ));
+            }
+            if let Some(r) = &p.raid {
+                if r.program.is_none() && crate::raid::array_name(&r.array).is_none() {
+                    return Err(bad(
+                        format!("profiles[{i}].raid.array"),
+                        format!(
+                            "{:?}: the mdadm backend wants /dev/md/NAME (NAME: up to 32 letters, digits, - or _)",
+                            r.array
+                        ),
+                    ));
+                }
             }
             for rule in p.target.iter().chain(p.raid.as_ref().map(|r| &r.disks)) {
                 if rule.order != "smallest" && rule.order != "largest" {

@@ -16,6 +16,7 @@ pub mod dataplane;
 pub mod fec;
 pub mod manifest;
 pub mod pacing;
+pub mod raid;
 pub mod redfish;
 pub mod signing;
 pub mod store;

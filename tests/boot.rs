@@ -17,6 +17,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// Every machine: the image onto its largest disk.
+const ANY_PROFILE: &str =
+    "[[profiles]]\nname = \"any\"\nimage = \"img\"\ntarget = { order = \"largest\", count = 1 }\n";
+
 struct Appliance {
     lab: Lab,
     config: PathBuf,
@@ -40,7 +44,15 @@ impl Appliance {
     /// An appliance whose config ends with `boot` (its `[boot.*]`
     /// sections); started and waited for until its log shows `ready`.
     fn with_boot(tag: &str, n: usize, boot: &str, ready: &str) -> Appliance {
-        Appliance::with_parts(tag, n, boot, ready, &bin("rackcast-agent"), &[7u8; 1 << 20])
+        Appliance::with_parts(
+            tag,
+            n,
+            boot,
+            ready,
+            &bin("rackcast-agent"),
+            &[7u8; 1 << 20],
+            ANY_PROFILE,
+        )
     }
 
     /// `with_boot` with the bundles' agent binary and the image's bytes
@@ -52,6 +64,7 @@ impl Appliance {
         ready: &str,
         agent: &std::path::Path,
         image: &[u8],
+        profile: &str,
     ) -> Appliance {
         let lab = Lab::up(tag, n, "200mbit", &[]);
         let dir = lab.dir.clone();
@@ -80,10 +93,7 @@ x86_64 = "{agent}"
 name = "img"
 path = "{img}"
 
-[[profiles]]
-name = "any"
-image = "img"
-target = {{ order = "largest", count = 1 }}
+{profile}
 
 {boot}
 "#,
@@ -821,7 +831,8 @@ struct Vm<'a> {
     firmware: &'a [&'a str],
     /// Extra `-device virtio-net-pci` properties (`romfile=` for OVMF's own PXE).
     nic_extra: &'a str,
-    disk: Option<&'a std::path::Path>,
+    /// virtio disks, in order (vda, vdb, ...).
+    disks: &'a [&'a std::path::Path],
 }
 
 fn start_vm(lab: &Lab, vm: &Vm, console: &std::path::Path) -> Proc {
@@ -847,7 +858,7 @@ fn start_vm(lab: &Lab, vm: &Vm, console: &std::path::Path) -> Proc {
         .arg("-smbios")
         .arg(format!("type=1,{}", vm.smbios))
         .args(["-uuid", vm.uuid]);
-    if let Some(d) = vm.disk {
+    for d in vm.disks {
         c.arg("-drive")
             .arg(format!("file={},if=virtio,format=raw", d.display()));
     }
@@ -978,6 +989,7 @@ fn bios_pxe_machine_is_installed_over_multicast_then_boots_its_disk() {
         "DHCP service listening",
         &files.path().join("agent"),
         &image,
+        ANY_PROFILE,
     );
     let (mac, uuid) = ("52:54:00:18:00:01", "6a1c0e5e-8d0f-4a53-9f4e-0c9a3b6a7d01");
     let disk = a.lab.file("vda.raw");
@@ -991,7 +1003,7 @@ fn bios_pxe_machine_is_installed_over_multicast_then_boots_its_disk() {
         // Network first, then the first disk: what a rack's BIOS is set to.
         firmware: &["-boot", "order=nc"],
         nic_extra: "",
-        disk: Some(&disk),
+        disks: &[&disk],
     };
 
     // Power-on: SeaBIOS -> iPXE ROM DHCP (the trigger) -> per-device script
@@ -1052,7 +1064,7 @@ fn bios_pxe_machine_is_installed_over_multicast_then_boots_its_disk() {
 }
 
 #[test]
-fn uefi_pxe_firmware_gets_ipxe_by_tftp_and_its_loader_reports_inventory() {
+fn uefi_pxe_machine_gets_its_bios_set_by_redfish_and_its_image_on_a_new_raid1() {
     if !can_run() || !qemu_ready() {
         return;
     }
@@ -1065,15 +1077,44 @@ fn uefi_pxe_firmware_gets_ipxe_by_tftp_and_its_loader_reports_inventory() {
         dhcp_full_with_http(files.path()),
         tftp.display()
     );
+    // The machine's BMC answers on the lab network (device namespace d1);
+    // RAID1 over its two smallest disks, whatever their order.
+    let profile = format!(
+        "[[profiles]]\nname = \"uefi-box\"\nimage = \"img\"\n\
+         [profiles.bios]\nattributes = {{ ProcTurboMode = \"Disabled\", BootMode = \"Uefi\" }}\n\
+         [profiles.bios.redfish]\nurl = \"http://198.18.0.11:{BMC_PORT}\"\nusername = \"{BMC_USER}\"\n\
+         password = \"{BMC_PASSWORD}\"\nsettle_timeout = \"30s\"\n\
+         [profiles.raid]\nlevel = \"raid1\"\ndisks = {{ order = \"smallest\", count = 2 }}\n\
+         array = \"/dev/md/rackcast\"\n"
+    );
+    let image = bootable_image(4 << 20);
     let a = Appliance::with_parts(
         "pu",
         1,
         &boot,
         "DHCP service listening",
         &files.path().join("agent"),
-        &[7u8; 1 << 20],
+        &image,
+        &profile,
     );
+    let bmc = Bmc::start_on(&a.lab, "d1", "198.18.0.11");
     let (mac, uuid) = ("52:54:00:18:00:02", "6a1c0e5e-8d0f-4a53-9f4e-0c9a3b6a7d02");
+    let disks: Vec<PathBuf> = [("vda", 96u64), ("vdb", 64), ("vdc", 64)]
+        .iter()
+        .map(|(n, mib)| {
+            let p = a.lab.file(&format!("{n}.raw"));
+            // Old data at the start: a wrong write cannot pass as the image.
+            fs::write(&p, vec![0xa5u8; 1 << 20]).unwrap();
+            fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_len(mib << 20)
+                .unwrap();
+            p
+        })
+        .collect();
+    let disk_refs: Vec<&std::path::Path> = disks.iter().map(|p| p.as_path()).collect();
     lab_tap(&a.lab, "pxtap0");
     let vm = Vm {
         tap: "pxtap0",
@@ -1083,13 +1124,21 @@ fn uefi_pxe_firmware_gets_ipxe_by_tftp_and_its_loader_reports_inventory() {
         firmware: &["-bios", "/usr/share/ovmf/OVMF.fd", "-boot", "n"],
         // No iPXE option ROM: OVMF's own PXE client starts the chain.
         nic_extra: ",romfile=",
-        disk: None,
+        disks: &disk_refs,
     };
     let console = a.lab.file("console.log");
-    let _run = start_vm(&a.lab, &vm, &console);
-    a.wait_for("UEFI machine's inventory", 300, &console, || {
-        a.cli_json(&["inventory", mac]).is_some()
+    let run = start_vm(&a.lab, &vm, &console);
+    let state = || {
+        a.cli_json(&["devices"])
+            .and_then(|d| d.as_array().cloned())
+            .and_then(|d| d.into_iter().find(|r| r["mac"] == mac))
+            .map(|r| r["state"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    a.wait_for("UEFI machine installed", 400, &console, || {
+        state() == "done"
     });
+    drop(run);
     assert_inventory(&a, mac, "UEFI-Box-2", "SN-UEFI-0002", uuid);
     let log = a.log_details(mac);
     let pos = |s: &str| {
@@ -1098,7 +1147,7 @@ fn uefi_pxe_firmware_gets_ipxe_by_tftp_and_its_loader_reports_inventory() {
             .unwrap_or_else(|| panic!("no {s:?} in\n{}", log.join("\n")))
     };
     // Firmware PXE (option 93 = x86-64 UEFI) first, then the iPXE it was
-    // sent, then the script, then the loader.
+    // sent by TFTP, then the script, then the loader.
     let firmware = pos("discovered ok power-on: x86-64 UEFI PXE");
     let ipxe = pos("power-on: iPXE (x86-64 UEFI PXE)");
     let script = pos("iPXE fetched its script (loader)");
@@ -1113,4 +1162,42 @@ fn uefi_pxe_firmware_gets_ipxe_by_tftp_and_its_loader_reports_inventory() {
         served.contains("TFTP transfer done") && served.contains("ipxe.efi"),
         "{served}"
     );
+    // BIOS through the BMC, then RAID, then the image onto the array.
+    let bios = pos("bios-verify ok");
+    let raid = pos("raid-verify ok: /dev/md/rackcast: raid1 over /dev/vdb /dev/vdc");
+    let imaged = pos("imaging ok image img written to /dev/md/rackcast and verified");
+    assert!(bios < raid && raid < imaged, "{}", log.join("\n"));
+    pos("raid-inspect ok: /dev/md/rackcast: not running; /dev/vdb: no RAID metadata; /dev/vdc: no RAID metadata");
+    pos("mdadm ok (exit 0): mdadm --create /dev/md/rackcast --run --metadata=1.2 --name=rackcast --level=raid1 --raid-devices=2 /dev/vdb /dev/vdc");
+    assert_eq!(bmc.bios()["ProcTurboMode"], "Disabled");
+    // Both mirror halves hold the image at md's data offset (read with
+    // the host's mdadm from the disk files: the host kernel has no md).
+    for d in &disks[1..] {
+        let out = Command::new("mdadm")
+            .arg("--examine")
+            .arg(d)
+            .output()
+            .unwrap();
+        let text = text(&out);
+        let sectors: u64 = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Data Offset : "))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| {
+                panic!("no data offset in mdadm --examine {}:\n{text}", d.display())
+            });
+        assert!(text.contains("Raid Level : raid1"), "{text}");
+        let bytes = fs::read(d).unwrap();
+        let at = (sectors * 512) as usize;
+        assert!(
+            bytes[at..at + image.len()] == image[..],
+            "{} does not hold the image at offset {at}",
+            d.display()
+        );
+    }
+    // The largest disk was not a member and was not written.
+    assert!(fs::read(&disks[0]).unwrap()[..1 << 20]
+        .iter()
+        .all(|&b| b == 0xa5));
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the rackcast loader initrd from Debian packages: busybox (static,
-# package busybox-static) for a shell, udhcpc and the usual tools, plus
-# rackcast-agent and the shared libraries it links. Its /init brings up
+# package busybox-static) for a shell, udhcpc and the usual tools, mdadm
+# (the agent's software RAID backend), plus rackcast-agent and the shared
+# libraries they link. Its /init brings up
 # the network with udhcpc, reads rackcast.server= from the kernel command
 # line (the per-device iPXE script puts it there) and runs
 # `rackcast-agent run` in loader mode; on exit it drops to a shell on the
@@ -43,9 +44,11 @@ case "$(ldd "$BB" 2>&1 || true)" in
   *) echo "$BB is not static (install busybox-static)" >&2; exit 2 ;;
 esac
 command -v cpio >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cpio >/dev/null
+# mdadm: the agent's software RAID backend.
+[ -x /sbin/mdadm ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mdadm >/dev/null
 
 kernel=$(ls /boot/vmlinuz-* 2>/dev/null | sort -V | tail -n 1 || true)
-MODULES=${RC_LOADER_MODULES:-virtio_pci virtio_net virtio_blk virtio_scsi e1000 e1000e igb ixgbe i40e bnxt_en tg3 ahci nvme sd_mod}
+MODULES=${RC_LOADER_MODULES:-virtio_pci virtio_net virtio_blk virtio_scsi e1000 e1000e igb ixgbe i40e bnxt_en tg3 ahci nvme sd_mod md_mod raid0 raid1 raid10 raid456}
 
 STAGE=$(mktemp -d)
 trap 'rm -rf "$STAGE"' EXIT
@@ -54,13 +57,20 @@ cp "$BB" "$STAGE/bin/busybox"
 for app in $("$BB" --list); do
   [ -e "$STAGE/bin/$app" ] || ln -s busybox "$STAGE/bin/$app"
 done
-cp "$AGENT" "$STAGE/usr/bin/rackcast-agent"
-strip "$STAGE/usr/bin/rackcast-agent" 2>/dev/null || true
-# The agent's shared libraries (glibc, libgcc_s, the loader) at their paths.
-ldd "$AGENT" | awk '/=> \// { print $3 } $1 ~ /^\// { print $1 }' | sort -u | while read -r lib; do
-  mkdir -p "$STAGE$(dirname "$lib")"
-  cp -L "$lib" "$STAGE$lib"
-done
+# A program and the shared libraries it links (glibc, libgcc_s, libudev,
+# the dynamic loader), each at its own path.
+add_program() {
+  local src=$1 dest=$2
+  mkdir -p "$STAGE$(dirname "$dest")"
+  cp "$src" "$STAGE$dest"
+  strip "$STAGE$dest" 2>/dev/null || true
+  ldd "$src" | awk '/=> \// { print $3 } $1 ~ /^\// { print $1 }' | sort -u | while read -r lib; do
+    mkdir -p "$STAGE$(dirname "$lib")"
+    cp -L "$lib" "$STAGE$lib"
+  done
+}
+add_program "$AGENT" /usr/bin/rackcast-agent
+add_program /sbin/mdadm /sbin/mdadm
 
 # Driver modules of the kernel we ship, with their dependencies first.
 : >"$STAGE/etc/modules.order"
@@ -95,6 +105,7 @@ chmod +x "$STAGE/usr/share/udhcpc/default.script"
 cat >"$STAGE/init" <<'EOF'
 #!/bin/sh
 # rackcast loader: network up, then the agent in loader mode.
+export PATH=/sbin:/usr/sbin:/bin:/usr/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null || mdev -s

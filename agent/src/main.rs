@@ -3,6 +3,7 @@
 //! data-plane receiver that writes and verifies one image.
 
 mod inventory;
+mod raid;
 mod run;
 
 use std::io::IsTerminal;

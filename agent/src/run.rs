@@ -610,6 +610,10 @@ async fn run_plan(ctx: &Ctx, step: Step, ops: &mut Vec<OpRecord>) -> Result<Stri
                 .raid
                 .as_ref()
                 .ok_or_else(|| anyhow!("plan has no RAID part"))?;
+            if r.program.is_none() {
+                return crate::raid::configure(r, &ctx.inventory, plan.image.size, ops).await;
+            }
+            env.insert("RC_RAID_ARRAY".into(), r.array.clone());
             env.insert("RC_RAID_LEVEL".into(), r.level.clone());
             let members: Vec<String> = r
                 .members

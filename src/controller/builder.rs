@@ -183,9 +183,25 @@ impl Builder {
             Some(r) => {
                 let members = r.disks.select(&inv.disks).map_err(rule_err)?;
                 crate::bundle::check_raid_level(&r.level, members.len()).map_err(rule_err)?;
+                let usable = raid_capacity(&r.level, &members);
+                if usable < img.size {
+                    return Err(rule_err(format!(
+                        "{} over {} holds about {usable} bytes, less than image {} ({} bytes)",
+                        r.level,
+                        members
+                            .iter()
+                            .map(|d| d.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        img.name,
+                        img.size
+                    )));
+                }
                 Some(RaidPlan {
                     level: r.level.clone(),
                     members: members.iter().map(|d| d.name.clone()).collect(),
+                    array: r.array.clone(),
+                    wipe: r.wipe,
                     program: r.program.as_ref().map(|x| x.to_program()),
                 })
             }
@@ -258,5 +274,23 @@ impl Builder {
             }
         }
         Ok((hash, plan))
+    }
+}
+
+/// About what an md array over `members` holds: the smallest member
+/// bounds every one; each keeps room for md's superblock and data offset
+/// (mdadm reserves up to 128 MiB on large disks, less on small ones). The
+/// agent checks the real array size before writing.
+fn raid_capacity(level: &str, members: &[&crate::bundle::Disk]) -> u64 {
+    let n = members.len() as u64;
+    let min = members.iter().map(|d| d.size_bytes).min().unwrap_or(0);
+    let per = min.saturating_sub((min / 8).clamp(1 << 20, 128 << 20));
+    match level {
+        "raid0" => per * n,
+        "raid1" => per,
+        "raid5" => per * n.saturating_sub(1),
+        "raid6" => per * n.saturating_sub(2),
+        "raid10" => per * n / 2,
+        _ => 0,
     }
 }

@@ -174,10 +174,17 @@ pub struct Bmc {
     pub log: PathBuf,
     conf: PathBuf,
     ns: String,
+    ip: String,
 }
 
 impl Bmc {
     pub fn start(lab: &Lab, host: &str) -> Bmc {
+        Bmc::start_on(lab, host, BMC_IP)
+    }
+
+    /// On `ip` (an address the namespace has, or [`BMC_IP`], which is put
+    /// on its loopback): a BMC reached over the lab network.
+    pub fn start_on(lab: &Lab, host: &str, ip: &str) -> Bmc {
         let exe = sushy();
         assert!(
             exe.exists(),
@@ -187,17 +194,13 @@ impl Bmc {
         let ns = lab.ns(host);
         // On the namespace's loopback (this kernel has no dummy links):
         // local to the device, like a Host Interface.
-        let _ = Command::new("ip")
-            .args([
-                "-n",
-                &ns,
-                "addr",
-                "replace",
-                &format!("{BMC_IP}/32"),
-                "dev",
-                "lo",
-            ])
-            .status();
+        if ip == BMC_IP {
+            let _ = Command::new("ip")
+                .args(["-n", &ns, "addr", "replace"])
+                .arg(format!("{BMC_IP}/32"))
+                .args(["dev", "lo"])
+                .status();
+        }
         let htpasswd = lab.file(&format!("bmc-{host}.htpasswd"));
         if !htpasswd.exists() {
             let out = Command::new(root().join("target/sushy-venv/bin/python"))
@@ -216,7 +219,7 @@ impl Bmc {
         fs::write(
             &conf,
             format!(
-                "SUSHY_EMULATOR_LISTEN_IP = '{BMC_IP}'\nSUSHY_EMULATOR_LISTEN_PORT = {BMC_PORT}\n\
+                "SUSHY_EMULATOR_LISTEN_IP = '{ip}'\nSUSHY_EMULATOR_LISTEN_PORT = {BMC_PORT}\n\
                  SUSHY_EMULATOR_LIBVIRT_URI = 'test:///default'\n\
                  SUSHY_EMULATOR_AUTH_FILE = '{}'\n",
                 htpasswd.display()
@@ -243,6 +246,7 @@ impl Bmc {
             log,
             conf,
             ns,
+            ip: ip.to_string(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !bmc.text().contains("Running on") {
@@ -273,7 +277,7 @@ impl Bmc {
         let out = Command::new("ip")
             .args(["netns", "exec", &self.ns, "curl", "-s", "-m", "10", "-u"])
             .arg(format!("{BMC_USER}:{BMC_PASSWORD}"))
-            .arg(format!("http://{BMC_IP}:{BMC_PORT}{path}"))
+            .arg(format!("http://{}:{BMC_PORT}{path}", self.ip))
             .output()
             .unwrap();
         serde_json::from_slice(&out.stdout)

@@ -1,0 +1,263 @@
+//! Linux software RAID, declarative: the array a plan wants, what the
+//! disks hold now (as `mdadm --export` reports it), and what to do.
+//!
+//! Owns: parsing `mdadm --detail --export` and `mdadm --examine --export`,
+//! the decision (reuse a matching array, assemble one that is there but
+//! stopped, create on blank disks, refuse or wipe on anything else) and
+//! the verification after. Must not: run mdadm (the agent does, logging
+//! each command) or pick the member disks (the bundle's disk rule did).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// `KEY=value` lines of `mdadm --export` output.
+pub fn parse_export(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| {
+            (
+                k.trim().to_string(),
+                v.trim().trim_matches('\'').trim_matches('"').to_string(),
+            )
+        })
+        .collect()
+}
+
+/// A running array (`mdadm --detail --export ARRAY`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArrayState {
+    pub level: String,
+    pub raid_devices: usize,
+    pub uuid: String,
+    /// Member device paths (`MD_DEVICE_*_DEV`).
+    pub members: BTreeSet<String>,
+}
+
+impl ArrayState {
+    pub fn from_detail(text: &str) -> Option<ArrayState> {
+        let kv = parse_export(text);
+        let members = kv
+            .iter()
+            .filter(|(k, _)| k.starts_with("MD_DEVICE_") && k.ends_with("_DEV"))
+            .map(|(_, v)| v.clone())
+            .collect();
+        Some(ArrayState {
+            level: kv.get("MD_LEVEL")?.clone(),
+            raid_devices: kv.get("MD_DEVICES")?.parse().ok()?,
+            uuid: kv.get("MD_UUID").cloned().unwrap_or_default(),
+            members,
+        })
+    }
+}
+
+/// What a member disk's md superblock says (`mdadm --examine --export`);
+/// `None` when it has none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberState {
+    pub level: String,
+    pub raid_devices: usize,
+    pub uuid: String,
+}
+
+impl MemberState {
+    pub fn from_examine(text: &str) -> Option<MemberState> {
+        let kv = parse_export(text);
+        Some(MemberState {
+            level: kv.get("MD_LEVEL")?.clone(),
+            raid_devices: kv.get("MD_DEVICES")?.parse().ok()?,
+            uuid: kv.get("MD_UUID")?.clone(),
+        })
+    }
+}
+
+/// The array a plan wants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wanted {
+    pub level: String,
+    /// Member device paths, resolved from the plan's disk names.
+    pub members: BTreeSet<String>,
+    /// Destroy a mismatching array or foreign superblocks instead of failing.
+    pub wipe: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// The array is running as wanted: nothing to do.
+    Reuse,
+    /// The members carry one matching array that is not running.
+    Assemble,
+    /// Blank members: create the array.
+    Create,
+    /// Something else is there and the profile allows wiping: stop the
+    /// running array (if any), zero the members' superblocks, create.
+    WipeAndCreate { why: String },
+    /// Something else is there: the step fails with this reason.
+    Refuse { why: String },
+}
+
+fn matches(level: &str, devices: usize, w: &Wanted) -> bool {
+    level == w.level && devices == w.members.len()
+}
+
+/// Decide from the running array at the wanted path (if any) and each
+/// member's superblock.
+pub fn decide(
+    w: &Wanted,
+    running: Option<&ArrayState>,
+    members: &BTreeMap<String, Option<MemberState>>,
+) -> Decision {
+    let other = |why: String| {
+        if w.wipe {
+            Decision::WipeAndCreate { why }
+        } else {
+            Decision::Refuse {
+                why: format!("{why}; the profile does not allow wiping (raid.wipe)"),
+            }
+        }
+    };
+    if let Some(a) = running {
+        if matches(&a.level, a.raid_devices, w) && a.members == w.members {
+            return Decision::Reuse;
+        }
+        return other(format!(
+            "a different array is running: {} over {} ({} devices), wanted {} over {}",
+            a.level,
+            a.members.iter().cloned().collect::<Vec<_>>().join(" "),
+            a.raid_devices,
+            w.level,
+            w.members.iter().cloned().collect::<Vec<_>>().join(" ")
+        ));
+    }
+    let found: Vec<(&String, &MemberState)> = members
+        .iter()
+        .filter_map(|(d, m)| m.as_ref().map(|m| (d, m)))
+        .collect();
+    if found.is_empty() {
+        return Decision::Create;
+    }
+    let uuids: BTreeSet<&str> = found.iter().map(|(_, m)| m.uuid.as_str()).collect();
+    let all_members = found.len() == w.members.len();
+    if all_members && uuids.len() == 1 && matches(&found[0].1.level, found[0].1.raid_devices, w) {
+        return Decision::Assemble;
+    }
+    other(format!(
+        "the disks carry other RAID metadata: {}",
+        found
+            .iter()
+            .map(|(d, m)| format!(
+                "{d}: {} of {} devices, array {}",
+                m.level, m.raid_devices, m.uuid
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
+    ))
+}
+
+/// After create/assemble: the array runs as wanted.
+pub fn verify(w: &Wanted, a: &ArrayState) -> Result<(), String> {
+    if !matches(&a.level, a.raid_devices, w) {
+        return Err(format!(
+            "array is {} with {} devices, wanted {} with {}",
+            a.level,
+            a.raid_devices,
+            w.level,
+            w.members.len()
+        ));
+    }
+    if a.members != w.members {
+        return Err(format!(
+            "array members are {:?}, wanted {:?}",
+            a.members, w.members
+        ));
+    }
+    Ok(())
+}
+
+/// md's `--name` for an array path: `/dev/md/rackcast` -> `rackcast`.
+pub fn array_name(path: &str) -> Option<&str> {
+    let name = path.strip_prefix("/dev/md/")?;
+    (!name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'))
+    .then_some(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DETAIL: &str = "MD_LEVEL=raid1\nMD_DEVICES=2\nMD_METADATA=1.2\n\
+        MD_UUID=0e5a3b1c:11111111:22222222:33333333\nMD_DEVNAME=rackcast\n\
+        MD_DEVICE_dev_vdb_ROLE=0\nMD_DEVICE_dev_vdb_DEV=/dev/vdb\n\
+        MD_DEVICE_dev_vdc_ROLE=1\nMD_DEVICE_dev_vdc_DEV=/dev/vdc\n";
+    const EXAMINE: &str = "MD_LEVEL=raid1\nMD_DEVICES=2\nMD_NAME=any:rackcast\n\
+        MD_UUID=0e5a3b1c:11111111:22222222:33333333\nMD_UPDATE_TIME=1795665891\n\
+        MD_DEV_UUID=aaaa:bbbb:cccc:dddd\nMD_EVENTS=17\n";
+
+    fn wanted(level: &str, m: &[&str], wipe: bool) -> Wanted {
+        Wanted {
+            level: level.into(),
+            members: m.iter().map(|s| s.to_string()).collect(),
+            wipe,
+        }
+    }
+
+    fn members(m: &[(&str, Option<&str>)]) -> BTreeMap<String, Option<MemberState>> {
+        m.iter()
+            .map(|(d, t)| (d.to_string(), t.and_then(MemberState::from_examine)))
+            .collect()
+    }
+
+    #[test]
+    fn mdadm_export_output_is_read() {
+        let a = ArrayState::from_detail(DETAIL).unwrap();
+        assert_eq!(a.level, "raid1");
+        assert_eq!(a.raid_devices, 2);
+        assert_eq!(a.members.len(), 2);
+        let m = MemberState::from_examine(EXAMINE).unwrap();
+        assert_eq!(m.uuid, a.uuid);
+        // No superblock: mdadm prints nothing useful.
+        assert_eq!(MemberState::from_examine(""), None);
+        assert_eq!(ArrayState::from_detail("MD_LEVEL=raid1\n"), None);
+    }
+
+    #[test]
+    fn decisions() {
+        let w = wanted("raid1", &["/dev/vdb", "/dev/vdc"], false);
+        let a = ArrayState::from_detail(DETAIL).unwrap();
+        let blank = members(&[("/dev/vdb", None), ("/dev/vdc", None)]);
+        let ours = members(&[("/dev/vdb", Some(EXAMINE)), ("/dev/vdc", Some(EXAMINE))]);
+        assert_eq!(decide(&w, Some(&a), &ours), Decision::Reuse);
+        assert_eq!(decide(&w, None, &ours), Decision::Assemble);
+        assert_eq!(decide(&w, None, &blank), Decision::Create);
+        // One member still blank (replaced disk) or another level: not ours.
+        let half = members(&[("/dev/vdb", Some(EXAMINE)), ("/dev/vdc", None)]);
+        assert!(matches!(decide(&w, None, &half), Decision::Refuse { .. }));
+        let w0 = wanted("raid0", &["/dev/vdb", "/dev/vdc"], false);
+        let Decision::Refuse { why } = decide(&w0, Some(&a), &ours) else {
+            panic!()
+        };
+        assert!(why.contains("raid1") && why.contains("raid.wipe"), "{why}");
+        let w0 = wanted("raid0", &["/dev/vdb", "/dev/vdc"], true);
+        assert!(matches!(
+            decide(&w0, None, &ours),
+            Decision::WipeAndCreate { .. }
+        ));
+        // Other members than the running array's.
+        let w3 = wanted("raid1", &["/dev/vdb", "/dev/vdd"], false);
+        assert!(matches!(
+            decide(&w3, Some(&a), &ours),
+            Decision::Refuse { .. }
+        ));
+        assert!(verify(&w, &a).is_ok());
+        assert!(verify(&w3, &a).is_err());
+    }
+
+    #[test]
+    fn array_names() {
+        assert_eq!(array_name("/dev/md/rackcast"), Some("rackcast"));
+        assert_eq!(array_name("/dev/md0"), None);
+        assert_eq!(array_name("/dev/md/a/b"), None);
+    }
+}
