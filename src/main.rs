@@ -50,6 +50,9 @@ enum Cmd {
     /// Retry a failed device from its failed step (asks the running
     /// appliance through its API).
     Retry(LogArgs),
+    /// Install a finished device again: its next network boot loads the
+    /// loader instead of its disk (asks the running appliance).
+    Reinstall(LogArgs),
     /// Fingerprint of the appliance's bundle-signing key (made on first
     /// use): what `rackcast-agent run --trust-key` and `rackcast.key=` on a
     /// loader's kernel command line take.
@@ -190,7 +193,18 @@ fn main() -> Result<()> {
             fleet::images_add(&cfg.config, &name, &path)
         }
         Cmd::Images(ImagesCmd::List(a)) => fleet::images_list(&a.cfg.config, a.json),
-        Cmd::Retry(a) => fleet::retry(&a.cfg.config, &a.device),
+        Cmd::Retry(a) => fleet::ask(
+            &a.cfg.config,
+            &a.device,
+            "retry",
+            "retrying its failed step",
+        ),
+        Cmd::Reinstall(a) => fleet::ask(
+            &a.cfg.config,
+            &a.device,
+            "reinstall",
+            "will be installed again at its next network boot",
+        ),
         Cmd::Key(a) => {
             let cfg = rackcast::config::Config::load(&a.config)?;
             let signer = rackcast::signing::BundleSigner::load_or_create(&cfg.signing_key_path())?;
@@ -389,19 +403,21 @@ mod fleet {
         Ok((code, body.to_string()))
     }
 
-    pub fn retry(config: &Path, device: &str) -> Result<()> {
+    /// POST an operator action (`retry`, `reinstall`) for one device to
+    /// the running appliance.
+    pub fn ask(config: &Path, device: &str, action: &str, done: &str) -> Result<()> {
         let cfg = Config::load(config)?;
         let addr = cfg
             .appliance
             .api_listen
             .context("appliance.api_listen is not set: the appliance has no API to ask")?;
         let id = device_arg(device);
-        let (code, body) = http(addr, "POST", &format!("/api/devices/{id}/retry"))
+        let (code, body) = http(addr, "POST", &format!("/api/devices/{id}/{action}"))
             .with_context(|| format!("asking the appliance at {addr}"))?;
         if code != 200 {
-            anyhow::bail!("retry {id}: HTTP {code}: {body}");
+            anyhow::bail!("{action} {id}: HTTP {code}: {body}");
         }
-        println!("{id}: retrying its failed step");
+        println!("{id}: {done}");
         Ok(())
     }
 

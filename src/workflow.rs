@@ -316,6 +316,9 @@ pub enum Event {
     Tick,
     /// Operator: retry the failed step now.
     Retry,
+    /// Operator: install this finished device again; its next network
+    /// boot gets the loader instead of its disk.
+    Reinstall,
 }
 
 /// One event-log row.
@@ -478,7 +481,27 @@ impl Fx<'_> {
                     self.retry(f, why);
                 }
             }
+            Event::Reinstall => {
+                if self.dev.reached == Step::Done {
+                    self.start_over(
+                        "reinstall requested by the operator: the next network boot loads the loader",
+                    );
+                }
+            }
         }
+    }
+
+    /// A finished device begins again from `discovered` (same id, its
+    /// command ids keep counting so old results cannot match).
+    fn start_over(&mut self, why: &str) {
+        let from = self.state_label();
+        *self.dev = Device {
+            created: self.dev.created,
+            next_cmd: self.dev.next_cmd,
+            connected: self.dev.connected,
+            ..Device::new(&self.dev.id, &self.dev.mac, self.now)
+        };
+        self.log_transition(Step::Discovered, "info", from, None, why.into());
     }
 
     fn on_boot(&mut self, how: String) {
@@ -502,19 +525,7 @@ impl Fx<'_> {
                 if self.dev.reached == Step::Done {
                     // A finished device whose loader runs again was asked
                     // to be re-imaged (booted into the loader on purpose).
-                    let from = self.state_label();
-                    *self.dev = Device {
-                        created: self.dev.created,
-                        next_cmd: self.dev.next_cmd,
-                        ..Device::new(&self.dev.id, &self.dev.mac, self.now)
-                    };
-                    self.log_transition(
-                        Step::Discovered,
-                        "info",
-                        from,
-                        None,
-                        "loader started on a finished device: reinstall".into(),
-                    );
+                    self.start_over("loader started on a finished device: reinstall");
                 }
                 if self.dev.reached < Step::LoaderBooted {
                     let from = self.state_label();

@@ -1064,7 +1064,7 @@ fn bios_pxe_machine_is_installed_over_multicast_then_boots_its_disk() {
 }
 
 #[test]
-fn uefi_pxe_machine_gets_its_bios_set_by_redfish_and_its_image_on_a_new_raid1() {
+fn uefi_pxe_machine_gets_bios_by_redfish_and_image_on_raid1_then_reinstalls_idempotently() {
     if !can_run() || !qemu_ready() {
         return;
     }
@@ -1200,4 +1200,44 @@ fn uefi_pxe_machine_gets_its_bios_set_by_redfish_and_its_image_on_a_new_raid1() 
     assert!(fs::read(&disks[0]).unwrap()[..1 << 20]
         .iter()
         .all(|&b| b == 0xa5));
+
+    // The operator has it installed again: the next boot loads the loader;
+    // the BIOS is already as wanted and the array is found and reused.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &a.lab.ns("app")])
+        .arg(bin("rackcast"))
+        .args(["reinstall", mac, "--config"])
+        .arg(&a.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let again = log.len();
+    let console = a.lab.file("console-2.log");
+    let _run = start_vm(&a.lab, &vm, &console);
+    a.wait_for("UEFI machine installed again", 400, &console, || {
+        state() == "done" && a.log_details(mac).len() > again + 5
+    });
+    let log = a.log_details(mac);
+    let second = &log[again..];
+    let has = |s: &str| second.iter().any(|l| l.contains(s));
+    for want in [
+        "discovered info reinstall requested by the operator",
+        "bios-diff ok: already as wanted, nothing to change (no PATCH, no reset)",
+        "raid-inspect ok: /dev/md/rackcast: not running; /dev/vdb: raid1 member",
+        "raid_configured ok existing raid1 array /dev/md/rackcast assembled and reused",
+        "imaging ok image img written to /dev/md/rackcast and verified",
+        "done ok",
+    ] {
+        assert!(
+            has(want),
+            "no {want:?} after the reinstall in\n{}",
+            second.join("\n")
+        );
+    }
+    assert_eq!(
+        bmc.count("PATCH", "/BIOS/Settings"),
+        1,
+        "one PATCH in two installs"
+    );
+    assert_eq!(bmc.count("POST", "ComputerSystem.Reset"), 1);
 }

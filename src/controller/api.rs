@@ -23,6 +23,7 @@ pub async fn serve_api(listener: tokio::net::TcpListener, shared: Shared) {
         .route("/api/devices/{id}/log", get(device_log))
         .route("/api/devices/{id}/inventory", get(device_inventory))
         .route("/api/devices/{id}/retry", post(retry))
+        .route("/api/devices/{id}/reinstall", post(reinstall))
         .route("/api/waves", get(waves))
         .route("/api/images", get(images))
         .route("/boot/{script}", get(ipxe_script));
@@ -107,15 +108,13 @@ async fn images(State(s): State<Shared>) -> Response {
     }
 }
 
-async fn retry(State(s): State<Shared>, Path(id): Path<String>) -> Response {
+/// An operator action on one device, answered by the controller.
+async fn ask_controller(
+    s: &Shared,
+    input: impl FnOnce(oneshot::Sender<Result<(), String>>) -> Input,
+) -> Response {
     let (tx, rx) = oneshot::channel();
-    if s.inbox
-        .send(Input::Retry {
-            device: id,
-            reply: tx,
-        })
-        .is_err()
-    {
+    if s.inbox.send(input(tx)).is_err() {
         return err(StatusCode::SERVICE_UNAVAILABLE, "controller stopped");
     }
     match rx.await {
@@ -123,6 +122,15 @@ async fn retry(State(s): State<Shared>, Path(id): Path<String>) -> Response {
         Ok(Err(e)) => err(StatusCode::CONFLICT, e),
         Err(_) => err(StatusCode::SERVICE_UNAVAILABLE, "controller stopped"),
     }
+}
+
+async fn retry(State(s): State<Shared>, Path(id): Path<String>) -> Response {
+    ask_controller(&s, |reply| Input::Retry { device: id, reply }).await
+}
+
+/// Install a finished device again: its next network boot gets the loader.
+async fn reinstall(State(s): State<Shared>, Path(id): Path<String>) -> Response {
+    ask_controller(&s, |reply| Input::Reinstall { device: id, reply }).await
 }
 
 /// The per-device iPXE script, `GET /boot/<mac>.ipxe`: the loader while

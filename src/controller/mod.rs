@@ -75,6 +75,10 @@ pub enum Input {
         device: String,
         reply: oneshot::Sender<Result<(), String>>,
     },
+    Reinstall {
+        device: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
     Tick,
     Shutdown,
 }
@@ -463,6 +467,20 @@ impl Controller {
                     Some(d) if d.failed.is_none() => Err(format!("{device} has not failed")),
                     Some(_) => {
                         self.apply(&device, Event::Retry);
+                        Ok(())
+                    }
+                };
+                let _ = reply.send(r);
+            }
+            Input::Reinstall { device, reply } => {
+                let r = match self.devices.get(&device) {
+                    None => Err(format!("no device {device}")),
+                    Some(d) if d.reached != Step::Done => Err(format!(
+                        "{device} is not installed (it is at {}): nothing to reinstall",
+                        d.current_step()
+                    )),
+                    Some(_) => {
+                        self.apply(&device, Event::Reinstall);
                         Ok(())
                     }
                 };

@@ -196,6 +196,46 @@ fn every_step_in_order_to_done() {
 }
 
 #[test]
+fn operator_reinstall_starts_a_finished_device_over() {
+    let mut s = Sim::new();
+    // Not finished: nothing happens.
+    s.reach_agent_delivered(plan(false));
+    let rows = s.rows.len();
+    s.ev(Event::Reinstall);
+    assert_eq!(s.rows.len(), rows);
+    // Drive to done, then reinstall.
+    for _ in 0..20 {
+        if s.dev.reached == Step::Done {
+            break;
+        }
+        match s.last_cmd().work {
+            Work::JoinWave(_) => s.ok(StepData::ImageWritten {
+                hash: IMG_HASH.into(),
+                bytes: 10,
+            }),
+            _ if s.dev.queued_for_image => {
+                let j = s.join();
+                s.ev(Event::WaveAssigned(j));
+            }
+            _ => s.ok(StepData::None),
+        }
+    }
+    assert_eq!(s.dev.reached, Step::Done);
+    let cmd = s.dev.next_cmd;
+    s.ev(Event::Reinstall);
+    assert_eq!(s.dev.reached, Step::Discovered);
+    assert!(s.dev.next_cmd >= cmd, "command ids keep counting");
+    let last = s.rows.last().unwrap();
+    assert!(last.detail.contains("reinstall requested by the operator"));
+    assert_eq!(last.from_state, "done:done");
+    // Its loader comes back: the steps run again.
+    s.ev(Event::AgentConnected(AgentMode::Loader {
+        os_present: false,
+    }));
+    assert_eq!(s.last_cmd().work, Work::Inventory);
+}
+
+#[test]
 fn plan_without_programs_records_skips() {
     let mut s = Sim::new();
     s.reach_agent_delivered(plan(false));
@@ -434,6 +474,7 @@ mod properties {
         WaveLost,
         Tick(u16),
         Retry,
+        Reinstall,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -449,6 +490,7 @@ mod properties {
             Just(Op::WaveLost),
             (0u16..20_000).prop_map(Op::Tick),
             Just(Op::Retry),
+            Just(Op::Reinstall),
         ]
     }
 
@@ -490,6 +532,7 @@ mod properties {
                     Op::WaveLost => { s.ev(Event::WaveLost { wave: None, why: "x".into() }); }
                     Op::Tick(ms) => { s.now += i64::from(ms); s.ev(Event::Tick); }
                     Op::Retry => { s.ev(Event::Retry); }
+                    Op::Reinstall => { s.ev(Event::Reinstall); }
                 }
                 prop_assert!(!(s.dev.running.is_some() && s.dev.failed.is_some()), "{:?}", s.dev);
             }
