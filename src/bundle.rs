@@ -139,6 +139,10 @@ pub struct RaidPlan {
     /// instead of failing.
     #[serde(default)]
     pub wipe: bool,
+    /// md superblock format for a new array (`1.2`, or `1.0` for RAID1
+    /// halves that legacy firmware boots).
+    #[serde(default = "md_metadata")]
+    pub metadata: String,
     /// Program-runner backend (instead of mdadm); gets `RC_RAID_LEVEL`,
     /// `RC_RAID_MEMBERS` and `RC_RAID_ARRAY`.
     pub program: Option<Program>,
@@ -347,6 +351,10 @@ impl DiskRule {
         }
         Ok(d)
     }
+}
+
+fn md_metadata() -> String {
+    "1.2".into()
 }
 
 /// RAID levels and the member counts they need.

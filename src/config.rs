@@ -380,6 +380,10 @@ pub struct RedfishConfig {
     pub settle_timeout: Duration,
 }
 
+fn d_metadata() -> String {
+    "1.2".into()
+}
+
 fn d_reset() -> String {
     "ForceRestart".into()
 }
@@ -422,6 +426,11 @@ pub struct RaidConfig {
     /// disks instead of failing the step.
     #[serde(default)]
     pub wipe: bool,
+    /// md superblock format: "1.2" (default, at the start) or "1.0" (at
+    /// the end: each RAID1 half then looks like a plain disk to legacy
+    /// firmware, which can boot from it).
+    #[serde(default = "d_metadata")]
+    pub metadata: String,
     /// A program instead of the built-in mdadm backend (hardware
     /// controllers' vendor tools).
     pub program: Option<ProgramConfig>,
@@ -625,6 +634,12 @@ impl Config {
                 ));
             }
             if let Some(r) = &p.raid {
+                if !["1.0", "1.1", "1.2"].contains(&r.metadata.as_str()) {
+                    return Err(bad(
+                        format!("profiles[{i}].raid.metadata"),
+                        format!("{:?}: expected \"1.0\", \"1.1\" or \"1.2\"", r.metadata),
+                    ));
+                }
                 if r.program.is_none() && crate::raid::array_name(&r.array).is_none() {
                     return Err(bad(
                         format!("profiles[{i}].raid.array"),

@@ -975,8 +975,68 @@ fn assert_inventory(
     inv
 }
 
+/// The machine's BMC answers on the lab network (a Redfish emulator in
+/// device namespace d1); RAID1 over its two smallest disks, whatever their
+/// order, with md superblock format `metadata`.
+fn bios_and_raid1_profile(metadata: &str) -> String {
+    format!(
+        "[[profiles]]\nname = \"pxe-box\"\nimage = \"img\"\n\
+         [profiles.bios]\nattributes = {{ ProcTurboMode = \"Disabled\", BootMode = \"Uefi\" }}\n\
+         [profiles.bios.redfish]\nurl = \"http://198.18.0.11:{BMC_PORT}\"\nusername = \"{BMC_USER}\"\n\
+         password = \"{BMC_PASSWORD}\"\nsettle_timeout = \"30s\"\n\
+         [profiles.raid]\nlevel = \"raid1\"\ndisks = {{ order = \"smallest\", count = 2 }}\n\
+         array = \"/dev/md/rackcast\"\nmetadata = \"{metadata}\"\n"
+    )
+}
+
+/// Sparse disk files for a machine, old data in their first MiB (a wrong
+/// write cannot pass as the image).
+fn machine_disks(lab: &Lab, sizes_mib: &[(&str, u64)]) -> Vec<PathBuf> {
+    sizes_mib
+        .iter()
+        .map(|(n, mib)| {
+            let p = lab.file(&format!("{n}.raw"));
+            fs::write(&p, vec![0xa5u8; 1 << 20]).unwrap();
+            fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_len(mib << 20)
+                .unwrap();
+            p
+        })
+        .collect()
+}
+
+/// A RAID1 member disk holds the image at md's data offset (read with the
+/// host's mdadm from the disk file: this host kernel has no md, so the
+/// arrays live in the emulated machines). Returns the offset in sectors.
+fn assert_mirror_half_holds(d: &std::path::Path, image: &[u8]) -> u64 {
+    let out = Command::new("mdadm")
+        .arg("--examine")
+        .arg(d)
+        .output()
+        .unwrap();
+    let text = text(&out);
+    let sectors: u64 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Data Offset : "))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(text.contains("Raid Level : raid1"), "{text}");
+    let bytes = fs::read(d).unwrap();
+    let at = (sectors * 512) as usize;
+    assert!(
+        bytes[at..at + image.len()] == *image,
+        "{} does not hold the image at offset {at}",
+        d.display()
+    );
+    sectors
+}
+
 #[test]
-fn bios_pxe_machine_is_installed_over_multicast_then_boots_its_disk() {
+fn bios_pxe_machine_gets_bios_and_raid1_then_the_image_and_boots_a_mirror_half() {
     if !can_run() || !qemu_ready() {
         return;
     }
@@ -989,11 +1049,15 @@ fn bios_pxe_machine_is_installed_over_multicast_then_boots_its_disk() {
         "DHCP service listening",
         &files.path().join("agent"),
         &image,
-        ANY_PROFILE,
+        // md superblock at the end: each mirror half is a disk the BIOS
+        // can boot.
+        &bios_and_raid1_profile("1.0"),
     );
+    let bmc = Bmc::start_on(&a.lab, "d1", "198.18.0.11");
     let (mac, uuid) = ("52:54:00:18:00:01", "6a1c0e5e-8d0f-4a53-9f4e-0c9a3b6a7d01");
-    let disk = a.lab.file("vda.raw");
-    fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
+    // vda and vdb (the two smallest) become the mirror; vda boots.
+    let disks = machine_disks(&a.lab, &[("vda", 64), ("vdb", 64), ("vdc", 96)]);
+    let disk_refs: Vec<&std::path::Path> = disks.iter().map(|p| p.as_path()).collect();
     lab_tap(&a.lab, "pxtap0");
     let vm = Vm {
         tap: "pxtap0",
@@ -1003,7 +1067,7 @@ fn bios_pxe_machine_is_installed_over_multicast_then_boots_its_disk() {
         // Network first, then the first disk: what a rack's BIOS is set to.
         firmware: &["-boot", "order=nc"],
         nic_extra: "",
-        disks: &[&disk],
+        disks: &disk_refs,
     };
 
     // Power-on: SeaBIOS -> iPXE ROM DHCP (the trigger) -> per-device script
@@ -1031,20 +1095,29 @@ fn bios_pxe_machine_is_installed_over_multicast_then_boots_its_disk() {
         // The loader took the appliance key's fingerprint from the kernel
         // command line the iPXE script wrote, and checked the bundle.
         &format!("signature verified with trusted key {}", a.key()),
-        "imaging ok image img written to /dev/vda and verified",
+        "bios-verify ok",
+        "raid-verify ok: /dev/md/rackcast: raid1 over /dev/vda /dev/vdb",
+        "imaging ok image img written to /dev/md/rackcast and verified",
         "image_verified ok whole-image BLAKE3",
         "done ok",
     ] {
         assert!(has(want), "no {want:?} in\n{}", log.join("\n"));
     }
-    let written = fs::read(&disk).unwrap();
-    assert!(
-        written[..image.len()] == image[..],
-        "the disk does not hold the image"
-    );
+    assert_eq!(bmc.bios()["ProcTurboMode"], "Disabled");
+    for d in &disks[..2] {
+        assert_eq!(
+            assert_mirror_half_holds(d, &image),
+            0,
+            "metadata 1.0: data at 0"
+        );
+    }
+    assert!(fs::read(&disks[2]).unwrap()[..1 << 20]
+        .iter()
+        .all(|&b| b == 0xa5));
 
     // Reboot: the device is installed, DHCP names no boot file, iPXE gives
-    // up and the BIOS boots the disk the wave wrote.
+    // up and the BIOS boots the first disk: a half of the mirror the wave
+    // wrote.
     let console = a.lab.file("console-2.log");
     let _run = start_vm(&a.lab, &vm, &console);
     a.wait_for("installed OS booting from its disk", 180, &console, || {
@@ -1077,16 +1150,7 @@ fn uefi_pxe_machine_gets_bios_by_redfish_and_image_on_raid1_then_reinstalls_idem
         dhcp_full_with_http(files.path()),
         tftp.display()
     );
-    // The machine's BMC answers on the lab network (device namespace d1);
-    // RAID1 over its two smallest disks, whatever their order.
-    let profile = format!(
-        "[[profiles]]\nname = \"uefi-box\"\nimage = \"img\"\n\
-         [profiles.bios]\nattributes = {{ ProcTurboMode = \"Disabled\", BootMode = \"Uefi\" }}\n\
-         [profiles.bios.redfish]\nurl = \"http://198.18.0.11:{BMC_PORT}\"\nusername = \"{BMC_USER}\"\n\
-         password = \"{BMC_PASSWORD}\"\nsettle_timeout = \"30s\"\n\
-         [profiles.raid]\nlevel = \"raid1\"\ndisks = {{ order = \"smallest\", count = 2 }}\n\
-         array = \"/dev/md/rackcast\"\n"
-    );
+    let profile = bios_and_raid1_profile("1.2");
     let image = bootable_image(4 << 20);
     let a = Appliance::with_parts(
         "pu",
@@ -1099,21 +1163,7 @@ fn uefi_pxe_machine_gets_bios_by_redfish_and_image_on_raid1_then_reinstalls_idem
     );
     let bmc = Bmc::start_on(&a.lab, "d1", "198.18.0.11");
     let (mac, uuid) = ("52:54:00:18:00:02", "6a1c0e5e-8d0f-4a53-9f4e-0c9a3b6a7d02");
-    let disks: Vec<PathBuf> = [("vda", 96u64), ("vdb", 64), ("vdc", 64)]
-        .iter()
-        .map(|(n, mib)| {
-            let p = a.lab.file(&format!("{n}.raw"));
-            // Old data at the start: a wrong write cannot pass as the image.
-            fs::write(&p, vec![0xa5u8; 1 << 20]).unwrap();
-            fs::OpenOptions::new()
-                .write(true)
-                .open(&p)
-                .unwrap()
-                .set_len(mib << 20)
-                .unwrap();
-            p
-        })
-        .collect();
+    let disks = machine_disks(&a.lab, &[("vda", 96), ("vdb", 64), ("vdc", 64)]);
     let disk_refs: Vec<&std::path::Path> = disks.iter().map(|p| p.as_path()).collect();
     lab_tap(&a.lab, "pxtap0");
     let vm = Vm {
@@ -1170,31 +1220,9 @@ fn uefi_pxe_machine_gets_bios_by_redfish_and_image_on_raid1_then_reinstalls_idem
     pos("raid-inspect ok: /dev/md/rackcast: not running; /dev/vdb: no RAID metadata; /dev/vdc: no RAID metadata");
     pos("mdadm ok (exit 0): mdadm --create /dev/md/rackcast --run --metadata=1.2 --name=rackcast --level=raid1 --raid-devices=2 /dev/vdb /dev/vdc");
     assert_eq!(bmc.bios()["ProcTurboMode"], "Disabled");
-    // Both mirror halves hold the image at md's data offset (read with
-    // the host's mdadm from the disk files: the host kernel has no md).
+    // Both mirror halves hold the image.
     for d in &disks[1..] {
-        let out = Command::new("mdadm")
-            .arg("--examine")
-            .arg(d)
-            .output()
-            .unwrap();
-        let text = text(&out);
-        let sectors: u64 = text
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("Data Offset : "))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| {
-                panic!("no data offset in mdadm --examine {}:\n{text}", d.display())
-            });
-        assert!(text.contains("Raid Level : raid1"), "{text}");
-        let bytes = fs::read(d).unwrap();
-        let at = (sectors * 512) as usize;
-        assert!(
-            bytes[at..at + image.len()] == image[..],
-            "{} does not hold the image at offset {at}",
-            d.display()
-        );
+        assert_mirror_half_holds(d, &image);
     }
     // The largest disk was not a member and was not written.
     assert!(fs::read(&disks[0]).unwrap()[..1 << 20]

@@ -136,7 +136,7 @@ pub async fn configure(
         "--create".into(),
         array.into(),
         "--run".into(),
-        "--metadata=1.2".into(),
+        format!("--metadata={}", plan.metadata),
         format!("--name={name}"),
         format!("--level={}", w.level),
         format!("--raid-devices={}", members.len()),

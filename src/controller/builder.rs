@@ -202,6 +202,7 @@ impl Builder {
                     members: members.iter().map(|d| d.name.clone()).collect(),
                     array: r.array.clone(),
                     wipe: r.wipe,
+                    metadata: r.metadata.clone(),
                     program: r.program.as_ref().map(|x| x.to_program()),
                 })
             }
