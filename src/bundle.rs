@@ -143,6 +143,15 @@ pub struct RaidPlan {
     /// halves that legacy firmware boots).
     #[serde(default = "md_metadata")]
     pub metadata: String,
+    /// Hardware RAID through the BMC (instead of mdadm): a Redfish Volume
+    /// named `volume_name` over the controller drives `drive_rule` picks
+    /// (on the device: the drives are the controller's, not the OS's).
+    #[serde(default)]
+    pub redfish: Option<crate::redfish::RedfishTarget>,
+    #[serde(default)]
+    pub drive_rule: Option<DiskRule>,
+    #[serde(default)]
+    pub volume_name: String,
     /// Program-runner backend (instead of mdadm); gets `RC_RAID_LEVEL`,
     /// `RC_RAID_MEMBERS` and `RC_RAID_ARRAY`.
     pub program: Option<Program>,

@@ -380,6 +380,10 @@ pub struct RedfishConfig {
     pub settle_timeout: Duration,
 }
 
+fn d_volume_name() -> String {
+    "rackcast".into()
+}
+
 fn d_metadata() -> String {
     "1.2".into()
 }
@@ -420,8 +424,15 @@ impl RedfishConfig {
 pub struct RaidConfig {
     pub level: String,
     pub disks: DiskRule,
-    /// The array the image goes to (e.g. `/dev/md/rackcast`).
-    pub array: String,
+    /// The md array the image goes to (e.g. `/dev/md/rackcast`); the
+    /// mdadm backend's.
+    pub array: Option<String>,
+    /// Hardware RAID: a volume through the BMC over the controller drives
+    /// `disks` picks; the image then goes to the profile's `target` (the
+    /// volume as the OS sees it).
+    pub redfish: Option<RedfishConfig>,
+    #[serde(default = "d_volume_name")]
+    pub volume_name: String,
     /// Destroy a mismatching array or other RAID metadata on the chosen
     /// disks instead of failing the step.
     #[serde(default)]
@@ -640,14 +651,45 @@ impl Config {
                         format!("{:?}: expected \"1.0\", \"1.1\" or \"1.2\"", r.metadata),
                     ));
                 }
-                if r.program.is_none() && crate::raid::array_name(&r.array).is_none() {
-                    return Err(bad(
-                        format!("profiles[{i}].raid.array"),
-                        format!(
-                            "{:?}: the mdadm backend wants /dev/md/NAME (NAME: up to 32 letters, digits, - or _)",
-                            r.array
-                        ),
-                    ));
+                let key = format!("profiles[{i}].raid");
+                match (&r.redfish, &r.program) {
+                    (Some(_), Some(_)) => {
+                        return Err(bad(
+                            key,
+                            "expected one backend: `redfish`, `program` or neither (mdadm)".into(),
+                        ))
+                    }
+                    (Some(rf), None) => {
+                        if p.target.is_none() {
+                            return Err(bad(
+                                format!("profiles[{i}]"),
+                                "a Redfish RAID volume needs `target`: the disk rule that finds the volume as the OS sees it".into(),
+                            ));
+                        }
+                        if rf.password.is_some() == rf.password_file.is_some() {
+                            return Err(bad(
+                                format!("{key}.redfish"),
+                                "expected one of password and password_file".into(),
+                            ));
+                        }
+                    }
+                    (None, _) => {
+                        let array = r.array.as_deref().unwrap_or_default();
+                        if r.program.is_none() && crate::raid::array_name(array).is_none() {
+                            return Err(bad(
+                                format!("{key}.array"),
+                                format!(
+                                    "{array:?}: the mdadm backend wants /dev/md/NAME (NAME: up to 32 letters, digits, - or _)"
+                                ),
+                            ));
+                        }
+                        if r.program.is_some() && r.array.is_none() {
+                            return Err(bad(
+                                format!("{key}.array"),
+                                "the image target array is missing".into(),
+                            ));
+                        }
+                    }
                 }
             }
             for rule in p.target.iter().chain(p.raid.as_ref().map(|r| &r.disks)) {
@@ -819,6 +861,20 @@ target = { order = "largest", count = 1 }
             (
                 format!("{MINIMAL}bios = {{ attributes = {{ A = \"1\" }} }}\n"),
                 "expected a backend",
+            ),
+            (
+                MINIMAL.replace(
+                    "target = { order = \"largest\", count = 1 }",
+                    "[profiles.raid]\nlevel = \"raid1\"\ndisks = { count = 2 }\nredfish = { url = \"http://198.18.1.1\", username = \"u\", password = \"p\" }",
+                ),
+                "needs `target`",
+            ),
+            (
+                MINIMAL.replace(
+                    "target = { order = \"largest\", count = 1 }",
+                    "[profiles.raid]\nlevel = \"raid1\"\ndisks = { count = 2 }\narray = \"/dev/md0\"",
+                ),
+                "wants /dev/md/NAME",
             ),
             (
                 format!("{MINIMAL}bios = {{ attributes = {{ A = \"1\" }}, redfish = {{ url = \"198.18.1.1\", username = \"u\", password = \"p\" }} }}\n"),

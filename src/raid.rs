@@ -261,3 +261,178 @@ mod tests {
         assert_eq!(array_name("/dev/md/a/b"), None);
     }
 }
+
+/// Hardware RAID through Redfish: the Volume a plan wants on a storage
+/// controller, and what the controller reports.
+pub mod volume {
+    use std::collections::BTreeSet;
+
+    /// Redfish vocabulary for a level: `RAIDType` (Volume v1.3+) and the
+    /// older `VolumeType`, which some BMCs still report alone.
+    pub fn redfish_types(level: &str) -> Option<(&'static str, &'static str)> {
+        Some(match level {
+            "raid0" => ("RAID0", "NonRedundant"),
+            "raid1" => ("RAID1", "Mirrored"),
+            "raid5" => ("RAID5", "StripedWithParity"),
+            "raid6" => ("RAID6", "StripedWithParity"),
+            "raid10" => ("RAID10", "SpannedMirrors"),
+            _ => return None,
+        })
+    }
+
+    /// Bytes a volume of `level` over drives of these sizes holds.
+    pub fn capacity(level: &str, sizes: &[u64]) -> u64 {
+        let n = sizes.len() as u64;
+        let min = sizes.iter().copied().min().unwrap_or(0);
+        match level {
+            "raid0" => min * n,
+            "raid1" => min,
+            "raid5" => min * n.saturating_sub(1),
+            "raid6" => min * n.saturating_sub(2),
+            "raid10" => min * n / 2,
+            _ => 0,
+        }
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Seen {
+        /// The volume's `@odata.id`.
+        pub path: String,
+        pub name: String,
+        pub raid_type: Option<String>,
+        pub volume_type: Option<String>,
+        /// `Links.Drives`, when the BMC reports them.
+        pub drives: BTreeSet<String>,
+        pub capacity: u64,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Wanted {
+        pub name: String,
+        pub level: String,
+        /// Drive `@odata.id`s chosen by the profile's rule.
+        pub drives: BTreeSet<String>,
+        pub wipe: bool,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Decision {
+        Reuse(String),
+        Create,
+        /// Delete this volume, then create (the profile allows wiping).
+        Replace {
+            path: String,
+            why: String,
+        },
+        Refuse {
+            why: String,
+        },
+    }
+
+    /// Whether `v` is the wanted volume (type by `RAIDType`, else by
+    /// `VolumeType`; drives when reported).
+    pub fn check(w: &Wanted, v: &Seen) -> Result<(), String> {
+        let (raid, vol) =
+            redfish_types(&w.level).ok_or_else(|| format!("RAID level {} unknown", w.level))?;
+        let type_ok = match (&v.raid_type, &v.volume_type) {
+            (Some(r), _) => r == raid,
+            (None, Some(t)) => t == vol,
+            (None, None) => false,
+        };
+        if !type_ok {
+            return Err(format!(
+                "volume {} is {}, wanted {raid}",
+                v.name,
+                v.raid_type
+                    .clone()
+                    .or_else(|| v.volume_type.clone())
+                    .unwrap_or_else(|| "of unknown type".into())
+            ));
+        }
+        if !v.drives.is_empty() && v.drives != w.drives {
+            return Err(format!(
+                "volume {} spans {:?}, wanted {:?}",
+                v.name, v.drives, w.drives
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn decide(w: &Wanted, existing: &[Seen]) -> Decision {
+        let other = |path: &str, why: String| {
+            if w.wipe {
+                Decision::Replace {
+                    path: path.to_string(),
+                    why,
+                }
+            } else {
+                Decision::Refuse {
+                    why: format!("{why}; the profile does not allow wiping (raid.wipe)"),
+                }
+            }
+        };
+        if let Some(v) = existing.iter().find(|v| v.name == w.name) {
+            return match check(w, v) {
+                Ok(()) => Decision::Reuse(v.path.clone()),
+                Err(why) => other(&v.path, why),
+            };
+        }
+        if let Some(v) = existing
+            .iter()
+            .find(|v| v.drives.iter().any(|d| w.drives.contains(d)))
+        {
+            return other(
+                &v.path,
+                format!("volume {} already uses the chosen drives", v.name),
+            );
+        }
+        Decision::Create
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn seen(name: &str, raid: Option<&str>, vol: Option<&str>, drives: &[&str]) -> Seen {
+            Seen {
+                path: format!("/v/{name}"),
+                name: name.into(),
+                raid_type: raid.map(Into::into),
+                volume_type: vol.map(Into::into),
+                drives: drives.iter().map(|d| d.to_string()).collect(),
+                capacity: 1 << 30,
+            }
+        }
+
+        #[test]
+        fn volume_decisions() {
+            let w = Wanted {
+                name: "rackcast".into(),
+                level: "raid1".into(),
+                drives: ["/d/1", "/d/2"].iter().map(|d| d.to_string()).collect(),
+                wipe: false,
+            };
+            assert_eq!(decide(&w, &[]), Decision::Create);
+            // Reported by RAIDType, or only by the older VolumeType.
+            let ok = seen("rackcast", Some("RAID1"), None, &["/d/1", "/d/2"]);
+            assert_eq!(decide(&w, &[ok]), Decision::Reuse("/v/rackcast".into()));
+            let old = seen("rackcast", None, Some("Mirrored"), &[]);
+            assert!(matches!(decide(&w, &[old]), Decision::Reuse(_)));
+            let wrong = seen("rackcast", Some("RAID0"), None, &[]);
+            assert!(matches!(
+                decide(&w, std::slice::from_ref(&wrong)),
+                Decision::Refuse { .. }
+            ));
+            let busy = seen("data", Some("RAID5"), None, &["/d/2", "/d/3"]);
+            assert!(matches!(decide(&w, &[busy]), Decision::Refuse { .. }));
+            let wipe = Wanted {
+                wipe: true,
+                ..w.clone()
+            };
+            assert!(matches!(decide(&wipe, &[wrong]), Decision::Replace { .. }));
+            assert_eq!(capacity("raid1", &[10, 12]), 10);
+            assert_eq!(capacity("raid5", &[10, 10, 10]), 20);
+            assert_eq!(capacity("raid10", &[10, 10, 10, 10]), 20);
+        }
+    }
+}

@@ -84,30 +84,31 @@ struct Links {
     reset_allowed: Vec<String>,
 }
 
-pub struct RedfishBios {
+/// One BMC: HTTP with basic auth and timeouts, and the system to act on.
+pub struct Redfish {
     target: RedfishTarget,
     base: String,
     http: reqwest::Client,
-    links: Option<Links>,
+    system: Option<String>,
 }
 
-impl RedfishBios {
-    pub fn new(target: RedfishTarget) -> Result<RedfishBios, BiosError> {
+impl Redfish {
+    pub fn new(target: RedfishTarget) -> Result<Redfish, BiosError> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
             .danger_accept_invalid_certs(!target.tls_verify)
             .build()
             .map_err(|e| backend(format!("HTTP client: {e}"), false))?;
-        Ok(RedfishBios {
+        Ok(Redfish {
             base: target.url.trim_end_matches('/').to_string(),
             target,
             http,
-            links: None,
+            system: None,
         })
     }
 
-    fn url(&self, path: &str) -> String {
+    pub fn url(&self, path: &str) -> String {
         if path.starts_with("http://") || path.starts_with("https://") {
             path.to_string()
         } else {
@@ -158,13 +159,60 @@ impl RedfishBios {
             .map_err(|e| backend(format!("{method} {url}: not JSON: {e}"), false))
     }
 
-    async fn get(&self, path: &str) -> Result<Value, BiosError> {
+    pub async fn get(&self, path: &str) -> Result<Value, BiosError> {
         self.call(reqwest::Method::GET, path, None).await
     }
 
-    async fn links(&mut self) -> Result<Links, BiosError> {
-        if let Some(l) = &self.links {
-            return Ok(l.clone());
+    /// POST that creates a resource: its `Location`, if the BMC says.
+    pub async fn create(&self, path: &str, body: Value) -> Result<Option<String>, BiosError> {
+        let url = self.url(path);
+        let resp = self
+            .http
+            .post(&url)
+            .basic_auth(&self.target.username, Some(&self.target.password))
+            .header("Accept", "application/json")
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| {
+                backend(
+                    format!("BMC unreachable: POST {url}: {}", error_chain(&e)),
+                    true,
+                )
+            })?;
+        let status = resp.status();
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let text = resp.text().await.unwrap_or_default();
+        if !status.is_success() {
+            return Err(backend(
+                format!("POST {url}: HTTP {status}: {}", redfish_message(&text)),
+                status.is_server_error(),
+            ));
+        }
+        // Some BMCs answer with the new resource instead of a Location.
+        Ok(location.or_else(|| {
+            serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v["@odata.id"].as_str().map(str::to_string))
+        }))
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Result<Value, BiosError> {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<Value, BiosError> {
+        self.call(reqwest::Method::DELETE, path, None).await
+    }
+
+    /// The ComputerSystem's path: the configured id, or the only member.
+    pub async fn system_path(&mut self) -> Result<String, BiosError> {
+        if let Some(p) = &self.system {
+            return Ok(p.clone());
         }
         let system_path = match &self.target.system {
             Some(id) => format!("/redfish/v1/Systems/{id}"),
@@ -189,7 +237,30 @@ impl RedfishBios {
                 }
             }
         };
-        let sys = self.get(&system_path).await?;
+        self.system = Some(system_path.clone());
+        Ok(system_path)
+    }
+}
+
+pub struct RedfishBios {
+    bmc: Redfish,
+    links: Option<Links>,
+}
+
+impl RedfishBios {
+    pub fn new(target: RedfishTarget) -> Result<RedfishBios, BiosError> {
+        Ok(RedfishBios {
+            bmc: Redfish::new(target)?,
+            links: None,
+        })
+    }
+
+    async fn links(&mut self) -> Result<Links, BiosError> {
+        if let Some(l) = &self.links {
+            return Ok(l.clone());
+        }
+        let system_path = self.bmc.system_path().await?;
+        let sys = self.bmc.get(&system_path).await?;
         let bios = sys["Bios"]["@odata.id"]
             .as_str()
             .ok_or_else(|| backend(format!("{system_path} has no Bios resource"), false))?
@@ -207,7 +278,7 @@ impl RedfishBios {
                     .collect()
             })
             .unwrap_or_default();
-        let b = self.get(&bios).await?;
+        let b = self.bmc.get(&bios).await?;
         let settings = b["@Redfish.Settings"]["SettingsObject"]["@odata.id"]
             .as_str()
             .map(str::to_string)
@@ -220,6 +291,115 @@ impl RedfishBios {
         };
         self.links = Some(l.clone());
         Ok(l)
+    }
+}
+
+/// A drive behind a storage controller, as the BMC reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveSeen {
+    pub path: String,
+    pub id: String,
+    pub capacity: u64,
+    pub model: String,
+    pub serial: String,
+    pub ssd: bool,
+}
+
+/// A storage controller (Redfish `Storage`) with its drives and volumes.
+#[derive(Debug, Clone)]
+pub struct StorageSeen {
+    pub path: String,
+    pub name: String,
+    pub drives: Vec<DriveSeen>,
+    pub volumes: String,
+}
+
+/// Hardware RAID volumes through the BMC: read controllers, drives and
+/// volumes (following `Storage`, `Drives` and `Volumes` links), create
+/// and delete volumes.
+pub struct RedfishStorage {
+    pub bmc: Redfish,
+}
+
+impl RedfishStorage {
+    pub fn new(target: RedfishTarget) -> Result<RedfishStorage, BiosError> {
+        Ok(RedfishStorage {
+            bmc: Redfish::new(target)?,
+        })
+    }
+
+    fn members(v: &Value) -> Vec<String> {
+        v["Members"]
+            .as_array()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|x| x["@odata.id"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub async fn controllers(&mut self) -> Result<Vec<StorageSeen>, BiosError> {
+        let system = self.bmc.system_path().await?;
+        let sys = self.bmc.get(&system).await?;
+        let col = sys["Storage"]["@odata.id"]
+            .as_str()
+            .ok_or_else(|| backend(format!("{system} has no Storage resource"), false))?
+            .to_string();
+        let mut out = Vec::new();
+        for path in Self::members(&self.bmc.get(&col).await?) {
+            let st = self.bmc.get(&path).await?;
+            let mut drives = Vec::new();
+            for d in st["Drives"].as_array().into_iter().flatten() {
+                let Some(dp) = d["@odata.id"].as_str() else {
+                    continue;
+                };
+                let dv = self.bmc.get(dp).await?;
+                drives.push(DriveSeen {
+                    path: dp.to_string(),
+                    id: dv["Id"].as_str().unwrap_or_default().to_string(),
+                    capacity: dv["CapacityBytes"].as_u64().unwrap_or(0),
+                    model: dv["Model"].as_str().unwrap_or_default().to_string(),
+                    serial: dv["SerialNumber"].as_str().unwrap_or_default().to_string(),
+                    ssd: dv["MediaType"].as_str() == Some("SSD"),
+                });
+            }
+            out.push(StorageSeen {
+                name: st["Name"].as_str().unwrap_or_default().to_string(),
+                volumes: st["Volumes"]["@odata.id"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("{path}/Volumes")),
+                path,
+                drives,
+            });
+        }
+        Ok(out)
+    }
+
+    pub async fn volume(&self, path: &str) -> Result<crate::raid::volume::Seen, BiosError> {
+        let v = self.bmc.get(path).await?;
+        Ok(crate::raid::volume::Seen {
+            path: path.to_string(),
+            name: v["Name"].as_str().unwrap_or_default().to_string(),
+            raid_type: v["RAIDType"].as_str().map(str::to_string),
+            volume_type: v["VolumeType"].as_str().map(str::to_string),
+            drives: v["Links"]["Drives"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|d| d["@odata.id"].as_str().map(str::to_string))
+                .collect(),
+            capacity: v["CapacityBytes"].as_u64().unwrap_or(0),
+        })
+    }
+
+    pub async fn volumes(&self, col: &str) -> Result<Vec<crate::raid::volume::Seen>, BiosError> {
+        let mut out = Vec::new();
+        for p in Self::members(&self.bmc.get(col).await?) {
+            out.push(self.volume(&p).await?);
+        }
+        Ok(out)
     }
 }
 
@@ -237,14 +417,14 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 impl BiosBackend for RedfishBios {
     fn describe(&self) -> String {
         match &self.links {
-            Some(l) => self.url(&l.bios),
-            None => format!("Redfish BMC {}", self.base),
+            Some(l) => self.bmc.url(&l.bios),
+            None => format!("Redfish BMC {}", self.bmc.base),
         }
     }
 
     async fn read(&mut self) -> Result<Attributes, BiosError> {
         let l = self.links().await?;
-        let b = self.get(&l.bios).await?;
+        let b = self.bmc.get(&l.bios).await?;
         b["Attributes"]
             .as_object()
             .cloned()
@@ -254,29 +434,30 @@ impl BiosBackend for RedfishBios {
     async fn stage(&mut self, changes: &Attributes) -> Result<String, BiosError> {
         let l = self.links().await?;
         let names: Vec<&str> = changes.keys().map(String::as_str).collect();
-        self.call(
-            reqwest::Method::PATCH,
-            &l.settings,
-            Some(json!({ "Attributes": changes })),
-        )
-        .await
-        .map_err(|e| match e {
-            BiosError::Backend { message, retryable } => backend(
-                format!("the BMC refused {}: {message}", names.join(", ")),
-                retryable,
-            ),
-            other => other,
-        })?;
+        self.bmc
+            .call(
+                reqwest::Method::PATCH,
+                &l.settings,
+                Some(json!({ "Attributes": changes })),
+            )
+            .await
+            .map_err(|e| match e {
+                BiosError::Backend { message, retryable } => backend(
+                    format!("the BMC refused {}: {message}", names.join(", ")),
+                    retryable,
+                ),
+                other => other,
+            })?;
         Ok(format!(
             "PATCH {}: {}",
-            self.url(&l.settings),
+            self.bmc.url(&l.settings),
             names.join(", ")
         ))
     }
 
     async fn apply(&mut self) -> Result<String, BiosError> {
         let l = self.links().await?;
-        let kind = &self.target.reset;
+        let kind = &self.bmc.target.reset;
         if !l.reset_allowed.is_empty() && !l.reset_allowed.iter().any(|a| a == kind) {
             return Err(backend(
                 format!(
@@ -286,15 +467,12 @@ impl BiosBackend for RedfishBios {
                 false,
             ));
         }
-        self.call(
-            reqwest::Method::POST,
-            &l.reset_target,
-            Some(json!({ "ResetType": kind })),
-        )
-        .await?;
+        self.bmc
+            .post(&l.reset_target, json!({ "ResetType": kind }))
+            .await?;
         Ok(format!(
             "POST {} ResetType={kind}: pending settings apply on this reset",
-            self.url(&l.reset_target)
+            self.bmc.url(&l.reset_target)
         ))
     }
 }

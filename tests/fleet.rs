@@ -1201,3 +1201,93 @@ fn bios_over_redfish_is_idempotent_names_refused_attributes_and_waits_for_the_bm
     assert_eq!(rack.bmcs[0].count("PATCH", "/BIOS/Settings"), 1);
     assert_eq!(rack.bmcs[0].count("POST", "ComputerSystem.Reset"), 1);
 }
+
+#[test]
+fn hardware_raid_volume_through_redfish_is_created_read_back_and_reused() {
+    if !can_run() {
+        return;
+    }
+    // The BMC's RAID controller has drives of 40, 20 and 20 GB: RAID1 over
+    // the two smallest; the image goes to the OS disk the rule finds.
+    let extra = format!(
+        "[waves]\nstart_after = \"1s\"\n\n\
+         [[profiles]]\nname = \"r650-hwraid\"\nimage = \"debian\"\n\
+         target = {{ order = \"largest\", count = 1 }}\n\
+         [profiles.raid]\nlevel = \"raid1\"\ndisks = {{ order = \"smallest\", count = 2 }}\n\
+         redfish = {}\n\n\
+         [[devices]]\nmac = \"{}\"\nprofile = \"r650-hwraid\"\n",
+        redfish_cfg(),
+        mac(1)
+    );
+    let mut rack = Rack::build("fh", 1, "300mbit", (8, 8), &extra, false, 80);
+    rack.start_agent(1);
+    rack.wait_for("device done", Duration::from_secs(120), all_done(1));
+    let ev = check_log(&rack, 1);
+    let op = |ev: &[Value], name: &str| -> String {
+        ev.iter()
+            .filter_map(|e| e["detail"].as_str())
+            .rfind(|d| d.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} row"))
+            .to_string()
+    };
+    let inspect = op(&ev, "raid-inspect");
+    assert!(
+        inspect.starts_with("raid-inspect ok")
+            && inspect.contains("Drives/hdd-a (20000000000 bytes), /redfish/v1/Systems/")
+            && inspect.contains("Drives/hdd-b (20000000000 bytes)")
+            && !inspect.contains("hdd-big (")
+            && inspect.ends_with("-> Create"),
+        "{inspect}"
+    );
+    let create = op(&ev, "redfish-volume-create");
+    assert!(
+        create.starts_with("redfish-volume-create ok")
+            && create.contains("\"RAIDType\":\"RAID1\"")
+            && create.contains("\"CapacityBytes\":20000000000"),
+        "{create}"
+    );
+    let verify = op(&ev, "raid-verify");
+    assert!(
+        verify.starts_with("raid-verify ok") && verify.contains("Mirrored 20000000000 bytes"),
+        "{verify}"
+    );
+    // The controller now has that volume (read with curl from the device).
+    let bmc = &rack.bmcs[0];
+    let sys = bmc.get("/redfish/v1/Systems")["Members"][0]["@odata.id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let vols = bmc.get(&format!("{sys}/Storage/1/Volumes"));
+    assert_eq!(vols["Members@odata.count"], 1, "{vols}");
+    let v = bmc.get(vols["Members"][0]["@odata.id"].as_str().unwrap());
+    assert_eq!(
+        (v["Name"].as_str(), v["VolumeType"].as_str()),
+        (Some("rackcast"), Some("Mirrored"))
+    );
+    assert_eq!(bmc.count("POST", "/Volumes"), 1);
+
+    // Installed again: the volume is found and reused, not created twice.
+    let out = finish(rack.agents[0].take().unwrap(), Duration::from_secs(20));
+    assert!(out.status.success());
+    let rows = ev.len();
+    rack.start_agent(1);
+    rack.wait_for("device reinstalled", Duration::from_secs(120), |d| {
+        all_done(1)(d)
+            && rack
+                .cli_opt(&["log", &device_id(1)])
+                .and_then(|v| v.as_array().map(|a| a.len()))
+                .unwrap_or(0)
+                > rows + 5
+    });
+    let ev = rack.cli(&["log", &device_id(1)]);
+    let ev = ev.as_array().unwrap();
+    assert!(
+        ev[rows..].iter().any(|e| e["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("existing RAID1 volume rackcast matches: reused")),
+        "{:?}",
+        &ev[rows..]
+    );
+    assert_eq!(rack.bmcs[0].count("POST", "/Volumes"), 1);
+}

@@ -200,3 +200,211 @@ pub async fn configure(
     verdict.map_err(|e| anyhow!("RAID verify: {e}"))?;
     Ok(what)
 }
+
+fn op(name: &str, ok: bool, t: Instant, detail: String) -> OpRecord {
+    OpRecord {
+        op: name.into(),
+        ok,
+        exit_code: None,
+        duration_ms: t.elapsed().as_millis() as u64,
+        detail,
+    }
+}
+
+/// Hardware RAID through the BMC: pick the controller drives by the
+/// plan's rule, then reuse, create or (wipe allowed) replace the named
+/// Redfish Volume, and read it back.
+pub async fn configure_volume(
+    plan: &RaidPlan,
+    target: &rackcast::redfish::RedfishTarget,
+    image_size: u64,
+    ops: &mut Vec<OpRecord>,
+) -> Result<String> {
+    use rackcast::raid::volume::{self, Decision};
+    let rule = plan
+        .drive_rule
+        .as_ref()
+        .ok_or_else(|| anyhow!("plan has no drive rule for the RAID volume"))?;
+    let (raid_type, volume_type) = volume::redfish_types(&plan.level)
+        .ok_or_else(|| anyhow!("RAID level {} unknown", plan.level))?;
+    let t = Instant::now();
+    let mut st = rackcast::redfish::RedfishStorage::new(target.clone())?;
+    let controllers = match st.controllers().await {
+        Ok(c) => c,
+        Err(e) => {
+            ops.push(op("raid-inspect", false, t, e.to_string()));
+            return Err(e.into());
+        }
+    };
+    // The first controller whose drives satisfy the rule.
+    let mut chosen = None;
+    for c in &controllers {
+        let as_disks: Vec<rackcast::bundle::Disk> = c
+            .drives
+            .iter()
+            .map(|d| rackcast::bundle::Disk {
+                name: d.id.clone(),
+                path: d.path.clone(),
+                size_bytes: d.capacity,
+                model: d.model.clone(),
+                serial: d.serial.clone(),
+                rotational: !d.ssd,
+            })
+            .collect();
+        if let Ok(sel) = rule.select(&as_disks) {
+            let picked: Vec<(String, u64)> =
+                sel.iter().map(|d| (d.path.clone(), d.size_bytes)).collect();
+            chosen = Some((c, picked));
+            break;
+        }
+    }
+    let Some((ctrl, picked)) = chosen else {
+        let seen = controllers
+            .iter()
+            .map(|c| format!("{}: {} drives", c.path, c.drives.len()))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let why = format!("no storage controller has drives matching the profile's rule ({seen})");
+        ops.push(op("raid-inspect", false, t, why.clone()));
+        bail!(why);
+    };
+    rackcast::bundle::check_raid_level(&plan.level, picked.len()).map_err(|e| anyhow!(e))?;
+    let existing = st.volumes(&ctrl.volumes).await?;
+    let w = volume::Wanted {
+        name: plan.volume_name.clone(),
+        level: plan.level.clone(),
+        drives: picked.iter().map(|(p, _)| p.clone()).collect(),
+        wipe: plan.wipe,
+    };
+    let decision = volume::decide(&w, &existing);
+    ops.push(op(
+        "raid-inspect",
+        !matches!(decision, Decision::Refuse { .. }),
+        t,
+        format!(
+            "controller {} ({}): drives {}; volumes: {}; wanted {raid_type} volume {:?} over {} -> {decision:?}",
+            ctrl.path,
+            ctrl.name,
+            picked
+                .iter()
+                .map(|(p, s)| format!("{p} ({s} bytes)"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            if existing.is_empty() {
+                "none".to_string()
+            } else {
+                existing
+                    .iter()
+                    .map(|v| format!("{} {:?}", v.name, v.raid_type.as_ref().or(v.volume_type.as_ref())))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+            w.name,
+            picked.len()
+        ),
+    ));
+    let sizes: Vec<u64> = picked.iter().map(|(_, s)| *s).collect();
+    let body = serde_json::json!({
+        "Name": w.name,
+        "RAIDType": raid_type,
+        // Older BMCs (and the sushy-tools emulator) know only VolumeType.
+        "VolumeType": volume_type,
+        "CapacityBytes": volume::capacity(&plan.level, &sizes),
+        "Links": { "Drives": picked.iter().map(|(p, _)| serde_json::json!({ "@odata.id": p })).collect::<Vec<_>>() },
+    });
+    let (path, what) = match decision {
+        Decision::Refuse { why } => bail!("RAID: {why}"),
+        Decision::Reuse(path) => (
+            path,
+            format!("existing {raid_type} volume {} matches: reused", w.name),
+        ),
+        Decision::Create | Decision::Replace { .. } => {
+            let mut done = String::new();
+            if let Decision::Replace { path, why } = &decision {
+                let t = Instant::now();
+                st.bmc.delete(path).await?;
+                ops.push(op(
+                    "redfish-volume-delete",
+                    true,
+                    t,
+                    format!("DELETE {path}: {why}"),
+                ));
+                done = format!("replaced ({why}); ");
+            }
+            let t = Instant::now();
+            let created = st.bmc.create(&ctrl.volumes, body.clone()).await;
+            let loc = match created {
+                Ok(l) => l,
+                Err(e) => {
+                    ops.push(op("redfish-volume-create", false, t, e.to_string()));
+                    return Err(e.into());
+                }
+            };
+            ops.push(op(
+                "redfish-volume-create",
+                true,
+                t,
+                format!(
+                    "POST {} {body} -> {}",
+                    ctrl.volumes,
+                    loc.as_deref().unwrap_or("no Location")
+                ),
+            ));
+            // Without a Location, find it by name.
+            let path = match loc {
+                Some(l) => l,
+                None => st
+                    .volumes(&ctrl.volumes)
+                    .await?
+                    .into_iter()
+                    .find(|v| v.name == w.name)
+                    .map(|v| v.path)
+                    .ok_or_else(|| anyhow!("volume {} not listed after creation", w.name))?,
+            };
+            (path, format!("{done}created {raid_type} volume {}", w.name))
+        }
+    };
+    // Read back what the controller now reports.
+    let t = Instant::now();
+    let path = path
+        .strip_prefix(&target.url.trim_end_matches('/').to_string())
+        .unwrap_or(&path)
+        .to_string();
+    let v = st.volume(&path).await?;
+    let verdict = volume::check(&w, &v).and_then(|()| {
+        if v.capacity < image_size {
+            Err(format!(
+                "volume holds {} bytes, the image needs {image_size}",
+                v.capacity
+            ))
+        } else {
+            Ok(())
+        }
+    });
+    ops.push(op(
+        "raid-verify",
+        verdict.is_ok(),
+        t,
+        match &verdict {
+            Ok(()) => format!(
+                "{path}: {} {} bytes{}",
+                v.raid_type
+                    .clone()
+                    .or(v.volume_type.clone())
+                    .unwrap_or_default(),
+                v.capacity,
+                if v.drives.is_empty() {
+                    " (the BMC does not list the volume's drives)".to_string()
+                } else {
+                    format!(
+                        " over {}",
+                        v.drives.iter().cloned().collect::<Vec<_>>().join(" ")
+                    )
+                }
+            ),
+            Err(e) => format!("{path}: {e}"),
+        },
+    ));
+    verdict.map_err(|e| anyhow!("RAID verify: {e}"))?;
+    Ok(what)
+}

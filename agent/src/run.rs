@@ -610,6 +610,9 @@ async fn run_plan(ctx: &Ctx, step: Step, ops: &mut Vec<OpRecord>) -> Result<Stri
                 .raid
                 .as_ref()
                 .ok_or_else(|| anyhow!("plan has no RAID part"))?;
+            if let Some(target) = &r.redfish {
+                return crate::raid::configure_volume(r, target, plan.image.size, ops).await;
+            }
             if r.program.is_none() {
                 return crate::raid::configure(r, &ctx.inventory, plan.image.size, ops).await;
             }

@@ -180,6 +180,29 @@ impl Builder {
             .get(&image_name)
             .ok_or_else(|| BundleError::NoImage(image_name.clone()))?;
         let raid = match &p.raid {
+            Some(r) if r.redfish.is_some() => {
+                // The controller's drives are picked on the device, from
+                // what its BMC lists.
+                if r.disks.count > 0 {
+                    crate::bundle::check_raid_level(&r.level, r.disks.count).map_err(rule_err)?;
+                }
+                Some(RaidPlan {
+                    level: r.level.clone(),
+                    members: Vec::new(),
+                    array: String::new(),
+                    wipe: r.wipe,
+                    metadata: r.metadata.clone(),
+                    redfish: r
+                        .redfish
+                        .as_ref()
+                        .map(|c| c.to_target())
+                        .transpose()
+                        .map_err(|e| rule_err(format!("raid.redfish: {e}")))?,
+                    drive_rule: Some(r.disks.clone()),
+                    volume_name: r.volume_name.clone(),
+                    program: None,
+                })
+            }
             Some(r) => {
                 let members = r.disks.select(&inv.disks).map_err(rule_err)?;
                 crate::bundle::check_raid_level(&r.level, members.len()).map_err(rule_err)?;
@@ -200,17 +223,21 @@ impl Builder {
                 Some(RaidPlan {
                     level: r.level.clone(),
                     members: members.iter().map(|d| d.name.clone()).collect(),
-                    array: r.array.clone(),
+                    array: r.array.clone().unwrap_or_default(),
                     wipe: r.wipe,
                     metadata: r.metadata.clone(),
+                    redfish: None,
+                    drive_rule: None,
+                    volume_name: String::new(),
                     program: r.program.as_ref().map(|x| x.to_program()),
                 })
             }
             None => None,
         };
         let target = match (&p.raid, &p.target) {
-            (Some(r), _) => r.array.clone(),
-            (None, Some(rule)) => {
+            (Some(r), _) if r.redfish.is_none() => r.array.clone().unwrap_or_default(),
+            // No RAID, or a hardware volume the OS sees as a disk.
+            (_, Some(rule)) => {
                 let d = rule.select(&inv.disks).map_err(rule_err)?;
                 let disk = d.first().ok_or_else(|| rule_err("no target disk".into()))?;
                 if disk.size_bytes < img.size {
@@ -221,7 +248,7 @@ impl Builder {
                 }
                 disk.name.clone()
             }
-            (None, None) => return Err(rule_err("no image target".into())),
+            (_, None) => return Err(rule_err("no image target".into())),
         };
         let bios = match &p.bios {
             Some(b) => Some(BiosPlan {

@@ -166,6 +166,23 @@ pub const BMC_PORT: u16 = 8000;
 pub const BMC_USER: &str = "rcadmin";
 pub const BMC_PASSWORD: &str = "lab-bmc-pw-7f3a";
 
+/// The emulated machine's RAID controller: two 20 GB drives and one of
+/// 40 GB (listed big-first: rules pick by size, not order), no volumes
+/// (sizes fit the test hypervisor's 100 GiB storage pool).
+/// The libvirt test hypervisor's one system has this UUID; its storage
+/// pool is `default-pool`.
+const BMC_STORAGE: &str = "\
+SUSHY_EMULATOR_STORAGE_POOL = 'default-pool'
+SUSHY_EMULATOR_STORAGE = {'6695eb01-f6a4-8304-79aa-97f2502e193f': [{'Id': '1', 'Name': 'RAID controller',
+  'StorageControllers': [{'MemberId': '0', 'Name': 'Integrated RAID', 'SpeedGbps': 12}],
+  'Drives': ['hdd-big', 'hdd-a', 'hdd-b']}]}
+SUSHY_EMULATOR_DRIVES = {('6695eb01-f6a4-8304-79aa-97f2502e193f', '1'): [
+  {'Id': 'hdd-big', 'Name': 'Drive 0', 'CapacityBytes': 40000000000, 'Protocol': 'SAS'},
+  {'Id': 'hdd-a', 'Name': 'Drive 1', 'CapacityBytes': 20000000000, 'Protocol': 'SAS'},
+  {'Id': 'hdd-b', 'Name': 'Drive 2', 'CapacityBytes': 20000000000, 'Protocol': 'SAS'}]}
+SUSHY_EMULATOR_VOLUMES = {('6695eb01-f6a4-8304-79aa-97f2502e193f', '1'): []}
+";
+
 /// A Redfish emulator (sushy-tools, libvirt driver over the in-process
 /// test hypervisor: BIOS support, no daemon) in a device namespace, on
 /// [`BMC_IP`], with basic auth. Stopped on drop.
@@ -221,8 +238,10 @@ impl Bmc {
             format!(
                 "SUSHY_EMULATOR_LISTEN_IP = '{ip}'\nSUSHY_EMULATOR_LISTEN_PORT = {BMC_PORT}\n\
                  SUSHY_EMULATOR_LIBVIRT_URI = 'test:///default'\n\
-                 SUSHY_EMULATOR_AUTH_FILE = '{}'\n",
-                htpasswd.display()
+                 SUSHY_EMULATOR_AUTH_FILE = '{}'\n\
+                 SUSHY_EMULATOR_STATE_DIR = '{}'\n{BMC_STORAGE}",
+                htpasswd.display(),
+                lab.file(&format!("bmc-{host}-state")).display()
             ),
         )
         .unwrap();
