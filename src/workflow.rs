@@ -289,6 +289,8 @@ pub enum Event {
     /// The device asked to boot (DHCP/PXE): the power-on trigger. The
     /// text says how (firmware kind, iPXE).
     BootSeen(String),
+    /// The boot service served the device a file (kernel, initrd).
+    BootFileServed(String),
     AgentConnected(AgentMode),
     AgentDisconnected,
     /// The agent's result for command `cmd_id`.
@@ -414,6 +416,10 @@ impl Fx<'_> {
     fn handle(&mut self, ev: Event) {
         match ev {
             Event::BootSeen(how) => self.on_boot(how),
+            Event::BootFileServed(what) => {
+                let step = self.dev.current_step();
+                self.log(step, "info", None, what);
+            }
             Event::AgentConnected(mode) => {
                 self.dev.connected = true;
                 self.on_connected(mode);

@@ -600,26 +600,42 @@ fn ipxe_script_follows_the_device_state_and_files_serve_ranges() {
     let script = String::from_utf8_lossy(&curl(&[&url]).stdout).into_owned();
     assert!(script.starts_with("#!ipxe"), "{script}");
     assert!(
-        script.contains(&format!("kernel http://198.18.0.1:7180/boot/files/vmlinuz initrd=initrd.img rackcast.server=198.18.0.1:7100 rackcast.key={} ", a.key())),
+        script.contains(&format!("kernel http://198.18.0.1:7180/boot/by-mac/{mac}/vmlinuz initrd=initrd.img rackcast.server=198.18.0.1:7100 rackcast.key={} ", a.key())),
         "{script}"
     );
     assert!(
         script.contains("console=ttyS0")
-            && script.contains("initrd http://198.18.0.1:7180/boot/files/initrd.img")
+            && script.contains(&format!(
+                "initrd http://198.18.0.1:7180/boot/by-mac/{mac}/initrd.img"
+            ))
     );
-    // Byte ranges on the loader's files (real curl).
-    let o = curl(&[
-        "-r",
-        "100-199",
-        "-w",
-        "%{http_code}",
-        "-o",
-        "-",
-        "http://198.18.0.1:7180/boot/files/vmlinuz",
-    ]);
-    let body = o.stdout;
-    assert_eq!(&body[body.len() - 3..], b"206");
-    assert_eq!(&body[..body.len() - 3], &kernel[100..200]);
+    // Byte ranges on the loader's files (real curl), per device and plain.
+    for url in [
+        format!("http://198.18.0.1:7180/boot/by-mac/{mac}/vmlinuz"),
+        "http://198.18.0.1:7180/boot/files/vmlinuz".to_string(),
+    ] {
+        let o = curl(&["-r", "100-199", "-w", "%{http_code}", "-o", "-", &url]);
+        let body = o.stdout;
+        assert_eq!(&body[body.len() - 3..], b"206", "{url}");
+        assert_eq!(&body[..body.len() - 3], &kernel[100..200], "{url}");
+    }
+    // The per-device fetch is in the device's log (the script fetch made
+    // the record).
+    let logged = || {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &a.lab.ns("app")])
+            .arg(bin("rackcast"))
+            .args(["log", mac, "--json", "--config"])
+            .arg(&a.config)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !logged().contains("HTTP GET vmlinuz (bytes=100-199): 206, 100 bytes") {
+        assert!(Instant::now() < deadline, "{}", logged());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // Bad names: not a MAC, traversal out of the files folder.
     let code = |u: &str| {
         String::from_utf8_lossy(
@@ -631,6 +647,22 @@ fn ipxe_script_follows_the_device_state_and_files_serve_ranges() {
     assert_ne!(
         code("http://198.18.0.1:7180/boot/files/../../etc/passwd"),
         "200"
+    );
+    assert_ne!(
+        code(&format!(
+            "http://198.18.0.1:7180/boot/by-mac/{mac}/../../../etc/passwd"
+        )),
+        "200"
+    );
+    assert_ne!(
+        code(&format!(
+            "http://198.18.0.1:7180/boot/by-mac/{mac}/..%2f..%2fetc%2fpasswd"
+        )),
+        "200"
+    );
+    assert_eq!(
+        code("http://198.18.0.1:7180/boot/by-mac/nope/vmlinuz"),
+        "400"
     );
     // The script fetch is the power-on trigger and is logged.
     let devs = a.devices();
@@ -1090,6 +1122,8 @@ fn bios_pxe_machine_gets_bios_and_raid1_then_the_image_and_boots_a_mirror_half()
         // Option 97 from the real firmware, shown as the BMC shows it.
         &format!("discovered ok power-on: iPXE (legacy BIOS PXE), uuid {uuid}"),
         "discovered info power-on: iPXE fetched its script (loader)",
+        "discovered info HTTP GET vmlinuz: 200",
+        "discovered info HTTP GET initrd.img: 200",
         "loader_booted ok loader network-booted",
         "inventoried ok RackcastLab PXE-Box-7 serial SN-PXE-0001",
         // The loader took the appliance key's fingerprint from the kernel

@@ -1,10 +1,11 @@
-//! REST API and `/metrics`: devices, a device's event log, waves, images;
-//! `POST /api/devices/{id}/retry`.
+//! REST API and `/metrics`: devices, a device's event log and inventory,
+//! waves, images; `POST /api/devices/{id}/retry` and `/reinstall`; and the
+//! HTTP half of network boot (per-device iPXE scripts, loader files).
 //!
 //! Owns: HTTP routing and JSON shapes. Reads go to the store through its
 //! own read-only connection (WAL readers never block the controller);
-//! the one write (retry) goes through the controller thread. Must not:
-//! change device state itself.
+//! operator actions and boot-file records go through the controller
+//! thread. Must not: change device state itself.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -26,7 +27,8 @@ pub async fn serve_api(listener: tokio::net::TcpListener, shared: Shared) {
         .route("/api/devices/{id}/reinstall", post(reinstall))
         .route("/api/waves", get(waves))
         .route("/api/images", get(images))
-        .route("/boot/{script}", get(ipxe_script));
+        .route("/boot/{script}", get(ipxe_script))
+        .route("/boot/by-mac/{mac}/{*file}", get(boot_file));
     let app = match &shared.cfg.boot.http {
         // The loader's kernel and initrd, with byte ranges.
         Some(h) => app.nest_service("/boot/files", tower_http::services::ServeDir::new(&h.files)),
@@ -167,8 +169,10 @@ async fn ipxe_script(State(s): State<Shared>, Path(script): Path<String>) -> Res
     let body = if installed {
         "#!ipxe\necho rackcast: installed, booting from disk\nexit\n".to_string()
     } else {
+        // Files under the device's MAC: each fetch is logged against it;
+        // the file names stay what `initrd=` refers to.
         let base = match s.cfg.appliance.api_listen {
-            Some(a) => format!("http://{a}/boot/files"),
+            Some(a) => format!("http://{a}/boot/by-mac/{mac}"),
             None => return err(StatusCode::NOT_FOUND, "no API address"),
         };
         format!(
@@ -183,4 +187,52 @@ async fn ipxe_script(State(s): State<Shared>, Path(script): Path<String>) -> Res
         )
     };
     ([(axum::http::header::CONTENT_TYPE, "text/plain")], body).into_response()
+}
+
+/// A loader file for one device, `GET /boot/by-mac/<mac>/<file>`: served
+/// from `boot.http.files` with byte ranges (tower-http's ServeDir, which
+/// also refuses `..`), and recorded in that device's log.
+async fn boot_file(
+    State(s): State<Shared>,
+    Path((mac, file)): Path<(String, String)>,
+    req: axum::extract::Request,
+) -> Response {
+    use tower::ServiceExt;
+    let Some(mac) = crate::boot::dhcp::parse_mac(&mac) else {
+        return err(StatusCode::BAD_REQUEST, "not a MAC address");
+    };
+    let mac = crate::boot::dhcp::mac_string(&mac);
+    let Some(h) = s.cfg.boot.http.clone() else {
+        return err(StatusCode::NOT_FOUND, "HTTP boot is not configured");
+    };
+    let range = req
+        .headers()
+        .get(axum::http::header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let (mut parts, body) = req.into_parts();
+    let Ok(uri) = format!("/{file}").parse() else {
+        return err(StatusCode::BAD_REQUEST, "bad file name");
+    };
+    parts.uri = uri;
+    let resp = match tower_http::services::ServeDir::new(&h.files)
+        .oneshot(axum::extract::Request::from_parts(parts, body))
+        .await
+    {
+        Ok(r) => r.into_response(),
+        Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    let len = resp
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("?")
+        .to_string();
+    let what = format!(
+        "HTTP GET {file}{}: {}, {len} bytes",
+        range.map(|r| format!(" ({r})")).unwrap_or_default(),
+        resp.status().as_u16()
+    );
+    let _ = s.inbox.send(Input::BootFile { mac, what });
+    resp
 }

@@ -79,6 +79,11 @@ pub enum Input {
         device: String,
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// The HTTP boot service served a device a file.
+    BootFile {
+        mac: String,
+        what: String,
+    },
     Tick,
     Shutdown,
 }
@@ -485,6 +490,16 @@ impl Controller {
                     }
                 };
                 let _ = reply.send(r);
+            }
+            Input::BootFile { mac, what } => {
+                let id = device_id_for(&mac);
+                if self.devices.contains_key(&id) {
+                    self.apply(&id, Event::BootFileServed(what));
+                } else {
+                    // Files are fetched after the DHCP request that made
+                    // the record; an unknown MAC is someone guessing URLs.
+                    tracing::warn!(%mac, %what, "boot file served to an unknown device");
+                }
             }
             Input::BootSeen { mac, how } => {
                 let id = device_id_for(&mac);
