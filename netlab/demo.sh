@@ -2,8 +2,10 @@
 # The rackcast demo: an appliance and a simulated rack in network
 # namespaces. `rackcast serve` runs in rc-app; every device rc-d1..rc-dN
 # runs `rackcast-agent run` with a hardware description (two hardware
-# profiles: "Dell PowerEdge R650" with BIOS settings, configuration and
-# boot programs, and a generic box) and disk files. Every device walks
+# profiles: "Dell PowerEdge R650" with BIOS settings applied through its
+# BMC over Redfish (a sushy-tools emulator in each R650's namespace),
+# configuration and boot programs, and a generic box) and disk files. The
+# agents trust only the appliance's bundle-signing key. Every device walks
 # its steps on its own (inventory, generated bundle, BIOS, programs),
 # then the images go out concurrently: one wave per image (two OSes, a
 # subset of devices gets the second), sharing the appliance's rate.
@@ -87,7 +89,7 @@ vendor = "Dell*"
 model = "PowerEdge R650"
 image = "debian"
 target = { order = "largest", count = 1 }
-bios = { attributes = { BootMode = "Uefi", ProcVirtualization = "Enabled" }, program = { name = "bios-apply", argv = ["sh", "-c", "echo BootMode=\$RC_BIOS_BootMode ProcVirtualization=\$RC_BIOS_ProcVirtualization"] } }
+bios = { attributes = { BootMode = "Uefi", ProcTurboMode = "Disabled", EmbeddedSata = "Ahci" }, redfish = { url = "http://198.18.1.1:8000", username = "demo", password_file = "$WORK/bmc-password", settle_timeout = "30s" } }
 programs = [ { name = "set-hostname", argv = ["sh", "-c", "echo hostname \$RC_DEVICE"] } ]
 post_install = [ { name = "check-target", argv = ["sh", "-c", "test -s \$RC_IMAGE_TARGET && echo image on \$RC_IMAGE_TARGET"] } ]
 boot_to_disk = { name = "efibootmgr", argv = ["true"] }
@@ -115,6 +117,27 @@ for i in $(seq 1 "$N"); do
 EOF
 done
 
+echo "== BMCs: a Redfish emulator in each R650's namespace (198.18.1.1:8000, like a Host Interface)"
+SUSHY="$ROOT/target/sushy-venv/bin"
+printf 'demo-bmc-%s\n' "$$" >"$WORK/bmc-password"
+"$SUSHY/python" -c "import bcrypt,sys; print('demo:' + bcrypt.hashpw(open(sys.argv[1]).read().strip().encode(), bcrypt.gensalt(rounds=4)).decode())" \
+  "$WORK/bmc-password" >"$WORK/bmc.htpasswd"
+for i in $(seq 1 2 "$N"); do
+  ip -n "${P}d$i" addr add 198.18.1.1/32 dev lo
+  cat >"$WORK/bmc$i.conf" <<EOF
+SUSHY_EMULATOR_LISTEN_IP = '198.18.1.1'
+SUSHY_EMULATOR_LISTEN_PORT = 8000
+SUSHY_EMULATOR_LIBVIRT_URI = 'test:///default'
+SUSHY_EMULATOR_AUTH_FILE = '$WORK/bmc.htpasswd'
+SUSHY_EMULATOR_STATE_DIR = '$WORK/bmc$i-state'
+EOF
+  ip netns exec "${P}d$i" "$SUSHY/sushy-emulator" --config "$WORK/bmc$i.conf" >"$WORK/bmc$i.log" 2>&1 &
+  PIDS+=($!)
+done
+for i in $(seq 1 2 "$N"); do
+  for _ in $(seq 1 100); do grep -q "Running on" "$WORK/bmc$i.log" && break; sleep 0.2; done
+done
+
 echo "== appliance: rackcast serve (in ${P}app)"
 ip netns exec "${P}app" "$BIN/rackcast" serve --config "$WORK/rackcast.toml" --log warn >"$WORK/serve.log" 2>&1 &
 PIDS+=($!)
@@ -123,16 +146,17 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
-echo "== devices power on: rackcast-agent run in each device namespace"
+cli() { ip netns exec "${P}app" "$BIN/rackcast" "$@" --config "$WORK/rackcast.toml"; }
+KEY=$(cli key)
+echo "== devices power on: rackcast-agent run in each device namespace (trusting key ${KEY:0:16}...)"
 t0=$(date +%s.%N)
 for i in $(seq 1 "$N"); do
-  ip netns exec "${P}d$i" "$BIN/rackcast-agent" run --server 198.18.0.1:7100 --iface d0 \
+  ip netns exec "${P}d$i" "$BIN/rackcast-agent" run --server 198.18.0.1:7100 --iface d0 --trust-key "$KEY" \
     --hardware "$WORK/d$i.json" --work-dir "$WORK/work$i" --os-present false --log warn \
     >"$WORK/agent$i.log" 2>&1 &
   PIDS+=($!)
 done
 
-cli() { ip netns exec "${P}app" "$BIN/rackcast" "$@" --config "$WORK/rackcast.toml"; }
 deadline=$(( $(date +%s) + 600 ))
 while :; do
   sleep 2
@@ -151,6 +175,12 @@ cli waves
 echo
 echo "== log of device 1 ($(mac 1))"
 cli log "$(mac 1)"
+echo
+echo "== BIOS of device 1 as its BMC reports it now"
+sys=$(ip netns exec "${P}d1" curl -s -u "demo:$(cat "$WORK/bmc-password")" http://198.18.1.1:8000/redfish/v1/Systems \
+  | python3 -c 'import json,sys; print(json.load(sys.stdin)["Members"][0]["@odata.id"])')
+ip netns exec "${P}d1" curl -s -u "demo:$(cat "$WORK/bmc-password")" "http://198.18.1.1:8000$sys/BIOS" \
+  | python3 -c 'import json,sys; a=json.load(sys.stdin)["Attributes"]; print("  " + ", ".join(k + "=" + str(a[k]) for k in ("BootMode", "ProcTurboMode", "EmbeddedSata")))'
 echo
 echo "== checking every disk against its image"
 bad=0

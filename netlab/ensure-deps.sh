@@ -9,7 +9,7 @@ case "${1:-test}" in
   test) need+=(prometheus busybox-static isc-dhcp-client dnsmasq-base tftp-hpa atftp
                qemu-system-x86 ipxe-qemu ipxe ovmf linux-image-amd64 cpio kmod
                python3-libvirt python3-venv mdadm) ;;
-  demo) need+=(binutils python3) ;;
+  demo) need+=(binutils python3 python3-libvirt python3-venv) ;;
   bench) need+=(udpcast uftp curl python3) ;;
   *) echo "ensure-deps.sh: test|demo|bench" >&2; exit 2 ;;
 esac
@@ -27,7 +27,7 @@ fi
 # The Redfish emulator the BIOS tests talk to: sushy-tools from PyPI in a
 # venv that sees Debian's python3-libvirt (its libvirt driver over the
 # in-process test:///default hypervisor has BIOS support, no daemon).
-if [ "${1:-test}" = test ]; then
+if [ "${1:-test}" = test ] || [ "${1:-test}" = demo ]; then
   venv="$(cd "$(dirname "$0")/.." && pwd)/target/sushy-venv"
   if [ ! -x "$venv/bin/sushy-emulator" ]; then
     echo "installing sushy-tools into $venv" >&2
