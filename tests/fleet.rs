@@ -885,6 +885,22 @@ fn bad_input_gets_clear_errors_and_the_others_are_served() {
             .unwrap_or(true),
         "the untrusting loader stored something"
     );
+    rack.wait_for("the real device done", Duration::from_secs(120), |d| {
+        d.iter()
+            .any(|x| x["device"] == device_id(1) && x["state"] == "done")
+    });
+    // Another device's bundle (BMC credentials inside) is not served.
+    let theirs = rack
+        .devices()
+        .into_iter()
+        .find(|d| d["device"] == device_id(1))
+        .and_then(|d| d["bundle"].as_str().map(str::to_string))
+        .unwrap();
+    let r = bad(&format!("foreign_bundle={theirs}"));
+    assert!(
+        r["text"].as_str().unwrap().contains("is not this device's") && r["closed"] == true,
+        "{r}"
+    );
     let r = bad("midstep");
     assert!(
         r["frames"].as_u64().unwrap() >= 2,
@@ -908,7 +924,7 @@ fn bad_input_gets_clear_errors_and_the_others_are_served() {
         "a wrong-version hello must not create a device"
     );
     let text = rack.http_get("/metrics");
-    for kind in ["malformed", "oversize", "version"] {
+    for kind in ["malformed", "oversize", "version", "foreign_bundle"] {
         assert!(
             text.contains(&format!(
                 "rackcast_agent_protocol_errors_total{{kind=\"{kind}\"}}"
@@ -1283,13 +1299,16 @@ fn hardware_raid_volume_through_redfish_is_created_read_back_and_reused() {
     assert!(out.status.success());
     let rows = ev.len();
     rack.start_agent(1);
-    rack.wait_for("device reinstalled", Duration::from_secs(120), |d| {
-        all_done(1)(d)
-            && rack
-                .cli_opt(&["log", &device_id(1)])
-                .and_then(|v| v.as_array().map(|a| a.len()))
-                .unwrap_or(0)
-                > rows + 5
+    // Done again: a `done ok` row after the first install's rows (the
+    // device table alone still says done from before).
+    rack.wait_for("device reinstalled", Duration::from_secs(120), |_| {
+        rack.cli_opt(&["log", &device_id(1)])
+            .and_then(|v| v.as_array().cloned())
+            .is_some_and(|a| {
+                a.iter()
+                    .skip(rows)
+                    .any(|e| e["step"] == "done" && e["kind"] == "ok")
+            })
     });
     let ev = rack.cli(&["log", &device_id(1)]);
     let ev = ev.as_array().unwrap();

@@ -137,8 +137,9 @@ async fn reinstall(State(s): State<Shared>, Path(id): Path<String>) -> Response 
 
 /// The per-device iPXE script, `GET /boot/<mac>.ipxe`: the loader while
 /// the device is to be installed (the appliance address and its signing
-/// key's fingerprint on its command line), `exit` (boot the next device: the disk) once it is installed.
-/// Every fetch is logged against the device.
+/// key's fingerprint on its command line), `exit` (boot the next device:
+/// the disk) once it is installed. Every fetch is logged against the
+/// device.
 async fn ipxe_script(State(s): State<Shared>, Path(script): Path<String>) -> Response {
     let Some(mac) = script.strip_suffix(".ipxe") else {
         return err(StatusCode::NOT_FOUND, "not a script");

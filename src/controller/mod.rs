@@ -117,6 +117,7 @@ pub struct Controller {
     progress: Progress,
     /// MACs of installed devices (the boot service sends them to disk).
     installed: crate::boot::server::Installed,
+    assigned: Assigned,
     sched: WaveScheduler,
     waves: HashMap<i64, RunningWave>,
     images: HashMap<String, ImageEntry>,
@@ -142,7 +143,12 @@ pub struct Shared {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Signs every bundle served; its key is shown in `Welcome`.
     pub signer: Arc<crate::signing::BundleSigner>,
+    /// Device id -> the bundle generated for it: a connection gets only
+    /// its own device's bundle (bundles can carry BMC credentials).
+    pub assigned: Assigned,
 }
+
+pub type Assigned = Arc<std::sync::RwLock<HashMap<String, String>>>;
 
 /// Where the appliance keeps an image's manifest.
 pub fn manifest_path(cfg: &Config, name: &str) -> std::path::PathBuf {
@@ -263,6 +269,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         transfer_permits: Arc::new(Semaphore::new(cfg.appliance.max_inflight_transfers)),
         metrics,
         signer,
+        assigned: Assigned::default(),
     };
     let wf = WorkflowConfig {
         step_timeout_ms: cfg.workflow.step_timeout.as_millis() as Millis,
@@ -283,6 +290,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         conns: HashMap::new(),
         progress: shared.progress.clone(),
         installed: shared.installed.clone(),
+        assigned: shared.assigned.clone(),
         waves: HashMap::new(),
         images,
         manifests,
@@ -367,6 +375,9 @@ impl Controller {
                 if let Ok(mut set) = self.installed.write() {
                     set.insert(d.mac.clone());
                 }
+            }
+            if let (Some(b), Ok(mut map)) = (&d.bundle, self.assigned.write()) {
+                map.insert(d.id.clone(), b.clone());
             }
             self.devices.insert(d.id.clone(), d);
         }
@@ -498,6 +509,7 @@ impl Controller {
                 } else {
                     // Files are fetched after the DHCP request that made
                     // the record; an unknown MAC is someone guessing URLs.
+                    metrics::counter!("rackcast_boot_files_unknown_device_total").increment(1);
                     tracing::warn!(%mac, %what, "boot file served to an unknown device");
                 }
             }
@@ -564,6 +576,14 @@ impl Controller {
         }
         for r in &rows {
             tracing::info!(device = id, step = %r.step, kind = %r.kind, detail = %r.detail, "device event");
+        }
+        if next.bundle != dev.bundle {
+            if let Ok(mut map) = self.assigned.write() {
+                match &next.bundle {
+                    Some(b) => map.insert(id.to_string(), b.clone()),
+                    None => map.remove(id),
+                };
+            }
         }
         let finished_now = next.reached == Step::Done && dev.reached != Step::Done;
         if next.reached == Step::Done || dev.reached == Step::Done {

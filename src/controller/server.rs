@@ -190,7 +190,20 @@ async fn serve_agent(stream: TcpStream, shared: Shared) -> Result<(), ConnError>
                 }
             }
             AgentMsg::GetBundle { hash } => {
+                let ours = shared
+                    .assigned
+                    .read()
+                    .map(|m| m.get(&device) == Some(&hash))
+                    .unwrap_or(false);
                 let reply = match shared.builder.bundle_path(&hash) {
+                    _ if !ours => {
+                        metrics::counter!("rackcast_agent_protocol_errors_total", "kind" => "foreign_bundle")
+                            .increment(1);
+                        tracing::warn!(%device, %hash, "agent asked for a bundle that is not its device's");
+                        ApplianceMsg::Error {
+                            message: format!("bundle {hash} is not this device's"),
+                        }
+                    }
                     Some(p) => match tokio::fs::read(&p).await {
                         Ok(bytes) => ApplianceMsg::Bundle {
                             signature: shared.signer.sign_bundle(&hash).to_vec(),
