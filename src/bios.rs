@@ -192,12 +192,16 @@ fn show(v: &[(String, Value)]) -> String {
 /// Bring the BIOS to `wanted`: read, compare, stage only what differs,
 /// apply, read back until it matches (or `settle.timeout`), compare.
 /// Already as wanted: nothing staged, no reset. Every operation is
-/// pushed to `ops`; the result says what happened.
+/// pushed to `ops`; the result says what happened. Right before apply
+/// (a reset, which may restart the machine running this) the operations
+/// so far are handed to `flush` and taken out of `ops`, so they are
+/// recorded even if nothing after the reset is.
 pub async fn configure<B: BiosBackend>(
     backend: &mut B,
     wanted: &BTreeMap<String, String>,
     settle: Settle,
     ops: &mut Vec<OpRecord>,
+    flush: &mut (dyn FnMut(Vec<OpRecord>) + Send),
 ) -> Result<String, BiosError> {
     let t = Instant::now();
     let current = match backend.read().await {
@@ -262,6 +266,7 @@ pub async fn configure<B: BiosBackend>(
             return Err(e);
         }
     }
+    flush(std::mem::take(ops));
     let t = Instant::now();
     match backend.apply().await {
         Ok(what) => ops.push(op("bios-apply", true, t, what)),
@@ -446,24 +451,23 @@ mod tests {
         };
         let w = want(&[("BootMode", "Uefi"), ("Virt", "Enabled")]);
         let mut ops = vec![];
-        let r = configure(&mut b, &w, settle(), &mut ops).await.unwrap();
+        let mut flushed = vec![];
+        let r = configure(&mut b, &w, settle(), &mut ops, &mut |f| flushed.push(f))
+            .await
+            .unwrap();
         assert!(r.contains("BootMode: \"Bios\" -> \"Uefi\""), "{r}");
         assert_eq!(b.calls, ["read", "stage", "apply", "read"]);
-        let names: Vec<&str> = ops.iter().map(|o| o.op.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "bios-read",
-                "bios-diff",
-                "bios-stage",
-                "bios-apply",
-                "bios-verify"
-            ]
-        );
+        // Read, diff and stage went out before the reset; the rest after.
+        let names = |v: &[OpRecord]| v.iter().map(|o| o.op.clone()).collect::<Vec<_>>();
+        assert_eq!(flushed.len(), 1);
+        assert_eq!(names(&flushed[0]), ["bios-read", "bios-diff", "bios-stage"]);
+        assert_eq!(names(&ops), ["bios-apply", "bios-verify"]);
         // Second run: nothing staged, no reset.
         b.calls.clear();
         let mut ops = vec![];
-        let r = configure(&mut b, &w, settle(), &mut ops).await.unwrap();
+        let r = configure(&mut b, &w, settle(), &mut ops, &mut |_| {})
+            .await
+            .unwrap();
         assert!(r.starts_with("already as wanted"), "{r}");
         assert_eq!(b.calls, ["read"]);
     }
@@ -480,7 +484,9 @@ mod tests {
         let w = want(&[("BootMode", "Uefi")]);
         let mut ops = vec![];
         // lag 3: the first read (before the change) consumes one.
-        configure(&mut b, &w, settle(), &mut ops).await.unwrap();
+        configure(&mut b, &w, settle(), &mut ops, &mut |_| {})
+            .await
+            .unwrap();
         assert!(
             ops.last().unwrap().detail.contains("3 reads"),
             "{:?}",
@@ -513,6 +519,7 @@ mod tests {
             &w,
             short,
             &mut ops,
+            &mut |_| {},
         )
         .await
         .unwrap_err();
@@ -530,9 +537,15 @@ mod tests {
             refuse: Some("BootMode".into()),
         };
         let mut ops = vec![];
-        let e = configure(&mut b, &want(&[("BootMode", "Uefi")]), settle(), &mut ops)
-            .await
-            .unwrap_err();
+        let e = configure(
+            &mut b,
+            &want(&[("BootMode", "Uefi")]),
+            settle(),
+            &mut ops,
+            &mut |_| {},
+        )
+        .await
+        .unwrap_err();
         assert!(e.to_string().contains("BootMode"));
         assert_eq!(b.calls, ["read", "stage"], "no reset after a refusal");
         assert!(!ops.last().unwrap().ok);

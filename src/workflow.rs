@@ -291,6 +291,11 @@ pub enum Event {
     BootSeen(String),
     /// The boot service served the device a file (kernel, initrd).
     BootFileServed(String),
+    /// Operations of the running command, ahead of its report.
+    Progress {
+        cmd_id: u64,
+        ops: Vec<OpRecord>,
+    },
     AgentConnected(AgentMode),
     AgentDisconnected,
     /// The agent's result for command `cmd_id`.
@@ -416,6 +421,13 @@ impl Fx<'_> {
     fn handle(&mut self, ev: Event) {
         match ev {
             Event::BootSeen(how) => self.on_boot(how),
+            Event::Progress { cmd_id, ops } => {
+                if let Some(run) = self.dev.running.clone() {
+                    if run.cmd_id == cmd_id {
+                        self.log_ops(run.step, &ops);
+                    }
+                }
+            }
             Event::BootFileServed(what) => {
                 let step = self.dev.current_step();
                 self.log(step, "info", None, what);
@@ -774,16 +786,11 @@ impl Fx<'_> {
         }));
     }
 
-    fn on_report(&mut self, cmd_id: u64, outcome: Outcome, data: StepData, ops: Vec<OpRecord>) {
-        let Some(run) = self.dev.running.clone() else {
-            return; // late or duplicate: already applied
-        };
-        if run.cmd_id != cmd_id {
-            return;
-        }
-        for op in &ops {
+    /// One event-log row per operation the agent ran.
+    fn log_ops(&mut self, step: Step, ops: &[OpRecord]) {
+        for op in ops {
             self.log(
-                run.step,
+                step,
                 "op",
                 Some(op.duration_ms),
                 format!(
@@ -801,6 +808,16 @@ impl Fx<'_> {
                 ),
             );
         }
+    }
+
+    fn on_report(&mut self, cmd_id: u64, outcome: Outcome, data: StepData, ops: Vec<OpRecord>) {
+        let Some(run) = self.dev.running.clone() else {
+            return; // late or duplicate: already applied
+        };
+        if run.cmd_id != cmd_id {
+            return;
+        }
+        self.log_ops(run.step, &ops);
         let took = u64::try_from(self.now - run.started).unwrap_or(0);
         match outcome {
             Outcome::Failed { reason } => {

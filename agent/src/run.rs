@@ -261,11 +261,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 }
                 Some((req, reply)) = req_rx.recv() => {
                     let key = match &req {
-                        AgentMsg::GetBundle { hash } => format!("bundle:{hash}"),
-                        AgentMsg::GetBlob { hash, offset } => format!("blob:{hash}:{offset}"),
+                        AgentMsg::GetBundle { hash } => Some(format!("bundle:{hash}")),
+                        AgentMsg::GetBlob { hash, offset } => Some(format!("blob:{hash}:{offset}")),
+                        AgentMsg::Progress { .. } => None,
                         _ => continue,
                     };
-                    waiting.insert(key, reply);
+                    if let Some(key) = key {
+                        waiting.insert(key, reply);
+                    }
                     if sink.send(bytes::Bytes::from(req.encode()?)).await.is_err() {
                         break Err(anyhow!("connection lost"));
                     }
@@ -392,6 +395,12 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// Send without waiting for an answer (progress of a command).
+    fn tell(&self, msg: AgentMsg) {
+        let (tx, _rx) = oneshot::channel();
+        let _ = self.requests.send((msg, tx));
+    }
+
     async fn ask(&self, msg: AgentMsg) -> Result<ApplianceMsg> {
         let (tx, rx) = oneshot::channel();
         self.requests
@@ -424,7 +433,7 @@ async fn execute(ctx: Ctx, cmd: Command) -> Report {
             then_exec = Some(bin);
             (format!("bundle {hash} verified"), StepData::None)
         }),
-        Work::RunPlan => run_plan(&ctx, cmd.step, &mut ops)
+        Work::RunPlan => run_plan(&ctx, cmd.cmd_id, cmd.step, &mut ops)
             .await
             .map(|d| (d, StepData::None)),
         Work::RequestImage => plan_of(&ctx).map(|p| {
@@ -575,7 +584,7 @@ async fn fetch_blob(ctx: &Ctx, blob: &BlobRef, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn run_plan(ctx: &Ctx, step: Step, ops: &mut Vec<OpRecord>) -> Result<String> {
+async fn run_plan(ctx: &Ctx, cmd_id: u64, step: Step, ops: &mut Vec<OpRecord>) -> Result<String> {
     let plan = plan_of(ctx)?;
     let mut env = HashMap::new();
     env.insert(
@@ -594,7 +603,18 @@ async fn run_plan(ctx: &Ctx, step: Step, ops: &mut Vec<OpRecord>) -> Result<Stri
                     interval: Duration::from_secs(2),
                 };
                 let mut bmc = rackcast::redfish::RedfishBios::new(target.clone())?;
-                return Ok(rackcast::bios::configure(&mut bmc, &b.attributes, settle, ops).await?);
+                // The reset may restart this very machine: what was done
+                // before it goes to the appliance first.
+                let mut flush =
+                    |done: Vec<OpRecord>| ctx.tell(AgentMsg::Progress { cmd_id, ops: done });
+                return Ok(rackcast::bios::configure(
+                    &mut bmc,
+                    &b.attributes,
+                    settle,
+                    ops,
+                    &mut flush,
+                )
+                .await?);
             }
             for (k, v) in &b.attributes {
                 env.insert(format!("RC_BIOS_{k}"), v.clone());

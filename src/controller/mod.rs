@@ -49,6 +49,11 @@ pub enum Input {
         data: StepData,
         ops: Vec<workflow::OpRecord>,
     },
+    Progress {
+        device: String,
+        cmd_id: u64,
+        ops: Vec<workflow::OpRecord>,
+    },
     Disconnected {
         device: String,
         conn_id: u64,
@@ -460,6 +465,15 @@ impl Controller {
                         },
                         Some(cmd_id),
                     );
+                }
+            }
+            Input::Progress {
+                device,
+                cmd_id,
+                ops,
+            } => {
+                if self.devices.contains_key(&device) {
+                    self.apply(&device, Event::Progress { cmd_id, ops });
                 }
             }
             Input::Disconnected { device, conn_id } => {

@@ -189,6 +189,19 @@ async fn serve_agent(stream: TcpStream, shared: Shared) -> Result<(), ConnError>
                     break Ok(());
                 }
             }
+            AgentMsg::Progress { cmd_id, ops } => {
+                if shared
+                    .inbox
+                    .send(Input::Progress {
+                        device: device.clone(),
+                        cmd_id,
+                        ops,
+                    })
+                    .is_err()
+                {
+                    break Ok(());
+                }
+            }
             AgentMsg::GetBundle { hash } => {
                 let ours = shared
                     .assigned

@@ -48,6 +48,13 @@ pub enum AgentMsg {
         offset: u64,
     },
     Ping,
+    /// Operations of the running command so far, sent before something
+    /// that may end this agent (a BMC reset of its own machine): logged at
+    /// once, not repeated in the final report.
+    Progress {
+        cmd_id: u64,
+        ops: Vec<OpRecord>,
+    },
 }
 
 /// Appliance to agent.
@@ -121,6 +128,20 @@ fn check_hash(h: &str) -> Result<(), DeviceWireError> {
     Ok(())
 }
 
+fn check_ops(ops: &[OpRecord]) -> Result<(), DeviceWireError> {
+    if ops.len() > MAX_OPS {
+        return Err(DeviceWireError::Invalid(format!(
+            "{} op records (max {MAX_OPS})",
+            ops.len()
+        )));
+    }
+    for op in ops {
+        check_len("op name", &op.op, MAX_ID * 4)?;
+        check_len("op detail", &op.detail, MAX_DETAIL)?;
+    }
+    Ok(())
+}
+
 /// A MAC as `aa:bb:cc:dd:ee:ff`.
 pub fn valid_mac(mac: &str) -> bool {
     let parts: Vec<&str> = mac.split(':').collect();
@@ -163,17 +184,9 @@ impl AgentMsg {
                 }
                 Ok(())
             }
+            AgentMsg::Progress { ops, .. } => check_ops(ops),
             AgentMsg::Report { outcome, ops, .. } => {
-                if ops.len() > MAX_OPS {
-                    return Err(DeviceWireError::Invalid(format!(
-                        "{} op records (max {MAX_OPS})",
-                        ops.len()
-                    )));
-                }
-                for op in ops {
-                    check_len("op name", &op.op, MAX_ID * 4)?;
-                    check_len("op detail", &op.detail, MAX_DETAIL)?;
-                }
+                check_ops(ops)?;
                 match outcome {
                     Outcome::Ok { detail } => check_len("detail", detail, MAX_DETAIL),
                     Outcome::Failed { reason } => check_len("reason", reason, MAX_DETAIL),
@@ -282,6 +295,16 @@ mod tests {
                 offset: 1 << 20,
             },
             AgentMsg::Ping,
+            AgentMsg::Progress {
+                cmd_id: 4,
+                ops: vec![OpRecord {
+                    op: "bios-apply".into(),
+                    ok: true,
+                    exit_code: None,
+                    duration_ms: 2,
+                    detail: "POST reset".into(),
+                }],
+            },
         ];
         for m in msgs {
             assert_eq!(AgentMsg::parse(&m.emit().unwrap()).unwrap(), m);

@@ -236,6 +236,39 @@ fn operator_reinstall_starts_a_finished_device_over() {
 }
 
 #[test]
+fn progress_of_the_running_command_is_logged_at_once_and_stale_progress_not() {
+    let mut s = Sim::new();
+    s.reach_agent_delivered(plan(true));
+    let c = s.last_cmd();
+    assert_eq!(c.step, Step::BiosConfigured);
+    let op = |name: &str| OpRecord {
+        op: name.into(),
+        ok: true,
+        exit_code: None,
+        duration_ms: 1,
+        detail: "d".into(),
+    };
+    let rows = s.rows.len();
+    s.ev(Event::Progress {
+        cmd_id: c.cmd_id + 1,
+        ops: vec![op("stale")],
+    });
+    assert_eq!(s.rows.len(), rows);
+    s.ev(Event::Progress {
+        cmd_id: c.cmd_id,
+        ops: vec![op("bios-stage")],
+    });
+    let last = s.rows.last().unwrap();
+    assert_eq!(
+        (last.step, last.kind.as_str()),
+        (Step::BiosConfigured, "op")
+    );
+    assert!(last.detail.starts_with("bios-stage ok"));
+    // The step is still running until its report.
+    assert!(s.dev.running.is_some());
+}
+
+#[test]
 fn plan_without_programs_records_skips() {
     let mut s = Sim::new();
     s.reach_agent_delivered(plan(false));
