@@ -1228,6 +1228,13 @@ fn bios_over_redfish_is_idempotent_names_refused_attributes_and_waits_for_the_bm
     });
     assert_eq!(rack.bmcs[0].count("PATCH", "/BIOS/Settings"), 1);
     assert_eq!(rack.bmcs[0].count("POST", "ComputerSystem.Reset"), 1);
+    // The bundles (with the BMC password) are the appliance user's only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(rack.lab.file("state/bundles"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700);
 }
 
 #[test]

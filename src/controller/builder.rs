@@ -57,6 +57,12 @@ impl Builder {
         let bundles_dir = cfg.appliance.state_dir.join("bundles");
         std::fs::create_dir_all(&bundles_dir)
             .map_err(|e| format!("{}: {e}", bundles_dir.display()))?;
+        // Bundles can carry BMC credentials: the appliance's user only.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&bundles_dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| format!("{}: {e}", bundles_dir.display()))?;
+        }
         let mut blobs = HashMap::new();
         let mut agents = HashMap::new();
         for (arch, path) in &cfg.agents {
