@@ -114,6 +114,8 @@ path = "{img}"
     }
 
     fn start(&mut self) {
+        // A restart appends to the same log: wait for a new ready line.
+        let before = self.log().matches(&self.ready).count();
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -131,7 +133,7 @@ path = "{img}"
                 .unwrap(),
         );
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.log().contains(&self.ready) {
+        while self.log().matches(&self.ready).count() == before {
             assert!(Instant::now() < deadline, "not ready:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -1107,7 +1109,7 @@ fn two_pxe_machines_get_bios_and_raid1_at_their_pace_then_the_image_onto_their_a
         bios_and_raid1_profile("uefi-box", "UEFI-Box-2", "198.18.0.12", "1.2")
     );
     let image = bootable_image(4 << 20);
-    let a = Appliance::with_parts(
+    let mut a = Appliance::with_parts(
         "px",
         2,
         &boot,
@@ -1336,4 +1338,50 @@ fn two_pxe_machines_get_bios_and_raid1_at_their_pace_then_the_image_onto_their_a
         "one PATCH in two installs"
     );
     assert_eq!(bmc_u.count("POST", "ComputerSystem.Reset"), 1);
+    drop(_run_u);
+
+    // The operator changes the UEFI profile to RAID0 and allows wiping:
+    // the RAID1 metadata on its disks is destroyed and a RAID0 made.
+    let cfg = fs::read_to_string(&a.config).unwrap();
+    let old = bios_and_raid1_profile("uefi-box", "UEFI-Box-2", "198.18.0.12", "1.2");
+    assert!(cfg.contains(&old));
+    let new = old.replace("level = \"raid1\"", "level = \"raid0\"\nwipe = true");
+    fs::write(&a.config, cfg.replace(&old, &new)).unwrap();
+    a.stop();
+    a.start();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &a.lab.ns("app")])
+        .arg(bin("rackcast"))
+        .args(["reinstall", mac_u, "--config"])
+        .arg(&a.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let third = a.log_details(mac_u).len();
+    let console_u = a.lab.file("console-u3.log");
+    let _run_u = start_vm(&a.lab, &vm_u, &console_u);
+    a.wait_for("UEFI machine on RAID0", 480, &console_u, || {
+        state_of(&a, mac_u) == "done"
+    });
+    let log_u = a.log_details(mac_u);
+    let rows = &log_u[third..];
+    let has = |s: &str| rows.iter().any(|l| l.contains(s));
+    for want in [
+        "raid-inspect ok: /dev/md/rackcast: not running; /dev/vdb: raid1 member",
+        "WipeAndCreate",
+        "mdadm ok (exit 0): mdadm --zero-superblock /dev/vdb",
+        "mdadm ok (exit 0): mdadm --zero-superblock /dev/vdc",
+        "mdadm ok (exit 0): mdadm --create /dev/md/rackcast --run --metadata=1.2 --name=rackcast --level=raid0 --raid-devices=2 /dev/vdb /dev/vdc",
+        "raid-verify ok: /dev/md/rackcast: raid0 over /dev/vdb /dev/vdc",
+        "imaging ok image img written to /dev/md/rackcast and verified",
+        "done ok",
+    ] {
+        assert!(has(want), "no {want:?} after the RAID0 change in\n{}", rows.join("\n"));
+    }
+    let out = Command::new("mdadm")
+        .arg("--examine")
+        .arg(&disks_u[1])
+        .output()
+        .unwrap();
+    assert!(text(&out).contains("Raid Level : raid0"), "{}", text(&out));
 }
