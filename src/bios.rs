@@ -172,16 +172,6 @@ pub struct Settle {
     pub interval: Duration,
 }
 
-fn op(name: &str, ok: bool, started: Instant, detail: String) -> OpRecord {
-    OpRecord {
-        op: name.to_string(),
-        ok,
-        exit_code: None,
-        duration_ms: started.elapsed().as_millis() as u64,
-        detail,
-    }
-}
-
 fn show(v: &[(String, Value)]) -> String {
     v.iter()
         .map(|(k, v)| format!("{k}={v}"))
@@ -207,7 +197,7 @@ pub async fn configure<B: BiosBackend>(
     let current = match backend.read().await {
         Ok(c) => c,
         Err(e) => {
-            ops.push(op(
+            ops.push(OpRecord::timed(
                 "bios-read",
                 false,
                 t,
@@ -216,7 +206,7 @@ pub async fn configure<B: BiosBackend>(
             return Err(e);
         }
     };
-    ops.push(op(
+    ops.push(OpRecord::timed(
         "bios-read",
         true,
         t,
@@ -226,7 +216,7 @@ pub async fn configure<B: BiosBackend>(
     let d = match diff(&current, wanted) {
         Ok(d) => d,
         Err(e) => {
-            ops.push(op("bios-diff", false, t, e.to_string()));
+            ops.push(OpRecord::timed("bios-diff", false, t, e.to_string()));
             return Err(e);
         }
     };
@@ -235,7 +225,7 @@ pub async fn configure<B: BiosBackend>(
             "already as wanted, nothing to change (no PATCH, no reset): {}",
             show(&d.unchanged)
         );
-        ops.push(op("bios-diff", true, t, detail.clone()));
+        ops.push(OpRecord::timed("bios-diff", true, t, detail.clone()));
         return Ok(detail);
     }
     let changes: Vec<String> = d
@@ -243,7 +233,7 @@ pub async fn configure<B: BiosBackend>(
         .iter()
         .map(|(k, old)| format!("{k}: {old} -> {}", d.changes[k]))
         .collect();
-    ops.push(op(
+    ops.push(OpRecord::timed(
         "bios-diff",
         true,
         t,
@@ -260,18 +250,18 @@ pub async fn configure<B: BiosBackend>(
     ));
     let t = Instant::now();
     match backend.stage(&d.changes).await {
-        Ok(what) => ops.push(op("bios-stage", true, t, what)),
+        Ok(what) => ops.push(OpRecord::timed("bios-stage", true, t, what)),
         Err(e) => {
-            ops.push(op("bios-stage", false, t, e.to_string()));
+            ops.push(OpRecord::timed("bios-stage", false, t, e.to_string()));
             return Err(e);
         }
     }
     flush(std::mem::take(ops));
     let t = Instant::now();
     match backend.apply().await {
-        Ok(what) => ops.push(op("bios-apply", true, t, what)),
+        Ok(what) => ops.push(OpRecord::timed("bios-apply", true, t, what)),
         Err(e) => {
-            ops.push(op("bios-apply", false, t, e.to_string()));
+            ops.push(OpRecord::timed("bios-apply", false, t, e.to_string()));
             return Err(e);
         }
     }
@@ -295,7 +285,7 @@ pub async fn configure<B: BiosBackend>(
                     "read back after apply ({reads} reads): {} as wanted",
                     wanted.len()
                 );
-                ops.push(op("bios-verify", true, t, detail));
+                ops.push(OpRecord::timed("bios-verify", true, t, detail));
                 return Ok(format!(
                     "changed {} and verified: {}",
                     changes.len(),
@@ -303,7 +293,7 @@ pub async fn configure<B: BiosBackend>(
                 ));
             }
             Err(e) if last => {
-                ops.push(op("bios-verify", false, t, e.to_string()));
+                ops.push(OpRecord::timed("bios-verify", false, t, e.to_string()));
                 return Err(e);
             }
             Err(_) => tokio::time::sleep(settle.interval).await,

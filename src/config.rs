@@ -399,6 +399,20 @@ fn d_settle() -> Duration {
 }
 
 impl RedfishConfig {
+    /// What is wrong with it: (the key below `redfish`, the message).
+    fn problem(&self) -> Option<(&'static str, String)> {
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            return Some((
+                ".url",
+                format!("{:?}: expected http:// or https://", self.url),
+            ));
+        }
+        if self.password.is_some() == self.password_file.is_some() {
+            return Some(("", "expected one of password and password_file".into()));
+        }
+        None
+    }
+
     pub fn to_target(&self) -> Result<crate::redfish::RedfishTarget, String> {
         let password = match (&self.password, &self.password_file) {
             (Some(p), None) => p.clone(),
@@ -607,17 +621,8 @@ impl Config {
                                 "the Redfish backend needs the attributes wanted".into(),
                             ));
                         }
-                        if !(r.url.starts_with("http://") || r.url.starts_with("https://")) {
-                            return Err(bad(
-                                format!("{key}.redfish.url"),
-                                format!("{:?}: expected http:// or https://", r.url),
-                            ));
-                        }
-                        if r.password.is_some() == r.password_file.is_some() {
-                            return Err(bad(
-                                format!("{key}.redfish"),
-                                "expected one of password and password_file".into(),
-                            ));
+                        if let Some((sub, m)) = r.problem() {
+                            return Err(bad(format!("{key}.redfish{sub}"), m));
                         }
                     }
                     (None, Some(_)) => {}
@@ -666,11 +671,8 @@ impl Config {
                                 "a Redfish RAID volume needs `target`: the disk rule that finds the volume as the OS sees it".into(),
                             ));
                         }
-                        if rf.password.is_some() == rf.password_file.is_some() {
-                            return Err(bad(
-                                format!("{key}.redfish"),
-                                "expected one of password and password_file".into(),
-                            ));
+                        if let Some((sub, m)) = rf.problem() {
+                            return Err(bad(format!("{key}.redfish{sub}"), m));
                         }
                     }
                     (None, _) => {

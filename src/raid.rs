@@ -172,6 +172,21 @@ pub fn verify(w: &Wanted, a: &ArrayState) -> Result<(), String> {
     Ok(())
 }
 
+/// Bytes an array of `level` over members of these (usable) sizes holds:
+/// the smallest member bounds every one.
+pub fn capacity(level: &str, sizes: &[u64]) -> u64 {
+    let n = sizes.len() as u64;
+    let min = sizes.iter().copied().min().unwrap_or(0);
+    match level {
+        "raid0" => min * n,
+        "raid1" => min,
+        "raid5" => min * n.saturating_sub(1),
+        "raid6" => min * n.saturating_sub(2),
+        "raid10" => min * n / 2,
+        _ => 0,
+    }
+}
+
 /// md's `--name` for an array path: `/dev/md/rackcast` -> `rackcast`.
 pub fn array_name(path: &str) -> Option<&str> {
     let name = path.strip_prefix("/dev/md/")?;
@@ -280,19 +295,7 @@ pub mod volume {
         })
     }
 
-    /// Bytes a volume of `level` over drives of these sizes holds.
-    pub fn capacity(level: &str, sizes: &[u64]) -> u64 {
-        let n = sizes.len() as u64;
-        let min = sizes.iter().copied().min().unwrap_or(0);
-        match level {
-            "raid0" => min * n,
-            "raid1" => min,
-            "raid5" => min * n.saturating_sub(1),
-            "raid6" => min * n.saturating_sub(2),
-            "raid10" => min * n / 2,
-            _ => 0,
-        }
-    }
+    pub use super::capacity;
 
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub struct Seen {

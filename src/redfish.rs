@@ -116,12 +116,14 @@ impl Redfish {
         }
     }
 
-    async fn call(
+    /// One request: the body's text and the `Location` header. Errors say
+    /// whether a retry can help (unreachable, 5xx) or not (401/403, 4xx).
+    async fn send(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<Value>,
-    ) -> Result<Value, BiosError> {
+    ) -> Result<(String, Option<String>), BiosError> {
         let url = self.url(path);
         let mut req = self
             .http
@@ -139,6 +141,11 @@ impl Redfish {
             )
         })?;
         let status = resp.status();
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let text = resp.text().await.unwrap_or_default();
         if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
             return Err(backend(
@@ -152,11 +159,22 @@ impl Redfish {
                 status.is_server_error(),
             ));
         }
+        Ok((text, location))
+    }
+
+    /// A request whose answer is JSON (or empty: `Null`).
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, BiosError> {
+        let (text, _) = self.send(method.clone(), path, body).await?;
         if text.trim().is_empty() {
             return Ok(Value::Null);
         }
         serde_json::from_str(&text)
-            .map_err(|e| backend(format!("{method} {url}: not JSON: {e}"), false))
+            .map_err(|e| backend(format!("{method} {}: not JSON: {e}", self.url(path)), false))
     }
 
     pub async fn get(&self, path: &str) -> Result<Value, BiosError> {
@@ -165,34 +183,7 @@ impl Redfish {
 
     /// POST that creates a resource: its `Location`, if the BMC says.
     pub async fn create(&self, path: &str, body: Value) -> Result<Option<String>, BiosError> {
-        let url = self.url(path);
-        let resp = self
-            .http
-            .post(&url)
-            .basic_auth(&self.target.username, Some(&self.target.password))
-            .header("Accept", "application/json")
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| {
-                backend(
-                    format!("BMC unreachable: POST {url}: {}", error_chain(&e)),
-                    true,
-                )
-            })?;
-        let status = resp.status();
-        let location = resp
-            .headers()
-            .get(reqwest::header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let text = resp.text().await.unwrap_or_default();
-        if !status.is_success() {
-            return Err(backend(
-                format!("POST {url}: HTTP {status}: {}", redfish_message(&text)),
-                status.is_server_error(),
-            ));
-        }
+        let (text, location) = self.send(reqwest::Method::POST, path, Some(body)).await?;
         // Some BMCs answer with the new resource instead of a Location.
         Ok(location.or_else(|| {
             serde_json::from_str::<Value>(&text)
@@ -209,6 +200,18 @@ impl Redfish {
         self.call(reqwest::Method::DELETE, path, None).await
     }
 
+    /// The ComputerSystem and the path of its link `rel` (`Bios`,
+    /// `Storage`), which it must have.
+    pub async fn system_link(&mut self, rel: &str) -> Result<(Value, String), BiosError> {
+        let system = self.system_path().await?;
+        let sys = self.get(&system).await?;
+        let link = sys[rel]["@odata.id"]
+            .as_str()
+            .ok_or_else(|| backend(format!("{system} has no {rel} resource"), false))?
+            .to_string();
+        Ok((sys, link))
+    }
+
     /// The ComputerSystem's path: the configured id, or the only member.
     pub async fn system_path(&mut self) -> Result<String, BiosError> {
         if let Some(p) = &self.system {
@@ -217,11 +220,7 @@ impl Redfish {
         let system_path = match &self.target.system {
             Some(id) => format!("/redfish/v1/Systems/{id}"),
             None => {
-                let col = self.get("/redfish/v1/Systems").await?;
-                let members: Vec<&str> = col["Members"]
-                    .as_array()
-                    .map(|m| m.iter().filter_map(|x| x["@odata.id"].as_str()).collect())
-                    .unwrap_or_default();
+                let members = members(&self.get("/redfish/v1/Systems").await?);
                 match members.as_slice() {
                     [one] => one.to_string(),
                     other => {
@@ -259,12 +258,8 @@ impl RedfishBios {
         if let Some(l) = &self.links {
             return Ok(l.clone());
         }
+        let (sys, bios) = self.bmc.system_link("Bios").await?;
         let system_path = self.bmc.system_path().await?;
-        let sys = self.bmc.get(&system_path).await?;
-        let bios = sys["Bios"]["@odata.id"]
-            .as_str()
-            .ok_or_else(|| backend(format!("{system_path} has no Bios resource"), false))?
-            .to_string();
         let reset = &sys["Actions"]["#ComputerSystem.Reset"];
         let reset_target = reset["target"]
             .as_str()
@@ -328,26 +323,10 @@ impl RedfishStorage {
         })
     }
 
-    fn members(v: &Value) -> Vec<String> {
-        v["Members"]
-            .as_array()
-            .map(|m| {
-                m.iter()
-                    .filter_map(|x| x["@odata.id"].as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
     pub async fn controllers(&mut self) -> Result<Vec<StorageSeen>, BiosError> {
-        let system = self.bmc.system_path().await?;
-        let sys = self.bmc.get(&system).await?;
-        let col = sys["Storage"]["@odata.id"]
-            .as_str()
-            .ok_or_else(|| backend(format!("{system} has no Storage resource"), false))?
-            .to_string();
+        let (_, col) = self.bmc.system_link("Storage").await?;
         let mut out = Vec::new();
-        for path in Self::members(&self.bmc.get(&col).await?) {
+        for path in members(&self.bmc.get(&col).await?) {
             let st = self.bmc.get(&path).await?;
             let mut drives = Vec::new();
             for d in st["Drives"].as_array().into_iter().flatten() {
@@ -396,11 +375,23 @@ impl RedfishStorage {
 
     pub async fn volumes(&self, col: &str) -> Result<Vec<crate::raid::volume::Seen>, BiosError> {
         let mut out = Vec::new();
-        for p in Self::members(&self.bmc.get(col).await?) {
+        for p in members(&self.bmc.get(col).await?) {
             out.push(self.volume(&p).await?);
         }
         Ok(out)
     }
+}
+
+/// The `@odata.id`s of a collection's `Members`.
+fn members(v: &Value) -> Vec<String> {
+    v["Members"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .filter_map(|x| x["@odata.id"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

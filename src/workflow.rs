@@ -144,6 +144,20 @@ pub struct OpRecord {
     pub detail: String,
 }
 
+impl OpRecord {
+    /// An operation that is not a program (no exit code), timed from
+    /// `started`.
+    pub fn timed(op: &str, ok: bool, started: std::time::Instant, detail: String) -> OpRecord {
+        OpRecord {
+            op: op.to_string(),
+            ok,
+            exit_code: None,
+            duration_ms: started.elapsed().as_millis() as u64,
+            detail,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     Ok { detail: String },

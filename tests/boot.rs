@@ -164,15 +164,20 @@ path = "{img}"
         finish(child, Duration::from_secs(20))
     }
 
-    fn devices(&self) -> serde_json::Value {
-        let out = Command::new("ip")
+    /// `rackcast ARGS --config ...` in the appliance namespace.
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new("ip")
             .args(["netns", "exec", &self.lab.ns("app")])
             .arg(bin("rackcast"))
-            .args(["devices", "--json", "--config"])
+            .args(args)
+            .arg("--config")
             .arg(&self.config)
             .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap()
+            .unwrap()
+    }
+
+    fn devices(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.cli(&["devices", "--json"]).stdout).unwrap()
     }
 }
 
@@ -471,34 +476,25 @@ fn tftp_serves_real_clients_read_only_and_refuses_traversal() {
         finish(child, Duration::from_secs(30))
     };
     // tftp-hpa (its client speaks plain RFC 1350: 512-byte blocks).
-    let out1 = dir.join("hpa.bin");
-    let o = in_dev(&[
-        "tftp",
-        "-m",
-        "binary",
-        "198.18.0.1",
-        "-c",
-        "get",
-        "undionly.kpxe",
-        out1.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(fs::read(&out1).unwrap(), big);
+    let hpa_get = |remote: &str, local: &str| -> Vec<u8> {
+        let out = dir.join(local);
+        let o = in_dev(&[
+            "tftp",
+            "-m",
+            "binary",
+            "198.18.0.1",
+            "-c",
+            "get",
+            remote,
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        fs::read(&out).unwrap()
+    };
+    assert_eq!(hpa_get("undionly.kpxe", "hpa.bin"), big);
     // 4096 bytes: a multiple of 512, so the transfer ends with an empty
     // block.
-    let out2 = dir.join("hpa-efi.bin");
-    let o = in_dev(&[
-        "tftp",
-        "-m",
-        "binary",
-        "198.18.0.1",
-        "-c",
-        "get",
-        "efi/ipxe.efi",
-        out2.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(fs::read(&out2).unwrap(), vec![0x5a; 4096]);
+    assert_eq!(hpa_get("efi/ipxe.efi", "hpa-efi.bin"), vec![0x5a; 4096]);
     // atftp with blksize, tsize and windowsize.
     let out3 = dir.join("atftp.bin");
     let o = in_dev(&[
@@ -623,16 +619,7 @@ fn ipxe_script_follows_the_device_state_and_files_serve_ranges() {
     }
     // The per-device fetch is in the device's log (the script fetch made
     // the record).
-    let logged = || {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &a.lab.ns("app")])
-            .arg(bin("rackcast"))
-            .args(["log", mac, "--json", "--config"])
-            .arg(&a.config)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let logged = || String::from_utf8_lossy(&a.cli(&["log", mac, "--json"]).stdout).into_owned();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !logged().contains("HTTP GET vmlinuz (bytes=100-199): 206, 100 bytes") {
         assert!(Instant::now() < deadline, "{}", logged());
@@ -937,24 +924,14 @@ impl Appliance {
 
     /// The appliance's bundle-signing key fingerprint (`rackcast key`).
     fn key(&self) -> String {
-        let out = Command::new(bin("rackcast"))
-            .args(["key", "--config"])
-            .arg(&self.config)
-            .output()
-            .unwrap();
+        let out = self.cli(&["key"]);
         assert!(out.status.success(), "{}", text(&out));
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     fn cli_json(&self, args: &[&str]) -> Option<serde_json::Value> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.lab.ns("app")])
-            .arg(bin("rackcast"))
-            .args(args)
-            .args(["--json", "--config"])
-            .arg(&self.config)
-            .output()
-            .unwrap();
+        let args: Vec<&str> = args.iter().copied().chain(["--json"]).collect();
+        let out = self.cli(&args);
         if !out.status.success() {
             return None;
         }
@@ -1280,13 +1257,7 @@ fn two_pxe_machines_get_bios_and_raid1_at_their_pace_then_the_image_onto_their_a
     // file, iPXE gives up and the BIOS boots vda, a half of its mirror.
     // The UEFI machine the operator has installed again: BIOS already as
     // wanted, the stopped array found on its disks, assembled and reused.
-    let out = Command::new("ip")
-        .args(["netns", "exec", &a.lab.ns("app")])
-        .arg(bin("rackcast"))
-        .args(["reinstall", mac_u, "--config"])
-        .arg(&a.config)
-        .output()
-        .unwrap();
+    let out = a.cli(&["reinstall", mac_u]);
     assert!(out.status.success(), "{}", text(&out));
     let again = log_u.len();
     let console_b = a.lab.file("console-b2.log");
@@ -1349,13 +1320,7 @@ fn two_pxe_machines_get_bios_and_raid1_at_their_pace_then_the_image_onto_their_a
     fs::write(&a.config, cfg.replace(&old, &new)).unwrap();
     a.stop();
     a.start();
-    let out = Command::new("ip")
-        .args(["netns", "exec", &a.lab.ns("app")])
-        .arg(bin("rackcast"))
-        .args(["reinstall", mac_u, "--config"])
-        .arg(&a.config)
-        .output()
-        .unwrap();
+    let out = a.cli(&["reinstall", mac_u]);
     assert!(out.status.success(), "{}", text(&out));
     let third = a.log_details(mac_u).len();
     let console_u = a.lab.file("console-u3.log");

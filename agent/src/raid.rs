@@ -117,12 +117,11 @@ pub async fn configure(
         })
         .collect::<Vec<_>>()
         .join("; ");
-    md.ops.push(OpRecord {
-        op: "raid-inspect".into(),
-        ok: !matches!(decision, Decision::Refuse { .. }),
-        exit_code: None,
-        duration_ms: t.elapsed().as_millis() as u64,
-        detail: format!(
+    md.ops.push(OpRecord::timed(
+        "raid-inspect",
+        !matches!(decision, Decision::Refuse { .. }),
+        t,
+        format!(
             "{array}: {}; {seen}; wanted {} over {} -> {decision:?}",
             match &running {
                 Some(a) => format!("running {} ({} devices)", a.level, a.raid_devices),
@@ -131,7 +130,7 @@ pub async fn configure(
             w.level,
             members.iter().cloned().collect::<Vec<_>>().join(" ")
         ),
-    });
+    ));
     let mut create_args: Vec<String> = vec![
         "--create".into(),
         array.into(),
@@ -182,12 +181,11 @@ pub async fn configure(
             Ok(())
         }
     });
-    md.ops.push(OpRecord {
-        op: "raid-verify".into(),
-        ok: verdict.is_ok(),
-        exit_code: None,
-        duration_ms: t.elapsed().as_millis() as u64,
-        detail: match &verdict {
+    md.ops.push(OpRecord::timed(
+        "raid-verify",
+        verdict.is_ok(),
+        t,
+        match &verdict {
             Ok(()) => format!(
                 "{array}: {} over {} ({size} bytes, array {})",
                 state.level,
@@ -196,19 +194,9 @@ pub async fn configure(
             ),
             Err(e) => format!("{array}: {e}"),
         },
-    });
+    ));
     verdict.map_err(|e| anyhow!("RAID verify: {e}"))?;
     Ok(what)
-}
-
-fn op(name: &str, ok: bool, t: Instant, detail: String) -> OpRecord {
-    OpRecord {
-        op: name.into(),
-        ok,
-        exit_code: None,
-        duration_ms: t.elapsed().as_millis() as u64,
-        detail,
-    }
 }
 
 /// Hardware RAID through the BMC: pick the controller drives by the
@@ -232,7 +220,7 @@ pub async fn configure_volume(
     let controllers = match st.controllers().await {
         Ok(c) => c,
         Err(e) => {
-            ops.push(op("raid-inspect", false, t, e.to_string()));
+            ops.push(OpRecord::timed("raid-inspect", false, t, e.to_string()));
             return Err(e.into());
         }
     };
@@ -265,7 +253,7 @@ pub async fn configure_volume(
             .collect::<Vec<_>>()
             .join("; ");
         let why = format!("no storage controller has drives matching the profile's rule ({seen})");
-        ops.push(op("raid-inspect", false, t, why.clone()));
+        ops.push(OpRecord::timed("raid-inspect", false, t, why.clone()));
         bail!(why);
     };
     rackcast::bundle::check_raid_level(&plan.level, picked.len()).map_err(|e| anyhow!(e))?;
@@ -277,8 +265,7 @@ pub async fn configure_volume(
         wipe: plan.wipe,
     };
     let decision = volume::decide(&w, &existing);
-    ops.push(op(
-        "raid-inspect",
+    ops.push(OpRecord::timed("raid-inspect",
         !matches!(decision, Decision::Refuse { .. }),
         t,
         format!(
@@ -323,7 +310,7 @@ pub async fn configure_volume(
             if let Decision::Replace { path, why } = &decision {
                 let t = Instant::now();
                 st.bmc.delete(path).await?;
-                ops.push(op(
+                ops.push(OpRecord::timed(
                     "redfish-volume-delete",
                     true,
                     t,
@@ -336,11 +323,16 @@ pub async fn configure_volume(
             let loc = match created {
                 Ok(l) => l,
                 Err(e) => {
-                    ops.push(op("redfish-volume-create", false, t, e.to_string()));
+                    ops.push(OpRecord::timed(
+                        "redfish-volume-create",
+                        false,
+                        t,
+                        e.to_string(),
+                    ));
                     return Err(e.into());
                 }
             };
-            ops.push(op(
+            ops.push(OpRecord::timed(
                 "redfish-volume-create",
                 true,
                 t,
@@ -381,7 +373,7 @@ pub async fn configure_volume(
             Ok(())
         }
     });
-    ops.push(op(
+    ops.push(OpRecord::timed(
         "raid-verify",
         verdict.is_ok(),
         t,

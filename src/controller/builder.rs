@@ -185,6 +185,12 @@ impl Builder {
         let img = images
             .get(&image_name)
             .ok_or_else(|| BundleError::NoImage(image_name.clone()))?;
+        // A BMC's config as the bundle carries it (password file read now).
+        let redfish_target = |c: Option<&crate::config::RedfishConfig>, key: &str| {
+            c.map(|c| c.to_target())
+                .transpose()
+                .map_err(|e| rule_err(format!("{key}: {e}")))
+        };
         let raid = match &p.raid {
             Some(r) if r.redfish.is_some() => {
                 // The controller's drives are picked on the device, from
@@ -198,12 +204,7 @@ impl Builder {
                     array: String::new(),
                     wipe: r.wipe,
                     metadata: r.metadata.clone(),
-                    redfish: r
-                        .redfish
-                        .as_ref()
-                        .map(|c| c.to_target())
-                        .transpose()
-                        .map_err(|e| rule_err(format!("raid.redfish: {e}")))?,
+                    redfish: redfish_target(r.redfish.as_ref(), "raid.redfish")?,
                     drive_rule: Some(r.disks.clone()),
                     volume_name: r.volume_name.clone(),
                     program: None,
@@ -259,12 +260,7 @@ impl Builder {
         let bios = match &p.bios {
             Some(b) => Some(BiosPlan {
                 attributes: b.attributes.clone(),
-                redfish: b
-                    .redfish
-                    .as_ref()
-                    .map(|r| r.to_target())
-                    .transpose()
-                    .map_err(|e| rule_err(format!("bios.redfish: {e}")))?,
+                redfish: redfish_target(b.redfish.as_ref(), "bios.redfish")?,
                 program: b.program.as_ref().map(|x| x.to_program()),
             }),
             None => None,
@@ -311,20 +307,17 @@ impl Builder {
     }
 }
 
-/// About what an md array over `members` holds: the smallest member
-/// bounds every one; each keeps room for md's superblock and data offset
-/// (mdadm reserves up to 128 MiB on large disks, less on small ones). The
-/// agent checks the real array size before writing.
+/// About what an md array over `members` holds: each member keeps room
+/// for md's superblock and data offset (mdadm reserves up to 128 MiB on
+/// large disks, less on small ones). The agent checks the real array size
+/// before writing.
 fn raid_capacity(level: &str, members: &[&crate::bundle::Disk]) -> u64 {
-    let n = members.len() as u64;
-    let min = members.iter().map(|d| d.size_bytes).min().unwrap_or(0);
-    let per = min.saturating_sub((min / 8).clamp(1 << 20, 128 << 20));
-    match level {
-        "raid0" => per * n,
-        "raid1" => per,
-        "raid5" => per * n.saturating_sub(1),
-        "raid6" => per * n.saturating_sub(2),
-        "raid10" => per * n / 2,
-        _ => 0,
-    }
+    let usable: Vec<u64> = members
+        .iter()
+        .map(|d| {
+            d.size_bytes
+                .saturating_sub((d.size_bytes / 8).clamp(1 << 20, 128 << 20))
+        })
+        .collect();
+    crate::raid::capacity(level, &usable)
 }
