@@ -11,6 +11,8 @@
 #
 # RC_SEND_ARGS (environment) is appended to `rackcast send`, to compare
 # sender settings in one lab, e.g. RC_SEND_ARGS="--source-resend-factor 1".
+# RC_RX_PREFIX is put before every rackcast receiver's command, to profile
+# it, e.g. RC_RX_PREFIX="perf record -g -o /tmp/rx.perf" with one receiver.
 #
 # A case is N:LOSS_PERCENT. Run as root. Lab: 198.18.0.0/24, groups in
 # 239.255.0.0/16, namespaces rcb-*; everything it starts is stopped by PID
@@ -83,7 +85,7 @@ run_rackcast() { local n=$1 i t0 t1 rc=0
   for i in $(seq 1 "$n"); do
     rm -f "$WORK/d$i.out" "$WORK/d$i.out.rcresume"
     timeout "$TMO" ip netns exec "${P}d$i" /usr/bin/time -f "%U %S" -o "$WORK/d$i.time" \
-      "$BIN/rackcast-agent" receive --server 198.18.0.1:7000 --out "$WORK/d$i.out" --iface d0 --log warn \
+      ${RC_RX_PREFIX:-} "$BIN/rackcast-agent" receive --server 198.18.0.1:7000 --out "$WORK/d$i.out" --iface d0 --log warn \
       >"$WORK/d$i.log" 2>&1 &
     pids+=($!)
   done

@@ -7,6 +7,7 @@
 //! (`rackcast-agent`) depends on it.
 
 pub mod bios;
+pub mod blake3_lanes;
 pub mod boot;
 pub mod bundle;
 pub mod config;

@@ -308,6 +308,7 @@ struct RecvLoop {
 impl RecvLoop {
     fn run(mut self) -> Result<Counters, (String, Counters)> {
         let mut batch = RecvBatch::new(BATCH);
+        let mut ready = Vec::new();
         let mut next_feedback = Instant::now();
         let mut last_valid = Instant::now();
         let mut last_count = 0u64;
@@ -324,10 +325,10 @@ impl RecvLoop {
                 // a wakeup per datagram (the socket buffer holds ~100 ms).
                 std::thread::sleep(POLL_INTERVAL);
             }
-            for k in 0..batch.datagrams() {
-                if let Ok(Some(job)) = self.core.on_datagram(batch.datagram(k)) {
-                    let _ = self.jobs.send(job);
-                }
+            let datagrams: Vec<&[u8]> = (0..batch.datagrams()).map(|k| batch.datagram(k)).collect();
+            self.core.on_datagrams(&datagrams, &mut ready);
+            for job in ready.drain(..) {
+                let _ = self.jobs.send(job);
             }
             while let Ok((b, r)) = self.done.try_recv() {
                 self.core.on_decoded(b, r);

@@ -11,7 +11,7 @@
 use crate::fec::{Added, BlockAssembly};
 use crate::manifest::Manifest;
 use crate::wire::control::{Status, MAX_GAP_SYMBOLS};
-use crate::wire::packet::{self, Kind, PacketError, KEY_LEN};
+use crate::wire::packet::{self, Header, Kind, PacketError, KEY_LEN};
 
 /// Why a datagram was dropped (each has a counter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,9 +142,59 @@ impl ReceiverCore {
     /// Take one datagram. Returns a block ready for decoding, if this
     /// symbol completed one.
     pub fn on_datagram(&mut self, data: &[u8]) -> Result<Option<DecodeJob>, Drop> {
+        let r = self
+            .check_unauthenticated(data)
+            .and_then(|(h, payload)| {
+                packet::verify(&self.key, data).map_err(|_| Drop::BadTag)?;
+                self.accept(h, payload)
+            });
+        self.count(&r);
+        r
+    }
+
+    /// Take a batch of datagrams (one `recvmmsg`); blocks they completed
+    /// are pushed to `jobs`. Same checks and counters as [`Self::on_datagram`],
+    /// but the tags of the batch are verified together (in SIMD lanes).
+    pub fn on_datagrams(&mut self, batch: &[&[u8]], jobs: &mut Vec<DecodeJob>) {
+        const GROUP: usize = 16;
+        for group in batch.chunks(GROUP) {
+            let mut checked: [Option<(Header, &[u8])>; GROUP] = [None; GROUP];
+            let mut cand: [&[u8]; GROUP] = [&[]; GROUP];
+            let mut at = [0usize; GROUP];
+            let mut n = 0;
+            for (i, d) in group.iter().enumerate() {
+                match self.check_unauthenticated(d) {
+                    Ok(hp) => {
+                        checked[i] = Some(hp);
+                        cand[n] = d;
+                        at[n] = i;
+                        n += 1;
+                    }
+                    Err(e) => self.count(&Err(e)),
+                }
+            }
+            let mut ok = [false; GROUP];
+            packet::verify_many(&self.key, &cand[..n], &mut ok[..n]);
+            for k in 0..n {
+                let Some((h, payload)) = checked[at[k]] else {
+                    continue;
+                };
+                let r = if ok[k] {
+                    self.accept(h, payload)
+                } else {
+                    Err(Drop::BadTag)
+                };
+                self.count(&r);
+                if let Ok(Some(job)) = r {
+                    jobs.push(job);
+                }
+            }
+        }
+    }
+
+    fn count(&mut self, r: &Result<Option<DecodeJob>, Drop>) {
         self.counters.packets += 1;
-        let r = self.accept(data);
-        match &r {
+        match r {
             Err(Drop::Malformed(_)) => self.counters.malformed += 1,
             Err(Drop::WrongSession) => self.counters.wrong_session += 1,
             Err(Drop::BadTag) => self.counters.auth_failures += 1,
@@ -154,15 +204,20 @@ impl ReceiverCore {
             Err(Drop::Late) => self.counters.late += 1,
             Ok(_) => {}
         }
-        r
     }
 
-    fn accept(&mut self, data: &[u8]) -> Result<Option<DecodeJob>, Drop> {
+    /// The checks that cost nothing and run before the tag: header layout
+    /// and session id.
+    fn check_unauthenticated<'a>(&self, data: &'a [u8]) -> Result<(Header, &'a [u8]), Drop> {
         let (h, payload) = packet::parse(data).map_err(Drop::Malformed)?;
         if h.session != self.session {
             return Err(Drop::WrongSession);
         }
-        packet::verify(&self.key, data).map_err(|_| Drop::BadTag)?;
+        Ok((h, payload))
+    }
+
+    /// An authentic datagram (its tag checked).
+    fn accept(&mut self, h: Header, payload: &[u8]) -> Result<Option<DecodeJob>, Drop> {
         // Authentic from here on: account its sequence number.
         self.valid += 1;
         match self.first_seq {
