@@ -431,8 +431,7 @@ fn msg_name(m: &Msg) -> &'static str {
 }
 
 /// Packet builder of the send thread: one contiguous buffer of
-/// equal-sized datagrams (the layout UDP GSO needs), the key, a symbol
-/// scratch buffer.
+/// equal-sized datagrams (the layout UDP GSO needs) and the key.
 struct Packetizer {
     key: [u8; KEY_LEN],
     session: u32,
@@ -440,7 +439,6 @@ struct Packetizer {
     dlen: usize,
     buf: Vec<u8>,
     count: usize,
-    sym: Vec<u8>,
     probe: [u8; packet::OVERHEAD],
 }
 
@@ -454,13 +452,19 @@ impl Packetizer {
             dlen,
             buf: vec![0u8; SEND_BATCH * dlen],
             count: 0,
-            sym: vec![0u8; symbol_size],
             probe: [0u8; packet::OVERHEAD],
         }
     }
 
-    /// Append a symbol datagram (payload in `self.sym`).
-    fn push_symbol(&mut self, seq: u32, block: u32, esi: u32) -> bool {
+    /// Append a symbol datagram; `fill` writes its payload in place.
+    /// Its tag comes with the rest of the batch in [`Self::seal`].
+    fn push_symbol(
+        &mut self,
+        seq: u32,
+        block: u32,
+        esi: u32,
+        fill: impl FnOnce(&mut [u8]) -> bool,
+    ) -> bool {
         if self.count >= SEND_BATCH {
             return false;
         }
@@ -473,16 +477,24 @@ impl Packetizer {
             payload_len: self.symbol_size as u16,
         };
         let at = self.count * self.dlen;
-        match packet::emit(&h, &self.sym, &self.key, &mut self.buf[at..at + self.dlen]) {
-            Ok(_) => {
-                self.count += 1;
-                true
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "packet emit failed");
-                false
-            }
+        let out = &mut self.buf[at..at + self.dlen];
+        if let Err(e) = packet::emit_header(&h, out) {
+            tracing::error!(error = %e, "packet emit failed");
+            return false;
         }
+        if !fill(&mut out[packet::HEADER_LEN..packet::HEADER_LEN + self.symbol_size]) {
+            return false;
+        }
+        self.count += 1;
+        true
+    }
+
+    /// Tag every datagram of the batch (side by side in SIMD lanes).
+    fn seal(&mut self) {
+        let mut all: Vec<&mut [u8]> = self.buf[..self.count * self.dlen]
+            .chunks_mut(self.dlen)
+            .collect();
+        packet::seal_many(&self.key, &mut all);
     }
 
     fn probe(&mut self, seq: u32) -> Option<&[u8]> {
@@ -619,21 +631,27 @@ fn send_loop(
                                 tracing::error!(block, "source block not loaded; skipped");
                                 continue;
                             };
-                            fec::source_symbol(d, esi, &mut pk.sym);
+                            pk.push_symbol(seq, block, esi, |out| {
+                                fec::source_symbol(d, esi, out);
+                                true
+                            });
                         } else {
                             let Some(e) = held.encoders.get(&block) else {
                                 tracing::error!(block, "encoder missing; skipped");
                                 continue;
                             };
-                            match e.repair(esi, 1).pop() {
-                                Some(s) if s.len() == pk.sym.len() => pk.sym.copy_from_slice(&s),
-                                _ => continue,
-                            }
+                            pk.push_symbol(seq, block, esi, |out| match e.repair(esi, 1).pop() {
+                                Some(s) if s.len() == out.len() => {
+                                    out.copy_from_slice(&s);
+                                    true
+                                }
+                                _ => false,
+                            });
                         }
-                        pk.push_symbol(seq, block, esi);
                     }
                 }
             }
+            pk.seal();
             let n = pk.count;
             let mut off = 0;
             while off < n {

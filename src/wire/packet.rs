@@ -100,6 +100,9 @@ pub enum PacketError {
     /// The keyed tag did not match: wrong key or tampered packet.
     #[error("authentication tag mismatch")]
     BadTag,
+    /// Emitting: the payload is not as long as the header says.
+    #[error("payload is {got} bytes, header says {header}")]
+    PayloadLength { got: usize, header: u16 },
 }
 
 /// Parse and check the header of `datagram`; returns the header and the
@@ -270,8 +273,25 @@ pub fn emit(
 /// for [`seal_many`] (which tags a whole batch at once). Returns the
 /// datagram length including the tag.
 pub fn emit_body(header: &Header, payload: &[u8], out: &mut [u8]) -> Result<usize, PacketError> {
-    let need = datagram_len(payload.len());
-    if out.len() < need || payload.len() > u16::MAX as usize {
+    if payload.len() != header.payload_len as usize {
+        return Err(PacketError::PayloadLength {
+            got: payload.len(),
+            header: header.payload_len,
+        });
+    }
+    let need = emit_header(header, out)?;
+    out[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
+    Ok(need)
+}
+
+/// The header alone; the caller writes the `header.payload_len` payload
+/// bytes after it in place (the sender copies a symbol straight into its
+/// send buffer) and [`seal_many`] adds the tag. Returns the datagram
+/// length including the tag.
+pub fn emit_header(header: &Header, out: &mut [u8]) -> Result<usize, PacketError> {
+    let plen = header.payload_len as usize;
+    let need = datagram_len(plen);
+    if out.len() < need {
         return Err(PacketError::Truncated {
             got: out.len(),
             need,
@@ -287,9 +307,8 @@ pub fn emit_body(header: &Header, payload: &[u8], out: &mut [u8]) -> Result<usiz
     out[8..12].copy_from_slice(&header.seq.to_be_bytes());
     out[12..16].copy_from_slice(&header.block.to_be_bytes());
     out[16..20].copy_from_slice(&header.esi.to_be_bytes());
-    out[20..22].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+    out[20..22].copy_from_slice(&header.payload_len.to_be_bytes());
     out[22..24].copy_from_slice(&0u16.to_be_bytes());
-    out[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
     Ok(need)
 }
 
