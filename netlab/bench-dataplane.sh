@@ -97,6 +97,7 @@ run_rackcast() { local n=$1 i t0 t1 rc=0
   for p in "${pids[@]}"; do wait "$p" || rc=$?; done
   t1=$(now)
   [ "$rc" = 0 ] || { echo "rackcast run failed (rc=$rc):" >&2; tail -n 5 "$WORK/send.log" >&2; }
+  grep -m1 '^wave:' "$WORK/send.log" | sed 's/^/  rackcast sender: /' >&2 || true
   echo "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') $(verify $(for i in $(seq 1 "$n"); do echo "$WORK/d$i.out"; done)) $(cpu_sum $(for i in $(seq 1 "$n"); do echo "$WORK/d$i.time"; done))"
   for i in $(seq 1 "$n"); do rm -f "$WORK/d$i.out"; done
 }

@@ -302,7 +302,8 @@ mod lanes {
         let len = lanes[0].len();
         let mut key_cv = [_mm256_setzero_si256(); 8];
         for (i, w) in key_cv.iter_mut().enumerate() {
-            let word = u32::from_le_bytes([key[4 * i], key[4 * i + 1], key[4 * i + 2], key[4 * i + 3]]);
+            let word =
+                u32::from_le_bytes([key[4 * i], key[4 * i + 1], key[4 * i + 2], key[4 * i + 3]]);
             *w = _mm256_set1_epi32(word as i32);
         }
         let chunks = len.div_ceil(CHUNK_LEN);

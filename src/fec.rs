@@ -117,6 +117,20 @@ impl BlockAssembly {
         Added::New
     }
 
+    /// Whether source symbol `esi` is held.
+    pub fn has_source(&self, esi: u32) -> bool {
+        esi < self.k && self.have[(esi / 64) as usize] & (1 << (esi % 64)) != 0
+    }
+
+    /// Source symbol `esi`, if held.
+    pub fn source(&self, esi: u32) -> Option<&[u8]> {
+        if !self.has_source(esi) {
+            return None;
+        }
+        let at = esi as usize * self.symbol_size;
+        Some(&self.buf[at..at + self.symbol_size])
+    }
+
     /// Distinct symbols held.
     pub fn count(&self) -> u32 {
         self.have_source + self.repair.len() as u32

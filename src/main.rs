@@ -317,7 +317,7 @@ fn send(a: SendArgs) -> Result<()> {
 
 fn print_report(r: &SendReport, json: bool) -> Result<()> {
     println!(
-        "wave: {} bytes in {:.2} s (source phase {:.2} s), goodput {:.1} Mbit/s ({:.3} x rate), repair overhead {:.2} %, {} source + {} repair packets ({} of them resent source symbols)",
+        "wave: {} bytes in {:.2} s (source phase {:.2} s), goodput {:.1} Mbit/s ({:.3} x rate), repair overhead {:.2} %, {} source + {} repair packets ({} of them resent source symbols, {} coded)",
         r.image_bytes,
         r.seconds,
         r.source_seconds,
@@ -326,7 +326,8 @@ fn print_report(r: &SendReport, json: bool) -> Result<()> {
         r.repair_overhead_pct,
         r.source_packets,
         r.repair_packets,
-        r.resent_source_packets
+        r.resent_source_packets,
+        r.coded_packets
     );
     for rx in &r.receivers {
         println!(

@@ -4,6 +4,7 @@
 //! out); `send` and `receive` are their thread/tokio drivers; `net` holds
 //! the socket calls and `conn` the control-connection framing.
 
+pub mod coding;
 pub mod net;
 pub mod receive;
 pub mod receiver;

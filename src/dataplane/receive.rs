@@ -293,9 +293,13 @@ fn writer_loop(
     Ok(*hasher.finalize().as_bytes())
 }
 
+/// A `Msg::Coded` plan: block, first id, combinations.
+type CodedPlan = (u32, u32, Vec<Vec<u32>>);
+
 struct RecvLoop {
     core: ReceiverCore,
     sock: std::net::UdpSocket,
+    plans: crossbeam_channel::Receiver<CodedPlan>,
     jobs: crossbeam_channel::Sender<DecodeJob>,
     done: crossbeam_channel::Receiver<DecodeResult>,
     status: mpsc::UnboundedSender<control::Status>,
@@ -324,6 +328,10 @@ impl RecvLoop {
                 // Queue drained: let packets accumulate instead of taking
                 // a wakeup per datagram (the socket buffer holds ~100 ms).
                 std::thread::sleep(POLL_INTERVAL);
+            }
+            // Plans first: their coded datagrams may be in this batch.
+            while let Ok((b, first, combos)) = self.plans.try_recv() {
+                self.core.on_coded_plan(b, first, combos, &mut ready);
             }
             let datagrams: Vec<&[u8]> = (0..batch.datagrams()).map(|k| batch.datagram(k)).collect();
             self.core.on_datagrams(&datagrams, &mut ready);
@@ -513,6 +521,7 @@ pub async fn run_receive(
     let (job_tx, job_rx) = crossbeam_channel::unbounded();
     let (done_tx, done_rx) = crossbeam_channel::unbounded();
     let (status_tx, mut status_rx) = mpsc::unbounded_channel();
+    let (plan_tx, plan_rx) = crossbeam_channel::unbounded();
     let (verdict_tx, verdict_rx) = oneshot::channel::<Result<[u8; 32], String>>();
     {
         let (m, p, s) = (m.clone(), progress.clone(), stop.clone());
@@ -524,6 +533,7 @@ pub async fn run_receive(
     let recv = RecvLoop {
         core,
         sock,
+        plans: plan_rx,
         jobs: job_tx,
         done: done_rx,
         status: status_tx,
@@ -561,6 +571,9 @@ pub async fn run_receive(
                     Ok(Some(Ok(frame))) => match control::parse(&frame) {
                         Ok(Msg::Finish { reason }) => break Err(format!("sender ended the session: {reason}")),
                         Ok(Msg::Error { message }) => break Err(format!("sender error: {message}")),
+                        Ok(Msg::Coded { block, first, combos }) => {
+                            let _ = plan_tx.send((block, first, combos));
+                        }
                         Ok(_) => {}
                         Err(e) => break Err(format!("bad message from sender: {e}")),
                     },

@@ -8,6 +8,8 @@
 //! a block are pure functions here ([`decode_block`]); writing is the
 //! driver's (`dataplane::receive`).
 
+use std::collections::{BTreeMap, VecDeque};
+
 use crate::fec::{Added, BlockAssembly};
 use crate::manifest::Manifest;
 use crate::wire::control::{Status, MAX_GAP_SYMBOLS};
@@ -25,6 +27,9 @@ pub enum Drop {
     Duplicate,
     /// Symbol of a block already complete.
     Late,
+    /// Coded datagram with more than one symbol missing here (or its
+    /// plan never came): cannot be solved.
+    CodedUnusable,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -39,6 +44,9 @@ pub struct Counters {
     pub bad_length: u64,
     pub duplicates: u64,
     pub late: u64,
+    /// Coded datagrams that gave a missing symbol.
+    pub coded: u64,
+    pub coded_unusable: u64,
     pub decode_retries: u64,
     pub hash_failures: u64,
 }
@@ -85,8 +93,17 @@ pub fn decode_block(manifest: &Manifest, job: DecodeJob) -> DecodeOutcome {
     }
 }
 
+/// Coded datagrams kept while their plan is on its way (~1.5 MB).
+const MAX_UNPLANNED: usize = 1024;
+/// Announced combinations kept at once.
+const MAX_PLANS: usize = 1 << 16;
+
 pub struct ReceiverCore {
     manifest: Manifest,
+    /// Announced combinations by (block, id).
+    plans: BTreeMap<(u32, u32), Vec<u32>>,
+    /// Coded datagrams that arrived before their plan: (block, id, payload).
+    unplanned: VecDeque<(u32, u32, Vec<u8>)>,
     session: u32,
     key: [u8; KEY_LEN],
     slots: Vec<Slot>,
@@ -102,6 +119,8 @@ impl ReceiverCore {
         let n = manifest.block_count() as usize;
         ReceiverCore {
             slots: (0..n).map(|_| Slot::Empty).collect(),
+            plans: BTreeMap::new(),
+            unplanned: VecDeque::new(),
             manifest,
             session,
             key,
@@ -142,12 +161,10 @@ impl ReceiverCore {
     /// Take one datagram. Returns a block ready for decoding, if this
     /// symbol completed one.
     pub fn on_datagram(&mut self, data: &[u8]) -> Result<Option<DecodeJob>, Drop> {
-        let r = self
-            .check_unauthenticated(data)
-            .and_then(|(h, payload)| {
-                packet::verify(&self.key, data).map_err(|_| Drop::BadTag)?;
-                self.accept(h, payload)
-            });
+        let r = self.check_unauthenticated(data).and_then(|(h, payload)| {
+            packet::verify(&self.key, data).map_err(|_| Drop::BadTag)?;
+            self.accept(h, payload)
+        });
         self.count(&r);
         r
     }
@@ -202,6 +219,7 @@ impl ReceiverCore {
             Err(Drop::BadLength) => self.counters.bad_length += 1,
             Err(Drop::Duplicate) => self.counters.duplicates += 1,
             Err(Drop::Late) => self.counters.late += 1,
+            Err(Drop::CodedUnusable) => self.counters.coded_unusable += 1,
             Ok(_) => {}
         }
     }
@@ -239,8 +257,19 @@ impl ReceiverCore {
         if b >= self.slots.len() || self.manifest.blocks[b].zero {
             return Err(Drop::BadBlock);
         }
-        let k = self.manifest.source_symbols(h.block);
-        let slot = &mut self.slots[b];
+        if payload.len() != self.manifest.symbol_size as usize {
+            return Err(Drop::BadLength);
+        }
+        if h.kind == Kind::Coded {
+            return self.on_coded(h.block, h.esi, payload);
+        }
+        self.add_symbol(h.block, h.esi, payload)
+    }
+
+    /// Add one symbol of block `b` (in range, not a zero block).
+    fn add_symbol(&mut self, b: u32, esi: u32, payload: &[u8]) -> Result<Option<DecodeJob>, Drop> {
+        let k = self.manifest.source_symbols(b);
+        let slot = &mut self.slots[b as usize];
         if let Slot::Empty = slot {
             *slot = Slot::Collecting {
                 asm: BlockAssembly::new(k, self.manifest.symbol_size),
@@ -250,7 +279,7 @@ impl ReceiverCore {
         match slot {
             Slot::Done | Slot::Decoding => Err(Drop::Late),
             Slot::Empty => Ok(None),
-            Slot::Collecting { asm, min_count } => match asm.add(h.esi, payload) {
+            Slot::Collecting { asm, min_count } => match asm.add(esi, payload) {
                 Added::BadLength => Err(Drop::BadLength),
                 Added::Duplicate => Err(Drop::Duplicate),
                 Added::New => {
@@ -258,16 +287,116 @@ impl ReceiverCore {
                     if asm.count() >= *min_count {
                         let taken = std::mem::replace(slot, Slot::Decoding);
                         if let Slot::Collecting { asm, .. } = taken {
-                            return Ok(Some(DecodeJob {
-                                block: h.block,
-                                asm,
-                            }));
+                            self.forget_plans(b);
+                            return Ok(Some(DecodeJob { block: b, asm }));
                         }
                     }
                     Ok(None)
                 }
             },
         }
+    }
+
+    /// A coded datagram: XOR of the symbols of combination `id` of block
+    /// `b`. Usable when exactly one of them is missing here.
+    fn on_coded(&mut self, b: u32, id: u32, payload: &[u8]) -> Result<Option<DecodeJob>, Drop> {
+        let asm = match &self.slots[b as usize] {
+            Slot::Done | Slot::Decoding => return Err(Drop::Late),
+            // Nothing of the block here: every symbol of it is unknown.
+            Slot::Empty => return Err(Drop::CodedUnusable),
+            Slot::Collecting { asm, .. } => asm,
+        };
+        let Some(esis) = self.plans.get(&(b, id)) else {
+            // Its plan (TCP) may still be on the way.
+            if self.unplanned.len() >= MAX_UNPLANNED {
+                self.unplanned.pop_front();
+                self.counters.coded_unusable += 1;
+            }
+            self.unplanned.push_back((b, id, payload.to_vec()));
+            return Ok(None);
+        };
+        let mut unknown = esis.iter().filter(|e| !asm.has_source(**e));
+        let (Some(&target), None) = (unknown.next(), unknown.next()) else {
+            let none_missing = esis.iter().all(|e| asm.has_source(*e));
+            self.plans.remove(&(b, id));
+            return Err(if none_missing {
+                Drop::Duplicate
+            } else {
+                Drop::CodedUnusable
+            });
+        };
+        let mut sym = payload.to_vec();
+        for e in esis {
+            if let Some(s) = asm.source(*e) {
+                super::coding::xor_into(&mut sym, s);
+            }
+        }
+        self.plans.remove(&(b, id));
+        self.counters.coded += 1;
+        self.add_symbol(b, target, &sym)
+    }
+
+    /// Combinations `first..` of block `b`, announced by the sender before
+    /// their datagrams. Datagrams that came first are used now; completed
+    /// blocks go to `jobs`.
+    pub fn on_coded_plan(
+        &mut self,
+        b: u32,
+        first: u32,
+        combos: Vec<Vec<u32>>,
+        jobs: &mut Vec<DecodeJob>,
+    ) {
+        let k = match self.slots.get(b as usize) {
+            Some(Slot::Collecting { .. } | Slot::Empty)
+                if !self.manifest.blocks[b as usize].zero =>
+            {
+                self.manifest.source_symbols(b)
+            }
+            _ => return,
+        };
+        for (i, c) in combos.into_iter().enumerate() {
+            if self.plans.len() >= MAX_PLANS {
+                break;
+            }
+            if c.iter().all(|e| *e < k) {
+                self.plans.insert((b, first.wrapping_add(i as u32)), c);
+            }
+        }
+        let waiting: Vec<(u32, u32, Vec<u8>)> = self
+            .unplanned
+            .iter()
+            .filter(|(ub, id, _)| *ub == b && self.plans.contains_key(&(b, *id)))
+            .cloned()
+            .collect();
+        if waiting.is_empty() {
+            return;
+        }
+        self.unplanned
+            .retain(|(ub, id, _)| !(*ub == b && self.plans.contains_key(&(b, *id))));
+        for (_, id, payload) in waiting {
+            let r = self.on_coded(b, id, &payload);
+            match &r {
+                Err(Drop::Duplicate) => self.counters.duplicates += 1,
+                Err(Drop::CodedUnusable) => self.counters.coded_unusable += 1,
+                Err(Drop::Late) => self.counters.late += 1,
+                _ => {}
+            }
+            if let Ok(Some(job)) = r {
+                jobs.push(job);
+            }
+        }
+    }
+
+    fn forget_plans(&mut self, b: u32) {
+        let ids: Vec<(u32, u32)> = self
+            .plans
+            .range((b, 0)..=(b, u32::MAX))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in ids {
+            self.plans.remove(&k);
+        }
+        self.unplanned.retain(|(ub, _, _)| *ub != b);
     }
 
     /// Result of a decode job for `block`.
@@ -508,6 +637,89 @@ mod tests {
         // accounting; the five authentic ones did.
         let st = rx.status();
         assert_eq!((st.seq_hi, st.received), (2, 5));
+    }
+
+    fn coded_pkt(
+        seq: u32,
+        block: u32,
+        id: u32,
+        esis: &[u32],
+        data: &[u8],
+        m: &Manifest,
+    ) -> Vec<u8> {
+        let t = m.symbol_size as usize;
+        let blk = &data[m.block_offset(block) as usize..][..m.block_len(block)];
+        let mut x = vec![0u8; t];
+        let mut sym = vec![0u8; t];
+        for e in esis {
+            source_symbol(blk, *e, &mut sym);
+            crate::dataplane::coding::xor_into(&mut x, &sym);
+        }
+        let h = Header {
+            kind: Kind::Coded,
+            session: 7,
+            seq,
+            block,
+            esi: id,
+            payload_len: t as u16,
+        };
+        let mut buf = vec![0u8; datagram_len(t)];
+        emit(&h, &x, &KEY, &mut buf).unwrap();
+        buf
+    }
+
+    /// Coded datagrams: one unknown is solved by XOR, whether the plan
+    /// came before or after the datagram; two unknowns cannot be; none is
+    /// a duplicate. The block then completes without RaptorQ and is exact.
+    #[test]
+    fn coded_resends_complete_a_block_without_decoding() {
+        let (data, m) = image(3, 8192, 3);
+        let k = m.source_symbols(0);
+        let mut rx = ReceiverCore::new(m.clone(), 7, KEY);
+        let blk = &data[..m.block_len(0)];
+        let mut sym = vec![0u8; 512];
+        let lost = [2u32, 5, 6];
+        for esi in (0..k).filter(|e| !lost.contains(e)) {
+            source_symbol(blk, esi, &mut sym);
+            assert!(rx
+                .on_datagram(&pkt(esi, 0, esi, &sym, &KEY, 7))
+                .unwrap()
+                .is_none());
+        }
+        let mut jobs = Vec::new();
+        // Plan first: id 0 = 2 ^ 9 (9 is here: solves 2).
+        rx.on_coded_plan(0, 0, vec![vec![2, 9], vec![5, 6], vec![1, 3]], &mut jobs);
+        assert!(rx
+            .on_datagram(&coded_pkt(100, 0, 0, &[2, 9], &data, &m))
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            rx.on_datagram(&coded_pkt(101, 0, 1, &[5, 6], &data, &m))
+                .err(),
+            Some(Drop::CodedUnusable)
+        );
+        assert_eq!(
+            rx.on_datagram(&coded_pkt(102, 0, 2, &[1, 3], &data, &m))
+                .err(),
+            Some(Drop::Duplicate)
+        );
+        // Datagram before its plan: kept, used when the plan arrives.
+        let early = coded_pkt(103, 0, 3, &[5, 0], &data, &m);
+        assert!(rx.on_datagram(&early).unwrap().is_none());
+        rx.on_coded_plan(0, 3, vec![vec![5, 0]], &mut jobs);
+        assert!(jobs.is_empty());
+        // Last one plain: the block is complete, no repair symbol used.
+        source_symbol(blk, 6, &mut sym);
+        let job = rx
+            .on_datagram(&pkt(104, 0, 6, &sym, &KEY, 7))
+            .unwrap()
+            .expect("complete");
+        match decode_block(&m, job) {
+            DecodeOutcome::Good(d) => assert_eq!(d, blk),
+            _ => panic!("block not good"),
+        }
+        let c = &rx.counters;
+        assert_eq!((c.coded, c.coded_unusable, c.duplicates), (2, 1, 1));
     }
 
     #[test]

@@ -23,8 +23,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::conn::{Conn, ConnError};
-use crate::dataplane::net;
 use crate::dataplane::sender::{Action, RxState, SenderConfig, Tx, WaveSender};
+use crate::dataplane::{coding, net};
 use crate::fec::{self, BlockEncoder};
 use crate::manifest::Manifest;
 use crate::wire::control::{self, Msg, SessionParams, PROTOCOL_VERSION};
@@ -91,6 +91,8 @@ pub struct SendReport {
     pub source_packets: u64,
     pub repair_packets: u64,
     pub resent_source_packets: u64,
+    /// Of the resent source symbols, coded datagrams (XOR of several).
+    pub coded_packets: u64,
     pub probe_packets: u64,
     pub repair_overhead_pct: f64,
     pub expected_receivers: usize,
@@ -427,6 +429,7 @@ fn msg_name(m: &Msg) -> &'static str {
         Msg::Welcome { .. } => "Welcome",
         Msg::Finish { .. } => "Finish",
         Msg::Error { .. } => "Error",
+        Msg::Coded { .. } => "Coded",
     }
 }
 
@@ -456,10 +459,11 @@ impl Packetizer {
         }
     }
 
-    /// Append a symbol datagram; `fill` writes its payload in place.
-    /// Its tag comes with the rest of the batch in [`Self::seal`].
-    fn push_symbol(
+    /// Append a symbol (or coded) datagram; `fill` writes its payload in
+    /// place. Its tag comes with the rest of the batch in [`Self::seal`].
+    fn push(
         &mut self,
+        kind: Kind,
         seq: u32,
         block: u32,
         esi: u32,
@@ -469,7 +473,7 @@ impl Packetizer {
             return false;
         }
         let h = Header {
-            kind: Kind::Symbol,
+            kind,
             session: self.session,
             seq,
             block,
@@ -540,6 +544,7 @@ fn send_loop(
     let t0 = Instant::now();
     let mut core = WaveSender::new(cfg.clone(), m.clone(), frame, t0);
     let mut pk = Packetizer::new(session.key, session.session_id, symbol_size);
+    let mut scratch = vec![0u8; symbol_size];
     let mut held = Held::default();
     let mut txs: Vec<Tx> = Vec::with_capacity(SEND_BATCH);
     let mut next_tick = t0;
@@ -619,6 +624,25 @@ fn send_loop(
             pk.count = 0;
             for tx in &txs {
                 match *tx {
+                    Tx::Coded {
+                        seq,
+                        block,
+                        id,
+                        ref esis,
+                    } => {
+                        let Some(d) = held.loaded.get(&block) else {
+                            tracing::error!(block, "source block not loaded; skipped");
+                            continue;
+                        };
+                        pk.push(Kind::Coded, seq, block, id, |out| {
+                            out.fill(0);
+                            for &e in esis {
+                                fec::source_symbol(d, e, &mut scratch);
+                                coding::xor_into(out, &scratch);
+                            }
+                            true
+                        });
+                    }
                     Tx::Probe { seq } => {
                         if let Some(p) = pk.probe(seq) {
                             let _ = sock.send(p);
@@ -631,7 +655,7 @@ fn send_loop(
                                 tracing::error!(block, "source block not loaded; skipped");
                                 continue;
                             };
-                            pk.push_symbol(seq, block, esi, |out| {
+                            pk.push(Kind::Symbol, seq, block, esi, |out| {
                                 fec::source_symbol(d, esi, out);
                                 true
                             });
@@ -640,12 +664,14 @@ fn send_loop(
                                 tracing::error!(block, "encoder missing; skipped");
                                 continue;
                             };
-                            pk.push_symbol(seq, block, esi, |out| match e.repair(esi, 1).pop() {
-                                Some(s) if s.len() == out.len() => {
-                                    out.copy_from_slice(&s);
-                                    true
+                            pk.push(Kind::Symbol, seq, block, esi, |out| {
+                                match e.repair(esi, 1).pop() {
+                                    Some(s) if s.len() == out.len() => {
+                                        out.copy_from_slice(&s);
+                                        true
+                                    }
+                                    _ => false,
                                 }
-                                _ => false,
                             });
                         }
                     }
@@ -754,6 +780,7 @@ fn send_loop(
         source_packets: st.source_packets,
         repair_packets: st.repair_packets,
         resent_source_packets: st.resent_source_packets,
+        coded_packets: st.coded_packets,
         probe_packets: st.probe_packets,
         repair_overhead_pct: st.repair_packets as f64 * 100.0 / sym as f64,
         expected_receivers: cfg.expected,

@@ -10,13 +10,17 @@
 //!
 //! Repair rule: a receiver's report about block `b` counts only if it has
 //! seen a packet sent after the last symbol of `b` (`seq_hi >= last_seq[b]`);
-//! then symbols still missing there are lost, not in flight. While the union
-//! of the source symbols receivers miss stays within `source_resend_factor`
-//! times the largest shortfall, exactly those source symbols are resent
-//! (receivers then complete the block without decoding); otherwise the
-//! sender schedules `max over receivers (shortfall) + margin` fresh repair
-//! symbols for `b`: one repair symbol fixes a different loss at every
-//! receiver.
+//! then symbols still missing there are lost, not in flight. Reports name
+//! the exact source symbols missing; the sender collects them per block
+//! until every ready receiver has reported past the block (or
+//! `coding_hold` passed) and then resends them coded (`coding`): each
+//! datagram XORs one missing symbol of several receivers, its combination
+//! announced to all receivers over TCP first, so a round costs about the
+//! largest single loss and receivers only XOR. While that stays within
+//! `source_resend_factor` times the largest shortfall it is used;
+//! otherwise (or when a receiver misses too much to list) the sender
+//! schedules `max over receivers (shortfall) + margin` fresh RaptorQ repair
+//! symbols for `b`.
 //! Probes (empty packets) advance `seq` while idle so the tail of the
 //! stream is never stuck behind a lost last packet.
 
@@ -61,6 +65,10 @@ pub struct SenderConfig {
     /// block. 0 = always fountain repair. Beyond the factor, one repair
     /// symbol fixing a different loss at every receiver is cheaper.
     pub source_resend_factor: f64,
+    /// How long the first report of missing symbols of a block waits for
+    /// the other receivers' reports before its coded resends are planned
+    /// (about one feedback interval: reports then pair up).
+    pub coding_hold: Duration,
     /// Packets the driver waits to have tokens for before waking: fewer,
     /// larger `sendmmsg` batches and no busy waiting (must fit the burst).
     pub pace_batch: usize,
@@ -84,6 +92,7 @@ impl Default for SenderConfig {
             burst_bytes: 256 * 1024,
             pace_batch: 16,
             source_resend_factor: 4.0,
+            coding_hold: Duration::from_millis(30),
         }
     }
 }
@@ -92,10 +101,24 @@ impl Default for SenderConfig {
 const WAITING_PROBE_INTERVAL: Duration = Duration::from_millis(200);
 
 /// One datagram to send.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Tx {
-    Symbol { seq: u32, block: u32, esi: u32 },
-    Probe { seq: u32 },
+    Symbol {
+        seq: u32,
+        block: u32,
+        esi: u32,
+    },
+    /// XOR of the source symbols `esis` of `block`, announced as
+    /// combination `id` (see [`Msg::Coded`]).
+    Coded {
+        seq: u32,
+        block: u32,
+        id: u32,
+        esis: Vec<u32>,
+    },
+    Probe {
+        seq: u32,
+    },
 }
 
 /// What the I/O driver must do.
@@ -168,8 +191,10 @@ pub struct SendStats {
     pub source_packets: u64,
     /// Fountain repair symbols plus resent source symbols.
     pub repair_packets: u64,
-    /// Of `repair_packets`, resent source symbols.
+    /// Of `repair_packets`, resent source symbols (plain or coded).
     pub resent_source_packets: u64,
+    /// Of `resent_source_packets`, coded datagrams (XOR of several).
+    pub coded_packets: u64,
     pub probe_packets: u64,
     pub rate_bps: u64,
     pub started_at: Option<Instant>,
@@ -205,9 +230,20 @@ pub struct WaveSender {
     next_esi: Vec<u32>,
     pending_repair: Vec<u32>,
     repair_queue: VecDeque<u32>,
-    /// Source ESIs to resend per block, and the blocks that have some.
-    resend: Vec<std::collections::BTreeSet<u32>>,
+    /// Missing source ESIs reported per block and receiver, not planned yet.
+    needs: Vec<BTreeMap<u32, Vec<u32>>>,
+    /// Receivers that reported past the block since its needs started.
+    heard: Vec<Vec<u32>>,
+    /// When the first of a block's current needs arrived.
+    need_since: Vec<Option<Instant>>,
+    /// Blocks with needs waiting to be planned.
+    coding_wait: Vec<u32>,
+    /// Planned resends per block (one ESI: plain, several: coded with the
+    /// announced combination id), and the blocks that have some.
+    resend: Vec<VecDeque<(u32, Vec<u32>)>>,
     resend_queue: VecDeque<u32>,
+    /// Next combination id per block.
+    next_combo: Vec<u32>,
     /// Largest shortfall reported for a block since its last repair round.
     max_short: Vec<u32>,
     /// Decided once per block when its group's first round reaches it:
@@ -260,8 +296,13 @@ impl WaveSender {
             next_esi: k.clone(),
             pending_repair: vec![0; n],
             repair_queue: VecDeque::new(),
-            resend: vec![std::collections::BTreeSet::new(); n],
+            needs: vec![BTreeMap::new(); n],
+            heard: vec![Vec::new(); n],
+            need_since: vec![None; n],
+            coding_wait: Vec::new(),
+            resend: vec![VecDeque::new(); n],
             resend_queue: VecDeque::new(),
+            next_combo: vec![0; n],
             max_short: vec![0; n],
             skip_source: vec![false; n],
             enc: vec![EncState::None; n],
@@ -421,7 +462,7 @@ impl WaveSender {
                     rx.resumed_blocks = resumed_blocks;
                 }
             }
-            Msg::Status(st) => self.on_status(id, st),
+            Msg::Status(st) => self.on_status(id, st, now),
             Msg::Done(v) => {
                 rx.ended_at = Some(now);
                 rx.state = match v {
@@ -446,7 +487,7 @@ impl WaveSender {
                 self.fail(id, format!("receiver error: {message}"), now);
             }
             // A receiver has no business sending these.
-            Msg::Hello { .. } | Msg::Welcome { .. } | Msg::Finish { .. } => {
+            Msg::Hello { .. } | Msg::Welcome { .. } | Msg::Finish { .. } | Msg::Coded { .. } => {
                 self.fail(id, "unexpected message from receiver".into(), now);
             }
         }
@@ -478,7 +519,7 @@ impl WaveSender {
         }
     }
 
-    fn on_status(&mut self, id: u32, st: Status) {
+    fn on_status(&mut self, id: u32, st: Status, now: Instant) {
         // Blocks past the source frontier cannot be due yet: don't walk them
         // (a new receiver reports the whole image as missing).
         let frontier = self.source_frontier();
@@ -530,10 +571,18 @@ impl WaveSender {
                 }
             }
         }
+        // This report is past every waiting block it has seen the end of.
+        for &b in &self.coding_wait {
+            let bi = b as usize;
+            if seq_ge(st.seq_hi, self.last_seq[bi]) && !self.heard[bi].contains(&id) {
+                self.heard[bi].push(id);
+            }
+        }
         rx.status = st;
         for (b, short, gaps) in want {
-            self.schedule(b, short, gaps);
+            self.schedule(id, b, short, gaps, now);
         }
+        self.plan_due(now);
     }
 
     /// One past the last block whose source symbols may all have been sent.
@@ -552,35 +601,114 @@ impl WaveSender {
         short + self.cfg.repair_margin + (short as f64 * self.cfg.repair_margin_frac).ceil() as u32
     }
 
-    /// One receiver's need for block `b`: resend its missing source symbols
-    /// while the union over receivers stays small, else fountain repair.
-    fn schedule(&mut self, b: u32, short: u32, gaps: Option<Vec<u32>>) {
+    /// Receiver `rx`'s need for block `b`: its missing source symbols wait
+    /// for the other receivers' (coded resends); without a list, fountain
+    /// repair.
+    fn schedule(&mut self, rx: u32, b: u32, short: u32, gaps: Option<Vec<u32>>, now: Instant) {
         let bi = b as usize;
         self.max_short[bi] = self.max_short[bi].max(short);
-        let factor = self.cfg.source_resend_factor;
         if let Some(g) = gaps {
-            if factor > 0.0 && self.pending_repair[bi] == 0 {
-                let before = self.resend[bi].len();
+            if self.cfg.source_resend_factor > 0.0 && self.pending_repair[bi] == 0 {
                 let k = self.k[bi];
-                self.resend[bi].extend(g.into_iter().filter(|e| *e < k));
-                let limit = factor * self.max_short[bi] as f64 + self.cfg.repair_margin as f64;
-                if self.resend[bi].len() as f64 <= limit {
-                    if before == 0 && !self.resend[bi].is_empty() {
-                        self.resend_queue.push_back(b);
-                    }
-                    if !self.loaded[bi] && !self.load_requested[bi] {
-                        self.load_requested[bi] = true;
-                        self.actions.push_back(Action::Load(b));
-                    }
-                    return;
+                self.needs[bi].insert(rx, g.into_iter().filter(|e| *e < k).collect());
+                if !self.heard[bi].contains(&rx) {
+                    self.heard[bi].push(rx);
                 }
-                // Too many distinct losses: one fountain round serves all.
-                self.resend[bi].clear();
-                self.resend_queue.retain(|x| *x != b);
+                if self.need_since[bi].is_none() {
+                    self.need_since[bi] = Some(now);
+                    self.coding_wait.push(b);
+                }
+                if !self.loaded[bi] && !self.load_requested[bi] {
+                    self.load_requested[bi] = true;
+                    self.actions.push_back(Action::Load(b));
+                }
+                return;
             }
         }
         let n = self.margin(self.max_short[bi]);
         self.schedule_repair(b, n);
+    }
+
+    /// Plan the coded resends of every waiting block whose receivers all
+    /// reported past it, or whose hold expired.
+    fn plan_due(&mut self, now: Instant) {
+        if self.coding_wait.is_empty() {
+            return;
+        }
+        let ready: Vec<u32> = self
+            .receivers
+            .iter()
+            .filter(|(_, r)| r.state == RxState::Ready)
+            .map(|(id, _)| *id)
+            .collect();
+        let hold = self.cfg.coding_hold;
+        let due: Vec<u32> = self
+            .coding_wait
+            .iter()
+            .copied()
+            .filter(|&b| {
+                let bi = b as usize;
+                ready.iter().all(|r| self.heard[bi].contains(r))
+                    || self.need_since[bi].is_some_and(|t| now.saturating_duration_since(t) >= hold)
+            })
+            .collect();
+        for b in due {
+            self.coding_wait.retain(|x| *x != b);
+            self.plan_block(b, &ready);
+        }
+    }
+
+    fn plan_block(&mut self, b: u32, ready: &[u32]) {
+        let bi = b as usize;
+        let needs = std::mem::take(&mut self.needs[bi]);
+        self.heard[bi].clear();
+        self.need_since[bi] = None;
+        if self.pending_repair[bi] > 0 {
+            return;
+        }
+        let combos = super::coding::plan(&needs);
+        if combos.is_empty() {
+            return;
+        }
+        let limit = self.cfg.source_resend_factor * self.max_short[bi] as f64
+            + self.cfg.repair_margin as f64;
+        if combos.len() as f64 > limit {
+            let n = self.margin(self.max_short[bi]);
+            self.schedule_repair(b, n);
+            return;
+        }
+        // Announce the multi-symbol combinations before they are sent:
+        // ids are numbered in plan order, singles (plain resends) skipped.
+        let coded: Vec<Vec<u32>> = combos.iter().filter(|c| c.len() > 1).cloned().collect();
+        let first = self.next_combo[bi];
+        if !coded.is_empty() {
+            self.next_combo[bi] = first.saturating_add(coded.len() as u32);
+            for &id in ready {
+                self.actions.push_back(Action::Control(
+                    id,
+                    Msg::Coded {
+                        block: b,
+                        first,
+                        combos: coded.clone(),
+                    },
+                ));
+            }
+        }
+        if self.resend[bi].is_empty() {
+            self.resend_queue.push_back(b);
+        }
+        let mut id = first;
+        for c in combos {
+            let this = id;
+            if c.len() > 1 {
+                id += 1;
+            }
+            self.resend[bi].push_back((this, c));
+        }
+        if !self.loaded[bi] && !self.load_requested[bi] {
+            self.load_requested[bi] = true;
+            self.actions.push_back(Action::Load(b));
+        }
     }
 
     fn schedule_repair(&mut self, b: u32, n: u32) {
@@ -779,6 +907,7 @@ impl WaveSender {
         if self.phase != Phase::Sending {
             return;
         }
+        self.plan_due(now);
         let allowed = self.bucket.available(now, self.frame_bytes, max);
         let mut sent = 0;
         while sent < allowed {
@@ -863,7 +992,7 @@ impl WaveSender {
                 // keep their data), prefetch the one after next.
                 for i in range {
                     let b = self.order[i];
-                    if self.resend[b as usize].is_empty() {
+                    if self.resend[b as usize].is_empty() && self.needs[b as usize].is_empty() {
                         self.release(b);
                     }
                 }
@@ -931,13 +1060,13 @@ impl WaveSender {
             .position(|b| self.loaded[*b as usize])?;
         let b = self.resend_queue[idx];
         let bi = b as usize;
-        let esi = self.resend[bi].pop_first()?;
+        let (id, esis) = self.resend[bi].pop_front()?;
         if self.resend[bi].is_empty() {
             self.resend_queue.remove(idx);
             if self.pending_repair[bi] == 0 {
                 self.max_short[bi] = 0;
             }
-            if !self.in_source_window(b) {
+            if !self.in_source_window(b) && self.needs[bi].is_empty() {
                 self.release(b);
             }
         }
@@ -945,7 +1074,17 @@ impl WaveSender {
         self.last_seq[bi] = seq;
         self.stats.repair_packets += 1;
         self.stats.resent_source_packets += 1;
-        Some(Tx::Symbol { seq, block: b, esi })
+        if let [esi] = esis[..] {
+            Some(Tx::Symbol { seq, block: b, esi })
+        } else {
+            self.stats.coded_packets += 1;
+            Some(Tx::Coded {
+                seq,
+                block: b,
+                id,
+                esis,
+            })
+        }
     }
 
     fn mark_source_done_if_last(&mut self, bi: usize) {
@@ -1320,10 +1459,19 @@ mod tests {
         })
     }
 
-    #[test]
-    fn few_distinct_losses_are_resent_as_source_symbols() {
-        let t0 = Instant::now();
-        let big = Manifest {
+    fn coded(txs: &[Tx]) -> Vec<(u32, u32, Vec<u32>)> {
+        txs.iter()
+            .filter_map(|t| match t {
+                Tx::Coded {
+                    block, id, esis, ..
+                } => Some((*block, *id, esis.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn big_block() -> Manifest {
+        Manifest {
             image_size: 64 * 1024,
             image_hash: [9; 32],
             block_size: 64 * 1024,
@@ -1332,30 +1480,85 @@ mod tests {
                 hash: [0; 32],
                 zero: false,
             }],
-        };
-        let mut s = WaveSender::new(cfg(2), big.clone(), 1100, t0);
+        }
+    }
+
+    #[test]
+    fn losses_are_resent_coded_once_every_receiver_reported() {
+        let t0 = Instant::now();
+        let mut s = WaveSender::new(cfg(2), big_block(), 1100, t0);
         let (a, b) = two_ready(&mut s, t0);
         s.on_message(a, gap_report(0, vec![3, 9]), t0);
+        // One report in: the block waits for the other receiver's.
+        let txs = drain(&mut s, t0 + Duration::from_millis(1));
+        assert!(symbols(&txs).is_empty() && coded(&txs).is_empty());
         s.on_message(b, gap_report(0, vec![9, 40]), t0);
-        // Union {3, 9, 40} <= 4 x max shortfall 2 + 2: exact resends.
+        let plans: Vec<_> = pump(&mut s)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Control(
+                    id,
+                    Msg::Coded {
+                        block,
+                        first,
+                        combos,
+                    },
+                ) => Some((id, block, first, combos)),
+                _ => None,
+            })
+            .collect();
+        // 3 ^ 40 repairs a (has 40) and b (has 3); 9, lost at both, goes
+        // plain. Two datagrams instead of the union's three; both
+        // receivers learn the combination before it is sent.
         assert_eq!(
-            symbols(&drain(&mut s, t0 + Duration::from_millis(1))),
-            vec![(0, 3), (0, 9), (0, 40)]
+            plans,
+            vec![(a, 0, 0, vec![vec![3, 40]]), (b, 0, 0, vec![vec![3, 40]])]
         );
+        let txs = drain(&mut s, t0 + Duration::from_millis(2));
+        assert_eq!(coded(&txs), vec![(0, 0, vec![3, 40])]);
+        assert_eq!(symbols(&txs), vec![(0, 9)]);
+        assert_eq!(
+            (s.stats.resent_source_packets, s.stats.coded_packets),
+            (2, 1)
+        );
+    }
 
-        // Distinct losses beyond factor x max shortfall (here factor 1:
-        // union 20 > 10 + 2): one fountain round of fresh ESIs >= K serves
-        // both receivers instead.
-        let mut c = cfg(2);
+    #[test]
+    fn a_silent_receiver_holds_coding_only_until_the_hold() {
+        let t0 = Instant::now();
+        let mut s = WaveSender::new(cfg(2), big_block(), 1100, t0);
+        let (a, _b) = two_ready(&mut s, t0);
+        s.on_message(a, gap_report(0, vec![3, 9]), t0);
+        assert!(symbols(&drain(&mut s, t0 + Duration::from_millis(10))).is_empty());
+        let txs = drain(&mut s, t0 + Duration::from_millis(31));
+        assert_eq!(symbols(&txs), vec![(0, 3), (0, 9)]);
+    }
+
+    #[test]
+    fn conflicting_losses_beyond_the_factor_get_fountain_repair() {
+        // a, b, c each miss two symbols, every pair shared: no two can go
+        // in one datagram, 3 resends > factor 1 x max shortfall 2 + 0.
+        let t0 = Instant::now();
+        let mut c = cfg(3);
         c.source_resend_factor = 1.0;
-        let mut s = WaveSender::new(c, big, 1100, t0);
-        let (a, b) = two_ready(&mut s, t0);
-        s.on_message(a, gap_report(0, (0..10).collect()), t0);
-        s.on_message(b, gap_report(0, (20..30).collect()), t0);
+        c.repair_margin = 0;
+        let mut s = WaveSender::new(c, big_block(), 1100, t0);
+        let ids: Vec<u32> = ["a", "b", "c"]
+            .iter()
+            .map(|n| {
+                let id = s.on_hello(n, t0);
+                s.on_message(id, Msg::Ready { resumed_blocks: 0 }, t0);
+                id
+            })
+            .collect();
+        drain(&mut s, t0);
+        for (id, gaps) in ids.iter().zip([vec![1, 2], vec![2, 3], vec![3, 1]]) {
+            s.on_message(*id, gap_report(0, gaps), t0);
+        }
         let sent = symbols(&drain(&mut s, t0 + Duration::from_millis(1)));
         assert!(sent.iter().all(|(_, esi)| *esi >= 64), "{sent:?}");
-        // max shortfall 10 + 2 + ceil(0.5) = 13 repair symbols.
-        assert_eq!(sent.len(), 13);
+        // max shortfall 2 + 0 + ceil(0.1) = 3 fresh repair symbols.
+        assert_eq!(sent.len(), 3);
     }
 }
 

@@ -15,7 +15,7 @@ use crate::wire::packet::KEY_LEN;
 
 /// Spoken in `Hello`/`Welcome`; a mismatch closes the connection with a
 /// clear error on both sides.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest frame accepted (64 MiB), refused before allocation. A manifest
 /// costs ~34 bytes per block, so this bounds one image to ~1.9 TiB in 1 MiB
 /// blocks; larger images use larger blocks.
@@ -26,6 +26,8 @@ pub const MAX_FRAME: usize = 64 << 20;
 pub const MAX_GAP_SYMBOLS: u32 = 512;
 /// Largest gap bitmap accepted (K'max = 56403 bits).
 pub const MAX_GAP_BITMAP: usize = 56_403usize.div_ceil(8);
+/// Most combinations one `Coded` message may announce.
+pub const MAX_COMBOS: usize = 65_536;
 
 /// Session parameters handed to a receiver once it said hello.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +99,15 @@ pub enum Msg {
         receiver_id: u32,
         session: SessionParams,
     },
+    /// Coded resends of `block` about to be sent: combination `first + i`
+    /// is the XOR of source symbols `combos[i]` (2 to
+    /// [`crate::dataplane::coding::MAX_COMBO`] ESIs). The datagrams carry
+    /// the id in place of an ESI.
+    Coded {
+        block: u32,
+        first: u32,
+        combos: Vec<Vec<u32>>,
+    },
     /// The sender ends the session (all done, or giving up on this receiver).
     Finish {
         reason: String,
@@ -144,9 +155,41 @@ pub fn parse(frame: &[u8]) -> Result<Msg, ControlError> {
             }
         }
         Msg::Status(s) => check_status(s)?,
+        Msg::Coded { first, combos, .. } => check_coded(*first, combos)?,
         _ => {}
     }
     Ok(msg)
+}
+
+/// Ids must stay within the packet's 24-bit ESI field; every combination
+/// names 2..=MAX_COMBO distinct symbols (a receiver XORs at most that many).
+fn check_coded(first: u32, combos: &[Vec<u32>]) -> Result<(), ControlError> {
+    use crate::wire::packet::MAX_ESI;
+    if combos.is_empty() || combos.len() > MAX_COMBOS {
+        return Err(ControlError::Invalid("coded plan empty or too long".into()));
+    }
+    if first as u64 + combos.len() as u64 - 1 > MAX_ESI as u64 {
+        return Err(ControlError::Invalid("coded ids beyond 24 bits".into()));
+    }
+    for c in combos {
+        if c.len() < 2 || c.len() > crate::dataplane::coding::MAX_COMBO {
+            return Err(ControlError::Invalid(format!(
+                "combination of {} symbols",
+                c.len()
+            )));
+        }
+        if c.iter().any(|e| *e > MAX_ESI) {
+            return Err(ControlError::Invalid("ESI beyond 24 bits".into()));
+        }
+        for (i, e) in c.iter().enumerate() {
+            if c[..i].contains(e) {
+                return Err(ControlError::Invalid(
+                    "symbol twice in a combination".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Block lists must be strictly ascending and non-overlapping (as the

@@ -43,6 +43,9 @@ pub enum Kind {
     /// No payload: advances `seq` while the sender is idle, so receivers can
     /// tell "lost" from "not sent yet" for the last symbols of a block.
     Probe,
+    /// XOR of several source symbols of `block`; the `esi` field holds the
+    /// combination id announced over TCP (`control::Msg::Coded`).
+    Coded,
 }
 
 impl Kind {
@@ -50,12 +53,14 @@ impl Kind {
         match self {
             Kind::Symbol => 0,
             Kind::Probe => 1,
+            Kind::Coded => 2,
         }
     }
     fn from_u8(v: u8) -> Option<Kind> {
         match v {
             0 => Some(Kind::Symbol),
             1 => Some(Kind::Probe),
+            2 => Some(Kind::Coded),
             _ => None,
         }
     }
