@@ -310,7 +310,8 @@ struct RecvLoop {
 }
 
 impl RecvLoop {
-    fn run(mut self) -> Result<Counters, (String, Counters)> {
+    /// Counters at the end, and why it ended early if it did.
+    fn run(mut self) -> (Counters, Option<String>) {
         let mut batch = RecvBatch::new(BATCH);
         let mut ready = Vec::new();
         let mut next_feedback = Instant::now();
@@ -318,11 +319,11 @@ impl RecvLoop {
         let mut last_count = 0u64;
         loop {
             if self.stop.load(Ordering::Relaxed) {
-                return Ok(self.core.counters.clone());
+                return (self.core.counters.clone(), None);
             }
             let n = match batch.recv(&self.sock) {
                 Ok(n) => n,
-                Err(e) => return Err((format!("receive: {e}"), self.core.counters.clone())),
+                Err(e) => return (self.core.counters.clone(), Some(format!("receive: {e}"))),
             };
             if n < BATCH {
                 // Queue drained: let packets accumulate instead of taking
@@ -350,20 +351,23 @@ impl RecvLoop {
                 last_count = valid;
                 last_valid = now;
             } else if now.duration_since(last_valid) > self.idle_timeout {
-                return Err((
-                    format!("no valid packet for {} s", self.idle_timeout.as_secs()),
+                return (
                     self.core.counters.clone(),
-                ));
+                    Some(format!(
+                        "no valid packet for {} s",
+                        self.idle_timeout.as_secs()
+                    )),
+                );
             }
             if now >= next_feedback {
                 next_feedback = now + self.feedback;
                 if self.status.send(self.core.status()).is_err() {
-                    return Ok(self.core.counters.clone());
+                    return (self.core.counters.clone(), None);
                 }
             }
             if self.core.is_complete() {
                 let _ = self.status.send(self.core.status());
-                return Ok(self.core.counters.clone());
+                return (self.core.counters.clone(), None);
             }
         }
     }
@@ -583,8 +587,8 @@ pub async fn run_receive(
     };
     stop.store(true, Ordering::Relaxed);
     let counters = match recv_handle.join() {
-        Ok(Ok(c)) => c,
-        Ok(Err((e, c))) => {
+        Ok((c, None)) => c,
+        Ok((c, Some(e))) => {
             tracing::warn!(error = %e, "receive loop");
             c
         }
