@@ -182,7 +182,7 @@ fn bench_receiver_path(c: &mut Criterion) {
                         if let Ok(Some(job)) = rx.on_datagram(d) {
                             return black_box(matches!(
                                 decode_block(&m, job),
-                                DecodeOutcome::Good(_)
+                                DecodeOutcome::Good { .. }
                             ));
                         }
                     }

@@ -26,6 +26,9 @@ pub const MAX_IMAGE_SIZE: u64 = 16 << 40;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockInfo {
+    /// [`block_digest`] of the block: its chaining value in the BLAKE3
+    /// tree of the whole image, so block digests merge into the image
+    /// hash ([`merge_block_digests`]) without hashing anything twice.
     pub hash: [u8; 32],
     /// All bytes are zero: not sent, the receiver writes zeros itself.
     pub zero: bool,
@@ -58,29 +61,36 @@ impl Manifest {
     ) -> Result<Manifest, ManifestError> {
         check_params(block_size, symbol_size)?;
         let mut file = File::open(path)?;
-        let mut whole = blake3::Hasher::new();
+        let image_size = file.metadata()?.len();
+        let single = image_size <= block_size as u64;
         let mut buf = vec![0u8; block_size as usize];
         let mut blocks = Vec::new();
-        let mut image_size = 0u64;
+        let mut read = 0u64;
         loop {
             let n = read_full(&mut file, &mut buf)?;
             if n == 0 {
                 break;
             }
             let data = &buf[..n];
-            whole.update_rayon(data);
             blocks.push(BlockInfo {
-                hash: *blake3::hash(data).as_bytes(),
+                hash: block_digest(read, data, single),
                 zero: is_zero(data),
             });
-            image_size += n as u64;
+            read += n as u64;
             if n < buf.len() {
                 break;
             }
         }
+        if read != image_size {
+            return Err(ManifestError::Io(io::Error::other(format!(
+                "{} changed size while being read ({image_size} -> {read} bytes)",
+                path.display()
+            ))));
+        }
+        let digests: Vec<[u8; 32]> = blocks.iter().map(|b| b.hash).collect();
         let m = Manifest {
             image_size,
-            image_hash: *whole.finalize().as_bytes(),
+            image_hash: merge_block_digests(&digests),
             block_size,
             symbol_size,
             blocks,
@@ -107,7 +117,20 @@ impl Manifest {
                 self.block_size
             )));
         }
+        if !self.blocks.is_empty() {
+            let digests: Vec<[u8; 32]> = self.blocks.iter().map(|b| b.hash).collect();
+            if merge_block_digests(&digests) != self.image_hash {
+                return Err(ManifestError::Invalid(
+                    "block digests do not add up to the image hash".into(),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// [`block_digest`] of `data` as block `b` of this image.
+    pub fn digest_block(&self, b: u32, data: &[u8]) -> [u8; 32] {
+        block_digest(self.block_offset(b), data, self.blocks.len() == 1)
     }
 
     pub fn block_count(&self) -> u32 {
@@ -164,7 +187,9 @@ impl Manifest {
 
 /// Manifest files: magic, then the postcard-encoded manifest, then the
 /// image's size and mtime (ns) at build time, so a stale file is detected.
-const FILE_MAGIC: &[u8; 8] = b"RCMANIF1";
+const FILE_MAGIC: &[u8; 8] = b"RCMANIF2";
+/// Files of rackcast before block digests were tree chaining values.
+const OLD_FILE_MAGIC: &[u8; 8] = b"RCMANIF1";
 
 #[derive(Serialize, Deserialize)]
 struct ManifestFile {
@@ -203,6 +228,13 @@ impl Manifest {
     /// size and mtime). A stale or foreign file is an error, not a guess.
     pub fn load_for(image: &Path, from: &Path) -> Result<Manifest, ManifestError> {
         let raw = std::fs::read(from)?;
+        if raw.len() >= 8 && &raw[..8] == OLD_FILE_MAGIC {
+            return Err(ManifestError::Invalid(format!(
+                "{} was written by an older rackcast (other block digests): run `rackcast manifest {}` again",
+                from.display(),
+                image.display()
+            )));
+        }
         if raw.len() < 8 || &raw[..8] != FILE_MAGIC {
             return Err(ManifestError::Invalid(format!(
                 "{} is not a rackcast manifest file",
@@ -224,7 +256,56 @@ impl Manifest {
     }
 }
 
+/// Digest of the block at `offset` (a multiple of the block size): its
+/// BLAKE3 chaining value as a subtree of the image's hash tree. Blocks are
+/// power-of-two multiples of BLAKE3's 1 KiB chunk and aligned, so every
+/// full block, and the short last one, is a subtree of that tree. An image
+/// of one block is its own root: then the plain BLAKE3 hash.
+pub fn block_digest(offset: u64, data: &[u8], single_block: bool) -> [u8; 32] {
+    use blake3::hazmat::HasherExt;
+    if single_block {
+        return *blake3::hash(data).as_bytes();
+    }
+    blake3::Hasher::new()
+        .set_input_offset(offset)
+        .update(data)
+        .finalize_non_root()
+}
+
+/// The whole image's BLAKE3 hash from its block digests, in order: the
+/// tree above the blocks, split as BLAKE3 splits (the left side holds the
+/// largest power of two of blocks below the count).
+pub fn merge_block_digests(digests: &[[u8; 32]]) -> [u8; 32] {
+    use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, Mode};
+    fn subtree(d: &[[u8; 32]]) -> [u8; 32] {
+        if d.len() == 1 {
+            return d[0];
+        }
+        let (l, r) = d.split_at(left_blocks(d.len()));
+        merge_subtrees_non_root(&subtree(l), &subtree(r), Mode::Hash)
+    }
+    fn left_blocks(n: usize) -> usize {
+        1 << (usize::BITS - 1 - (n - 1).leading_zeros())
+    }
+    match digests.len() {
+        0 => *blake3::hash(&[]).as_bytes(),
+        1 => digests[0],
+        n => {
+            let (l, r) = digests.split_at(left_blocks(n));
+            *merge_subtrees_root(&subtree(l), &subtree(r), Mode::Hash).as_bytes()
+        }
+    }
+}
+
 fn check_params(block_size: u32, symbol_size: u16) -> Result<(), ManifestError> {
+    // Block digests are subtrees of the image's BLAKE3 tree only for
+    // power-of-two blocks of whole chunks.
+    if !block_size.is_power_of_two() || block_size < blake3::CHUNK_LEN as u32 {
+        return Err(ManifestError::Invalid(format!(
+            "block size {block_size} is not a power of two of at least {} bytes",
+            blake3::CHUNK_LEN
+        )));
+    }
     if symbol_size < ALIGNMENT as u16 || symbol_size % ALIGNMENT as u16 != 0 {
         return Err(ManifestError::Invalid(format!(
             "symbol size {symbol_size} is not a positive multiple of {ALIGNMENT}"
@@ -293,16 +374,33 @@ mod tests {
         assert_eq!(m.image_hash, *blake3::hash(&data).as_bytes());
         assert_eq!(
             m.blocks[3].hash,
-            *blake3::hash(&data[4096 * 3..]).as_bytes()
+            block_digest(4096 * 3, &data[4096 * 3..], false)
         );
         assert_eq!(m.data_bytes(), 4096 + 100);
+    }
+
+    proptest::proptest! {
+        /// Block digests merge to exactly `blake3::hash` of the image for
+        /// any length and block size (full trees, short tails, one block).
+        #[test]
+        fn block_digests_merge_to_the_image_hash(len in 0usize..40_000, shift in 10u32..14, seed: u8) {
+            let bs = 1usize << shift;
+            let data: Vec<u8> = (0..len).map(|i| seed.wrapping_add((i * 7 + i / 1000) as u8)).collect();
+            let single = len <= bs;
+            let digests: Vec<[u8; 32]> = data
+                .chunks(bs)
+                .enumerate()
+                .map(|(i, c)| block_digest((i * bs) as u64, c, single))
+                .collect();
+            proptest::prop_assert_eq!(merge_block_digests(&digests), *blake3::hash(&data).as_bytes());
+        }
     }
 
     #[test]
     fn validate_rejects_inconsistent() {
         let mut m = Manifest {
             image_size: 10_000,
-            image_hash: [0; 32],
+            image_hash: merge_block_digests(&[[0; 32]; 3]),
             block_size: 4096,
             symbol_size: 1024,
             blocks: vec![
@@ -314,6 +412,12 @@ mod tests {
             ],
         };
         assert!(m.validate().is_ok());
+        m.blocks[1].hash[0] = 1;
+        assert!(m.validate().is_err(), "digests not adding up");
+        m.blocks[1].hash[0] = 0;
+        m.block_size = 5000;
+        assert!(m.validate().is_err(), "not a power of two");
+        m.block_size = 4096;
         m.blocks.pop();
         assert!(m.validate().is_err());
         m.blocks.push(m.blocks[0]);

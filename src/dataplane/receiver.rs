@@ -66,8 +66,9 @@ pub struct DecodeJob {
 
 /// Outcome of [`decode_block`].
 pub enum DecodeOutcome {
-    /// Decoded and its BLAKE3 matches the manifest.
-    Good(Vec<u8>),
+    /// Decoded and its digest (`manifest::block_digest`) matches the
+    /// manifest; the digest goes into the whole-image hash.
+    Good { data: Vec<u8>, digest: [u8; 32] },
     /// raptorq needs more symbols; the assembly comes back.
     NeedMore(BlockAssembly),
     /// Decoded but the hash is wrong: the symbols were bad (a wrong key
@@ -83,8 +84,9 @@ pub fn decode_block(manifest: &Manifest, job: DecodeJob) -> DecodeOutcome {
         .decode(&manifest.block_oti(b), manifest.block_len(b))
     {
         Ok(data) => {
-            if *blake3::hash(&data).as_bytes() == manifest.blocks[b as usize].hash {
-                DecodeOutcome::Good(data)
+            let digest = manifest.digest_block(b, &data);
+            if digest == manifest.blocks[b as usize].hash {
+                DecodeOutcome::Good { data, digest }
             } else {
                 DecodeOutcome::HashMismatch
             }
@@ -482,8 +484,9 @@ mod tests {
         data[bs..2 * bs].fill(0);
         let blocks = data
             .chunks(bs)
-            .map(|c| BlockInfo {
-                hash: *blake3::hash(c).as_bytes(),
+            .enumerate()
+            .map(|(i, c)| BlockInfo {
+                hash: crate::manifest::block_digest((i * bs) as u64, c, n_blocks == 1),
                 zero: c.iter().all(|b| *b == 0),
             })
             .collect();
@@ -543,7 +546,7 @@ mod tests {
                 }
                 if let Ok(Some(job)) = rx.on_datagram(&p) {
                     match decode_block(&m, job) {
-                        DecodeOutcome::Good(d) => {
+                        DecodeOutcome::Good { data: d, .. } => {
                             let off = m.block_offset(b) as usize;
                             out[off..off + d.len()].copy_from_slice(&d);
                             rx.on_decoded(b, Ok(()));
@@ -715,7 +718,7 @@ mod tests {
             .unwrap()
             .expect("complete");
         match decode_block(&m, job) {
-            DecodeOutcome::Good(d) => assert_eq!(d, blk),
+            DecodeOutcome::Good { data: d, .. } => assert_eq!(d, blk),
             _ => panic!("block not good"),
         }
         let c = &rx.counters;

@@ -253,7 +253,7 @@ mod tests {
                 key: [1; 32],
                 manifest: Manifest {
                     image_size: 5000,
-                    image_hash: [2; 32],
+                    image_hash: crate::manifest::merge_block_digests(&[[3; 32]; 2]),
                     block_size: 4096,
                     symbol_size: 1024,
                     blocks: vec![
