@@ -65,7 +65,7 @@ verify() {
 }
 
 # sum of user+sys seconds from /usr/bin/time files
-cpu_sum() { awk '{ s += $1 + $2 } END { printf "%.2f", s }' "$@" 2>/dev/null || echo 0; }
+cpu_sum() { [ -n "${RC_CPU_SPLIT:-}" ] && cat "$@" >&2; awk '{ s += $1 + $2 } END { printf "%.2f", s }' "$@" 2>/dev/null || echo 0; }
 
 ROWS=()
 report() { # tool n loss seconds good rxcpu

@@ -85,10 +85,18 @@ pub enum Added {
 
 impl BlockAssembly {
     pub fn new(k: u32, symbol_size: u16) -> BlockAssembly {
+        BlockAssembly::with_buffer(k, symbol_size, Vec::new())
+    }
+
+    /// Like [`Self::new`], reusing `buf` (a finished block's) for the
+    /// symbols: its old bytes need no clearing, since a source symbol is
+    /// only ever read after it was received into its slot.
+    pub fn with_buffer(k: u32, symbol_size: u16, mut buf: Vec<u8>) -> BlockAssembly {
+        buf.resize(k as usize * symbol_size as usize, 0);
         BlockAssembly {
             k,
             symbol_size: symbol_size as usize,
-            buf: vec![0u8; k as usize * symbol_size as usize],
+            buf,
             have: vec![0u64; (k as usize).div_ceil(64)],
             have_source: 0,
             repair: Vec::new(),

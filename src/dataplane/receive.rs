@@ -207,11 +207,13 @@ fn open_output(path: &Path, m: &Manifest, resume_valid: bool) -> io::Result<Outp
 // ---- threads ---------------------------------------------------------------
 
 /// Reads per `recvmmsg` (each may hold many GRO-coalesced datagrams).
-const BATCH: usize = 32;
+const BATCH: usize = 64;
 /// Sleep between polls once the socket queue is empty.
-const POLL_INTERVAL: Duration = Duration::from_millis(1);
+const POLL_INTERVAL: Duration = Duration::from_millis(2);
 
-type DecodeResult = (u32, Result<(), Option<BlockAssembly>>);
+/// A decode job's block, its outcome, and the written block's buffer for
+/// reuse.
+type DecodeResult = (u32, Result<(), Option<BlockAssembly>>, Option<Vec<u8>>);
 
 /// Decode, check, write. Each block's digest (computed once, from the
 /// bytes written) is kept; once every block is in, the digests merge into
@@ -271,6 +273,7 @@ fn writer_loop(
             }
         };
         let b = job.block;
+        let mut spare = None;
         let result = match decode_block(&m, job) {
             DecodeOutcome::Good { data, digest } => {
                 out.file
@@ -283,6 +286,7 @@ fn writer_loop(
                         .store(have as u32, Ordering::Relaxed);
                 }
                 resume.set(b, true);
+                spare = Some(data);
                 Ok(())
             }
             DecodeOutcome::NeedMore(asm) => Err(Some(asm)),
@@ -294,7 +298,7 @@ fn writer_loop(
                 Err(None)
             }
         };
-        let _ = done.send((b, result));
+        let _ = done.send((b, result, spare));
         if last_save.elapsed() > Duration::from_millis(500) {
             resume.save();
             last_save = Instant::now();
@@ -354,8 +358,11 @@ impl RecvLoop {
             for job in ready.drain(..) {
                 let _ = self.jobs.send(job);
             }
-            while let Ok((b, r)) = self.done.try_recv() {
+            while let Ok((b, r, spare)) = self.done.try_recv() {
                 self.core.on_decoded(b, r);
+                if let Some(buf) = spare {
+                    self.core.recycle(buf);
+                }
             }
             self.progress
                 .done_blocks

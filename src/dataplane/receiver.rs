@@ -99,6 +99,8 @@ pub fn decode_block(manifest: &Manifest, job: DecodeJob) -> DecodeOutcome {
 const MAX_UNPLANNED: usize = 1024;
 /// Announced combinations kept at once.
 const MAX_PLANS: usize = 1 << 16;
+/// Block buffers kept for reuse.
+const MAX_SPARE: usize = 8;
 
 pub struct ReceiverCore {
     manifest: Manifest,
@@ -106,6 +108,9 @@ pub struct ReceiverCore {
     plans: BTreeMap<(u32, u32), Vec<u32>>,
     /// Coded datagrams that arrived before their plan: (block, id, payload).
     unplanned: VecDeque<(u32, u32, Vec<u8>)>,
+    /// Buffers of written blocks, for the next blocks' assemblies: a fresh
+    /// 1 MiB buffer per block would be zeroed each time.
+    spare: Vec<Vec<u8>>,
     session: u32,
     key: [u8; KEY_LEN],
     slots: Vec<Slot>,
@@ -123,6 +128,7 @@ impl ReceiverCore {
             slots: (0..n).map(|_| Slot::Empty).collect(),
             plans: BTreeMap::new(),
             unplanned: VecDeque::new(),
+            spare: Vec::new(),
             manifest,
             session,
             key,
@@ -274,7 +280,11 @@ impl ReceiverCore {
         let slot = &mut self.slots[b as usize];
         if let Slot::Empty = slot {
             *slot = Slot::Collecting {
-                asm: BlockAssembly::new(k, self.manifest.symbol_size),
+                asm: BlockAssembly::with_buffer(
+                    k,
+                    self.manifest.symbol_size,
+                    self.spare.pop().unwrap_or_default(),
+                ),
                 min_count: k,
             };
         }
@@ -399,6 +409,13 @@ impl ReceiverCore {
             self.plans.remove(&k);
         }
         self.unplanned.retain(|(ub, _, _)| *ub != b);
+    }
+
+    /// A written block's buffer, to be reused (a few are kept).
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        if self.spare.len() < MAX_SPARE {
+            self.spare.push(buf);
+        }
     }
 
     /// Result of a decode job for `block`.
