@@ -609,6 +609,12 @@ impl WaveSender {
         self.max_short[bi] = self.max_short[bi].max(short);
         if let Some(g) = gaps {
             if self.cfg.source_resend_factor > 0.0 && self.pending_repair[bi] == 0 {
+                if !self.resend[bi].is_empty() {
+                    // The last round of `b` is still queued: what this
+                    // report misses is mostly not even sent yet. Its next
+                    // report past that round counts.
+                    return;
+                }
                 let k = self.k[bi];
                 self.needs[bi].insert(rx, g.into_iter().filter(|e| *e < k).collect());
                 if !self.heard[bi].contains(&rx) {
@@ -1521,6 +1527,27 @@ mod tests {
             (s.stats.resent_source_packets, s.stats.coded_packets),
             (2, 1)
         );
+    }
+
+    /// Reports keep coming while a round is on the wire; they must not
+    /// queue the same symbols again (a late joiner's whole-block needs
+    /// once starved the source that way).
+    #[test]
+    fn reports_during_a_queued_round_do_not_requeue_it() {
+        let t0 = Instant::now();
+        let mut s = WaveSender::new(cfg(1), big_block(), 1100, t0);
+        let a = s.on_hello("a", t0);
+        s.on_message(a, Msg::Ready { resumed_blocks: 0 }, t0);
+        drain(&mut s, t0);
+        s.on_message(a, gap_report(0, vec![3, 9]), t0);
+        pump(&mut s);
+        let mut first = Vec::new();
+        s.poll_transmit(t0 + Duration::from_millis(1), 1, &mut first);
+        assert_eq!(symbols(&first), vec![(0, 3)]);
+        s.on_message(a, gap_report(0, vec![3, 9]), t0);
+        let rest = drain(&mut s, t0 + Duration::from_millis(2));
+        assert_eq!(symbols(&rest), vec![(0, 9)]);
+        assert_eq!(s.stats.resent_source_packets, 2);
     }
 
     #[test]
