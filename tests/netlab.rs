@@ -60,11 +60,11 @@ fn assert_same(a: &Path, b: &Path) {
 }
 
 #[test]
-fn three_receivers_one_with_loss_all_verify() {
+fn three_receivers_two_with_loss_all_verify_with_coded_resends() {
     if !can_run() {
         return;
     }
-    let lab = Lab::up("a", 3, "200mbit", &[(1, 5.0)]);
+    let lab = Lab::up("a", 3, "200mbit", &[(1, 5.0), (2, 5.0)]);
     let img = make_image(&lab, 24, 1);
     let outs: Vec<PathBuf> = (1..=3).map(|i| lab.file(&format!("out{i}"))).collect();
     let rx: Vec<Child> = (1..=3)
@@ -82,8 +82,10 @@ fn three_receivers_one_with_loss_all_verify() {
     let receivers = report["receivers"].as_array().unwrap();
     assert_eq!(receivers.len(), 3);
     assert!(receivers.iter().all(|r| r["ok"] == true), "{report}");
-    // 5 % loss toward d1 had to be repaired.
+    // 5 % loss toward d1 and d2 had to be repaired, with datagrams that
+    // each fixed a loss at both (their losses are independent).
     assert!(report["repair_packets"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["coded_packets"].as_u64().unwrap() > 0, "{report}");
     for (o, path) in rx_out.iter().zip(&outs) {
         assert!(
             o.status.success(),
@@ -94,10 +96,15 @@ fn three_receivers_one_with_loss_all_verify() {
         assert_eq!(r["verified"], true);
         assert_same(&img, path);
     }
+    // Both lossy receivers solved coded datagrams (XOR, no decoding).
+    for o in &rx_out[..2] {
+        let r = last_json(o);
+        assert!(r["coded"].as_u64().unwrap() > 0, "{r}");
+    }
     // The lossy link really dropped packets: every receiver is sent the
-    // same stream, so d1 (5 % loss) saw clearly fewer than d2 (none).
+    // same stream, so d1 (5 % loss) saw clearly fewer than d3 (none).
     let lossy = last_json(&rx_out[0])["packets"].as_u64().unwrap();
-    let clean = last_json(&rx_out[1])["packets"].as_u64().unwrap();
+    let clean = last_json(&rx_out[2])["packets"].as_u64().unwrap();
     assert!(
         lossy * 100 < clean * 98,
         "lossy {lossy} vs clean {clean} packets"

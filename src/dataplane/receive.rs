@@ -89,6 +89,8 @@ pub struct ReceiveReport {
     pub wrong_session: u64,
     pub malformed: u64,
     pub duplicates: u64,
+    /// Coded resends solved by XOR.
+    pub coded: u64,
     pub decode_retries: u64,
     pub hash_failures: u64,
 }
@@ -668,6 +670,7 @@ pub async fn run_receive(
         wrong_session: counters.wrong_session,
         malformed: counters.malformed + counters.bad_block + counters.bad_length,
         duplicates: counters.duplicates,
+        coded: counters.coded,
         decode_retries: counters.decode_retries,
         hash_failures: counters.hash_failures,
     })
