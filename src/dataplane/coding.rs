@@ -18,37 +18,43 @@ use std::collections::BTreeMap;
 /// Upper bound of symbols in one combination (and of a plan entry): bounds
 /// the XOR work per datagram at both ends.
 pub const MAX_COMBO: usize = 16;
+/// Most receivers one block's plan pairs up (a bit each in a `u64`): with
+/// more receivers short on the same block, fountain repair is cheaper.
+pub const MAX_RECEIVERS: usize = 64;
 
 /// Combinations for one block. `needs` maps a receiver id to the source
 /// ESIs it misses. Every needed ESI lands in exactly one combination, and
 /// no receiver misses two ESIs of the same combination (so each can solve
 /// its one unknown). ESIs missing at several receivers serve all of them.
-/// Combinations of one ESI are plain resends.
-pub fn plan(needs: &BTreeMap<u32, Vec<u32>>) -> Vec<Vec<u32>> {
-    // ESI -> receivers missing it, in ESI order (deterministic).
-    let mut missing: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
-    for (rx, esis) in needs {
+/// Combinations of one ESI are plain resends. `None` when more than
+/// [`MAX_RECEIVERS`] receivers need the block. Cost: O(distinct ESIs x
+/// combinations), each step one mask test.
+pub fn plan(needs: &BTreeMap<u32, Vec<u32>>) -> Option<Vec<Vec<u32>>> {
+    if needs.len() > MAX_RECEIVERS {
+        return None;
+    }
+    // ESI -> mask of the receivers missing it, in ESI order (deterministic).
+    let mut missing: BTreeMap<u32, u64> = BTreeMap::new();
+    for (bit, esis) in needs.values().enumerate() {
         for e in esis {
-            let who = missing.entry(*e).or_default();
-            if !who.contains(rx) {
-                who.push(*rx);
-            }
+            *missing.entry(*e).or_default() |= 1u64 << bit;
         }
     }
-    let receivers = needs.len();
-    let mut left: Vec<(u32, Vec<u32>)> = missing.into_iter().collect();
+    let everyone = needs
+        .values()
+        .enumerate()
+        .filter(|(_, v)| !v.is_empty())
+        .fold(0u64, |m, (bit, _)| m | 1 << bit);
+    let mut left: Vec<(u32, u64)> = missing.into_iter().collect();
     let mut combos = Vec::new();
     while !left.is_empty() {
         let mut combo = Vec::new();
-        let mut used: Vec<u32> = Vec::new();
+        let mut used = 0u64;
         let mut rest = Vec::with_capacity(left.len());
         for (e, who) in left.drain(..) {
-            let fits = combo.len() < MAX_COMBO
-                && used.len() < receivers
-                && who.iter().all(|r| !used.contains(r));
-            if fits {
+            if combo.len() < MAX_COMBO && used != everyone && who & used == 0 {
                 combo.push(e);
-                used.extend_from_slice(&who);
+                used |= who;
             } else {
                 rest.push((e, who));
             }
@@ -56,7 +62,7 @@ pub fn plan(needs: &BTreeMap<u32, Vec<u32>>) -> Vec<Vec<u32>> {
         combos.push(combo);
         left = rest;
     }
-    combos
+    Some(combos)
 }
 
 /// `acc ^= sym`, both one symbol long.
@@ -93,7 +99,7 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let c = plan(&needs);
+        let c = plan(&needs).unwrap();
         // Three datagrams instead of the union's six.
         assert_eq!(c, vec![vec![3, 5, 7], vec![9, 41], vec![40]]);
     }
@@ -103,8 +109,19 @@ mod tests {
         let needs: BTreeMap<u32, Vec<u32>> = [(1, vec![2, 8]), (2, vec![2]), (3, vec![2, 5])]
             .into_iter()
             .collect();
-        let c = plan(&needs);
+        let c = plan(&needs).unwrap();
         assert_eq!(c, vec![vec![2], vec![5, 8]]);
+    }
+
+    #[test]
+    fn too_many_receivers_is_left_to_fountain_repair() {
+        let needs: BTreeMap<u32, Vec<u32>> =
+            (0..=MAX_RECEIVERS as u32).map(|r| (r, vec![r])).collect();
+        assert_eq!(plan(&needs), None);
+        let fits: BTreeMap<u32, Vec<u32>> =
+            (0..MAX_RECEIVERS as u32).map(|r| (r, vec![r])).collect();
+        // 64 receivers, one distinct loss each: 4 datagrams of 16.
+        assert_eq!(plan(&fits).map(|c| c.len()), Some(4));
     }
 
     proptest! {
@@ -116,7 +133,7 @@ mod tests {
         fn plans_are_solvable_and_complete(
             needs in proptest::collection::btree_map(0u32..12, proptest::collection::vec(0u32..200, 0..40), 1..10)
         ) {
-            let c = plan(&needs);
+            let c = plan(&needs).unwrap();
             let mut union: Vec<u32> = needs.values().flatten().copied().collect();
             union.sort_unstable();
             union.dedup();

@@ -233,7 +233,10 @@ pub struct WaveSender {
     /// Missing source ESIs reported per block and receiver, not planned yet.
     needs: Vec<BTreeMap<u32, Vec<u32>>>,
     /// Receivers that reported past the block since its needs started.
-    heard: Vec<Vec<u32>>,
+    heard: Vec<std::collections::BTreeSet<u32>>,
+    /// Ready receivers, counted at most every few ms (a wave may have a
+    /// thousand; `plan_due` runs on every report).
+    ready_count: (Option<Instant>, usize),
     /// When the first of a block's current needs arrived.
     need_since: Vec<Option<Instant>>,
     /// Blocks with needs waiting to be planned.
@@ -297,7 +300,8 @@ impl WaveSender {
             pending_repair: vec![0; n],
             repair_queue: VecDeque::new(),
             needs: vec![BTreeMap::new(); n],
-            heard: vec![Vec::new(); n],
+            heard: vec![std::collections::BTreeSet::new(); n],
+            ready_count: (None, 0),
             need_since: vec![None; n],
             coding_wait: Vec::new(),
             resend: vec![VecDeque::new(); n],
@@ -574,8 +578,8 @@ impl WaveSender {
         // This report is past every waiting block it has seen the end of.
         for &b in &self.coding_wait {
             let bi = b as usize;
-            if seq_ge(st.seq_hi, self.last_seq[bi]) && !self.heard[bi].contains(&id) {
-                self.heard[bi].push(id);
+            if seq_ge(st.seq_hi, self.last_seq[bi]) {
+                self.heard[bi].insert(id);
             }
         }
         rx.status = st;
@@ -617,9 +621,7 @@ impl WaveSender {
                 }
                 let k = self.k[bi];
                 self.needs[bi].insert(rx, g.into_iter().filter(|e| *e < k).collect());
-                if !self.heard[bi].contains(&rx) {
-                    self.heard[bi].push(rx);
-                }
+                self.heard[bi].insert(rx);
                 if self.need_since[bi].is_none() {
                     self.need_since[bi] = Some(now);
                     self.coding_wait.push(b);
@@ -641,12 +643,19 @@ impl WaveSender {
         if self.coding_wait.is_empty() {
             return;
         }
-        let ready: Vec<u32> = self
-            .receivers
-            .iter()
-            .filter(|(_, r)| r.state == RxState::Ready)
-            .map(|(id, _)| *id)
-            .collect();
+        let fresh = self
+            .ready_count
+            .0
+            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_millis(5));
+        if !fresh {
+            let n = self
+                .receivers
+                .values()
+                .filter(|r| r.state == RxState::Ready)
+                .count();
+            self.ready_count = (Some(now), n);
+        }
+        let ready = self.ready_count.1;
         let hold = self.cfg.coding_hold;
         let due: Vec<u32> = self
             .coding_wait
@@ -654,13 +663,22 @@ impl WaveSender {
             .copied()
             .filter(|&b| {
                 let bi = b as usize;
-                ready.iter().all(|r| self.heard[bi].contains(r))
+                self.heard[bi].len() >= ready
                     || self.need_since[bi].is_some_and(|t| now.saturating_duration_since(t) >= hold)
             })
             .collect();
+        if due.is_empty() {
+            return;
+        }
+        let ready_ids: Vec<u32> = self
+            .receivers
+            .iter()
+            .filter(|(_, r)| r.state == RxState::Ready)
+            .map(|(id, _)| *id)
+            .collect();
         for b in due {
             self.coding_wait.retain(|x| *x != b);
-            self.plan_block(b, &ready);
+            self.plan_block(b, &ready_ids);
         }
     }
 
@@ -672,7 +690,13 @@ impl WaveSender {
         if self.pending_repair[bi] > 0 {
             return;
         }
-        let combos = super::coding::plan(&needs);
+        // Many receivers short on one block: one fountain symbol serves
+        // them all, and pairing that many would cost more than it saves.
+        let Some(combos) = super::coding::plan(&needs) else {
+            let n = self.margin(self.max_short[bi]);
+            self.schedule_repair(b, n);
+            return;
+        };
         if combos.is_empty() {
             return;
         }
