@@ -757,7 +757,17 @@ fn appliance_killed_mid_wave_resumes_every_device() {
                     .all(|x| x["step"] == "imaging" && x["state"] == "running" && x["wave"] == 1)
         },
     );
-    std::thread::sleep(Duration::from_millis(2500));
+    // Progress, not a fixed sleep: on a loaded CI machine the wave may
+    // not have written anything 2.5 s after it started.
+    rack.wait_for(
+        "a quarter of the image on every device",
+        Duration::from_secs(120),
+        |d| {
+            d.len() == n
+                && d.iter()
+                    .all(|x| x["progress"].as_f64().is_some_and(|p| p >= 25.0))
+        },
+    );
     let rows_before: usize = (1..=n)
         .map(|i| rack.cli(&["log", &device_id(i)]).as_array().unwrap().len())
         .sum();
