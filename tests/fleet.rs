@@ -1061,7 +1061,13 @@ fn wave_takes_a_late_member_drops_a_silent_one_and_the_device_comes_back() {
         d.iter()
             .any(|x| x["device"] == device_id(4) && x["wave"] == 1 && x["step"] == "imaging")
     });
-    // Device 2 dies mid-wave (power loss: its agent is killed).
+    // Device 2 dies mid-wave (power loss: its agent is killed) once it has
+    // a part of the image to resume from.
+    rack.wait_for("device 2 a fifth through", Duration::from_secs(60), |d| {
+        d.iter().any(|x| {
+            x["device"] == device_id(2) && x["progress"].as_f64().is_some_and(|p| p >= 20.0)
+        })
+    });
     if let Some(mut a) = rack.agents[1].take() {
         let _ = a.kill();
         let _ = a.wait();
