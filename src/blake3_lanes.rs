@@ -71,9 +71,10 @@ const fn schedule() -> [[usize; 16]; 7] {
 }
 const SCHEDULE: [[usize; 16]; 7] = schedule();
 
-/// Chunks in the left subtree of a tree of `n >= 2` chunks: the largest
-/// power of two below `n` (BLAKE3's tree rule).
-fn left_chunks(n: usize) -> usize {
+/// Leaves in the left subtree of a BLAKE3 tree of `n >= 2` equal leaves
+/// (chunks, or power-of-two blocks of chunks): the largest power of two
+/// below `n`. Shared with `manifest::merge_block_digests`.
+pub(crate) fn left_subtree_leaves(n: usize) -> usize {
     1 << (usize::BITS - 1 - (n - 1).leading_zeros())
 }
 
@@ -288,8 +289,9 @@ mod lanes {
         if cvs.len() == 1 {
             return cvs[0];
         }
-        let left = subtree(key_cv, &cvs[..left_chunks(cvs.len())], false);
-        let right = subtree(key_cv, &cvs[left_chunks(cvs.len())..], false);
+        let (l, r) = cvs.split_at(left_subtree_leaves(cvs.len()));
+        let left = subtree(key_cv, l, false);
+        let right = subtree(key_cv, r, false);
         let mut m = [_mm256_setzero_si256(); 16];
         m[..8].copy_from_slice(&left);
         m[8..].copy_from_slice(&right);

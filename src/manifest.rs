@@ -281,17 +281,14 @@ pub fn merge_block_digests(digests: &[[u8; 32]]) -> [u8; 32] {
         if d.len() == 1 {
             return d[0];
         }
-        let (l, r) = d.split_at(left_blocks(d.len()));
+        let (l, r) = d.split_at(crate::blake3_lanes::left_subtree_leaves(d.len()));
         merge_subtrees_non_root(&subtree(l), &subtree(r), Mode::Hash)
-    }
-    fn left_blocks(n: usize) -> usize {
-        1 << (usize::BITS - 1 - (n - 1).leading_zeros())
     }
     match digests.len() {
         0 => *blake3::hash(&[]).as_bytes(),
         1 => digests[0],
         n => {
-            let (l, r) = digests.split_at(left_blocks(n));
+            let (l, r) = digests.split_at(crate::blake3_lanes::left_subtree_leaves(n));
             *merge_subtrees_root(&subtree(l), &subtree(r), Mode::Hash).as_bytes()
         }
     }
