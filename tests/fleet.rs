@@ -390,11 +390,29 @@ redfish = {redfish}
                 return;
             }
             if Instant::now() >= deadline {
+                let log = self.serve_log();
+                // The whole log outlives the lab for a look afterwards.
+                let keep = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+                    "{}-serve.log",
+                    self.lab
+                        .dir
+                        .file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                ));
+                let _ = fs::write(&keep, &log);
+                let warnings: String = log
+                    .lines()
+                    .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                    .collect::<Vec<_>>()
+                    .join("\n");
                 panic!(
-                    "timed out waiting for {what}\ndevices: {}\nserve log tail:\n{}\nagent1 log tail:\n{}",
+                    "timed out waiting for {what}\ndevices: {}\nserve warnings (last 30):\n{}\nserve log tail:\n{}\nagent1 log tail:\n{}\nwhole serve log: {}",
                     serde_json::to_string_pretty(&d).unwrap(),
-                    tail(&self.serve_log(), 40),
-                    tail(&self.agent_log(1), 20)
+                    tail(&warnings, 30),
+                    tail(&log, 40),
+                    tail(&self.agent_log(1), 20),
+                    keep.display()
                 );
             }
             std::thread::sleep(Duration::from_millis(250));

@@ -10,3 +10,5 @@ pub mod receive;
 pub mod receiver;
 pub mod send;
 pub mod sender;
+#[cfg(test)]
+mod wave_sim;

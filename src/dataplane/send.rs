@@ -542,12 +542,10 @@ fn send_loop(
     let symbol_size = m.symbol_size as usize;
     let frame = packet::datagram_len(symbol_size) + packet::IP_UDP_OVERHEAD + ETH_HEADER;
     let t0 = Instant::now();
-    // Needs of a block wait about one and a half report intervals for the
-    // other receivers' reports, whatever interval the session uses.
+    // Plans wait for receivers that stopped reporting only a few report
+    // intervals, whatever interval the session uses.
     let mut cfg = cfg;
-    cfg.coding_hold = cfg.coding_hold.max(Duration::from_millis(
-        u64::from(session.feedback_ms) * 3 / 2,
-    ));
+    cfg.feedback = Duration::from_millis(u64::from(session.feedback_ms.max(1)));
     let mut core = WaveSender::new(cfg.clone(), m.clone(), frame, t0);
     let mut pk = Packetizer::new(session.key, session.session_id, symbol_size);
     let mut scratch = vec![0u8; symbol_size];

@@ -12,8 +12,9 @@
 //! seen a packet sent after the last symbol of `b` (`seq_hi >= last_seq[b]`);
 //! then symbols still missing there are lost, not in flight. Reports name
 //! the exact source symbols missing; the sender collects them per block
-//! until every ready receiver has reported past the block (or
-//! `coding_hold` passed) and then resends them coded (`coding`): each
+//! until every live receiver has reported past the block, however far
+//! behind the leader it runs (or `coding_hold` passed), and then resends
+//! them coded (`coding`): each
 //! datagram XORs one missing symbol of several receivers, its combination
 //! announced to all receivers over TCP first, so a round costs about the
 //! largest single loss and receivers only XOR. While that stays within
@@ -65,10 +66,18 @@ pub struct SenderConfig {
     /// block. 0 = always fountain repair. Beyond the factor, one repair
     /// symbol fixing a different loss at every receiver is cheaper.
     pub source_resend_factor: f64,
-    /// How long the first report of missing symbols of a block waits for
-    /// the other receivers' reports before its coded resends are planned
-    /// (about one feedback interval: reports then pair up).
+    /// Longest the first report of missing symbols of a block waits for
+    /// the other receivers' reports before its coded resends are planned.
+    /// Planning normally waits exactly until every live receiver reported
+    /// past the block, however far behind it runs (a receiver working
+    /// through its socket buffer on a busy CPU, or a slow disk, is seconds
+    /// of packets behind the leader): losses only pair up within one plan.
+    /// This bounds the wait for a receiver that is alive but stuck.
     pub coding_hold: Duration,
+    /// The receivers' report interval (the session's `feedback_ms`). A
+    /// receiver with no report for [`STALE_REPORTS`] intervals (at least
+    /// [`MIN_STALE`]) is not waited for.
+    pub feedback: Duration,
     /// Packets the driver waits to have tokens for before waking: fewer,
     /// larger `sendmmsg` batches and no busy waiting (must fit the burst).
     pub pace_batch: usize,
@@ -92,10 +101,20 @@ impl Default for SenderConfig {
             burst_bytes: 256 * 1024,
             pace_batch: 16,
             source_resend_factor: 4.0,
-            coding_hold: Duration::from_millis(30),
+            coding_hold: Duration::from_secs(2),
+            feedback: Duration::from_millis(20),
         }
     }
 }
+
+/// Missed report intervals after which a receiver is not waited for.
+const STALE_REPORTS: u32 = 25;
+/// ... but never less than this: a busy receiver's reports come late and
+/// irregularly, and a receiver that died costs this wait only once.
+const MIN_STALE: Duration = Duration::from_millis(500);
+/// How often the set of receivers a plan waits for is recomputed (a wave
+/// may have a thousand; `plan_due` runs on every report and transmit).
+const WAIT_SET_REFRESH: Duration = Duration::from_millis(2);
 
 /// Probe spacing while waiting for receivers before the wave starts.
 const WAITING_PROBE_INTERVAL: Duration = Duration::from_millis(200);
@@ -234,9 +253,9 @@ pub struct WaveSender {
     needs: Vec<BTreeMap<u32, Vec<u32>>>,
     /// Receivers that reported past the block since its needs started.
     heard: Vec<std::collections::BTreeSet<u32>>,
-    /// Ready receivers, counted at most every few ms (a wave may have a
-    /// thousand; `plan_due` runs on every report).
-    ready_count: (Option<Instant>, usize),
+    /// Receivers a plan waits for (ready, receiving, reporting), and when
+    /// that list was made.
+    wait_for: (Option<Instant>, Vec<u32>),
     /// When the first of a block's current needs arrived.
     need_since: Vec<Option<Instant>>,
     /// Blocks with needs waiting to be planned.
@@ -301,7 +320,7 @@ impl WaveSender {
             repair_queue: VecDeque::new(),
             needs: vec![BTreeMap::new(); n],
             heard: vec![std::collections::BTreeSet::new(); n],
-            ready_count: (None, 0),
+            wait_for: (None, Vec::new()),
             need_since: vec![None; n],
             coding_wait: Vec::new(),
             resend: vec![VecDeque::new(); n],
@@ -637,25 +656,33 @@ impl WaveSender {
         self.schedule_repair(b, n);
     }
 
-    /// Plan the coded resends of every waiting block whose receivers all
-    /// reported past it, or whose hold expired.
+    /// Plan the coded resends of every waiting block that every live
+    /// receiver reported past, or whose hold expired.
     fn plan_due(&mut self, now: Instant) {
         if self.coding_wait.is_empty() {
             return;
         }
         let fresh = self
-            .ready_count
+            .wait_for
             .0
-            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_millis(5));
+            .is_some_and(|t| now.saturating_duration_since(t) < WAIT_SET_REFRESH);
         if !fresh {
-            let n = self
+            let stale = (self.cfg.feedback * STALE_REPORTS).max(MIN_STALE);
+            // A receiver that still has not seen a packet well after it
+            // joined will need every block anyway: pairing it gains
+            // nothing, waiting for it costs.
+            let ids = self
                 .receivers
-                .values()
-                .filter(|r| r.state == RxState::Ready)
-                .count();
-            self.ready_count = (Some(now), n);
+                .iter()
+                .filter(|(_, r)| {
+                    r.state == RxState::Ready
+                        && (r.status.seen_any || now.saturating_duration_since(r.joined_at) < stale)
+                        && now.saturating_duration_since(r.last_heard) < stale
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            self.wait_for = (Some(now), ids);
         }
-        let ready = self.ready_count.1;
         let hold = self.cfg.coding_hold;
         let due: Vec<u32> = self
             .coding_wait
@@ -663,7 +690,7 @@ impl WaveSender {
             .copied()
             .filter(|&b| {
                 let bi = b as usize;
-                self.heard[bi].len() >= ready
+                self.wait_for.1.iter().all(|id| self.heard[bi].contains(id))
                     || self.need_since[bi].is_some_and(|t| now.saturating_duration_since(t) >= hold)
             })
             .collect();
@@ -685,6 +712,13 @@ impl WaveSender {
     fn plan_block(&mut self, b: u32, ready: &[u32]) {
         let bi = b as usize;
         let needs = std::mem::take(&mut self.needs[bi]);
+        tracing::debug!(
+            block = b,
+            receivers = needs.len(),
+            heard = self.heard[bi].len(),
+            waiting_for = self.wait_for.1.len(),
+            "planning resends"
+        );
         self.heard[bi].clear();
         self.need_since[bi] = None;
         if self.pending_repair[bi] > 0 {
@@ -937,7 +971,15 @@ impl WaveSender {
         if self.phase != Phase::Sending {
             return;
         }
-        self.plan_due(now);
+        // Plans wait for reports (planned in `on_status`); here only the
+        // holds and the receivers gone stale, every few ms.
+        if self
+            .wait_for
+            .0
+            .is_none_or(|t| now.saturating_duration_since(t) >= WAIT_SET_REFRESH)
+        {
+            self.plan_due(now);
+        }
         let allowed = self.bucket.available(now, self.frame_bytes, max);
         let mut sent = 0;
         while sent < allowed {
@@ -1468,7 +1510,19 @@ mod tests {
         s.on_message(a, Msg::Ready { resumed_blocks: 0 }, t0);
         s.on_message(b, Msg::Ready { resumed_blocks: 0 }, t0);
         drain(s, t0);
+        s.on_message(a, behind(), t0);
+        s.on_message(b, behind(), t0);
         (a, b)
+    }
+
+    /// A report from a receiver still working through the first packets.
+    fn behind() -> Msg {
+        Msg::Status(Status {
+            seq_hi: 1,
+            seen_any: true,
+            partial: vec![(0, 62)],
+            ..Default::default()
+        })
     }
 
     fn bitmap(esis: &[u32], k: u32) -> Vec<u8> {
@@ -1519,10 +1573,19 @@ mod tests {
         let mut s = WaveSender::new(cfg(2), big_block(), 1100, t0);
         let (a, b) = two_ready(&mut s, t0);
         s.on_message(a, gap_report(0, vec![3, 9]), t0);
-        // One report in: the block waits for the other receiver's.
-        let txs = drain(&mut s, t0 + Duration::from_millis(1));
-        assert!(symbols(&txs).is_empty() && coded(&txs).is_empty());
-        s.on_message(b, gap_report(0, vec![9, 40]), t0);
+        // One report in: the block waits for the other receiver's, which
+        // runs far behind but keeps reporting.
+        for ms in [1, 60, 120, 180] {
+            let at = t0 + Duration::from_millis(ms);
+            s.on_message(b, behind(), at);
+            let txs = drain(&mut s, at);
+            assert!(symbols(&txs).is_empty() && coded(&txs).is_empty());
+        }
+        s.on_message(
+            b,
+            gap_report(0, vec![9, 40]),
+            t0 + Duration::from_millis(200),
+        );
         let plans: Vec<_> = pump(&mut s)
             .into_iter()
             .filter_map(|a| match a {
@@ -1544,7 +1607,7 @@ mod tests {
             plans,
             vec![(a, 0, 0, vec![vec![3, 40]]), (b, 0, 0, vec![vec![3, 40]])]
         );
-        let txs = drain(&mut s, t0 + Duration::from_millis(2));
+        let txs = drain(&mut s, t0 + Duration::from_millis(202));
         assert_eq!(coded(&txs), vec![(0, 0, vec![3, 40])]);
         assert_eq!(symbols(&txs), vec![(0, 9)]);
         assert_eq!(
@@ -1575,14 +1638,34 @@ mod tests {
     }
 
     #[test]
-    fn a_silent_receiver_holds_coding_only_until_the_hold() {
+    fn a_silent_receiver_is_waited_for_only_a_few_report_intervals() {
         let t0 = Instant::now();
         let mut s = WaveSender::new(cfg(2), big_block(), 1100, t0);
         let (a, _b) = two_ready(&mut s, t0);
         s.on_message(a, gap_report(0, vec![3, 9]), t0);
-        assert!(symbols(&drain(&mut s, t0 + Duration::from_millis(10))).is_empty());
-        let txs = drain(&mut s, t0 + Duration::from_millis(31));
+        assert!(symbols(&drain(&mut s, t0 + Duration::from_millis(100))).is_empty());
+        assert!(symbols(&drain(&mut s, t0 + Duration::from_millis(499))).is_empty());
+        // b has not reported for 25 intervals (500 ms at least): stale.
+        let txs = drain(&mut s, t0 + Duration::from_millis(502));
         assert_eq!(symbols(&txs), vec![(0, 3), (0, 9)]);
+    }
+
+    #[test]
+    fn a_receiver_reporting_but_never_past_the_block_holds_it_only_until_the_hold() {
+        let t0 = Instant::now();
+        let mut s = WaveSender::new(cfg(2), big_block(), 1100, t0);
+        let (a, b) = two_ready(&mut s, t0);
+        s.on_message(a, gap_report(0, vec![3, 9]), t0);
+        let mut sent = Vec::new();
+        for ms in (20..=2100).step_by(20) {
+            let at = t0 + Duration::from_millis(ms);
+            s.on_message(b, behind(), at);
+            let txs = drain(&mut s, at);
+            if !symbols(&txs).is_empty() {
+                sent.push((ms, symbols(&txs)));
+            }
+        }
+        assert_eq!(sent, vec![(2000, vec![(0, 3), (0, 9)])]);
     }
 
     #[test]

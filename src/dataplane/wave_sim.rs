@@ -1,0 +1,668 @@
+//! Whole-wave simulation: the sender core and several receiver cores,
+//! driven the way their I/O drivers drive them, on a simulated clock.
+//!
+//! Owns: a model of `send::send_loop` (block loads and encoders finish on
+//! worker threads in any order; actions are carried out in the order the
+//! core queued them), of the control connections (ordered, delayed, closed
+//! on a kill) and of the multicast link (per-receiver random loss, delay).
+//! It checks what a unit test of either core alone cannot: that the two
+//! together always end, with every surviving receiver holding the exact
+//! image, under late joins, kills, restarts and loss. Must not: use sockets,
+//! threads or the wall clock (runs are seeded and repeatable).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::receiver::{decode_block, DecodeJob, DecodeOutcome, ReceiverCore};
+use super::sender::{Action, RxState, SenderConfig, Tx, WaveSender};
+use crate::fec::{source_symbol, BlockEncoder};
+use crate::manifest::{block_digest, BlockInfo, Manifest};
+use crate::wire::control::{Msg, Verdict};
+use crate::wire::packet::{self, Header, Kind};
+
+const KEY: [u8; 32] = [9; 32];
+const SESSION: u32 = 77;
+const SYMBOL: usize = 512;
+const STEP: Duration = Duration::from_micros(500);
+const FEEDBACK: Duration = Duration::from_millis(20);
+const TICK: Duration = Duration::from_millis(10);
+/// Simulated time after which a wave counts as hung.
+const LIMIT: Duration = Duration::from_secs(40);
+
+/// One device of a scenario.
+#[derive(Clone)]
+struct Device {
+    name: &'static str,
+    /// When it connects, from the start of the simulation.
+    join_at: Duration,
+    loss: f64,
+    /// Killed (power loss) once this share of its blocks is done.
+    kill_at: Option<f64>,
+    /// Started again this long after the kill.
+    restart_after: Option<Duration>,
+}
+
+impl Device {
+    fn new(name: &'static str, loss: f64) -> Device {
+        Device {
+            name,
+            join_at: Duration::ZERO,
+            loss,
+            kill_at: None,
+            restart_after: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum End {
+    Running,
+    /// Reported its verified image.
+    Verified,
+    /// Killed and not started again.
+    Dead,
+    /// The sender ended its session (`Finish` or a closed connection).
+    Refused(String),
+}
+
+struct SimRx {
+    dev: Device,
+    started: bool,
+    /// Sender-side id of the live connection.
+    conn: Option<u32>,
+    core: Option<ReceiverCore>,
+    /// The device's disk: survives a kill, like the resume bitmap.
+    disk: Vec<u8>,
+    on_disk: Vec<bool>,
+    udp: VecDeque<(Instant, Arc<Vec<u8>>)>,
+    ctl: VecDeque<(Instant, Msg)>,
+    decoding: Vec<(Instant, DecodeJob)>,
+    next_status: Instant,
+    restart_at: Option<Instant>,
+    reported: bool,
+    end: End,
+}
+
+enum Work {
+    Load(u32),
+    Encode(u32),
+}
+
+enum ToSender {
+    Msg(u32, Msg),
+    Disconnect(u32),
+}
+
+struct Sim {
+    rng: StdRng,
+    data: Vec<u8>,
+    m: Manifest,
+    s: WaveSender,
+    t0: Instant,
+    rxs: Vec<SimRx>,
+    /// Image blocks the driver holds (`send::Held::loaded`).
+    held: HashMap<u32, ()>,
+    encoders: HashMap<u32, BlockEncoder>,
+    work: Vec<(Instant, Work)>,
+    to_sender: VecDeque<(Instant, ToSender)>,
+    /// Transmissions the driver had no data for (the real driver logs
+    /// "not loaded; skipped" and the datagram is lost for good).
+    skipped: u64,
+    last_tick: Instant,
+}
+
+/// Size of the simulated image and how the sender sends it.
+#[derive(Clone, Copy)]
+struct Shape {
+    blocks: usize,
+    block_size: usize,
+    interleave: usize,
+    rate_bps: u64,
+}
+
+const SMALL: Shape = Shape {
+    blocks: 40,
+    block_size: 16 * 1024,
+    interleave: 4,
+    rate_bps: 40_000_000,
+};
+
+fn image(shape: Shape, seed: u64) -> (Vec<u8>, Manifest) {
+    let (blocks, bs) = (shape.blocks, shape.block_size);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut data: Vec<u8> = (0..blocks * bs - 300).map(|_| rng.random()).collect();
+    for b in (3..blocks).step_by(7) {
+        let end = ((b + 1) * bs).min(data.len());
+        data[b * bs..end].fill(0);
+    }
+    let infos = data
+        .chunks(bs)
+        .enumerate()
+        .map(|(i, c)| BlockInfo {
+            hash: block_digest((i * bs) as u64, c, blocks == 1),
+            zero: c.iter().all(|b| *b == 0),
+        })
+        .collect();
+    let m = Manifest {
+        image_size: data.len() as u64,
+        image_hash: *blake3::hash(&data).as_bytes(),
+        block_size: bs as u32,
+        symbol_size: SYMBOL as u16,
+        blocks: infos,
+    };
+    (data, m)
+}
+
+impl Sim {
+    fn new(shape: Shape, devices: &[Device], expected: usize, seed: u64) -> Sim {
+        let (data, m) = image(shape, seed);
+        let t0 = Instant::now();
+        let cfg = SenderConfig {
+            expected,
+            interleave: shape.interleave,
+            rate_bps: shape.rate_bps,
+            receiver_timeout: Duration::from_secs(2),
+            max_encoders: 4,
+            ..Default::default()
+        };
+        let frame = packet::datagram_len(SYMBOL) + 42;
+        let s = WaveSender::new(cfg, m.clone(), frame, t0);
+        let rxs = devices
+            .iter()
+            .map(|d| SimRx {
+                dev: d.clone(),
+                started: false,
+                conn: None,
+                core: None,
+                disk: vec![0; data.len()],
+                on_disk: vec![false; m.blocks.len()],
+                udp: VecDeque::new(),
+                ctl: VecDeque::new(),
+                decoding: Vec::new(),
+                next_status: t0,
+                restart_at: None,
+                reported: false,
+                end: End::Running,
+            })
+            .collect();
+        Sim {
+            rng: StdRng::seed_from_u64(seed ^ 0x5eed),
+            data,
+            m,
+            s,
+            t0,
+            rxs,
+            held: HashMap::new(),
+            encoders: HashMap::new(),
+            work: Vec::new(),
+            to_sender: VecDeque::new(),
+            skipped: 0,
+            last_tick: t0,
+        }
+    }
+
+    fn block(&self, b: u32) -> &[u8] {
+        &self.data[self.m.block_offset(b) as usize..][..self.m.block_len(b)]
+    }
+
+    /// TCP: in order, about a millisecond.
+    fn ctl_at(&mut self, q_last: Option<Instant>, now: Instant) -> Instant {
+        let at = now + Duration::from_micros(self.rng.random_range(300..1500));
+        q_last.map_or(at, |l| at.max(l))
+    }
+
+    fn run(&mut self) -> Duration {
+        let mut now = self.t0;
+        while !self.s.is_finished() {
+            assert!(
+                now - self.t0 < LIMIT,
+                "wave hung after {LIMIT:?}: {}",
+                self.describe()
+            );
+            self.receivers_connect(now);
+            self.sender_inbox(now);
+            self.workers(now);
+            for _ in 0..4 {
+                self.actions(now);
+                if now >= self.last_tick + TICK {
+                    self.s.on_tick(now);
+                    self.last_tick = now;
+                    self.actions(now);
+                }
+                if !self.transmit(now) {
+                    break;
+                }
+            }
+            self.receivers_step(now);
+            now += STEP;
+        }
+        self.actions(now);
+        now - self.t0
+    }
+
+    fn describe(&self) -> String {
+        let mut s = format!("sender {:?}\n", self.s.stats);
+        for (id, r) in self.s.summary() {
+            s += &format!("  sender's receiver {id} {}: {:?}\n", r.name, r.state);
+        }
+        for r in &self.rxs {
+            s += &format!(
+                "  device {}: {:?}, conn {:?}, blocks done {:?}, counters {:?}\n",
+                r.dev.name,
+                r.end,
+                r.conn,
+                r.core.as_ref().map(|c| c.blocks_done()),
+                r.core.as_ref().map(|c| c.counters.clone()),
+            );
+        }
+        s
+    }
+
+    fn receivers_connect(&mut self, now: Instant) {
+        for i in 0..self.rxs.len() {
+            let r = &self.rxs[i];
+            let due = (!r.started && now >= self.t0 + r.dev.join_at)
+                || r.restart_at.is_some_and(|t| now >= t);
+            if !due || r.end != End::Running && r.end != End::Dead {
+                continue;
+            }
+            let name = r.dev.name;
+            self.rxs[i].started = true;
+            self.rxs[i].restart_at = None;
+            self.rxs[i].end = End::Running;
+            // The driver's `Event::Hello`.
+            assert!(self.s.admits(name));
+            let id = self.s.on_hello(name, now);
+            let mut core = ReceiverCore::new(self.m.clone(), SESSION, KEY);
+            let mut resumed = 0;
+            for b in 0..self.m.block_count() {
+                if self.rxs[i].on_disk[b as usize] {
+                    core.mark_done(b);
+                    resumed += 1;
+                } else if self.m.blocks[b as usize].zero {
+                    core.mark_done(b);
+                }
+            }
+            let at = self.ctl_at(self.to_sender.back().map(|x| x.0), now);
+            self.to_sender.push_back((
+                at,
+                ToSender::Msg(
+                    id,
+                    Msg::Ready {
+                        resumed_blocks: resumed,
+                    },
+                ),
+            ));
+            let r = &mut self.rxs[i];
+            r.conn = Some(id);
+            r.core = Some(core);
+            r.reported = false;
+            r.next_status = now + FEEDBACK;
+        }
+    }
+
+    fn sender_inbox(&mut self, now: Instant) {
+        while self.to_sender.front().is_some_and(|(t, _)| *t <= now) {
+            let Some((_, ev)) = self.to_sender.pop_front() else {
+                break;
+            };
+            match ev {
+                ToSender::Msg(id, msg) => self.s.on_message(id, msg, now),
+                ToSender::Disconnect(id) => self.s.on_disconnect(id, now),
+            }
+        }
+    }
+
+    /// Worker threads: each job finishes after its own delay, so loads
+    /// and encoders complete out of order.
+    fn workers(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.work.len() {
+            if self.work[i].0 > now {
+                i += 1;
+                continue;
+            }
+            let (_, w) = self.work.swap_remove(i);
+            match w {
+                Work::Load(b) => {
+                    if self.s.on_block_loaded(b) {
+                        self.held.insert(b, ());
+                    }
+                }
+                Work::Encode(b) => {
+                    let e = BlockEncoder::new(&self.m.block_oti(b), self.block(b));
+                    self.encoders.insert(b, e);
+                    self.s.on_encoder_ready(b);
+                }
+            }
+        }
+    }
+
+    fn actions(&mut self, now: Instant) {
+        while let Some(a) = self.s.poll_action() {
+            let done_at = now + Duration::from_micros(self.rng.random_range(100..4000));
+            match a {
+                Action::Load(b) => self.work.push((done_at, Work::Load(b))),
+                Action::Release(b) => {
+                    self.held.remove(&b);
+                }
+                Action::BuildEncoder(b) => self.work.push((done_at, Work::Encode(b))),
+                Action::DropEncoder(b) => {
+                    self.encoders.remove(&b);
+                }
+                Action::Control(id, msg) => {
+                    if let Some(i) = self.rxs.iter().position(|r| r.conn == Some(id)) {
+                        let at = self.ctl_at(self.rxs[i].ctl.back().map(|x| x.0), now);
+                        self.rxs[i].ctl.push_back((at, msg));
+                    }
+                }
+                Action::Disconnect(id) => {
+                    if let Some(i) = self.rxs.iter().position(|r| r.conn == Some(id)) {
+                        let at = self.ctl_at(self.rxs[i].ctl.back().map(|x| x.0), now);
+                        self.rxs[i].ctl.push_back((
+                            at,
+                            Msg::Finish {
+                                reason: "connection closed".into(),
+                            },
+                        ));
+                        self.rxs[i].conn = None;
+                    }
+                }
+                Action::Finished => {}
+            }
+        }
+    }
+
+    fn datagram(&mut self, tx: &Tx) -> Option<Vec<u8>> {
+        let (kind, seq, block, esi, payload) = match tx {
+            Tx::Probe { seq } => (Kind::Probe, *seq, 0, 0, Vec::new()),
+            Tx::Symbol { seq, block, esi } => {
+                let k = self.m.source_symbols(*block);
+                let mut sym = vec![0u8; SYMBOL];
+                if *esi < k {
+                    self.held.get(block)?;
+                    source_symbol(self.block(*block), *esi, &mut sym);
+                } else {
+                    sym = self.encoders.get(block)?.repair(*esi, 1).pop()?;
+                }
+                (Kind::Symbol, *seq, *block, *esi, sym)
+            }
+            Tx::Coded {
+                seq,
+                block,
+                id,
+                esis,
+            } => {
+                self.held.get(block)?;
+                let mut x = vec![0u8; SYMBOL];
+                let mut sym = vec![0u8; SYMBOL];
+                for e in esis {
+                    source_symbol(self.block(*block), *e, &mut sym);
+                    super::coding::xor_into(&mut x, &sym);
+                }
+                (Kind::Coded, *seq, *block, *id, x)
+            }
+        };
+        let h = Header {
+            kind,
+            session: SESSION,
+            seq,
+            block,
+            esi,
+            payload_len: payload.len() as u16,
+        };
+        let mut buf = vec![0u8; packet::datagram_len(payload.len())];
+        packet::emit(&h, &payload, &KEY, &mut buf).ok()?;
+        Some(buf)
+    }
+
+    /// One `poll_transmit`; false when it gave nothing.
+    fn transmit(&mut self, now: Instant) -> bool {
+        let mut txs = Vec::new();
+        self.s.poll_transmit(now, 64, &mut txs);
+        for tx in &txs {
+            let Some(d) = self.datagram(tx) else {
+                self.skipped += 1;
+                continue;
+            };
+            let d = Arc::new(d);
+            for i in 0..self.rxs.len() {
+                if self.rxs[i].core.is_none() {
+                    continue;
+                }
+                if self.rng.random::<f64>() < self.rxs[i].dev.loss {
+                    continue;
+                }
+                let at = now + Duration::from_micros(300);
+                self.rxs[i].udp.push_back((at, d.clone()));
+            }
+        }
+        !txs.is_empty()
+    }
+
+    fn receivers_step(&mut self, now: Instant) {
+        for i in 0..self.rxs.len() {
+            if self.rxs[i].core.is_some() {
+                self.receiver_step(i, now);
+            }
+        }
+    }
+
+    fn send_to_sender(&mut self, now: Instant, ev: ToSender) {
+        let at = self.ctl_at(self.to_sender.back().map(|x| x.0), now);
+        self.to_sender.push_back((at, ev));
+    }
+
+    fn receiver_step(&mut self, i: usize, now: Instant) {
+        let m = self.m.clone();
+        let decode_delay = Duration::from_micros(self.rng.random_range(50..2000));
+        let r = &mut self.rxs[i];
+        let Some(core) = r.core.as_mut() else {
+            return;
+        };
+        let mut jobs = Vec::new();
+        // Plans and the end of the session (TCP).
+        let mut refused = None;
+        while r.ctl.front().is_some_and(|(t, _)| *t <= now) {
+            let Some((_, msg)) = r.ctl.pop_front() else {
+                break;
+            };
+            match msg {
+                Msg::Coded {
+                    block,
+                    first,
+                    combos,
+                } => core.on_coded_plan(block, first, combos, &mut jobs),
+                Msg::Finish { reason } => {
+                    refused = Some(reason);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        // One recvmmsg batch.
+        let mut batch: Vec<Arc<Vec<u8>>> = Vec::new();
+        while batch.len() < 64 && r.udp.front().is_some_and(|(t, _)| *t <= now) {
+            if let Some((_, d)) = r.udp.pop_front() {
+                batch.push(d);
+            }
+        }
+        let views: Vec<&[u8]> = batch.iter().map(|d| d.as_slice()).collect();
+        core.on_datagrams(&views, &mut jobs);
+        for j in jobs {
+            r.decoding.push((now + decode_delay, j));
+        }
+        // The writer: decode, check, write.
+        let mut k = 0;
+        while k < r.decoding.len() {
+            if r.decoding[k].0 > now {
+                k += 1;
+                continue;
+            }
+            let (_, job) = r.decoding.swap_remove(k);
+            let b = job.block;
+            match decode_block(&m, job) {
+                DecodeOutcome::Good { data, .. } => {
+                    let off = m.block_offset(b) as usize;
+                    r.disk[off..off + data.len()].copy_from_slice(&data);
+                    r.on_disk[b as usize] = true;
+                    core.on_decoded(b, Ok(()));
+                }
+                DecodeOutcome::NeedMore(a) => core.on_decoded(b, Err(Some(a))),
+                DecodeOutcome::HashMismatch => core.on_decoded(b, Err(None)),
+            }
+        }
+        let done = f64::from(core.blocks_done()) / f64::from(m.block_count());
+        let conn = r.conn;
+        let mut to_sender = Vec::new();
+        if core.is_complete() && !r.reported {
+            r.reported = true;
+            let verdict = if r.disk == self.data {
+                Verdict::Verified {
+                    image_hash: m.image_hash,
+                }
+            } else {
+                Verdict::Failed {
+                    reason: "image differs".into(),
+                }
+            };
+            to_sender.push(Msg::Done(verdict));
+        } else if now >= r.next_status && !r.reported {
+            r.next_status = now + FEEDBACK;
+            to_sender.push(Msg::Status(core.status()));
+        }
+        let kill = r.dev.kill_at.is_some_and(|f| done >= f) && !r.reported;
+        if let Some(reason) = refused {
+            r.core = None;
+            r.end = if r.reported {
+                End::Verified
+            } else {
+                End::Refused(reason)
+            };
+        } else if kill {
+            // Power loss: in-memory state gone, the disk stays.
+            r.dev.kill_at = None;
+            r.core = None;
+            r.conn = None;
+            r.udp.clear();
+            r.ctl.clear();
+            r.decoding.clear();
+            r.end = End::Dead;
+            r.restart_at = r.dev.restart_after.map(|d| now + d);
+            if let Some(id) = conn {
+                self.send_to_sender(now, ToSender::Disconnect(id));
+            }
+            return;
+        }
+        if let Some(id) = conn {
+            for msg in to_sender {
+                self.send_to_sender(now, ToSender::Msg(id, msg));
+            }
+        }
+    }
+}
+
+/// Every scenario over several seeds: the wave ends, nothing was sent
+/// from data the driver did not hold, and each device that stayed (or
+/// came back) holds the exact image.
+fn check(shape: Shape, devices: &[Device], expected: usize, seeds: std::ops::Range<u64>) {
+    for seed in seeds {
+        let mut sim = Sim::new(shape, devices, expected, seed);
+        let took = sim.run();
+        let summary = sim.s.summary();
+        assert_eq!(
+            sim.skipped,
+            0,
+            "seed {seed}: transmissions without data: {}",
+            sim.describe()
+        );
+        for r in &sim.rxs {
+            let state = summary
+                .iter()
+                .find(|(_, x)| x.name == r.dev.name)
+                .map(|(_, x)| x.state.clone());
+            if r.end == End::Dead {
+                assert!(
+                    matches!(state, Some(RxState::Failed(_))),
+                    "seed {seed}: {} dead, sender says {state:?}",
+                    r.dev.name
+                );
+                continue;
+            }
+            assert_eq!(
+                state,
+                Some(RxState::Verified),
+                "seed {seed} after {took:?}: {}",
+                sim.describe()
+            );
+            assert!(
+                r.disk == sim.data,
+                "seed {seed}: {} image differs",
+                r.dev.name
+            );
+        }
+    }
+}
+
+#[test]
+fn lossy_receivers_all_finish() {
+    let devs = [
+        Device::new("a", 0.0),
+        Device::new("b", 0.05),
+        Device::new("c", 0.15),
+    ];
+    check(SMALL, &devs, 3, 0..6);
+}
+
+#[test]
+fn late_joiner_and_a_receiver_killed_and_restarted() {
+    let mut late = Device::new("late", 0.02);
+    late.join_at = Duration::from_millis(60);
+    let mut killed = Device::new("killed", 0.05);
+    killed.kill_at = Some(0.3);
+    killed.restart_after = Some(Duration::from_millis(300));
+    let devs = [Device::new("a", 0.02), killed, Device::new("c", 0.1), late];
+    check(SMALL, &devs, 3, 0..6);
+}
+
+#[test]
+fn a_killed_receiver_that_stays_dead_does_not_hold_the_others() {
+    let mut killed = Device::new("killed", 0.05);
+    killed.kill_at = Some(0.2);
+    let mut late = Device::new("late", 0.05);
+    late.join_at = Duration::from_millis(40);
+    let devs = [Device::new("a", 0.05), killed, Device::new("c", 0.0), late];
+    check(SMALL, &devs, 3, 0..6);
+}
+
+/// Hunting ground for rare interleavings: `RC_SIM_SEEDS=500 cargo test
+/// --release --lib wave_sim::many -- --ignored`.
+#[test]
+#[ignore]
+fn many_seeds_fleet_shape() {
+    let n: u64 = std::env::var("RC_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
+    let shape = Shape {
+        blocks: 60,
+        block_size: 128 * 1024,
+        interleave: 8,
+        rate_bps: 60_000_000,
+    };
+    let mut late = Device::new("d4", 0.01);
+    late.join_at = Duration::from_millis(250);
+    let mut killed = Device::new("d2", 0.01);
+    killed.kill_at = Some(0.25);
+    let devs = [
+        Device::new("d1", 0.01),
+        killed,
+        Device::new("d3", 0.03),
+        late,
+    ];
+    check(shape, &devs, 3, 0..n);
+}
