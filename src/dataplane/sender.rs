@@ -107,6 +107,10 @@ impl Default for SenderConfig {
     }
 }
 
+/// How often a sending wave logs where it stands (a heartbeat for the
+/// operator; enough to tell a stuck queue from a slow receiver).
+const STATE_LOG_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Missed report intervals after which a receiver is not waited for.
 const STALE_REPORTS: u32 = 25;
 /// ... but never less than this: a busy receiver's reports come late and
@@ -234,6 +238,7 @@ pub struct WaveSender {
     bucket: TokenBucket,
     rate: RateController,
     next_rate_tick: Instant,
+    next_state_log: Instant,
     worst_loss: f64,
     frame_bytes: usize,
     seq: u32,
@@ -256,6 +261,8 @@ pub struct WaveSender {
     /// Receivers a plan waits for (ready, receiving, reporting), and when
     /// that list was made.
     wait_for: (Option<Instant>, Vec<u32>),
+    /// Whose turn the next datagram is: source or repair.
+    source_turn: bool,
     /// When the first of a block's current needs arrived.
     need_since: Vec<Option<Instant>>,
     /// Blocks with needs waiting to be planned.
@@ -303,6 +310,7 @@ impl WaveSender {
             bucket: TokenBucket::new(cfg.rate_bps, cfg.burst_bytes.max(frame_bytes), now),
             rate: RateController::new(cfg.rate_bps, cfg.min_rate_bps, cfg.loss_threshold),
             next_rate_tick: now + cfg.rate_interval,
+            next_state_log: now + STATE_LOG_INTERVAL,
             worst_loss: 0.0,
             frame_bytes,
             cfg,
@@ -321,6 +329,7 @@ impl WaveSender {
             needs: vec![BTreeMap::new(); n],
             heard: vec![std::collections::BTreeSet::new(); n],
             wait_for: (None, Vec::new()),
+            source_turn: false,
             need_since: vec![None; n],
             coding_wait: Vec::new(),
             resend: vec![VecDeque::new(); n],
@@ -865,6 +874,10 @@ impl WaveSender {
                     .push((n, format!("never joined within {} s", timeout.as_secs())));
             }
         }
+        if self.phase == Phase::Sending && now >= self.next_state_log {
+            self.next_state_log = now + STATE_LOG_INTERVAL;
+            self.log_state();
+        }
         if now >= self.next_rate_tick {
             self.next_rate_tick = now + self.cfg.rate_interval;
             let r = self.rate.on_interval(self.worst_loss);
@@ -983,11 +996,20 @@ impl WaveSender {
         let allowed = self.bucket.available(now, self.frame_bytes, max);
         let mut sent = 0;
         while sent < allowed {
-            if let Some(tx) = self
-                .next_repair()
-                .or_else(|| self.next_resend())
-                .or_else(|| self.next_source())
-            {
+            // Source and repair take turns while both have work: a late
+            // joiner's (or a slow receiver's) backlog of whole blocks must
+            // not hold the rest of the image from everybody else.
+            self.source_turn = !self.source_turn;
+            let tx = if self.source_turn {
+                self.next_source()
+                    .or_else(|| self.next_repair())
+                    .or_else(|| self.next_resend())
+            } else {
+                self.next_repair()
+                    .or_else(|| self.next_resend())
+                    .or_else(|| self.next_source())
+            };
+            if let Some(tx) = tx {
                 out.push(tx);
                 sent += 1;
             } else {
@@ -1184,6 +1206,44 @@ impl WaveSender {
             }
         }
         any
+    }
+
+    fn log_state(&self) {
+        let held = self.loaded.iter().filter(|l| **l).count();
+        let resend_waiting_for_data = self
+            .resend_queue
+            .iter()
+            .filter(|b| !self.loaded[**b as usize])
+            .count();
+        let resends: usize = self.resend.iter().map(VecDeque::len).sum();
+        let receivers: Vec<String> = self
+            .receivers
+            .iter()
+            .map(|(id, r)| {
+                format!(
+                    "{id}:{}:{:?}:{}/{}",
+                    r.name,
+                    r.state,
+                    r.status.blocks_done,
+                    self.k.len()
+                )
+            })
+            .collect();
+        tracing::info!(
+            source_frontier = self.source_frontier(),
+            source_done = self.source_done_all,
+            resend_blocks = self.resend_queue.len(),
+            resend_waiting_for_data,
+            resends,
+            repair_blocks = self.repair_queue.len(),
+            coding_wait = self.coding_wait.len(),
+            held,
+            encoders = self.enc_lru.len(),
+            rate_bps = self.bucket.rate_bps(),
+            sent = self.stats.source_packets + self.stats.repair_packets,
+            receivers = %receivers.join(" "),
+            "wave state"
+        );
     }
 
     /// Summary lines per receiver, by id.
@@ -1635,6 +1695,33 @@ mod tests {
         let rest = drain(&mut s, t0 + Duration::from_millis(2));
         assert_eq!(symbols(&rest), vec![(0, 9)]);
         assert_eq!(s.stats.resent_source_packets, 2);
+    }
+
+    /// A receiver that lost whole blocks (a late joiner) gets them
+    /// resent, but the rest of the image keeps flowing to everybody.
+    #[test]
+    fn a_backlog_of_resends_shares_the_wire_with_the_source() {
+        let t0 = Instant::now();
+        let mut s = WaveSender::new(cfg(1), manifest(8, &[]), 1100, t0);
+        let a = s.on_hello("a", t0);
+        s.on_message(a, Msg::Ready { resumed_blocks: 0 }, t0);
+        pump(&mut s);
+        let mut first = Vec::new();
+        s.poll_transmit(t0, 8, &mut first);
+        assert_eq!(symbols(&first).len(), 8, "{first:?}");
+        // Blocks 0 and 1 (the first group) never arrived.
+        let st = Status {
+            seq_hi: 8,
+            seen_any: true,
+            missing: vec![(0, 8)],
+            ..Default::default()
+        };
+        s.on_message(a, Msg::Status(st), t0);
+        pump(&mut s);
+        let mut next = Vec::new();
+        s.poll_transmit(t0 + Duration::from_millis(1), 8, &mut next);
+        let (old, new): (Vec<_>, Vec<_>) = symbols(&next).into_iter().partition(|(b, _)| *b < 2);
+        assert_eq!((old.len(), new.len()), (4, 4), "{next:?}");
     }
 
     #[test]
