@@ -1,8 +1,9 @@
 //! The wave sender core: which symbol goes next, when repair is due, when a
 //! receiver is dropped and when the wave is over.
 //!
-//! Owns: send order (source symbols interleaved across a group of blocks,
-//! then repair driven by aggregated receiver feedback), pacing through a
+//! Owns: send order (source symbols interleaved across a group of blocks;
+//! repair driven by aggregated receiver feedback, taking turns with the
+//! source while both have work), pacing through a
 //! token bucket, the loss-driven rate, receiver liveness and the end
 //! condition. Must not: touch sockets, files, threads or clocks. The I/O
 //! driver (`dataplane::send`) calls `on_*` with events and `now`, drains
