@@ -78,6 +78,23 @@ pub struct Conn {
     max_frame: usize,
 }
 
+/// One connection attempt that gives up after `within`. A lost SYN or
+/// SYN-ACK otherwise costs the kernel's 1 s initial retransmission timeout
+/// (then 3 s, 7 s...): on a lossy provisioning LAN whose round trip is far
+/// under a millisecond, a fresh attempt is the quicker cure.
+pub async fn connect_within(
+    addr: std::net::SocketAddr,
+    within: Duration,
+) -> std::io::Result<TcpStream> {
+    match tokio::time::timeout(within, TcpStream::connect(addr)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer to the connection attempt within {within:?}"),
+        )),
+    }
+}
+
 pub fn codec(max_frame: usize) -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
         .max_frame_length(max_frame)

@@ -485,6 +485,21 @@ fn redfish_cfg() -> String {
     )
 }
 
+/// Blocks an agent's resume states (`WORK_DIR/*.rcresume`: magic, image
+/// hash, block count, bitmap) say are on its disk; 0 without one.
+fn resumable_blocks(work_dir: &Path) -> u32 {
+    let Ok(dir) = fs::read_dir(work_dir) else {
+        return 0;
+    };
+    dir.flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".rcresume"))
+        .filter_map(|e| fs::read(e.path()).ok())
+        .filter(|raw| raw.len() > 44 && &raw[..8] == b"RCRSUME1")
+        .map(|raw| raw[44..].iter().map(|b| b.count_ones()).sum())
+        .max()
+        .unwrap_or(0)
+}
+
 fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -777,13 +792,19 @@ fn appliance_killed_mid_wave_resumes_every_device() {
     );
     // Progress, not a fixed sleep: on a loaded CI machine the wave may
     // not have written anything 2.5 s after it started.
+    // (Zero blocks count as progress from the start: a fifth of this
+    // image. What a device can resume from is in its resume state.)
+    let states: Vec<PathBuf> = (1..=n)
+        .map(|i| rack.lab.file(&format!("work{i}")))
+        .collect();
     rack.wait_for(
-        "a quarter of the image on every device",
+        "a quarter of the image on every device, saved for resuming",
         Duration::from_secs(120),
         |d| {
             d.len() == n
                 && d.iter()
                     .all(|x| x["progress"].as_f64().is_some_and(|p| p >= 25.0))
+                && states.iter().all(|s| resumable_blocks(s) > 0)
         },
     );
     let rows_before: usize = (1..=n)
@@ -1080,12 +1101,14 @@ fn wave_takes_a_late_member_drops_a_silent_one_and_the_device_comes_back() {
             .any(|x| x["device"] == device_id(4) && x["wave"] == 1 && x["step"] == "imaging")
     });
     // Device 2 dies mid-wave (power loss: its agent is killed) once it has
-    // a part of the image to resume from.
-    rack.wait_for("device 2 a fifth through", Duration::from_secs(60), |d| {
-        d.iter().any(|x| {
-            x["device"] == device_id(2) && x["progress"].as_f64().is_some_and(|p| p >= 20.0)
-        })
-    });
+    // a part of the image to resume from (its resume state names blocks:
+    // progress alone starts at a fifth, the zero blocks).
+    let state2 = rack.lab.file("work2");
+    rack.wait_for(
+        "device 2 with blocks saved for resuming",
+        Duration::from_secs(60),
+        |_| resumable_blocks(&state2) > 0,
+    );
     if let Some(mut a) = rack.agents[1].take() {
         let _ = a.kill();
         let _ = a.wait();

@@ -433,21 +433,16 @@ async fn connect(addr: SocketAddr, within: Duration) -> Result<TcpStream, Receiv
     // a rack waiting for a down appliance does not flood it.
     let started = Instant::now();
     let mut backoff = Duration::from_millis(20);
-    // A lost SYN or SYN-ACK would cost the kernel's 1 s initial RTO (then
-    // 3 s): on a lossy provisioning LAN whose RTT is well under a
-    // millisecond, a fresh attempt after 250 ms joins the wave sooner.
+    // Attempts unanswered for 250 ms (doubling to 4 s) are made again.
     let mut attempt = Duration::from_millis(250);
     loop {
-        let tried = match tokio::time::timeout(attempt, TcpStream::connect(addr)).await {
-            Ok(r) => r,
-            Err(_) => {
-                attempt = (attempt * 2).min(Duration::from_secs(4));
-                Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no answer to the connection attempt",
-                ))
-            }
-        };
+        let tried = crate::conn::connect_within(addr, attempt).await;
+        if tried
+            .as_ref()
+            .is_err_and(|e| e.kind() == io::ErrorKind::TimedOut)
+        {
+            attempt = (attempt * 2).min(Duration::from_secs(4));
+        }
         match tried {
             Ok(s) => return Ok(s),
             Err(e) if Instant::now() + backoff < deadline => {
