@@ -1217,19 +1217,38 @@ impl WaveSender {
             .filter(|b| !self.loaded[**b as usize])
             .count();
         let resends: usize = self.resend.iter().map(VecDeque::len).sum();
-        let receivers: Vec<String> = self
-            .receivers
+        // Counts by state and the furthest behind: one bounded line
+        // however large the wave.
+        let mut counts = [0usize; 5];
+        let mut behind: Vec<(u32, &str)> = Vec::new();
+        for r in self.receivers.values() {
+            let i = match r.state {
+                RxState::Joining => 0,
+                RxState::Ready => {
+                    behind.push((r.status.blocks_done, &r.name));
+                    1
+                }
+                RxState::Disconnected { .. } => 2,
+                RxState::Verified => 3,
+                RxState::Failed(_) => 4,
+            };
+            counts[i] += 1;
+        }
+        behind.sort_unstable();
+        let slowest: Vec<String> = behind
             .iter()
-            .map(|(id, r)| {
-                format!(
-                    "{id}:{}:{:?}:{}/{}",
-                    r.name,
-                    r.state,
-                    r.status.blocks_done,
-                    self.k.len()
-                )
-            })
+            .take(4)
+            .map(|(done, name)| format!("{name}:{done}/{}", self.k.len()))
             .collect();
+        let receivers = format!(
+            "joining {} ready {} disconnected {} verified {} failed {}; slowest {}",
+            counts[0],
+            counts[1],
+            counts[2],
+            counts[3],
+            counts[4],
+            slowest.join(" ")
+        );
         tracing::info!(
             source_frontier = self.source_frontier(),
             source_done = self.source_done_all,
@@ -1242,7 +1261,7 @@ impl WaveSender {
             encoders = self.enc_lru.len(),
             rate_bps = self.bucket.rate_bps(),
             sent = self.stats.source_packets + self.stats.repair_packets,
-            receivers = %receivers.join(" "),
+            receivers = %receivers,
             "wave state"
         );
     }
