@@ -543,9 +543,11 @@ fn send_loop(
     let frame = packet::datagram_len(symbol_size) + packet::IP_UDP_OVERHEAD + ETH_HEADER;
     let t0 = Instant::now();
     // Plans wait for receivers that stopped reporting only a few report
-    // intervals, whatever interval the session uses.
+    // intervals, and at least three intervals for a stuck one, whatever
+    // interval the session uses.
     let mut cfg = cfg;
     cfg.feedback = Duration::from_millis(u64::from(session.feedback_ms.max(1)));
+    cfg.coding_hold = cfg.coding_hold.max(cfg.feedback * 3);
     let mut core = WaveSender::new(cfg.clone(), m.clone(), frame, t0);
     let mut pk = Packetizer::new(session.key, session.session_id, symbol_size);
     let mut scratch = vec![0u8; symbol_size];
