@@ -34,6 +34,17 @@ pub struct BlockInfo {
     pub zero: bool,
 }
 
+impl BlockInfo {
+    /// The block of `data` at `offset` (`single`: the whole image is this
+    /// one block).
+    fn of(offset: u64, data: &[u8], single: bool) -> BlockInfo {
+        BlockInfo {
+            hash: block_digest(offset, data, single),
+            zero: is_zero(data),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     pub image_size: u64,
@@ -71,11 +82,7 @@ impl Manifest {
             if n == 0 {
                 break;
             }
-            let data = &buf[..n];
-            blocks.push(BlockInfo {
-                hash: block_digest(read, data, single),
-                zero: is_zero(data),
-            });
+            blocks.push(BlockInfo::of(read, &buf[..n], single));
             read += n as u64;
             if n < buf.len() {
                 break;
@@ -87,6 +94,32 @@ impl Manifest {
                 path.display()
             ))));
         }
+        Manifest::from_blocks(image_size, block_size, symbol_size, blocks)
+    }
+
+    /// Describe an image held in memory (same result as [`Self::build`]
+    /// on a file with these bytes).
+    pub fn of_bytes(
+        data: &[u8],
+        block_size: u32,
+        symbol_size: u16,
+    ) -> Result<Manifest, ManifestError> {
+        check_params(block_size, symbol_size)?;
+        let single = data.len() as u64 <= u64::from(block_size);
+        let blocks = data
+            .chunks(block_size as usize)
+            .enumerate()
+            .map(|(i, c)| BlockInfo::of(i as u64 * u64::from(block_size), c, single))
+            .collect();
+        Manifest::from_blocks(data.len() as u64, block_size, symbol_size, blocks)
+    }
+
+    fn from_blocks(
+        image_size: u64,
+        block_size: u32,
+        symbol_size: u16,
+        blocks: Vec<BlockInfo>,
+    ) -> Result<Manifest, ManifestError> {
         let digests: Vec<[u8; 32]> = blocks.iter().map(|b| b.hash).collect();
         let m = Manifest {
             image_size,
@@ -374,6 +407,14 @@ mod tests {
             block_digest(4096 * 3, &data[4096 * 3..], false)
         );
         assert_eq!(m.data_bytes(), 4096 + 100);
+        // The same bytes in memory describe the same image.
+        assert_eq!(Manifest::of_bytes(&data, 4096, 1024).unwrap(), m);
+        assert_eq!(
+            Manifest::of_bytes(&data[..100], 4096, 1024)
+                .unwrap()
+                .image_hash,
+            *blake3::hash(&data[..100]).as_bytes()
+        );
     }
 
     proptest::proptest! {

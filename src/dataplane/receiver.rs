@@ -488,7 +488,6 @@ impl ReceiverCore {
 mod tests {
     use super::*;
     use crate::fec::{source_symbol, BlockEncoder};
-    use crate::manifest::BlockInfo;
     use crate::wire::packet::{datagram_len, emit, Header};
     use rand::{Rng, SeedableRng};
 
@@ -499,21 +498,7 @@ mod tests {
         let mut data: Vec<u8> = (0..n_blocks * bs - 100).map(|_| rng.random()).collect();
         // Block 1 all zero.
         data[bs..2 * bs].fill(0);
-        let blocks = data
-            .chunks(bs)
-            .enumerate()
-            .map(|(i, c)| BlockInfo {
-                hash: crate::manifest::block_digest((i * bs) as u64, c, n_blocks == 1),
-                zero: c.iter().all(|b| *b == 0),
-            })
-            .collect();
-        let m = Manifest {
-            image_size: data.len() as u64,
-            image_hash: *blake3::hash(&data).as_bytes(),
-            block_size: bs as u32,
-            symbol_size: 512,
-            blocks,
-        };
+        let m = Manifest::of_bytes(&data, bs as u32, 512).unwrap();
         (data, m)
     }
 

@@ -666,17 +666,19 @@ impl WaveSender {
         self.schedule_repair(b, n);
     }
 
+    fn wait_set_fresh(&self, now: Instant) -> bool {
+        self.wait_for
+            .0
+            .is_some_and(|t| now.saturating_duration_since(t) < WAIT_SET_REFRESH)
+    }
+
     /// Plan the coded resends of every waiting block that every live
     /// receiver reported past, or whose hold expired.
     fn plan_due(&mut self, now: Instant) {
         if self.coding_wait.is_empty() {
             return;
         }
-        let fresh = self
-            .wait_for
-            .0
-            .is_some_and(|t| now.saturating_duration_since(t) < WAIT_SET_REFRESH);
-        if !fresh {
+        if !self.wait_set_fresh(now) {
             let stale = (self.cfg.feedback * STALE_REPORTS).max(MIN_STALE);
             // A receiver that still has not seen a packet well after it
             // joined will need every block anyway: pairing it gains
@@ -987,11 +989,7 @@ impl WaveSender {
         }
         // Plans wait for reports (planned in `on_status`); here only the
         // holds and the receivers gone stale, every few ms.
-        if self
-            .wait_for
-            .0
-            .is_none_or(|t| now.saturating_duration_since(t) >= WAIT_SET_REFRESH)
-        {
+        if !self.wait_set_fresh(now) {
             self.plan_due(now);
         }
         let allowed = self.bucket.available(now, self.frame_bytes, max);

@@ -20,7 +20,7 @@ use rand::{Rng, SeedableRng};
 use super::receiver::{decode_block, DecodeJob, DecodeOutcome, ReceiverCore};
 use super::sender::{Action, RxState, SenderConfig, Tx, WaveSender};
 use crate::fec::{source_symbol, BlockEncoder};
-use crate::manifest::{block_digest, BlockInfo, Manifest};
+use crate::manifest::Manifest;
 use crate::wire::control::{Msg, Verdict};
 use crate::wire::packet::{self, Header, Kind};
 
@@ -139,22 +139,22 @@ fn image(shape: Shape, seed: u64) -> (Vec<u8>, Manifest) {
         let end = ((b + 1) * bs).min(data.len());
         data[b * bs..end].fill(0);
     }
-    let infos = data
-        .chunks(bs)
-        .enumerate()
-        .map(|(i, c)| BlockInfo {
-            hash: block_digest((i * bs) as u64, c, blocks == 1),
-            zero: c.iter().all(|b| *b == 0),
-        })
-        .collect();
-    let m = Manifest {
-        image_size: data.len() as u64,
-        image_hash: *blake3::hash(&data).as_bytes(),
-        block_size: bs as u32,
-        symbol_size: SYMBOL as u16,
-        blocks: infos,
-    };
+    let m = Manifest::of_bytes(&data, bs as u32, SYMBOL as u16).expect("valid shape");
     (data, m)
+}
+
+/// Take the items whose time has come out of `q` (any order).
+fn take_due<T>(q: &mut Vec<(Instant, T)>, now: Instant) -> Vec<T> {
+    let mut due = Vec::new();
+    let mut i = 0;
+    while i < q.len() {
+        if q[i].0 > now {
+            i += 1;
+        } else {
+            due.push(q.swap_remove(i).1);
+        }
+    }
+    due
 }
 
 impl Sim {
@@ -320,13 +320,7 @@ impl Sim {
     /// Worker threads: each job finishes after its own delay, so loads
     /// and encoders complete out of order.
     fn workers(&mut self, now: Instant) {
-        let mut i = 0;
-        while i < self.work.len() {
-            if self.work[i].0 > now {
-                i += 1;
-                continue;
-            }
-            let (_, w) = self.work.swap_remove(i);
+        for w in take_due(&mut self.work, now) {
             match w {
                 Work::Load(b) => {
                     if self.s.on_block_loaded(b) {
@@ -497,13 +491,7 @@ impl Sim {
             r.decoding.push((now + decode_delay, j));
         }
         // The writer: decode, check, write.
-        let mut k = 0;
-        while k < r.decoding.len() {
-            if r.decoding[k].0 > now {
-                k += 1;
-                continue;
-            }
-            let (_, job) = r.decoding.swap_remove(k);
+        for job in take_due(&mut r.decoding, now) {
             let b = job.block;
             match decode_block(&m, job) {
                 DecodeOutcome::Good { data, .. } => {
