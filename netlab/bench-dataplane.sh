@@ -13,6 +13,8 @@
 # sender settings in one lab, e.g. RC_SEND_ARGS="--source-resend-factor 1".
 # RC_RX_PREFIX is put before every rackcast receiver's command, to profile
 # it, e.g. RC_RX_PREFIX="perf record -g -o /tmp/rx.perf" with one receiver.
+# RC_RX_LOG sets the rackcast receivers' log level (default warn); their
+# logs' last lines are printed after each run when it is set.
 #
 # A case is N:LOSS_PERCENT. Run as root. Lab: 198.18.0.0/24, groups in
 # 239.255.0.0/16, namespaces rcb-*; everything it starts is stopped by PID
@@ -85,7 +87,7 @@ run_rackcast() { local n=$1 i t0 t1 rc=0
   for i in $(seq 1 "$n"); do
     rm -f "$WORK/d$i.out" "$WORK/d$i.out.rcresume"
     timeout "$TMO" ip netns exec "${P}d$i" /usr/bin/time -f "%U %S" -o "$WORK/d$i.time" \
-      ${RC_RX_PREFIX:-} "$BIN/rackcast-agent" receive --server 198.18.0.1:7000 --out "$WORK/d$i.out" --iface d0 --log warn \
+      ${RC_RX_PREFIX:-} "$BIN/rackcast-agent" receive --server 198.18.0.1:7000 --out "$WORK/d$i.out" --iface d0 --log "${RC_RX_LOG:-warn}" \
       >"$WORK/d$i.log" 2>&1 &
     pids+=($!)
   done
@@ -98,6 +100,9 @@ run_rackcast() { local n=$1 i t0 t1 rc=0
   t1=$(now)
   [ "$rc" = 0 ] || { echo "rackcast run failed (rc=$rc):" >&2; tail -n 5 "$WORK/send.log" >&2; }
   grep -m1 '^wave:' "$WORK/send.log" | sed 's/^/  rackcast sender: /' >&2 || true
+  if [ -n "${RC_RX_LOG:-}" ]; then
+    for i in $(seq 1 "$n"); do tail -n 3 "$WORK/d$i.log" | sed "s/^/  d$i: /" >&2; done
+  fi
   echo "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') $(verify $(for i in $(seq 1 "$n"); do echo "$WORK/d$i.out"; done)) $(cpu_sum $(for i in $(seq 1 "$n"); do echo "$WORK/d$i.time"; done))"
   for i in $(seq 1 "$n"); do rm -f "$WORK/d$i.out"; done
 }

@@ -95,6 +95,18 @@ pub async fn connect_within(
     }
 }
 
+/// Bytes written to a TCP socket that its peer has not acknowledged yet
+/// (`SIOCOUTQ`: unsent plus in flight). Zero means the peer's kernel holds
+/// everything we sent, so closing now cannot lose it.
+pub fn unacked_bytes(fd: std::os::fd::RawFd) -> std::io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (= SIOCOUTQ) writes one c_int through the pointer.
+    if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n.max(0) as usize)
+}
+
 pub fn codec(max_frame: usize) -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
         .max_frame_length(max_frame)

@@ -17,6 +17,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -457,6 +458,41 @@ async fn connect(addr: SocketAddr, within: Duration) -> Result<TcpStream, Receiv
     }
 }
 
+/// After our verdict: return once the sender's kernel has acknowledged
+/// everything we sent (the verdict can no longer be lost by our closing),
+/// or the sender answered or closed, or `within` passed. Messages that
+/// arrive meanwhile are read and dropped: closing a socket with unread
+/// input resets the connection instead of ending it cleanly.
+///
+/// Waiting for the acknowledgement and not for the sender's `Finish`
+/// matters on a lossy downlink: the sender's `Finish` and `FIN` both carry
+/// that acknowledgement, so losing one of them no longer costs a TCP
+/// retransmission timeout (hundreds of ms behind a busy rate limiter) at
+/// the end of every such receiver's wave.
+async fn await_delivery(
+    fd: std::os::fd::RawFd,
+    stream: &mut crate::conn::FrameStream,
+    within: Duration,
+) -> &'static str {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    loop {
+        tokio::select! {
+            msg = stream.next() => match msg {
+                Some(Ok(_)) => {}
+                Some(Err(_)) => return "connection error",
+                None => return "sender closed",
+            },
+            _ = tick.tick() => match crate::conn::unacked_bytes(fd) {
+                Ok(0) => return "acknowledged",
+                Ok(_) => {}
+                Err(_) => return "cannot query the socket",
+            },
+            _ = tokio::time::sleep_until(deadline) => return "timed out",
+        }
+    }
+}
+
 /// Receive one image. `Ok(report)` with `report.verified == false` is a
 /// clean failure (reason given, reported to the sender); `Err` means we
 /// could not even take part.
@@ -473,6 +509,7 @@ pub async fn run_receive(
             source,
         })?;
     let name = opts.name.clone().unwrap_or_else(|| default_name(&local));
+    let fd = stream.as_raw_fd();
     let mut conn = Conn::new(stream, control::MAX_FRAME);
     conn.send(&Msg::Hello {
         protocol: PROTOCOL_VERSION,
@@ -662,9 +699,15 @@ pub async fn run_receive(
         }
     };
     if let Ok(bytes) = control::emit(&Msg::Done(verdict)) {
-        let _ = sink.send(bytes::Bytes::from(bytes)).await;
-        // Wait briefly for the sender's Finish so it counted our verdict.
-        let _ = tokio::time::timeout(Duration::from_secs(2), stream.next()).await;
+        let sent = Instant::now();
+        if sink.send(bytes::Bytes::from(bytes)).await.is_ok() {
+            let why = await_delivery(fd, &mut stream, Duration::from_secs(2)).await;
+            tracing::debug!(
+                waited_ms = sent.elapsed().as_millis() as u64,
+                why,
+                "verdict delivered"
+            );
+        }
     }
     Ok(ReceiveReport {
         verified,
