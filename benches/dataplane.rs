@@ -1,6 +1,6 @@
 //! Data-plane micro-benchmarks: block encode, block decode at 0/5/20 %
 //! loss, packetize + tag (one datagram at a time beside a 64-datagram batch
-//! in SIMD lanes), and the receiver path per block (parse, verify,
+//! in SIMD lanes), a block's digest, and the receiver path per block (parse, verify,
 //! assemble, decode, hash). Throughput is reported per byte of image so
 //! the numbers read as GB/s; `receiver_path` at 1 GB of image is
 //! `1 GB / throughput` seconds of one core.
@@ -16,7 +16,7 @@ use rand::{Rng, RngCore, SeedableRng};
 
 use rackcast::dataplane::receiver::{decode_block, DecodeOutcome, ReceiverCore};
 use rackcast::fec::{source_symbol, BlockAssembly, BlockEncoder};
-use rackcast::manifest::{BlockInfo, Manifest};
+use rackcast::manifest::{block_digest, BlockInfo, Manifest};
 use rackcast::wire::packet::{datagram_len, emit, parse, verify, verify_many, Header, Kind};
 
 const T: u16 = 1432;
@@ -159,6 +159,19 @@ fn bench_packetize(c: &mut Criterion) {
     g.finish();
 }
 
+/// A block's digest (its subtree of the image hash), as the writer computes
+/// it for every block before writing it: the per-byte floor of the
+/// receiver's writer thread besides the write itself.
+fn bench_digest(c: &mut Criterion) {
+    let data = block(5);
+    let mut g = c.benchmark_group("digest");
+    g.throughput(Throughput::Bytes(BLOCK as u64));
+    g.bench_function("block_1MiB", |b| {
+        b.iter(|| black_box(block_digest(black_box(3 * BLOCK as u64), &data, false)))
+    });
+    g.finish();
+}
+
 /// One block through the receiver core as datagrams: parse, tag check,
 /// assembly, decode, block hash. Throughput is image bytes.
 fn bench_receiver_path(c: &mut Criterion) {
@@ -227,6 +240,7 @@ criterion_group!(
     bench_encode,
     bench_decode,
     bench_packetize,
+    bench_digest,
     bench_receiver_path
 );
 criterion_main!(benches);

@@ -14,7 +14,9 @@
 # RC_RX_PREFIX is put before every rackcast receiver's command, to profile
 # it, e.g. RC_RX_PREFIX="perf record -g -o /tmp/rx.perf" with one receiver.
 # RC_RX_LOG sets the rackcast receivers' log level (default warn); their
-# logs' last lines are printed after each run when it is set.
+# logs' last lines are printed after each run when it is set. RC_SEND_LOG
+# does the same for the sender, whose log is then kept as
+# $RC_SEND_LOG_DIR/send-N-LOSS.log (default /tmp).
 #
 # A case is N:LOSS_PERCENT. Run as root. Lab: 198.18.0.0/24, groups in
 # 239.255.0.0/16, namespaces rcb-*; everything it starts is stopped by PID
@@ -95,13 +97,14 @@ run_rackcast() { local n=$1 i t0 t1 rc=0
   t0=$(now)
   timeout "$TMO" ip netns exec "${P}app" "$BIN/rackcast" send "$IMG" --manifest "$IMG.rcmanifest" \
     --iface srv0 --group 239.255.3.1:9000 --control 198.18.0.1:7000 --rate "${RATE_M}M" \
-    --receivers "$n" --json --log warn ${RC_SEND_ARGS:-} >"$WORK/send.log" 2>&1 || rc=$?
+    --receivers "$n" --json --log "${RC_SEND_LOG:-warn}" ${RC_SEND_ARGS:-} >"$WORK/send.log" 2>&1 || rc=$?
   for p in "${pids[@]}"; do wait "$p" || rc=$?; done
   t1=$(now)
   [ "$rc" = 0 ] || { echo "rackcast run failed (rc=$rc):" >&2; tail -n 5 "$WORK/send.log" >&2; }
   grep -m1 '^wave:' "$WORK/send.log" | sed 's/^/  rackcast sender: /' >&2 || true
+  if [ -n "${RC_SEND_LOG:-}" ]; then cp "$WORK/send.log" "${RC_SEND_LOG_DIR:-/tmp}/send-$n-${CUR_LOSS:-x}.log"; fi
   if [ -n "${RC_RX_LOG:-}" ]; then
-    for i in $(seq 1 "$n"); do tail -n 3 "$WORK/d$i.log" | sed "s/^/  d$i: /" >&2; done
+    for i in $(seq 1 "$n"); do tail -n 6 "$WORK/d$i.log" | sed "s/^/  d$i: /" >&2; done
   fi
   echo "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') $(verify $(for i in $(seq 1 "$n"); do echo "$WORK/d$i.out"; done)) $(cpu_sum $(for i in $(seq 1 "$n"); do echo "$WORK/d$i.time"; done))"
   for i in $(seq 1 "$n"); do rm -f "$WORK/d$i.out"; done
@@ -182,6 +185,7 @@ for c in $CASES; do
   n=${c%%:*} loss=${c#*:}
   losses=()
   for i in $(seq 1 "$n"); do losses+=(--loss "$i=$loss"); done
+  CUR_LOSS=$loss
   "$HERE/lab.sh" up "$P" "$n" --rate "$RATE" "${losses[@]}"
   for tool in $TOOLS; do
     read -r secs good rxcpu < <("run_$tool" "$n")

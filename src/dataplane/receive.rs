@@ -209,6 +209,18 @@ fn open_output(path: &Path, m: &Manifest, resume_valid: bool) -> io::Result<Outp
 
 // ---- threads ---------------------------------------------------------------
 
+/// CPU time (user + system) the calling thread has used so far, for the
+/// debug log's per-thread cost lines.
+fn thread_cpu() -> Duration {
+    // SAFETY: getrusage fills the zeroed struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
 /// Reads per `recvmmsg` (each may hold many GRO-coalesced datagrams).
 const BATCH: usize = 64;
 /// Sleep between polls once the socket queue is empty.
@@ -605,6 +617,7 @@ pub async fn run_receive(
         let (m, p, s) = (m.clone(), progress.clone(), stop.clone());
         std::thread::spawn(move || {
             let r = writer_loop(m, out, resume, digests, zero_blocks, job_rx, done_tx, p, s);
+            tracing::debug!(cpu_s = thread_cpu().as_secs_f64(), "writer thread done");
             let _ = verdict_tx.send(r);
         });
     }
@@ -620,7 +633,11 @@ pub async fn run_receive(
         feedback: Duration::from_millis(session.feedback_ms.clamp(5, 5000) as u64),
         idle_timeout: opts.idle_timeout,
     };
-    let recv_handle = std::thread::spawn(move || recv.run());
+    let recv_handle = std::thread::spawn(move || {
+        let r = recv.run();
+        tracing::debug!(cpu_s = thread_cpu().as_secs_f64(), "receive thread done");
+        r
+    });
 
     conn.send(&Msg::Ready {
         resumed_blocks: resumed,

@@ -370,11 +370,16 @@ async fn serve_receiver(
         }
         let _ = sink.close().await;
     });
+    // A receiver closes as soon as its verdict is acknowledged; our Finish
+    // may then meet a closed socket and the read a reset. That is the
+    // normal end, not a failure to report.
+    let mut verdict_sent = false;
     let result = loop {
         let next = tokio::time::timeout(rx_timeout, stream.next()).await;
         let msg = match next {
             Err(_) => break Err(ConnError::Timeout(rx_timeout)),
             Ok(None) => break Ok(()),
+            Ok(Some(Err(_))) if verdict_sent => break Ok(()),
             Ok(Some(Err(e))) => break Err(ConnError::Io(e)),
             Ok(Some(Ok(frame))) => match control::parse(&frame) {
                 Ok(m) => m,
@@ -385,6 +390,7 @@ async fn serve_receiver(
                 }
             },
         };
+        verdict_sent |= matches!(msg, Msg::Done(_));
         if events.send(Event::Msg(id, msg)).is_err() {
             break Ok(());
         }
