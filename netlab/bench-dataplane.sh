@@ -14,7 +14,8 @@
 # RC_RX_PREFIX is put before every rackcast receiver's command, to profile
 # it, e.g. RC_RX_PREFIX="perf record -g -o /tmp/rx.perf" with one receiver.
 # RC_RX_LOG sets the rackcast receivers' log level (default warn); their
-# logs' last lines are printed after each run when it is set. RC_SEND_LOG
+# logs' last lines (matching the regex RC_RX_GREP, if set) are printed
+# after each run when it is set. RC_SEND_LOG
 # does the same for the sender, whose log is then kept as
 # $RC_SEND_LOG_DIR/send-N-LOSS.log (default /tmp).
 #
@@ -104,7 +105,7 @@ run_rackcast() { local n=$1 i t0 t1 rc=0
   grep -m1 '^wave:' "$WORK/send.log" | sed 's/^/  rackcast sender: /' >&2 || true
   if [ -n "${RC_SEND_LOG:-}" ]; then cp "$WORK/send.log" "${RC_SEND_LOG_DIR:-/tmp}/send-$n-${CUR_LOSS:-x}.log"; fi
   if [ -n "${RC_RX_LOG:-}" ]; then
-    for i in $(seq 1 "$n"); do tail -n 6 "$WORK/d$i.log" | sed "s/^/  d$i: /" >&2; done
+    for i in $(seq 1 "$n"); do { grep -E "${RC_RX_GREP:-.}" "$WORK/d$i.log" || true; } | tail -n 6 | sed "s/^/  d$i: /" >&2; done
   fi
   echo "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') $(verify $(for i in $(seq 1 "$n"); do echo "$WORK/d$i.out"; done)) $(cpu_sum $(for i in $(seq 1 "$n"); do echo "$WORK/d$i.time"; done))"
   for i in $(seq 1 "$n"); do rm -f "$WORK/d$i.out"; done

@@ -92,16 +92,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
             "no appliance key to trust (--trust-key / rackcast.key=): bundles are checked by hash only"
         );
     }
-    // Attempts unanswered for 500 ms (doubling to 4 s) are made again: a
-    // lost SYN-ACK must not cost the kernel's 1 s, 3 s, 7 s backoff.
-    let mut attempt = Duration::from_millis(500);
+    let mut dialer = rackcast::conn::Dialer::new(args.server);
     loop {
-        let stream = match rackcast::conn::connect_within(args.server, attempt).await {
+        let stream = match dialer.attempt().await {
             Ok(s) => s,
             Err(e) => {
-                if e.kind() == std::io::ErrorKind::TimedOut {
-                    attempt = (attempt * 2).min(Duration::from_secs(4));
-                }
                 let since = *unreachable_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= args.give_up {
                     bail!(
@@ -118,7 +113,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         };
         unreachable_since = None;
         backoff = Duration::from_millis(200);
-        attempt = Duration::from_millis(500);
         let mut conn = Conn::new(stream, MAX_FRAME);
         conn.send(&AgentMsg::Hello {
             protocol: DEVICE_PROTOCOL,
