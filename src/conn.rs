@@ -207,3 +207,67 @@ pub fn map_io(e: std::io::Error, max_frame: usize) -> ConnError {
         ConnError::Io(e)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A loopback listener whose accept queue is full drops further SYNs,
+    /// as an appliance whose answer got lost looks to the device: attempts
+    /// give up after their window, the window doubles, and once the peer
+    /// answers again the next attempt connects and the window starts over.
+    #[tokio::test]
+    async fn unanswered_attempts_give_up_after_a_doubling_window() {
+        use socket2::{Domain, Socket, Type};
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        listener
+            .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        listener.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap().as_socket().unwrap();
+        // Fill the accept queue (backlog 0 still queues one connection).
+        let mut queued = Vec::new();
+        for _ in 0..2 {
+            if let Ok(Ok(s)) =
+                tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
+            {
+                queued.push(s);
+            }
+        }
+        assert!(!queued.is_empty(), "the listener took no connection at all");
+
+        let mut d = Dialer::new(addr);
+        for window in [Dialer::FIRST_WINDOW, Dialer::FIRST_WINDOW * 2] {
+            let t = std::time::Instant::now();
+            let e = d
+                .attempt()
+                .await
+                .expect_err("the full queue answers no SYN");
+            assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+            assert!(
+                t.elapsed() >= window,
+                "gave up before its {window:?} window"
+            );
+        }
+        assert_eq!(d.window, Dialer::FIRST_WINDOW * 4);
+
+        // The peer answers again: accept everything queued (and the SYNs
+        // the kernel is retransmitting for abandoned attempts).
+        listener.set_nonblocking(true).unwrap();
+        let drain = |l: &Socket| while l.accept().is_ok() {};
+        drain(&listener);
+        let mut connected = None;
+        for _ in 0..20 {
+            drain(&listener);
+            if let Ok(s) = d.attempt().await {
+                connected = Some(s);
+                break;
+            }
+        }
+        assert!(
+            connected.is_some(),
+            "no attempt connected once the peer answered"
+        );
+        assert_eq!(d.window, Dialer::FIRST_WINDOW);
+    }
+}

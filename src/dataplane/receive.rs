@@ -224,12 +224,11 @@ fn thread_cpu() -> Duration {
 /// Reads per `recvmmsg` (each may hold many GRO-coalesced datagrams).
 const BATCH: usize = 64;
 /// Sleep between polls once the socket queue is empty. Measured in the
-/// netlab bench (500 Mbit/s, 5 % loss, one receiver): 2 ms cost the
-/// receive thread 0.43–0.49 CPU-s per 256 MiB, 5 ms 0.37–0.42 (fewer
-/// wakeups, fuller batches), 10 ms no better than 5 ms. At 5 ms a 10 Gbit/s
-/// wave queues ~6 MB of datagrams (about three times that in kernel buffer
-/// accounting), inside the receive buffer (64 MiB default).
-const POLL_INTERVAL: Duration = Duration::from_millis(5);
+/// netlab bench (500 Mbit/s): 5 ms saved the receive thread ~0.06 CPU-s
+/// per 256 MiB at N=1 and 5 % loss (fewer wakeups, fuller batches), but
+/// 8 receivers on 2 cores then finished their last blocks later (N=8 waves
+/// of 5.05-7.58 s against 4.81-5.02 s at 2 ms in the same hour).
+const POLL_INTERVAL: Duration = Duration::from_millis(2);
 
 /// A decode job's block, its outcome, and the written block's buffer for
 /// reuse.
