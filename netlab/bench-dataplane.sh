@@ -13,11 +13,11 @@
 # sender settings in one lab, e.g. RC_SEND_ARGS="--source-resend-factor 1".
 # RC_RX_PREFIX is put before every rackcast receiver's command, to profile
 # it, e.g. RC_RX_PREFIX="perf record -g -o /tmp/rx.perf" with one receiver.
-# RC_RX_LOG sets the rackcast receivers' log level (default warn); their
-# logs' last lines (matching the regex RC_RX_GREP, if set) are printed
-# after each run when it is set. RC_SEND_LOG
-# does the same for the sender, whose log is then kept as
-# $RC_SEND_LOG_DIR/send-N-LOSS.log (default /tmp).
+# RC_RX_LOG sets the rackcast receivers' log level (default warn); when it
+# is set, their logs' last lines (matching the regex RC_RX_GREP, if set)
+# are printed after each run. RC_SEND_LOG sets the sender's log level; when
+# it is set, the sender's log is kept as $RC_SEND_LOG_DIR/send-N-LOSS.log
+# (default /tmp).
 #
 # A case is N:LOSS_PERCENT. Run as root. Lab: 198.18.0.0/24, groups in
 # 239.255.0.0/16, namespaces rcb-*; everything it starts is stopped by PID
