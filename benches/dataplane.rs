@@ -1,9 +1,9 @@
 //! Data-plane micro-benchmarks: block encode, block decode at 0/5/20 %
 //! loss, packetize + tag (one datagram at a time beside a 64-datagram batch
-//! in SIMD lanes), a block's digest, and the receiver path per block (parse, verify,
-//! assemble, decode, hash). Throughput is reported per byte of image so
-//! the numbers read as GB/s; `receiver_path` at 1 GB of image is
-//! `1 GB / throughput` seconds of one core.
+//! in SIMD lanes), a block's digest, and the receiver path per block
+//! (parse, verify, assemble, decode, hash). Throughput is reported per
+//! byte of image so the numbers read as GB/s; `receiver_path` at 1 GB of
+//! image is `1 GB / throughput` seconds of one core.
 //!
 //! Baseline comparisons (`ratio` lines): `cargo bench --bench dataplane --
 //! --save-baseline before` on one commit, `--baseline before` on the next;

@@ -485,17 +485,15 @@ fn redfish_cfg() -> String {
     )
 }
 
-/// Blocks an agent's resume states (`WORK_DIR/*.rcresume`: magic, image
-/// hash, block count, bitmap) say are on its disk; 0 without one.
+/// Blocks an agent's resume states (`WORK_DIR/*.rcresume`) say are on its
+/// disk; 0 without one.
 fn resumable_blocks(work_dir: &Path) -> u32 {
     let Ok(dir) = fs::read_dir(work_dir) else {
         return 0;
     };
     dir.flatten()
         .filter(|e| e.file_name().to_string_lossy().ends_with(".rcresume"))
-        .filter_map(|e| fs::read(e.path()).ok())
-        .filter(|raw| raw.len() > 44 && &raw[..8] == b"RCRSUME1")
-        .map(|raw| raw[44..].iter().map(|b| b.count_ones()).sum())
+        .filter_map(|e| rackcast::dataplane::receive::saved_blocks(&e.path()))
         .max()
         .unwrap_or(0)
 }

@@ -100,6 +100,26 @@ pub struct ReceiveReport {
 
 const RESUME_MAGIC: &[u8; 8] = b"RCRSUME1";
 
+/// A resume state file's image hash, block count and bitmap, if it is one
+/// (layout: magic, image hash, big-endian block count, one bit per block).
+fn parse_resume(raw: &[u8]) -> Option<([u8; 32], u32, &[u8])> {
+    let magic = raw.get(..8)?;
+    let hash: [u8; 32] = raw.get(8..40)?.try_into().ok()?;
+    let blocks = u32::from_be_bytes(raw.get(40..44)?.try_into().ok()?);
+    let bits = &raw[44..];
+    (magic == RESUME_MAGIC && bits.len() == (blocks as usize).div_ceil(8))
+        .then_some((hash, blocks, bits))
+}
+
+/// Blocks a resume state file lists as on the output (for tests and
+/// tools watching a receiver from outside); `None` if `path` holds no
+/// resume state.
+pub fn saved_blocks(path: &Path) -> Option<u32> {
+    let raw = std::fs::read(path).ok()?;
+    let (_, _, bits) = parse_resume(&raw)?;
+    Some(bits.iter().map(|b| b.count_ones()).sum())
+}
+
 /// Blocks known to be on the output, tied to one image hash.
 struct ResumeState {
     path: PathBuf,
@@ -120,15 +140,13 @@ impl ResumeState {
             dirty: false,
         };
         if let Ok(raw) = std::fs::read(path) {
-            let want = 8 + 32 + 4 + st.bits.len();
-            if raw.len() == want
-                && &raw[..8] == RESUME_MAGIC
-                && raw[8..40] == m.image_hash
-                && raw[40..44] == (n as u32).to_be_bytes()
-            {
-                st.bits.copy_from_slice(&raw[44..]);
-            } else {
-                tracing::info!(path = %path.display(), "resume state is for another image; starting over");
+            match parse_resume(&raw) {
+                Some((hash, blocks, bits)) if hash == m.image_hash && blocks == n as u32 => {
+                    st.bits.copy_from_slice(bits);
+                }
+                _ => {
+                    tracing::info!(path = %path.display(), "resume state is for another image; starting over");
+                }
             }
         }
         st
@@ -473,11 +491,10 @@ async fn connect(addr: SocketAddr, within: Duration) -> Result<TcpStream, Receiv
 /// arrive meanwhile are read and dropped: closing a socket with unread
 /// input resets the connection instead of ending it cleanly.
 ///
-/// Waiting for the acknowledgement and not for the sender's `Finish`
-/// matters on a lossy downlink: the sender's `Finish` and `FIN` both carry
-/// that acknowledgement, so losing one of them no longer costs a TCP
-/// retransmission timeout (hundreds of ms behind a busy rate limiter) at
-/// the end of every such receiver's wave.
+/// Waiting for the acknowledgement and not for the sender's `Finish`: on a
+/// lossy downlink the sender's `Finish` and `FIN` both carry that
+/// acknowledgement, so losing one of them does not hold the receiver for a
+/// TCP retransmission timeout.
 async fn await_delivery(
     fd: std::os::fd::RawFd,
     stream: &mut crate::conn::FrameStream,
@@ -740,4 +757,42 @@ pub async fn run_receive(
         decode_retries: counters.decode_retries,
         hash_failures: counters.hash_failures,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `ResumeState::save` writes, `saved_blocks` and `load` read
+    /// back; a truncated or foreign file is no resume state.
+    #[test]
+    fn resume_state_round_trips_and_rejects_other_files() {
+        let dir = std::env::temp_dir().join(format!("rc-resume-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("out.rcresume");
+        let data = vec![7u8; 10 * 4096];
+        let m = Manifest::of_bytes(&data, 4096, 1024).unwrap();
+        let mut st = ResumeState::load(&path, &m);
+        for b in [0, 3, 9] {
+            st.set(b, true);
+        }
+        st.save();
+        assert_eq!(saved_blocks(&path), Some(3));
+        let again = ResumeState::load(&path, &m);
+        assert!((0..10).all(|b| again.has(b) == [0, 3, 9].contains(&b)));
+
+        let other = Manifest::of_bytes(&data[..5 * 4096], 4096, 1024).unwrap();
+        assert!((0..5).all(|b| !ResumeState::load(&path, &other).has(b)));
+
+        let raw = std::fs::read(&path).unwrap();
+        for bad in [
+            &raw[..raw.len() - 1],
+            &raw[..40],
+            b"RCRSUME2rest".as_slice(),
+        ] {
+            assert_eq!(parse_resume(bad), None);
+        }
+        assert_eq!(saved_blocks(&dir.join("missing")), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
