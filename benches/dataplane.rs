@@ -14,10 +14,10 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rand::{Rng, RngCore, SeedableRng};
 
-use rackcast::dataplane::receiver::{decode_block, DecodeOutcome, ReceiverCore};
-use rackcast::fec::{source_symbol, BlockAssembly, BlockEncoder};
-use rackcast::manifest::{block_digest, BlockInfo, Manifest};
-use rackcast::wire::packet::{datagram_len, emit, parse, verify, verify_many, Header, Kind};
+use rackcast_core::dataplane::receiver::{decode_block, DecodeOutcome, ReceiverCore};
+use rackcast_core::image::fec::{source_symbol, BlockAssembly, BlockEncoder};
+use rackcast_core::image::manifest::{block_digest, BlockInfo, Manifest};
+use rackcast_core::wire::packet::{datagram_len, emit, parse, verify, verify_many, Header, Kind};
 
 const T: u16 = 1432;
 const BLOCK: usize = 1 << 20;

@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 use thiserror::Error;
 
-use crate::bundle::{check_raid_level, DiskRule};
+use rackcast_core::model::{check_raid_level, DiskRule};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -46,7 +46,7 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 
 fn de_rate<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     let s = String::deserialize(d)?;
-    crate::parse_rate(&s).map_err(serde::de::Error::custom)
+    rackcast_core::parse_rate(&s).map_err(serde::de::Error::custom)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -324,8 +324,8 @@ fn d_prog_timeout() -> Duration {
 }
 
 impl ProgramConfig {
-    pub fn to_program(&self) -> crate::bundle::Program {
-        crate::bundle::Program {
+    pub fn to_program(&self) -> rackcast_core::model::Program {
+        rackcast_core::model::Program {
             name: self.name.clone(),
             argv: self.argv.clone(),
             timeout_s: self.timeout.as_secs().max(1),
@@ -413,7 +413,7 @@ impl RedfishConfig {
         None
     }
 
-    pub fn to_target(&self) -> Result<crate::redfish::RedfishTarget, String> {
+    pub fn to_target(&self) -> Result<rackcast_core::model::RedfishTarget, String> {
         let password = match (&self.password, &self.password_file) {
             (Some(p), None) => p.clone(),
             (None, Some(f)) => std::fs::read_to_string(f)
@@ -421,7 +421,7 @@ impl RedfishConfig {
                 .map_err(|e| format!("password_file {}: {e}", f.display()))?,
             _ => return Err("expected one of password and password_file".into()),
         };
-        Ok(crate::redfish::RedfishTarget {
+        Ok(rackcast_core::model::RedfishTarget {
             url: self.url.clone(),
             username: self.username.clone(),
             password,
@@ -677,7 +677,7 @@ impl Config {
                     }
                     (None, _) => {
                         let array = r.array.as_deref().unwrap_or_default();
-                        if r.program.is_none() && crate::raid::array_name(array).is_none() {
+                        if r.program.is_none() && rackcast_core::raid::array_name(array).is_none() {
                             return Err(bad(
                                 format!("{key}.array"),
                                 format!(

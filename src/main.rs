@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use rackcast::dataplane::send::{run_send, SendOptions, SendReport};
-use rackcast::dataplane::sender::SenderConfig;
-use rackcast::manifest::{Manifest, DEFAULT_BLOCK_SIZE};
-use rackcast::wire::packet::symbol_size_for_mtu;
+use rackcast_core::dataplane::sender::SenderConfig;
+use rackcast_core::image::manifest::{Manifest, DEFAULT_BLOCK_SIZE};
+use rackcast_core::io::send::{run_send, SendOptions, SendReport};
+use rackcast_core::wire::packet::symbol_size_for_mtu;
 
 #[derive(Parser)]
 #[command(
@@ -110,7 +110,7 @@ struct SendArgs {
     #[arg(long)]
     control: SocketAddr,
     /// Rate ceiling in bit/s on the wire, counted in Ethernet frames (k/M/G).
-    #[arg(long, value_parser = rackcast::parse_rate)]
+    #[arg(long, value_parser = rackcast_core::parse_rate)]
     rate: u64,
     /// Receivers to wait for before sending.
     #[arg(long)]
@@ -177,8 +177,8 @@ fn symbol_size(mtu: usize) -> Result<u16> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    rackcast::tune_allocator();
-    rackcast::init_logs(&cli.log);
+    rackcast_core::io::tune_allocator();
+    rackcast_core::io::init_logs(&cli.log);
     match cli.cmd {
         Cmd::Serve(a) => {
             let cfg = rackcast::config::Config::load(&a.config)?;
@@ -207,7 +207,8 @@ fn main() -> Result<()> {
         ),
         Cmd::Key(a) => {
             let cfg = rackcast::config::Config::load(&a.config)?;
-            let signer = rackcast::signing::BundleSigner::load_or_create(&cfg.signing_key_path())?;
+            let signer =
+                rackcast_core::signing::BundleSigner::load_or_create(&cfg.signing_key_path())?;
             println!("{}", signer.fingerprint());
             Ok(())
         }
@@ -236,7 +237,7 @@ fn main() -> Result<()> {
 }
 
 fn send(a: SendArgs) -> Result<()> {
-    if !rackcast::is_lab_or_admin_group(*a.group.ip()) {
+    if !rackcast_core::is_lab_or_admin_group(*a.group.ip()) {
         bail!(
             "group {} is not in 239.0.0.0/8 (administratively scoped)",
             a.group

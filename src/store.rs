@@ -16,8 +16,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::bundle::Inventory;
-use crate::workflow::{Device, LogRow, Millis, Step};
+use rackcast_core::model::Inventory;
+use rackcast_core::model::Step;
+use rackcast_core::workflow::{Device, LogRow, Millis};
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -83,8 +84,8 @@ pub trait Store: Send {
     /// Mark waves left `running` by a previous process as aborted.
     fn abort_running_waves(&mut self, why: &str, now: Millis) -> Result<Vec<i64>, StoreError>;
     /// Bound DHCP leases (full DHCP mode), kept across restarts.
-    fn leases(&mut self) -> Result<Vec<crate::boot::dhcp::Lease>, StoreError>;
-    fn save_lease(&mut self, l: &crate::boot::dhcp::Lease) -> Result<(), StoreError>;
+    fn leases(&mut self) -> Result<Vec<rackcast_core::boot::dhcp::Lease>, StoreError>;
+    fn save_lease(&mut self, l: &rackcast_core::boot::dhcp::Lease) -> Result<(), StoreError>;
     fn forget_lease(&mut self, mac: &[u8; 6]) -> Result<(), StoreError>;
 }
 
@@ -487,7 +488,7 @@ impl Store for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    fn leases(&mut self) -> Result<Vec<crate::boot::dhcp::Lease>, StoreError> {
+    fn leases(&mut self) -> Result<Vec<rackcast_core::boot::dhcp::Lease>, StoreError> {
         let mut st = self
             .conn
             .prepare("SELECT mac, ip, expires_at FROM leases ORDER BY mac")?;
@@ -501,24 +502,25 @@ impl Store for SqliteStore {
         let mut out = Vec::new();
         for row in rows {
             let (mac, ip, expires) = row?;
-            let mac = crate::boot::dhcp::parse_mac(&mac).ok_or_else(|| corrupt(&mac, "bad MAC"))?;
+            let mac = rackcast_core::boot::dhcp::parse_mac(&mac)
+                .ok_or_else(|| corrupt(&mac, "bad MAC"))?;
             let ip = ip.parse().map_err(|e| corrupt("lease", e))?;
-            out.push(crate::boot::dhcp::Lease {
+            out.push(rackcast_core::boot::dhcp::Lease {
                 mac,
                 ip,
-                state: crate::boot::dhcp::LeaseState::Bound,
+                state: rackcast_core::boot::dhcp::LeaseState::Bound,
                 expires,
             });
         }
         Ok(out)
     }
 
-    fn save_lease(&mut self, l: &crate::boot::dhcp::Lease) -> Result<(), StoreError> {
+    fn save_lease(&mut self, l: &rackcast_core::boot::dhcp::Lease) -> Result<(), StoreError> {
         self.conn.execute(
             "INSERT INTO leases (mac, ip, expires_at) VALUES (?1, ?2, ?3)
              ON CONFLICT (mac) DO UPDATE SET ip = excluded.ip, expires_at = excluded.expires_at",
             params![
-                crate::boot::dhcp::mac_string(&l.mac),
+                rackcast_core::boot::dhcp::mac_string(&l.mac),
                 l.ip.to_string(),
                 l.expires
             ],
@@ -529,7 +531,7 @@ impl Store for SqliteStore {
     fn forget_lease(&mut self, mac: &[u8; 6]) -> Result<(), StoreError> {
         self.conn.execute(
             "DELETE FROM leases WHERE mac = ?1",
-            [crate::boot::dhcp::mac_string(mac)],
+            [rackcast_core::boot::dhcp::mac_string(mac)],
         )?;
         Ok(())
     }
@@ -553,7 +555,7 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workflow::{self, Event, WorkflowConfig};
+    use rackcast_core::workflow::{self, Event, WorkflowConfig};
 
     #[test]
     fn transitions_and_log_rows_commit_together_and_reload() {
@@ -567,7 +569,7 @@ mod tests {
             &mut d,
             &cfg,
             1000,
-            Event::AgentConnected(workflow::AgentMode::Loader { os_present: false }),
+            Event::AgentConnected(rackcast_core::model::AgentMode::Loader { os_present: false }),
         );
         let rows: Vec<LogRow> = acts
             .iter()
@@ -599,10 +601,10 @@ mod tests {
             )
             .unwrap();
         assert_eq!(status, "running");
-        let lease = crate::boot::dhcp::Lease {
+        let lease = rackcast_core::boot::dhcp::Lease {
             mac: [2, 0, 0, 0, 0, 9],
             ip: "198.18.0.100".parse().unwrap(),
-            state: crate::boot::dhcp::LeaseState::Bound,
+            state: rackcast_core::boot::dhcp::LeaseState::Bound,
             expires: 99,
         };
         s.save_lease(&lease).unwrap();

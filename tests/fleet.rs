@@ -493,7 +493,7 @@ fn resumable_blocks(work_dir: &Path) -> u32 {
     };
     dir.flatten()
         .filter(|e| e.file_name().to_string_lossy().ends_with(".rcresume"))
-        .filter_map(|e| rackcast::dataplane::receive::saved_blocks(&e.path()))
+        .filter_map(|e| rackcast_core::io::receive::saved_blocks(&e.path()))
         .max()
         .unwrap_or(0)
 }

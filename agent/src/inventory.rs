@@ -6,7 +6,7 @@
 use std::fs;
 use std::path::Path;
 
-use rackcast::bundle::{Cpu, Disk, Dmi, Inventory, Nic, StorageController};
+use rackcast_core::model::{Cpu, Disk, Dmi, Inventory, Nic, StorageController};
 
 fn read(p: impl AsRef<Path>) -> String {
     fs::read_to_string(p)

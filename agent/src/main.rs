@@ -2,8 +2,10 @@
 //! (loader mode, then the bundle's agent); `receive` is the standalone
 //! data-plane receiver that writes and verifies one image.
 
+mod bios;
 mod inventory;
 mod raid;
+mod redfish;
 mod run;
 
 use std::io::IsTerminal;
@@ -16,7 +18,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use rackcast::dataplane::receive::{run_receive, Progress, ReceiveOptions};
+use rackcast_core::io::receive::{run_receive, Progress, ReceiveOptions};
 
 #[derive(Parser)]
 #[command(name = "rackcast-agent", version, about = "rackcast device agent")]
@@ -113,8 +115,8 @@ struct ReceiveArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    rackcast::tune_allocator();
-    rackcast::init_logs(&cli.log);
+    rackcast_core::io::tune_allocator();
+    rackcast_core::io::init_logs(&cli.log);
     match cli.cmd {
         Cmd::Receive(a) => receive(a),
         Cmd::Run(a) => {
@@ -139,7 +141,7 @@ fn main() -> Result<()> {
             let trust_key = a
                 .trust_key
                 .or_else(|| boot_arg("rackcast.key="))
-                .map(|k| rackcast::signing::parse_fingerprint(&k))
+                .map(|k| rackcast_core::signing::parse_fingerprint(&k))
                 .transpose()?;
             let args = run::RunArgs {
                 server,

@@ -1,6 +1,6 @@
 //! Software RAID on the device with mdadm: inspect what the disks hold,
 //! then reuse, assemble, create (or wipe and create) the plan's array and
-//! verify it. The decision is `rackcast::raid`'s; this module only runs
+//! verify it. The decision is `rackcast_core::raid`'s; this module only runs
 //! mdadm, and every command it runs is an operation in the device's log.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -8,9 +8,9 @@ use std::io::{Seek, SeekFrom};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
-use rackcast::bundle::{Inventory, RaidPlan};
-use rackcast::raid::{self, ArrayState, Decision, MemberState, Wanted};
-use rackcast::workflow::OpRecord;
+use rackcast_core::model::OpRecord;
+use rackcast_core::model::{Inventory, RaidPlan};
+use rackcast_core::raid::{self, ArrayState, Decision, MemberState, Wanted};
 
 const MDADM_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -204,11 +204,11 @@ pub async fn configure(
 /// Redfish Volume, and read it back.
 pub async fn configure_volume(
     plan: &RaidPlan,
-    target: &rackcast::redfish::RedfishTarget,
+    target: &rackcast_core::model::RedfishTarget,
     image_size: u64,
     ops: &mut Vec<OpRecord>,
 ) -> Result<String> {
-    use rackcast::raid::volume::{self, Decision};
+    use rackcast_core::raid::volume::{self, Decision};
     let rule = plan
         .drive_rule
         .as_ref()
@@ -216,7 +216,7 @@ pub async fn configure_volume(
     let (raid_type, volume_type) = volume::redfish_types(&plan.level)
         .ok_or_else(|| anyhow!("RAID level {} unknown", plan.level))?;
     let t = Instant::now();
-    let mut st = rackcast::redfish::RedfishStorage::new(target.clone())?;
+    let mut st = crate::redfish::RedfishStorage::new(target.clone())?;
     let controllers = match st.controllers().await {
         Ok(c) => c,
         Err(e) => {
@@ -227,10 +227,10 @@ pub async fn configure_volume(
     // The first controller whose drives satisfy the rule.
     let mut chosen = None;
     for c in &controllers {
-        let as_disks: Vec<rackcast::bundle::Disk> = c
+        let as_disks: Vec<rackcast_core::model::Disk> = c
             .drives
             .iter()
-            .map(|d| rackcast::bundle::Disk {
+            .map(|d| rackcast_core::model::Disk {
                 name: d.id.clone(),
                 path: d.path.clone(),
                 size_bytes: d.capacity,
@@ -256,7 +256,7 @@ pub async fn configure_volume(
         ops.push(OpRecord::timed("raid-inspect", false, t, why.clone()));
         bail!(why);
     };
-    rackcast::bundle::check_raid_level(&plan.level, picked.len()).map_err(|e| anyhow!(e))?;
+    rackcast_core::model::check_raid_level(&plan.level, picked.len()).map_err(|e| anyhow!(e))?;
     let existing = st.volumes(&ctrl.volumes).await?;
     let w = volume::Wanted {
         name: plan.volume_name.clone(),

@@ -19,12 +19,12 @@ use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 
-use rackcast::bundle::{BlobRef, Bundle, Inventory, Plan, Program};
-use rackcast::conn::{map_io, Conn, Frame};
-use rackcast::dataplane::receive::{run_receive, Progress, ReceiveOptions};
-use rackcast::signing::TrustedKey;
-use rackcast::wire::device::{AgentMsg, ApplianceMsg, DEVICE_PROTOCOL, MAX_FRAME};
-use rackcast::workflow::{AgentMode, Command, OpRecord, Outcome, Step, StepData, Work};
+use rackcast_core::io::conn::{map_io, Conn, Frame};
+use rackcast_core::io::receive::{run_receive, Progress, ReceiveOptions};
+use rackcast_core::model::{AgentMode, Command, OpRecord, Outcome, Step, StepData, Work};
+use rackcast_core::model::{BlobRef, Bundle, Inventory, Plan, Program};
+use rackcast_core::signing::TrustedKey;
+use rackcast_core::wire::device::{AgentMsg, ApplianceMsg, DEVICE_PROTOCOL, MAX_FRAME};
 
 /// Output kept per program (the tail: where the error usually is).
 const MAX_OUTPUT: usize = 8 << 10;
@@ -92,7 +92,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             "no appliance key to trust (--trust-key / rackcast.key=): bundles are checked by hash only"
         );
     }
-    let mut dialer = rackcast::conn::Dialer::new(args.server);
+    let mut dialer = rackcast_core::io::conn::Dialer::new(args.server);
     loop {
         let stream = match dialer.attempt().await {
             Ok(s) => s,
@@ -323,7 +323,7 @@ fn report_frame(r: &Report) -> Result<bytes::Bytes> {
 /// NIC (a server with four ports must not be known by whichever one the
 /// kernel listed first), else the first NIC with a real address.
 fn boot_mac(inv: &Inventory, cmdline: &str) -> Result<String> {
-    let real = |m: &String| rackcast::wire::device::valid_mac(m) && m != "00:00:00:00:00:00";
+    let real = |m: &String| rackcast_core::wire::device::valid_mac(m) && m != "00:00:00:00:00:00";
     let macs: Vec<String> = inv
         .nics
         .iter()
@@ -599,16 +599,16 @@ async fn run_plan(ctx: &Ctx, cmd_id: u64, step: Step, ops: &mut Vec<OpRecord>) -
                 .as_ref()
                 .ok_or_else(|| anyhow!("plan has no BIOS part"))?;
             if let Some(target) = &b.redfish {
-                let settle = rackcast::bios::Settle {
+                let settle = crate::bios::Settle {
                     timeout: Duration::from_secs(target.settle_timeout_s),
                     interval: Duration::from_secs(2),
                 };
-                let mut bmc = rackcast::redfish::RedfishBios::new(target.clone())?;
+                let mut bmc = crate::redfish::RedfishBios::new(target.clone())?;
                 // The reset may restart this very machine: what was done
                 // before it goes to the appliance first.
                 let mut flush =
                     |done: Vec<OpRecord>| ctx.tell(AgentMsg::Progress { cmd_id, ops: done });
-                return Ok(rackcast::bios::configure(
+                return Ok(crate::bios::configure(
                     &mut bmc,
                     &b.attributes,
                     settle,
@@ -730,7 +730,7 @@ async fn run_program(ctx: &Ctx, p: &Program, env: &HashMap<String, String>) -> O
 
 async fn receive_image(
     ctx: &Ctx,
-    join: &rackcast::workflow::WaveJoin,
+    join: &rackcast_core::model::WaveJoin,
     ops: &mut Vec<OpRecord>,
 ) -> Result<(String, StepData)> {
     let plan = plan_of(ctx)?;
@@ -800,7 +800,7 @@ async fn receive_image(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rackcast::bundle::Nic;
+    use rackcast_core::model::Nic;
 
     fn inv(macs: &[&str]) -> Inventory {
         Inventory {

@@ -2,7 +2,7 @@
 //! frame that parses to the same message.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use rackcast::wire::control::{emit, parse};
+use rackcast_core::wire::control::{emit, parse};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(m) = parse(data) {

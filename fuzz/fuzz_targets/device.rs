@@ -2,7 +2,7 @@
 //! parses re-encodes to a frame that parses to the same message.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use rackcast::wire::device::{AgentMsg, ApplianceMsg};
+use rackcast_core::wire::device::{AgentMsg, ApplianceMsg};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(m) = AgentMsg::parse(data) {

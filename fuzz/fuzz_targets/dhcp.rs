@@ -2,8 +2,8 @@
 //! panic), and the server core must answer whatever parses.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use rackcast::boot::dhcp::{BootChoice, BootFiles, DhcpConfig, DhcpServer, Mode, Pool};
-use rackcast::boot::dhcp_wire::{emit, parse};
+use rackcast_core::boot::dhcp::{BootChoice, BootFiles, DhcpConfig, DhcpServer, Mode, Pool};
+use rackcast_core::wire::dhcp::{emit, parse};
 use std::net::Ipv4Addr;
 
 fuzz_target!(|data: &[u8]| {
@@ -33,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
                 vec![],
             );
             for a in s.handle(&m, 67, 0, BootChoice::Install) {
-                if let rackcast::boot::dhcp::DhcpAction::Reply { msg, .. } = a {
+                if let rackcast_core::boot::dhcp::DhcpAction::Reply { msg, .. } = a {
                     let _ = emit(&msg).expect("reply encodes");
                 }
             }

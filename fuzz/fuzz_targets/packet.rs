@@ -2,7 +2,7 @@
 //! back to the same bytes (tag recomputed with the same key).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use rackcast::wire::packet::{datagram_len, emit, parse, verify};
+use rackcast_core::wire::packet::{datagram_len, emit, parse, verify};
 
 fuzz_target!(|data: &[u8]| {
     let key = [1u8; 32];

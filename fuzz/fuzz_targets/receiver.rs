@@ -5,9 +5,9 @@
 //! decode jobs it hands out name real blocks.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use rackcast::dataplane::receiver::ReceiverCore;
-use rackcast::manifest::{merge_block_digests, BlockInfo, Manifest};
-use rackcast::wire::packet::{datagram_len, emit, Header, Kind};
+use rackcast_core::dataplane::receiver::ReceiverCore;
+use rackcast_core::image::manifest::{merge_block_digests, BlockInfo, Manifest};
+use rackcast_core::wire::packet::{datagram_len, emit, Header, Kind};
 
 const KEY: [u8; 32] = [2; 32];
 

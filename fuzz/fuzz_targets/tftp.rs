@@ -2,7 +2,7 @@
 //! same packet.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use rackcast::boot::tftp_wire::{emit, parse};
+use rackcast_core::wire::tftp::{emit, parse};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(p) = parse(data) {

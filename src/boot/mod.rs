@@ -1,13 +1,13 @@
-//! Network boot service: DHCP / proxyDHCP (with the PXE boot decision),
-//! and, next, TFTP and the per-device iPXE scripts over HTTP. A device's
-//! first boot request is the appliance's power-on trigger.
+//! Network-boot services: DHCP / proxyDHCP, TFTP, and (in the
+//! controller's HTTP server) the per-device iPXE scripts. A device's first
+//! boot request is the appliance's power-on trigger.
+//!
+//! Owns: the UDP sockets on the provisioning interface and the tasks that
+//! feed the boot cores (`rackcast_core::boot`). Must not: decide what a
+//! device is answered (the cores do).
 
-pub mod dhcp;
-pub mod dhcp_wire;
 pub mod server;
-pub mod tftp;
 pub mod tftp_server;
-pub mod tftp_wire;
 
 /// A UDP socket for a boot service: bound to `port` on any address (the
 /// requests are broadcasts) but only on the provisioning interface, with

@@ -10,13 +10,13 @@ use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, RwLock};
 
-use super::dhcp::{
+use crate::config::{Config, DhcpSection};
+use crate::store::{now_ms, SqliteStore, Store};
+use rackcast_core::boot::dhcp::{
     mac_string, BootChoice, BootFiles, Destination, DhcpAction, DhcpConfig, DhcpServer, Firmware,
     Mode, Pool,
 };
-use super::dhcp_wire;
-use crate::config::{Config, DhcpSection};
-use crate::store::{now_ms, SqliteStore, Store};
+use rackcast_core::wire::dhcp as dhcp_wire;
 
 /// MACs of installed devices: they boot their disk.
 pub type Installed = Arc<RwLock<HashSet<String>>>;
@@ -50,7 +50,7 @@ pub fn core_config(d: &DhcpSection, api: SocketAddr) -> DhcpConfig {
     }
 }
 
-fn describe(c: &super::dhcp::ClientInfo) -> String {
+fn describe(c: &rackcast_core::boot::dhcp::ClientInfo) -> String {
     let fw = match c.firmware {
         Some(Firmware::BiosX86) => "legacy BIOS PXE".to_string(),
         Some(Firmware::UefiX64) => "x86-64 UEFI PXE".to_string(),
@@ -116,7 +116,7 @@ pub async fn run_dhcp(
                 continue;
             }
         };
-        let choice = match super::dhcp::client_info(&msg) {
+        let choice = match rackcast_core::boot::dhcp::client_info(&msg) {
             Some(c)
                 if installed
                     .read()
@@ -183,7 +183,7 @@ pub async fn run_dhcp(
                     metrics::counter!("rackcast_dhcp_dropped_total", "reason" => why).increment(1);
                     if why == "address pool exhausted" {
                         tracing::warn!(
-                            mac = ?super::dhcp::client_info(&msg).map(|c| mac_string(&c.mac)),
+                            mac = ?rackcast_core::boot::dhcp::client_info(&msg).map(|c| mac_string(&c.mac)),
                             "DHCP pool exhausted: no offer"
                         );
                     } else {

@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use tokio::net::UdpSocket;
 
-use super::tftp::{Limits, ReadTransfer, TxAction};
-use super::tftp_wire::{self, Packet};
 use crate::store::now_ms;
+use rackcast_core::boot::tftp::{Limits, ReadTransfer, TxAction};
+use rackcast_core::wire::tftp::{self as tftp_wire, Packet};
 
 const ERR_NOT_FOUND: u16 = 1;
 const ERR_ACCESS: u16 = 2;

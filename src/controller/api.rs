@@ -144,10 +144,10 @@ async fn ipxe_script(State(s): State<Shared>, Path(script): Path<String>) -> Res
     let Some(mac) = script.strip_suffix(".ipxe") else {
         return err(StatusCode::NOT_FOUND, "not a script");
     };
-    let Some(mac) = crate::boot::dhcp::parse_mac(mac) else {
+    let Some(mac) = rackcast_core::boot::dhcp::parse_mac(mac) else {
         return err(StatusCode::BAD_REQUEST, "not a MAC address");
     };
-    let mac = crate::boot::dhcp::mac_string(&mac);
+    let mac = rackcast_core::boot::dhcp::mac_string(&mac);
     let Some(h) = s.cfg.boot.http.clone() else {
         return err(StatusCode::NOT_FOUND, "HTTP boot is not configured");
     };
@@ -199,10 +199,10 @@ async fn boot_file(
     req: axum::extract::Request,
 ) -> Response {
     use tower::ServiceExt;
-    let Some(mac) = crate::boot::dhcp::parse_mac(&mac) else {
+    let Some(mac) = rackcast_core::boot::dhcp::parse_mac(&mac) else {
         return err(StatusCode::BAD_REQUEST, "not a MAC address");
     };
-    let mac = crate::boot::dhcp::mac_string(&mac);
+    let mac = rackcast_core::boot::dhcp::mac_string(&mac);
     let Some(h) = s.cfg.boot.http.clone() else {
         return err(StatusCode::NOT_FOUND, "HTTP boot is not configured");
     };

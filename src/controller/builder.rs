@@ -10,11 +10,11 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::bundle::{
+use crate::config::{Config, ProfileConfig};
+use rackcast_core::model::{
     glob_match, BiosPlan, BlobRef, Bundle, BundleError, ImagePlan, Inventory, ModuleRef, Plan,
     RaidPlan, BUNDLE_VERSION,
 };
-use crate::config::{Config, ProfileConfig};
 
 /// One image the appliance can send.
 #[derive(Debug, Clone)]
@@ -196,7 +196,8 @@ impl Builder {
                 // The controller's drives are picked on the device, from
                 // what its BMC lists.
                 if r.disks.count > 0 {
-                    crate::bundle::check_raid_level(&r.level, r.disks.count).map_err(rule_err)?;
+                    rackcast_core::model::check_raid_level(&r.level, r.disks.count)
+                        .map_err(rule_err)?;
                 }
                 Some(RaidPlan {
                     level: r.level.clone(),
@@ -212,7 +213,8 @@ impl Builder {
             }
             Some(r) => {
                 let members = r.disks.select(&inv.disks).map_err(rule_err)?;
-                crate::bundle::check_raid_level(&r.level, members.len()).map_err(rule_err)?;
+                rackcast_core::model::check_raid_level(&r.level, members.len())
+                    .map_err(rule_err)?;
                 let usable = raid_capacity(&r.level, &members);
                 if usable < img.size {
                     return Err(rule_err(format!(
@@ -311,7 +313,7 @@ impl Builder {
 /// for md's superblock and data offset (mdadm reserves up to 128 MiB on
 /// large disks, less on small ones). The agent checks the real array size
 /// before writing.
-fn raid_capacity(level: &str, members: &[&crate::bundle::Disk]) -> u64 {
+fn raid_capacity(level: &str, members: &[&rackcast_core::model::Disk]) -> u64 {
     let usable: Vec<u64> = members
         .iter()
         .map(|d| {
@@ -319,5 +321,5 @@ fn raid_capacity(level: &str, members: &[&crate::bundle::Disk]) -> u64 {
                 .saturating_sub((d.size_bytes / 8).clamp(1 << 20, 128 << 20))
         })
         .collect();
-    crate::raid::capacity(level, &usable)
+    rackcast_core::raid::capacity(level, &usable)
 }

@@ -20,17 +20,15 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::config::Config;
-use crate::dataplane::send::{self, SendOptions, WaveCommand, WaveEvent, WaveLink};
-use crate::dataplane::sender::SenderConfig;
-use crate::manifest::Manifest;
 use crate::store::{now_ms, ImageRecord, SqliteStore, Store, WaveRecord};
-use crate::waves::{Policy, WaveAction, WaveScheduler};
-use crate::wire::device::ApplianceMsg;
-use crate::workflow::{
-    self, Action, AgentMode, Device, Event, Millis, Outcome, Step, StepData, WaveJoin,
-    WorkflowConfig,
-};
 use builder::{Builder, ImageEntry};
+use rackcast_core::dataplane::sender::SenderConfig;
+use rackcast_core::image::manifest::Manifest;
+use rackcast_core::io::send::{self, SendOptions, WaveCommand, WaveEvent, WaveLink};
+use rackcast_core::model::{AgentMode, Outcome, Step, StepData, WaveJoin};
+use rackcast_core::waves::{Policy, WaveAction, WaveScheduler};
+use rackcast_core::wire::device::ApplianceMsg;
+use rackcast_core::workflow::{self, Action, Device, Event, Millis, WorkflowConfig};
 
 /// Inputs of the controller thread.
 pub enum Input {
@@ -47,12 +45,12 @@ pub enum Input {
         cmd_id: u64,
         outcome: Outcome,
         data: StepData,
-        ops: Vec<workflow::OpRecord>,
+        ops: Vec<rackcast_core::model::OpRecord>,
     },
     Progress {
         device: String,
         cmd_id: u64,
-        ops: Vec<workflow::OpRecord>,
+        ops: Vec<rackcast_core::model::OpRecord>,
     },
     Disconnected {
         device: String,
@@ -60,7 +58,7 @@ pub enum Input {
     },
     BundleDone {
         device: String,
-        result: Result<(String, Box<crate::bundle::Plan>), String>,
+        result: Result<(String, Box<rackcast_core::model::Plan>), String>,
     },
     Wave {
         wave: i64,
@@ -147,7 +145,7 @@ pub struct Shared {
     pub transfer_permits: Arc<Semaphore>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Signs every bundle served; its key is shown in `Welcome`.
-    pub signer: Arc<crate::signing::BundleSigner>,
+    pub signer: Arc<rackcast_core::signing::BundleSigner>,
     /// Device id -> the bundle generated for it: a connection gets only
     /// its own device's bundle (bundles can carry BMC credentials).
     pub assigned: Assigned,
@@ -175,13 +173,14 @@ pub fn image_manifest(
         return Ok(m);
     }
     tracing::info!(image = name, path = %path.display(), "building manifest");
-    let ss = crate::wire::packet::symbol_size_for_mtu(cfg.dataplane.mtu).ok_or_else(|| {
-        anyhow::anyhow!(
-            "dataplane.mtu {} leaves no room for a symbol",
-            cfg.dataplane.mtu
-        )
-    })?;
-    let m = Manifest::build(path, crate::manifest::DEFAULT_BLOCK_SIZE, ss)
+    let ss =
+        rackcast_core::wire::packet::symbol_size_for_mtu(cfg.dataplane.mtu).ok_or_else(|| {
+            anyhow::anyhow!(
+                "dataplane.mtu {} leaves no room for a symbol",
+                cfg.dataplane.mtu
+            )
+        })?;
+    let m = Manifest::build(path, rackcast_core::image::manifest::DEFAULT_BLOCK_SIZE, ss)
         .map_err(|e| anyhow::anyhow!("image {name}: {}: {e}", path.display()))?;
     if let Some(dir) = mpath.parent() {
         std::fs::create_dir_all(dir)?;
@@ -250,14 +249,14 @@ fn load_images(cfg: &Config, store: &mut dyn Store) -> anyhow::Result<ImageMaps>
 
 /// Run the appliance until SIGINT/SIGTERM.
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
-    let fds = crate::raise_fd_limit();
+    let fds = rackcast_core::io::raise_fd_limit();
     tracing::info!(open_files = fds, "file descriptor limit");
     let cfg = Arc::new(cfg);
     std::fs::create_dir_all(&cfg.appliance.state_dir)?;
     let mut store = SqliteStore::open(&cfg.store_path())?;
     let (images, manifests) = load_images(&cfg, &mut store)?;
     let builder = Arc::new(Builder::new(&cfg).map_err(anyhow::Error::msg)?);
-    let signer = Arc::new(crate::signing::BundleSigner::load_or_create(
+    let signer = Arc::new(rackcast_core::signing::BundleSigner::load_or_create(
         &cfg.signing_key_path(),
     )?);
     tracing::info!(fingerprint = %signer.fingerprint(), "bundle-signing key");
@@ -306,7 +305,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     };
     ctl.recover()?;
     if let Some(t) = cfg.boot.tftp.clone() {
-        let limits = crate::boot::tftp::Limits {
+        let limits = rackcast_core::boot::tftp::Limits {
             max_blksize: t.max_blksize.clamp(512, 65464),
             max_window: t.max_window.max(1),
             ..Default::default()

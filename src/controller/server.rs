@@ -15,8 +15,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Input, Shared};
-use crate::conn::{map_io, Conn, ConnError, Frame};
-use crate::wire::device::{AgentMsg, ApplianceMsg, BLOB_CHUNK, DEVICE_PROTOCOL, MAX_FRAME};
+use rackcast_core::io::conn::{map_io, Conn, ConnError, Frame};
+use rackcast_core::wire::device::{AgentMsg, ApplianceMsg, BLOB_CHUNK, DEVICE_PROTOCOL, MAX_FRAME};
 
 static CONN_IDS: AtomicU64 = AtomicU64::new(1);
 

@@ -26,11 +26,12 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 
-use rackcast::bundle::Bundle;
-use rackcast::conn::{Conn, Frame};
-use rackcast::wire::control::{self, Msg, Verdict};
-use rackcast::wire::device::{AgentMsg, ApplianceMsg, DEVICE_PROTOCOL, MAX_FRAME};
-use rackcast::workflow::{AgentMode, Command as Cmd, OpRecord, Outcome, StepData, Work};
+use rackcast_core::io::conn::{Conn, Frame};
+use rackcast_core::model::Bundle;
+use rackcast_core::model::Command as Cmd;
+use rackcast_core::model::{AgentMode, OpRecord, Outcome, StepData, Work};
+use rackcast_core::wire::control::{self, Msg, Verdict};
+use rackcast_core::wire::device::{AgentMsg, ApplianceMsg, DEVICE_PROTOCOL, MAX_FRAME};
 
 #[derive(Parser)]
 #[command(about = "Simulated fleet against a real appliance: devices/s and appliance RSS")]
@@ -112,7 +113,7 @@ fn main() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("fleet-sim needs root (it creates a network namespace)");
     }
-    rackcast::raise_fd_limit();
+    rackcast_core::io::raise_fd_limit();
     let rackcast_bin = args
         .rackcast
         .clone()
@@ -304,12 +305,12 @@ async fn run_fleet(n: usize, all_blobs: bool, timeout: Duration, pid: u32) -> Re
 
 /// One device's agent connection: send `hello`, then answer commands.
 struct Session {
-    sink: rackcast::conn::FrameSink,
-    frames: rackcast::conn::FrameStream,
+    sink: rackcast_core::io::conn::FrameSink,
+    frames: rackcast_core::io::conn::FrameStream,
     device: String,
     /// The key the appliance showed; bundles are checked against it like
     /// a real loader does (the simulator trusts whatever key it is shown).
-    signer: rackcast::signing::TrustedKey,
+    signer: rackcast_core::signing::TrustedKey,
 }
 
 impl Session {
@@ -332,10 +333,10 @@ impl Session {
             ApplianceMsg::Welcome {
                 device_id, signer, ..
             } => {
-                let fp = rackcast::signing::fingerprint(&signer);
+                let fp = rackcast_core::signing::fingerprint(&signer);
                 (
                     device_id,
-                    rackcast::signing::TrustedKey::check(&signer, &fp)?,
+                    rackcast_core::signing::TrustedKey::check(&signer, &fp)?,
                 )
             }
             other => bail!("expected Welcome, got {other:?}"),
@@ -394,7 +395,7 @@ impl Session {
     }
 }
 
-fn inventory(i: usize) -> rackcast::bundle::Inventory {
+fn inventory(i: usize) -> rackcast_core::model::Inventory {
     serde_json::from_value(serde_json::json!({
         "dmi": {"vendor": "Sim", "model": "S1", "serial": format!("SIM{i:05}")},
         "cpu": {"arch": "x86_64", "count": 64},

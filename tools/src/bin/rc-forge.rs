@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use clap::Parser;
-use rackcast::wire::packet::{datagram_len, emit, parse, Header, Kind, HEADER_LEN};
+use rackcast_core::wire::packet::{datagram_len, emit, parse, Header, Kind, HEADER_LEN};
 
 #[derive(Parser)]
 #[command(about = "Inject forged and malformed packets into a lab wave")]

@@ -5,46 +5,17 @@
 //! `#ComputerSystem.Reset` action target; no guessed paths), the HTTP
 //! calls with basic auth and timeouts, and turning BMC answers into
 //! errors that say what was refused and whether a retry can help. Must
-//! not: decide what to change (`crate::bios` does) or log credentials
+//! not: decide what to change (`rackcast_core::bios` does) or log credentials
 //! (`RedfishTarget`'s Debug hides the password; URLs never carry it).
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::bios::{Attributes, BiosBackend, BiosError};
+use rackcast_core::bios::{Attributes, BiosError};
+use rackcast_core::model::RedfishTarget;
 
-/// A BMC as a bundle names it. Devices of one profile share it: the
-/// Redfish Host Interface has the same address on every machine.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RedfishTarget {
-    /// `https://169.254.95.118` (Host Interface) or any base URL.
-    pub url: String,
-    pub username: String,
-    pub password: String,
-    /// ComputerSystem id; default: the only member of /redfish/v1/Systems.
-    pub system: Option<String>,
-    /// The ResetType that makes pending BIOS settings take effect.
-    pub reset: String,
-    /// Check the BMC's TLS certificate (most ship self-signed ones).
-    pub tls_verify: bool,
-    /// How long to wait for the settings to read back after the reset.
-    pub settle_timeout_s: u64,
-}
-
-impl std::fmt::Debug for RedfishTarget {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedfishTarget")
-            .field("url", &self.url)
-            .field("username", &self.username)
-            .field("password", &"<hidden>")
-            .field("system", &self.system)
-            .field("reset", &self.reset)
-            .field("tls_verify", &self.tls_verify)
-            .finish()
-    }
-}
+use crate::bios::BiosBackend;
 
 fn backend(message: String, retryable: bool) -> BiosError {
     BiosError::Backend { message, retryable }
@@ -356,9 +327,9 @@ impl RedfishStorage {
         Ok(out)
     }
 
-    pub async fn volume(&self, path: &str) -> Result<crate::raid::volume::Seen, BiosError> {
+    pub async fn volume(&self, path: &str) -> Result<rackcast_core::raid::volume::Seen, BiosError> {
         let v = self.bmc.get(path).await?;
-        Ok(crate::raid::volume::Seen {
+        Ok(rackcast_core::raid::volume::Seen {
             path: path.to_string(),
             name: v["Name"].as_str().unwrap_or_default().to_string(),
             raid_type: v["RAIDType"].as_str().map(str::to_string),
@@ -373,7 +344,10 @@ impl RedfishStorage {
         })
     }
 
-    pub async fn volumes(&self, col: &str) -> Result<Vec<crate::raid::volume::Seen>, BiosError> {
+    pub async fn volumes(
+        &self,
+        col: &str,
+    ) -> Result<Vec<rackcast_core::raid::volume::Seen>, BiosError> {
         let mut out = Vec::new();
         for p in members(&self.bmc.get(col).await?) {
             out.push(self.volume(&p).await?);

@@ -1,7 +1,7 @@
 //! Workflow core tests: no sockets, no sleeps, time is a number.
 
 use super::*;
-use crate::bundle::{BiosPlan, ImagePlan, Plan, Program};
+use crate::model::{BiosPlan, ImagePlan, Plan, Program};
 
 const IMG_HASH: &str = "abc123";
 

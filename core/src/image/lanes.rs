@@ -26,8 +26,8 @@ pub fn keyed_hash_many(key: &[u8; 32], msgs: &[&[u8]], out: &mut [[u8; 32]]) {
         while run < LANES && i + run < msgs.len() && msgs[i + run].len() == len {
             run += 1;
         }
-        if run >= 2 && len > 0 && lanes::available() {
-            lanes::hash8(key, &msgs[i..i + run], &mut out[i..i + run]);
+        if run >= 2 && len > 0 && avx2::available() {
+            avx2::hash8(key, &msgs[i..i + run], &mut out[i..i + run]);
         } else {
             for k in 0..run {
                 out[i + k] = *blake3::keyed_hash(key, msgs[i + k]).as_bytes();
@@ -79,7 +79,7 @@ pub(crate) fn left_subtree_leaves(n: usize) -> usize {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod lanes {
+mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
@@ -326,7 +326,7 @@ mod lanes {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-mod lanes {
+mod avx2 {
     pub fn available() -> bool {
         false
     }
@@ -358,7 +358,7 @@ mod tests {
     fn lanes_are_used_here() {
         // The CI machines have AVX2; if not, the tests below only check
         // the fallback and this says so.
-        assert!(lanes::available(), "no AVX2: lane path untested");
+        assert!(avx2::available(), "no AVX2: lane path untested");
     }
 
     /// Every length around the block, chunk and tree boundaries up to five

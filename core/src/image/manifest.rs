@@ -314,14 +314,14 @@ pub fn merge_block_digests(digests: &[[u8; 32]]) -> [u8; 32] {
         if d.len() == 1 {
             return d[0];
         }
-        let (l, r) = d.split_at(crate::blake3_lanes::left_subtree_leaves(d.len()));
+        let (l, r) = d.split_at(crate::image::lanes::left_subtree_leaves(d.len()));
         merge_subtrees_non_root(&subtree(l), &subtree(r), Mode::Hash)
     }
     match digests.len() {
         0 => *blake3::hash(&[]).as_bytes(),
         1 => digests[0],
         n => {
-            let (l, r) = digests.split_at(crate::blake3_lanes::left_subtree_leaves(n));
+            let (l, r) = digests.split_at(crate::image::lanes::left_subtree_leaves(n));
             *merge_subtrees_root(&subtree(l), &subtree(r), Mode::Hash).as_bytes()
         }
     }

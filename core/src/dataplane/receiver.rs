@@ -10,8 +10,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::fec::{Added, BlockAssembly};
-use crate::manifest::Manifest;
+use crate::image::fec::{Added, BlockAssembly};
+use crate::image::manifest::Manifest;
 use crate::wire::control::{Status, MAX_GAP_SYMBOLS};
 use crate::wire::packet::{self, Header, Kind, PacketError, KEY_LEN};
 
@@ -252,7 +252,7 @@ impl ReceiverCore {
                 self.seq_hi = h.seq;
             }
             Some(_) => {
-                if crate::dataplane::sender::seq_ge(h.seq, self.seq_hi) {
+                if crate::wire::packet::seq_ge(h.seq, self.seq_hi) {
                     self.seq_hi = h.seq;
                 }
             }
@@ -487,7 +487,7 @@ impl ReceiverCore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fec::{source_symbol, BlockEncoder};
+    use crate::image::fec::{source_symbol, BlockEncoder};
     use crate::wire::packet::{datagram_len, emit, Header};
     use rand::{Rng, SeedableRng};
 

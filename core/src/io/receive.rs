@@ -30,11 +30,11 @@ use thiserror::Error;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::conn::{Conn, ConnError};
-use crate::dataplane::net::{self, RecvBatch};
 use crate::dataplane::receiver::{decode_block, Counters, DecodeJob, DecodeOutcome, ReceiverCore};
-use crate::fec::BlockAssembly;
-use crate::manifest::Manifest;
+use crate::image::fec::BlockAssembly;
+use crate::image::manifest::Manifest;
+use crate::io::conn::{Conn, ConnError};
+use crate::io::net::{self, RecvBatch};
 use crate::wire::control::{self, Msg, SessionParams, Verdict, PROTOCOL_VERSION};
 
 #[derive(Debug, Clone)]
@@ -346,7 +346,7 @@ fn writer_loop(
         .map_err(|e| format!("flushing output: {e}"))?;
     resume.save();
     let all: Vec<[u8; 32]> = digests.into_iter().flatten().collect();
-    Ok(crate::manifest::merge_block_digests(&all))
+    Ok(crate::image::manifest::merge_block_digests(&all))
 }
 
 /// A `Msg::Coded` plan: block, first id, combinations.
@@ -469,7 +469,7 @@ async fn connect(addr: SocketAddr, within: Duration) -> Result<TcpStream, Receiv
     // a rack waiting for a down appliance does not flood it.
     let started = Instant::now();
     let mut backoff = Duration::from_millis(20);
-    let mut dialer = crate::conn::Dialer::new(addr);
+    let mut dialer = crate::io::conn::Dialer::new(addr);
     loop {
         match dialer.attempt().await {
             Ok(s) => return Ok(s),
@@ -497,7 +497,7 @@ async fn connect(addr: SocketAddr, within: Duration) -> Result<TcpStream, Receiv
 /// TCP retransmission timeout.
 async fn await_delivery(
     fd: std::os::fd::RawFd,
-    stream: &mut crate::conn::FrameStream,
+    stream: &mut crate::io::conn::FrameStream,
     within: Duration,
 ) -> &'static str {
     let deadline = tokio::time::Instant::now() + within;
@@ -509,7 +509,7 @@ async fn await_delivery(
                 Some(Err(_)) => return "connection error",
                 None => return "sender closed",
             },
-            _ = tick.tick() => match crate::conn::unacked_bytes(fd) {
+            _ = tick.tick() => match crate::io::conn::unacked_bytes(fd) {
                 Ok(0) => return "acknowledged",
                 Ok(_) => {}
                 Err(_) => return "cannot query the socket",

@@ -10,7 +10,7 @@ use std::net::SocketAddrV4;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::manifest::Manifest;
+use crate::image::manifest::Manifest;
 use crate::wire::packet::KEY_LEN;
 
 /// Spoken in `Hello`/`Welcome`; a mismatch closes the connection with a
@@ -28,6 +28,9 @@ pub const MAX_GAP_SYMBOLS: u32 = 512;
 pub const MAX_GAP_BITMAP: usize = 56_403usize.div_ceil(8);
 /// Most combinations one `Coded` message may announce.
 pub const MAX_COMBOS: usize = 65_536;
+/// Upper bound of symbols in one combination (and of a plan entry): bounds
+/// the XOR work per datagram at both ends.
+pub const MAX_COMBO: usize = 16;
 
 /// Session parameters handed to a receiver once it said hello.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,7 +104,7 @@ pub enum Msg {
     },
     /// Coded resends of `block` about to be sent: combination `first + i`
     /// is the XOR of source symbols `combos[i]` (2 to
-    /// [`crate::dataplane::coding::MAX_COMBO`] ESIs). The datagrams carry
+    /// [`MAX_COMBO`] ESIs). The datagrams carry
     /// the id in place of an ESI.
     Coded {
         block: u32,
@@ -172,7 +175,7 @@ fn check_coded(first: u32, combos: &[Vec<u32>]) -> Result<(), ControlError> {
         return Err(ControlError::Invalid("coded ids beyond 24 bits".into()));
     }
     for c in combos {
-        if c.len() < 2 || c.len() > crate::dataplane::coding::MAX_COMBO {
+        if c.len() < 2 || c.len() > MAX_COMBO {
             return Err(ControlError::Invalid(format!(
                 "combination of {} symbols",
                 c.len()
@@ -240,7 +243,7 @@ pub fn emit(msg: &Msg) -> Result<Vec<u8>, ControlError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::BlockInfo;
+    use crate::image::manifest::BlockInfo;
     use proptest::prelude::*;
 
     fn welcome() -> Msg {
@@ -253,7 +256,7 @@ mod tests {
                 key: [1; 32],
                 manifest: Manifest {
                     image_size: 5000,
-                    image_hash: crate::manifest::merge_block_digests(&[[3; 32]; 2]),
+                    image_hash: crate::image::manifest::merge_block_digests(&[[3; 32]; 2]),
                     block_size: 4096,
                     symbol_size: 1024,
                     blocks: vec![

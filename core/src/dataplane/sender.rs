@@ -29,9 +29,10 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::manifest::Manifest;
-use crate::pacing::{RateController, TokenBucket};
+use crate::dataplane::pacing::{RateController, TokenBucket};
+use crate::image::manifest::Manifest;
 use crate::wire::control::{Msg, Status, Verdict};
+use crate::wire::packet::seq_ge;
 
 #[derive(Debug, Clone)]
 pub struct SenderConfig {
@@ -1294,15 +1295,10 @@ fn gap_esis(bits: &[u8], k: u32) -> Option<Vec<u32>> {
     (!esis.is_empty()).then_some(esis)
 }
 
-/// `a >= b` in sequence space (wrapping, window of 2^31).
-pub fn seq_ge(a: u32, b: u32) -> bool {
-    a.wrapping_sub(b) < (1 << 31)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::BlockInfo;
+    use crate::image::manifest::BlockInfo;
 
     fn manifest(blocks: usize, zero: &[usize]) -> Manifest {
         Manifest {
@@ -1804,7 +1800,7 @@ mod tests {
 #[cfg(test)]
 mod membership_tests {
     use super::*;
-    use crate::manifest::BlockInfo;
+    use crate::image::manifest::BlockInfo;
 
     fn manifest() -> Manifest {
         Manifest {

@@ -368,7 +368,7 @@ proptest! {
         bytes.truncate(240);
         bytes.extend_from_slice(&[53, 1, kind]);
         bytes.extend_from_slice(&opts);
-        if let Ok(m) = crate::boot::dhcp_wire::parse(&bytes) {
+        if let Ok(m) = crate::wire::dhcp::parse(&bytes) {
             for mode in [Mode::Full(pool(4)), Mode::Proxy] {
                 let mut s = DhcpServer::new(cfg(mode), vec![]);
                 for a in s.handle(&m, port, 0, BootChoice::Install) {

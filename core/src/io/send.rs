@@ -22,11 +22,12 @@ use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::conn::{Conn, ConnError};
+use crate::dataplane::coding;
 use crate::dataplane::sender::{Action, RxState, SenderConfig, Tx, WaveSender};
-use crate::dataplane::{coding, net};
-use crate::fec::{self, BlockEncoder};
-use crate::manifest::Manifest;
+use crate::image::fec::{self, BlockEncoder};
+use crate::image::manifest::Manifest;
+use crate::io::conn::{Conn, ConnError};
+use crate::io::net;
 use crate::wire::control::{self, Msg, SessionParams, PROTOCOL_VERSION};
 use crate::wire::packet::{self, Header, Kind, KEY_LEN};
 

@@ -19,8 +19,8 @@ use rand::{Rng, SeedableRng};
 
 use super::receiver::{decode_block, DecodeJob, DecodeOutcome, ReceiverCore};
 use super::sender::{Action, RxState, SenderConfig, Tx, WaveSender};
-use crate::fec::{source_symbol, BlockEncoder};
-use crate::manifest::Manifest;
+use crate::image::fec::{source_symbol, BlockEncoder};
+use crate::image::manifest::Manifest;
 use crate::wire::control::{Msg, Verdict};
 use crate::wire::packet::{self, Header, Kind};
 

@@ -215,7 +215,7 @@ pub fn verify_many(key: &[u8; KEY_LEN], datagrams: &[&[u8]], ok: &mut [bool]) {
             }
         }
         let mut tags = [[0u8; 32]; LANE_GROUP];
-        crate::blake3_lanes::keyed_hash_many(key, &bodies[..n], &mut tags);
+        crate::image::lanes::keyed_hash_many(key, &bodies[..n], &mut tags);
         for k in 0..n {
             let d = group[at[k]];
             ok[at[k]] = tags_equal(&tags[k][..TAG_LEN], &d[d.len() - TAG_LEN..]);
@@ -240,7 +240,7 @@ pub fn seal_many(key: &[u8; KEY_LEN], datagrams: &mut [&mut [u8]]) {
                 bodies[n] = &d[..d.len().saturating_sub(TAG_LEN)];
                 n += 1;
             }
-            crate::blake3_lanes::keyed_hash_many(key, &bodies[..n], &mut tags);
+            crate::image::lanes::keyed_hash_many(key, &bodies[..n], &mut tags);
         }
         for (d, t) in group.iter_mut().zip(&tags) {
             if d.len() >= OVERHEAD {
@@ -327,6 +327,12 @@ pub fn symbol_size_for_mtu(mtu: usize) -> Option<u16> {
     } else {
         Some(aligned as u16)
     }
+}
+
+/// `a >= b` in the header's sequence space (wrapping, window of 2^31):
+/// sender and receiver compare sequence numbers the same way.
+pub fn seq_ge(a: u32, b: u32) -> bool {
+    a.wrapping_sub(b) < (1 << 31)
 }
 
 #[cfg(test)]

@@ -15,9 +15,7 @@
 
 use std::collections::BTreeMap;
 
-/// Upper bound of symbols in one combination (and of a plan entry): bounds
-/// the XOR work per datagram at both ends.
-pub const MAX_COMBO: usize = 16;
+pub use crate::wire::control::MAX_COMBO;
 /// Most receivers one block's plan pairs up (a bit each in a `u64`): with
 /// more receivers short on the same block, fountain repair is cheaper.
 pub const MAX_RECEIVERS: usize = 64;

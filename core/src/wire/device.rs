@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::workflow::{AgentMode, Command, OpRecord, Outcome, StepData};
+use crate::model::{AgentMode, Command, OpRecord, Outcome, StepData};
 
 /// Spoken in `Hello`/`Welcome`. 2: the appliance's signing key in
 /// `Welcome`, a signature with every `Bundle`.
@@ -257,7 +257,7 @@ fn encode<T: Serialize>(m: &T) -> Result<Vec<u8>, DeviceWireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workflow::{Step, Work};
+    use crate::model::{Step, Work};
     use proptest::prelude::*;
 
     fn hello() -> AgentMsg {

@@ -1,0 +1,214 @@
+//! The deployment plan the appliance generates for a device: BIOS, RAID,
+//! programs, the image and its target, and the disk rules that pick
+//! disks by size/model/serial, never by `/dev/sdX` order.
+//!
+//! Owns: the plan types (carried inside the bundle) and the rules'
+//! evaluation over an [`Inventory`]. Must not: do I/O or choose a
+//! profile (the appliance's builder does).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Disk, RedfishTarget};
+
+/// A program the agent runs on the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Program {
+    pub name: String,
+    pub argv: Vec<String>,
+    pub timeout_s: u64,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BiosPlan {
+    /// Wanted attributes (`BootMode = "Uefi"`), for the BIOS backend.
+    pub attributes: BTreeMap<String, String>,
+    /// Redfish backend: the BMC, with its credentials (bundles are served
+    /// to the profile's devices only by hash and never logged).
+    #[serde(default)]
+    pub redfish: Option<RedfishTarget>,
+    /// Program-runner backend; gets the attributes as `RC_BIOS_<NAME>`.
+    pub program: Option<Program>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RaidPlan {
+    /// `raid0`, `raid1`, `raid5`, `raid6`, `raid10`.
+    pub level: String,
+    /// Member disks by kernel name (`sda`), chosen by the profile's rule;
+    /// the agent maps names to paths from its own inventory, so identical
+    /// machines share one bundle.
+    pub members: Vec<String>,
+    /// The array's path (`/dev/md/rackcast`): the image target.
+    #[serde(default)]
+    pub array: String,
+    /// Destroy a mismatching array or other RAID metadata on the members
+    /// instead of failing.
+    #[serde(default)]
+    pub wipe: bool,
+    /// md superblock format for a new array (`1.2`, or `1.0` for RAID1
+    /// halves that legacy firmware boots).
+    #[serde(default = "md_metadata")]
+    pub metadata: String,
+    /// Hardware RAID through the BMC (instead of mdadm): a Redfish Volume
+    /// named `volume_name` over the controller drives `drive_rule` picks
+    /// (on the device: the drives are the controller's, not the OS's).
+    #[serde(default)]
+    pub redfish: Option<RedfishTarget>,
+    #[serde(default)]
+    pub drive_rule: Option<DiskRule>,
+    #[serde(default)]
+    pub volume_name: String,
+    /// Program-runner backend (instead of mdadm); gets `RC_RAID_LEVEL`,
+    /// `RC_RAID_MEMBERS` and `RC_RAID_ARRAY`.
+    pub program: Option<Program>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImagePlan {
+    pub name: String,
+    pub hash: String,
+    pub size: u64,
+    /// Where the image is written: a disk by kernel name (see
+    /// [`RaidPlan::members`]) or the RAID array's path.
+    pub target: String,
+}
+
+/// What the device's agent does, step by step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub profile: String,
+    pub bios: Option<BiosPlan>,
+    pub raid: Option<RaidPlan>,
+    pub programs: Vec<Program>,
+    pub image: ImagePlan,
+    pub post_install: Vec<Program>,
+    pub boot_to_disk: Option<Program>,
+}
+
+/// Glob with `*` only (vendor/model strings are free text).
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0usize, 0usize);
+    let (mut star, mut mark) = (None::<usize>, 0usize);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == '*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+/// Which disks a rule picks, robust to their order and count.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskRule {
+    /// `smallest` or `largest` first.
+    #[serde(default = "default_order")]
+    pub order: String,
+    /// How many disks (0 = all that match).
+    #[serde(default)]
+    pub count: usize,
+    /// Only disks whose model matches this glob.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Only solid-state (true) or rotational (false) disks.
+    #[serde(default)]
+    pub ssd: Option<bool>,
+    #[serde(default)]
+    pub min_size_bytes: Option<u64>,
+    /// Only the disk with this serial.
+    #[serde(default)]
+    pub serial: Option<String>,
+}
+
+fn default_order() -> String {
+    "smallest".into()
+}
+
+impl DiskRule {
+    /// The disks this rule selects, in rule order (size, then serial and
+    /// name as tie-breakers so the choice never depends on probe order).
+    pub fn select<'a>(&self, disks: &'a [Disk]) -> Result<Vec<&'a Disk>, String> {
+        let mut d: Vec<&Disk> = disks
+            .iter()
+            .filter(|d| {
+                self.model
+                    .as_deref()
+                    .is_none_or(|m| glob_match(m, &d.model))
+            })
+            .filter(|d| self.ssd.is_none_or(|s| s != d.rotational))
+            .filter(|d| self.min_size_bytes.is_none_or(|m| d.size_bytes >= m))
+            .filter(|d| self.serial.as_deref().is_none_or(|s| s == d.serial))
+            .collect();
+        d.sort_by(|a, b| {
+            a.size_bytes
+                .cmp(&b.size_bytes)
+                .then_with(|| a.serial.cmp(&b.serial))
+                .then_with(|| a.name.cmp(&b.name))
+        });
+        match self.order.as_str() {
+            "smallest" => {}
+            "largest" => d.reverse(),
+            o => {
+                return Err(format!(
+                    "disk rule order {o:?}: expected smallest or largest"
+                ))
+            }
+        }
+        if self.count > 0 {
+            if d.len() < self.count {
+                return Err(format!(
+                    "disk rule wants {} disks, {} match",
+                    self.count,
+                    d.len()
+                ));
+            }
+            d.truncate(self.count);
+        }
+        if d.is_empty() {
+            return Err("disk rule matches no disk".into());
+        }
+        Ok(d)
+    }
+}
+
+fn md_metadata() -> String {
+    "1.2".into()
+}
+
+/// RAID levels and the member counts they need.
+pub fn check_raid_level(level: &str, members: usize) -> Result<(), String> {
+    let min = match level {
+        "raid0" | "raid1" => 2,
+        "raid5" => 3,
+        "raid6" | "raid10" => 4,
+        other => {
+            return Err(format!(
+                "RAID level {other:?}: expected raid0, raid1, raid5, raid6 or raid10"
+            ))
+        }
+    };
+    if members < min {
+        return Err(format!("{level} needs at least {min} disks, got {members}"));
+    }
+    Ok(())
+}

@@ -1,0 +1,170 @@
+//! The installation's steps and what the appliance and an agent say about
+//! them: commands, their work, results, and the operation records that
+//! become event-log rows.
+//!
+//! Owns: these types, which travel inside the device protocol
+//! (`wire::device`, whose golden-bytes tests pin their encoding). Must
+//! not: decide transitions (the workflow core does).
+
+use serde::{Deserialize, Serialize};
+
+use super::Inventory;
+
+/// The steps of an installation, in order. `Discovered` is the power-on
+/// (first DHCP/boot request); a device that already runs an OS enters at
+/// `LoaderBooted` when its agent connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    Discovered,
+    LoaderBooted,
+    Inventoried,
+    AgentDelivered,
+    BiosConfigured,
+    RaidConfigured,
+    ProgramsRun,
+    ReadyForImage,
+    Imaging,
+    ImageVerified,
+    PostInstall,
+    BootToDisk,
+    Done,
+}
+
+impl Step {
+    pub const ALL: [Step; 13] = [
+        Step::Discovered,
+        Step::LoaderBooted,
+        Step::Inventoried,
+        Step::AgentDelivered,
+        Step::BiosConfigured,
+        Step::RaidConfigured,
+        Step::ProgramsRun,
+        Step::ReadyForImage,
+        Step::Imaging,
+        Step::ImageVerified,
+        Step::PostInstall,
+        Step::BootToDisk,
+        Step::Done,
+    ];
+
+    pub fn next(self) -> Option<Step> {
+        let i = Step::ALL.iter().position(|s| *s == self)?;
+        Step::ALL.get(i + 1).copied()
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Discovered => "discovered",
+            Step::LoaderBooted => "loader_booted",
+            Step::Inventoried => "inventoried",
+            Step::AgentDelivered => "agent_delivered",
+            Step::BiosConfigured => "bios_configured",
+            Step::RaidConfigured => "raid_configured",
+            Step::ProgramsRun => "programs_run",
+            Step::ReadyForImage => "ready_for_image",
+            Step::Imaging => "imaging",
+            Step::ImageVerified => "image_verified",
+            Step::PostInstall => "post_install",
+            Step::BootToDisk => "boot_to_disk",
+            Step::Done => "done",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Step> {
+        Step::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How the agent that connected runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentMode {
+    /// The loader: network-booted, or started from an installed OS.
+    Loader { os_present: bool },
+    /// The deployment agent from a bundle (hash), exec'd by the loader.
+    Agent { bundle: String },
+}
+
+/// What the agent must do for the step in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Work {
+    /// Report the hardware inventory.
+    Inventory,
+    /// Download bundle `hash`, verify it, start its agent.
+    FetchBundle { hash: String },
+    /// Run the bundle plan's programs for this step.
+    RunPlan,
+    /// Ask for the image: the barrier; the reply is the image request.
+    RequestImage,
+    /// Receive the image from the wave's data plane and verify it.
+    JoinWave(WaveJoin),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaveJoin {
+    pub wave_id: i64,
+    /// The wave sender's TCP control address (manifest, key, feedback).
+    pub control: std::net::SocketAddr,
+    pub image: String,
+    pub image_hash: String,
+    pub image_size: u64,
+}
+
+/// A command to the device's agent. `cmd_id` makes results idempotent:
+/// only a report carrying the id of the command in progress is applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    pub cmd_id: u64,
+    pub step: Step,
+    pub work: Work,
+}
+
+/// One operation the agent performed for a step (a program run, a
+/// download, a verification): one event-log row each.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpRecord {
+    pub op: String,
+    pub ok: bool,
+    pub exit_code: Option<i32>,
+    pub duration_ms: u64,
+    /// Captured output or detail, bounded by the agent.
+    pub detail: String,
+}
+
+impl OpRecord {
+    /// An operation that is not a program (no exit code), timed from
+    /// `started`.
+    pub fn timed(op: &str, ok: bool, started: std::time::Instant, detail: String) -> OpRecord {
+        OpRecord {
+            op: op.to_string(),
+            ok,
+            exit_code: None,
+            duration_ms: started.elapsed().as_millis() as u64,
+            detail,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Ok { detail: String },
+    Failed { reason: String },
+}
+
+/// Data a step hands back besides its outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StepData {
+    None,
+    Inventory(Box<Inventory>),
+    /// The whole-image BLAKE3 of what was written, checked by the agent.
+    ImageWritten {
+        hash: String,
+        bytes: u64,
+    },
+}
