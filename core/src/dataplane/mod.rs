@@ -12,7 +12,7 @@
 pub mod coding;
 pub mod pacing;
 pub mod receiver;
-
+pub mod render;
 pub mod sender;
 #[cfg(test)]
 mod sim;

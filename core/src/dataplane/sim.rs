@@ -18,11 +18,12 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::receiver::{decode_block, DecodeJob, DecodeOutcome, ReceiverCore};
-use super::sender::{Action, RxState, SenderConfig, Tx, WaveSender};
-use crate::image::fec::{source_symbol, BlockEncoder};
+use super::render::{Packetizer, Rendered, SymbolSource};
+use super::sender::{Action, RxState, SenderConfig, WaveSender};
+use crate::image::fec::BlockEncoder;
 use crate::image::manifest::Manifest;
 use crate::wire::control::{Msg, Verdict};
-use crate::wire::packet::{self, Header, Kind};
+use crate::wire::packet;
 
 const KEY: [u8; 32] = [9; 32];
 const SESSION: u32 = 77;
@@ -32,6 +33,26 @@ const FEEDBACK: Duration = Duration::from_millis(20);
 const TICK: Duration = Duration::from_millis(10);
 /// Simulated time after which a wave counts as hung.
 const LIMIT: Duration = Duration::from_secs(40);
+
+/// What the simulated send thread holds: the image, the blocks it has
+/// "loaded" and the encoders it built.
+struct SimSource<'a> {
+    data: &'a [u8],
+    m: &'a Manifest,
+    held: &'a HashMap<u32, ()>,
+    encoders: &'a HashMap<u32, BlockEncoder>,
+}
+
+impl SymbolSource for SimSource<'_> {
+    fn block(&self, b: u32) -> Option<&[u8]> {
+        self.held.get(&b)?;
+        let at = usize::try_from(self.m.block_offset(b)).ok()?;
+        self.data.get(at..at + self.m.block_len(b))
+    }
+    fn encoder(&self, b: u32) -> Option<&BlockEncoder> {
+        self.encoders.get(&b)
+    }
+}
 
 /// One device of a scenario.
 #[derive(Clone)]
@@ -371,59 +392,33 @@ impl Sim {
         }
     }
 
-    fn datagram(&mut self, tx: &Tx) -> Option<Vec<u8>> {
-        let (kind, seq, block, esi, payload) = match tx {
-            Tx::Probe { seq } => (Kind::Probe, *seq, 0, 0, Vec::new()),
-            Tx::Symbol { seq, block, esi } => {
-                let k = self.m.source_symbols(*block);
-                let mut sym = vec![0u8; SYMBOL];
-                if *esi < k {
-                    self.held.get(block)?;
-                    source_symbol(self.block(*block), *esi, &mut sym);
-                } else {
-                    sym = self.encoders.get(block)?.repair(*esi, 1).pop()?;
-                }
-                (Kind::Symbol, *seq, *block, *esi, sym)
-            }
-            Tx::Coded {
-                seq,
-                block,
-                id,
-                esis,
-            } => {
-                self.held.get(block)?;
-                let mut x = vec![0u8; SYMBOL];
-                let mut sym = vec![0u8; SYMBOL];
-                for e in esis {
-                    source_symbol(self.block(*block), *e, &mut sym);
-                    super::coding::xor_into(&mut x, &sym);
-                }
-                (Kind::Coded, *seq, *block, *id, x)
-            }
-        };
-        let h = Header {
-            kind,
-            session: SESSION,
-            seq,
-            block,
-            esi,
-            payload_len: payload.len() as u16,
-        };
-        let mut buf = vec![0u8; packet::datagram_len(payload.len())];
-        packet::emit(&h, &payload, &KEY, &mut buf).ok()?;
-        Some(buf)
-    }
-
-    /// One `poll_transmit`; false when it gave nothing.
+    /// One `poll_transmit`; false when it gave nothing. Datagrams are
+    /// rendered by the send driver's own [`Packetizer`].
     fn transmit(&mut self, now: Instant) -> bool {
         let mut txs = Vec::new();
         self.s.poll_transmit(now, 64, &mut txs);
+        let mut pk = Packetizer::new(KEY, SESSION, SYMBOL, txs.len());
+        let mut out: Vec<Arc<Vec<u8>>> = Vec::new();
+        let src = SimSource {
+            data: &self.data,
+            m: &self.m,
+            held: &self.held,
+            encoders: &self.encoders,
+        };
         for tx in &txs {
-            let Some(d) = self.datagram(tx) else {
-                self.skipped += 1;
-                continue;
-            };
-            let d = Arc::new(d);
+            match pk.render(tx, &self.m, &src) {
+                Ok(Rendered::Batched) => {}
+                Ok(Rendered::Probe(p)) => out.push(Arc::new(p.to_vec())),
+                Err(_) => self.skipped += 1,
+            }
+        }
+        pk.seal();
+        out.extend(
+            pk.batch()
+                .chunks(pk.datagram_len())
+                .map(|d| Arc::new(d.to_vec())),
+        );
+        for d in out {
             for i in 0..self.rxs.len() {
                 if self.rxs[i].core.is_none() {
                     continue;

@@ -22,14 +22,14 @@ use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::dataplane::coding;
+use crate::dataplane::render::{Packetizer, Rendered, SymbolSource};
 use crate::dataplane::sender::{Action, RxState, SenderConfig, Tx, WaveSender};
-use crate::image::fec::{self, BlockEncoder};
+use crate::image::fec::BlockEncoder;
 use crate::image::manifest::Manifest;
 use crate::io::conn::{Conn, ConnError};
 use crate::io::net;
 use crate::wire::control::{self, Msg, SessionParams, PROTOCOL_VERSION};
-use crate::wire::packet::{self, Header, Kind, KEY_LEN};
+use crate::wire::packet::{self, KEY_LEN};
 
 /// Ethernet header bytes: the token bucket counts whole frames, as tbf
 /// and switch ports do.
@@ -440,88 +440,6 @@ fn msg_name(m: &Msg) -> &'static str {
     }
 }
 
-/// Packet builder of the send thread: one contiguous buffer of
-/// equal-sized datagrams (the layout UDP GSO needs) and the key.
-struct Packetizer {
-    key: [u8; KEY_LEN],
-    session: u32,
-    symbol_size: usize,
-    dlen: usize,
-    buf: Vec<u8>,
-    count: usize,
-    probe: [u8; packet::OVERHEAD],
-}
-
-impl Packetizer {
-    fn new(key: [u8; KEY_LEN], session: u32, symbol_size: usize) -> Packetizer {
-        let dlen = packet::datagram_len(symbol_size);
-        Packetizer {
-            key,
-            session,
-            symbol_size,
-            dlen,
-            buf: vec![0u8; SEND_BATCH * dlen],
-            count: 0,
-            probe: [0u8; packet::OVERHEAD],
-        }
-    }
-
-    /// Append a symbol (or coded) datagram; `fill` writes its payload in
-    /// place. Its tag comes with the rest of the batch in [`Self::seal`].
-    fn push(
-        &mut self,
-        kind: Kind,
-        seq: u32,
-        block: u32,
-        esi: u32,
-        fill: impl FnOnce(&mut [u8]) -> bool,
-    ) -> bool {
-        if self.count >= SEND_BATCH {
-            return false;
-        }
-        let h = Header {
-            kind,
-            session: self.session,
-            seq,
-            block,
-            esi,
-            payload_len: self.symbol_size as u16,
-        };
-        let at = self.count * self.dlen;
-        let out = &mut self.buf[at..at + self.dlen];
-        if let Err(e) = packet::emit_header(&h, out) {
-            tracing::error!(error = %e, "packet emit failed");
-            return false;
-        }
-        if !fill(&mut out[packet::HEADER_LEN..packet::HEADER_LEN + self.symbol_size]) {
-            return false;
-        }
-        self.count += 1;
-        true
-    }
-
-    /// Tag every datagram of the batch (side by side in SIMD lanes).
-    fn seal(&mut self) {
-        let mut all: Vec<&mut [u8]> = self.buf[..self.count * self.dlen]
-            .chunks_mut(self.dlen)
-            .collect();
-        packet::seal_many(&self.key, &mut all);
-    }
-
-    fn probe(&mut self, seq: u32) -> Option<&[u8]> {
-        let h = Header {
-            kind: Kind::Probe,
-            session: self.session,
-            seq,
-            block: 0,
-            esi: 0,
-            payload_len: 0,
-        };
-        let n = packet::emit(&h, &[], &self.key, &mut self.probe).ok()?;
-        Some(&self.probe[..n])
-    }
-}
-
 /// What the pacing thread starts from.
 struct LoopSetup {
     gso_segments: usize,
@@ -556,13 +474,13 @@ fn send_loop(
     cfg.feedback = Duration::from_millis(u64::from(session.feedback_ms.max(1)));
     cfg.coding_hold = cfg.coding_hold.max(cfg.feedback * 3);
     let mut core = WaveSender::new(cfg.clone(), m.clone(), frame, t0);
-    let mut pk = Packetizer::new(session.key, session.session_id, symbol_size);
-    let mut scratch = vec![0u8; symbol_size];
+    let mut pk = Packetizer::new(session.key, session.session_id, symbol_size, SEND_BATCH);
     let mut held = Held::default();
     let mut txs: Vec<Tx> = Vec::with_capacity(SEND_BATCH);
     let mut next_tick = t0;
     let mut wire_bytes = 0u64;
     let mut send_errors = 0u64;
+    let mut render_errors = 0u64;
     let mut gso = gso_segments;
     metrics::gauge!("rackcast_wave_blocks", "wave" => wave.clone()).set(m.block_count() as f64);
     let bytes_sent = metrics::counter!("rackcast_bytes_sent_total", "wave" => wave.clone());
@@ -634,68 +552,28 @@ fn send_loop(
         txs.clear();
         core.poll_transmit(now, SEND_BATCH, &mut txs);
         if !txs.is_empty() {
-            pk.count = 0;
+            pk.clear();
             for tx in &txs {
-                match *tx {
-                    Tx::Coded {
-                        seq,
-                        block,
-                        id,
-                        ref esis,
-                    } => {
-                        let Some(d) = held.loaded.get(&block) else {
-                            tracing::error!(block, "source block not loaded; skipped");
-                            continue;
-                        };
-                        pk.push(Kind::Coded, seq, block, id, |out| {
-                            out.fill(0);
-                            for &e in esis {
-                                fec::source_symbol(d, e, &mut scratch);
-                                coding::xor_into(out, &scratch);
-                            }
-                            true
-                        });
+                match pk.render(tx, m, &held) {
+                    Ok(Rendered::Batched) => {}
+                    Ok(Rendered::Probe(p)) => {
+                        let _ = sock.send(p);
                     }
-                    Tx::Probe { seq } => {
-                        if let Some(p) = pk.probe(seq) {
-                            let _ = sock.send(p);
-                        }
-                    }
-                    Tx::Symbol { seq, block, esi } => {
-                        let k = m.source_symbols(block);
-                        if esi < k {
-                            let Some(d) = held.loaded.get(&block) else {
-                                tracing::error!(block, "source block not loaded; skipped");
-                                continue;
-                            };
-                            pk.push(Kind::Symbol, seq, block, esi, |out| {
-                                fec::source_symbol(d, esi, out);
-                                true
-                            });
-                        } else {
-                            let Some(e) = held.encoders.get(&block) else {
-                                tracing::error!(block, "encoder missing; skipped");
-                                continue;
-                            };
-                            pk.push(Kind::Symbol, seq, block, esi, |out| {
-                                match e.repair(esi, 1).pop() {
-                                    Some(s) if s.len() == out.len() => {
-                                        out.copy_from_slice(&s);
-                                        true
-                                    }
-                                    _ => false,
-                                }
-                            });
+                    Err(e) => {
+                        render_errors += 1;
+                        if render_errors % 1000 == 1 {
+                            tracing::error!(error = %e, "datagram not rendered; skipped");
                         }
                     }
                 }
             }
             pk.seal();
-            let n = pk.count;
+            let n = pk.len();
+            let dlen = pk.datagram_len();
             let mut off = 0;
             while off < n {
-                let slice = &pk.buf[off * pk.dlen..n * pk.dlen];
-                match net::send_batch(&sock, slice, pk.dlen, n - off, gso) {
+                let slice = &pk.batch()[off * dlen..];
+                match net::send_batch(&sock, slice, dlen, n - off, gso) {
                     Ok(k) => off += k,
                     Err(e) => {
                         if gso > 1 && e.raw_os_error() == Some(libc::EIO) {
@@ -714,8 +592,8 @@ fn send_loop(
                     }
                 }
             }
-            wire_bytes += (off * pk.dlen) as u64;
-            bytes_sent.increment((off * pk.dlen) as u64);
+            wire_bytes += (off * dlen) as u64;
+            bytes_sent.increment((off * dlen) as u64);
             packets_sent.increment(off as u64);
             continue;
         }
@@ -846,6 +724,15 @@ impl Held {
             }
             Event::SourceError(e) => self.error = Some(e),
         }
+    }
+}
+
+impl SymbolSource for Held {
+    fn block(&self, b: u32) -> Option<&[u8]> {
+        self.loaded.get(&b).map(|d| d.as_slice())
+    }
+    fn encoder(&self, b: u32) -> Option<&BlockEncoder> {
+        self.encoders.get(&b).map(|e| e.as_ref())
     }
 }
 
