@@ -40,12 +40,48 @@ pub struct ImageRecord {
     pub added_at: Millis,
 }
 
+/// Where a wave stands. Stored and shown as `running`, `finished`,
+/// `aborted`.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WaveState {
+    /// Its sender runs.
+    Running,
+    /// The sender ended; its members' verdicts are in the record.
+    Finished,
+    /// The sender failed, or the appliance restarted while it ran.
+    Aborted,
+}
+
+impl WaveState {
+    /// The stored and displayed name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaveState::Running => "running",
+            WaveState::Finished => "finished",
+            WaveState::Aborted => "aborted",
+        }
+    }
+
+    /// From the stored name; `None` for anything else.
+    pub fn parse(s: &str) -> Option<WaveState> {
+        [WaveState::Running, WaveState::Finished, WaveState::Aborted]
+            .into_iter()
+            .find(|w| w.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for WaveState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct WaveRecord {
     pub id: i64,
     pub image: String,
-    /// `running`, `finished`, `aborted`.
-    pub state: String,
+    pub state: WaveState,
     pub group: String,
     pub created_at: Millis,
     pub ended_at: Option<Millis>,
@@ -461,7 +497,16 @@ impl Store for SqliteStore {
         self.conn.execute(
             "UPDATE waves SET state = ?2, ended_at = ?3, members = ?4, verified = ?5, failed = ?6,
                 detail = ?7, group_addr = ?8 WHERE id = ?1",
-            params![w.id, w.state, w.ended_at, w.members, w.verified, w.failed, w.detail, w.group],
+            params![
+                w.id,
+                w.state.as_str(),
+                w.ended_at,
+                w.members,
+                w.verified,
+                w.failed,
+                w.detail,
+                w.group
+            ],
         )?;
         Ok(())
     }
@@ -475,7 +520,16 @@ impl Store for SqliteStore {
             Ok(WaveRecord {
                 id: r.get(0)?,
                 image: r.get(1)?,
-                state: r.get(2)?,
+                state: {
+                    let t: String = r.get(2)?;
+                    WaveState::parse(&t).ok_or_else(|| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            2,
+                            rusqlite::types::Type::Text,
+                            format!("unknown wave state {t:?}").into(),
+                        )
+                    })?
+                },
                 group: r.get(3)?,
                 created_at: r.get(4)?,
                 ended_at: r.get(5)?,
@@ -613,7 +667,7 @@ mod tests {
         assert!(s.leases().unwrap().is_empty());
         let w = s.create_wave("img", "239.255.10.1:9000", 5).unwrap();
         assert_eq!(s.abort_running_waves("restart", 6).unwrap(), vec![w]);
-        assert_eq!(s.waves().unwrap()[0].state, "aborted");
+        assert_eq!(s.waves().unwrap()[0].state, WaveState::Aborted);
     }
 
     #[test]

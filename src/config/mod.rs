@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 use thiserror::Error;
 
-use rackcast_core::model::{check_raid_level, DiskRule};
+use rackcast_core::model::DiskRule;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -217,6 +217,14 @@ pub struct DataplaneConfig {
     pub mtu: usize,
     #[serde(default = "d_ttl")]
     pub ttl: u32,
+    /// How often a wave's receivers report (loss, gaps, progress); the
+    /// sender's repair planning waits in units of it.
+    #[serde(default = "d_feedback", deserialize_with = "de_duration")]
+    pub feedback: Duration,
+    /// Datagrams per UDP GSO send (1: plain sendmmsg). A path that refuses
+    /// GSO falls back to sendmmsg by itself.
+    #[serde(default = "d_gso")]
+    pub gso_segments: usize,
 }
 
 fn d_port() -> u16 {
@@ -227,6 +235,12 @@ fn d_mtu() -> usize {
 }
 fn d_ttl() -> u32 {
     1
+}
+fn d_feedback() -> Duration {
+    Duration::from_millis(20)
+}
+fn d_gso() -> usize {
+    16
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -242,6 +256,10 @@ pub struct WavePolicy {
     /// A member silent this long is dropped as failed.
     #[serde(default = "d_member_timeout", deserialize_with = "de_duration")]
     pub member_timeout: Duration,
+    /// A connection to a wave's control listener must say hello within
+    /// this (a member that connects and says nothing holds no slot).
+    #[serde(default = "d_hello_timeout", deserialize_with = "de_duration")]
+    pub hello_timeout: Duration,
 }
 
 fn d_min_members() -> usize {
@@ -253,6 +271,9 @@ fn d_start_after() -> Duration {
 fn d_member_timeout() -> Duration {
     Duration::from_secs(30)
 }
+fn d_hello_timeout() -> Duration {
+    Duration::from_secs(10)
+}
 
 impl Default for WavePolicy {
     fn default() -> Self {
@@ -260,6 +281,7 @@ impl Default for WavePolicy {
             min_members: d_min_members(),
             start_after: d_start_after(),
             member_timeout: d_member_timeout(),
+            hello_timeout: d_hello_timeout(),
         }
     }
 }
@@ -526,393 +548,8 @@ impl Config {
             .clone()
             .unwrap_or_else(|| self.appliance.state_dir.join("signing.key"))
     }
-
-    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let bad = |key: String, message: String| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            key,
-            message,
-        };
-        if self.dataplane.total_rate < 1_000_000 {
-            return Err(bad(
-                "dataplane.total_rate".into(),
-                "expected at least 1M (bits/s)".into(),
-            ));
-        }
-        if !self.dataplane.group_base.is_multicast() {
-            return Err(bad(
-                "dataplane.group_base".into(),
-                format!("{} is not a multicast address", self.dataplane.group_base),
-            ));
-        }
-        if !(576..=9000).contains(&self.dataplane.mtu) {
-            return Err(bad("dataplane.mtu".into(), "expected 576..=9000".into()));
-        }
-        if self.waves.min_members == 0 {
-            return Err(bad("waves.min_members".into(), "expected >= 1".into()));
-        }
-        if self.workflow.max_attempts == 0 {
-            return Err(bad("workflow.max_attempts".into(), "expected >= 1".into()));
-        }
-        if self.appliance.max_inflight_bundles == 0 || self.appliance.max_inflight_transfers == 0 {
-            return Err(bad(
-                "appliance.max_inflight_*".into(),
-                "expected >= 1".into(),
-            ));
-        }
-        if self.agents.is_empty() {
-            return Err(bad(
-                "agents".into(),
-                "expected at least one `arch = \"/path/to/rackcast-agent\"`".into(),
-            ));
-        }
-        let mut names = std::collections::HashSet::new();
-        for (i, im) in self.images.iter().enumerate() {
-            if !names.insert(im.name.as_str()) {
-                return Err(bad(
-                    format!("images[{i}].name"),
-                    format!("duplicate image {:?}", im.name),
-                ));
-            }
-        }
-        for (i, m) in self.modules.iter().enumerate() {
-            for id in &m.pci_ids {
-                if !is_pci_id(id) {
-                    return Err(bad(
-                        format!("modules[{i}].pci_ids"),
-                        format!("{id:?}: expected vendor:device in hex, like \"15b3:1017\""),
-                    ));
-                }
-            }
-        }
-        if self.profiles.is_empty() {
-            return Err(bad(
-                "profiles".into(),
-                "expected at least one [[profiles]]".into(),
-            ));
-        }
-        let mut pnames = std::collections::HashSet::new();
-        for (i, p) in self.profiles.iter().enumerate() {
-            if !pnames.insert(p.name.as_str()) {
-                return Err(bad(
-                    format!("profiles[{i}].name"),
-                    format!("duplicate profile {:?}", p.name),
-                ));
-            }
-            if let Some(b) = &p.bios {
-                let key = format!("profiles[{i}].bios");
-                match (&b.redfish, &b.program) {
-                    (Some(_), Some(_)) => {
-                        return Err(bad(
-                            key,
-                            "expected one backend: `redfish` or `program`".into(),
-                        ))
-                    }
-                    (None, None) => {
-                        return Err(bad(
-                            key,
-                            "expected a backend: `redfish` (the BMC) or `program`".into(),
-                        ))
-                    }
-                    (Some(r), None) => {
-                        if b.attributes.is_empty() {
-                            return Err(bad(
-                                format!("{key}.attributes"),
-                                "the Redfish backend needs the attributes wanted".into(),
-                            ));
-                        }
-                        if let Some((sub, m)) = r.problem() {
-                            return Err(bad(format!("{key}.redfish{sub}"), m));
-                        }
-                    }
-                    (None, Some(_)) => {}
-                }
-            }
-            if let Some(r) = &p.raid {
-                let n = r.disks.count;
-                if n > 0 {
-                    check_raid_level(&r.level, n)
-                        .map_err(|m| bad(format!("profiles[{i}].raid"), m))?;
-                } else if check_raid_level(&r.level, usize::MAX).is_err() {
-                    return Err(bad(
-                        format!("profiles[{i}].raid.level"),
-                        format!(
-                            "{:?}: expected raid0, raid1, raid5, raid6 or raid10",
-                            r.level
-                        ),
-                    ));
-                }
-            } else if p.target.is_none() {
-                return Err(bad(
-                    format!("profiles[{i}]"),
-                    "expected `target` (a disk rule) or `raid` (the image goes to the array)"
-                        .into(),
-                ));
-            }
-            if let Some(r) = &p.raid {
-                if !["1.0", "1.1", "1.2"].contains(&r.metadata.as_str()) {
-                    return Err(bad(
-                        format!("profiles[{i}].raid.metadata"),
-                        format!("{:?}: expected \"1.0\", \"1.1\" or \"1.2\"", r.metadata),
-                    ));
-                }
-                let key = format!("profiles[{i}].raid");
-                match (&r.redfish, &r.program) {
-                    (Some(_), Some(_)) => {
-                        return Err(bad(
-                            key,
-                            "expected one backend: `redfish`, `program` or neither (mdadm)".into(),
-                        ))
-                    }
-                    (Some(rf), None) => {
-                        if p.target.is_none() {
-                            return Err(bad(
-                                format!("profiles[{i}]"),
-                                "a Redfish RAID volume needs `target`: the disk rule that finds the volume as the OS sees it".into(),
-                            ));
-                        }
-                        if let Some((sub, m)) = rf.problem() {
-                            return Err(bad(format!("{key}.redfish{sub}"), m));
-                        }
-                    }
-                    (None, _) => {
-                        let array = r.array.as_deref().unwrap_or_default();
-                        if r.program.is_none() && rackcast_core::raid::array_name(array).is_none() {
-                            return Err(bad(
-                                format!("{key}.array"),
-                                format!(
-                                    "{array:?}: the mdadm backend wants /dev/md/NAME (NAME: up to 32 letters, digits, - or _)"
-                                ),
-                            ));
-                        }
-                        if r.program.is_some() && r.array.is_none() {
-                            return Err(bad(
-                                format!("{key}.array"),
-                                "the image target array is missing".into(),
-                            ));
-                        }
-                    }
-                }
-            }
-            for rule in p.target.iter().chain(p.raid.as_ref().map(|r| &r.disks)) {
-                if rule.order != "smallest" && rule.order != "largest" {
-                    return Err(bad(
-                        format!("profiles[{i}] disk rule order"),
-                        format!("{:?}: expected smallest or largest", rule.order),
-                    ));
-                }
-            }
-        }
-        if let Some(d) = &self.boot.dhcp {
-            let key = |k: &str| format!("boot.dhcp.{k}");
-            match d.mode.as_str() {
-                "proxy" => {}
-                "full" => {
-                    let (Some(a), Some(b), Some(m)) = (d.pool_start, d.pool_end, d.netmask) else {
-                        return Err(bad(
-                            key("pool_start"),
-                            "full mode needs pool_start, pool_end and netmask".into(),
-                        ));
-                    };
-                    let net = |ip: Ipv4Addr| u32::from(ip) & u32::from(m);
-                    if u32::from(a) > u32::from(b) {
-                        return Err(bad(
-                            key("pool_end"),
-                            "expected pool_end >= pool_start".into(),
-                        ));
-                    }
-                    if net(a) != net(d.server_ip) || net(b) != net(d.server_ip) {
-                        return Err(bad(
-                            key("pool_start"),
-                            format!(
-                                "pool {a}-{b} is not in the subnet of server_ip {}",
-                                d.server_ip
-                            ),
-                        ));
-                    }
-                }
-                other => {
-                    return Err(bad(
-                        key("mode"),
-                        format!("{other:?}: expected \"full\" or \"proxy\""),
-                    ))
-                }
-            }
-            if self.appliance.api_listen.is_none() {
-                return Err(bad(
-                    key("mode"),
-                    "network boot needs appliance.api_listen (iPXE fetches its script there)"
-                        .into(),
-                ));
-            }
-        }
-        if let Some(h) = &self.boot.http {
-            if self.appliance.api_listen.is_none() {
-                return Err(bad(
-                    "boot.http".into(),
-                    "needs appliance.api_listen (the scripts and files are served there)".into(),
-                ));
-            }
-            for (k, v) in [("kernel", &h.kernel), ("initrd", &h.initrd)] {
-                if v.contains('/') || v.starts_with('.') || v.is_empty() {
-                    return Err(bad(
-                        format!("boot.http.{k}"),
-                        format!("{v:?}: expected a file name inside boot.http.files"),
-                    ));
-                }
-            }
-        }
-        for (i, d) in self.devices.iter().enumerate() {
-            if let Some(pr) = &d.profile {
-                if !pnames.contains(pr.as_str()) {
-                    return Err(bad(
-                        format!("devices[{i}].profile"),
-                        format!("no profile named {pr:?}"),
-                    ));
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-fn is_pci_id(s: &str) -> bool {
-    let Some((v, d)) = s.split_once(':') else {
-        return false;
-    };
-    v.len() == 4
-        && d.len() == 4
-        && v.chars().all(|c| c.is_ascii_hexdigit())
-        && d.chars().all(|c| c.is_ascii_hexdigit())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    pub const MINIMAL: &str = r#"
-[appliance]
-control_listen = "198.18.0.1:7100"
-state_dir = "/tmp/rc"
-
-[dataplane]
-bind = "198.18.0.1"
-total_rate = "500M"
-group_base = "239.255.10.1"
-
-[agents]
-x86_64 = "/usr/bin/rackcast-agent"
-
-[[profiles]]
-name = "any"
-image = "img"
-target = { order = "largest", count = 1 }
-"#;
-
-    fn parse(s: &str) -> Result<Config, ConfigError> {
-        Config::parse(s, Path::new("test.toml"))
-    }
-
-    #[test]
-    fn minimal_config_gets_defaults() {
-        let c = parse(MINIMAL).unwrap();
-        assert_eq!(c.dataplane.total_rate, 500_000_000);
-        assert_eq!(c.waves.start_after, Duration::from_secs(30));
-        assert_eq!(c.workflow.max_attempts, 3);
-        assert_eq!(c.store_path(), PathBuf::from("/tmp/rc/rackcast.db"));
-        assert_eq!(c.profiles[0].vendor, "*");
-    }
-
-    #[test]
-    fn bad_configs_name_the_key() {
-        let cases = [
-            (MINIMAL.replace("500M", "fast"), "total_rate"),
-            (MINIMAL.replace("239.255.10.1", "198.18.0.9"), "group_base"),
-            (
-                MINIMAL.replace("[agents]", "[waves]\nstart_after = \"soon\"\n[agents]"),
-                "start_after",
-            ),
-            (
-                MINIMAL.replace("[agents]", "[waves]\nmin_member = 2\n[agents]"),
-                "min_member",
-            ),
-            (
-                MINIMAL.replace("target = { order = \"largest\", count = 1 }", ""),
-                "profiles[0]",
-            ),
-            (
-                MINIMAL.replace(
-                    "target = { order = \"largest\", count = 1 }",
-                    "[profiles.raid]\nlevel = \"raid1\"\narray = \"/dev/md/x\"\ndisks = { count = 1 }",
-                ),
-                "raid1 needs at least 2",
-            ),
-            (MINIMAL.replace("control_listen = \"198.18.0.1:7100\"", ""), "control_listen"),
-            (
-                format!("{MINIMAL}\n[boot.dhcp]\nmode = \"full\"\niface = \"srv0\"\nserver_ip = \"198.18.0.1\"\n"),
-                "boot.dhcp.pool_start",
-            ),
-            (
-                format!("{MINIMAL}\n[boot.dhcp]\nmode = \"relay\"\niface = \"srv0\"\nserver_ip = \"198.18.0.1\"\n"),
-                "expected \"full\" or \"proxy\"",
-            ),
-            (
-                format!("{MINIMAL}\n[boot.dhcp]\nmode = \"full\"\niface = \"srv0\"\nserver_ip = \"198.18.0.1\"\npool_start = \"198.18.1.10\"\npool_end = \"198.18.1.20\"\nnetmask = \"255.255.255.0\"\n"),
-                "not in the subnet",
-            ),
-            (
-                format!("{MINIMAL}bios = {{ attributes = {{ A = \"1\" }} }}\n"),
-                "expected a backend",
-            ),
-            (
-                MINIMAL.replace(
-                    "target = { order = \"largest\", count = 1 }",
-                    "[profiles.raid]\nlevel = \"raid1\"\ndisks = { count = 2 }\nredfish = { url = \"http://198.18.1.1\", username = \"u\", password = \"p\" }",
-                ),
-                "needs `target`",
-            ),
-            (
-                MINIMAL.replace(
-                    "target = { order = \"largest\", count = 1 }",
-                    "[profiles.raid]\nlevel = \"raid1\"\ndisks = { count = 2 }\narray = \"/dev/md0\"",
-                ),
-                "wants /dev/md/NAME",
-            ),
-            (
-                format!("{MINIMAL}bios = {{ attributes = {{ A = \"1\" }}, redfish = {{ url = \"198.18.1.1\", username = \"u\", password = \"p\" }} }}\n"),
-                "expected http:// or https://",
-            ),
-            (
-                format!("{MINIMAL}bios = {{ attributes = {{ A = \"1\" }}, redfish = {{ url = \"http://198.18.1.1\", username = \"u\" }} }}\n"),
-                "expected one of password and password_file",
-            ),
-            (
-                format!("{MINIMAL}bios = {{ redfish = {{ url = \"http://198.18.1.1\", username = \"u\", password = \"p\" }} }}\n"),
-                "needs the attributes wanted",
-            ),
-        ];
-        for (text, want) in cases {
-            let e = parse(&text).expect_err(want).to_string();
-            assert!(e.contains(want), "{want:?} not in {e:?}");
-            assert!(e.starts_with("test.toml"), "{e}");
-        }
-    }
-}
-
-#[cfg(test)]
-mod example_tests {
-    use super::*;
-
-    #[test]
-    fn the_documented_example_parses() {
-        let c = Config::parse(
-            include_str!("../rackcast.example.toml"),
-            Path::new("rackcast.example.toml"),
-        )
-        .unwrap();
-        assert_eq!(c.profiles.len(), 2);
-        assert_eq!(c.profiles[0].raid.as_ref().unwrap().level, "raid1");
-        assert_eq!(c.devices[0].image.as_deref(), Some("rocky9"));
-        assert_eq!(c.modules[0].pci_ids.len(), 2);
-    }
-}
+mod tests;
+mod validate;

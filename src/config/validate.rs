@@ -1,0 +1,292 @@
+//! Validation of a parsed [`Config`]: every check that serde's types
+//! cannot express (ranges, cross-references between sections, rules a
+//! profile's disks and RAID must satisfy), each error naming the key and
+//! saying what was expected.
+//!
+//! Owns: the checks. Must not: read files or open sockets.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::Duration;
+
+use rackcast_core::model::check_raid_level;
+
+use super::{Config, ConfigError};
+
+impl Config {
+    pub(super) fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: String, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            message,
+        };
+        if self.dataplane.total_rate < 1_000_000 {
+            return Err(bad(
+                "dataplane.total_rate".into(),
+                "expected at least 1M (bits/s)".into(),
+            ));
+        }
+        if !self.dataplane.group_base.is_multicast() {
+            return Err(bad(
+                "dataplane.group_base".into(),
+                format!("{} is not a multicast address", self.dataplane.group_base),
+            ));
+        }
+        if !(Duration::from_millis(5)..=Duration::from_secs(1)).contains(&self.dataplane.feedback) {
+            return Err(bad(
+                "dataplane.feedback".into(),
+                "expected 5ms ..= 1s".into(),
+            ));
+        }
+        if !(1..=64).contains(&self.dataplane.gso_segments) {
+            return Err(bad(
+                "dataplane.gso_segments".into(),
+                "expected 1 ..= 64".into(),
+            ));
+        }
+        if self.waves.hello_timeout < Duration::from_secs(1) {
+            return Err(bad(
+                "waves.hello_timeout".into(),
+                "expected at least 1s".into(),
+            ));
+        }
+        if !(576..=9000).contains(&self.dataplane.mtu) {
+            return Err(bad("dataplane.mtu".into(), "expected 576..=9000".into()));
+        }
+        if self.waves.min_members == 0 {
+            return Err(bad("waves.min_members".into(), "expected >= 1".into()));
+        }
+        if self.workflow.max_attempts == 0 {
+            return Err(bad("workflow.max_attempts".into(), "expected >= 1".into()));
+        }
+        if self.appliance.max_inflight_bundles == 0 || self.appliance.max_inflight_transfers == 0 {
+            return Err(bad(
+                "appliance.max_inflight_*".into(),
+                "expected >= 1".into(),
+            ));
+        }
+        if self.agents.is_empty() {
+            return Err(bad(
+                "agents".into(),
+                "expected at least one `arch = \"/path/to/rackcast-agent\"`".into(),
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, im) in self.images.iter().enumerate() {
+            if !names.insert(im.name.as_str()) {
+                return Err(bad(
+                    format!("images[{i}].name"),
+                    format!("duplicate image {:?}", im.name),
+                ));
+            }
+        }
+        for (i, m) in self.modules.iter().enumerate() {
+            for id in &m.pci_ids {
+                if !is_pci_id(id) {
+                    return Err(bad(
+                        format!("modules[{i}].pci_ids"),
+                        format!("{id:?}: expected vendor:device in hex, like \"15b3:1017\""),
+                    ));
+                }
+            }
+        }
+        if self.profiles.is_empty() {
+            return Err(bad(
+                "profiles".into(),
+                "expected at least one [[profiles]]".into(),
+            ));
+        }
+        let mut pnames = std::collections::HashSet::new();
+        for (i, p) in self.profiles.iter().enumerate() {
+            if !pnames.insert(p.name.as_str()) {
+                return Err(bad(
+                    format!("profiles[{i}].name"),
+                    format!("duplicate profile {:?}", p.name),
+                ));
+            }
+            if let Some(b) = &p.bios {
+                let key = format!("profiles[{i}].bios");
+                match (&b.redfish, &b.program) {
+                    (Some(_), Some(_)) => {
+                        return Err(bad(
+                            key,
+                            "expected one backend: `redfish` or `program`".into(),
+                        ))
+                    }
+                    (None, None) => {
+                        return Err(bad(
+                            key,
+                            "expected a backend: `redfish` (the BMC) or `program`".into(),
+                        ))
+                    }
+                    (Some(r), None) => {
+                        if b.attributes.is_empty() {
+                            return Err(bad(
+                                format!("{key}.attributes"),
+                                "the Redfish backend needs the attributes wanted".into(),
+                            ));
+                        }
+                        if let Some((sub, m)) = r.problem() {
+                            return Err(bad(format!("{key}.redfish{sub}"), m));
+                        }
+                    }
+                    (None, Some(_)) => {}
+                }
+            }
+            if let Some(r) = &p.raid {
+                let n = r.disks.count;
+                if n > 0 {
+                    check_raid_level(&r.level, n)
+                        .map_err(|m| bad(format!("profiles[{i}].raid"), m))?;
+                } else if check_raid_level(&r.level, usize::MAX).is_err() {
+                    return Err(bad(
+                        format!("profiles[{i}].raid.level"),
+                        format!(
+                            "{:?}: expected raid0, raid1, raid5, raid6 or raid10",
+                            r.level
+                        ),
+                    ));
+                }
+            } else if p.target.is_none() {
+                return Err(bad(
+                    format!("profiles[{i}]"),
+                    "expected `target` (a disk rule) or `raid` (the image goes to the array)"
+                        .into(),
+                ));
+            }
+            if let Some(r) = &p.raid {
+                if !["1.0", "1.1", "1.2"].contains(&r.metadata.as_str()) {
+                    return Err(bad(
+                        format!("profiles[{i}].raid.metadata"),
+                        format!("{:?}: expected \"1.0\", \"1.1\" or \"1.2\"", r.metadata),
+                    ));
+                }
+                let key = format!("profiles[{i}].raid");
+                match (&r.redfish, &r.program) {
+                    (Some(_), Some(_)) => {
+                        return Err(bad(
+                            key,
+                            "expected one backend: `redfish`, `program` or neither (mdadm)".into(),
+                        ))
+                    }
+                    (Some(rf), None) => {
+                        if p.target.is_none() {
+                            return Err(bad(
+                                format!("profiles[{i}]"),
+                                "a Redfish RAID volume needs `target`: the disk rule that finds the volume as the OS sees it".into(),
+                            ));
+                        }
+                        if let Some((sub, m)) = rf.problem() {
+                            return Err(bad(format!("{key}.redfish{sub}"), m));
+                        }
+                    }
+                    (None, _) => {
+                        let array = r.array.as_deref().unwrap_or_default();
+                        if r.program.is_none() && rackcast_core::raid::array_name(array).is_none() {
+                            return Err(bad(
+                                format!("{key}.array"),
+                                format!(
+                                    "{array:?}: the mdadm backend wants /dev/md/NAME (NAME: up to 32 letters, digits, - or _)"
+                                ),
+                            ));
+                        }
+                        if r.program.is_some() && r.array.is_none() {
+                            return Err(bad(
+                                format!("{key}.array"),
+                                "the image target array is missing".into(),
+                            ));
+                        }
+                    }
+                }
+            }
+            for rule in p.target.iter().chain(p.raid.as_ref().map(|r| &r.disks)) {
+                if rule.order != "smallest" && rule.order != "largest" {
+                    return Err(bad(
+                        format!("profiles[{i}] disk rule order"),
+                        format!("{:?}: expected smallest or largest", rule.order),
+                    ));
+                }
+            }
+        }
+        if let Some(d) = &self.boot.dhcp {
+            let key = |k: &str| format!("boot.dhcp.{k}");
+            match d.mode.as_str() {
+                "proxy" => {}
+                "full" => {
+                    let (Some(a), Some(b), Some(m)) = (d.pool_start, d.pool_end, d.netmask) else {
+                        return Err(bad(
+                            key("pool_start"),
+                            "full mode needs pool_start, pool_end and netmask".into(),
+                        ));
+                    };
+                    let net = |ip: Ipv4Addr| u32::from(ip) & u32::from(m);
+                    if u32::from(a) > u32::from(b) {
+                        return Err(bad(
+                            key("pool_end"),
+                            "expected pool_end >= pool_start".into(),
+                        ));
+                    }
+                    if net(a) != net(d.server_ip) || net(b) != net(d.server_ip) {
+                        return Err(bad(
+                            key("pool_start"),
+                            format!(
+                                "pool {a}-{b} is not in the subnet of server_ip {}",
+                                d.server_ip
+                            ),
+                        ));
+                    }
+                }
+                other => {
+                    return Err(bad(
+                        key("mode"),
+                        format!("{other:?}: expected \"full\" or \"proxy\""),
+                    ))
+                }
+            }
+            if self.appliance.api_listen.is_none() {
+                return Err(bad(
+                    key("mode"),
+                    "network boot needs appliance.api_listen (iPXE fetches its script there)"
+                        .into(),
+                ));
+            }
+        }
+        if let Some(h) = &self.boot.http {
+            if self.appliance.api_listen.is_none() {
+                return Err(bad(
+                    "boot.http".into(),
+                    "needs appliance.api_listen (the scripts and files are served there)".into(),
+                ));
+            }
+            for (k, v) in [("kernel", &h.kernel), ("initrd", &h.initrd)] {
+                if v.contains('/') || v.starts_with('.') || v.is_empty() {
+                    return Err(bad(
+                        format!("boot.http.{k}"),
+                        format!("{v:?}: expected a file name inside boot.http.files"),
+                    ));
+                }
+            }
+        }
+        for (i, d) in self.devices.iter().enumerate() {
+            if let Some(pr) = &d.profile {
+                if !pnames.contains(pr.as_str()) {
+                    return Err(bad(
+                        format!("devices[{i}].profile"),
+                        format!("no profile named {pr:?}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_pci_id(s: &str) -> bool {
+    let Some((v, d)) = s.split_once(':') else {
+        return false;
+    };
+    v.len() == 4
+        && d.len() == 4
+        && v.chars().all(|c| c.is_ascii_hexdigit())
+        && d.chars().all(|c| c.is_ascii_hexdigit())
+}

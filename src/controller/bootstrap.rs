@@ -1,0 +1,134 @@
+//! Process bootstrap of `rackcast serve`: the store, images, signing key
+//! and metrics recorder, the controller thread, the boot services, the
+//! agent listener, the REST API, the tick, and shutdown on SIGINT/SIGTERM.
+//!
+//! Owns: start-up order and the tasks' handles. Must not: handle an input
+//! (the controller loop does).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rackcast_core::waves::{Policy, WaveScheduler};
+use rackcast_core::workflow::{Millis, WorkflowConfig};
+use tokio::sync::{mpsc, Semaphore};
+
+use super::builder::Builder;
+use super::images::load_images;
+use super::{agents, api, Assigned, Controller, Input, Progress, Shared};
+use crate::config::Config;
+use crate::store::SqliteStore;
+
+/// Run the appliance until SIGINT/SIGTERM.
+pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let fds = rackcast_core::io::raise_fd_limit();
+    tracing::info!(open_files = fds, "file descriptor limit");
+    let cfg = Arc::new(cfg);
+    std::fs::create_dir_all(&cfg.appliance.state_dir)?;
+    let mut store = SqliteStore::open(&cfg.store_path())?;
+    let (images, manifests) = load_images(&cfg, &mut store)?;
+    let builder = Arc::new(Builder::new(&cfg).map_err(anyhow::Error::msg)?);
+    let signer = Arc::new(rackcast_core::signing::BundleSigner::load_or_create(
+        &cfg.signing_key_path(),
+    )?);
+    tracing::info!(fingerprint = %signer.fingerprint(), "bundle-signing key");
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .ok();
+    let (inbox, rx) = mpsc::unbounded_channel();
+    let shared = Shared {
+        progress: Progress::default(),
+        installed: crate::boot::server::Installed::default(),
+        cfg: cfg.clone(),
+        builder: builder.clone(),
+        inbox: inbox.clone(),
+        transfer_permits: Arc::new(Semaphore::new(cfg.appliance.max_inflight_transfers)),
+        metrics,
+        signer,
+        assigned: Assigned::default(),
+    };
+    let wf = WorkflowConfig {
+        step_timeout_ms: cfg.workflow.step_timeout.as_millis() as Millis,
+        imaging_timeout_ms: cfg.workflow.imaging_timeout.as_millis() as Millis,
+        max_attempts: cfg.workflow.max_attempts,
+        retry_backoff_ms: cfg.workflow.retry_backoff.as_millis() as Millis,
+    };
+    let mut ctl = Controller {
+        sched: WaveScheduler::new(Policy {
+            min_members: cfg.waves.min_members,
+            start_after_ms: cfg.waves.start_after.as_millis() as Millis,
+            total_rate: cfg.dataplane.total_rate,
+        }),
+        cfg: cfg.clone(),
+        wf,
+        store: Box::new(store),
+        devices: HashMap::new(),
+        conns: HashMap::new(),
+        progress: shared.progress.clone(),
+        installed: shared.installed.clone(),
+        assigned: shared.assigned.clone(),
+        waves: HashMap::new(),
+        images,
+        manifests,
+        builder,
+        bundle_permits: Arc::new(Semaphore::new(cfg.appliance.max_inflight_bundles)),
+        rt: tokio::runtime::Handle::current(),
+        inbox: inbox.clone(),
+    };
+    ctl.recover()?;
+    if let Some(t) = cfg.boot.tftp.clone() {
+        let limits = rackcast_core::boot::tftp::Limits {
+            max_blksize: t.max_blksize.clamp(512, 65464),
+            max_window: t.max_window.max(1),
+            ..Default::default()
+        };
+        tokio::spawn(async move {
+            if let Err(e) = crate::boot::tftp_server::run_tftp(t.root, t.iface, limits).await {
+                tracing::error!(error = %e, "TFTP service stopped");
+            }
+        });
+    }
+    if cfg.boot.dhcp.is_some() {
+        let installed = ctl.installed.clone();
+        let inbox2 = inbox.clone();
+        let trigger: crate::boot::server::BootTrigger = Box::new(move |mac, how| {
+            let _ = inbox2.send(Input::BootSeen { mac, how });
+        });
+        let c = cfg.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::boot::server::run_dhcp(c, installed, trigger).await {
+                tracing::error!(error = %e, "DHCP service stopped");
+            }
+        });
+    }
+    let control = tokio::net::TcpListener::bind(cfg.appliance.control_listen).await?;
+    tracing::info!(addr = %cfg.appliance.control_listen, "control plane listening");
+    tokio::spawn(agents::accept_loop(control, shared.clone()));
+    if let Some(addr) = cfg.appliance.api_listen {
+        let l = tokio::net::TcpListener::bind(addr).await?;
+        tracing::info!(%addr, "REST API and /metrics listening");
+        tokio::spawn(api::serve_api(l, shared.clone()));
+    }
+    let tick = inbox.clone();
+    tokio::spawn(async move {
+        let mut iv = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            iv.tick().await;
+            if tick.send(Input::Tick).is_err() {
+                break;
+            }
+        }
+    });
+    let ctl_thread = std::thread::Builder::new()
+        .name("rc-controller".into())
+        .spawn(move || ctl.run(rx))?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    let _ = inbox.send(Input::Shutdown);
+    let _ = tokio::task::spawn_blocking(move || ctl_thread.join()).await;
+    Ok(())
+}
