@@ -19,10 +19,13 @@ use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 
+use rackcast_core::backoff::Backoff;
 use rackcast_core::io::conn::{map_io, Conn, Frame};
 use rackcast_core::io::receive::{run_receive, Progress, ReceiveOptions};
-use rackcast_core::model::{AgentMode, Command, OpRecord, Outcome, Step, StepData, Work};
-use rackcast_core::model::{BlobRef, Bundle, Inventory, Plan, Program};
+use rackcast_core::model::{
+    AgentMode, BlobRef, Bundle, Command, Inventory, OpRecord, Outcome, Plan, Program, Step,
+    StepData, Work,
+};
 use rackcast_core::signing::TrustedKey;
 use rackcast_core::wire::device::{AgentMsg, ApplianceMsg, DEVICE_PROTOCOL, MAX_FRAME};
 
@@ -81,8 +84,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut pending: Option<Report> = None;
     let mut current: Option<(u64, tokio::task::JoinHandle<Report>)> = None;
     let (req_tx, mut req_rx) = mpsc::unbounded_channel::<Request>();
-    let mut backoff = Duration::from_millis(200);
-    let mut unreachable_since: Option<Instant> = None;
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5), 200);
     let mut finished = false;
     // A connection to a host without the trusted key is not reaching
     // the appliance: counted apart, as connects succeed meanwhile.
@@ -97,22 +99,21 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let stream = match dialer.attempt().await {
             Ok(s) => s,
             Err(e) => {
-                let since = *unreachable_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= args.give_up {
+                let now = Instant::now();
+                if backoff.failing_for(now) >= args.give_up {
                     bail!(
                         "appliance {} unreachable for {:?}: {e}",
                         args.server,
                         args.give_up
                     );
                 }
-                tracing::warn!(error = %e, retry_in = ?backoff, "appliance unreachable");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                let wait = backoff.failed(now);
+                tracing::warn!(error = %e, retry_in = ?wait, "appliance unreachable");
+                tokio::time::sleep(wait).await;
                 continue;
             }
         };
-        unreachable_since = None;
-        backoff = Duration::from_millis(200);
+        backoff.succeeded();
         let mut conn = Conn::new(stream, MAX_FRAME);
         conn.send(&AgentMsg::Hello {
             protocol: DEVICE_PROTOCOL,
@@ -141,9 +142,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
                                 args.give_up
                             );
                         }
-                        tracing::error!(error = %e, retry_in = ?backoff, "refusing the appliance");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        let wait = backoff.failed(Instant::now());
+                        tracing::error!(error = %e, retry_in = ?wait, "refusing the appliance");
+                        tokio::time::sleep(wait).await;
                         continue;
                     }
                 },
@@ -152,7 +153,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             Ok(other) => bail!("expected Welcome, got {other:?}"),
             Err(e) => {
                 tracing::warn!(error = %e, "handshake failed; reconnecting");
-                tokio::time::sleep(backoff).await;
+                tokio::time::sleep(backoff.current()).await;
                 continue;
             }
         };
@@ -304,7 +305,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         if let Err(e) = lost {
             tracing::warn!(error = %e, "control connection lost; reconnecting");
         }
-        tokio::time::sleep(backoff).await;
+        tokio::time::sleep(backoff.current()).await;
     }
 }
 

@@ -10,7 +10,8 @@
 //! - the sans-IO cores: [`dataplane`] (wave sender and receiver),
 //!   [`workflow`] (a device's steps), [`waves`] (wave scheduling),
 //!   [`boot`] (DHCP/TFTP decisions), [`bios`] (diff and verify), [`raid`]
-//!   (the RAID decision), [`signing`] (bundle signatures);
+//!   (the RAID decision), [`signing`] (bundle signatures), [`backoff`]
+//!   (retry delays);
 //! - [`io`] (feature `io`, default): the socket/thread drivers of those
 //!   cores. `cargo build -p rackcast-core --no-default-features` builds
 //!   everything else without tokio or socket2, which is what keeps the
@@ -19,6 +20,7 @@
 //! Must not: hold appliance-only parts (store, HTTP API, boot servers,
 //! controller) or agent-only parts (BMC clients, program runners).
 
+pub mod backoff;
 pub mod bios;
 pub mod boot;
 pub mod dataplane;

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use thiserror::Error;
+
+use crate::backoff::Backoff;
 use tokio::net::TcpStream;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
@@ -95,38 +97,44 @@ pub struct Conn {
 #[derive(Debug, Clone)]
 pub struct Dialer {
     addr: std::net::SocketAddr,
-    window: Duration,
+    window: Backoff,
 }
 
 impl Dialer {
+    /// The first attempt's window.
     pub const FIRST_WINDOW: Duration = Duration::from_millis(50);
+    /// The longest window.
     pub const LAST_WINDOW: Duration = Duration::from_secs(4);
 
+    /// Attempts to connect to `addr`.
     pub fn new(addr: std::net::SocketAddr) -> Dialer {
         Dialer {
             addr,
-            window: Dialer::FIRST_WINDOW,
+            window: Backoff::new(Dialer::FIRST_WINDOW, Dialer::LAST_WINDOW, 200),
         }
+    }
+
+    /// The window the next attempt gets.
+    pub fn window(&self) -> Duration {
+        self.window.current()
     }
 
     /// One attempt; an unanswered one fails with `ErrorKind::TimedOut`.
     pub async fn attempt(&mut self) -> std::io::Result<TcpStream> {
-        let r = match tokio::time::timeout(self.window, TcpStream::connect(self.addr)).await {
+        let window = self.window.current();
+        let r = match tokio::time::timeout(window, TcpStream::connect(self.addr)).await {
             Ok(r) => r,
             Err(_) => Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!(
-                    "no answer to the connection attempt within {:?}",
-                    self.window
-                ),
+                format!("no answer to the connection attempt within {window:?}"),
             )),
         };
-        self.window = match &r {
+        match &r {
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                (self.window * 2).min(Dialer::LAST_WINDOW)
+                self.window.failed(std::time::Instant::now());
             }
-            _ => Dialer::FIRST_WINDOW,
-        };
+            _ => self.window.succeeded(),
+        }
         r
     }
 }
@@ -249,7 +257,7 @@ mod tests {
                 "gave up before its {window:?} window"
             );
         }
-        assert_eq!(d.window, Dialer::FIRST_WINDOW * 4);
+        assert_eq!(d.window(), Dialer::FIRST_WINDOW * 4);
 
         // The peer answers again: accept everything queued (and the SYNs
         // the kernel is retransmitting for abandoned attempts).
@@ -268,6 +276,6 @@ mod tests {
             connected.is_some(),
             "no attempt connected once the peer answered"
         );
-        assert_eq!(d.window, Dialer::FIRST_WINDOW);
+        assert_eq!(d.window(), Dialer::FIRST_WINDOW);
     }
 }

@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use thiserror::Error;
+
+use crate::backoff::Backoff;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
@@ -467,18 +469,15 @@ async fn connect(addr: SocketAddr, within: Duration) -> Result<TcpStream, Receiv
     // Receivers usually start before the sender: retry every 20 ms for the
     // first 2 s (a refused connect costs one RST), then back off to 1 s so
     // a rack waiting for a down appliance does not flood it.
-    let started = Instant::now();
-    let mut backoff = Duration::from_millis(20);
+    let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(1), 150)
+        .steady_for(Duration::from_secs(2));
     let mut dialer = crate::io::conn::Dialer::new(addr);
     loop {
         match dialer.attempt().await {
             Ok(s) => return Ok(s),
-            Err(e) if Instant::now() + backoff < deadline => {
+            Err(e) if Instant::now() + backoff.current() < deadline => {
                 tracing::debug!(error = %e, "sender not reachable yet; retrying");
-                tokio::time::sleep(backoff).await;
-                if started.elapsed() > Duration::from_secs(2) {
-                    backoff = (backoff * 3 / 2).min(Duration::from_secs(1));
-                }
+                tokio::time::sleep(backoff.failed(Instant::now())).await;
             }
             Err(source) => return Err(ReceiveError::Connect { addr, source }),
         }

@@ -26,10 +26,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 
+use rackcast_core::backoff::Backoff;
 use rackcast_core::io::conn::{Conn, Frame};
-use rackcast_core::model::Bundle;
-use rackcast_core::model::Command as Cmd;
-use rackcast_core::model::{AgentMode, OpRecord, Outcome, StepData, Work};
+use rackcast_core::model::{AgentMode, Bundle, Command as Cmd, OpRecord, Outcome, StepData, Work};
 use rackcast_core::wire::control::{self, Msg, Verdict};
 use rackcast_core::wire::device::{AgentMsg, ApplianceMsg, DEVICE_PROTOCOL, MAX_FRAME};
 
@@ -315,14 +314,12 @@ struct Session {
 
 impl Session {
     async fn open(server: SocketAddr, hello: AgentMsg) -> Result<Session> {
-        let mut backoff = Duration::from_millis(20);
+        let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(5), 200);
         let stream = loop {
             match tokio::net::TcpStream::connect(server).await {
                 Ok(s) => break s,
-                Err(e) if backoff < Duration::from_secs(5) => {
-                    let _ = e;
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 2;
+                Err(_) if backoff.current() < Duration::from_secs(5) => {
+                    tokio::time::sleep(backoff.failed(std::time::Instant::now())).await;
                 }
                 Err(e) => return Err(e.into()),
             }
