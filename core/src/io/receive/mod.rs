@@ -2,8 +2,10 @@
 //! owns the [`ReceiverCore`] and the multicast socket, and a writer thread
 //! that decodes, checks and writes blocks and keeps their digests.
 //!
-//! Owns: the output file or block device, the resume state file, threads.
-//! Must not: decide what a packet means (the core does).
+//! Owns: the session with the sender, the receive thread and the
+//! threads' lifecycle; the resume state (`resume`) and the writer
+//! (`writer`) are their own modules. Must not: decide what a packet
+//! means (the core does).
 //!
 //! Verification: every block's BLAKE3 digest (its chaining value in the
 //! image's hash tree, `manifest::block_digest`) is computed from the bytes
@@ -14,8 +16,7 @@
 //! block instead of a second pass reading the output back — and the verdict
 //! is `Verified` only if it equals the manifest's.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -32,12 +33,18 @@ use crate::backoff::Backoff;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::dataplane::receiver::{decode_block, Counters, DecodeJob, DecodeOutcome, ReceiverCore};
-use crate::image::fec::BlockAssembly;
-use crate::image::manifest::Manifest;
+use crate::dataplane::receiver::{Counters, DecodeJob, ReceiverCore};
+
 use crate::io::conn::{Conn, ConnError};
 use crate::io::net::{self, RecvBatch};
 use crate::wire::control::{self, Msg, SessionParams, Verdict, PROTOCOL_VERSION};
+
+mod resume;
+mod writer;
+
+pub use resume::saved_blocks;
+use resume::ResumeState;
+use writer::{open_output, writer_loop, DecodeResult};
 
 #[derive(Debug, Clone)]
 pub struct ReceiveOptions {
@@ -98,135 +105,6 @@ pub struct ReceiveReport {
     pub hash_failures: u64,
 }
 
-// ---- resume state --------------------------------------------------------
-
-const RESUME_MAGIC: &[u8; 8] = b"RCRSUME1";
-
-/// A resume state file's image hash, block count and bitmap, if it is one
-/// (layout: magic, image hash, big-endian block count, one bit per block).
-fn parse_resume(raw: &[u8]) -> Option<([u8; 32], u32, &[u8])> {
-    let magic = raw.get(..8)?;
-    let hash: [u8; 32] = raw.get(8..40)?.try_into().ok()?;
-    let blocks = u32::from_be_bytes(raw.get(40..44)?.try_into().ok()?);
-    let bits = &raw[44..];
-    (magic == RESUME_MAGIC && bits.len() == (blocks as usize).div_ceil(8))
-        .then_some((hash, blocks, bits))
-}
-
-/// Blocks a resume state file lists as on the output (for tests and
-/// tools watching a receiver from outside); `None` if `path` holds no
-/// resume state.
-pub fn saved_blocks(path: &Path) -> Option<u32> {
-    let raw = std::fs::read(path).ok()?;
-    let (_, _, bits) = parse_resume(&raw)?;
-    Some(bits.iter().map(|b| b.count_ones()).sum())
-}
-
-/// Blocks known to be on the output, tied to one image hash.
-struct ResumeState {
-    path: PathBuf,
-    image_hash: [u8; 32],
-    blocks: u32,
-    bits: Vec<u8>,
-    dirty: bool,
-}
-
-impl ResumeState {
-    fn load(path: &Path, m: &Manifest) -> ResumeState {
-        let n = m.block_count() as usize;
-        let mut st = ResumeState {
-            path: path.to_path_buf(),
-            image_hash: m.image_hash,
-            blocks: n as u32,
-            bits: vec![0; n.div_ceil(8)],
-            dirty: false,
-        };
-        if let Ok(raw) = std::fs::read(path) {
-            match parse_resume(&raw) {
-                Some((hash, blocks, bits)) if hash == m.image_hash && blocks == n as u32 => {
-                    st.bits.copy_from_slice(bits);
-                }
-                _ => {
-                    tracing::info!(path = %path.display(), "resume state is for another image; starting over");
-                }
-            }
-        }
-        st
-    }
-
-    fn has(&self, b: u32) -> bool {
-        self.bits[(b / 8) as usize] & (1 << (b % 8)) != 0
-    }
-
-    fn set(&mut self, b: u32, on: bool) {
-        let (i, bit) = ((b / 8) as usize, 1u8 << (b % 8));
-        if on {
-            self.bits[i] |= bit;
-        } else {
-            self.bits[i] &= !bit;
-        }
-        self.dirty = true;
-    }
-
-    fn save(&mut self) {
-        if !self.dirty {
-            return;
-        }
-        let tmp = self.path.with_extension("rcresume.tmp");
-        let write = || -> io::Result<()> {
-            let mut f = File::create(&tmp)?;
-            f.write_all(RESUME_MAGIC)?;
-            f.write_all(&self.image_hash)?;
-            f.write_all(&self.blocks.to_be_bytes())?;
-            f.write_all(&self.bits)?;
-            std::fs::rename(&tmp, &self.path)
-        };
-        match write() {
-            Ok(()) => self.dirty = false,
-            Err(e) => tracing::warn!(error = %e, "cannot save resume state"),
-        }
-    }
-}
-
-// ---- output ----------------------------------------------------------------
-
-struct Output {
-    file: File,
-    /// Fresh sparse file: zero blocks need no write.
-    fresh: bool,
-}
-
-fn open_output(path: &Path, m: &Manifest, resume_valid: bool) -> io::Result<Output> {
-    let meta = std::fs::metadata(path).ok();
-    let is_dev = meta
-        .as_ref()
-        .is_some_and(|md| md.file_type().is_block_device());
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(!is_dev)
-        .truncate(false)
-        .open(path)?;
-    if is_dev {
-        let size = std::io::Seek::seek(&mut &file, io::SeekFrom::End(0))?;
-        if size < m.image_size {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("device holds {size} bytes, image needs {}", m.image_size),
-            ));
-        }
-        return Ok(Output { file, fresh: false });
-    }
-    if resume_valid {
-        file.set_len(m.image_size)?;
-        Ok(Output { file, fresh: false })
-    } else {
-        file.set_len(0)?;
-        file.set_len(m.image_size)?;
-        Ok(Output { file, fresh: true })
-    }
-}
-
 // ---- threads ---------------------------------------------------------------
 
 /// CPU time (user + system) the calling thread has used so far, for the
@@ -249,107 +127,6 @@ const BATCH: usize = 64;
 /// 8 receivers on 2 cores then finished their last blocks later (N=8 waves
 /// of 5.05-7.58 s against 4.81-5.02 s at 2 ms in the same hour).
 const POLL_INTERVAL: Duration = Duration::from_millis(2);
-
-/// A decode job's block, its outcome, and the written block's buffer for
-/// reuse.
-type DecodeResult = (u32, Result<(), Option<BlockAssembly>>, Option<Vec<u8>>);
-
-/// Decode, check, write. Each block's digest (computed once, from the
-/// bytes written) is kept; once every block is in, the digests merge into
-/// the whole-image hash, which is returned.
-#[allow(clippy::too_many_arguments)]
-fn writer_loop(
-    m: Arc<Manifest>,
-    out: Output,
-    mut resume: ResumeState,
-    mut digests: Vec<Option<[u8; 32]>>,
-    mut zero_blocks: Vec<u32>,
-    jobs: crossbeam_channel::Receiver<DecodeJob>,
-    done: crossbeam_channel::Sender<DecodeResult>,
-    progress: Arc<Progress>,
-    stop: Arc<AtomicBool>,
-) -> Result<[u8; 32], String> {
-    let mut have = digests.iter().filter(|d| d.is_some()).count();
-    let mut last_save = Instant::now();
-    let mut zeros = Vec::new();
-    progress
-        .verified_blocks
-        .store(have as u32, Ordering::Relaxed);
-    while have < digests.len() {
-        if stop.load(Ordering::Relaxed) {
-            resume.save();
-            return Err("stopped".into());
-        }
-        let next = match jobs.try_recv() {
-            Ok(j) => Ok(j),
-            Err(crossbeam_channel::TryRecvError::Empty) => match zero_blocks.pop() {
-                Some(b) => {
-                    let len = m.block_len(b);
-                    zeros.resize(len, 0);
-                    if digests[b as usize]
-                        .replace(m.digest_block(b, &zeros))
-                        .is_none()
-                    {
-                        have += 1;
-                        progress
-                            .verified_blocks
-                            .store(have as u32, Ordering::Relaxed);
-                    }
-                    continue;
-                }
-                None => jobs.recv_timeout(Duration::from_millis(100)),
-            },
-            Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected)
-            }
-        };
-        let job = match next {
-            Ok(j) => j,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                resume.save();
-                return Err("receive loop ended before the image was complete".into());
-            }
-        };
-        let b = job.block;
-        let mut spare = None;
-        let result = match decode_block(&m, job) {
-            DecodeOutcome::Good { data, digest } => {
-                out.file
-                    .write_all_at(&data, m.block_offset(b))
-                    .map_err(|e| format!("writing block {b}: {e}"))?;
-                if digests[b as usize].replace(digest).is_none() {
-                    have += 1;
-                    progress
-                        .verified_blocks
-                        .store(have as u32, Ordering::Relaxed);
-                }
-                resume.set(b, true);
-                spare = Some(data);
-                Ok(())
-            }
-            DecodeOutcome::NeedMore(asm) => Err(Some(asm)),
-            DecodeOutcome::HashMismatch => {
-                tracing::warn!(
-                    block = b,
-                    "decoded block fails its hash; asking for it again"
-                );
-                Err(None)
-            }
-        };
-        let _ = done.send((b, result, spare));
-        if last_save.elapsed() > Duration::from_millis(500) {
-            resume.save();
-            last_save = Instant::now();
-        }
-    }
-    out.file
-        .sync_data()
-        .map_err(|e| format!("flushing output: {e}"))?;
-    resume.save();
-    let all: Vec<[u8; 32]> = digests.into_iter().flatten().collect();
-    Ok(crate::image::manifest::merge_block_digests(&all))
-}
 
 /// A `Msg::Coded` plan: block, first id, combinations.
 type CodedPlan = (u32, u32, Vec<Vec<u32>>);
@@ -756,42 +533,4 @@ pub async fn run_receive(
         decode_retries: counters.decode_retries,
         hash_failures: counters.hash_failures,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// What `ResumeState::save` writes, `saved_blocks` and `load` read
-    /// back; a truncated or foreign file is no resume state.
-    #[test]
-    fn resume_state_round_trips_and_rejects_other_files() {
-        let dir = std::env::temp_dir().join(format!("rc-resume-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("out.rcresume");
-        let data = vec![7u8; 10 * 4096];
-        let m = Manifest::of_bytes(&data, 4096, 1024).unwrap();
-        let mut st = ResumeState::load(&path, &m);
-        for b in [0, 3, 9] {
-            st.set(b, true);
-        }
-        st.save();
-        assert_eq!(saved_blocks(&path), Some(3));
-        let again = ResumeState::load(&path, &m);
-        assert!((0..10).all(|b| again.has(b) == [0, 3, 9].contains(&b)));
-
-        let other = Manifest::of_bytes(&data[..5 * 4096], 4096, 1024).unwrap();
-        assert!((0..5).all(|b| !ResumeState::load(&path, &other).has(b)));
-
-        let raw = std::fs::read(&path).unwrap();
-        for bad in [
-            &raw[..raw.len() - 1],
-            &raw[..40],
-            b"RCRSUME2rest".as_slice(),
-        ] {
-            assert_eq!(parse_resume(bad), None);
-        }
-        assert_eq!(saved_blocks(&dir.join("missing")), None);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
 }
