@@ -13,5 +13,7 @@ pub mod control;
 pub mod device;
 #[cfg(feature = "boot")]
 pub mod dhcp;
+#[cfg(test)]
+mod golden;
 pub mod packet;
 pub mod tftp;
