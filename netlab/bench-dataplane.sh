@@ -7,7 +7,13 @@
 #
 #   netlab/bench-dataplane.sh [--mib 256] [--rate 500mbit]
 #       [--cases "4:0 4:2 1:0 8:0"] [--tools "rackcast udpcast uftp http"]
-#       [--timeout 120]
+#       [--rounds 1] [--timeout 120]
+#
+# With --rounds R every case runs its tools interleaved R times (A B C A B
+# C ...) in one lab, and a closing table gives each tool's median wall
+# time with its range. Tool `rackcast-alt` is rackcast with the binaries
+# of another build, RC_ALT_BIN=/path/to/target/release (to compare two
+# versions side by side in one run).
 #
 # RC_SEND_ARGS (environment) is appended to `rackcast send`, to compare
 # sender settings in one lab, e.g. RC_SEND_ARGS="--source-resend-factor 1".
@@ -25,7 +31,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
-MIB=256 RATE=500mbit CASES="4:0 4:2 1:0 8:0" TOOLS="rackcast udpcast uftp http" TMO=120
+MIB=256 RATE=500mbit CASES="4:0 4:2 1:0 8:0" TOOLS="rackcast udpcast uftp http" TMO=120 ROUNDS=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --mib) MIB=$2; shift 2 ;;
@@ -33,6 +39,7 @@ while [ $# -gt 0 ]; do
     --cases) CASES=$2; shift 2 ;;
     --tools) TOOLS=$2; shift 2 ;;
     --timeout) TMO=$2; shift 2 ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -73,6 +80,7 @@ verify() {
 cpu_sum() { [ -n "${RC_CPU_SPLIT:-}" ] && cat "$@" >&2; awk '{ s += $1 + $2 } END { printf "%.2f", s }' "$@" 2>/dev/null || echo 0; }
 
 ROWS=()
+SECS=()
 report() { # tool n loss seconds good rxcpu
   local tool=$1 n=$2 loss=$3 secs=$4 good=$5 rxcpu=$6
   local goodput ratio cpu_per
@@ -85,7 +93,12 @@ report() { # tool n loss seconds good rxcpu
   ROWS+=("{\"tool\":\"$tool\",\"n\":$n,\"rate_bps\":$RATE_BPS,\"loss_pct\":$loss,\"seconds\":$secs,\"goodput_mbps\":$goodput,\"ratio\":$ratio,\"verified\":$good,\"rx_cpu_core_per_gbps\":$cpu_per,\"bytes\":$BYTES}")
 }
 
-run_rackcast() { local n=$1 i t0 t1 rc=0
+run_rackcast-alt() {
+  [ -x "${RC_ALT_BIN:-}/rackcast" ] || { echo "rackcast-alt: set RC_ALT_BIN to a target/release dir" >&2; echo "0 0 0"; return; }
+  RBIN=$RC_ALT_BIN run_rackcast "$1"
+}
+
+run_rackcast() { local n=$1 i t0 t1 rc=0 BIN=${RBIN:-$BIN}
   local pids=()
   for i in $(seq 1 "$n"); do
     rm -f "$WORK/d$i.out" "$WORK/d$i.out.rcresume"
@@ -188,10 +201,27 @@ for c in $CASES; do
   for i in $(seq 1 "$n"); do losses+=(--loss "$i=$loss"); done
   CUR_LOSS=$loss
   "$HERE/lab.sh" up "$P" "$n" --rate "$RATE" "${losses[@]}"
-  for tool in $TOOLS; do
-    read -r secs good rxcpu < <("run_$tool" "$n")
-    report "$tool" "$n" "$loss" "$secs" "$good" "$rxcpu"
+  for round in $(seq 1 "$ROUNDS"); do
+    for tool in $TOOLS; do
+      read -r secs good rxcpu < <("run_$tool" "$n")
+      report "$tool" "$n" "$loss" "$secs" "$good" "$rxcpu"
+      SECS+=("$n:$loss $tool $secs $good $n")
+    done
   done
   "$HERE/lab.sh" down "$P" "$n"
 done
 for r in "${ROWS[@]}"; do echo "$r"; done
+if [ "$ROUNDS" -gt 1 ]; then
+  echo "medians over $ROUNDS interleaved rounds (wall seconds, range; verified copies/expected):"
+  printf '%s\n' "${SECS[@]}" | awk '
+    { k = $1 " " $2; v[k] = v[k] " " $3; ok[k] += $4; want[k] += $5; if (!(k in seen)) { seen[k] = 1; order[++n] = k } }
+    END {
+      for (i = 1; i <= n; i++) {
+        k = order[i]; m = split(substr(v[k], 2), a, " ")
+        for (x = 1; x <= m; x++) for (y = x + 1; y <= m; y++) if (a[y] + 0 < a[x] + 0) { t = a[x]; a[x] = a[y]; a[y] = t }
+        med = (m % 2) ? a[(m + 1) / 2] : (a[m / 2] + a[m / 2 + 1]) / 2
+        split(k, kk, " ")
+        printf "  case %-6s %-13s median %6.2f s  range %.2f-%.2f  verified %d/%d\n", kk[1], kk[2], med, a[1], a[m], ok[k], want[k]
+      }
+    }'
+fi

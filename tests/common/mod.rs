@@ -23,15 +23,34 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// A test that cannot run here says why and returns. The skip is
+/// recorded in the file `RACKCAST_SKIP_LOG` names (netlab/run-tests.sh
+/// counts them in its closing line), and under `CI=true` a skip fails: CI
+/// installs everything the tests need.
+pub fn skip(why: &str) {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("unnamed test")
+        .to_string();
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test} would be skipped in CI: {why}"
+    );
+    eprintln!("skipping {test}: {why}");
+    if let Some(path) = std::env::var_os("RACKCAST_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(f, "{test}: {why}");
+        }
+    }
+}
+
+/// Whether the network-namespace tests can run (root); else a skip.
 pub fn can_run() -> bool {
     // SAFETY: geteuid has no preconditions.
     let is_root = unsafe { libc::geteuid() } == 0;
     if !is_root {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "netns tests must run as root in CI"
-        );
-        eprintln!("skipping: network namespace tests need root");
+        skip("network namespace tests need root");
     }
     is_root
 }
@@ -151,6 +170,214 @@ pub fn make_image(lab: &Lab, mib: u64, seed: u64) -> PathBuf {
         .unwrap();
     assert!(st.success());
     img
+}
+
+/// Workflow limits of a lab appliance (`[workflow]`).
+pub struct Workflow {
+    pub step_timeout: &'static str,
+    pub imaging_timeout: &'static str,
+    pub retry_backoff: &'static str,
+    pub max_attempts: u32,
+}
+
+/// A lab appliance's configuration, built field by field. [`Self::write`]
+/// checks it with the appliance's own parser before writing it, so a test
+/// with a wrong key fails at once, naming it. The appliance listens on
+/// the lab's appliance address: agents on 7100, API and /metrics on 7180.
+pub struct ApplianceConfig {
+    pub state_dir: PathBuf,
+    pub read_timeout: Option<&'static str>,
+    /// `[dataplane] iface`.
+    pub iface: Option<&'static str>,
+    pub total_rate: String,
+    pub group_base: &'static str,
+    pub workflow: Option<Workflow>,
+    /// The agent binary bundles carry (`[agents] x86_64`).
+    pub agent: PathBuf,
+    pub images: Vec<(String, PathBuf)>,
+    /// Further sections as TOML (modules, profiles, devices, waves, boot).
+    pub sections: Vec<String>,
+}
+
+impl ApplianceConfig {
+    pub const CONTROL: &'static str = "198.18.0.1:7100";
+    pub const API: &'static str = "198.18.0.1:7180";
+
+    pub fn new(state_dir: &Path, agent: &Path, total_rate: &str, group_base: &'static str) -> Self {
+        ApplianceConfig {
+            state_dir: state_dir.to_path_buf(),
+            read_timeout: None,
+            iface: None,
+            total_rate: total_rate.to_string(),
+            group_base,
+            workflow: None,
+            agent: agent.to_path_buf(),
+            images: Vec::new(),
+            sections: Vec::new(),
+        }
+    }
+
+    pub fn image(mut self, name: &str, path: &Path) -> Self {
+        self.images.push((name.to_string(), path.to_path_buf()));
+        self
+    }
+
+    pub fn section(mut self, toml: impl Into<String>) -> Self {
+        self.sections.push(toml.into());
+        self
+    }
+
+    pub fn toml(&self) -> String {
+        let mut t = format!(
+            "[appliance]\ncontrol_listen = \"{}\"\napi_listen = \"{}\"\nstate_dir = \"{}\"\n",
+            Self::CONTROL,
+            Self::API,
+            self.state_dir.display()
+        );
+        if let Some(r) = self.read_timeout {
+            t += &format!("read_timeout = \"{r}\"\n");
+        }
+        t += "\n[dataplane]\n";
+        if let Some(i) = self.iface {
+            t += &format!("iface = \"{i}\"\n");
+        }
+        t += &format!(
+            "bind = \"198.18.0.1\"\ntotal_rate = \"{}\"\ngroup_base = \"{}\"\n",
+            self.total_rate, self.group_base
+        );
+        if let Some(w) = &self.workflow {
+            t += &format!(
+                "\n[workflow]\nstep_timeout = \"{}\"\nimaging_timeout = \"{}\"\nretry_backoff = \"{}\"\nmax_attempts = {}\n",
+                w.step_timeout, w.imaging_timeout, w.retry_backoff, w.max_attempts
+            );
+        }
+        t += &format!("\n[agents]\nx86_64 = \"{}\"\n", self.agent.display());
+        for (name, path) in &self.images {
+            t += &format!(
+                "\n[[images]]\nname = \"{name}\"\npath = \"{}\"\n",
+                path.display()
+            );
+        }
+        for s in &self.sections {
+            t += "\n";
+            t += s;
+            t += "\n";
+        }
+        t
+    }
+
+    /// Check with the appliance's parser, then write to `path`.
+    pub fn write(&self, path: &Path) {
+        let text = self.toml();
+        if let Err(e) = rackcast::config::Config::parse(&text, path) {
+            panic!("lab config does not parse: {e}\n{text}");
+        }
+        fs::write(path, text).unwrap();
+    }
+}
+
+/// A real Prometheus server in a lab namespace, scraping `target`
+/// (`host:port`) every 500 ms; stopped on drop. `None` when Prometheus is
+/// not installed outside CI (a skip, counted); in CI that fails.
+pub struct Prometheus {
+    child: Child,
+    ns: String,
+    listen: String,
+}
+
+impl Prometheus {
+    pub fn start(
+        lab: &Lab,
+        host: &str,
+        listen: &str,
+        target: &str,
+        path: &str,
+    ) -> Option<Prometheus> {
+        if Command::new("prometheus")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            skip("prometheus not installed (netlab/ensure-deps.sh test installs it)");
+            return None;
+        }
+        let cfg = lab.file(&format!("prometheus-{host}.yml"));
+        fs::write(
+            &cfg,
+            format!(
+                "global:\n  scrape_interval: 500ms\nscrape_configs:\n  - job_name: rackcast\n    metrics_path: {path}\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &lab.ns(host), "prometheus"])
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                lab.file(&format!("tsdb-{host}")).display()
+            ))
+            .arg(format!("--web.listen-address={listen}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus");
+        let p = Prometheus {
+            child,
+            ns: lab.ns(host),
+            listen: listen.to_string(),
+        };
+        // It scrapes a few seconds after it starts: wait until the target
+        // shows up (`up` has a value, 0 while the target is not running).
+        let ready = Instant::now() + Duration::from_secs(30);
+        while p.query("up").is_none() {
+            assert!(Instant::now() < ready, "prometheus never listed its target");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Some(p)
+    }
+
+    /// The first value of a PromQL instant query; `None` if it has none.
+    pub fn query(&self, q: &str) -> Option<f64> {
+        let o = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                "curl",
+                "-sf",
+                "--max-time",
+                "5",
+                "-G",
+            ])
+            .arg(format!("http://{}/api/v1/query", self.listen))
+            .arg("--data-urlencode")
+            .arg(format!("query={q}"))
+            .output()
+            .expect("curl");
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        v["data"]["result"][0]["value"][1]
+            .as_str()
+            .and_then(|x| x.parse().ok())
+    }
+
+    /// Wait until `q` has a value `ok` accepts (scrapes lag the events).
+    pub fn wait_value(&self, q: &str, within: Duration, ok: impl Fn(f64) -> bool) -> Option<f64> {
+        let deadline = Instant::now() + within;
+        loop {
+            let v = self.query(q);
+            if v.is_some_and(&ok) || Instant::now() >= deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// The sushy-tools venv `netlab/ensure-deps.sh test` makes.

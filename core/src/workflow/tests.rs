@@ -327,6 +327,8 @@ fn failure_retries_automatically_then_waits_for_operator() {
 fn steps_time_out() {
     let mut s = Sim::new();
     s.reach_agent_delivered(plan(true));
+    let timed_out = s.last_cmd();
+    assert_eq!(timed_out.step, Step::BiosConfigured);
     s.now += 9_999;
     s.ev(Event::Tick);
     assert!(s.dev.running.is_some());
@@ -334,10 +336,12 @@ fn steps_time_out() {
     s.ev(Event::Tick);
     let f = s.dev.failed.clone().unwrap();
     assert!(f.reason.contains("timed out"), "{}", f.reason);
-    // A report for the timed-out command arriving late changes nothing.
+    assert_eq!(f.step, timed_out.step);
+    // A report for the command that timed out, arriving late, changes
+    // nothing.
     let rows = s.rows.len();
     s.ev(Event::Report {
-        cmd_id: 4,
+        cmd_id: timed_out.cmd_id,
         outcome: Outcome::Ok {
             detail: "late".into(),
         },

@@ -216,6 +216,7 @@ boot_to_disk = {{ name = "efiboot", argv = ["true"] }}
     match res {
         Ok((secs, max_rss)) => {
             let rss = rss.max(max_rss);
+            let done = devices_done(&rackcast_bin, &ns, &config)?;
             let per_s = args.devices as f64 / secs;
             println!(
                 "fleet-sim  devices={}  seconds={secs:.2}  devices/s={per_s:.1}  appliance peak RSS={:.1} MiB",
@@ -226,6 +227,7 @@ boot_to_disk = {{ name = "efiboot", argv = ["true"] }}
                 "{}",
                 serde_json::json!({
                     "devices": args.devices,
+                    "devices_done": done,
                     "seconds": secs,
                     "devices_per_s": per_s,
                     "appliance_peak_rss_mib": rss as f64 / 1024.0,
@@ -243,6 +245,26 @@ boot_to_disk = {{ name = "efiboot", argv = ["true"] }}
             Err(e)
         }
     }
+}
+
+/// Devices the appliance's store records as done (`rackcast devices
+/// --json`), not what the simulator believes it did.
+fn devices_done(rackcast: &std::path::Path, ns: &str, config: &std::path::Path) -> Result<usize> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(rackcast)
+        .args(["devices", "--json", "--config"])
+        .arg(config)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "rackcast devices: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_slice(&out.stdout).context("rackcast devices --json")?;
+    Ok(rows.iter().filter(|r| r["state"] == "done").count())
 }
 
 async fn run_fleet(n: usize, all_blobs: bool, timeout: Duration, pid: u32) -> Result<(f64, u64)> {
