@@ -37,3 +37,23 @@ impl std::fmt::Debug for RedfishTarget {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_password_never_shows_in_debug_output() {
+        let t = RedfishTarget {
+            url: "https://198.18.1.1".into(),
+            username: "admin".into(),
+            password: "s3cret-pw".into(),
+            system: None,
+            reset: "ForceRestart".into(),
+            tls_verify: false,
+            settle_timeout_s: 60,
+        };
+        let s = format!("{t:?}");
+        assert!(!s.contains("s3cret-pw") && s.contains("<hidden>"), "{s}");
+    }
+}
