@@ -84,80 +84,25 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut pending: Option<Report> = None;
     let mut current: Option<(u64, tokio::task::JoinHandle<Report>)> = None;
     let (req_tx, mut req_rx) = mpsc::unbounded_channel::<Request>();
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5), 200);
     let mut finished = false;
-    // A connection to a host without the trusted key is not reaching
-    // the appliance: counted apart, as connects succeed meanwhile.
-    let mut refused_since: Option<Instant> = None;
     if args.trust_key.is_none() {
         tracing::warn!(
             "no appliance key to trust (--trust-key / rackcast.key=): bundles are checked by hash only"
         );
     }
-    let mut dialer = rackcast_core::io::conn::Dialer::new(args.server);
+    let mut link = Link {
+        dialer: rackcast_core::io::conn::Dialer::new(args.server),
+        backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(5), 200),
+        refused_since: None,
+    };
     loop {
-        let stream = match dialer.attempt().await {
-            Ok(s) => s,
-            Err(e) => {
-                let now = Instant::now();
-                if backoff.failing_for(now) >= args.give_up {
-                    bail!(
-                        "appliance {} unreachable for {:?}: {e}",
-                        args.server,
-                        args.give_up
-                    );
-                }
-                let wait = backoff.failed(now);
-                tracing::warn!(error = %e, retry_in = ?wait, "appliance unreachable");
-                tokio::time::sleep(wait).await;
-                continue;
-            }
-        };
-        backoff.succeeded();
-        let mut conn = Conn::new(stream, MAX_FRAME);
-        conn.send(&AgentMsg::Hello {
+        let hello = AgentMsg::Hello {
             protocol: DEVICE_PROTOCOL,
             mac: mac.clone(),
             device_id: device_id.clone(),
             mode: mode.clone(),
-        })
-        .await?;
-        let (id, trusted) = match conn.recv::<ApplianceMsg>(Duration::from_secs(30)).await {
-            Ok(ApplianceMsg::Welcome {
-                device_id: id,
-                signer,
-                ..
-            }) => match &args.trust_key {
-                None => (id, None),
-                Some(fp) => match TrustedKey::check(&signer, fp) {
-                    Ok(k) => (id, Some(k)),
-                    Err(e) => {
-                        // Not our appliance (or not yet: another host on
-                        // its address). Keep trying, never follow it.
-                        let since = *refused_since.get_or_insert_with(Instant::now);
-                        if since.elapsed() >= args.give_up {
-                            bail!(
-                                "no trusted appliance at {} for {:?}: {e}",
-                                args.server,
-                                args.give_up
-                            );
-                        }
-                        let wait = backoff.failed(Instant::now());
-                        tracing::error!(error = %e, retry_in = ?wait, "refusing the appliance");
-                        tokio::time::sleep(wait).await;
-                        continue;
-                    }
-                },
-            },
-            Ok(ApplianceMsg::Error { message }) => bail!("appliance refused us: {message}"),
-            Ok(other) => bail!("expected Welcome, got {other:?}"),
-            Err(e) => {
-                tracing::warn!(error = %e, "handshake failed; reconnecting");
-                tokio::time::sleep(backoff.current()).await;
-                continue;
-            }
         };
-        refused_since = None;
+        let (conn, id, trusted) = link.connect(&args, hello).await?;
         tracing::info!(device = %id, trusted = trusted.is_some(), "connected to the appliance");
         device_id = Some(id.clone());
         let (mut sink, mut frames) = conn.split();
@@ -305,7 +250,90 @@ pub async fn run(args: RunArgs) -> Result<()> {
         if let Err(e) = lost {
             tracing::warn!(error = %e, "control connection lost; reconnecting");
         }
-        tokio::time::sleep(backoff.current()).await;
+        tokio::time::sleep(link.backoff.current()).await;
+    }
+}
+
+/// The agent's way to the appliance: connection attempts, the delays
+/// between them, and how long the appliance has been unreachable or
+/// untrusted.
+struct Link {
+    dialer: rackcast_core::io::conn::Dialer,
+    backoff: Backoff,
+    /// A connection to a host without the trusted key is not reaching
+    /// the appliance: counted apart, as connects succeed meanwhile.
+    refused_since: Option<Instant>,
+}
+
+impl Link {
+    /// Connect, say `hello` and take the appliance's `Welcome`: its id
+    /// for this device and, when a key is to be trusted, the checked key.
+    /// Retries with backoff; gives up after `--give-up` unreachable or
+    /// untrusted.
+    async fn connect(
+        &mut self,
+        args: &RunArgs,
+        hello: AgentMsg,
+    ) -> Result<(Conn, String, Option<TrustedKey>)> {
+        loop {
+            let stream = match self.dialer.attempt().await {
+                Ok(s) => s,
+                Err(e) => {
+                    let now = Instant::now();
+                    if self.backoff.failing_for(now) >= args.give_up {
+                        bail!(
+                            "appliance {} unreachable for {:?}: {e}",
+                            args.server,
+                            args.give_up
+                        );
+                    }
+                    let wait = self.backoff.failed(now);
+                    tracing::warn!(error = %e, retry_in = ?wait, "appliance unreachable");
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+            };
+            self.backoff.succeeded();
+            let mut conn = Conn::new(stream, MAX_FRAME);
+            conn.send(&hello).await?;
+            let (id, trusted) = match conn.recv::<ApplianceMsg>(Duration::from_secs(30)).await {
+                Ok(ApplianceMsg::Welcome {
+                    device_id: id,
+                    signer,
+                    ..
+                }) => match &args.trust_key {
+                    None => (id, None),
+                    Some(fp) => match TrustedKey::check(&signer, fp) {
+                        Ok(k) => (id, Some(k)),
+                        Err(e) => {
+                            // Not our appliance (or not yet: another host on
+                            // its address). Keep trying, never follow it.
+                            let since = *self.refused_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() >= args.give_up {
+                                bail!(
+                                    "no trusted appliance at {} for {:?}: {e}",
+                                    args.server,
+                                    args.give_up
+                                );
+                            }
+                            let wait = self.backoff.failed(Instant::now());
+                            tracing::error!(error = %e, retry_in = ?wait, "refusing the appliance");
+                            tokio::time::sleep(wait).await;
+                            continue;
+                        }
+                    },
+                },
+                Ok(ApplianceMsg::Error { message }) => bail!("appliance refused us: {message}"),
+                Ok(other) => bail!("expected Welcome, got {other:?}"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "handshake failed; reconnecting");
+                    tokio::time::sleep(self.backoff.current()).await;
+                    continue;
+                }
+            };
+            self.refused_since = None;
+            return Ok((conn, id, trusted));
+        }
     }
 }
 

@@ -64,34 +64,51 @@ pub enum ManifestError {
 }
 
 impl Manifest {
-    /// Stream `path` once and describe it.
+    /// Stream the file at `path` once and describe it.
     pub fn build(
         path: &Path,
         block_size: u32,
         symbol_size: u16,
     ) -> Result<Manifest, ManifestError> {
-        check_params(block_size, symbol_size)?;
-        let mut file = File::open(path)?;
+        let file = File::open(path)?;
         let image_size = file.metadata()?.len();
-        let single = image_size <= block_size as u64;
+        Manifest::from_reader(file, image_size, block_size, symbol_size).map_err(|e| match e {
+            ManifestError::Io(io) => ManifestError::Io(io::Error::new(
+                io.kind(),
+                format!("{}: {io}", path.display()),
+            )),
+            other => other,
+        })
+    }
+
+    /// Describe the `image_size` bytes `r` yields, reading them once. A
+    /// source that ends early or runs on is an error (a file that changed
+    /// while being read).
+    pub fn from_reader(
+        mut r: impl Read,
+        image_size: u64,
+        block_size: u32,
+        symbol_size: u16,
+    ) -> Result<Manifest, ManifestError> {
+        check_params(block_size, symbol_size)?;
+        let single = image_size <= u64::from(block_size);
         let mut buf = vec![0u8; block_size as usize];
         let mut blocks = Vec::new();
         let mut read = 0u64;
         loop {
-            let n = read_full(&mut file, &mut buf)?;
+            let n = read_full(&mut r, &mut buf)?;
             if n == 0 {
                 break;
             }
             blocks.push(BlockInfo::of(read, &buf[..n], single));
             read += n as u64;
-            if n < buf.len() {
+            if n < buf.len() || read > image_size {
                 break;
             }
         }
         if read != image_size {
             return Err(ManifestError::Io(io::Error::other(format!(
-                "{} changed size while being read ({image_size} -> {read} bytes)",
-                path.display()
+                "image changed size while being read ({image_size} -> {read} bytes or more)"
             ))));
         }
         Manifest::from_blocks(image_size, block_size, symbol_size, blocks)
@@ -104,14 +121,7 @@ impl Manifest {
         block_size: u32,
         symbol_size: u16,
     ) -> Result<Manifest, ManifestError> {
-        check_params(block_size, symbol_size)?;
-        let single = data.len() as u64 <= u64::from(block_size);
-        let blocks = data
-            .chunks(block_size as usize)
-            .enumerate()
-            .map(|(i, c)| BlockInfo::of(i as u64 * u64::from(block_size), c, single))
-            .collect();
-        Manifest::from_blocks(data.len() as u64, block_size, symbol_size, blocks)
+        Manifest::from_reader(data, data.len() as u64, block_size, symbol_size)
     }
 
     fn from_blocks(
@@ -382,6 +392,20 @@ pub fn is_zero(data: &[u8]) -> bool {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn a_source_shorter_or_longer_than_announced_is_refused() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let m = Manifest::from_reader(&data[..], 10_000, 4096, 1024).unwrap();
+        assert_eq!(m, Manifest::of_bytes(&data, 4096, 1024).unwrap());
+        for announced in [9_999u64, 10_001, 8192, 12_288] {
+            let e = Manifest::from_reader(&data[..], announced, 4096, 1024).unwrap_err();
+            assert!(
+                matches!(&e, ManifestError::Io(io) if io.to_string().contains("changed size")),
+                "{announced}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn build_marks_zero_blocks_and_short_tail() {

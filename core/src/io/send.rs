@@ -474,17 +474,20 @@ fn send_loop(
     cfg.feedback = Duration::from_millis(u64::from(session.feedback_ms.max(1)));
     cfg.coding_hold = cfg.coding_hold.max(cfg.feedback * 3);
     let mut core = WaveSender::new(cfg.clone(), m.clone(), frame, t0);
-    let mut pk = Packetizer::new(session.key, session.session_id, symbol_size, SEND_BATCH);
+    let mut wire = Wire {
+        pk: Packetizer::new(session.key, session.session_id, symbol_size, SEND_BATCH),
+        sock,
+        gso: gso_segments,
+        wire_bytes: 0,
+        send_errors: 0,
+        render_errors: 0,
+        bytes_sent: metrics::counter!("rackcast_bytes_sent_total", "wave" => wave.clone()),
+        packets_sent: metrics::counter!("rackcast_packets_sent_total", "wave" => wave.clone()),
+    };
     let mut held = Held::default();
     let mut txs: Vec<Tx> = Vec::with_capacity(SEND_BATCH);
     let mut next_tick = t0;
-    let mut wire_bytes = 0u64;
-    let mut send_errors = 0u64;
-    let mut render_errors = 0u64;
-    let mut gso = gso_segments;
     metrics::gauge!("rackcast_wave_blocks", "wave" => wave.clone()).set(m.block_count() as f64);
-    let bytes_sent = metrics::counter!("rackcast_bytes_sent_total", "wave" => wave.clone());
-    let packets_sent = metrics::counter!("rackcast_packets_sent_total", "wave" => wave.clone());
     let mut reporter = link.map(|l| {
         for name in &l.members {
             core.expect_member(name, t0);
@@ -515,30 +518,8 @@ fn send_loop(
             }
             break 'outer;
         }
-        while let Some(a) = core.poll_action() {
-            match a {
-                Action::Load(b) => {
-                    let _ = jobs.send(Job::Load(b));
-                }
-                Action::Release(b) => {
-                    held.loaded.remove(&b);
-                }
-                Action::BuildEncoder(b) => {
-                    let _ = jobs.send(Job::Encode(b, held.loaded.get(&b).cloned()));
-                }
-                Action::DropEncoder(b) => {
-                    held.encoders.remove(&b);
-                }
-                Action::Control(id, msg) => {
-                    if let Some(o) = held.outs.get(&id) {
-                        let _ = o.send(msg);
-                    }
-                }
-                Action::Disconnect(id) => {
-                    held.outs.remove(&id);
-                }
-                Action::Finished => break 'outer,
-            }
+        if held.carry_out(&mut core, &jobs) {
+            break 'outer;
         }
         if now >= next_tick {
             core.on_tick(now);
@@ -552,49 +533,7 @@ fn send_loop(
         txs.clear();
         core.poll_transmit(now, SEND_BATCH, &mut txs);
         if !txs.is_empty() {
-            pk.clear();
-            for tx in &txs {
-                match pk.render(tx, m, &held) {
-                    Ok(Rendered::Batched) => {}
-                    Ok(Rendered::Probe(p)) => {
-                        let _ = sock.send(p);
-                    }
-                    Err(e) => {
-                        render_errors += 1;
-                        if render_errors % 1000 == 1 {
-                            tracing::error!(error = %e, "datagram not rendered; skipped");
-                        }
-                    }
-                }
-            }
-            pk.seal();
-            let n = pk.len();
-            let dlen = pk.datagram_len();
-            let mut off = 0;
-            while off < n {
-                let slice = &pk.batch()[off * dlen..];
-                match net::send_batch(&sock, slice, dlen, n - off, gso) {
-                    Ok(k) => off += k,
-                    Err(e) => {
-                        if gso > 1 && e.raw_os_error() == Some(libc::EIO) {
-                            tracing::warn!("UDP GSO refused by the path; falling back to sendmmsg");
-                            gso = 1;
-                            continue;
-                        }
-                        // ENOBUFS under a full qdisc: the packets are lost
-                        // like any other loss; FEC repairs them.
-                        send_errors += 1;
-                        if send_errors % 1000 == 1 {
-                            tracing::warn!(error = %e, "send failed");
-                        }
-                        std::thread::sleep(Duration::from_micros(200));
-                        break;
-                    }
-                }
-            }
-            wire_bytes += (off * dlen) as u64;
-            bytes_sent.increment((off * dlen) as u64);
-            packets_sent.increment(off as u64);
+            wire.transmit(&txs, m, &held);
             continue;
         }
         // Nothing to send now: sleep until pacing, a probe or an event.
@@ -626,6 +565,17 @@ fn send_loop(
     drop(std::mem::take(&mut held.outs));
     std::thread::sleep(Duration::from_millis(5));
 
+    send_report(&core, held.error, &cfg, m, wire.wire_bytes)
+}
+
+/// The wave's summary from the core's counters and receivers.
+fn send_report(
+    core: &WaveSender,
+    error: Option<String>,
+    cfg: &SenderConfig,
+    m: &Manifest,
+    wire_bytes: u64,
+) -> SendReport {
     let st = core.stats.clone();
     let end = st.finished_at.unwrap_or_else(Instant::now);
     let seconds = st
@@ -653,7 +603,7 @@ fn send_loop(
     let verified = receivers.iter().filter(|r| r.ok).count();
     let sym = (st.source_packets + st.repair_packets).max(1);
     SendReport {
-        ok: held.error.is_none() && verified >= cfg.expected && verified == receivers.len(),
+        ok: error.is_none() && verified >= cfg.expected && verified == receivers.len(),
         image_bytes: m.image_size,
         image_hash: m.image_hash_hex(),
         wire_bytes,
@@ -676,7 +626,70 @@ fn send_loop(
         repair_overhead_pct: st.repair_packets as f64 * 100.0 / sym as f64,
         expected_receivers: cfg.expected,
         receivers,
-        error: held.error,
+        error,
+    }
+}
+
+/// The send thread's side of the wire: the datagram batch, the socket,
+/// and what went out (or did not).
+struct Wire {
+    pk: Packetizer,
+    sock: std::net::UdpSocket,
+    /// Datagrams per GSO send; 1 once the path refused GSO.
+    gso: usize,
+    wire_bytes: u64,
+    send_errors: u64,
+    render_errors: u64,
+    bytes_sent: metrics::Counter,
+    packets_sent: metrics::Counter,
+}
+
+impl Wire {
+    /// Render `txs` (probes go at once) and send the batch.
+    fn transmit(&mut self, txs: &[Tx], m: &Manifest, held: &Held) {
+        self.pk.clear();
+        for tx in txs {
+            match self.pk.render(tx, m, held) {
+                Ok(Rendered::Batched) => {}
+                Ok(Rendered::Probe(p)) => {
+                    let _ = self.sock.send(p);
+                }
+                Err(e) => {
+                    self.render_errors += 1;
+                    if self.render_errors % 1000 == 1 {
+                        tracing::error!(error = %e, "datagram not rendered; skipped");
+                    }
+                }
+            }
+        }
+        self.pk.seal();
+        let n = self.pk.len();
+        let dlen = self.pk.datagram_len();
+        let mut off = 0;
+        while off < n {
+            let slice = &self.pk.batch()[off * dlen..];
+            match net::send_batch(&self.sock, slice, dlen, n - off, self.gso) {
+                Ok(k) => off += k,
+                Err(e) => {
+                    if self.gso > 1 && e.raw_os_error() == Some(libc::EIO) {
+                        tracing::warn!("UDP GSO refused by the path; falling back to sendmmsg");
+                        self.gso = 1;
+                        continue;
+                    }
+                    // ENOBUFS under a full qdisc: the packets are lost
+                    // like any other loss; FEC repairs them.
+                    self.send_errors += 1;
+                    if self.send_errors % 1000 == 1 {
+                        tracing::warn!(error = %e, "send failed");
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                    break;
+                }
+            }
+        }
+        self.wire_bytes += (off * dlen) as u64;
+        self.bytes_sent.increment((off * dlen) as u64);
+        self.packets_sent.increment(off as u64);
     }
 }
 
@@ -691,6 +704,36 @@ struct Held {
 }
 
 impl Held {
+    /// Carry out the core's queued actions; true once the wave is over.
+    fn carry_out(&mut self, core: &mut WaveSender, jobs: &Sender<Job>) -> bool {
+        while let Some(a) = core.poll_action() {
+            match a {
+                Action::Load(b) => {
+                    let _ = jobs.send(Job::Load(b));
+                }
+                Action::Release(b) => {
+                    self.loaded.remove(&b);
+                }
+                Action::BuildEncoder(b) => {
+                    let _ = jobs.send(Job::Encode(b, self.loaded.get(&b).cloned()));
+                }
+                Action::DropEncoder(b) => {
+                    self.encoders.remove(&b);
+                }
+                Action::Control(id, msg) => {
+                    if let Some(o) = self.outs.get(&id) {
+                        let _ = o.send(msg);
+                    }
+                }
+                Action::Disconnect(id) => {
+                    self.outs.remove(&id);
+                }
+                Action::Finished => return true,
+            }
+        }
+        false
+    }
+
     /// Feed one event from a connection or worker into the core.
     fn on_event(&mut self, core: &mut WaveSender, ev: Event) {
         let now = Instant::now();

@@ -35,6 +35,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::dataplane::receiver::{Counters, DecodeJob, ReceiverCore};
 
+use crate::image::manifest::Manifest;
 use crate::io::conn::{Conn, ConnError};
 use crate::io::net::{self, RecvBatch};
 use crate::wire::control::{self, Msg, SessionParams, Verdict, PROTOCOL_VERSION};
@@ -44,7 +45,7 @@ mod writer;
 
 pub use resume::saved_blocks;
 use resume::ResumeState;
-use writer::{open_output, writer_loop, DecodeResult};
+use writer::{open_output, writer_loop, DecodeResult, Output};
 
 #[derive(Debug, Clone)]
 pub struct ReceiveOptions {
@@ -295,6 +296,104 @@ async fn await_delivery(
     }
 }
 
+/// What is already on the output when a receiver starts.
+struct Recheck {
+    /// Digests of the blocks in place (resumed ones).
+    digests: Vec<Option<[u8; 32]>>,
+    /// Zero blocks: written (unless the file is fresh) and left to the
+    /// writer to digest from zeros while it waits for work.
+    zero_blocks: Vec<u32>,
+    resumed: u32,
+}
+
+/// Re-check the blocks the resume state claims (re-read and re-digested,
+/// not trusted), write zero blocks, and mark both done in the core. Zero
+/// blocks are digested from zeros, never taken from the manifest, so a
+/// wrong "zero" mark fails the whole-image hash.
+fn recheck(
+    m: &Manifest,
+    out: &Output,
+    resume: &mut ResumeState,
+    core: &mut ReceiverCore,
+) -> io::Result<Recheck> {
+    let n = m.block_count();
+    let mut digests: Vec<Option<[u8; 32]>> = vec![None; n as usize];
+    let mut zero_blocks = Vec::new();
+    let mut resumed = 0u32;
+    let mut buf = vec![0u8; m.block_size as usize];
+    let zero = vec![0u8; m.block_size as usize];
+    for b in 0..n {
+        let len = m.block_len(b);
+        let info = m.blocks[b as usize];
+        if resume.has(b) {
+            let digest = out
+                .file
+                .read_exact_at(&mut buf[..len], m.block_offset(b))
+                .ok()
+                .map(|()| m.digest_block(b, &buf[..len]));
+            if digest == Some(info.hash) {
+                digests[b as usize] = digest;
+                core.mark_done(b);
+                resumed += 1;
+                continue;
+            }
+            resume.set(b, false);
+        }
+        if info.zero {
+            if !out.fresh {
+                out.file.write_all_at(&zero[..len], m.block_offset(b))?;
+            }
+            zero_blocks.push(b);
+            core.mark_done(b);
+        }
+    }
+    Ok(Recheck {
+        digests,
+        zero_blocks,
+        resumed,
+    })
+}
+
+/// The verdict on the written image's hash (or the error that ended the
+/// session); drops the resume state when it must not be reused.
+fn judge(
+    outcome: Result<[u8; 32], String>,
+    m: &Manifest,
+    state_path: &Path,
+) -> (bool, Option<String>, Verdict) {
+    let (verified, reason) = match outcome {
+        Ok(h) if h == m.image_hash => (true, None),
+        Ok(h) => (
+            false,
+            Some(format!(
+                "written image hashes to {}, manifest says {}",
+                blake3::Hash::from_bytes(h).to_hex(),
+                m.image_hash_hex()
+            )),
+        ),
+        Err(e) => (false, Some(e)),
+    };
+    let verdict = if verified {
+        // Done: a later run must not "resume" into a finished image.
+        let _ = std::fs::remove_file(state_path);
+        Verdict::Verified {
+            image_hash: m.image_hash,
+        }
+    } else {
+        if reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("written image hashes"))
+        {
+            // The resume state led to a bad image: do not reuse it.
+            let _ = std::fs::remove_file(state_path);
+        }
+        Verdict::Failed {
+            reason: reason.clone().unwrap_or_default(),
+        }
+    };
+    (verified, reason, verdict)
+}
+
 /// Receive one image. `Ok(report)` with `report.verified == false` is a
 /// clean failure (reason given, reported to the sender); `Err` means we
 /// could not even take part.
@@ -344,46 +443,15 @@ pub async fn run_receive(
         path: opts.out.clone(),
         source,
     })?;
-    // Blocks claimed by the resume state are re-checked, not trusted.
-    // Digests of blocks already in place; zero blocks are digested by the
-    // writer while it waits for work (from zeros, never taken from the
-    // manifest, so a wrong "zero" mark fails the whole-image hash).
-    let mut digests: Vec<Option<[u8; 32]>> = vec![None; n as usize];
-    let mut zero_blocks = Vec::new();
     let mut core = ReceiverCore::new((*m).clone(), session.session_id, session.key);
-    let mut resumed = 0u32;
-    let mut buf = vec![0u8; m.block_size as usize];
-    let zero = vec![0u8; m.block_size as usize];
-    for b in 0..n {
-        let len = m.block_len(b);
-        let info = m.blocks[b as usize];
-        if resume.has(b) {
-            let digest = out
-                .file
-                .read_exact_at(&mut buf[..len], m.block_offset(b))
-                .ok()
-                .map(|()| m.digest_block(b, &buf[..len]));
-            if digest == Some(info.hash) {
-                digests[b as usize] = digest;
-                core.mark_done(b);
-                resumed += 1;
-                continue;
-            }
-            resume.set(b, false);
-        }
-        if info.zero {
-            if !out.fresh {
-                out.file
-                    .write_all_at(&zero[..len], m.block_offset(b))
-                    .map_err(|source| ReceiveError::Output {
-                        path: opts.out.clone(),
-                        source,
-                    })?;
-            }
-            zero_blocks.push(b);
-            core.mark_done(b);
-        }
-    }
+    let Recheck {
+        digests,
+        zero_blocks,
+        resumed,
+    } = recheck(&m, &out, &mut resume, &mut core).map_err(|source| ReceiveError::Output {
+        path: opts.out.clone(),
+        source,
+    })?;
     if resumed > 0 {
         tracing::info!(resumed, "resuming: blocks already on the output");
     }
@@ -475,36 +543,7 @@ pub async fn run_receive(
         }
         Err(_) => Counters::default(),
     };
-    let (verified, reason) = match outcome {
-        Ok(h) if h == m.image_hash => (true, None),
-        Ok(h) => (
-            false,
-            Some(format!(
-                "written image hashes to {}, manifest says {}",
-                blake3::Hash::from_bytes(h).to_hex(),
-                m.image_hash_hex()
-            )),
-        ),
-        Err(e) => (false, Some(e)),
-    };
-    let verdict = if verified {
-        // Done: a later run must not "resume" into a finished image.
-        let _ = std::fs::remove_file(&state_path);
-        Verdict::Verified {
-            image_hash: m.image_hash,
-        }
-    } else {
-        if reason
-            .as_deref()
-            .is_some_and(|r| r.starts_with("written image hashes"))
-        {
-            // The resume state led to a bad image: do not reuse it.
-            let _ = std::fs::remove_file(&state_path);
-        }
-        Verdict::Failed {
-            reason: reason.clone().unwrap_or_default(),
-        }
-    };
+    let (verified, reason, verdict) = judge(outcome, &m, &state_path);
     if let Ok(bytes) = control::emit(&Msg::Done(verdict)) {
         let sent = Instant::now();
         if sink.send(bytes::Bytes::from(bytes)).await.is_ok() {
