@@ -23,7 +23,8 @@
 # is set, their logs' last lines (matching the regex RC_RX_GREP, if set)
 # are printed after each run. RC_SEND_LOG sets the sender's log level; when
 # it is set, the sender's log is kept as $RC_SEND_LOG_DIR/send-N-LOSS.log
-# (default /tmp).
+# (default /tmp). RC_KEEP_LOGS=DIR keeps every tool's sender log of every
+# run there (TOOL-N-LOSS-ROUND.log), e.g. to read UFTP's NAK counts.
 #
 # A case is N:LOSS_PERCENT. Run as root. Lab: 198.18.0.0/24, groups in
 # 239.255.0.0/16, namespaces rcb-*; everything it starts is stopped by PID
@@ -205,6 +206,10 @@ for c in $CASES; do
     for tool in $TOOLS; do
       read -r secs good rxcpu < <("run_$tool" "$n")
       report "$tool" "$n" "$loss" "$secs" "$good" "$rxcpu"
+      if [ -n "${RC_KEEP_LOGS:-}" ]; then
+        mkdir -p "$RC_KEEP_LOGS"
+        cp "$WORK/send.log" "$RC_KEEP_LOGS/$tool-$n-$loss-$round.log" 2>/dev/null || true
+      fi
       SECS+=("$n:$loss $tool $secs $good $n")
     done
   done

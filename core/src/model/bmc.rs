@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 pub struct RedfishTarget {
     /// `https://169.254.95.118` (Host Interface) or any base URL.
     pub url: String,
+    /// Basic-auth user.
     pub username: String,
+    /// Basic-auth password: never in a log (see `Debug`).
     pub password: String,
     /// ComputerSystem id; default: the only member of /redfish/v1/Systems.
     pub system: Option<String>,

@@ -17,16 +17,22 @@ pub const BUNDLE_VERSION: u16 = 1;
 /// A file of the bundle, by content address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlobRef {
+    /// File name in the unpacked bundle.
     pub name: String,
     /// BLAKE3, hex.
     pub hash: String,
+    /// Bytes.
     pub size: u64,
+    /// Unpacked with the executable bit.
     pub executable: bool,
 }
 
+/// A driver or tool module the device's PCI ids selected.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModuleRef {
+    /// The module's name in the catalogue.
     pub name: String,
+    /// Its file.
     pub blob: BlobRef,
     /// Run once after the bundle is unpacked (load a driver, install a
     /// tool); `{file}` in argv is the module's path.
@@ -39,10 +45,15 @@ pub struct ModuleRef {
 /// gets a different one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bundle {
+    /// [`BUNDLE_VERSION`].
     pub version: u16,
+    /// The CPU architecture its agent is built for.
     pub arch: String,
+    /// The deployment agent binary.
     pub agent: BlobRef,
+    /// Modules for the device's hardware.
     pub modules: Vec<ModuleRef>,
+    /// What the agent does.
     pub plan: Plan,
 }
 
@@ -54,6 +65,7 @@ impl Bundle {
         postcard::to_stdvec(self).unwrap_or_default()
     }
 
+    /// The bundle's address: BLAKE3 of [`Self::to_bytes`], hex.
     pub fn hash_hex(&self) -> String {
         blake3::hash(&self.to_bytes()).to_hex().to_string()
     }
@@ -77,20 +89,43 @@ impl Bundle {
     }
 }
 
+/// Why a bundle could not be used or built.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum BundleError {
+    /// The fetched bytes are not the bundle asked for.
     #[error("bundle hash mismatch: want {want}, got {got}")]
-    HashMismatch { want: String, got: String },
+    HashMismatch {
+        /// The address asked for.
+        want: String,
+        /// The BLAKE3 of what arrived.
+        got: String,
+    },
+    /// The bytes do not decode.
     #[error("malformed bundle: {0}")]
     Malformed(String),
+    /// A format this agent does not know.
     #[error("bundle version {0} is not supported")]
     Version(u16),
+    /// No profile fits the hardware.
     #[error("no device profile matches DMI vendor {vendor:?} model {model:?}")]
-    NoProfile { vendor: String, model: String },
+    NoProfile {
+        /// The device's DMI vendor.
+        vendor: String,
+        /// The device's DMI model.
+        model: String,
+    },
+    /// No agent binary for the device's CPU.
     #[error("no agent binary for architecture {0:?}")]
     NoAgent(String),
+    /// A profile's rule cannot be met on this hardware.
     #[error("profile {profile}: {why}")]
-    Rule { profile: String, why: String },
+    Rule {
+        /// The profile.
+        profile: String,
+        /// What failed.
+        why: String,
+    },
+    /// The profile names an image the store does not have.
     #[error("image {0:?} is not in the image store")]
     NoImage(String),
 }

@@ -8,51 +8,71 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The machine's SMBIOS/DMI identity.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Dmi {
+    /// System manufacturer (`Dell Inc.`): profiles match it by glob.
     pub vendor: String,
+    /// Product name (`PowerEdge R650`): profiles match it by glob.
     pub model: String,
+    /// System serial number.
     pub serial: String,
+    /// System UUID, when the firmware reports one.
     #[serde(default)]
     pub uuid: String,
 }
 
+/// The CPUs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cpu {
-    /// `x86_64`, `aarch64`, ...
+    /// `x86_64`, `aarch64`, ...: picks the agent binary of the bundle.
     pub arch: String,
+    /// Logical CPUs.
     pub count: u32,
+    /// Model name, as /proc/cpuinfo has it.
     #[serde(default)]
     pub model: String,
 }
 
-/// PCI vendor:device, lower-case hex (`15b3:1017`).
+/// A network interface.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Nic {
+    /// Kernel name (`eno1`).
     pub name: String,
+    /// MAC address, `aa:bb:cc:dd:ee:ff`.
     pub mac: String,
+    /// PCI vendor:device, lower-case hex (`15b3:1017`): selects driver
+    /// and tool modules.
     #[serde(default)]
     pub pci_id: Option<String>,
 }
 
+/// A disk the OS sees.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Disk {
     /// Kernel name (`sda`, `nvme0n1`) or, in the lab, a label.
     pub name: String,
     /// Device node or file the agent writes to.
     pub path: String,
+    /// Capacity in bytes.
     pub size_bytes: u64,
+    /// Model string: disk rules match it by glob.
     #[serde(default)]
     pub model: String,
+    /// Serial number: disk rules match it by glob.
     #[serde(default)]
     pub serial: String,
+    /// Spinning disk (`false`: SSD/NVMe).
     #[serde(default)]
     pub rotational: bool,
 }
 
+/// A storage controller (RAID HBA, NVMe, SATA).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StorageController {
+    /// PCI vendor:device, lower-case hex: selects modules.
     pub pci_id: String,
+    /// Its name, when the system tells.
     #[serde(default)]
     pub name: String,
 }
@@ -60,11 +80,17 @@ pub struct StorageController {
 /// What the loader found on the device.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Inventory {
+    /// Identity: vendor, model, serial.
     pub dmi: Dmi,
+    /// CPUs.
     pub cpu: Cpu,
+    /// Installed memory in bytes.
     pub memory_bytes: u64,
+    /// Network interfaces.
     pub nics: Vec<Nic>,
+    /// Disks.
     pub disks: Vec<Disk>,
+    /// Storage controllers.
     #[serde(default)]
     pub storage_controllers: Vec<StorageController>,
 }

@@ -15,13 +15,18 @@ use super::{Disk, RedfishTarget};
 /// A program the agent runs on the device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Program {
+    /// Its name in the device's log.
     pub name: String,
+    /// Program and arguments (`{file}` stands for a module's path).
     pub argv: Vec<String>,
+    /// Killed after this many seconds.
     pub timeout_s: u64,
+    /// Extra environment.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
 }
 
+/// The BIOS step: wanted attributes and the backend that sets them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BiosPlan {
     /// Wanted attributes (`BootMode = "Uefi"`), for the BIOS backend.
@@ -34,6 +39,8 @@ pub struct BiosPlan {
     pub program: Option<Program>,
 }
 
+/// The RAID step: md array, hardware volume through the BMC, or a
+/// program.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RaidPlan {
     /// `raid0`, `raid1`, `raid5`, `raid6`, `raid10`.
@@ -58,8 +65,10 @@ pub struct RaidPlan {
     /// (on the device: the drives are the controller's, not the OS's).
     #[serde(default)]
     pub redfish: Option<RedfishTarget>,
+    /// Which controller drives form the volume.
     #[serde(default)]
     pub drive_rule: Option<DiskRule>,
+    /// The volume's name (reused when it matches).
     #[serde(default)]
     pub volume_name: String,
     /// Program-runner backend (instead of mdadm); gets `RC_RAID_LEVEL`,
@@ -67,10 +76,14 @@ pub struct RaidPlan {
     pub program: Option<Program>,
 }
 
+/// The image step: which image, and where it goes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImagePlan {
+    /// The image's name in the appliance's store.
     pub name: String,
+    /// Its whole BLAKE3, hex.
     pub hash: String,
+    /// Its size in bytes.
     pub size: u64,
     /// Where the image is written: a disk by kernel name (see
     /// [`RaidPlan::members`]) or the RAID array's path.
@@ -80,12 +93,19 @@ pub struct ImagePlan {
 /// What the device's agent does, step by step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
+    /// The device profile that made it.
     pub profile: String,
+    /// BIOS settings (`None`: the step is skipped).
     pub bios: Option<BiosPlan>,
+    /// RAID (`None`: skipped).
     pub raid: Option<RaidPlan>,
+    /// Configuration programs, before the image.
     pub programs: Vec<Program>,
+    /// The image and its target.
     pub image: ImagePlan,
+    /// Programs after the image is verified.
     pub post_install: Vec<Program>,
+    /// Makes the device boot its disk next.
     pub boot_to_disk: Option<Program>,
 }
 
@@ -133,6 +153,7 @@ pub struct DiskRule {
     /// Only solid-state (true) or rotational (false) disks.
     #[serde(default)]
     pub ssd: Option<bool>,
+    /// Only disks at least this large.
     #[serde(default)]
     pub min_size_bytes: Option<u64>,
     /// Only the disk with this serial.

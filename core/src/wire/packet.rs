@@ -24,7 +24,9 @@ use thiserror::Error;
 pub const MAGIC: u16 = 0x5243;
 /// Bumped on any incompatible change of this layout.
 pub const VERSION: u8 = 1;
+/// Header bytes before the payload.
 pub const HEADER_LEN: usize = 24;
+/// Keyed BLAKE3 tag bytes after the payload.
 pub const TAG_LEN: usize = 16;
 /// Header + tag: what a packet costs beyond its symbol.
 pub const OVERHEAD: usize = HEADER_LEN + TAG_LEN;
@@ -69,12 +71,18 @@ impl Kind {
 /// Parsed header. `payload_len` bytes of payload follow it in the datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    /// What the payload is.
     pub kind: Kind,
+    /// The wave session's random id (from the TCP session): packets of
+    /// another session are dropped before their tag is checked.
     pub session: u32,
     /// Sender-wide packet counter; receivers derive loss from its gaps.
     pub seq: u32,
+    /// The image block the payload belongs to.
     pub block: u32,
+    /// Encoding symbol id (24 bits), or a coded datagram's combination id.
     pub esi: u32,
+    /// Payload bytes after the header.
     pub payload_len: u16,
 }
 
@@ -83,23 +91,34 @@ pub struct Header {
 pub enum PacketError {
     /// Shorter than header + tag, or than header + payload_len + tag.
     #[error("datagram truncated: {got} bytes, need {need}")]
-    Truncated { got: usize, need: usize },
+    Truncated {
+        /// Bytes received.
+        got: usize,
+        /// Bytes the header promised.
+        need: usize,
+    },
     /// Longer than header + payload_len + tag.
     #[error("datagram has {extra} trailing bytes")]
-    Trailing { extra: usize },
+    Trailing {
+        /// Bytes past the tag.
+        extra: usize,
+    },
     /// Not ours at all.
     #[error("bad magic {0:#06x}")]
     BadMagic(u16),
     /// Ours, but a version we do not speak.
     #[error("unsupported packet version {0}")]
     BadVersion(u8),
+    /// A kind byte this version does not define.
     #[error("unknown packet kind {0}")]
     BadKind(u8),
     /// Reserved field not zero: a newer sender or garbage.
     #[error("reserved field is {0:#06x}, expected 0")]
     Reserved(u16),
+    /// An ESI beyond RaptorQ's 24 bits.
     #[error("encoding symbol id {0} exceeds 24 bits")]
     EsiRange(u32),
+    /// Probes carry no payload.
     #[error("probe packet with {0} payload bytes")]
     ProbePayload(u16),
     /// The keyed tag did not match: wrong key or tampered packet.
@@ -107,7 +126,12 @@ pub enum PacketError {
     BadTag,
     /// Emitting: the payload is not as long as the header says.
     #[error("payload is {got} bytes, header says {header}")]
-    PayloadLength { got: usize, header: u16 },
+    PayloadLength {
+        /// Payload bytes given.
+        got: usize,
+        /// What the header says.
+        header: u16,
+    },
 }
 
 /// Parse and check the header of `datagram`; returns the header and the
