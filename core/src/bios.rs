@@ -14,31 +14,48 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value};
 use thiserror::Error;
 
+/// BIOS attributes as a BMC reports them: name to typed JSON value.
 pub type Attributes = Map<String, Value>;
 
+/// Why the BIOS step cannot reach what the profile wants.
 #[derive(Debug, Error, PartialEq)]
 pub enum BiosError {
+    /// The BIOS has no such attribute.
     #[error("BIOS attribute {0} is not offered by this machine's BIOS")]
     NotOffered(String),
+    /// The wanted value does not fit the attribute's type.
     #[error("BIOS attribute {attr}: {value:?} is not a valid {kind}")]
     BadValue {
+        /// The attribute.
         attr: String,
+        /// The wanted value, as the profile has it.
         value: String,
+        /// The type the BMC reports the attribute as.
         kind: &'static str,
     },
+    /// After apply, these read back different.
     #[error("BIOS attributes read back different after apply: {}", list_mismatches(.0))]
     Mismatch(Vec<Mismatch>),
     /// The backend could not do what was asked (BMC unreachable, HTTP
     /// error, refused PATCH); the text names the attribute when the BMC
     /// did. Worth a retry when `retryable`.
     #[error("{message}")]
-    Backend { message: String, retryable: bool },
+    Backend {
+        /// What the backend said.
+        message: String,
+        /// Whether trying again later can help (an unreachable BMC).
+        retryable: bool,
+    },
 }
 
+/// An attribute that reads back different from what was wanted.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mismatch {
+    /// The attribute.
     pub attr: String,
+    /// What the profile wants.
     pub wanted: String,
+    /// What the BMC reads back.
     pub got: Value,
 }
 
@@ -143,6 +160,7 @@ pub fn verify(after: &Attributes, wanted: &BTreeMap<String, String>) -> Result<(
 }
 
 impl BiosError {
+    /// Whether trying again later can help.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,

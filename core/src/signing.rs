@@ -25,26 +25,54 @@ use thiserror::Error;
 /// signature over anything else this key might sign later.
 const BUNDLE_CONTEXT: &[u8] = b"rackcast bundle v1\0";
 
+/// Ed25519 public key bytes.
 pub const PUBLIC_KEY_LEN: usize = 32;
+/// Ed25519 signature bytes.
 pub const SIGNATURE_LEN: usize = 64;
 
+/// Why a key could not be loaded or a bundle not trusted.
 #[derive(Debug, Error)]
 pub enum SigningError {
+    /// The key file could not be read or made.
     #[error("signing key {path}: {source}")]
     Io {
+        /// The key file.
         path: String,
+        /// What failed.
         source: std::io::Error,
     },
+    /// The key file is not a 32-byte seed.
     #[error("signing key {path}: expected a 32-byte seed, found {len} bytes")]
-    BadKeyFile { path: String, len: usize },
+    BadKeyFile {
+        /// The key file.
+        path: String,
+        /// Its length.
+        len: usize,
+    },
+    /// The appliance showed no key, but the device trusts one.
     #[error("the appliance sent no signing key, but this device trusts key {expected}")]
-    NoKey { expected: String },
+    NoKey {
+        /// The trusted fingerprint.
+        expected: String,
+    },
+    /// The appliance showed another key than the trusted one.
     #[error("the appliance's key {got} is not the trusted key {expected}")]
-    WrongKey { got: String, expected: String },
+    WrongKey {
+        /// The fingerprint of the key shown.
+        got: String,
+        /// The trusted fingerprint.
+        expected: String,
+    },
+    /// The key shown is not an Ed25519 public key.
     #[error("malformed public key: {0}")]
     BadPublicKey(String),
+    /// The bundle's signature does not verify.
     #[error("bundle {hash}: bad or missing signature")]
-    BadSignature { hash: String },
+    BadSignature {
+        /// The bundle's address.
+        hash: String,
+    },
+    /// A fingerprint is not 64 hex digits.
     #[error("fingerprint must be 64 hex digits (BLAKE3 of the public key), got {0:?}")]
     BadFingerprint(String),
 }
@@ -109,16 +137,19 @@ impl BundleSigner {
         }
     }
 
+    /// The signer of a 32-byte seed.
     pub fn from_seed(seed: [u8; 32]) -> BundleSigner {
         BundleSigner {
             key: SigningKey::from_bytes(&seed),
         }
     }
 
+    /// The public key, shown in `Welcome`.
     pub fn public_key(&self) -> [u8; PUBLIC_KEY_LEN] {
         self.key.verifying_key().to_bytes()
     }
 
+    /// BLAKE3 of the public key, hex: what devices are told to trust.
     pub fn fingerprint(&self) -> String {
         fingerprint(&self.public_key())
     }
@@ -166,10 +197,12 @@ impl TrustedKey {
         Ok(TrustedKey { key })
     }
 
+    /// BLAKE3 of the trusted key, hex.
     pub fn fingerprint(&self) -> String {
         fingerprint(self.key.as_bytes())
     }
 
+    /// Check `signature` over bundle address `hash`.
     pub fn verify_bundle(&self, hash: &str, signature: &[u8]) -> Result<(), SigningError> {
         let bad = || SigningError::BadSignature {
             hash: hash.to_string(),

@@ -12,21 +12,37 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::workflow::Millis;
 
+/// What the controller must do for the scheduler.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WaveAction {
     /// Start a wave of `image` with these members; the controller answers
     /// with [`WaveScheduler::started`].
-    Start { image: String, members: Vec<String> },
+    Start {
+        /// The image.
+        image: String,
+        /// Device ids.
+        members: Vec<String>,
+    },
     /// Add a late member to a running wave.
-    Join { wave: i64, device: String },
+    Join {
+        /// The running wave.
+        wave: i64,
+        /// The device id.
+        device: String,
+    },
     /// New rate per running wave (bits/s).
     Rates(Vec<(i64, u64)>),
 }
 
+/// When waves start and how fast they go.
 #[derive(Debug, Clone)]
 pub struct Policy {
+    /// Start once this many are ready and `start_after_ms` passed since
+    /// the first.
     pub min_members: usize,
+    /// See `min_members`.
     pub start_after_ms: Millis,
+    /// Bits/s shared by all running waves.
     pub total_rate: u64,
 }
 
@@ -36,6 +52,7 @@ struct Running {
     members: BTreeSet<String>,
 }
 
+/// The scheduler: queues of ready devices per image and the running waves.
 #[derive(Debug)]
 pub struct WaveScheduler {
     policy: Policy,
@@ -45,6 +62,7 @@ pub struct WaveScheduler {
 }
 
 impl WaveScheduler {
+    /// A scheduler with nothing queued or running.
     pub fn new(policy: Policy) -> WaveScheduler {
         WaveScheduler {
             policy,
@@ -140,10 +158,12 @@ impl WaveScheduler {
         )
     }
 
+    /// Waves running now.
     pub fn running_waves(&self) -> usize {
         self.running.len()
     }
 
+    /// Devices waiting for a wave of `image`.
     pub fn queued(&self, image: &str) -> usize {
         self.queues.get(image).map_or(0, |q| q.len())
     }

@@ -40,11 +40,13 @@ impl TokenBucket {
         self.tokens = (self.tokens + dt * self.rate).min(self.burst);
     }
 
+    /// Change the rate from `now` on (tokens earned so far are kept).
     pub fn set_rate(&mut self, rate_bps: u64, now: Instant) {
         self.refill(now);
         self.rate = rate_bps as f64 / 8.0;
     }
 
+    /// The current rate, bits/s.
     pub fn rate_bps(&self) -> u64 {
         (self.rate * 8.0) as u64
     }
@@ -91,6 +93,7 @@ pub struct RateController {
 }
 
 impl RateController {
+    /// A controller between `min_rate` and `max_rate`, cutting when the worst loss exceeds `loss_threshold`.
     pub fn new(max_rate: u64, min_rate: u64, loss_threshold: f64) -> RateController {
         RateController {
             max_rate,
@@ -100,6 +103,7 @@ impl RateController {
         }
     }
 
+    /// The rate it allows now, bits/s.
     pub fn current(&self) -> u64 {
         self.current
     }

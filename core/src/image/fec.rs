@@ -34,6 +34,7 @@ pub struct BlockEncoder {
 }
 
 impl BlockEncoder {
+    /// The encoder of one block, with the block's transmission parameters.
     pub fn new(oti: &ObjectTransmissionInformation, block: &[u8]) -> BlockEncoder {
         let t = oti.symbol_size() as usize;
         let k = block.len().div_ceil(t);
@@ -48,6 +49,7 @@ impl BlockEncoder {
         BlockEncoder { inner, k: k as u32 }
     }
 
+    /// K: source symbols of the block.
     pub fn source_symbols(&self) -> u32 {
         self.k
     }
@@ -77,13 +79,16 @@ pub struct BlockAssembly {
 /// What adding one symbol did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Added {
+    /// A symbol the block did not have.
     New,
+    /// Already had it.
     Duplicate,
     /// Wrong payload length for this block: dropped.
     BadLength,
 }
 
 impl BlockAssembly {
+    /// An empty assembly of a block of `k` source symbols.
     pub fn new(k: u32, symbol_size: u16) -> BlockAssembly {
         BlockAssembly::with_buffer(k, symbol_size, Vec::new())
     }
@@ -103,6 +108,7 @@ impl BlockAssembly {
         }
     }
 
+    /// Take symbol `esi`.
     pub fn add(&mut self, esi: u32, payload: &[u8]) -> Added {
         if payload.len() != self.symbol_size {
             return Added::BadLength;
@@ -165,6 +171,7 @@ impl BlockAssembly {
         Some(out)
     }
 
+    /// Enough symbols to try decoding (at least K).
     pub fn ready(&self) -> bool {
         self.count() >= self.k
     }

@@ -24,6 +24,7 @@ pub const MAX_SOURCE_SYMBOLS: u64 = 56_403;
 /// corrupt manifest cannot make a receiver allocate absurd bitmaps.
 pub const MAX_IMAGE_SIZE: u64 = 16 << 40;
 
+/// One block of the image as the manifest describes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockInfo {
     /// [`block_digest`] of the block: its chaining value in the BLAKE3
@@ -45,20 +46,29 @@ impl BlockInfo {
     }
 }
 
+/// What an image is: its size and hash, its blocks' digests and zero
+/// blocks, and the symbol size of the waves that carry it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
+    /// Bytes.
     pub image_size: u64,
+    /// BLAKE3 of the whole image (the merge of the block digests).
     pub image_hash: [u8; 32],
+    /// Bytes per block (a power of two; the last block may be shorter).
     pub block_size: u32,
     /// RaptorQ symbol size T (bytes per packet payload).
     pub symbol_size: u16,
+    /// Every block, in image order.
     pub blocks: Vec<BlockInfo>,
 }
 
+/// Why a manifest could not be built or loaded.
 #[derive(Debug, Error)]
 pub enum ManifestError {
+    /// Reading the image or the manifest file failed.
     #[error("reading image: {0}")]
     Io(#[from] io::Error),
+    /// The parameters or the file do not describe a usable image.
     #[error("invalid manifest: {0}")]
     Invalid(String),
 }
@@ -176,10 +186,12 @@ impl Manifest {
         block_digest(self.block_offset(b), data, self.blocks.len() == 1)
     }
 
+    /// Blocks in the image.
     pub fn block_count(&self) -> u32 {
         self.blocks.len() as u32
     }
 
+    /// Where `block` starts in the image.
     pub fn block_offset(&self, block: u32) -> u64 {
         block as u64 * self.block_size as u64
     }
@@ -221,6 +233,7 @@ impl Manifest {
         self.data_blocks().map(|b| self.block_len(b) as u64).sum()
     }
 
+    /// The image hash, hex.
     pub fn image_hash_hex(&self) -> String {
         blake3::Hash::from_bytes(self.image_hash)
             .to_hex()
@@ -378,6 +391,7 @@ pub fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
+/// Whether every byte is zero.
 pub fn is_zero(data: &[u8]) -> bool {
     // Eight bytes at a time keeps zero detection off the profile.
     let chunks = data.chunks_exact(8);

@@ -18,26 +18,36 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use crate::wire::control::{self, ControlError, Msg};
 use crate::wire::device::{AgentMsg, ApplianceMsg, DeviceWireError};
 
+/// Why a framed connection failed.
 #[derive(Debug, Error)]
 pub enum ConnError {
+    /// The peer closed the connection.
     #[error("connection closed by peer")]
     Closed,
+    /// Nothing arrived within the read timeout.
     #[error("no message within {0:?}")]
     Timeout(Duration),
+    /// A socket error.
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// A frame longer than the limit.
     #[error("frame larger than {0} bytes")]
     Oversize(usize),
+    /// A wave-control frame was refused.
     #[error(transparent)]
     Protocol(#[from] ControlError),
+    /// A device-protocol frame was refused.
     #[error(transparent)]
     Device(#[from] DeviceWireError),
 }
 
 /// A message type that travels in frames.
 pub trait Frame: Sized {
+    /// Largest frame of this message type.
     const MAX_FRAME: usize;
+    /// Encode for a frame.
     fn encode(&self) -> Result<Vec<u8>, ConnError>;
+    /// Decode and check a frame.
     fn decode(frame: &[u8]) -> Result<Self, ConnError>;
 }
 
@@ -71,10 +81,13 @@ impl Frame for ApplianceMsg {
     }
 }
 
+/// The sending half of a split connection.
 pub type FrameSink =
     futures_util::stream::SplitSink<Framed<TcpStream, LengthDelimitedCodec>, bytes::Bytes>;
+/// The receiving half of a split connection.
 pub type FrameStream = futures_util::stream::SplitStream<Framed<TcpStream, LengthDelimitedCodec>>;
 
+/// A framed TCP connection: length-delimited frames of bounded size, timed reads.
 pub struct Conn {
     framed: Framed<TcpStream, LengthDelimitedCodec>,
     max_frame: usize,
@@ -151,6 +164,7 @@ pub fn unacked_bytes(fd: std::os::fd::RawFd) -> std::io::Result<usize> {
     Ok(n.max(0) as usize)
 }
 
+/// The length-delimited codec with `max_frame` as its limit.
 pub fn codec(max_frame: usize) -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
         .max_frame_length(max_frame)
@@ -169,6 +183,7 @@ impl Conn {
         }
     }
 
+    /// Send one message.
     pub async fn send<M: Frame>(&mut self, msg: &M) -> Result<(), ConnError> {
         let bytes = msg.encode()?;
         SinkExt::<bytes::Bytes>::send(&mut self.framed, bytes::Bytes::from(bytes)).await?;

@@ -274,6 +274,7 @@ pub struct RecvBatch {
 pub const MAX_DATAGRAM: usize = 65_535;
 
 impl RecvBatch {
+    /// Buffers for `batch` datagrams per call.
     pub fn new(batch: usize) -> RecvBatch {
         RecvBatch {
             bufs: (0..batch).map(|_| vec![0u8; MAX_DATAGRAM]).collect(),
@@ -282,6 +283,7 @@ impl RecvBatch {
         }
     }
 
+    /// Datagrams per call.
     pub fn batch(&self) -> usize {
         self.bufs.len()
     }
@@ -364,6 +366,7 @@ impl RecvBatch {
         self.segs.len()
     }
 
+    /// The `k`-th datagram of the last call.
     pub fn datagram(&self, k: usize) -> &[u8] {
         match self.segs.get(k) {
             Some(&(i, off, len)) => self.bufs[i].get(off..off + len).unwrap_or(&[]),

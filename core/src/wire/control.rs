@@ -35,9 +35,13 @@ pub const MAX_COMBO: usize = 16;
 /// Session parameters handed to a receiver once it said hello.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionParams {
+    /// Random per wave: the data-plane header's `session`.
     pub session_id: u32,
+    /// The multicast group and port to join.
     pub group: SocketAddrV4,
+    /// The wave's packet-tag key.
     pub key: [u8; KEY_LEN],
+    /// What the image is: size, block digests, zero blocks.
     pub manifest: Manifest,
     /// How often the receiver reports its state.
     pub feedback_ms: u32,
@@ -56,6 +60,7 @@ pub struct Status {
     pub received: u64,
     /// Packets the sequence range says were sent since joining.
     pub expected: u64,
+    /// Blocks decoded, checked and written (or being written).
     pub blocks_done: u32,
     /// Runs `(first, len)` of blocks with no symbol at all.
     pub missing: Vec<(u32, u32)>,
@@ -66,40 +71,57 @@ pub struct Status {
     /// byte `e / 8` set = missing). Lets the sender resend exactly those
     /// source symbols so the receiver never has to decode.
     pub source_gaps: Vec<(u32, Vec<u8>)>,
+    /// Datagrams whose tag did not verify.
     pub auth_failures: u64,
+    /// Datagrams that did not parse.
     pub malformed: u64,
     /// Blocks whose decode failed or whose hash did not match (retried).
     pub decode_failures: u64,
 }
 
+/// A receiver's last word on the image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Verdict {
     /// The written image hashes to this (the manifest's) BLAKE3.
     Verified {
+        /// The BLAKE3 of what was written.
         image_hash: [u8; 32],
     },
+    /// The image could not be written or verified.
     Failed {
+        /// Why.
         reason: String,
     },
 }
 
+/// A wave-session message, either way.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Msg {
     // receiver -> sender
+    /// The receiver's first message.
     Hello {
+        /// [`PROTOCOL_VERSION`].
         protocol: u16,
+        /// The receiver's name (the device id in appliance waves).
         name: String,
     },
     /// Joined the group; `resumed_blocks` were already on disk.
     Ready {
+        /// Blocks found verified on the output at start.
         resumed_blocks: u32,
     },
+    /// The receiver's periodic report.
     Status(Status),
+    /// The receiver's verdict; the session ends.
     Done(Verdict),
     // sender -> receiver
+    /// The answer to `Hello`: the session.
     Welcome {
+        /// [`PROTOCOL_VERSION`].
         protocol: u16,
+        /// The receiver's id in the sender.
         receiver_id: u32,
+        /// Group, key and manifest.
         session: SessionParams,
     },
     /// Coded resends of `block` about to be sent: combination `first + i`
@@ -107,32 +129,47 @@ pub enum Msg {
     /// [`MAX_COMBO`] ESIs). The datagrams carry
     /// the id in place of an ESI.
     Coded {
+        /// The block.
         block: u32,
+        /// The id of the first combination.
         first: u32,
+        /// Source ESIs of each combination.
         combos: Vec<Vec<u32>>,
     },
     /// The sender ends the session (all done, or giving up on this receiver).
     Finish {
+        /// Why.
         reason: String,
     },
     // either way
+    /// Something is wrong; the connection closes.
     Error {
+        /// What.
         message: String,
     },
 }
 
+/// Why a wave-control frame was refused.
 #[derive(Debug, Error)]
 pub enum ControlError {
+    /// Does not decode.
     #[error("malformed control message: {0}")]
     Malformed(String),
+    /// Another protocol version.
     #[error("protocol version {got} not supported (this side speaks {PROTOCOL_VERSION})")]
-    Version { got: u16 },
+    Version {
+        /// The version the peer speaks.
+        got: u16,
+    },
+    /// Decodes, but the session or a field is out of bounds.
     #[error("invalid session parameters: {0}")]
     Invalid(String),
+    /// Longer than [`MAX_FRAME`].
     #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
     Oversize(usize),
 }
 
+/// Decode and check a frame (lengths, counts, the manifest's sums).
 pub fn parse(frame: &[u8]) -> Result<Msg, ControlError> {
     if frame.len() > MAX_FRAME {
         return Err(ControlError::Oversize(frame.len()));
@@ -232,6 +269,7 @@ fn check_status(s: &Status) -> Result<(), ControlError> {
     Ok(())
 }
 
+/// Encode for a frame.
 pub fn emit(msg: &Msg) -> Result<Vec<u8>, ControlError> {
     let v = postcard::to_stdvec(msg).map_err(|e| ControlError::Malformed(e.to_string()))?;
     if v.len() > MAX_FRAME {

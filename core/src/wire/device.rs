@@ -27,32 +27,50 @@ const MAX_DETAIL: usize = 64 << 10;
 /// Agent to appliance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AgentMsg {
+    /// The first message of every connection.
     Hello {
+        /// [`DEVICE_PROTOCOL`].
         protocol: u16,
         /// Boot interface MAC: the device's identity before it has an id.
         mac: String,
+        /// The id the appliance gave it before (reconnects, the bundle's
+        /// agent).
         device_id: Option<String>,
+        /// Loader or bundle agent.
         mode: AgentMode,
     },
+    /// The result of a command, resent until acknowledged.
     Report {
+        /// The command it answers.
         cmd_id: u64,
+        /// Done or failed.
         outcome: Outcome,
+        /// What the step hands back (inventory, written image hash).
         data: StepData,
+        /// Every operation performed, for the device's log.
         ops: Vec<OpRecord>,
     },
+    /// Ask for the bundle with this address.
     GetBundle {
+        /// BLAKE3, hex.
         hash: String,
     },
+    /// Ask for a blob's bytes from `offset` on (one chunk answers).
     GetBlob {
+        /// BLAKE3, hex.
         hash: String,
+        /// Where the chunk starts.
         offset: u64,
     },
+    /// Keep-alive; answered with `Pong`.
     Ping,
     /// Operations of the running command so far, sent before something
     /// that may end this agent (a BMC reset of its own machine): logged at
     /// once, not repeated in the final report.
     Progress {
+        /// The running command.
         cmd_id: u64,
+        /// Operations so far.
         ops: Vec<OpRecord>,
     },
 }
@@ -60,21 +78,29 @@ pub enum AgentMsg {
 /// Appliance to agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ApplianceMsg {
+    /// The answer to `Hello`.
     Welcome {
+        /// [`DEVICE_PROTOCOL`].
         protocol: u16,
+        /// The device's id from now on.
         device_id: String,
         /// The appliance's Ed25519 public key (see `signing`): a device
         /// told to trust a fingerprint checks it against this.
         #[serde(with = "serde_bytes")]
         signer: Vec<u8>,
     },
+    /// Do this for the step in progress.
     Run(Command),
     /// The result of `cmd_id` is durably recorded; the agent may forget it.
     Ack {
+        /// The command whose report is recorded.
         cmd_id: u64,
     },
+    /// The bundle asked for (`GetBundle`).
     Bundle {
+        /// Its address.
         hash: String,
+        /// Its canonical bytes.
         // Bytes, not a sequence of u8: one copy instead of a loop.
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
@@ -82,29 +108,42 @@ pub enum ApplianceMsg {
         #[serde(with = "serde_bytes")]
         signature: Vec<u8>,
     },
+    /// Part of a blob asked for (`GetBlob`).
     BlobChunk {
+        /// The blob's address.
         hash: String,
+        /// Where this chunk starts.
         offset: u64,
+        /// The blob's whole size.
         total: u64,
+        /// At most [`BLOB_CHUNK`] bytes.
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
+    /// The answer to `Ping`.
     Pong,
+    /// The request cannot be served; the text says why.
     Error {
+        /// What went wrong.
         message: String,
     },
     /// The device's installation is complete: the agent may exit.
     Finished {
+        /// What the appliance recorded.
         detail: String,
     },
 }
 
+/// Why a device-protocol frame was refused.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DeviceWireError {
+    /// Longer than [`MAX_FRAME`].
     #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
     Oversize(usize),
+    /// Does not decode.
     #[error("malformed message: {0}")]
     Malformed(String),
+    /// Decodes, but a field is out of bounds (a MAC, a hash, a length).
     #[error("invalid message: {0}")]
     Invalid(String),
 }
@@ -152,12 +191,14 @@ pub fn valid_mac(mac: &str) -> bool {
 }
 
 impl AgentMsg {
+    /// Decode and check a frame from an agent.
     pub fn parse(frame: &[u8]) -> Result<AgentMsg, DeviceWireError> {
         let m: AgentMsg = decode(frame)?;
         m.validate()?;
         Ok(m)
     }
 
+    /// Encode for a frame.
     pub fn emit(&self) -> Result<Vec<u8>, DeviceWireError> {
         encode(self)
     }
@@ -199,6 +240,7 @@ impl AgentMsg {
 }
 
 impl ApplianceMsg {
+    /// Decode and check a frame from the appliance.
     pub fn parse(frame: &[u8]) -> Result<ApplianceMsg, DeviceWireError> {
         let m: ApplianceMsg = decode(frame)?;
         match &m {
@@ -234,6 +276,7 @@ impl ApplianceMsg {
         Ok(m)
     }
 
+    /// Encode for a frame.
     pub fn emit(&self) -> Result<Vec<u8>, DeviceWireError> {
         encode(self)
     }

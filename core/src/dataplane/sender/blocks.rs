@@ -93,6 +93,7 @@ impl WaveSender {
         }
     }
 
+    /// Block `b`'s repair encoder is built (the driver holds it).
     pub fn on_encoder_ready(&mut self, b: u32) {
         let bi = b as usize;
         if bi < self.blocks.len() && self.blocks[bi].enc == EncState::Requested {

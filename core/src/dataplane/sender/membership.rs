@@ -95,6 +95,7 @@ impl WaveSender {
         id
     }
 
+    /// A control message from receiver `id`.
     pub fn on_message(&mut self, id: u32, msg: Msg, now: Instant) {
         let Some(rx) = self.receivers.get_mut(&id) else {
             return;
@@ -140,6 +141,7 @@ impl WaveSender {
         self.maybe_finish(now);
     }
 
+    /// Receiver `id`'s connection closed; it may come back under its name.
     pub fn on_disconnect(&mut self, id: u32, now: Instant) {
         if let Some(rx) = self.receivers.get_mut(&id) {
             if !rx.state.terminal() {
