@@ -24,16 +24,12 @@
 
 pub mod backoff;
 pub mod bios;
-// Not every item documented yet (issue #13 follow-up).
-#[allow(missing_docs)]
 pub mod boot;
 pub mod dataplane;
 pub mod image;
 #[cfg(feature = "io")]
 pub mod io;
 pub mod model;
-// Not every item documented yet (issue #13 follow-up).
-#[allow(missing_docs)]
 pub mod raid;
 pub mod signing;
 pub mod waves;

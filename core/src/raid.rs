@@ -25,14 +25,18 @@ pub fn parse_export(text: &str) -> BTreeMap<String, String> {
 /// A running array (`mdadm --detail --export ARRAY`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArrayState {
+    /// `raid1`, ...
     pub level: String,
+    /// Members the array is made of.
     pub raid_devices: usize,
+    /// The array's UUID.
     pub uuid: String,
     /// Member device paths (`MD_DEVICE_*_DEV`).
     pub members: BTreeSet<String>,
 }
 
 impl ArrayState {
+    /// From `mdadm --detail --export` output; `None` if it lists no array.
     pub fn from_detail(text: &str) -> Option<ArrayState> {
         let kv = parse_export(text);
         let members = kv
@@ -53,12 +57,16 @@ impl ArrayState {
 /// `None` when it has none.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberState {
+    /// The level of the array it belongs to.
     pub level: String,
+    /// That array's member count.
     pub raid_devices: usize,
+    /// That array's UUID.
     pub uuid: String,
 }
 
 impl MemberState {
+    /// From `mdadm --examine --export` output; `None` without a superblock.
     pub fn from_examine(text: &str) -> Option<MemberState> {
         let kv = parse_export(text);
         Some(MemberState {
@@ -72,6 +80,7 @@ impl MemberState {
 /// The array a plan wants.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wanted {
+    /// `raid0`, `raid1`, `raid5`, `raid6`, `raid10`.
     pub level: String,
     /// Member device paths, resolved from the plan's disk names.
     pub members: BTreeSet<String>,
@@ -79,6 +88,7 @@ pub struct Wanted {
     pub wipe: bool,
 }
 
+/// What to do about the array.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// The array is running as wanted: nothing to do.
@@ -89,9 +99,15 @@ pub enum Decision {
     Create,
     /// Something else is there and the profile allows wiping: stop the
     /// running array (if any), zero the members' superblocks, create.
-    WipeAndCreate { why: String },
+    WipeAndCreate {
+        /// What was there.
+        why: String,
+    },
     /// Something else is there: the step fails with this reason.
-    Refuse { why: String },
+    Refuse {
+        /// What was there.
+        why: String,
+    },
 }
 
 fn matches(level: &str, devices: usize, w: &Wanted) -> bool {
@@ -297,37 +313,53 @@ pub mod volume {
 
     pub use super::capacity;
 
+    /// A volume the controller reports.
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub struct Seen {
         /// The volume's `@odata.id`.
         pub path: String,
+        /// Its `Name`.
         pub name: String,
+        /// `RAIDType`, when reported.
         pub raid_type: Option<String>,
+        /// `VolumeType`, when reported.
         pub volume_type: Option<String>,
         /// `Links.Drives`, when the BMC reports them.
         pub drives: BTreeSet<String>,
+        /// `CapacityBytes`.
         pub capacity: u64,
     }
 
+    /// The volume a plan wants.
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub struct Wanted {
+        /// Its name.
         pub name: String,
+        /// `raid0`, `raid1`, ...
         pub level: String,
         /// Drive `@odata.id`s chosen by the profile's rule.
         pub drives: BTreeSet<String>,
+        /// Replace a mismatching volume of that name instead of failing.
         pub wipe: bool,
     }
 
+    /// What to do about the volume.
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub enum Decision {
+        /// This volume (`@odata.id`) is as wanted.
         Reuse(String),
+        /// None of that name: create it.
         Create,
         /// Delete this volume, then create (the profile allows wiping).
         Replace {
+            /// The volume to delete.
             path: String,
+            /// How it differs.
             why: String,
         },
+        /// A volume of that name differs and wiping is not allowed.
         Refuse {
+            /// How it differs.
             why: String,
         },
     }
@@ -361,6 +393,8 @@ pub mod volume {
         Ok(())
     }
 
+    /// Reuse, create, replace or refuse, from the volumes the controller
+    /// has.
     pub fn decide(w: &Wanted, existing: &[Seen]) -> Decision {
         let other = |path: &str, why: String| {
             if w.wipe {

@@ -23,9 +23,13 @@ use crate::workflow::Millis;
 /// PXE firmware kinds, from option 93.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Firmware {
+    /// Legacy BIOS PXE (arch 0).
     BiosX86,
+    /// x86-64 UEFI (arch 7 or 9).
     UefiX64,
+    /// ARM64 UEFI (arch 11).
     UefiArm64,
+    /// Anything else: not answered with a boot file.
     Other(u16),
 }
 
@@ -44,9 +48,11 @@ impl Firmware {
 /// What kind of client asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientInfo {
+    /// `chaddr`.
     pub mac: [u8; 6],
     /// Option 60 starts with "PXEClient".
     pub pxe: bool,
+    /// Option 93.
     pub firmware: Option<Firmware>,
     /// iPXE already runs (option 77 "iPXE" or option 175 present).
     pub ipxe: bool,
@@ -63,36 +69,53 @@ pub enum BootChoice {
     LocalDisk,
 }
 
+/// The address pool of a full DHCP server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pool {
+    /// First address handed out.
     pub start: Ipv4Addr,
+    /// Last address handed out.
     pub end: Ipv4Addr,
+    /// Option 1.
     pub netmask: Ipv4Addr,
+    /// Option 3.
     pub router: Option<Ipv4Addr>,
+    /// Option 6.
     pub dns: Vec<Ipv4Addr>,
+    /// Lease time, seconds.
     pub lease_secs: u32,
 }
 
+/// Full server or proxyDHCP.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {
+    /// Addresses from this pool, and boot files.
     Full(Pool),
+    /// Boot files only, beside the site's DHCP server.
     Proxy,
 }
 
 /// Boot files by firmware (served by TFTP) and the iPXE script base URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootFiles {
+    /// For legacy BIOS (`undionly.kpxe`).
     pub bios: String,
+    /// For x86-64 UEFI (`ipxe.efi`).
     pub uefi_x64: String,
+    /// For ARM64 UEFI.
     pub uefi_arm64: String,
     /// `{base}/{mac}.ipxe` is a device's script (HTTP).
     pub script_base: String,
 }
 
+/// How the DHCP core answers.
 #[derive(Debug, Clone)]
 pub struct DhcpConfig {
+    /// This server's address (option 54, next-server).
     pub server_ip: Ipv4Addr,
+    /// Full or proxy.
     pub mode: Mode,
+    /// What each firmware boots.
     pub boot: BootFiles,
     /// A declined address is not handed out again for this long.
     pub decline_hold_ms: Millis,
@@ -100,17 +123,25 @@ pub struct DhcpConfig {
     pub offer_hold_ms: Millis,
 }
 
+/// Where a lease stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LeaseState {
+    /// Offered, not yet requested.
     Offered,
+    /// Acknowledged: the client uses it.
     Bound,
 }
 
+/// An address lent to a client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
+    /// The client.
     pub mac: [u8; 6],
+    /// Its address.
     pub ip: Ipv4Addr,
+    /// Offered or bound.
     pub state: LeaseState,
+    /// Unix milliseconds.
     pub expires: Millis,
 }
 
@@ -125,14 +156,19 @@ pub enum Destination {
     Relay(Ipv4Addr),
 }
 
+/// What the driver must do after a request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DhcpAction {
+    /// Send this answer.
     Reply {
+        /// The answer.
         msg: Box<Message>,
+        /// Where to.
         to: Destination,
     },
     /// Store this lease (bound leases survive a restart).
     SaveLease(Lease),
+    /// Drop this client's stored lease (released or expired).
     ForgetLease([u8; 6]),
     /// A PXE boot request: the power-on trigger (first one creates the
     /// device record and starts its workflow).
@@ -141,6 +177,7 @@ pub enum DhcpAction {
     Ignored(&'static str),
 }
 
+/// The DHCP / proxyDHCP core: leases and answers.
 pub struct DhcpServer {
     cfg: DhcpConfig,
     leases: BTreeMap<[u8; 6], Lease>,
@@ -225,6 +262,7 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(out)
 }
 
+/// `aa:bb:cc:dd:ee:ff`.
 pub fn mac_string(mac: &[u8; 6]) -> String {
     mac.iter()
         .map(|b| format!("{b:02x}"))
@@ -233,6 +271,7 @@ pub fn mac_string(mac: &[u8; 6]) -> String {
 }
 
 impl DhcpServer {
+    /// A server with the leases stored before a restart.
     pub fn new(cfg: DhcpConfig, leases: Vec<Lease>) -> DhcpServer {
         DhcpServer {
             cfg,
@@ -241,6 +280,7 @@ impl DhcpServer {
         }
     }
 
+    /// Every lease it holds.
     pub fn leases(&self) -> impl Iterator<Item = &Lease> {
         self.leases.values()
     }

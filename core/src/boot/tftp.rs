@@ -10,11 +10,16 @@
 
 use crate::workflow::Millis;
 
+/// What a transfer may negotiate, and how long it waits.
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// Largest `blksize` granted.
     pub max_blksize: usize,
+    /// Largest `windowsize` granted.
     pub max_window: u16,
+    /// Resends of a window before the transfer fails.
     pub retries: u32,
+    /// Timeout when the client asks for none.
     pub default_timeout_ms: Millis,
 }
 
@@ -29,20 +34,28 @@ impl Default for Limits {
     }
 }
 
+/// What the driver must send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TxAction {
+    /// The accepted options.
     SendOack(Vec<(String, String)>),
     /// Block `block` (1-based, absolute; on the wire modulo 65536): bytes
     /// `offset..offset+len` of the file.
     SendBlock {
+        /// Block number.
         block: u64,
+        /// Where in the file.
         offset: u64,
+        /// How many bytes.
         len: usize,
     },
+    /// The last block was acknowledged.
     Finished,
+    /// The transfer gave up; send an error with this text.
     Fail(String),
 }
 
+/// One read transfer (RRQ), sans-IO: acks and timeouts in, blocks out.
 #[derive(Debug)]
 pub struct ReadTransfer {
     size: u64,
@@ -112,10 +125,12 @@ impl ReadTransfer {
         (t, acts)
     }
 
+    /// The negotiated block size.
     pub fn blksize(&self) -> usize {
         self.blksize
     }
 
+    /// Finished or failed.
     pub fn is_done(&self) -> bool {
         self.done
     }
@@ -143,6 +158,7 @@ impl ReadTransfer {
         acts
     }
 
+    /// An ACK of block `wire` (16-bit, as on the wire).
     pub fn on_ack(&mut self, wire: u16, now: Millis) -> Vec<TxAction> {
         if self.done {
             return Vec::new();
@@ -176,6 +192,7 @@ impl ReadTransfer {
         }
     }
 
+    /// The deadline passed: resend, or give up after the retries.
     pub fn on_timeout(&mut self, now: Millis) -> Vec<TxAction> {
         if self.done || now < self.deadline() {
             return Vec::new();
@@ -197,6 +214,7 @@ impl ReadTransfer {
         self.send_window(now)
     }
 
+    /// The OACK is not acknowledged yet (the driver resends it).
     pub fn oack_pending(&self) -> bool {
         self.oack_pending
     }

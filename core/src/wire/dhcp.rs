@@ -17,22 +17,39 @@ const COOKIE: [u8; 4] = [99, 130, 83, 99];
 /// Largest datagram considered (a full Ethernet frame's payload).
 pub const MAX_DATAGRAM: usize = 1500;
 
+/// Why a DHCP datagram was dropped (each kind has its own counter).
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DhcpWireError {
+    /// Shorter than the fixed header and cookie.
     #[error("datagram of {0} bytes is shorter than a DHCP header")]
     Short(usize),
+    /// Longer than [`MAX_DATAGRAM`].
     #[error("datagram of {0} bytes is larger than {MAX_DATAGRAM}")]
     Long(usize),
+    /// Not DHCP (BOOTP without the cookie).
     #[error("no DHCP magic cookie")]
     NoCookie,
+    /// `hlen` beyond the 16-byte `chaddr` field.
     #[error("hardware address length {0} > 16")]
     BadHlen(u8),
+    /// An option's length runs past the datagram.
     #[error("option {code} runs past the end of the datagram")]
-    Truncated { code: u8 },
+    Truncated {
+        /// The option.
+        code: u8,
+    },
+    /// An option whose length its type does not allow.
     #[error("option {code} has invalid length {len}")]
-    BadLength { code: u8, len: usize },
+    BadLength {
+        /// The option.
+        code: u8,
+        /// Its length.
+        len: usize,
+    },
+    /// Option 53 missing.
     #[error("no DHCP message type")]
     NoType,
+    /// The decoder refused it.
     #[error("malformed: {0}")]
     Decode(String),
 }

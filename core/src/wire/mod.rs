@@ -12,12 +12,8 @@
 pub mod control;
 pub mod device;
 #[cfg(feature = "boot")]
-// Not every item documented yet (issue #13 follow-up).
-#[allow(missing_docs)]
 pub mod dhcp;
 #[cfg(test)]
 mod golden;
 pub mod packet;
-// Not every item documented yet (issue #13 follow-up).
-#[allow(missing_docs)]
 pub mod tftp;

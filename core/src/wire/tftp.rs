@@ -5,54 +5,85 @@
 
 use thiserror::Error;
 
+/// Read request.
 pub const OP_RRQ: u16 = 1;
+/// Write request (always refused).
 pub const OP_WRQ: u16 = 2;
+/// A data block.
 pub const OP_DATA: u16 = 3;
+/// Acknowledgement of a data block (or of an OACK: block 0).
 pub const OP_ACK: u16 = 4;
+/// An error; ends the transfer.
 pub const OP_ERROR: u16 = 5;
+/// Option acknowledgement (RFC 2347).
 pub const OP_OACK: u16 = 6;
 
 /// Longest file name, mode, option name or value accepted.
 const MAX_FIELD: usize = 255;
 const MAX_OPTIONS: usize = 16;
 
+/// A TFTP packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Packet {
+    /// Read request.
     Rrq {
+        /// The file asked for.
         file: String,
+        /// `octet` or `netascii`.
         mode: String,
+        /// Requested options (blksize, tsize, timeout, windowsize), in order.
         options: Vec<(String, String)>,
     },
+    /// Write request.
     Wrq {
+        /// The file.
         file: String,
+        /// The mode.
         mode: String,
     },
+    /// A data block.
     Data {
+        /// Block number (wraps).
         block: u16,
+        /// Up to the block size; shorter ends the transfer.
         data: Vec<u8>,
     },
+    /// Acknowledgement.
     Ack {
+        /// The block acknowledged.
         block: u16,
     },
+    /// An error.
     Error {
+        /// RFC 1350 error code.
         code: u16,
+        /// Text for the peer.
         message: String,
     },
+    /// The options the server accepted.
     Oack {
+        /// Name and value of each.
         options: Vec<(String, String)>,
     },
 }
 
+/// Why a TFTP datagram was refused (or could not be written).
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum TftpWireError {
+    /// Shorter than its opcode needs.
     #[error("packet of {0} bytes is too short")]
     Short(usize),
+    /// An opcode RFC 1350/2347 does not define.
     #[error("unknown opcode {0}")]
     Opcode(u16),
+    /// A string without its terminating zero, longer than 255 bytes, or
+    /// not UTF-8.
     #[error("unterminated or overlong string")]
     BadString,
+    /// More than 16 options.
     #[error("too many options")]
     TooManyOptions,
+    /// `emit`: the packet does not fit the buffer.
     #[error("output buffer too small")]
     Buffer,
 }
@@ -77,6 +108,7 @@ fn strings(mut b: &[u8]) -> Result<Vec<String>, TftpWireError> {
     Ok(out)
 }
 
+/// Decode a datagram, checking every length before reading.
 pub fn parse(d: &[u8]) -> Result<Packet, TftpWireError> {
     if d.len() < 2 {
         return Err(TftpWireError::Short(d.len()));
