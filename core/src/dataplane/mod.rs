@@ -11,12 +11,8 @@
 
 pub mod coding;
 pub mod pacing;
-// Not every item documented yet (issue #13 follow-up).
-#[allow(missing_docs)]
 pub mod receiver;
 pub mod render;
-// Not every item documented yet (issue #13 follow-up).
-#[allow(missing_docs)]
 pub mod sender;
 #[cfg(test)]
 mod sim;

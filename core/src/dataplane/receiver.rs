@@ -18,12 +18,17 @@ use crate::wire::packet::{self, Header, Kind, PacketError, KEY_LEN};
 /// Why a datagram was dropped (each has a counter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Drop {
+    /// Did not parse.
     Malformed(PacketError),
+    /// Another wave's session id.
     WrongSession,
+    /// The keyed tag did not verify.
     BadTag,
     /// Block number outside the manifest, or a zero block.
     BadBlock,
+    /// A payload that is not the session's symbol size.
     BadLength,
+    /// A symbol the block already has.
     Duplicate,
     /// Symbol of a block already complete.
     Late,
@@ -32,22 +37,36 @@ pub enum Drop {
     CodedUnusable,
 }
 
+/// What the receiver saw, for its report and the sender's status.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counters {
+    /// Datagrams handed to the core.
     pub packets: u64,
+    /// Symbols taken (new to their block).
     pub symbols: u64,
+    /// Probes.
     pub probes: u64,
+    /// Dropped: did not parse.
     pub malformed: u64,
+    /// Dropped: another session.
     pub wrong_session: u64,
+    /// Dropped: bad tag.
     pub auth_failures: u64,
+    /// Dropped: block outside the image, or a zero block.
     pub bad_block: u64,
+    /// Dropped: wrong payload length.
     pub bad_length: u64,
+    /// Symbols the block already had.
     pub duplicates: u64,
+    /// Symbols of finished blocks.
     pub late: u64,
     /// Coded datagrams that gave a missing symbol.
     pub coded: u64,
+    /// Coded datagrams that could not be solved here.
     pub coded_unusable: u64,
+    /// Decodes that needed more symbols.
     pub decode_retries: u64,
+    /// Decoded blocks whose digest did not match (asked for again).
     pub hash_failures: u64,
 }
 
@@ -60,7 +79,9 @@ enum Slot {
 
 /// A block ready to be decoded, handed to a worker.
 pub struct DecodeJob {
+    /// The block.
     pub block: u32,
+    /// Its symbols.
     pub asm: BlockAssembly,
 }
 
@@ -68,7 +89,12 @@ pub struct DecodeJob {
 pub enum DecodeOutcome {
     /// Decoded and its digest (`manifest::block_digest`) matches the
     /// manifest; the digest goes into the whole-image hash.
-    Good { data: Vec<u8>, digest: [u8; 32] },
+    Good {
+        /// The block's bytes.
+        data: Vec<u8>,
+        /// Their digest.
+        digest: [u8; 32],
+    },
     /// raptorq needs more symbols; the assembly comes back.
     NeedMore(BlockAssembly),
     /// Decoded but the hash is wrong: the symbols were bad (a wrong key
@@ -102,6 +128,8 @@ const MAX_PLANS: usize = 1 << 16;
 /// Block buffers kept for reuse.
 const MAX_SPARE: usize = 8;
 
+/// The receiver core: datagrams in, assembled blocks (decode jobs) and
+/// status reports out; no sockets, no clock of its own.
 pub struct ReceiverCore {
     manifest: Manifest,
     /// Announced combinations by (block, id).
@@ -118,10 +146,13 @@ pub struct ReceiverCore {
     first_seq: Option<u32>,
     seq_hi: u32,
     valid: u64,
+    /// What it saw so far.
     pub counters: Counters,
 }
 
 impl ReceiverCore {
+    /// A receiver of `manifest`'s image in session `session`, tags under
+    /// `key`.
     pub fn new(manifest: Manifest, session: u32, key: [u8; KEY_LEN]) -> ReceiverCore {
         let n = manifest.block_count() as usize;
         ReceiverCore {
@@ -140,18 +171,22 @@ impl ReceiverCore {
         }
     }
 
+    /// The image it receives.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
     }
 
+    /// Blocks written (or on the output from the start).
     pub fn blocks_done(&self) -> u32 {
         self.done
     }
 
+    /// Every block done.
     pub fn is_complete(&self) -> bool {
         self.done == self.manifest.block_count()
     }
 
+    /// Whether block `b` is done.
     pub fn is_done(&self, b: u32) -> bool {
         matches!(self.slots.get(b as usize), Some(Slot::Done))
     }

@@ -42,6 +42,7 @@ use crate::dataplane::pacing::{RateController, TokenBucket};
 use crate::image::manifest::Manifest;
 use crate::wire::control::{Msg, Status};
 
+/// How a wave sender behaves.
 #[derive(Debug, Clone)]
 pub struct SenderConfig {
     /// Receivers the wave waits for before sending.
@@ -136,20 +137,30 @@ const WAITING_PROBE_INTERVAL: Duration = Duration::from_millis(200);
 /// One datagram to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Tx {
+    /// A source (ESI < K) or repair symbol.
     Symbol {
+        /// The datagram's sequence number.
         seq: u32,
+        /// The block.
         block: u32,
+        /// The symbol.
         esi: u32,
     },
     /// XOR of the source symbols `esis` of `block`, announced as
     /// combination `id` (see [`Msg::Coded`]).
     Coded {
+        /// The datagram's sequence number.
         seq: u32,
+        /// The block.
         block: u32,
+        /// The combination id.
         id: u32,
+        /// The source symbols XORed.
         esis: Vec<u32>,
     },
+    /// An empty datagram that moves the sequence on while idle.
     Probe {
+        /// The datagram's sequence number.
         seq: u32,
     },
 }
@@ -163,6 +174,7 @@ pub enum Action {
     Release(u32),
     /// Build a repair encoder for `block` and call `on_encoder_ready`.
     BuildEncoder(u32),
+    /// The encoder of `block` is not needed any more.
     DropEncoder(u32),
     /// Send a control message to a receiver.
     Control(u32, Msg),
@@ -179,16 +191,21 @@ enum Phase {
     Finished,
 }
 
+/// Where a receiver stands in the wave.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RxState {
     /// Welcome sent, not joined yet.
     Joining,
+    /// Joined the group and reporting.
     Ready,
     /// Connection lost; may come back under the same name.
     Disconnected {
+        /// Since when.
         since: Instant,
     },
+    /// Reported the manifest's image hash.
     Verified,
+    /// Dropped, or reported a failure; the text says why.
     Failed(String),
 }
 
@@ -198,14 +215,22 @@ impl RxState {
     }
 }
 
+/// What the sender knows of one receiver.
 #[derive(Debug, Clone)]
 pub struct ReceiverInfo {
+    /// Its name (the device id in appliance waves).
     pub name: String,
+    /// Where it stands.
     pub state: RxState,
+    /// When it said hello.
     pub joined_at: Instant,
+    /// When it verified or failed.
     pub ended_at: Option<Instant>,
+    /// Blocks it had on its output at start.
     pub resumed_blocks: u32,
+    /// Its last message.
     pub last_heard: Instant,
+    /// Its last report.
     pub status: Status,
     prev_received: u64,
     prev_expected: u64,
@@ -214,6 +239,7 @@ pub struct ReceiverInfo {
 /// Counters for the summary and metrics.
 #[derive(Debug, Clone, Default)]
 pub struct SendStats {
+    /// Source symbols sent (first time).
     pub source_packets: u64,
     /// Fountain repair symbols plus resent source symbols.
     pub repair_packets: u64,
@@ -221,11 +247,15 @@ pub struct SendStats {
     pub resent_source_packets: u64,
     /// Of `resent_source_packets`, coded datagrams (XOR of several).
     pub coded_packets: u64,
+    /// Probes sent.
     pub probe_packets: u64,
+    /// The pacing rate now, bits/s.
     pub rate_bps: u64,
+    /// When sending started.
     pub started_at: Option<Instant>,
     /// When the last source symbol left.
     pub source_done_at: Option<Instant>,
+    /// When the wave ended.
     pub finished_at: Option<Instant>,
 }
 
@@ -276,6 +306,7 @@ pub struct WaveSender {
     /// Members that never connected within the receiver timeout.
     dropped: Vec<(String, String)>,
     actions: VecDeque<Action>,
+    /// Counters for the summary and metrics.
     pub stats: SendStats,
 }
 
@@ -339,18 +370,22 @@ impl WaveSender {
         }
     }
 
+    /// The image it sends.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
     }
 
+    /// Receivers by id.
     pub fn receivers(&self) -> &BTreeMap<u32, ReceiverInfo> {
         &self.receivers
     }
 
+    /// The wave ended.
     pub fn is_finished(&self) -> bool {
         self.phase == Phase::Finished
     }
 
+    /// The next thing the driver must do.
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
     }
@@ -582,6 +617,7 @@ impl WaveSender {
             .collect()
     }
 
+    /// The pacing rate now, bits/s.
     pub fn current_rate(&self) -> u64 {
         self.bucket.rate_bps()
     }
