@@ -34,8 +34,6 @@ pub mod raid;
 pub mod signing;
 pub mod waves;
 pub mod wire;
-// Not every item documented yet (issue #13 follow-up).
-#[allow(missing_docs)]
 pub mod workflow;
 
 pub use image::manifest::{BlockInfo, Manifest};

@@ -19,19 +19,29 @@ use crate::model::{
 /// Unix time in milliseconds.
 pub type Millis = i64;
 
+/// The step in progress and the command that runs it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Running {
+    /// The step.
     pub step: Step,
+    /// The command sent for it: only a report with this id counts.
     pub cmd_id: u64,
+    /// When it started (for its timeout and duration).
     pub started: Millis,
+    /// Which attempt (1-based).
     pub attempt: u32,
+    /// What the agent was asked to do.
     pub work: Work,
 }
 
+/// A failed step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failure {
+    /// The step.
     pub step: Step,
+    /// Why, for the log and the operator.
     pub reason: String,
+    /// Attempts so far.
     pub attempts: u32,
     /// Automatic retry due at (None: waits for an operator `retry`).
     pub retry_at: Option<Millis>,
@@ -40,18 +50,27 @@ pub struct Failure {
 /// The durable record of one device's installation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Device {
+    /// `rc-<mac hex>`.
     pub id: String,
+    /// Boot interface MAC.
     pub mac: String,
     /// Last completed (or skipped) step.
     pub reached: Step,
+    /// The step in progress.
     pub running: Option<Running>,
+    /// The step that failed, while it waits for a retry.
     pub failed: Option<Failure>,
     /// Waiting for a wave (after the barrier).
     pub queued_for_image: bool,
+    /// The image its plan names.
     pub image: Option<String>,
+    /// Its bundle's address.
     pub bundle: Option<String>,
+    /// Its plan.
     pub plan: Option<Plan>,
+    /// The wave it is in (or was last in).
     pub wave: Option<i64>,
+    /// The id of the next command.
     pub next_cmd: u64,
     /// Came in through an installed OS (claim 17) rather than a boot.
     pub via_os: bool,
@@ -65,11 +84,14 @@ pub struct Device {
     /// runs (bundle generation, a wave), so retries stay counted.
     #[serde(default)]
     pub deferred_attempt: u32,
+    /// When the record was made.
     pub created: Millis,
+    /// When it last changed.
     pub updated: Millis,
 }
 
 impl Device {
+    /// A device just seen, at `Discovered`.
     pub fn new(id: &str, mac: &str, now: Millis) -> Device {
         Device {
             id: id.to_string(),
@@ -123,6 +145,7 @@ impl Device {
 pub struct WorkflowConfig {
     /// Timeout of any step but imaging.
     pub step_timeout_ms: Millis,
+    /// Timeout of the imaging step (a wave may wait for its start).
     pub imaging_timeout_ms: Millis,
     /// Attempts per step before waiting for an operator.
     pub max_attempts: u32,
@@ -141,6 +164,7 @@ impl Default for WorkflowConfig {
     }
 }
 
+/// What happens to a device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// The device asked to boot (DHCP/PXE): the power-on trigger. The
@@ -150,23 +174,34 @@ pub enum Event {
     BootFileServed(String),
     /// Operations of the running command, ahead of its report.
     Progress {
+        /// The running command.
         cmd_id: u64,
+        /// Its operations so far.
         ops: Vec<OpRecord>,
     },
+    /// An agent of the device connected (loader or bundle agent).
     AgentConnected(AgentMode),
+    /// Its connection closed.
     AgentDisconnected,
     /// The agent's result for command `cmd_id`.
     Report {
+        /// The command it answers.
         cmd_id: u64,
+        /// Done or failed.
         outcome: Outcome,
+        /// What the step hands back.
         data: StepData,
+        /// Operations performed.
         ops: Vec<OpRecord>,
     },
     /// The controller generated the device's bundle.
     BundleBuilt {
+        /// Its address.
         hash: String,
+        /// Its plan.
         plan: Box<Plan>,
     },
+    /// The bundle could not be generated; the text says why.
     BundleFailed(String),
     /// The wave scheduler put the device into a wave.
     WaveAssigned(WaveJoin),
@@ -174,9 +209,12 @@ pub enum Event {
     /// whatever it waits for or runs in) ended or failed to start without
     /// the device verified.
     WaveLost {
+        /// The wave, or any.
         wave: Option<i64>,
+        /// What happened.
         why: String,
     },
+    /// Time passed: timeouts and due retries.
     Tick,
     /// Operator: retry the failed step now.
     Retry,
@@ -188,16 +226,23 @@ pub enum Event {
 /// One event-log row.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogRow {
+    /// When.
     pub at: Millis,
+    /// The step it is about.
     pub step: Step,
     /// `started`, `ok`, `skipped`, `failed`, `op`, `info`, ...
     pub kind: String,
+    /// The device's state before (`Device::state`).
     pub from_state: String,
+    /// Its state after.
     pub to_state: String,
+    /// How long the step or operation took.
     pub duration_ms: Option<u64>,
+    /// What happened.
     pub detail: String,
 }
 
+/// What the controller must do after an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Append to the device's event log (same transaction as the record).
@@ -209,13 +254,19 @@ pub enum Action {
     /// Generate the device's bundle; answer with `BundleBuilt`/`BundleFailed`.
     BuildBundle,
     /// Put the device in the queue of its image's wave.
-    RequestWave { image: String },
+    RequestWave {
+        /// The image.
+        image: String,
+    },
     /// Take the device out of any wave queue or wave.
     LeaveWave,
     /// A step finished: for the step-duration histogram.
     StepFinished {
+        /// The step.
         step: Step,
+        /// Succeeded or failed.
         ok: bool,
+        /// How long it ran.
         duration_ms: u64,
     },
 }
