@@ -10,11 +10,7 @@
 
 pub mod conn;
 pub mod net;
-// Not every item documented yet (issue #13 follow-up).
-#[allow(missing_docs)]
 pub mod receive;
-// Not every item documented yet (issue #13 follow-up).
-#[allow(missing_docs)]
 pub mod send;
 
 /// The data plane allocates and frees block-sized (1 MiB) buffers all the

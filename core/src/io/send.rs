@@ -36,68 +36,108 @@ use crate::wire::packet::{self, KEY_LEN};
 const ETH_HEADER: usize = 14;
 const SEND_BATCH: usize = 32;
 
+/// One wave to send.
 #[derive(Debug, Clone)]
 pub struct SendOptions {
+    /// The image file.
     pub image: PathBuf,
+    /// Its manifest (checked against the file).
     pub manifest: Manifest,
+    /// Interface the multicast leaves on (default: the route's).
     pub iface: Option<String>,
+    /// Multicast group and port.
     pub group: SocketAddrV4,
+    /// Where receivers connect (TCP).
     pub control: SocketAddr,
+    /// Multicast TTL.
     pub ttl: u32,
+    /// The receivers' report interval.
     pub feedback_ms: u32,
+    /// A connection must say hello within this.
     pub hello_timeout: Duration,
     /// Datagrams per UDP GSO send (1 = plain `sendmmsg`).
     pub gso_segments: usize,
+    /// The sender core's settings.
     pub cfg: SenderConfig,
     /// `wave` label on this wave's metrics (waves run side by side).
     pub wave_label: String,
 }
 
+/// Why a wave could not run.
 #[derive(Debug, Error)]
 pub enum SendError {
+    /// The control listener could not bind.
     #[error("control listener on {addr}: {source}")]
     Listen {
+        /// The address.
         addr: SocketAddr,
+        /// What failed.
         source: std::io::Error,
     },
+    /// The multicast socket could not be made.
     #[error("multicast socket: {0}")]
     Socket(std::io::Error),
+    /// The image does not match its manifest or cannot be read.
     #[error("image source: {0}")]
     Image(String),
+    /// A sender thread could not start or died.
     #[error("send thread failed: {0}")]
     Thread(String),
 }
 
+/// One receiver's end, in the wave's report.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReceiverReport {
+    /// Its name.
     pub name: String,
+    /// `verified`, `failed: ...`, `unfinished: ...`.
     pub verdict: String,
+    /// Verified.
     pub ok: bool,
+    /// From the wave's start (or its join) to its verdict.
     pub seconds: Option<f64>,
+    /// Blocks it had at start.
     pub resumed_blocks: u32,
+    /// Datagrams it dropped for a bad tag.
     pub auth_failures: u64,
 }
 
+/// What a wave did.
 #[derive(Debug, Clone, Serialize)]
 pub struct SendReport {
+    /// Every expected receiver verified.
     pub ok: bool,
+    /// The image's size.
     pub image_bytes: u64,
+    /// Its hash, hex.
     pub image_hash: String,
+    /// Datagram bytes sent.
     pub wire_bytes: u64,
+    /// Wave start to end.
     pub seconds: f64,
     /// Wave start to the last source symbol sent.
     pub source_seconds: f64,
+    /// Image bits per second of the wave.
     pub goodput_bps: f64,
+    /// The rate ceiling.
     pub rate_bps: u64,
+    /// Source symbols sent once.
     pub source_packets: u64,
+    /// Repair datagrams (fountain and resent source).
     pub repair_packets: u64,
+    /// Of those, resent source symbols.
     pub resent_source_packets: u64,
     /// Of the resent source symbols, coded datagrams (XOR of several).
     pub coded_packets: u64,
+    /// Probes.
     pub probe_packets: u64,
+    /// Repair datagrams per 100 datagrams.
     pub repair_overhead_pct: f64,
+    /// Receivers the wave waited for.
     pub expected_receivers: usize,
+    /// Each receiver's end.
     pub receivers: Vec<ReceiverReport>,
+    /// The image-source error that aborted the wave.
     pub error: Option<String>,
 }
 
@@ -115,19 +155,32 @@ pub enum WaveCommand {
 pub enum WaveEvent {
     /// A member's receiver ended: verified, or failed with a reason.
     Verdict {
+        /// The member.
         name: String,
+        /// Verified.
         ok: bool,
+        /// What it said.
         detail: String,
     },
     /// Blocks done per member (every ~second).
-    Progress { name: String, done: u32, total: u32 },
+    Progress {
+        /// The member.
+        name: String,
+        /// Blocks done.
+        done: u32,
+        /// Blocks in the image.
+        total: u32,
+    },
 }
 
 /// The appliance's handle on a wave it runs: named members (nobody else
 /// may join), commands in, verdicts and progress out.
 pub struct WaveLink {
+    /// Who may join at the start.
     pub members: Vec<String>,
+    /// Late members and rate changes.
     pub commands: Receiver<WaveCommand>,
+    /// Verdicts and progress.
     pub events: mpsc::UnboundedSender<WaveEvent>,
 }
 

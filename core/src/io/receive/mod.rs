@@ -47,10 +47,15 @@ pub use resume::saved_blocks;
 use resume::ResumeState;
 use writer::{open_output, writer_loop, DecodeResult, Output};
 
+/// One image to receive.
 #[derive(Debug, Clone)]
 pub struct ReceiveOptions {
+    /// The wave sender's control address.
     pub server: SocketAddr,
+    /// The output: a file or a block device.
     pub out: PathBuf,
+    /// Interface to join the group on (default: the one that reaches the
+    /// sender).
     pub iface: Option<String>,
     /// Identity towards the sender; a restarted receiver reuses it.
     pub name: Option<String>,
@@ -60,49 +65,85 @@ pub struct ReceiveOptions {
     pub connect_timeout: Duration,
     /// Give up when neither packets nor control messages came this long.
     pub idle_timeout: Duration,
+    /// Socket receive buffer to ask for, bytes.
     pub rcvbuf: usize,
 }
 
 /// Live progress for a CLI bar.
 #[derive(Debug, Default)]
 pub struct Progress {
+    /// Blocks in the image.
     pub total_blocks: AtomicU32,
+    /// Blocks assembled.
     pub done_blocks: AtomicU32,
+    /// Blocks checked and written.
     pub verified_blocks: AtomicU32,
+    /// The image's size.
     pub image_bytes: AtomicU64,
 }
 
+/// Why a receiver could not run.
 #[derive(Debug, Error)]
 pub enum ReceiveError {
+    /// The sender did not answer within the connect timeout.
     #[error("cannot reach sender {addr}: {source}")]
-    Connect { addr: SocketAddr, source: io::Error },
+    Connect {
+        /// The sender.
+        addr: SocketAddr,
+        /// The last error.
+        source: io::Error,
+    },
+    /// The control session failed.
     #[error("control: {0}")]
     Control(#[from] ConnError),
+    /// The sender said no (not a member, wave over).
     #[error("sender refused us: {0}")]
     Refused(String),
+    /// The output could not be opened, sized or written.
     #[error("output {path}: {source}")]
-    Output { path: PathBuf, source: io::Error },
+    Output {
+        /// The output.
+        path: PathBuf,
+        /// What failed.
+        source: io::Error,
+    },
+    /// The multicast socket could not be made.
     #[error("multicast socket: {0}")]
     Socket(io::Error),
 }
 
+/// What a receiver did.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReceiveReport {
+    /// The written image hashes to the manifest's.
     pub verified: bool,
+    /// Why not, when not.
     pub reason: Option<String>,
+    /// The manifest's image hash, hex.
     pub image_hash: String,
+    /// The image's size.
     pub image_bytes: u64,
+    /// Connect to verdict.
     pub seconds: f64,
+    /// Blocks found on the output at start.
     pub resumed_blocks: u32,
+    /// Datagrams received.
     pub packets: u64,
+    /// Symbols taken.
     pub symbols: u64,
+    /// Datagrams dropped for a bad tag.
     pub auth_failures: u64,
+    /// Datagrams of another session.
     pub wrong_session: u64,
+    /// Datagrams that did not parse or fit the image.
     pub malformed: u64,
+    /// Symbols already had.
     pub duplicates: u64,
     /// Coded resends solved by XOR.
     pub coded: u64,
+    /// Decodes that needed more symbols.
     pub decode_retries: u64,
+    /// Blocks whose digest did not match (asked for again).
     pub hash_failures: u64,
 }
 
