@@ -2,7 +2,8 @@
 # The test command (README "Run the tests"; .ci/run runs exactly this).
 # Installs what the tests need, then: format check, clippy, the layering
 # checks (the core builds without I/O; the agent links none of the
-# appliance's crates), the fuzz targets' build, unit and property tests,
+# appliance's crates), the core's docs (missing_docs, no broken links),
+# the fuzz targets' build, unit and property tests,
 # and the network-namespace end-to-end tests (root). Prints how long each
 # phase took, and one closing line: passed, failed, skipped.
 set -euo pipefail
@@ -48,6 +49,10 @@ if cargo tree -p rackcast-agent -e normal --prefix none |
   echo "rackcast-agent links an appliance-only crate" >&2
   exit 1
 fi
+
+phase "core docs"
+# Every public item of the shared library documented, links resolved.
+RUSTDOCFLAGS="-D warnings" cargo doc -q -p rackcast-core --no-deps
 
 phase "fuzz targets build"
 (cd fuzz && cargo check -q --bins)

@@ -2,7 +2,7 @@
 //! failures continue and back to the start after a success.
 //!
 //! Owns: the delay arithmetic every reconnect loop shares (the
-//! [`crate::io::conn::Dialer`]'s attempt windows, the receiver's connect
+//! `io::conn::Dialer`'s attempt windows, the receiver's connect
 //! to a wave sender, the agent's connection to the appliance). Must not:
 //! sleep or read a clock; callers pass `now` and do the waiting.
 

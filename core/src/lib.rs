@@ -2,17 +2,17 @@
 //! agent (`rackcast-agent`) share.
 //!
 //! Layers, each depending only on the ones above it:
+//! - [`model`]: plain data (inventory, plan, bundle, steps, operation
+//!   records) that the wire carries and the cores reason about; and the
+//!   leaves [`signing`] (bundle signatures) and [`backoff`] (retry delays);
+//! - [`image`]: manifest, FEC, BLAKE3 lanes;
 //! - [`wire`]: every wire format (data-plane packets, wave control, device
 //!   protocol, DHCP, TFTP), `parse`/`emit` with every length checked;
-//! - [`model`]: plain data (inventory, plan, bundle, steps, operation
-//!   records) that the wire carries and the cores reason about;
-//! - [`image`]: manifest, FEC, BLAKE3 lanes;
 //! - the sans-IO cores: [`dataplane`] (wave sender and receiver),
 //!   [`workflow`] (a device's steps), [`waves`] (wave scheduling),
 //!   [`boot`] (DHCP/TFTP decisions), [`bios`] (diff and verify), [`raid`]
-//!   (the RAID decision), [`signing`] (bundle signatures), [`backoff`]
-//!   (retry delays);
-//! - [`io`] (feature `io`, default): the socket/thread drivers of those
+//!   (the RAID decision);
+//! - `io` (feature `io`, default): the socket/thread drivers of those
 //!   cores. `cargo build -p rackcast-core --no-default-features` builds
 //!   everything else without tokio or socket2, which is what keeps the
 //!   cores free of I/O.

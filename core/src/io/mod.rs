@@ -2,8 +2,8 @@
 //! tasks, files.
 //!
 //! Owns: [`net`] (multicast sockets, sendmmsg/GSO, recvmmsg/GRO), [`conn`]
-//! (framed TCP control connections, the [`conn::Dialer`] and its one
-//! [`conn::Backoff`]), [`send`] (the wave sender's driver) and [`receive`]
+//! (framed TCP control connections, and the [`conn::Dialer`] whose windows
+//! follow the one [`crate::backoff::Backoff`]), [`send`] (the wave sender's driver) and [`receive`]
 //! (the receiver's driver: control session, resume state, writer), plus
 //! process setup both binaries share. Must not: make protocol or workflow
 //! decisions; they execute what the sans-IO cores return.

@@ -86,8 +86,8 @@ pub struct SenderConfig {
     /// This bounds the wait for a receiver that is alive but stuck.
     pub coding_hold: Duration,
     /// The receivers' report interval (the session's `feedback_ms`). A
-    /// receiver with no report for [`STALE_REPORTS`] intervals (at least
-    /// [`MIN_STALE`]) is not waited for.
+    /// receiver with no report for 25 intervals (at least 500 ms) is not
+    /// waited for.
     pub feedback: Duration,
     /// Packets the driver waits to have tokens for before waking: fewer,
     /// larger `sendmmsg` batches and no busy waiting (must fit the burst).
