@@ -1,467 +1,38 @@
-//! The wave sender's I/O driver: TCP control server, a pacing send thread
-//! that owns the [`WaveSender`] core and the UDP socket, and worker threads
-//! that read image blocks and build repair encoders.
+//! The wave's pacing thread: owns the [`WaveSender`] core and the
+//! multicast socket, feeds the core the events of connections and
+//! workers, carries out its actions, renders and sends what it allows
+//! (UDP GSO batches), and reports the wave at its end.
 //!
-//! Owns: threads, sockets, the image file, memory for loaded blocks and
-//! encoders, metrics. Must not: make protocol decisions; it executes the
-//! core's [`Action`]s and asks it what to transmit.
+//! Owns: the thread's loop, loaded blocks and encoders while the wave
+//! runs, the send counters and metrics. Must not: make protocol
+//! decisions (the core does) or talk TCP (the control tasks in `mod.rs`
+//! do).
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::net::{SocketAddr, SocketAddrV4};
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use futures_util::{SinkExt, StreamExt};
-use rand::Rng;
-use serde::Serialize;
-use thiserror::Error;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
+use super::{
+    Event, Job, ReceiverReport, SendReport, WaveCommand, WaveEvent, WaveLink, ETH_HEADER,
+    SEND_BATCH,
+};
 use crate::dataplane::render::{Packetizer, Rendered, SymbolSource};
 use crate::dataplane::sender::{Action, RxState, SenderConfig, Tx, WaveSender};
 use crate::image::fec::BlockEncoder;
 use crate::image::manifest::Manifest;
-use crate::io::conn::{Conn, ConnError};
 use crate::io::net;
-use crate::wire::control::{self, Msg, SessionParams, PROTOCOL_VERSION};
-use crate::wire::packet::{self, KEY_LEN};
-
-/// Ethernet header bytes: the token bucket counts whole frames, as tbf
-/// and switch ports do.
-const ETH_HEADER: usize = 14;
-const SEND_BATCH: usize = 32;
-
-/// One wave to send.
-#[derive(Debug, Clone)]
-pub struct SendOptions {
-    /// The image file.
-    pub image: PathBuf,
-    /// Its manifest (checked against the file).
-    pub manifest: Manifest,
-    /// Interface the multicast leaves on (default: the route's).
-    pub iface: Option<String>,
-    /// Multicast group and port.
-    pub group: SocketAddrV4,
-    /// Where receivers connect (TCP).
-    pub control: SocketAddr,
-    /// Multicast TTL.
-    pub ttl: u32,
-    /// The receivers' report interval.
-    pub feedback_ms: u32,
-    /// A connection must say hello within this.
-    pub hello_timeout: Duration,
-    /// Datagrams per UDP GSO send (1 = plain `sendmmsg`).
-    pub gso_segments: usize,
-    /// The sender core's settings.
-    pub cfg: SenderConfig,
-    /// `wave` label on this wave's metrics (waves run side by side).
-    pub wave_label: String,
-}
-
-/// Why a wave could not run.
-#[derive(Debug, Error)]
-pub enum SendError {
-    /// The control listener could not bind.
-    #[error("control listener on {addr}: {source}")]
-    Listen {
-        /// The address.
-        addr: SocketAddr,
-        /// What failed.
-        source: std::io::Error,
-    },
-    /// The multicast socket could not be made.
-    #[error("multicast socket: {0}")]
-    Socket(std::io::Error),
-    /// The image does not match its manifest or cannot be read.
-    #[error("image source: {0}")]
-    Image(String),
-    /// A sender thread could not start or died.
-    #[error("send thread failed: {0}")]
-    Thread(String),
-}
-
-/// One receiver's end, in the wave's report.
-#[derive(Debug, Clone, Serialize)]
-pub struct ReceiverReport {
-    /// Its name.
-    pub name: String,
-    /// `verified`, `failed: ...`, `unfinished: ...`.
-    pub verdict: String,
-    /// Verified.
-    pub ok: bool,
-    /// From the wave's start (or its join) to its verdict.
-    pub seconds: Option<f64>,
-    /// Blocks it had at start.
-    pub resumed_blocks: u32,
-    /// Datagrams it dropped for a bad tag.
-    pub auth_failures: u64,
-}
-
-/// What a wave did.
-#[derive(Debug, Clone, Serialize)]
-pub struct SendReport {
-    /// Every expected receiver verified.
-    pub ok: bool,
-    /// The image's size.
-    pub image_bytes: u64,
-    /// Its hash, hex.
-    pub image_hash: String,
-    /// Datagram bytes sent.
-    pub wire_bytes: u64,
-    /// Wave start to end.
-    pub seconds: f64,
-    /// Wave start to the last source symbol sent.
-    pub source_seconds: f64,
-    /// Image bits per second of the wave.
-    pub goodput_bps: f64,
-    /// The rate ceiling.
-    pub rate_bps: u64,
-    /// Source symbols sent once.
-    pub source_packets: u64,
-    /// Repair datagrams (fountain and resent source).
-    pub repair_packets: u64,
-    /// Of those, resent source symbols.
-    pub resent_source_packets: u64,
-    /// Of the resent source symbols, coded datagrams (XOR of several).
-    pub coded_packets: u64,
-    /// Probes.
-    pub probe_packets: u64,
-    /// Repair datagrams per 100 datagrams.
-    pub repair_overhead_pct: f64,
-    /// Receivers the wave waited for.
-    pub expected_receivers: usize,
-    /// Each receiver's end.
-    pub receivers: Vec<ReceiverReport>,
-    /// The image-source error that aborted the wave.
-    pub error: Option<String>,
-}
-
-/// Orders from the appliance to a running wave.
-#[derive(Debug, Clone)]
-pub enum WaveCommand {
-    /// A late member joins this wave.
-    Expect(String),
-    /// This wave's share of the total rate changed.
-    SetRate(u64),
-}
-
-/// What a running wave tells the appliance.
-#[derive(Debug, Clone, PartialEq)]
-pub enum WaveEvent {
-    /// A member's receiver ended: verified, or failed with a reason.
-    Verdict {
-        /// The member.
-        name: String,
-        /// Verified.
-        ok: bool,
-        /// What it said.
-        detail: String,
-    },
-    /// Blocks done per member (every ~second).
-    Progress {
-        /// The member.
-        name: String,
-        /// Blocks done.
-        done: u32,
-        /// Blocks in the image.
-        total: u32,
-    },
-}
-
-/// The appliance's handle on a wave it runs: named members (nobody else
-/// may join), commands in, verdicts and progress out.
-pub struct WaveLink {
-    /// Who may join at the start.
-    pub members: Vec<String>,
-    /// Late members and rate changes.
-    pub commands: Receiver<WaveCommand>,
-    /// Verdicts and progress.
-    pub events: mpsc::UnboundedSender<WaveEvent>,
-}
-
-enum Event {
-    Hello {
-        name: String,
-        out: mpsc::UnboundedSender<Msg>,
-        reply: oneshot::Sender<Result<u32, String>>,
-    },
-    Msg(u32, Msg),
-    Disconnect(u32),
-    Loaded(u32, Arc<Vec<u8>>),
-    Encoder(u32, Arc<BlockEncoder>),
-    SourceError(String),
-}
-
-enum Job {
-    Load(u32),
-    /// Build an encoder; with the block's data when it is still loaded
-    /// (checked against the manifest when it was read), else read it.
-    Encode(u32, Option<Arc<Vec<u8>>>),
-}
-
-/// Read `b` from the image and check it against the manifest, so a
-/// changed, truncated or corrupt source never reaches the wire.
-fn read_block(file: &File, m: &Manifest, b: u32) -> Result<Vec<u8>, String> {
-    let mut data = vec![0u8; m.block_len(b)];
-    file.read_exact_at(&mut data, m.block_offset(b))
-        .map_err(|e| format!("block {b}: {e} (image shorter than its manifest?)"))?;
-    if m.digest_block(b, &data) != m.blocks[b as usize].hash {
-        return Err(format!(
-            "block {b} does not match the manifest: the image changed or is corrupt"
-        ));
-    }
-    Ok(data)
-}
-
-fn worker(file: Arc<File>, m: Arc<Manifest>, jobs: Receiver<Job>, events: Sender<Event>) {
-    for job in jobs {
-        let ev = match job {
-            Job::Load(b) => match read_block(&file, &m, b) {
-                Ok(d) => Event::Loaded(b, Arc::new(d)),
-                Err(e) => Event::SourceError(e),
-            },
-            Job::Encode(b, Some(d)) => {
-                Event::Encoder(b, Arc::new(BlockEncoder::new(&m.block_oti(b), &d)))
-            }
-            Job::Encode(b, None) => match read_block(&file, &m, b) {
-                Ok(d) => Event::Encoder(b, Arc::new(BlockEncoder::new(&m.block_oti(b), &d))),
-                Err(e) => Event::SourceError(e),
-            },
-        };
-        if events.send(ev).is_err() {
-            return;
-        }
-    }
-}
-
-/// Run one wave to its end. Returns the report; `report.ok` is true only
-/// if every expected receiver verified the image.
-pub async fn run_send(opts: SendOptions) -> Result<SendReport, SendError> {
-    let listener = bind_control(opts.control).await?;
-    run_wave(opts, listener, None).await
-}
-
-/// The wave's TCP control listener; bind it first to learn the address
-/// (port 0 = any) that members must be told.
-pub async fn bind_control(addr: SocketAddr) -> Result<TcpListener, SendError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| SendError::Listen { addr, source })
-}
-
-/// Run one wave on an already bound control listener; with a `link`, only
-/// its members may join and the appliance steers the wave through it.
-pub async fn run_wave(
-    opts: SendOptions,
-    listener: TcpListener,
-    link: Option<WaveLink>,
-) -> Result<SendReport, SendError> {
-    let sock = net::sender_socket(opts.iface.as_deref(), opts.group, opts.ttl)
-        .map_err(SendError::Socket)?;
-    let file = File::open(&opts.image)
-        .map_err(|e| SendError::Image(format!("{}: {e}", opts.image.display())))?;
-    let len = file
-        .metadata()
-        .map_err(|e| SendError::Image(e.to_string()))?
-        .len();
-    if len != opts.manifest.image_size {
-        return Err(SendError::Image(format!(
-            "{} is {len} bytes, its manifest says {}",
-            opts.image.display(),
-            opts.manifest.image_size
-        )));
-    }
-    let mut key = [0u8; KEY_LEN];
-    rand::rng().fill(&mut key);
-    let session = SessionParams {
-        session_id: rand::rng().random(),
-        group: opts.group,
-        key,
-        manifest: opts.manifest.clone(),
-        feedback_ms: opts.feedback_ms,
-    };
-    let session = Arc::new(session);
-    let (ev_tx, ev_rx) = crossbeam_channel::unbounded::<Event>();
-
-    let accept_tx = ev_tx.clone();
-    let accept_session = session.clone();
-    let hello_timeout = opts.hello_timeout;
-    let rx_timeout = opts.cfg.receiver_timeout;
-    let acceptor = tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, peer)) => {
-                    let tx = accept_tx.clone();
-                    let s = accept_session.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) =
-                            serve_receiver(stream, tx, s, hello_timeout, rx_timeout).await
-                        {
-                            tracing::warn!(%peer, error = %e, "control connection ended");
-                        }
-                    });
-                }
-                Err(e) => {
-                    // Out of fds and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    });
-
-    let m = Arc::new(opts.manifest.clone());
-    let file = Arc::new(file);
-    let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job>();
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, 4);
-    let mut handles = Vec::new();
-    for _ in 0..workers {
-        let (f, m, j, e) = (file.clone(), m.clone(), job_rx.clone(), ev_tx.clone());
-        handles.push(std::thread::spawn(move || worker(f, m, j, e)));
-    }
-    drop(ev_tx);
-    let cfg = opts.cfg.clone();
-    let expected = cfg.expected;
-    let gso_segments = opts.gso_segments;
-    let wave_label = opts.wave_label.clone();
-    let sess = session.clone();
-    let (done_tx, done_rx) = oneshot::channel();
-    std::thread::Builder::new()
-        .name("rc-pacer".into())
-        .spawn(move || {
-            raise_priority();
-            let setup = LoopSetup {
-                gso_segments,
-                cfg,
-                session: sess,
-                wave: wave_label,
-            };
-            let _ = done_tx.send(send_loop(setup, sock, ev_rx, job_tx, link));
-        })
-        .map_err(|e| SendError::Thread(e.to_string()))?;
-    let report = done_rx
-        .await
-        .map_err(|_| SendError::Thread("pacing thread died".into()))?;
-    acceptor.abort();
-    for h in handles {
-        let _ = h.join();
-    }
-    let mut report = report;
-    report.expected_receivers = expected;
-    Ok(report)
-}
-
-async fn serve_receiver(
-    stream: TcpStream,
-    events: Sender<Event>,
-    session: Arc<SessionParams>,
-    hello_timeout: Duration,
-    rx_timeout: Duration,
-) -> Result<(), ConnError> {
-    let mut conn = Conn::new(stream, control::MAX_FRAME);
-    let name = match conn.recv(hello_timeout).await {
-        Ok(Msg::Hello { name, .. }) => name,
-        Ok(other) => {
-            let m = format!("expected Hello, got {}", msg_name(&other));
-            conn.close_with_error(m.clone()).await;
-            metrics::counter!("rackcast_control_errors_total", "kind" => "out_of_order")
-                .increment(1);
-            return Err(ConnError::Protocol(control::ControlError::Malformed(m)));
-        }
-        Err(e) => {
-            metrics::counter!("rackcast_control_errors_total", "kind" => "bad_hello").increment(1);
-            conn.close_with_error(e.to_string()).await;
-            return Err(e);
-        }
-    };
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Msg>();
-    let (id_tx, id_rx) = oneshot::channel();
-    if events
-        .send(Event::Hello {
-            name,
-            out: out_tx,
-            reply: id_tx,
-        })
-        .is_err()
-    {
-        conn.close_with_error("wave is over".into()).await;
-        return Ok(());
-    }
-    let id = match id_rx.await {
-        Ok(Ok(id)) => id,
-        Ok(Err(why)) => {
-            tracing::warn!(reason = %why, "receiver refused");
-            conn.close_with_error(why).await;
-            return Ok(());
-        }
-        Err(_) => {
-            conn.close_with_error("wave is over".into()).await;
-            return Ok(());
-        }
-    };
-    conn.send(&Msg::Welcome {
-        protocol: PROTOCOL_VERSION,
-        receiver_id: id,
-        session: (*session).clone(),
-    })
-    .await?;
-    let (mut sink, mut stream) = conn.split();
-    let writer = tokio::spawn(async move {
-        while let Some(m) = out_rx.recv().await {
-            let Ok(bytes) = control::emit(&m) else {
-                continue;
-            };
-            if sink.send(bytes::Bytes::from(bytes)).await.is_err() {
-                break;
-            }
-        }
-        let _ = sink.close().await;
-    });
-    // A receiver closes as soon as its verdict is acknowledged; our Finish
-    // may then meet a closed socket and the read a reset. That is the
-    // normal end, not a failure to report.
-    let mut verdict_sent = false;
-    let result = loop {
-        let next = tokio::time::timeout(rx_timeout, stream.next()).await;
-        let msg = match next {
-            Err(_) => break Err(ConnError::Timeout(rx_timeout)),
-            Ok(None) => break Ok(()),
-            Ok(Some(Err(_))) if verdict_sent => break Ok(()),
-            Ok(Some(Err(e))) => break Err(ConnError::Io(e)),
-            Ok(Some(Ok(frame))) => match control::parse(&frame) {
-                Ok(m) => m,
-                Err(e) => {
-                    metrics::counter!("rackcast_control_errors_total", "kind" => "malformed")
-                        .increment(1);
-                    break Err(e.into());
-                }
-            },
-        };
-        verdict_sent |= matches!(msg, Msg::Done(_));
-        if events.send(Event::Msg(id, msg)).is_err() {
-            break Ok(());
-        }
-    };
-    let _ = events.send(Event::Disconnect(id));
-    // The writer ends when the core drops our sender (Disconnect action)
-    // or the wave ends; don't let it linger past that.
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
-    result
-}
+use crate::wire::control::{Msg, SessionParams};
+use crate::wire::packet;
 
 /// Pacing is only as good as the pacer's wakeups: a pacer that waits for a
 /// CPU longer than the token bucket's depth loses rate for good. Ask for
 /// the lowest real-time priority (SCHED_FIFO 1: runs as soon as it wakes;
 /// the kernel's RT throttling still caps it at 95 % of a CPU), else nice
 /// -10, else run as we are and say so. Needs root or CAP_SYS_NICE.
-fn raise_priority() {
+pub(super) fn raise_priority() {
     // SAFETY: sched_setscheduler/setpriority on our own thread (tid 0 /
     // gettid) with a valid sched_param.
     unsafe {
@@ -480,30 +51,16 @@ fn raise_priority() {
     );
 }
 
-fn msg_name(m: &Msg) -> &'static str {
-    match m {
-        Msg::Hello { .. } => "Hello",
-        Msg::Ready { .. } => "Ready",
-        Msg::Status(_) => "Status",
-        Msg::Done(_) => "Done",
-        Msg::Welcome { .. } => "Welcome",
-        Msg::Finish { .. } => "Finish",
-        Msg::Error { .. } => "Error",
-        Msg::Coded { .. } => "Coded",
-    }
-}
-
 /// What the pacing thread starts from.
-struct LoopSetup {
-    gso_segments: usize,
-    cfg: SenderConfig,
-    session: Arc<SessionParams>,
+pub(super) struct LoopSetup {
+    pub(super) gso_segments: usize,
+    pub(super) cfg: SenderConfig,
+    pub(super) session: Arc<SessionParams>,
     /// Metrics label.
-    wave: String,
+    pub(super) wave: String,
 }
 
-#[allow(clippy::too_many_lines)]
-fn send_loop(
+pub(super) fn send_loop(
     setup: LoopSetup,
     sock: std::net::UdpSocket,
     events: Receiver<Event>,
