@@ -3,10 +3,13 @@
 //! data-plane receiver that writes and verifies one image.
 
 mod bios;
+mod image;
 mod inventory;
+mod loader;
+mod plan;
 mod raid;
 mod redfish;
-mod run;
+mod session;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -143,7 +146,7 @@ fn main() -> Result<()> {
                 .or_else(|| boot_arg("rackcast.key="))
                 .map(|k| rackcast_core::signing::parse_fingerprint(&k))
                 .transpose()?;
-            let args = run::RunArgs {
+            let args = session::RunArgs {
                 server,
                 hardware: a.hardware,
                 disks: a.disk,
@@ -156,7 +159,7 @@ fn main() -> Result<()> {
                 trust_key,
             };
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(run::run(args))
+            rt.block_on(session::run(args))
         }
     }
 }

@@ -1,0 +1,84 @@
+//! The image step on the device: receive the wave's image onto the plan's
+//! target with the core's receiver and report the verified hash.
+//!
+//! Owns: the receive options and the operation record. Must not: decide
+//! where the image goes (the plan does).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+
+use rackcast_core::io::receive::{run_receive, Progress, ReceiveOptions};
+use rackcast_core::model::{OpRecord, StepData};
+
+use crate::plan::{plan_of, Ctx};
+
+pub(crate) async fn receive_image(
+    ctx: &Ctx,
+    join: &rackcast_core::model::WaveJoin,
+    ops: &mut Vec<OpRecord>,
+) -> Result<(String, StepData)> {
+    let plan = plan_of(ctx)?;
+    if plan.image.hash != join.image_hash {
+        bail!(
+            "wave sends image {} ({}), the bundle plans {} ({})",
+            join.image,
+            join.image_hash,
+            plan.image.name,
+            plan.image.hash
+        );
+    }
+    let state = ctx.work_dir.join(format!(
+        "{}.rcresume",
+        &join.image_hash[..16.min(join.image_hash.len())]
+    ));
+    let target = ctx.inventory.resolve_disk(&plan.image.target);
+    let opts = ReceiveOptions {
+        server: join.control,
+        out: PathBuf::from(&target),
+        iface: ctx.iface.clone(),
+        name: Some(ctx.device.clone()),
+        state: Some(state),
+        connect_timeout: Duration::from_secs(30),
+        idle_timeout: Duration::from_secs(30),
+        rcvbuf: 16 << 20,
+    };
+    let t = Instant::now();
+    let progress = std::sync::Arc::new(Progress::default());
+    let rep = run_receive(opts, progress)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    ops.push(OpRecord {
+        op: "receive-image".into(),
+        ok: rep.verified,
+        exit_code: None,
+        duration_ms: t.elapsed().as_millis() as u64,
+        detail: format!(
+            "wave {} -> {}: {} bytes, {} packets, {} resumed blocks, {} auth failures{}",
+            join.wave_id,
+            target,
+            rep.image_bytes,
+            rep.packets,
+            rep.resumed_blocks,
+            rep.auth_failures,
+            rep.reason
+                .as_ref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        ),
+    });
+    if !rep.verified {
+        bail!(
+            "image not verified: {}",
+            rep.reason.unwrap_or_else(|| "unknown".into())
+        );
+    }
+    Ok((
+        format!("image {} written to {target} and verified", join.image),
+        StepData::ImageWritten {
+            hash: rep.image_hash,
+            bytes: rep.image_bytes,
+        },
+    ))
+}
