@@ -6,7 +6,7 @@
 //! loss accounting from sequence numbers and the aggregated [`Status`].
 //! Must not: touch sockets, files or clocks. Decoding and BLAKE3 checking of
 //! a block are pure functions here ([`decode_block`]); writing is the
-//! driver's (`dataplane::receive`).
+//! driver's (`io::receive`).
 
 use std::collections::{BTreeMap, VecDeque};
 

@@ -1,10 +1,12 @@
 //! Whole-wave simulation: the sender core and several receiver cores,
 //! driven the way their I/O drivers drive them, on a simulated clock.
 //!
-//! Owns: a model of `send::send_loop` (block loads and encoders finish on
-//! worker threads in any order; actions are carried out in the order the
-//! core queued them), of the control connections (ordered, delayed, closed
-//! on a kill) and of the multicast link (per-receiver random loss, delay).
+//! Owns: a model of the send driver's pacing loop (`io::send`: block loads
+//! and encoders finish on worker threads in any order; actions are carried
+//! out in the order the core queued them; datagrams are rendered by the
+//! driver's own `render::Packetizer`), of the control connections (ordered,
+//! delayed, closed on a kill) and of the multicast link (per-receiver
+//! random loss, delay).
 //! It checks what a unit test of either core alone cannot: that the two
 //! together always end, with every surviving receiver holding the exact
 //! image, under late joins, kills, restarts and loss. Must not: use sockets,
@@ -623,7 +625,7 @@ fn a_killed_receiver_that_stays_dead_does_not_hold_the_others() {
 }
 
 /// Hunting ground for rare interleavings: `RC_SIM_SEEDS=500 cargo test
-/// --release --lib wave_sim::many -- --ignored`.
+/// -p rackcast-core --release --lib sim::many -- --ignored`.
 #[test]
 #[ignore]
 fn many_seeds_fleet_shape() {

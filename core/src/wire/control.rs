@@ -3,7 +3,7 @@
 //!
 //! Owns: the message set, its binary encoding (postcard inside a
 //! length-delimited frame with a bounded size) and validation of what came
-//! off the wire. Must not: do I/O (see `dataplane::conn`).
+//! off the wire. Must not: do I/O (see `io::conn`).
 
 use std::net::SocketAddrV4;
 

@@ -4,7 +4,7 @@
 //! Owns: the message sets in both directions, their encoding (postcard in
 //! a length-delimited frame of at most [`MAX_FRAME`] bytes) and the checks
 //! of everything that came off the wire (lengths, counts, version). Must
-//! not: do I/O (see `dataplane::conn`) or decide anything.
+//! not: do I/O (see `io::conn`) or decide anything.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;

@@ -223,7 +223,7 @@ const LANE_GROUP: usize = 8;
 
 /// [`verify`] for many datagrams at once: `ok[i]` says whether datagram
 /// `i` carries a good tag. Equal-length datagrams (every symbol of a wave)
-/// are hashed side by side (`blake3_lanes`), several times cheaper per
+/// are hashed side by side (`image::lanes`), several times cheaper per
 /// datagram than one at a time.
 pub fn verify_many(key: &[u8; KEY_LEN], datagrams: &[&[u8]], ok: &mut [bool]) {
     for (group, ok) in datagrams.chunks(LANE_GROUP).zip(ok.chunks_mut(LANE_GROUP)) {

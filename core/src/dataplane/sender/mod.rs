@@ -6,7 +6,7 @@
 //! source while both have work), pacing through a
 //! token bucket, the loss-driven rate, receiver liveness and the end
 //! condition. Must not: touch sockets, files, threads or clocks. The I/O
-//! driver (`dataplane::send`) calls `on_*` with events and `now`, drains
+//! driver (`io::send`) calls `on_*` with events and `now`, drains
 //! [`Action`]s and asks [`WaveSender::poll_transmit`] what to put on the wire.
 //!
 //! Repair rule: a receiver's report about block `b` counts only if it has
