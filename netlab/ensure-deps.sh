@@ -8,7 +8,7 @@ case "${1:-test}" in
   # binaries, OVMF for UEFI, a kernel and cpio/kmod for the loader initrd.
   test) need+=(prometheus busybox-static isc-dhcp-client dnsmasq-base tftp-hpa atftp
                qemu-system-x86 ipxe-qemu ipxe ovmf linux-image-amd64 cpio kmod
-               python3-libvirt python3-venv mdadm) ;;
+               python3-libvirt python3-venv mdadm qemu-utils) ;;
   demo) need+=(binutils python3 python3-libvirt python3-venv) ;;
   bench) need+=(udpcast uftp curl python3) ;;
   *) echo "ensure-deps.sh: test|demo|bench" >&2; exit 2 ;;

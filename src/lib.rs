@@ -14,4 +14,5 @@
 pub mod boot;
 pub mod config;
 pub mod controller;
+pub mod image_source;
 pub mod store;

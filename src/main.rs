@@ -574,10 +574,39 @@ mod fleet {
     }
 
     pub fn images_add(config: &Path, name: &str, path: &Path) -> Result<()> {
+        use rackcast::image_source::{self, SourceKind};
         let cfg = Config::load(config)?;
         std::fs::create_dir_all(&cfg.appliance.state_dir)?;
         let mut st = SqliteStore::open(&cfg.store_path())?;
-        let rec = rackcast::controller::add_image(&cfg, &mut st, name, path)?;
+        // A compressed or qcow2 source becomes a raw image in the store
+        // first (complete, or not at all); a raw file is used where it is.
+        let kind =
+            SourceKind::of_file(path).with_context(|| format!("reading {}", path.display()))?;
+        let raw = if kind == SourceKind::Raw {
+            path.to_path_buf()
+        } else {
+            let total = std::fs::metadata(path)?.len();
+            let bar = indicatif::ProgressBar::new(total).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar.set_message(format!("{name}: reading {}", kind.as_str()));
+            let got = image_source::import(path, &cfg.appliance.state_dir.join("images"), |n| {
+                bar.set_position(n)
+            });
+            bar.finish_and_clear();
+            let got = got?;
+            eprintln!(
+                "{name}: {} source -> {} bytes raw, blake3 {}",
+                kind.as_str(),
+                got.size,
+                got.hash
+            );
+            got.path
+        };
+        let rec = rackcast::controller::add_image(&cfg, &mut st, name, &raw)?;
         println!(
             "{} {} {} bytes blake3 {}",
             rec.name, rec.path, rec.size, rec.hash
