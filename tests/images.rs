@@ -122,6 +122,25 @@ fn compressed_and_qcow2_sources_are_added_as_raw_images_and_bad_ones_leave_nothi
     }
     let before = images(&config);
 
+    // The config takes raw images only: a compressed one there stops
+    // `serve` before it listens, naming the way to add it.
+    let cfg2 = dir.path().join("compressed-in-config.toml");
+    ApplianceConfig::new(&state, &bin("rackcast-agent"), "100M", "239.255.62.1")
+        .image("debian", &zst)
+        .section("[[profiles]]\nname = \"any\"\nimage = \"debian\"\ntarget = { order = \"largest\", count = 1 }\n")
+        .write(&cfg2);
+    let out = Command::new(bin("rackcast"))
+        .args(["serve", "--config"])
+        .arg(&cfg2)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("is a zstd source; add it with `rackcast images add"),
+        "{err}"
+    );
+
     // Corrupt and truncated sources: a clear error, no image, no file.
     let good = zstd_with_checksum(&data);
     let mut flipped = good.clone();

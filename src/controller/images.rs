@@ -12,6 +12,7 @@ use rackcast_core::image::manifest::Manifest;
 
 use super::builder::ImageEntry;
 use crate::config::Config;
+use crate::image_source::SourceKind;
 use crate::store::{now_ms, ImageRecord, Store};
 
 /// Where the appliance keeps an image's manifest.
@@ -78,6 +79,21 @@ type ImageMaps = (HashMap<String, ImageEntry>, HashMap<String, Arc<Manifest>>);
 /// Register the config's images, then load every image of the store.
 pub(super) fn load_images(cfg: &Config, store: &mut dyn Store) -> anyhow::Result<ImageMaps> {
     for im in &cfg.images {
+        // A compressed image in the config would be served as its
+        // compressed bytes: it must go through `images add` (once), which
+        // makes the raw image in the store.
+        let kind = SourceKind::of_file(&im.path)
+            .map_err(|e| anyhow::anyhow!("image {}: {}: {e}", im.name, im.path.display()))?;
+        if kind != SourceKind::Raw {
+            anyhow::bail!(
+                "image {}: {} is a {} source; add it with `rackcast images add {} {}` (the config takes raw images)",
+                im.name,
+                im.path.display(),
+                kind.as_str(),
+                im.name,
+                im.path.display()
+            );
+        }
         add_image(cfg, store, &im.name, &im.path)?;
     }
     let mut images = HashMap::new();
