@@ -144,6 +144,7 @@ pub fn import(
         what: format!("creating {}", store.display()),
         source: e,
     })?;
+    remove_orphans(store);
     let part = Partial::new(store)?;
     let written = match kind {
         SourceKind::Raw => {
@@ -208,6 +209,27 @@ fn zstd_has_checksum(path: &Path) -> io::Result<bool> {
     let mut head = [0u8; 5];
     let n = read_up_to(&mut File::open(path)?, &mut head)?;
     Ok(n == 5 && head[4] & 0x04 != 0)
+}
+
+/// Remove partial files of imports whose process is gone (killed before
+/// its own cleanup could run): `.import-<pid>-<random>.part`.
+fn remove_orphans(store: &Path) {
+    let Ok(dir) = fs::read_dir(store) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let pid = name
+            .strip_prefix(".import-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 /// A file being written into the store: removed unless kept.
@@ -457,6 +479,19 @@ mod tests {
             );
         }
         assert_eq!(store_files(&store), vec![format!("{want}.img")]);
+        // A partial file of an import that was killed (its PID is gone)
+        // is removed by the next import; a live one's is left alone.
+        let orphan = store.join(".import-4194303-00000000000000aa.part");
+        let live = store.join(format!(
+            ".import-{}-00000000000000bb.part",
+            std::process::id()
+        ));
+        fs::write(&orphan, b"half").unwrap();
+        fs::write(&live, b"busy").unwrap();
+        let src = dir.path().join("source-zstd");
+        import(&src, &store, |_| {}).unwrap();
+        assert!(!orphan.exists(), "orphan left");
+        assert!(live.exists(), "a running import's file was removed");
     }
 
     #[test]
