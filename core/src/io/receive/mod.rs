@@ -247,8 +247,20 @@ impl RecvLoop {
                 }
             }
             if self.core.is_complete() {
-                let _ = self.status.send(self.core.status());
-                return (self.core.counters.clone(), None);
+                // Every block is in; the writer may still digest zero
+                // blocks and flush the output, which can take seconds on
+                // a real disk. Keep reporting meanwhile (the sender drops
+                // a receiver silent for its receiver timeout) and keep the
+                // job channel open, until the session stops this loop
+                // after the verdict.
+                loop {
+                    if self.stop.load(Ordering::Relaxed)
+                        || self.status.send(self.core.status()).is_err()
+                    {
+                        return (self.core.counters.clone(), None);
+                    }
+                    std::thread::sleep(self.feedback);
+                }
             }
         }
     }

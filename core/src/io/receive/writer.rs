@@ -87,9 +87,12 @@ pub(super) fn writer_loop(
             resume.save();
             return Err("stopped".into());
         }
+        // No job right now (or none will come: the receive loop ended
+        // because every block is in): digest a zero block meanwhile. A
+        // receiver that resumed every data block has only zero blocks left.
         let next = match jobs.try_recv() {
             Ok(j) => Ok(j),
-            Err(crossbeam_channel::TryRecvError::Empty) => match zero_blocks.pop() {
+            Err(no_job) => match zero_blocks.pop() {
                 Some(b) => {
                     let len = m.block_len(b);
                     zeros.resize(len, 0);
@@ -104,11 +107,9 @@ pub(super) fn writer_loop(
                     }
                     continue;
                 }
-                None => jobs.recv_timeout(Duration::from_millis(100)),
+                None if no_job.is_empty() => jobs.recv_timeout(Duration::from_millis(100)),
+                None => Err(crossbeam_channel::RecvTimeoutError::Disconnected),
             },
-            Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected)
-            }
         };
         let job = match next {
             Ok(j) => j,
@@ -156,4 +157,85 @@ pub(super) fn writer_loop(
     resume.save();
     let all: Vec<[u8; 32]> = digests.into_iter().flatten().collect();
     Ok(crate::image::manifest::merge_block_digests(&all))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A receiver that resumed every data block has only zero blocks left
+    /// and no job will ever come (its receive loop may already be gone):
+    /// the writer digests the zero blocks and the image verifies.
+    #[test]
+    fn only_zero_blocks_left_and_no_more_jobs_still_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut data = vec![0u8; 6 * 4096];
+        data[..4096].fill(3);
+        data[3 * 4096..4 * 4096].fill(5);
+        let m = Arc::new(Manifest::of_bytes(&data, 4096, 1024).unwrap());
+        let path = dir.path().join("out");
+        fs_write(&path, &data);
+        let out = open_output(&path, &m, true).unwrap();
+        let resume = ResumeState::load(&dir.path().join("out.rcresume"), &m);
+        let mut digests = vec![None; 6];
+        let mut zero_blocks = Vec::new();
+        for b in 0..6u32 {
+            let range = m.block_offset(b) as usize..m.block_offset(b) as usize + m.block_len(b);
+            if m.blocks[b as usize].zero {
+                zero_blocks.push(b);
+            } else {
+                digests[b as usize] = Some(m.digest_block(b, &data[range]));
+            }
+        }
+        assert_eq!(zero_blocks.len(), 4);
+        let (job_tx, job_rx) = crossbeam_channel::unbounded();
+        drop(job_tx);
+        let (done_tx, _done_rx) = crossbeam_channel::unbounded();
+        let got = writer_loop(
+            m.clone(),
+            out,
+            resume,
+            digests,
+            zero_blocks,
+            job_rx,
+            done_tx,
+            Arc::new(Progress::default()),
+            Arc::new(AtomicBool::new(false)),
+        );
+        assert_eq!(got, Ok(m.image_hash));
+    }
+
+    /// With data blocks still missing, the end of the jobs is an error.
+    #[test]
+    fn missing_data_blocks_and_no_more_jobs_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut data = vec![0u8; 2 * 4096];
+        data[..4096].fill(3);
+        let m = Arc::new(Manifest::of_bytes(&data, 4096, 1024).unwrap());
+        let path = dir.path().join("out");
+        let out = open_output(&path, &m, false).unwrap();
+        let resume = ResumeState::load(&dir.path().join("out.rcresume"), &m);
+        let (job_tx, job_rx) = crossbeam_channel::unbounded();
+        drop(job_tx);
+        let (done_tx, _done_rx) = crossbeam_channel::unbounded();
+        let got = writer_loop(
+            m,
+            out,
+            resume,
+            vec![None; 2],
+            vec![1],
+            job_rx,
+            done_tx,
+            Arc::new(Progress::default()),
+            Arc::new(AtomicBool::new(false)),
+        );
+        assert_eq!(
+            got,
+            Err("receive loop ended before the image was complete".to_string())
+        );
+    }
+
+    fn fs_write(path: &Path, data: &[u8]) {
+        std::fs::write(path, data).unwrap();
+    }
 }
