@@ -16,6 +16,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use rackcast_core::image::manifest::{is_zero, read_full};
 use thiserror::Error;
 
 /// What a source file holds, by its first bytes.
@@ -64,7 +65,7 @@ impl SourceKind {
     pub fn of_file(path: &Path) -> io::Result<SourceKind> {
         let mut head = [0u8; 8];
         let mut f = File::open(path)?;
-        let n = read_up_to(&mut f, &mut head)?;
+        let n = read_full(&mut f, &mut head)?;
         Ok(SourceKind::of_magic(&head[..n]))
     }
 }
@@ -145,7 +146,7 @@ pub fn import(
         source: e,
     })?;
     remove_orphans(store);
-    let part = Partial::new(store)?;
+    let part = Partial::new(store);
     let written = match kind {
         SourceKind::Raw => {
             return Err(SourceError::Io {
@@ -157,7 +158,11 @@ pub fn import(
             let f = File::open(&part.path).map_err(io_err("reading the converted image of"))?;
             let size = f.metadata().map_err(io_err("reading"))?.len();
             progress(size);
-            hash_reader(f).map_err(io_err("hashing the converted image of"))
+            let mut hasher = blake3::Hasher::new();
+            hasher
+                .update_reader(f)
+                .map_err(io_err("hashing the converted image of"))?;
+            Ok((size, hasher.finalize().to_hex().to_string()))
         })?,
         SourceKind::Zstd | SourceKind::Xz | SourceKind::Gzip => {
             let f = File::open(source).map_err(io_err("opening"))?;
@@ -207,7 +212,7 @@ pub fn import(
 /// gzip (CRC32) always do.
 fn zstd_has_checksum(path: &Path) -> io::Result<bool> {
     let mut head = [0u8; 5];
-    let n = read_up_to(&mut File::open(path)?, &mut head)?;
+    let n = read_full(&mut File::open(path)?, &mut head)?;
     Ok(n == 5 && head[4] & 0x04 != 0)
 }
 
@@ -239,13 +244,13 @@ struct Partial {
 }
 
 impl Partial {
-    fn new(store: &Path) -> Result<Partial, SourceError> {
+    fn new(store: &Path) -> Partial {
         let path = store.join(format!(
             ".import-{}-{:016x}.part",
             std::process::id(),
             rand::random::<u64>()
         ));
-        Ok(Partial { path, kept: false })
+        Partial { path, kept: false }
     }
 
     /// Flush and rename to `to` (an existing `to` has the same content:
@@ -300,7 +305,7 @@ fn copy_hashing(mut r: impl Read, to: &Path, limit: u64) -> Result<(u64, String)
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
     loop {
-        let n = read_up_to(&mut r, &mut buf).map_err(CopyError::Read)?;
+        let n = read_full(&mut r, &mut buf).map_err(CopyError::Read)?;
         if n == 0 {
             break;
         }
@@ -309,7 +314,7 @@ fn copy_hashing(mut r: impl Read, to: &Path, limit: u64) -> Result<(u64, String)
             return Err(CopyError::TooLarge);
         }
         hasher.update(&buf[..n]);
-        if buf[..n].iter().all(|b| *b == 0) {
+        if is_zero(&buf[..n]) {
             io::Seek::seek(&mut out, io::SeekFrom::Current(n as i64)).map_err(CopyError::Write)?;
         } else {
             out.write_all(&buf[..n]).map_err(CopyError::Write)?;
@@ -317,33 +322,6 @@ fn copy_hashing(mut r: impl Read, to: &Path, limit: u64) -> Result<(u64, String)
     }
     out.set_len(total).map_err(CopyError::Write)?;
     Ok((total, hasher.finalize().to_hex().to_string()))
-}
-
-fn hash_reader(mut r: impl Read) -> io::Result<(u64, String)> {
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = read_up_to(&mut r, &mut buf)?;
-        if n == 0 {
-            return Ok((total, hasher.finalize().to_hex().to_string()));
-        }
-        total += n as u64;
-        hasher.update(&buf[..n]);
-    }
-}
-
-fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 /// `qemu-img check`, then `qemu-img convert -O raw`, each under limits: a
