@@ -39,6 +39,7 @@ fn manifest_for(data: &[u8]) -> Manifest {
         blocks: vec![BlockInfo {
             hash: *blake3::hash(data).as_bytes(),
             zero: false,
+            wire: rackcast_core::image::manifest::Wire::Raw,
         }],
     }
 }

@@ -218,7 +218,7 @@ fn zstd_has_checksum(path: &Path) -> io::Result<bool> {
 
 /// Remove partial files of imports whose process is gone (killed before
 /// its own cleanup could run): `.import-<pid>-<random>.part`.
-fn remove_orphans(store: &Path) {
+pub(crate) fn remove_orphans(store: &Path) {
     let Ok(dir) = fs::read_dir(store) else {
         return;
     };
@@ -237,14 +237,15 @@ fn remove_orphans(store: &Path) {
     }
 }
 
-/// A file being written into the store: removed unless kept.
-struct Partial {
+/// A file being written into the store: removed unless kept (and by
+/// [`remove_orphans`] when its process was killed).
+pub(crate) struct Partial {
     path: PathBuf,
     kept: bool,
 }
 
 impl Partial {
-    fn new(store: &Path) -> Partial {
+    pub(crate) fn new(store: &Path) -> Partial {
         let path = store.join(format!(
             ".import-{}-{:016x}.part",
             std::process::id(),
@@ -253,9 +254,14 @@ impl Partial {
         Partial { path, kept: false }
     }
 
+    /// Where it is being written.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Flush and rename to `to` (an existing `to` has the same content:
     /// its name is its hash).
-    fn keep_as(mut self, to: &Path) -> Result<(), SourceError> {
+    pub(crate) fn keep_as(mut self, to: &Path) -> Result<(), SourceError> {
         let sync = File::open(&self.path).and_then(|f| f.sync_all());
         sync.and_then(|()| fs::rename(&self.path, to))
             .map_err(|e| SourceError::Io {

@@ -131,6 +131,14 @@ struct SendArgs {
     /// Prebuilt manifest (`rackcast manifest`); built on the fly if absent.
     #[arg(long)]
     manifest: Option<PathBuf>,
+    /// The prepared blocks file that goes with `--manifest` when it was
+    /// built with `--zstd`.
+    #[arg(long, requires = "manifest")]
+    frames: Option<PathBuf>,
+    /// Without `--manifest`: compress blocks at this zstd level before the
+    /// wave (into a temporary blocks file beside the image).
+    #[arg(long, conflicts_with = "manifest")]
+    zstd: Option<i32>,
     /// Blocks interleaved in the source phase.
     #[arg(long, default_value_t = 8)]
     interleave: usize,
@@ -165,6 +173,13 @@ struct ManifestArgs {
     /// Output file (default: `<image>.rcmanifest`).
     #[arg(long, short)]
     out: Option<PathBuf>,
+    /// Compress the blocks that shrink at this zstd level (1..=19) and
+    /// write their frames to `--frames`.
+    #[arg(long, requires = "frames")]
+    zstd: Option<i32>,
+    /// Prepared blocks file to write with `--zstd`.
+    #[arg(long)]
+    frames: Option<PathBuf>,
     #[arg(long, default_value_t = 1500)]
     mtu: usize,
     #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE)]
@@ -214,18 +229,25 @@ fn main() -> Result<()> {
         }
         Cmd::Manifest(a) => {
             let t = Instant::now();
-            let m = Manifest::build(&a.image, a.block_size, symbol_size(a.mtu)?)
-                .with_context(|| format!("building manifest of {}", a.image.display()))?;
+            let (m, _) = pack_image(
+                &a.image,
+                a.block_size,
+                symbol_size(a.mtu)?,
+                a.zstd,
+                a.frames.as_deref(),
+            )?;
             let out = a
                 .out
                 .unwrap_or_else(|| PathBuf::from(format!("{}.rcmanifest", a.image.display())));
             m.save(&a.image, &out)?;
             println!(
-                "{}: {} bytes, {} blocks ({} zero), blake3 {} -> {} ({:.2} s)",
+                "{}: {} bytes, {} blocks ({} zero, {} compressed), {} bytes on the wire, blake3 {} -> {} ({:.2} s)",
                 a.image.display(),
                 m.image_size,
                 m.block_count(),
                 m.blocks.iter().filter(|b| b.zero).count(),
+                m.compressed_blocks(),
+                m.data_bytes(),
                 m.image_hash_hex(),
                 out.display(),
                 t.elapsed().as_secs_f64()
@@ -234,6 +256,45 @@ fn main() -> Result<()> {
         }
         Cmd::Send(a) => send(a),
     }
+}
+
+/// Describe `image` and, with a zstd level, write the frames of the
+/// blocks that shrink to `frames`.
+fn pack_image(
+    image: &std::path::Path,
+    block_size: u32,
+    ss: u16,
+    level: Option<i32>,
+    frames: Option<&std::path::Path>,
+) -> Result<(Manifest, Option<PathBuf>)> {
+    use rackcast_core::image::packed;
+    let Some(level) = level else {
+        let m = Manifest::build(image, block_size, ss)
+            .with_context(|| format!("building manifest of {}", image.display()))?;
+        return Ok((m, None));
+    };
+    let frames = frames.context("--zstd needs a blocks file")?;
+    let file = std::fs::File::open(image).with_context(|| format!("{}", image.display()))?;
+    let size = file.metadata()?.len();
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(frames).with_context(|| format!("{}", frames.display()))?,
+    );
+    let opts = packed::PackOptions {
+        level: Some(level),
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let m = packed::pack(
+        std::io::BufReader::new(file),
+        size,
+        block_size,
+        ss,
+        opts,
+        &mut out,
+        &mut |_| {},
+    )
+    .with_context(|| format!("preparing blocks of {}", image.display()))?;
+    std::io::Write::flush(&mut out)?;
+    Ok((m, Some(frames.to_path_buf())))
 }
 
 fn send(a: SendArgs) -> Result<()> {
@@ -250,10 +311,26 @@ fn send(a: SendArgs) -> Result<()> {
         bail!("--loss-threshold must be in 0..1");
     }
     let ss = symbol_size(a.mtu)?;
-    let manifest = match &a.manifest {
-        Some(p) => Manifest::load_for(&a.image, p)?,
-        None => Manifest::build(&a.image, a.block_size, ss)
-            .with_context(|| format!("building manifest of {}", a.image.display()))?,
+    // A blocks file made here is removed when the wave ends.
+    let mut temp_frames = None;
+    let (manifest, frames) = match (&a.manifest, a.zstd) {
+        (Some(p), _) => (Manifest::load_for(&a.image, p)?, a.frames.clone()),
+        (None, None) => (
+            Manifest::build(&a.image, a.block_size, ss)
+                .with_context(|| format!("building manifest of {}", a.image.display()))?,
+            None,
+        ),
+        (None, Some(level)) => {
+            let dir = a.image.parent().unwrap_or(std::path::Path::new("."));
+            let tmp = tempfile::Builder::new()
+                .prefix(".rackcast-frames-")
+                .tempfile_in(dir)
+                .with_context(|| format!("temporary blocks file in {}", dir.display()))?;
+            let (m, _) = pack_image(&a.image, a.block_size, ss, Some(level), Some(tmp.path()))?;
+            let p = tmp.path().to_path_buf();
+            temp_frames = Some(tmp);
+            (m, Some(p))
+        }
     };
     if manifest.symbol_size != ss {
         bail!(
@@ -297,6 +374,7 @@ fn send(a: SendArgs) -> Result<()> {
         let report = run_send(SendOptions {
             image: a.image.clone(),
             manifest,
+            frames,
             iface: a.iface.clone(),
             group: a.group,
             control: a.control,
@@ -308,6 +386,7 @@ fn send(a: SendArgs) -> Result<()> {
             wave_label: "send".into(),
         })
         .await?;
+        drop(temp_frames);
         print_report(&report, a.json)?;
         if !report.ok {
             std::process::exit(1);
@@ -606,7 +685,22 @@ mod fleet {
             );
             got.path
         };
-        let rec = rackcast::controller::add_image(&cfg, &mut st, name, &raw)?;
+        let size = std::fs::metadata(&raw)?.len();
+        let bar = indicatif::ProgressBar::new(size).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_message(format!(
+            "{name}: preparing blocks (zstd level {})",
+            cfg.dataplane.zstd_level
+        ));
+        let rec = rackcast::controller::add_image(&cfg, &mut st, name, &raw, &mut |n| {
+            bar.set_position(n)
+        });
+        bar.finish_and_clear();
+        let rec = rec?;
         println!(
             "{} {} {} bytes blake3 {}",
             rec.name, rec.path, rec.size, rec.hash

@@ -43,6 +43,10 @@ pub(crate) async fn receive_image(
         connect_timeout: Duration::from_secs(30),
         idle_timeout: Duration::from_secs(30),
         rcvbuf: 16 << 20,
+        decoders: rackcast_core::io::receive::default_decoders(),
+        // A disk that is re-imaged usually holds the previous version:
+        // blocks whose digest already matches are not sent again.
+        delta: is_block_device(std::path::Path::new(&target)),
     };
     let t = Instant::now();
     let progress = std::sync::Arc::new(Progress::default());
@@ -55,12 +59,14 @@ pub(crate) async fn receive_image(
         exit_code: None,
         duration_ms: t.elapsed().as_millis() as u64,
         detail: format!(
-            "wave {} -> {}: {} bytes, {} packets, {} resumed blocks, {} auth failures{}",
+            "wave {} -> {}: {} bytes, {} packets, {} blocks in place ({} data), final flush {:.2} s, {} auth failures{}",
             join.wave_id,
             target,
             rep.image_bytes,
             rep.packets,
             rep.resumed_blocks,
+            rep.resumed_data_blocks,
+            rep.flush_seconds,
             rep.auth_failures,
             rep.reason
                 .as_ref()
@@ -81,4 +87,10 @@ pub(crate) async fn receive_image(
             bytes: rep.image_bytes,
         },
     ))
+}
+
+/// Whether `path` is a block device (a real target disk, not a file).
+pub fn is_block_device(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
 }

@@ -111,6 +111,14 @@ struct ReceiveArgs {
     /// (decoding, writing): an overflow is loss that costs a repair round.
     #[arg(long, default_value_t = 64 << 20)]
     rcvbuf: usize,
+    /// Threads that decode and decompress blocks (default: up to 4 cores).
+    #[arg(long)]
+    decoders: Option<usize>,
+    /// Digest every block already on the output and keep those that match
+    /// (re-imaging over an earlier version); on by default for block
+    /// devices.
+    #[arg(long)]
+    delta: bool,
     /// Print the report as one JSON object on the last line.
     #[arg(long)]
     json: bool,
@@ -179,6 +187,10 @@ fn receive(a: ReceiveArgs) -> Result<()> {
         connect_timeout: Duration::from_secs(a.connect_timeout),
         idle_timeout: Duration::from_secs(a.idle_timeout),
         rcvbuf: a.rcvbuf,
+        decoders: a
+            .decoders
+            .unwrap_or_else(rackcast_core::io::receive::default_decoders),
+        delta: a.delta || image::is_block_device(&a.out),
     };
     let p = progress.clone();
     let show = rt.spawn(show_progress(p));

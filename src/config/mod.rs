@@ -225,6 +225,11 @@ pub struct DataplaneConfig {
     /// GSO falls back to sendmmsg by itself.
     #[serde(default = "d_gso")]
     pub gso_segments: usize,
+    /// zstd level of blocks prepared when an image is added (0: send every
+    /// block raw). Decompression speed hardly depends on the level; level
+    /// 6 compresses ~4x slower than 3 for ~9 % fewer bytes on OS images.
+    #[serde(default = "d_zstd_level")]
+    pub zstd_level: i32,
 }
 
 fn d_port() -> u16 {
@@ -241,6 +246,9 @@ fn d_feedback() -> Duration {
 }
 fn d_gso() -> usize {
     16
+}
+fn d_zstd_level() -> i32 {
+    6
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -34,6 +34,7 @@ target = { order = "largest", count = 1 }
         assert_eq!(c.waves.hello_timeout, Duration::from_secs(10));
         assert_eq!(c.dataplane.feedback, Duration::from_millis(20));
         assert_eq!(c.dataplane.gso_segments, 16);
+        assert_eq!(c.dataplane.zstd_level, 6);
         assert_eq!(c.workflow.max_attempts, 3);
         assert_eq!(c.store_path(), PathBuf::from("/tmp/rc/rackcast.db"));
         assert_eq!(c.profiles[0].vendor, "*");

@@ -44,6 +44,15 @@ impl Config {
                 "expected 1 ..= 64".into(),
             ));
         }
+        if !(0..=rackcast_core::image::packed::MAX_LEVEL).contains(&self.dataplane.zstd_level) {
+            return Err(bad(
+                "dataplane.zstd_level".into(),
+                format!(
+                    "expected 0 (off) ..= {}",
+                    rackcast_core::image::packed::MAX_LEVEL
+                ),
+            ));
+        }
         if self.waves.hello_timeout < Duration::from_secs(1) {
             return Err(bad(
                 "waves.hello_timeout".into(),

@@ -23,6 +23,8 @@ pub struct ImageEntry {
     pub path: PathBuf,
     pub hash: String,
     pub size: u64,
+    /// Prepared blocks file (compressed blocks' frames), if any.
+    pub frames: Option<PathBuf>,
 }
 
 pub struct Builder {

@@ -126,6 +126,7 @@ impl Controller {
         let opts = SendOptions {
             image: img.path.clone(),
             manifest: (*manifest).clone(),
+            frames: img.frames.clone(),
             iface: self.cfg.dataplane.iface.clone(),
             group: SocketAddrV4::new(group, group_port),
             control,

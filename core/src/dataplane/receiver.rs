@@ -11,7 +11,8 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::image::fec::{Added, BlockAssembly};
-use crate::image::manifest::Manifest;
+use crate::image::manifest::{Manifest, Wire};
+use crate::image::packed::{unpack, UnpackError};
 use crate::wire::control::{Status, MAX_GAP_SYMBOLS};
 use crate::wire::packet::{self, Header, Kind, PacketError, KEY_LEN};
 
@@ -87,8 +88,9 @@ pub struct DecodeJob {
 
 /// Outcome of [`decode_block`].
 pub enum DecodeOutcome {
-    /// Decoded and its digest (`manifest::block_digest`) matches the
-    /// manifest; the digest goes into the whole-image hash.
+    /// Decoded (and decompressed) and its digest
+    /// (`manifest::block_digest`) matches the manifest; the digest goes
+    /// into the whole-image hash.
     Good {
         /// The block's bytes.
         data: Vec<u8>,
@@ -97,27 +99,41 @@ pub enum DecodeOutcome {
     },
     /// raptorq needs more symbols; the assembly comes back.
     NeedMore(BlockAssembly),
-    /// Decoded but the hash is wrong: the symbols were bad (a wrong key
-    /// cannot get here; a broken sender or image source can).
+    /// Decoded but the frame's or the block's digest is wrong: the
+    /// symbols were bad (a wrong key cannot get here; a broken sender or
+    /// image source can). Asking for the block again may fix it.
     HashMismatch,
+    /// The wire bytes are the manifest's own, yet they do not give the
+    /// block (a frame that expands past the block, or to other bytes):
+    /// the manifest is wrong and no resend can help.
+    Undecodable(String),
 }
 
-/// Decode a ready block and check it against the manifest.
+/// Decode a ready block, decompress it when it travels compressed, and
+/// check it against the manifest. Runs on any thread: it is where the
+/// receiver spends its CPU.
 pub fn decode_block(manifest: &Manifest, job: DecodeJob) -> DecodeOutcome {
     let b = job.block;
-    match job
-        .asm
-        .decode(&manifest.block_oti(b), manifest.block_len(b))
-    {
-        Ok(data) => {
-            let digest = manifest.digest_block(b, &data);
-            if digest == manifest.blocks[b as usize].hash {
-                DecodeOutcome::Good { data, digest }
-            } else {
-                DecodeOutcome::HashMismatch
-            }
-        }
-        Err(asm) => DecodeOutcome::NeedMore(asm),
+    let wire = match job.asm.decode(&manifest.block_oti(b), manifest.wire_len(b)) {
+        Ok(wire) => wire,
+        Err(asm) => return DecodeOutcome::NeedMore(asm),
+    };
+    let data = match unpack(manifest, b, wire) {
+        Ok(d) => d,
+        Err(UnpackError::FrameDigest(_)) => return DecodeOutcome::HashMismatch,
+        Err(e @ UnpackError::BadFrame { .. }) => return DecodeOutcome::Undecodable(e.to_string()),
+    };
+    let digest = manifest.digest_block(b, &data);
+    if digest == manifest.blocks[b as usize].hash {
+        DecodeOutcome::Good { data, digest }
+    } else if matches!(manifest.blocks[b as usize].wire, Wire::Zstd { .. }) {
+        // The frame matched its digest, so these are the manifest's own
+        // bytes: they decompress to something else for every receiver.
+        DecodeOutcome::Undecodable(format!(
+            "block {b}: its compressed frame decompresses to bytes that fail the block's digest"
+        ))
+    } else {
+        DecodeOutcome::HashMismatch
     }
 }
 
@@ -590,6 +606,7 @@ mod tests {
                         }
                         DecodeOutcome::NeedMore(a) => rx.on_decoded(b, Err(Some(a))),
                         DecodeOutcome::HashMismatch => rx.on_decoded(b, Err(None)),
+                        DecodeOutcome::Undecodable(why) => panic!("raw block: {why}"),
                     }
                 }
             };

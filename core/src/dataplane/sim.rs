@@ -498,7 +498,10 @@ impl Sim {
                     core.on_decoded(b, Ok(()));
                 }
                 DecodeOutcome::NeedMore(a) => core.on_decoded(b, Err(Some(a))),
-                DecodeOutcome::HashMismatch => core.on_decoded(b, Err(None)),
+                // The simulation's manifests are raw: no frame to be bad.
+                DecodeOutcome::HashMismatch | DecodeOutcome::Undecodable(_) => {
+                    core.on_decoded(b, Err(None))
+                }
             }
         }
         let done = f64::from(core.blocks_done()) / f64::from(m.block_count());

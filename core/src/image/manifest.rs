@@ -33,15 +33,36 @@ pub struct BlockInfo {
     pub hash: [u8; 32],
     /// All bytes are zero: not sent, the receiver writes zeros itself.
     pub zero: bool,
+    /// How the block travels: its own bytes, or a zstd frame.
+    pub wire: Wire,
+}
+
+/// A block's bytes on the wire: what RaptorQ codes and the sender reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Wire {
+    /// The block's own bytes (zero blocks, and blocks compression does
+    /// not shrink).
+    Raw,
+    /// One zstd frame that decompresses to exactly the block. `digest`
+    /// (plain BLAKE3 of the frame) lets a receiver reject a forged frame
+    /// before decompressing it and the sender check its prepared blocks;
+    /// the block's own `hash` is still checked after decompression.
+    Zstd {
+        /// Bytes of the frame (less than the block's length).
+        len: u32,
+        /// BLAKE3 of the frame.
+        digest: [u8; 32],
+    },
 }
 
 impl BlockInfo {
     /// The block of `data` at `offset` (`single`: the whole image is this
     /// one block).
-    fn of(offset: u64, data: &[u8], single: bool) -> BlockInfo {
+    pub(crate) fn of(offset: u64, data: &[u8], single: bool) -> BlockInfo {
         BlockInfo {
             hash: block_digest(offset, data, single),
             zero: is_zero(data),
+            wire: Wire::Raw,
         }
     }
 }
@@ -95,33 +116,24 @@ impl Manifest {
     /// source that ends early or runs on is an error (a file that changed
     /// while being read).
     pub fn from_reader(
-        mut r: impl Read,
+        r: impl Read,
         image_size: u64,
         block_size: u32,
         symbol_size: u16,
     ) -> Result<Manifest, ManifestError> {
-        check_params(block_size, symbol_size)?;
-        let single = image_size <= u64::from(block_size);
-        let mut buf = vec![0u8; block_size as usize];
-        let mut blocks = Vec::new();
-        let mut read = 0u64;
-        loop {
-            let n = read_full(&mut r, &mut buf)?;
-            if n == 0 {
-                break;
-            }
-            blocks.push(BlockInfo::of(read, &buf[..n], single));
-            read += n as u64;
-            if n < buf.len() || read > image_size {
-                break;
-            }
-        }
-        if read != image_size {
-            return Err(ManifestError::Io(io::Error::other(format!(
-                "image changed size while being read ({image_size} -> {read} bytes or more)"
-            ))));
-        }
-        Manifest::from_blocks(image_size, block_size, symbol_size, blocks)
+        let raw = crate::image::packed::PackOptions {
+            level: None,
+            threads: 1,
+        };
+        crate::image::packed::pack(
+            r,
+            image_size,
+            block_size,
+            symbol_size,
+            raw,
+            &mut io::sink(),
+            &mut |_| {},
+        )
     }
 
     /// Describe an image held in memory (same result as [`Self::build`]
@@ -134,7 +146,7 @@ impl Manifest {
         Manifest::from_reader(data, data.len() as u64, block_size, symbol_size)
     }
 
-    fn from_blocks(
+    pub(crate) fn from_blocks(
         image_size: u64,
         block_size: u32,
         symbol_size: u16,
@@ -170,6 +182,19 @@ impl Manifest {
                 self.block_size
             )));
         }
+        for (b, info) in self.blocks.iter().enumerate() {
+            if let Wire::Zstd { len, .. } = info.wire {
+                // Kept compressed only where that saves space: a frame as
+                // long as the block would only make receivers work more.
+                if info.zero || len == 0 || len as usize >= self.block_len(b as u32) {
+                    return Err(ManifestError::Invalid(format!(
+                        "block {b}: compressed length {len} for a block of {} bytes{}",
+                        self.block_len(b as u32),
+                        if info.zero { " of zeros" } else { "" }
+                    )));
+                }
+            }
+        }
         if !self.blocks.is_empty() {
             let digests: Vec<[u8; 32]> = self.blocks.iter().map(|b| b.hash).collect();
             if merge_block_digests(&digests) != self.image_hash {
@@ -202,16 +227,24 @@ impl Manifest {
         (self.image_size.saturating_sub(start)).min(self.block_size as u64) as usize
     }
 
-    /// Source symbols K of `block`.
-    pub fn source_symbols(&self, block: u32) -> u32 {
-        (self.block_len(block) as u64).div_ceil(self.symbol_size as u64) as u32
+    /// Bytes of `block` on the wire: what RaptorQ codes.
+    pub fn wire_len(&self, block: u32) -> usize {
+        match self.blocks[block as usize].wire {
+            Wire::Raw => self.block_len(block),
+            Wire::Zstd { len, .. } => len as usize,
+        }
     }
 
-    /// RaptorQ OTI of one block: each block is its own single-source-block
-    /// object, so one encoder never spans the image.
+    /// Source symbols K of `block` (of its wire bytes).
+    pub fn source_symbols(&self, block: u32) -> u32 {
+        (self.wire_len(block) as u64).div_ceil(self.symbol_size as u64) as u32
+    }
+
+    /// RaptorQ OTI of one block's wire bytes: each block is its own
+    /// single-source-block object, so one encoder never spans the image.
     pub fn block_oti(&self, block: u32) -> ObjectTransmissionInformation {
         ObjectTransmissionInformation::new(
-            self.block_len(block) as u64,
+            self.wire_len(block) as u64,
             self.symbol_size,
             1,
             1,
@@ -230,7 +263,20 @@ impl Manifest {
 
     /// Bytes that go on the wire as source symbols.
     pub fn data_bytes(&self) -> u64 {
+        self.data_blocks().map(|b| self.wire_len(b) as u64).sum()
+    }
+
+    /// Image bytes of the blocks that are not zero.
+    pub fn nonzero_bytes(&self) -> u64 {
         self.data_blocks().map(|b| self.block_len(b) as u64).sum()
+    }
+
+    /// Blocks that travel compressed.
+    pub fn compressed_blocks(&self) -> usize {
+        self.blocks
+            .iter()
+            .filter(|b| matches!(b.wire, Wire::Zstd { .. }))
+            .count()
     }
 
     /// The image hash, hex.
@@ -243,9 +289,10 @@ impl Manifest {
 
 /// Manifest files: magic, then the postcard-encoded manifest, then the
 /// image's size and mtime (ns) at build time, so a stale file is detected.
-const FILE_MAGIC: &[u8; 8] = b"RCMANIF2";
-/// Files of rackcast before block digests were tree chaining values.
-const OLD_FILE_MAGIC: &[u8; 8] = b"RCMANIF1";
+const FILE_MAGIC: &[u8; 8] = b"RCMANIF3";
+/// Files of older rackcasts: block digests that were not tree chaining
+/// values (1), blocks without a wire encoding (2).
+const OLD_FILE_MAGICS: [&[u8; 8]; 2] = [b"RCMANIF1", b"RCMANIF2"];
 
 #[derive(Serialize, Deserialize)]
 struct ManifestFile {
@@ -284,9 +331,9 @@ impl Manifest {
     /// size and mtime). A stale or foreign file is an error, not a guess.
     pub fn load_for(image: &Path, from: &Path) -> Result<Manifest, ManifestError> {
         let raw = std::fs::read(from)?;
-        if raw.len() >= 8 && &raw[..8] == OLD_FILE_MAGIC {
+        if raw.len() >= 8 && OLD_FILE_MAGICS.iter().any(|m| &raw[..8] == *m) {
             return Err(ManifestError::Invalid(format!(
-                "{} was written by an older rackcast (other block digests): run `rackcast manifest {}` again",
+                "{} was written by an older rackcast: run `rackcast manifest {}` again",
                 from.display(),
                 image.display()
             )));
@@ -350,7 +397,7 @@ pub fn merge_block_digests(digests: &[[u8; 32]]) -> [u8; 32] {
     }
 }
 
-fn check_params(block_size: u32, symbol_size: u16) -> Result<(), ManifestError> {
+pub(crate) fn check_params(block_size: u32, symbol_size: u16) -> Result<(), ManifestError> {
     // Block digests are subtrees of the image's BLAKE3 tree only for
     // power-of-two blocks of whole chunks.
     if !block_size.is_power_of_two() || block_size < blake3::CHUNK_LEN as u32 {
@@ -482,7 +529,8 @@ mod tests {
             blocks: vec![
                 BlockInfo {
                     hash: [0; 32],
-                    zero: false
+                    zero: false,
+                    wire: Wire::Raw,
                 };
                 3
             ],

@@ -15,7 +15,7 @@ use crate::wire::packet::KEY_LEN;
 
 /// Spoken in `Hello`/`Welcome`; a mismatch closes the connection with a
 /// clear error on both sides.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest frame accepted (64 MiB), refused before allocation. A manifest
 /// costs ~34 bytes per block, so this bounds one image to ~1.9 TiB in 1 MiB
 /// blocks; larger images use larger blocks.
@@ -300,7 +300,8 @@ mod tests {
                     blocks: vec![
                         BlockInfo {
                             hash: [3; 32],
-                            zero: false
+                            zero: false,
+                            wire: crate::image::manifest::Wire::Raw,
                         };
                         2
                     ],

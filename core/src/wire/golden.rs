@@ -192,10 +192,34 @@ fn join() -> WaveJoin {
     }
 }
 
+/// Three blocks: one compressed (every field of `Wire::Zstd` pinned),
+/// one zero, one raw.
 fn manifest() -> Manifest {
     let mut data = vec![0u8; 3 * 4096];
     data[..4096].fill(7);
-    Manifest::of_bytes(&data, 4096, 1024).unwrap()
+    data[2 * 4096..]
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = (i * 31 % 251) as u8);
+    let m = crate::image::packed::pack(
+        &data[..],
+        data.len() as u64,
+        4096,
+        1024,
+        crate::image::packed::PackOptions {
+            level: Some(3),
+            threads: 1,
+        },
+        &mut Vec::new(),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(matches!(
+        m.blocks[0].wire,
+        crate::image::manifest::Wire::Zstd { .. }
+    ));
+    assert!(m.blocks[1].zero);
+    m
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Unit tests of the wave sender core: no sockets, no sleeps.
 
 use super::*;
-use crate::image::manifest::BlockInfo;
+use crate::image::manifest::{BlockInfo, Wire};
 use crate::wire::control::Verdict;
 
 fn manifest(blocks: usize, zero: &[usize]) -> Manifest {
@@ -14,6 +14,7 @@ fn manifest(blocks: usize, zero: &[usize]) -> Manifest {
             .map(|i| BlockInfo {
                 hash: [0; 32],
                 zero: zero.contains(&i),
+                wire: Wire::Raw,
             })
             .collect(),
     }
@@ -341,6 +342,7 @@ fn big_block() -> Manifest {
         blocks: vec![BlockInfo {
             hash: [0; 32],
             zero: false,
+            wire: Wire::Raw,
         }],
     }
 }
@@ -514,6 +516,7 @@ mod membership_tests {
             blocks: vec![BlockInfo {
                 hash: [0; 32],
                 zero: false,
+                wire: crate::image::manifest::Wire::Raw,
             }],
         }
     }

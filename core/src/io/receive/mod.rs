@@ -19,7 +19,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -41,11 +41,13 @@ use crate::io::net::{self, RecvBatch};
 use crate::wire::control::{self, Msg, SessionParams, Verdict, PROTOCOL_VERSION};
 
 mod resume;
+mod scan;
 mod writer;
 
 pub use resume::saved_blocks;
 use resume::ResumeState;
-use writer::{open_output, writer_loop, DecodeResult, Output};
+use scan::{recheck, Recheck};
+use writer::{open_output, writer_loop, DecodeResult, Written};
 
 /// One image to receive.
 #[derive(Debug, Clone)]
@@ -67,6 +69,18 @@ pub struct ReceiveOptions {
     pub idle_timeout: Duration,
     /// Socket receive buffer to ask for, bytes.
     pub rcvbuf: usize,
+    /// Threads that decode and decompress blocks (at least 1).
+    pub decoders: usize,
+    /// Digest every block already on the output and take the ones that
+    /// match (re-imaging a device that holds an earlier version), not
+    /// only those a resume state lists.
+    pub delta: bool,
+}
+
+/// Decoding threads for this machine: compressed waves need several
+/// cores per receiver at high rates, and idle ones cost nothing.
+pub fn default_decoders() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().min(4))
 }
 
 /// Live progress for a CLI bar.
@@ -145,6 +159,11 @@ pub struct ReceiveReport {
     pub decode_retries: u64,
     /// Blocks whose digest did not match (asked for again).
     pub hash_failures: u64,
+    /// Of the blocks found on the output at start, data (non-zero) ones.
+    pub resumed_data_blocks: u32,
+    /// The final flush after the last write (writeback ran during the
+    /// wave, so this is what was left).
+    pub flush_seconds: f64,
 }
 
 // ---- threads ---------------------------------------------------------------
@@ -160,6 +179,9 @@ fn thread_cpu() -> Duration {
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
+
+/// Assembled blocks queued for the decoders, at most.
+const JOB_QUEUE: usize = 32;
 
 /// Reads per `recvmmsg` (each may hold many GRO-coalesced datagrams).
 const BATCH: usize = 64;
@@ -187,6 +209,29 @@ struct RecvLoop {
 }
 
 impl RecvLoop {
+    /// Queue a block for the decoders, waiting while the queue is full
+    /// (the socket buffer takes the datagrams meanwhile, or drops them).
+    /// False when the session is stopping.
+    fn hand_over(&mut self, mut job: DecodeJob) -> bool {
+        loop {
+            match self.jobs.send_timeout(job, self.feedback) {
+                Ok(()) => return true,
+                Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return false,
+                Err(crossbeam_channel::SendTimeoutError::Timeout(j)) => {
+                    job = j;
+                    if self.stop.load(Ordering::Relaxed) {
+                        return false;
+                    }
+                    // Keep the sender hearing from us while the disk
+                    // catches up: silence past its timeout drops us.
+                    if self.status.send(self.core.status()).is_err() {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
     /// Counters at the end, and why it ended early if it did.
     fn run(mut self) -> (Counters, Option<String>) {
         let mut batch = RecvBatch::new(BATCH);
@@ -215,7 +260,9 @@ impl RecvLoop {
             let datagrams: Vec<&[u8]> = (0..batch.datagrams()).map(|k| batch.datagram(k)).collect();
             self.core.on_datagrams(&datagrams, &mut ready);
             for job in ready.drain(..) {
-                let _ = self.jobs.send(job);
+                if !self.hand_over(job) {
+                    return (self.core.counters.clone(), None);
+                }
             }
             while let Ok((b, r, spare)) = self.done.try_recv() {
                 self.core.on_decoded(b, r);
@@ -349,64 +396,6 @@ async fn await_delivery(
     }
 }
 
-/// What is already on the output when a receiver starts.
-struct Recheck {
-    /// Digests of the blocks in place (resumed ones).
-    digests: Vec<Option<[u8; 32]>>,
-    /// Zero blocks: written (unless the file is fresh) and left to the
-    /// writer to digest from zeros while it waits for work.
-    zero_blocks: Vec<u32>,
-    resumed: u32,
-}
-
-/// Re-check the blocks the resume state claims (re-read and re-digested,
-/// not trusted), write zero blocks, and mark both done in the core. Zero
-/// blocks are digested from zeros, never taken from the manifest, so a
-/// wrong "zero" mark fails the whole-image hash.
-fn recheck(
-    m: &Manifest,
-    out: &Output,
-    resume: &mut ResumeState,
-    core: &mut ReceiverCore,
-) -> io::Result<Recheck> {
-    let n = m.block_count();
-    let mut digests: Vec<Option<[u8; 32]>> = vec![None; n as usize];
-    let mut zero_blocks = Vec::new();
-    let mut resumed = 0u32;
-    let mut buf = vec![0u8; m.block_size as usize];
-    let zero = vec![0u8; m.block_size as usize];
-    for b in 0..n {
-        let len = m.block_len(b);
-        let info = m.blocks[b as usize];
-        if resume.has(b) {
-            let digest = out
-                .file
-                .read_exact_at(&mut buf[..len], m.block_offset(b))
-                .ok()
-                .map(|()| m.digest_block(b, &buf[..len]));
-            if digest == Some(info.hash) {
-                digests[b as usize] = digest;
-                core.mark_done(b);
-                resumed += 1;
-                continue;
-            }
-            resume.set(b, false);
-        }
-        if info.zero {
-            if !out.fresh {
-                out.file.write_all_at(&zero[..len], m.block_offset(b))?;
-            }
-            zero_blocks.push(b);
-            core.mark_done(b);
-        }
-    }
-    Ok(Recheck {
-        digests,
-        zero_blocks,
-        resumed,
-    })
-}
-
 /// The verdict on the written image's hash (or the error that ended the
 /// session); drops the resume state when it must not be reused.
 fn judge(
@@ -491,8 +480,8 @@ pub async fn run_receive(
         .clone()
         .unwrap_or_else(|| default_state_path(&opts.out));
     let mut resume = ResumeState::load(&state_path, &m);
-    let resume_valid = (0..n).any(|b| resume.has(b));
-    let out = open_output(&opts.out, &m, resume_valid).map_err(|source| ReceiveError::Output {
+    let keep = opts.delta || (0..n).any(|b| resume.has(b));
+    let out = open_output(&opts.out, &m, keep).map_err(|source| ReceiveError::Output {
         path: opts.out.clone(),
         source,
     })?;
@@ -501,12 +490,26 @@ pub async fn run_receive(
         digests,
         zero_blocks,
         resumed,
-    } = recheck(&m, &out, &mut resume, &mut core).map_err(|source| ReceiveError::Output {
+        resumed_data,
+    } = recheck(
+        &m,
+        &out,
+        &mut resume,
+        &mut core,
+        opts.delta,
+        opts.decoders.max(1),
+    )
+    .map_err(|source| ReceiveError::Output {
         path: opts.out.clone(),
         source,
     })?;
     if resumed > 0 {
-        tracing::info!(resumed, "resuming: blocks already on the output");
+        tracing::info!(
+            resumed,
+            resumed_data,
+            delta = opts.delta,
+            "blocks already on the output"
+        );
     }
     // Without --iface, join on the address that reaches the sender: a
     // network-booted device has no multicast (or default) route to choose
@@ -519,15 +522,30 @@ pub async fn run_receive(
         .map_err(ReceiveError::Socket)?;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let (job_tx, job_rx) = crossbeam_channel::unbounded();
+    // Bounded: a receiver whose disk or CPU falls behind holds at most
+    // this many assembled blocks, and takes the rest as loss that the
+    // sender's repair and rate control answer.
+    let (job_tx, job_rx) = crossbeam_channel::bounded(JOB_QUEUE);
     let (done_tx, done_rx) = crossbeam_channel::unbounded();
     let (status_tx, mut status_rx) = mpsc::unbounded_channel();
     let (plan_tx, plan_rx) = crossbeam_channel::unbounded();
-    let (verdict_tx, verdict_rx) = oneshot::channel::<Result<[u8; 32], String>>();
+    let (verdict_tx, verdict_rx) = oneshot::channel::<Written>();
     {
         let (m, p, s) = (m.clone(), progress.clone(), stop.clone());
+        let decoders = opts.decoders.max(1);
         std::thread::spawn(move || {
-            let r = writer_loop(m, out, resume, digests, zero_blocks, job_rx, done_tx, p, s);
+            let r = writer_loop(
+                m,
+                out,
+                resume,
+                digests,
+                zero_blocks,
+                job_rx,
+                done_tx,
+                decoders,
+                p,
+                s,
+            );
             tracing::debug!(cpu_s = thread_cpu().as_secs_f64(), "writer thread done");
             let _ = verdict_tx.send(r);
         });
@@ -556,6 +574,7 @@ pub async fn run_receive(
     .await?;
     let (mut sink, mut stream) = conn.split();
     let mut verdict_rx = verdict_rx;
+    let mut flush = Duration::ZERO;
     let outcome: Result<[u8; 32], String> = loop {
         tokio::select! {
             st = status_rx.recv() => {
@@ -567,7 +586,13 @@ pub async fn run_receive(
                 }
             }
             v = &mut verdict_rx => {
-                break v.unwrap_or_else(|_| Err("writer thread ended unexpectedly".into()));
+                match v {
+                    Ok(w) => {
+                        flush = w.flush;
+                        break w.hash;
+                    }
+                    Err(_) => break Err("writer thread ended unexpectedly".into()),
+                }
             }
             msg = tokio::time::timeout(opts.idle_timeout, stream.next()) => {
                 match msg {
@@ -624,5 +649,7 @@ pub async fn run_receive(
         coded: counters.coded,
         decode_retries: counters.decode_retries,
         hash_failures: counters.hash_failures,
+        resumed_data_blocks: resumed_data,
+        flush_seconds: flush.as_secs_f64(),
     })
 }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use super::resume::ResumeState;
 use super::Progress;
 use crate::dataplane::receiver::{decode_block, DecodeJob, DecodeOutcome};
+
 use crate::image::fec::BlockAssembly;
 use crate::image::manifest::Manifest;
 
@@ -24,9 +25,13 @@ pub(super) struct Output {
     pub(super) file: File,
     /// Fresh sparse file: zero blocks need no write.
     pub(super) fresh: bool,
+    /// A block device (zeroed with `BLKZEROOUT`, not hole punching).
+    pub(super) block_device: bool,
 }
 
-pub(super) fn open_output(path: &Path, m: &Manifest, resume_valid: bool) -> io::Result<Output> {
+/// Open the output; `keep`: its bytes may be reused (a resume state or
+/// delta re-imaging), else a file starts empty and sparse.
+pub(super) fn open_output(path: &Path, m: &Manifest, keep: bool) -> io::Result<Output> {
     let meta = std::fs::metadata(path).ok();
     let is_dev = meta
         .as_ref()
@@ -45,25 +50,146 @@ pub(super) fn open_output(path: &Path, m: &Manifest, resume_valid: bool) -> io::
                 format!("device holds {size} bytes, image needs {}", m.image_size),
             ));
         }
-        return Ok(Output { file, fresh: false });
+        return Ok(Output {
+            file,
+            fresh: false,
+            block_device: true,
+        });
     }
-    if resume_valid {
-        file.set_len(m.image_size)?;
-        Ok(Output { file, fresh: false })
-    } else {
+    if !keep {
         file.set_len(0)?;
-        file.set_len(m.image_size)?;
-        Ok(Output { file, fresh: true })
     }
+    file.set_len(m.image_size)?;
+    Ok(Output {
+        file,
+        fresh: !keep,
+        block_device: false,
+    })
 }
 
 /// A decode job's block, its outcome, and the written block's buffer for
 /// reuse.
 pub(super) type DecodeResult = (u32, Result<(), Option<BlockAssembly>>, Option<Vec<u8>>);
 
-/// Decode, check, write. Each block's digest (computed once, from the
-/// bytes written) is kept; once every block is in, the digests merge into
-/// the whole-image hash, which is returned.
+/// Bytes written but not yet known to be on the disk. Writeback of each
+/// block starts as soon as it is written (`sync_file_range`); past this
+/// window the writer waits for the oldest ranges, which bounds the page
+/// cache a receiver dirties and leaves the final flush short.
+const WRITEBACK_WINDOW: u64 = 64 << 20;
+
+/// What a decoder hands the writer.
+enum Decoded {
+    Good {
+        block: u32,
+        data: Vec<u8>,
+        digest: [u8; 32],
+    },
+    Fatal(String),
+}
+
+/// The writer's end: the whole-image hash, or why not.
+pub(super) struct Written {
+    pub(super) hash: Result<[u8; 32], String>,
+    /// The final flush (what writeback had not done yet).
+    pub(super) flush: Duration,
+}
+
+/// Start `decoders` threads that decode (and decompress) blocks: the
+/// receiver's CPU work, spread over cores. Good blocks go to the writer
+/// through a short queue; blocks that need more symbols or failed their
+/// digest go straight back to the receive loop.
+fn spawn_decoders(
+    m: &Arc<Manifest>,
+    decoders: usize,
+    jobs: &crossbeam_channel::Receiver<DecodeJob>,
+    done: &crossbeam_channel::Sender<DecodeResult>,
+) -> crossbeam_channel::Receiver<Decoded> {
+    let (good_tx, good_rx) = crossbeam_channel::bounded(decoders * 2);
+    for _ in 0..decoders {
+        let (m, jobs, done, good) = (m.clone(), jobs.clone(), done.clone(), good_tx.clone());
+        std::thread::spawn(move || {
+            for job in jobs {
+                let b = job.block;
+                let sent = match decode_block(&m, job) {
+                    DecodeOutcome::Good { data, digest } => good
+                        .send(Decoded::Good {
+                            block: b,
+                            data,
+                            digest,
+                        })
+                        .is_ok(),
+                    DecodeOutcome::NeedMore(asm) => done.send((b, Err(Some(asm)), None)).is_ok(),
+                    DecodeOutcome::HashMismatch => {
+                        tracing::warn!(
+                            block = b,
+                            "decoded block fails its digest; asking for it again"
+                        );
+                        done.send((b, Err(None), None)).is_ok()
+                    }
+                    DecodeOutcome::Undecodable(why) => good.send(Decoded::Fatal(why)).is_ok(),
+                };
+                if !sent {
+                    return;
+                }
+            }
+        });
+    }
+    good_rx
+}
+
+/// Starts and bounds writeback of what the writer wrote.
+struct Writeback {
+    fd: std::os::fd::RawFd,
+    pending: std::collections::VecDeque<(u64, u64)>,
+    bytes: u64,
+}
+
+impl Writeback {
+    fn new(file: &File) -> Writeback {
+        use std::os::fd::AsRawFd;
+        Writeback {
+            fd: file.as_raw_fd(),
+            pending: Default::default(),
+            bytes: 0,
+        }
+    }
+
+    /// `[offset, offset+len)` was just written: start its writeback, and
+    /// wait for the oldest ranges once the window is full.
+    fn written(&mut self, offset: u64, len: u64) {
+        // Errors here are not fatal: the final fsync reports real ones.
+        sync_range(self.fd, offset, len, libc::SYNC_FILE_RANGE_WRITE);
+        self.pending.push_back((offset, len));
+        self.bytes += len;
+        while self.bytes > WRITEBACK_WINDOW {
+            let Some((o, l)) = self.pending.pop_front() else {
+                break;
+            };
+            sync_range(
+                self.fd,
+                o,
+                l,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+            );
+            self.bytes -= l;
+        }
+    }
+}
+
+fn sync_range(fd: std::os::fd::RawFd, offset: u64, len: u64, flags: libc::c_uint) {
+    // SAFETY: plain syscall on a descriptor the writer owns for its whole
+    // life; no memory is passed.
+    unsafe {
+        libc::sync_file_range(fd, offset as libc::off64_t, len as libc::off64_t, flags);
+    }
+}
+
+/// Decode (on `decoders` threads), check, write. Each block's digest
+/// (computed once, from the bytes written) is kept; once every block is
+/// in, the output is flushed and the digests merge into the whole-image
+/// hash, which is returned.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn writer_loop(
     m: Arc<Manifest>,
@@ -73,9 +199,59 @@ pub(super) fn writer_loop(
     mut zero_blocks: Vec<u32>,
     jobs: crossbeam_channel::Receiver<DecodeJob>,
     done: crossbeam_channel::Sender<DecodeResult>,
+    decoders: usize,
     progress: Arc<Progress>,
     stop: Arc<AtomicBool>,
-) -> Result<[u8; 32], String> {
+) -> Written {
+    let good = spawn_decoders(&m, decoders.max(1), &jobs, &done);
+    drop(jobs);
+    let mut wb = Writeback::new(&out.file);
+    if let Err(e) = write_blocks(
+        &m,
+        &out,
+        &mut resume,
+        &mut digests,
+        &mut zero_blocks,
+        &good,
+        &done,
+        &mut wb,
+        &progress,
+        &stop,
+    ) {
+        return Written {
+            hash: Err(e),
+            flush: Duration::ZERO,
+        };
+    }
+    let t = Instant::now();
+    if let Err(e) = out.file.sync_data() {
+        return Written {
+            hash: Err(format!("flushing output: {e}")),
+            flush: t.elapsed(),
+        };
+    }
+    let flush = t.elapsed();
+    resume.save();
+    let all: Vec<[u8; 32]> = digests.into_iter().flatten().collect();
+    Written {
+        hash: Ok(crate::image::manifest::merge_block_digests(&all)),
+        flush,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_blocks(
+    m: &Manifest,
+    out: &Output,
+    resume: &mut ResumeState,
+    digests: &mut [Option<[u8; 32]>],
+    zero_blocks: &mut Vec<u32>,
+    good: &crossbeam_channel::Receiver<Decoded>,
+    done: &crossbeam_channel::Sender<DecodeResult>,
+    wb: &mut Writeback,
+    progress: &Progress,
+    stop: &AtomicBool,
+) -> Result<(), String> {
     let mut have = digests.iter().filter(|d| d.is_some()).count();
     let mut last_save = Instant::now();
     let mut zeros = Vec::new();
@@ -87,12 +263,12 @@ pub(super) fn writer_loop(
             resume.save();
             return Err("stopped".into());
         }
-        // No job right now (or none will come: the receive loop ended
+        // No block right now (or none will come: the receive loop ended
         // because every block is in): digest a zero block meanwhile. A
         // receiver that resumed every data block has only zero blocks left.
-        let next = match jobs.try_recv() {
+        let next = match good.try_recv() {
             Ok(j) => Ok(j),
-            Err(no_job) => match zero_blocks.pop() {
+            Err(none) => match zero_blocks.pop() {
                 Some(b) => {
                     let len = m.block_len(b);
                     zeros.resize(len, 0);
@@ -107,56 +283,45 @@ pub(super) fn writer_loop(
                     }
                     continue;
                 }
-                None if no_job.is_empty() => jobs.recv_timeout(Duration::from_millis(100)),
+                None if none.is_empty() => good.recv_timeout(Duration::from_millis(100)),
                 None => Err(crossbeam_channel::RecvTimeoutError::Disconnected),
             },
         };
-        let job = match next {
-            Ok(j) => j,
+        let (b, data, digest) = match next {
+            Ok(Decoded::Good {
+                block,
+                data,
+                digest,
+            }) => (block, data, digest),
+            Ok(Decoded::Fatal(why)) => {
+                resume.save();
+                return Err(why);
+            }
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
                 resume.save();
                 return Err("receive loop ended before the image was complete".into());
             }
         };
-        let b = job.block;
-        let mut spare = None;
-        let result = match decode_block(&m, job) {
-            DecodeOutcome::Good { data, digest } => {
-                out.file
-                    .write_all_at(&data, m.block_offset(b))
-                    .map_err(|e| format!("writing block {b}: {e}"))?;
-                if digests[b as usize].replace(digest).is_none() {
-                    have += 1;
-                    progress
-                        .verified_blocks
-                        .store(have as u32, Ordering::Relaxed);
-                }
-                resume.set(b, true);
-                spare = Some(data);
-                Ok(())
-            }
-            DecodeOutcome::NeedMore(asm) => Err(Some(asm)),
-            DecodeOutcome::HashMismatch => {
-                tracing::warn!(
-                    block = b,
-                    "decoded block fails its hash; asking for it again"
-                );
-                Err(None)
-            }
-        };
-        let _ = done.send((b, result, spare));
+        let offset = m.block_offset(b);
+        out.file
+            .write_all_at(&data, offset)
+            .map_err(|e| format!("writing block {b}: {e}"))?;
+        wb.written(offset, data.len() as u64);
+        if digests[b as usize].replace(digest).is_none() {
+            have += 1;
+            progress
+                .verified_blocks
+                .store(have as u32, Ordering::Relaxed);
+        }
+        resume.set(b, true);
+        let _ = done.send((b, Ok(()), Some(data)));
         if last_save.elapsed() > Duration::from_millis(500) {
             resume.save();
             last_save = Instant::now();
         }
     }
-    out.file
-        .sync_data()
-        .map_err(|e| format!("flushing output: {e}"))?;
-    resume.save();
-    let all: Vec<[u8; 32]> = digests.into_iter().flatten().collect();
-    Ok(crate::image::manifest::merge_block_digests(&all))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -199,10 +364,11 @@ mod tests {
             zero_blocks,
             job_rx,
             done_tx,
+            2,
             Arc::new(Progress::default()),
             Arc::new(AtomicBool::new(false)),
         );
-        assert_eq!(got, Ok(m.image_hash));
+        assert_eq!(got.hash, Ok(m.image_hash));
     }
 
     /// With data blocks still missing, the end of the jobs is an error.
@@ -226,11 +392,12 @@ mod tests {
             vec![1],
             job_rx,
             done_tx,
+            2,
             Arc::new(Progress::default()),
             Arc::new(AtomicBool::new(false)),
         );
         assert_eq!(
-            got,
+            got.hash,
             Err("receive loop ended before the image was complete".to_string())
         );
     }

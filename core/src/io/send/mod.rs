@@ -8,9 +8,7 @@
 //! Must not: make protocol decisions; the pacer executes the core's
 //! actions and asks it what to transmit.
 
-use std::fs::File;
 use std::net::{SocketAddr, SocketAddrV4};
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::dataplane::sender::SenderConfig;
 use crate::image::fec::BlockEncoder;
 use crate::image::manifest::Manifest;
+use crate::image::packed::WireSource;
 use crate::io::conn::{Conn, ConnError};
 use crate::io::net;
 use crate::wire::control::{self, Msg, SessionParams, PROTOCOL_VERSION};
@@ -47,6 +46,9 @@ pub struct SendOptions {
     pub image: PathBuf,
     /// Its manifest (checked against the file).
     pub manifest: Manifest,
+    /// The prepared blocks file: frames of the blocks the manifest says
+    /// travel compressed (`image::packed`).
+    pub frames: Option<PathBuf>,
     /// Interface the multicast leaves on (default: the route's).
     pub iface: Option<String>,
     /// Multicast group and port.
@@ -208,31 +210,17 @@ enum Job {
     Encode(u32, Option<Arc<Vec<u8>>>),
 }
 
-/// Read `b` from the image and check it against the manifest, so a
-/// changed, truncated or corrupt source never reaches the wire.
-fn read_block(file: &File, m: &Manifest, b: u32) -> Result<Vec<u8>, String> {
-    let mut data = vec![0u8; m.block_len(b)];
-    file.read_exact_at(&mut data, m.block_offset(b))
-        .map_err(|e| format!("block {b}: {e} (image shorter than its manifest?)"))?;
-    if m.digest_block(b, &data) != m.blocks[b as usize].hash {
-        return Err(format!(
-            "block {b} does not match the manifest: the image changed or is corrupt"
-        ));
-    }
-    Ok(data)
-}
-
-fn worker(file: Arc<File>, m: Arc<Manifest>, jobs: Receiver<Job>, events: Sender<Event>) {
+fn worker(src: Arc<WireSource>, m: Arc<Manifest>, jobs: Receiver<Job>, events: Sender<Event>) {
     for job in jobs {
         let ev = match job {
-            Job::Load(b) => match read_block(&file, &m, b) {
+            Job::Load(b) => match src.read(&m, b) {
                 Ok(d) => Event::Loaded(b, Arc::new(d)),
                 Err(e) => Event::SourceError(e),
             },
             Job::Encode(b, Some(d)) => {
                 Event::Encoder(b, Arc::new(BlockEncoder::new(&m.block_oti(b), &d)))
             }
-            Job::Encode(b, None) => match read_block(&file, &m, b) {
+            Job::Encode(b, None) => match src.read(&m, b) {
                 Ok(d) => Event::Encoder(b, Arc::new(BlockEncoder::new(&m.block_oti(b), &d))),
                 Err(e) => Event::SourceError(e),
             },
@@ -267,11 +255,8 @@ pub async fn run_wave(
 ) -> Result<SendReport, SendError> {
     let sock = net::sender_socket(opts.iface.as_deref(), opts.group, opts.ttl)
         .map_err(SendError::Socket)?;
-    let file = File::open(&opts.image)
-        .map_err(|e| SendError::Image(format!("{}: {e}", opts.image.display())))?;
-    let len = file
-        .metadata()
-        .map_err(|e| SendError::Image(e.to_string()))?
+    let len = std::fs::metadata(&opts.image)
+        .map_err(|e| SendError::Image(format!("{}: {e}", opts.image.display())))?
         .len();
     if len != opts.manifest.image_size {
         return Err(SendError::Image(format!(
@@ -320,7 +305,9 @@ pub async fn run_wave(
     });
 
     let m = Arc::new(opts.manifest.clone());
-    let file = Arc::new(file);
+    let file = Arc::new(
+        WireSource::open(&opts.image, opts.frames.as_deref(), &m).map_err(SendError::Image)?,
+    );
     let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job>();
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
