@@ -7,7 +7,19 @@
 #
 #   netlab/bench-dataplane.sh [--mib 256] [--rate 500mbit]
 #       [--cases "4:0 4:2 1:0 8:0"] [--tools "rackcast udpcast uftp http"]
-#       [--rounds 1] [--timeout 120]
+#       [--rounds 1] [--timeout 120] [--image random|os] [--disk]
+#       [--os-mib 2048] [--zstd-level 6]
+#
+# --image os builds a real OS image (`netlab/mk-os-image.sh`: ext4 holding
+# this Debian machine's /etc, /usr/bin, /usr/sbin, /usr/lib/x86_64-linux-gnu)
+# and runs the peers the way users run them on such images: udpcast sends
+# the zstd-compressed image and receivers pipe it through `zstd -dc` (the
+# Clonezilla way), HTTP downloads the .zst and decompresses it, UFTP sends
+# the raw image; rackcast sends its prepared blocks (`rackcast manifest
+# --zstd`). Compression happens once, before the runs, for every tool.
+# --disk (implied by --image os) puts every receiver's copy on the disk
+# (/var/tmp), not tmpfs, and each run's time ends only after every copy
+# was fsynced (`sync FILE`, for every tool alike).
 #
 # With --rounds R every case runs its tools interleaved R times (A B C A B
 # C ...) in one lab, and a closing table gives each tool's median wall
@@ -33,6 +45,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 MIB=256 RATE=500mbit CASES="4:0 4:2 1:0 8:0" TOOLS="rackcast udpcast uftp http" TMO=120 ROUNDS=1
+IMAGE=random DISK=0 OS_MIB=2048 ZLEVEL=6
 while [ $# -gt 0 ]; do
   case "$1" in
     --mib) MIB=$2; shift 2 ;;
@@ -41,6 +54,10 @@ while [ $# -gt 0 ]; do
     --tools) TOOLS=$2; shift 2 ;;
     --timeout) TMO=$2; shift 2 ;;
     --rounds) ROUNDS=$2; shift 2 ;;
+    --image) IMAGE=$2; shift 2 ;;
+    --disk) DISK=1; shift ;;
+    --os-mib) OS_MIB=$2; shift 2 ;;
+    --zstd-level) ZLEVEL=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -50,23 +67,49 @@ done
 P=rcb-
 MAXN=0
 for c in $CASES; do n=${c%%:*}; [ "$n" -gt "$MAXN" ] && MAXN=$n; done
+case "$IMAGE" in random) ;; os) DISK=1 ;; *) echo "--image random|os" >&2; exit 2 ;; esac
 WORK=/dev/shm/rcbench.$$
-mkdir -p "$WORK"
+# Receivers' copies: tmpfs, or the disk with --disk.
+OUT=$WORK
+[ "$DISK" = 1 ] && OUT=/var/tmp/rcbench-out.$$
+mkdir -p "$WORK" "$OUT"
+trap 'rm -rf "$OUT"' EXIT
 . "$HERE/common.sh"
 lab_cleanup_on_exit "$MAXN"
 
 echo "building release binaries..." >&2
 (cd "$ROOT" && cargo build --release --workspace -q)
 BIN="$ROOT/target/release"
-IMG="$WORK/image"
-"$BIN/rc-mkimage" "$IMG" --mib "$MIB" --seed 7
-"$BIN/rackcast" manifest "$IMG" >/dev/null
+if [ "$IMAGE" = os ]; then
+  # The source on the disk too: 2 GiB is no tmpfs image.
+  IMG="$OUT/image"
+  "$HERE/mk-os-image.sh" "$IMG" --size-mib "$OS_MIB"
+  "$BIN/rackcast" manifest "$IMG" --zstd "$ZLEVEL" --frames "$IMG.rcblocks" >&2
+  zstd -q -f -T0 "-$ZLEVEL" "$IMG" -o "$IMG.zst"
+  echo "peers' .zst (zstd -$ZLEVEL): $(stat -c %s "$IMG.zst") bytes; rackcast's blocks: $(stat -c %s "$IMG.rcblocks") bytes" >&2
+  RC_FRAMES=(--frames "$IMG.rcblocks")
+else
+  IMG="$WORK/image"
+  "$BIN/rc-mkimage" "$IMG" --mib "$MIB" --seed 7
+  "$BIN/rackcast" manifest "$IMG" >/dev/null
+  RC_FRAMES=()
+fi
 WANT=$(sha256sum "$IMG" | cut -d' ' -f1)
 BYTES=$(stat -c %s "$IMG")
 RATE_BPS=$(rate_bps "$RATE")
 RATE_M=$((RATE_BPS / 1000000))
 
 now() { date +%s.%N; }
+
+# With --disk, a run ends when its copies are on the disk: fsync each one
+# (inside the timed window, for every tool alike).
+durable() {
+  [ "$DISK" = 1 ] || return 0
+  local f
+  for f in "$@"; do [ -e "$f" ] && sync "$f"; done
+  return 0
+}
+outs() { local i; for i in $(seq 1 "$1"); do echo "$OUT/d$i.out"; done; }
 
 # verify N files; prints number of good copies
 verify() {
@@ -102,58 +145,64 @@ run_rackcast-alt() {
 run_rackcast() { local n=$1 i t0 t1 rc=0 BIN=${RBIN:-$BIN}
   local pids=()
   for i in $(seq 1 "$n"); do
-    rm -f "$WORK/d$i.out" "$WORK/d$i.out.rcresume"
+    rm -f "$OUT/d$i.out" "$OUT/d$i.out.rcresume"
     timeout "$TMO" ip netns exec "${P}d$i" /usr/bin/time -f "%U %S" -o "$WORK/d$i.time" \
-      ${RC_RX_PREFIX:-} "$BIN/rackcast-agent" receive --server 198.18.0.1:7000 --out "$WORK/d$i.out" --iface d0 --log "${RC_RX_LOG:-warn}" \
+      ${RC_RX_PREFIX:-} "$BIN/rackcast-agent" receive --server 198.18.0.1:7000 --out "$OUT/d$i.out" --iface d0 --log "${RC_RX_LOG:-warn}" --json \
       >"$WORK/d$i.log" 2>&1 &
     pids+=($!)
   done
   PIDS+=("${pids[@]}")
   t0=$(now)
-  timeout "$TMO" ip netns exec "${P}app" "$BIN/rackcast" send "$IMG" --manifest "$IMG.rcmanifest" \
+  timeout "$TMO" ip netns exec "${P}app" "$BIN/rackcast" send "$IMG" --manifest "$IMG.rcmanifest" "${RC_FRAMES[@]}" \
     --iface srv0 --group 239.255.3.1:9000 --control 198.18.0.1:7000 --rate "${RATE_M}M" \
     --receivers "$n" --json --log "${RC_SEND_LOG:-warn}" ${RC_SEND_ARGS:-} >"$WORK/send.log" 2>&1 || rc=$?
   for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+  durable $(outs "$n")
   t1=$(now)
   [ "$rc" = 0 ] || { echo "rackcast run failed (rc=$rc):" >&2; tail -n 5 "$WORK/send.log" >&2; }
+  # The receivers' own word on their final flush (writeback overlapped).
+  for i in $(seq 1 "$n"); do tail -n 1 "$WORK/d$i.log"; done \
+    | sed -n 's/.*"flush_seconds":\([0-9.e-]*\).*/\1/p' | sort -g | tail -n 1 | sed 's/^/  rackcast slowest final flush (s): /' >&2 || true
   grep -m1 '^wave:' "$WORK/send.log" | sed 's/^/  rackcast sender: /' >&2 || true
   if [ -n "${RC_SEND_LOG:-}" ]; then cp "$WORK/send.log" "${RC_SEND_LOG_DIR:-/tmp}/send-$n-${CUR_LOSS:-x}.log"; fi
   if [ -n "${RC_RX_LOG:-}" ]; then
     for i in $(seq 1 "$n"); do { grep -E "${RC_RX_GREP:-.}" "$WORK/d$i.log" || true; } | tail -n 6 | sed "s/^/  d$i: /" >&2; done
   fi
-  echo "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') $(verify $(for i in $(seq 1 "$n"); do echo "$WORK/d$i.out"; done)) $(cpu_sum $(for i in $(seq 1 "$n"); do echo "$WORK/d$i.time"; done))"
-  for i in $(seq 1 "$n"); do rm -f "$WORK/d$i.out"; done
+  echo "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') $(verify $(outs "$n")) $(cpu_sum $(for i in $(seq 1 "$n"); do echo "$WORK/d$i.time"; done))"
+  for i in $(seq 1 "$n"); do rm -f "$OUT/d$i.out"; done
 }
 
 run_udpcast() { local n=$1 i t0 t1 rc=0
   local pids=()
   for i in $(seq 1 "$n"); do
-    rm -f "$WORK/d$i.out"
+    rm -f "$OUT/d$i.out"
+    # /usr/bin/time counts the pipe's zstd too (its children).
     timeout "$TMO" ip netns exec "${P}d$i" /usr/bin/time -f "%U %S" -o "$WORK/d$i.time" \
-      udp-receiver --file "$WORK/d$i.out" --interface d0 --nokbd --portbase 9100 \
+      udp-receiver --file "$OUT/d$i.out" "${UDP_PIPE[@]}" --interface d0 --nokbd --portbase 9100 \
       --mcast-rdv-address 239.255.4.1 >"$WORK/d$i.log" 2>&1 &
     pids+=($!)
   done
   PIDS+=("${pids[@]}")
   sleep 0.3
   t0=$(now)
-  timeout "$TMO" ip netns exec "${P}app" udp-sender --file "$IMG" --interface srv0 --portbase 9100 \
+  timeout "$TMO" ip netns exec "${P}app" udp-sender --file "$SEND_FILE" --interface srv0 --portbase 9100 \
     --mcast-rdv-address 239.255.4.1 --mcast-data-address 239.255.4.2 --max-bitrate "${RATE_M}m" \
     --nokbd --min-receivers "$n" --rexmit-hello-interval 100 --retries-until-drop 30 \
     >"$WORK/send.log" 2>&1 || rc=$?
   for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+  durable $(outs "$n")
   t1=$(now)
   [ "$rc" = 0 ] || echo "udpcast run failed (rc=$rc)" >&2
-  echo "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') $(verify $(for i in $(seq 1 "$n"); do echo "$WORK/d$i.out"; done)) $(cpu_sum $(for i in $(seq 1 "$n"); do echo "$WORK/d$i.time"; done))"
-  for i in $(seq 1 "$n"); do rm -f "$WORK/d$i.out"; done
+  echo "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') $(verify $(outs "$n")) $(cpu_sum $(for i in $(seq 1 "$n"); do echo "$WORK/d$i.time"; done))"
+  for i in $(seq 1 "$n"); do rm -f "$OUT/d$i.out"; done
 }
 
 run_uftp() { local n=$1 i t0 t1 rc=0 ids=""
   local pids=()
   for i in $(seq 1 "$n"); do
-    rm -rf "$WORK/u$i"; mkdir -p "$WORK/u$i"
+    rm -rf "$OUT/u$i"; mkdir -p "$OUT/u$i"
     ip netns exec "${P}d$i" /usr/bin/time -f "%U %S" -o "$WORK/d$i.time" \
-      timeout "$TMO" uftpd -d -q -I d0 -M 239.255.2.1 -D "$WORK/u$i" -B 4194304 >"$WORK/d$i.log" 2>&1 &
+      timeout "$TMO" uftpd -d -q -I d0 -M 239.255.2.1 -D "$OUT/u$i" -B 4194304 >"$WORK/d$i.log" 2>&1 &
     pids+=($!)
     ids="$ids${ids:+,}$(printf '0x%02X%02X%02X%02X' 198 18 0 $((10 + i)))"
   done
@@ -162,6 +211,7 @@ run_uftp() { local n=$1 i t0 t1 rc=0 ids=""
   t0=$(now)
   timeout "$TMO" ip netns exec "${P}app" uftp -I srv0 -M 239.255.2.1 -P 239.255.2.2 -R $((RATE_BPS / 1000)) \
     -B 4194304 -Y none -H "$ids" "$IMG" >"$WORK/send.log" 2>&1 || rc=$?
+  durable $(for i in $(seq 1 "$n"); do echo "$OUT/u$i/image"; done)
   t1=$(now)
   # uftpd runs until killed; stop the ones we started. Each PID is
   # /usr/bin/time (which ignores SIGINT) over `timeout`: signal its child,
@@ -169,12 +219,12 @@ run_uftp() { local n=$1 i t0 t1 rc=0 ids=""
   for p in "${pids[@]}"; do pkill -TERM -P "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   [ "$rc" = 0 ] || echo "uftp run failed (rc=$rc)" >&2
-  echo "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') $(verify $(for i in $(seq 1 "$n"); do echo "$WORK/u$i/image"; done)) $(cpu_sum $(for i in $(seq 1 "$n"); do echo "$WORK/d$i.time"; done))"
-  rm -rf "$WORK"/u*
+  echo "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') $(verify $(for i in $(seq 1 "$n"); do echo "$OUT/u$i/image"; done)) $(cpu_sum $(for i in $(seq 1 "$n"); do echo "$WORK/d$i.time"; done))"
+  rm -rf "$OUT"/u*
 }
 
 run_http() { local n=$1 i t0 t1 rc=0 srv
-  ip netns exec "${P}app" /usr/bin/python3 -m http.server 8080 --bind 198.18.0.1 --directory "$WORK" >/dev/null 2>&1 &
+  ip netns exec "${P}app" /usr/bin/python3 -m http.server 8080 --bind 198.18.0.1 --directory "$(dirname "$SEND_FILE")" >/dev/null 2>&1 &
   srv=$!; PIDS+=("$srv")
   for _ in $(seq 1 50); do
     ip netns exec "${P}d1" curl -sf -o /dev/null "http://198.18.0.1:8080/" && break
@@ -183,19 +233,32 @@ run_http() { local n=$1 i t0 t1 rc=0 srv
   local pids=()
   t0=$(now)
   for i in $(seq 1 "$n"); do
-    timeout "$TMO" ip netns exec "${P}d$i" /usr/bin/time -f "%U %S" -o "$WORK/d$i.time" \
-      curl -sf -o "$WORK/d$i.out" "http://198.18.0.1:8080/image" &
+    if [ "$IMAGE" = os ]; then
+      timeout "$TMO" ip netns exec "${P}d$i" /usr/bin/time -f "%U %S" -o "$WORK/d$i.time" \
+        sh -c "curl -sf http://198.18.0.1:8080/$(basename "$SEND_FILE") | zstd -d -q -f -o $OUT/d$i.out" &
+    else
+      timeout "$TMO" ip netns exec "${P}d$i" /usr/bin/time -f "%U %S" -o "$WORK/d$i.time" \
+        curl -sf -o "$OUT/d$i.out" "http://198.18.0.1:8080/$(basename "$SEND_FILE")" &
+    fi
     pids+=($!)
   done
   for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+  durable $(outs "$n")
   t1=$(now)
   kill "$srv" 2>/dev/null || true; wait "$srv" 2>/dev/null || true
   [ "$rc" = 0 ] || echo "http run failed (rc=$rc)" >&2
-  echo "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') $(verify $(for i in $(seq 1 "$n"); do echo "$WORK/d$i.out"; done)) $(cpu_sum $(for i in $(seq 1 "$n"); do echo "$WORK/d$i.time"; done))"
-  for i in $(seq 1 "$n"); do rm -f "$WORK/d$i.out"; done
+  echo "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') $(verify $(outs "$n")) $(cpu_sum $(for i in $(seq 1 "$n"); do echo "$WORK/d$i.time"; done))"
+  for i in $(seq 1 "$n"); do rm -f "$OUT/d$i.out"; done
 }
 
-echo "image: $MIB MiB random, sha256 $WANT; rate $RATE (tbf on the sender); loss toward every receiver" >&2
+# What udpcast and HTTP send: the .zst for an OS image (decompressed on
+# the receivers), else the raw image.
+if [ "$IMAGE" = os ]; then
+  SEND_FILE="$IMG.zst"; UDP_PIPE=(--pipe "zstd -dc --sparse")
+else
+  SEND_FILE=$IMG; UDP_PIPE=()
+fi
+echo "image: $IMAGE, $BYTES bytes, sha256 $WANT; copies on $([ "$DISK" = 1 ] && echo "disk (fsynced in each run's time)" || echo tmpfs); rate $RATE (tbf on the sender); loss toward every receiver" >&2
 for c in $CASES; do
   n=${c%%:*} loss=${c#*:}
   losses=()

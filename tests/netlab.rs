@@ -11,53 +11,11 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Output};
 use std::time::Duration;
 
+use common::wave::*;
 use common::*;
-
-fn sender(lab: &Lab, img: &Path, rate: &str, receivers: usize, extra: &[&str]) -> Child {
-    let mut c = lab.cmd("app", &bin("rackcast"));
-    c.arg("send")
-        .arg(img)
-        .arg("--manifest")
-        .arg(format!("{}.rcmanifest", img.display()))
-        .args(["--iface", "srv0", "--group", "239.255.7.1:9000"])
-        .args(["--control", "198.18.0.1:7000", "--rate", rate])
-        .args(["--receivers", &receivers.to_string(), "--json"])
-        .args(["--start-timeout", "30"])
-        .args(extra);
-    c.spawn().expect("spawn sender")
-}
-
-fn receiver(lab: &Lab, dev: usize, out: &Path, extra: &[&str]) -> Child {
-    let mut c = lab.cmd(&format!("d{dev}"), &bin("rackcast-agent"));
-    c.arg("receive")
-        .args(["--server", "198.18.0.1:7000", "--iface", "d0", "--json"])
-        .args(["--connect-timeout", "20"])
-        .args(if extra.contains(&"--idle-timeout") {
-            &[][..]
-        } else {
-            &["--idle-timeout", "20"][..]
-        })
-        .arg("--out")
-        .arg(out)
-        .args(extra);
-    c.spawn().expect("spawn receiver")
-}
-
-fn assert_same(a: &Path, b: &Path) {
-    let x = fs::read(a).unwrap();
-    let y = fs::read(b).unwrap();
-    assert_eq!(
-        x.len(),
-        y.len(),
-        "{} vs {}: length",
-        a.display(),
-        b.display()
-    );
-    assert!(x == y, "{} differs from {}", a.display(), b.display());
-}
 
 #[test]
 fn three_receivers_two_with_loss_all_verify_with_coded_resends() {
@@ -191,36 +149,6 @@ fn late_joiner_gets_what_it_missed() {
     );
     assert_same(&img, &o1);
     assert_same(&img, &o2);
-}
-
-/// A loop device standing in for a disk; detached on drop.
-struct LoopDev {
-    path: PathBuf,
-}
-
-impl LoopDev {
-    fn new(backing: &Path, mib: u64, fill: u8) -> LoopDev {
-        fs::write(backing, vec![fill; (mib << 20) as usize]).unwrap();
-        let out = Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(backing)
-            .output()
-            .expect("losetup");
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        LoopDev {
-            path: PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()),
-        }
-    }
-}
-
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
-    }
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //! namespace lab (`netlab/lab.sh`) torn down on drop, bounded waits.
 #![allow(dead_code)]
 
+pub mod wave;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -1,5 +1,6 @@
-//! Writes a test image: random data with optional all-zero stretches, from
-//! a seed, so every lab run can regenerate the same image.
+//! Writes a test image: random (or, with `--compressible`, text-like) data
+//! with optional all-zero stretches, from a seed, so every lab run can
+//! regenerate the same image.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -24,6 +25,27 @@ struct Args {
     tail: u64,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Data MiBs are lines of words from a small seeded vocabulary (zstd
+    /// shrinks them about 3x), not random bytes.
+    #[arg(long)]
+    compressible: bool,
+}
+
+/// Fill `buf` with lines of words drawn from `words`.
+fn text(rng: &mut impl RngCore, words: &[Vec<u8>], buf: &mut [u8]) {
+    let mut at = 0;
+    while at < buf.len() {
+        let r = rng.next_u32() as usize;
+        let w = &words[r % words.len()];
+        let sep = if r >> 28 == 0 { b'\n' } else { b' ' };
+        for &c in w.iter().chain(std::iter::once(&sep)) {
+            if at == buf.len() {
+                break;
+            }
+            buf[at] = c;
+            at += 1;
+        }
+    }
 }
 
 fn main() -> Result<()> {
@@ -31,9 +53,21 @@ fn main() -> Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
     let mut w = BufWriter::new(File::create(&a.out)?);
     let mut buf = vec![0u8; 1 << 20];
+    // Drawn only for compressible images: random images stay the same
+    // bytes for a seed as they always were.
+    let words: Vec<Vec<u8>> = (0..if a.compressible { 512 } else { 0 })
+        .map(|_| {
+            let len = 2 + rng.next_u32() as usize % 10;
+            (0..len)
+                .map(|_| b'a' + (rng.next_u32() % 26) as u8)
+                .collect()
+        })
+        .collect();
     for i in 0..a.mib {
         if a.zero_every > 0 && i % a.zero_every == a.zero_every - 1 {
             buf.fill(0);
+        } else if a.compressible {
+            text(&mut rng, &words, &mut buf);
         } else {
             rng.fill_bytes(&mut buf);
         }

@@ -103,7 +103,9 @@ impl WaveSender {
         rx.last_heard = now;
         match msg {
             Msg::Ready { resumed_blocks } => {
-                if rx.state == RxState::Joining {
+                // A receiver with blocks in place reports its status just
+                // before Ready (which already made it ready).
+                if matches!(rx.state, RxState::Joining | RxState::Ready) {
                     rx.state = RxState::Ready;
                     rx.resumed_blocks = resumed_blocks;
                 }
@@ -179,7 +181,9 @@ impl WaveSender {
         for r in self.receivers.values() {
             match r.state {
                 RxState::Ready | RxState::Joining | RxState::Disconnected { .. } => {
-                    if !r.status.seen_any && r.resumed_blocks == 0 {
+                    // Nothing heard about its blocks yet (no packet, no
+                    // resume, no report of blocks in place): it needs all.
+                    if !r.status.seen_any && r.resumed_blocks == 0 && r.status.blocks_done == 0 {
                         return false;
                     }
                     if status_needs(&r.status, b) || r.status.blocks_done == 0 {

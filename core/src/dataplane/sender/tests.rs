@@ -59,6 +59,36 @@ fn drain(s: &mut WaveSender, now: Instant) -> Vec<Tx> {
     out
 }
 
+/// A receiver that holds most blocks (delta re-imaging, resume) reports
+/// them before Ready: the wave's source pass sends only what it lacks,
+/// from the first datagram on, even when the wave starts on the report
+/// (which makes the receiver ready) before its Ready is read.
+#[test]
+fn blocks_reported_in_place_before_ready_are_never_sent() {
+    let t0 = Instant::now();
+    let mut s = WaveSender::new(cfg(1), manifest(6, &[]), 1100, t0);
+    pump(&mut s);
+    let a = s.on_hello("a", t0);
+    let st = Status {
+        blocks_done: 5,
+        missing: vec![(4, 1)],
+        ..Default::default()
+    };
+    s.on_message(a, Msg::Status(st), t0);
+    let mut txs = Vec::new();
+    for ms in 1..50 {
+        txs.extend(drain(&mut s, t0 + Duration::from_millis(ms)));
+    }
+    let blocks: std::collections::BTreeSet<u32> = txs
+        .iter()
+        .filter_map(|t| match t {
+            Tx::Symbol { block, .. } => Some(*block),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(blocks, [4].into_iter().collect(), "{txs:?}");
+}
+
 #[test]
 fn waits_for_expected_receivers_then_interleaves_source() {
     let t0 = Instant::now();

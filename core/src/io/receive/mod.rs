@@ -550,6 +550,10 @@ pub async fn run_receive(
             let _ = verdict_tx.send(r);
         });
     }
+    // What is already in place, told before Ready: the wave may start the
+    // moment we are ready, and must not send blocks we have (delta
+    // re-imaging, resume) while waiting for our first periodic report.
+    let initial = (resumed > 0).then(|| core.status());
     let recv = RecvLoop {
         core,
         sock,
@@ -568,6 +572,9 @@ pub async fn run_receive(
         r
     });
 
+    if let Some(st) = initial {
+        conn.send(&Msg::Status(st)).await?;
+    }
     conn.send(&Msg::Ready {
         resumed_blocks: resumed,
     })
