@@ -8,7 +8,7 @@
 #   netlab/bench-dataplane.sh [--mib 256] [--rate 500mbit]
 #       [--cases "4:0 4:2 1:0 8:0"] [--tools "rackcast udpcast uftp http"]
 #       [--rounds 1] [--timeout 120] [--image random|os] [--disk]
-#       [--os-mib 2048] [--zstd-level 6]
+#       [--os-mib 2048] [--os-parts "etc usr/bin ..."] [--zstd-level 6]
 #
 # --image os builds a real OS image (`netlab/mk-os-image.sh`: ext4 holding
 # this Debian machine's /etc, /usr/bin, /usr/sbin, /usr/lib/x86_64-linux-gnu)
@@ -45,7 +45,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 MIB=256 RATE=500mbit CASES="4:0 4:2 1:0 8:0" TOOLS="rackcast udpcast uftp http" TMO=120 ROUNDS=1
-IMAGE=random DISK=0 OS_MIB=2048 ZLEVEL=6
+IMAGE=random DISK=0 OS_MIB=2048 ZLEVEL=6 OS_PARTS="etc usr/bin usr/sbin usr/lib/x86_64-linux-gnu"
 while [ $# -gt 0 ]; do
   case "$1" in
     --mib) MIB=$2; shift 2 ;;
@@ -57,6 +57,7 @@ while [ $# -gt 0 ]; do
     --image) IMAGE=$2; shift 2 ;;
     --disk) DISK=1; shift ;;
     --os-mib) OS_MIB=$2; shift 2 ;;
+    --os-parts) OS_PARTS=$2; shift 2 ;;
     --zstd-level) ZLEVEL=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -83,7 +84,7 @@ BIN="$ROOT/target/release"
 if [ "$IMAGE" = os ]; then
   # The source on the disk too: 2 GiB is no tmpfs image.
   IMG="$OUT/image"
-  "$HERE/mk-os-image.sh" "$IMG" --size-mib "$OS_MIB"
+  "$HERE/mk-os-image.sh" "$IMG" --size-mib "$OS_MIB" --parts "$OS_PARTS"
   "$BIN/rackcast" manifest "$IMG" --zstd "$ZLEVEL" --frames "$IMG.rcblocks" >&2
   zstd -q -f -T0 "-$ZLEVEL" "$IMG" -o "$IMG.zst"
   echo "peers' .zst (zstd -$ZLEVEL): $(stat -c %s "$IMG.zst") bytes; rackcast's blocks: $(stat -c %s "$IMG.rcblocks") bytes" >&2

@@ -12,7 +12,7 @@
 # Prints a live device table, then devices, waves, one device's full log,
 # and checks every disk byte for byte against its image.
 #
-#   sudo netlab/demo.sh [--devices 8] [--rate 500mbit] [--mib 256] [--loss 1]
+#   sudo netlab/demo.sh [--devices 8] [--rate 500mbit] [--mib 512] [--loss 1]
 #
 # Installs missing Debian packages itself. Removes its namespaces,
 # processes and files when it ends. Lab addresses 198.18.0.0/24, groups
@@ -20,7 +20,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
-N=8 RATE=500mbit MIB=256 LOSS=1
+N=8 RATE=500mbit MIB=512 LOSS=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --devices) N=$2; shift 2 ;;
@@ -50,9 +50,13 @@ strip -o "$WORK/rackcast-agent" "$BIN/rackcast-agent"
 echo "== lab: ${P}app + ${P}d1..${P}d$N, $RATE on the appliance, $LOSS % loss toward ${P}d2"
 "$HERE/lab.sh" up "$P" "$N" --rate "$RATE" --loss "2=$LOSS"
 
-echo "== images: debian ($MIB MiB), rocky ($((MIB / 2)) MiB)"
-"$BIN/rc-mkimage" "$WORK/debian.img" --mib "$MIB" --zero-every 16 --seed 42
-"$BIN/rc-mkimage" "$WORK/rocky.img" --mib $((MIB / 2)) --zero-every 16 --seed 43
+# Real OS images, not random bytes: ext4 file systems holding this Debian
+# machine's files (its installed packages), mostly compressible, with the
+# free space as zero blocks. The appliance compresses their blocks at its
+# first start.
+echo "== images: debian ($MIB MiB ext4), rocky ($((MIB / 2)) MiB ext4), from this machine's Debian files"
+"$HERE/mk-os-image.sh" "$WORK/debian.img" --size-mib "$MIB" --parts "etc usr/sbin usr/share/doc usr/share/locale"
+"$HERE/mk-os-image.sh" "$WORK/rocky.img" --size-mib $((MIB / 2)) --parts "etc usr/sbin usr/share/perl usr/share/doc"
 
 mac() { printf '02:de:00:00:00:%02x' "$1"; }
 cat >"$WORK/rackcast.toml" <<EOF

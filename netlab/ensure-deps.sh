@@ -8,12 +8,12 @@ case "${1:-test}" in
   # binaries, OVMF for UEFI, a kernel and cpio/kmod for the loader initrd.
   test) need+=(prometheus busybox-static isc-dhcp-client dnsmasq-base tftp-hpa atftp
                qemu-system-x86 ipxe-qemu ipxe ovmf linux-image-amd64 cpio kmod
-               python3-libvirt python3-venv mdadm)
+               python3-libvirt python3-venv mdadm zstd)
         # qemu-img (qcow2 image sources): machines of this kind have a
         # newer one than Debian 12's qemu-utils; install only if missing.
         command -v qemu-img >/dev/null || need+=(qemu-utils) ;;
-  demo) need+=(binutils python3 python3-libvirt python3-venv) ;;
-  bench) need+=(udpcast uftp curl python3) ;;
+  demo) need+=(binutils python3 python3-libvirt python3-venv e2fsprogs) ;;
+  bench) need+=(udpcast uftp curl python3 e2fsprogs zstd) ;;
   *) echo "ensure-deps.sh: test|demo|bench" >&2; exit 2 ;;
 esac
 missing=()

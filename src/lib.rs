@@ -14,5 +14,6 @@
 pub mod boot;
 pub mod config;
 pub mod controller;
+pub mod download;
 pub mod image_source;
 pub mod store;

@@ -86,10 +86,17 @@ struct LogArgs {
 
 #[derive(Subcommand)]
 enum ImagesCmd {
-    /// Add (or replace) an image: builds its manifest.
+    /// Add (or replace) an image from a file or an http(s) URL (raw, .zst,
+    /// .xz, .gz or qcow2): stores the raw image, its manifest and its
+    /// compressed blocks.
     Add {
         name: String,
-        path: PathBuf,
+        /// A file, or an http:// / https:// URL (downloads resume).
+        source: String,
+        /// BLAKE3 (hex) the source must hash to; a download that does not is
+        /// removed.
+        #[arg(long)]
+        blake3: Option<String>,
         #[command(flatten)]
         cfg: ConfigArg,
     },
@@ -204,9 +211,12 @@ fn main() -> Result<()> {
         Cmd::Log(a) => fleet::log(&a.cfg.config, &a.device, a.json),
         Cmd::Inventory(a) => fleet::inventory(&a.cfg.config, &a.device, a.json),
         Cmd::Waves(a) => fleet::waves(&a.cfg.config, a.json),
-        Cmd::Images(ImagesCmd::Add { name, path, cfg }) => {
-            fleet::images_add(&cfg.config, &name, &path)
-        }
+        Cmd::Images(ImagesCmd::Add {
+            name,
+            source,
+            blake3,
+            cfg,
+        }) => fleet::images_add(&cfg.config, &name, &source, blake3.as_deref()),
         Cmd::Images(ImagesCmd::List(a)) => fleet::images_list(&a.cfg.config, a.json),
         Cmd::Retry(a) => fleet::ask(
             &a.cfg.config,
@@ -652,29 +662,90 @@ mod fleet {
         Ok(())
     }
 
-    pub fn images_add(config: &Path, name: &str, path: &Path) -> Result<()> {
-        use rackcast::image_source::{self, SourceKind};
+    fn bar(total: u64, msg: String) -> indicatif::ProgressBar {
+        let bar = indicatif::ProgressBar::new(total).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_message(msg);
+        bar
+    }
+
+    pub fn images_add(config: &Path, name: &str, source: &str, blake3: Option<&str>) -> Result<()> {
+        use rackcast::download;
         let cfg = Config::load(config)?;
+        if !download::is_url(source) {
+            if let Some(want) = blake3 {
+                let mut h = ::blake3::Hasher::new();
+                h.update_reader(
+                    std::fs::File::open(source).with_context(|| format!("reading {source}"))?,
+                )?;
+                let got = h.finalize().to_hex().to_string();
+                if !want.eq_ignore_ascii_case(&got) {
+                    anyhow::bail!("{source} hashes to blake3 {got}, expected {want}");
+                }
+            }
+            return images_add_file(&cfg, name, Path::new(source));
+        }
+        let store = cfg.appliance.state_dir.join("images");
+        let dl_bar = bar(0, format!("{name}: downloading"));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let got = rt.block_on(download::download(
+            source,
+            &store,
+            blake3,
+            &mut |n, total| {
+                if let Some(t) = total {
+                    dl_bar.set_length(t);
+                }
+                dl_bar.set_position(n);
+            },
+        ));
+        dl_bar.finish_and_clear();
+        let got = got?;
+        if got.resumed_from > 0 {
+            eprintln!("{name}: resumed the download at {} bytes", got.resumed_from);
+        }
+        eprintln!(
+            "{name}: downloaded {} bytes, blake3 {}",
+            got.size, got.blake3
+        );
+        let r = images_add_file(&cfg, name, &got.path);
+        // Imported (a copy in the store) or refused: the download is done
+        // with either way, except a raw one, which was moved into place.
+        got.discard();
+        r
+    }
+
+    fn images_add_file(cfg: &Config, name: &str, path: &Path) -> Result<()> {
+        use rackcast::image_source::{self, SourceKind};
         std::fs::create_dir_all(&cfg.appliance.state_dir)?;
         let mut st = SqliteStore::open(&cfg.store_path())?;
         // A compressed or qcow2 source becomes a raw image in the store
         // first (complete, or not at all); a raw file is used where it is.
         let kind =
             SourceKind::of_file(path).with_context(|| format!("reading {}", path.display()))?;
-        let raw = if kind == SourceKind::Raw {
+        let store = cfg.appliance.state_dir.join("images");
+        let downloaded = path
+            .file_name()
+            .is_some_and(|f| f.to_string_lossy().starts_with(".download-"));
+        let raw = if kind == SourceKind::Raw && downloaded {
+            // A downloaded raw image moves into the store under its hash.
+            let mut h = ::blake3::Hasher::new();
+            h.update_reader(std::fs::File::open(path)?)?;
+            let to = store.join(format!("{}.img", h.finalize().to_hex()));
+            std::fs::rename(path, &to)?;
+            to
+        } else if kind == SourceKind::Raw {
             path.to_path_buf()
         } else {
             let total = std::fs::metadata(path)?.len();
-            let bar = indicatif::ProgressBar::new(total).with_style(
-                indicatif::ProgressStyle::with_template(
-                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            bar.set_message(format!("{name}: reading {}", kind.as_str()));
-            let got = image_source::import(path, &cfg.appliance.state_dir.join("images"), |n| {
-                bar.set_position(n)
-            });
+            let bar = bar(total, format!("{name}: reading {}", kind.as_str()));
+            let got = image_source::import(path, &store, |n| bar.set_position(n));
             bar.finish_and_clear();
             let got = got?;
             eprintln!(
@@ -696,7 +767,7 @@ mod fleet {
             "{name}: preparing blocks (zstd level {})",
             cfg.dataplane.zstd_level
         ));
-        let rec = rackcast::controller::add_image(&cfg, &mut st, name, &raw, &mut |n| {
+        let rec = rackcast::controller::add_image(cfg, &mut st, name, &raw, &mut |n| {
             bar.set_position(n)
         });
         bar.finish_and_clear();

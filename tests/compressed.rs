@@ -4,7 +4,8 @@
 //! that decompresses to the wrong bytes, or past its block (a zip bomb),
 //! ends the receiver with a clear error and is never written; delta
 //! re-imaging sends only the blocks a device lacks; an image far larger
-//! than a memory limit put on sender and receivers ends verified.
+//! than a memory limit put on sender and receivers ends verified; an http
+//! source resumes after a killed download and is checked.
 
 mod common;
 
@@ -484,4 +485,131 @@ fn an_image_larger_than_the_memory_limit_ends_verified() {
         h.finalize()
     };
     assert_eq!(hash(&img), hash(&out));
+}
+
+/// busybox httpd (ETag, Range) in a lab namespace; killed on drop.
+struct HttpServer(std::process::Child);
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn store_leftovers(store: &Path) -> Vec<String> {
+    fs::read_dir(store)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn http_sources_resume_after_a_killed_download_and_are_checked() {
+    if !can_run() {
+        return;
+    }
+    // 20 Mbit/s out of the appliance namespace, where the server runs:
+    // slow enough to kill a download half way.
+    let lab = Lab::up("h", 1, "20mbit", &[]);
+    let www = lab.file("www");
+    fs::create_dir_all(&www).unwrap();
+    let raw = lab.file("os.img");
+    text_image(&raw, 24, 5);
+    let st = Command::new("zstd")
+        .args(["-q", "-3", "--check", "-o"])
+        .arg(www.join("os.img.zst"))
+        .arg(&raw)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut httpd = lab.cmd("app", Path::new("busybox"));
+    httpd
+        .args(["httpd", "-f", "-p", "198.18.0.1:8089", "-h"])
+        .arg(&www);
+    let _server = HttpServer(httpd.spawn().unwrap());
+    let state = lab.file("state");
+    let config = lab.file("rackcast.toml");
+    ApplianceConfig::new(&state, &bin("rackcast-agent"), "20M", "239.255.64.1")
+        .section("[[profiles]]\nname = \"any\"\nimage = \"os\"\ntarget = { order = \"largest\", count = 1 }\n")
+        .write(&config);
+    let store = state.join("images");
+    let add = |name: &str, url: &str, extra: &[&str]| {
+        let mut c = lab.cmd("d1", &bin("rackcast"));
+        c.args(["images", "add", name, url])
+            .args(extra)
+            .arg("--config")
+            .arg(&config);
+        c
+    };
+    let url = "http://198.18.0.1:8089/os.img.zst";
+
+    // Kill the first download once part of it is on the disk.
+    let mut first = add("os", url, &[]).spawn().unwrap();
+    let (part, _) = rackcast::download::partial_paths(&store, url);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fs::metadata(&part).map_or(0, |m| m.len()) < 1 << 20 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = first.kill();
+    let _ = first.wait();
+    let had = fs::metadata(&part).map_or(0, |m| m.len());
+    let whole = fs::metadata(www.join("os.img.zst")).unwrap().len();
+    assert!(
+        had >= 1 << 20 && had < whole,
+        "{had} of {whole} bytes before the kill"
+    );
+
+    // The next run resumes and ends with the right image, nothing left over.
+    let out = finish(
+        add("os", url, &[]).spawn().unwrap(),
+        Duration::from_secs(60),
+    );
+    let text = ok(&out);
+    assert!(text.contains("resumed the download at"), "{text}");
+    let want = blake3::hash(&fs::read(&raw).unwrap()).to_hex().to_string();
+    assert!(text.contains(&want), "{text}");
+    assert!(store.join(format!("{want}.img")).exists());
+    assert!(
+        store_leftovers(&store).is_empty(),
+        "{:?}",
+        store_leftovers(&store)
+    );
+
+    // A download that is not what the operator named is refused and removed.
+    let out = finish(
+        add("bad", url, &["--blake3", &"0".repeat(64)])
+            .spawn()
+            .unwrap(),
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("expected 0000"), "{err}");
+    assert!(
+        store_leftovers(&store).is_empty(),
+        "{:?}",
+        store_leftovers(&store)
+    );
+    // So is a missing file, with the server's answer.
+    let out = finish(
+        add("gone", "http://198.18.0.1:8089/nothing.zst", &[])
+            .spawn()
+            .unwrap(),
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("answered 404"), "{err}");
+    let out = cli(&config, &["images", "list", "--json"]);
+    let names: Vec<String> = serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(names, ["os"]);
 }

@@ -36,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
         image_hash: merge_block_digests(&[[0; 32]; 2]),
         block_size: 4096,
         symbol_size: 64,
-        blocks: vec![BlockInfo { hash: [0; 32], zero: false }; 2],
+        blocks: vec![BlockInfo { hash: [0; 32], zero: false, wire: rackcast_core::image::manifest::Wire::Raw }; 2],
     };
     let mut rx = ReceiverCore::new(m, 1, KEY);
     let mut c = Cursor(data);
