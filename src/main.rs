@@ -767,9 +767,8 @@ mod fleet {
             "{name}: preparing blocks (zstd level {})",
             cfg.dataplane.zstd_level
         ));
-        let rec = rackcast::controller::add_image(cfg, &mut st, name, &raw, &mut |n| {
-            bar.set_position(n)
-        });
+        let rec =
+            rackcast::controller::add_image(cfg, &mut st, name, &raw, &mut |n| bar.set_position(n));
         bar.finish_and_clear();
         let rec = rec?;
         println!(

@@ -98,6 +98,12 @@ pub(super) fn send_loop(
     let mut txs: Vec<Tx> = Vec::with_capacity(SEND_BATCH);
     let mut next_tick = t0;
     metrics::gauge!("rackcast_wave_blocks", "wave" => wave.clone()).set(m.block_count() as f64);
+    // Image bytes against the bytes its blocks take on the wire (zero
+    // blocks unsent, compressed blocks as frames): goodput in image bytes
+    // can exceed the link rate.
+    metrics::gauge!("rackcast_wave_image_bytes", "wave" => wave.clone()).set(m.image_size as f64);
+    metrics::gauge!("rackcast_wave_source_wire_bytes", "wave" => wave.clone())
+        .set(m.data_bytes() as f64);
     let mut reporter = link.map(|l| {
         for name in &l.members {
             core.expect_member(name, t0);
