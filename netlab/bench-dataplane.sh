@@ -116,7 +116,9 @@ outs() { local i; for i in $(seq 1 "$1"); do echo "$OUT/d$i.out"; done; }
 verify() {
   local good=0 f
   for f in "$@"; do
-    if [ -f "$f" ] && [ "$(sha256sum "$f" | cut -d' ' -f1)" = "$WANT" ]; then good=$((good + 1)); fi
+    # Byte for byte against the source (faster than hashing every copy
+    # of a 2 GiB image; the source stays in the page cache).
+    if [ -f "$f" ] && cmp -s "$IMG" "$f"; then good=$((good + 1)); fi
   done
   echo "$good"
 }

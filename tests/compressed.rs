@@ -307,17 +307,17 @@ fn delta_reimaging_sends_only_the_changed_blocks() {
         assert_eq!(r["resumed_data_blocks"], 29, "{r}");
         assert_same(&v2, path);
     }
-    let (fw, dw) = (
-        full["wire_bytes"].as_u64().unwrap(),
-        delta["wire_bytes"].as_u64().unwrap(),
-    );
+    let n = |r: &serde_json::Value, k: &str| r[k].as_u64().unwrap();
+    let (fw, dw) = (n(&full, "wire_bytes"), n(&delta, "wire_bytes"));
+    let (fs_, ds) = (n(&full, "source_packets"), n(&delta, "source_packets"));
     eprintln!(
-        "delta re-imaging: full wave {fw} wire bytes in {full_s:.2} s, delta wave {dw} wire bytes in {delta_s:.2} s ({:.1} % of the bytes)",
+        "delta re-imaging: full wave {fw} wire bytes ({fs_} source packets) in {full_s:.2} s, delta wave {dw} wire bytes ({ds} source packets) in {delta_s:.2} s ({:.1} % of the bytes)",
         dw as f64 * 100.0 / fw as f64
     );
-    // 4 of 33 data blocks changed: about an eighth of the bytes (plus
-    // probes), never more than a fifth.
-    assert!(dw * 5 < fw, "delta {dw} vs full {fw} wire bytes");
+    // 4 of 33 data blocks changed: the source pass sends about an eighth
+    // of a full wave's symbols, never more than a fifth. (Repair on top
+    // depends on what a loaded test machine drops, so it is not counted.)
+    assert!(ds * 5 < fs_, "delta {ds} vs full {fs_} source packets");
 }
 
 /// A memory cgroup (v1, as this kernel mounts it; v2 where it is the
