@@ -145,6 +145,11 @@ impl BlockAssembly {
         Some(&self.buf[at..at + self.symbol_size])
     }
 
+    /// Bytes it holds (its block buffer and the repair symbols kept).
+    pub fn bytes(&self) -> usize {
+        self.buf.len() + self.repair.iter().map(|(_, p)| p.len()).sum::<usize>()
+    }
+
     /// Distinct symbols held.
     pub fn count(&self) -> u32 {
         self.have_source + self.repair.len() as u32

@@ -180,8 +180,13 @@ fn thread_cpu() -> Duration {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-/// Assembled blocks queued for the decoders, at most.
-const JOB_QUEUE: usize = 32;
+/// Bytes of assembled blocks queued for the decoders, at most. A receiver
+/// whose CPU or disk falls behind for a while (several receivers
+/// decompressing on a few cores) holds its blocks here instead of
+/// dropping datagrams the sender would have to resend; past it, the
+/// receive thread waits and the socket buffer takes the rest (or drops
+/// it, and the sender repairs).
+const QUEUE_BYTES: u64 = 128 << 20;
 
 /// Reads per `recvmmsg` (each may hold many GRO-coalesced datagrams).
 const BATCH: usize = 64;
@@ -200,6 +205,8 @@ struct RecvLoop {
     sock: std::net::UdpSocket,
     plans: crossbeam_channel::Receiver<CodedPlan>,
     jobs: crossbeam_channel::Sender<DecodeJob>,
+    /// Bytes in `jobs` (the decoders subtract what they take).
+    queued: Arc<AtomicU64>,
     done: crossbeam_channel::Receiver<DecodeResult>,
     status: mpsc::UnboundedSender<control::Status>,
     progress: Arc<Progress>,
@@ -209,27 +216,32 @@ struct RecvLoop {
 }
 
 impl RecvLoop {
-    /// Queue a block for the decoders, waiting while the queue is full
-    /// (the socket buffer takes the datagrams meanwhile, or drops them).
-    /// False when the session is stopping.
-    fn hand_over(&mut self, mut job: DecodeJob) -> bool {
+    /// Queue a block for the decoders, waiting while `QUEUE_BYTES` are
+    /// queued (the socket buffer takes the datagrams meanwhile, or drops
+    /// them). False when the session is stopping.
+    fn hand_over(&mut self, job: DecodeJob) -> bool {
+        let bytes = job.asm.bytes() as u64;
+        let mut last_status = Instant::now();
         loop {
-            match self.jobs.send_timeout(job, self.feedback) {
-                Ok(()) => return true,
-                Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return false,
-                Err(crossbeam_channel::SendTimeoutError::Timeout(j)) => {
-                    job = j;
-                    if self.stop.load(Ordering::Relaxed) {
-                        return false;
-                    }
-                    // Keep the sender hearing from us while the disk
-                    // catches up: silence past its timeout drops us.
-                    if self.status.send(self.core.status()).is_err() {
-                        return false;
-                    }
-                }
+            let q = self.queued.load(Ordering::Relaxed);
+            if q == 0 || q + bytes <= QUEUE_BYTES {
+                break;
             }
+            if self.stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            // Keep the sender hearing from us while the decoders catch
+            // up: silence past its timeout drops us.
+            if last_status.elapsed() >= self.feedback {
+                if self.status.send(self.core.status()).is_err() {
+                    return false;
+                }
+                last_status = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
+        self.queued.fetch_add(bytes, Ordering::Relaxed);
+        self.jobs.send(job).is_ok()
     }
 
     /// Counters at the end, and why it ended early if it did.
@@ -522,16 +534,15 @@ pub async fn run_receive(
         .map_err(ReceiveError::Socket)?;
 
     let stop = Arc::new(AtomicBool::new(false));
-    // Bounded: a receiver whose disk or CPU falls behind holds at most
-    // this many assembled blocks, and takes the rest as loss that the
-    // sender's repair and rate control answer.
-    let (job_tx, job_rx) = crossbeam_channel::bounded(JOB_QUEUE);
+    // Bounded in bytes (`QUEUE_BYTES`), counted in `queued`.
+    let (job_tx, job_rx) = crossbeam_channel::unbounded();
+    let queued = Arc::new(AtomicU64::new(0));
     let (done_tx, done_rx) = crossbeam_channel::unbounded();
     let (status_tx, mut status_rx) = mpsc::unbounded_channel();
     let (plan_tx, plan_rx) = crossbeam_channel::unbounded();
     let (verdict_tx, verdict_rx) = oneshot::channel::<Written>();
     {
-        let (m, p, s) = (m.clone(), progress.clone(), stop.clone());
+        let (m, p, s, q) = (m.clone(), progress.clone(), stop.clone(), queued.clone());
         let decoders = opts.decoders.max(1);
         std::thread::spawn(move || {
             let r = writer_loop(
@@ -541,6 +552,7 @@ pub async fn run_receive(
                 digests,
                 zero_blocks,
                 job_rx,
+                q,
                 done_tx,
                 decoders,
                 p,
@@ -559,6 +571,7 @@ pub async fn run_receive(
         sock,
         plans: plan_rx,
         jobs: job_tx,
+        queued,
         done: done_rx,
         status: status_tx,
         progress: progress.clone(),

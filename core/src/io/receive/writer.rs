@@ -10,7 +10,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -102,13 +102,16 @@ fn spawn_decoders(
     m: &Arc<Manifest>,
     decoders: usize,
     jobs: &crossbeam_channel::Receiver<DecodeJob>,
+    queued: &Arc<AtomicU64>,
     done: &crossbeam_channel::Sender<DecodeResult>,
 ) -> crossbeam_channel::Receiver<Decoded> {
     let (good_tx, good_rx) = crossbeam_channel::bounded(decoders * 2);
     for _ in 0..decoders {
         let (m, jobs, done, good) = (m.clone(), jobs.clone(), done.clone(), good_tx.clone());
+        let queued = queued.clone();
         std::thread::spawn(move || {
             for job in jobs {
+                queued.fetch_sub(job.asm.bytes() as u64, Ordering::Relaxed);
                 let b = job.block;
                 let sent = match decode_block(&m, job) {
                     DecodeOutcome::Good { data, digest } => good
@@ -198,12 +201,13 @@ pub(super) fn writer_loop(
     mut digests: Vec<Option<[u8; 32]>>,
     mut zero_blocks: Vec<u32>,
     jobs: crossbeam_channel::Receiver<DecodeJob>,
+    queued: Arc<AtomicU64>,
     done: crossbeam_channel::Sender<DecodeResult>,
     decoders: usize,
     progress: Arc<Progress>,
     stop: Arc<AtomicBool>,
 ) -> Written {
-    let good = spawn_decoders(&m, decoders.max(1), &jobs, &done);
+    let good = spawn_decoders(&m, decoders.max(1), &jobs, &queued, &done);
     drop(jobs);
     let mut wb = Writeback::new(&out.file);
     if let Err(e) = write_blocks(
@@ -363,6 +367,7 @@ mod tests {
             digests,
             zero_blocks,
             job_rx,
+            Arc::new(AtomicU64::new(0)),
             done_tx,
             2,
             Arc::new(Progress::default()),
@@ -391,6 +396,7 @@ mod tests {
             vec![None; 2],
             vec![1],
             job_rx,
+            Arc::new(AtomicU64::new(0)),
             done_tx,
             2,
             Arc::new(Progress::default()),
