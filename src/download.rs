@@ -92,7 +92,7 @@ pub enum DownloadError {
 }
 
 /// What a server said about the file, to resume only the same file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Validator {
     url: String,
     etag: Option<String>,
@@ -105,6 +105,19 @@ impl Validator {
     /// range could splice two versions of the file).
     fn if_range(&self) -> Option<&str> {
         self.etag.as_deref().or(self.last_modified.as_deref())
+    }
+}
+
+/// `url` without a user name or password, for logs and errors.
+pub fn redact(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "<unparsable URL>".into(),
     }
 }
 
@@ -133,11 +146,13 @@ pub async fn download(
     expect_blake3: Option<&str>,
     progress: &mut dyn FnMut(u64, Option<u64>),
 ) -> Result<Downloaded, DownloadError> {
+    // Credentials in the URL never reach a log line or an error.
+    let shown = redact(url);
     if !is_url(url) {
-        return Err(DownloadError::Scheme(url.to_string()));
+        return Err(DownloadError::Scheme(shown));
     }
     let io_err = |what: &str, source: io::Error| DownloadError::Io {
-        url: url.to_string(),
+        url: shown.clone(),
         what: what.to_string(),
         source,
     };
@@ -148,7 +163,7 @@ pub async fn download(
         .read_timeout(Duration::from_secs(60))
         .build()
         .map_err(|e| DownloadError::GaveUp {
-            url: url.into(),
+            url: shown.clone(),
             have: 0,
             last: e.to_string(),
         })?;
@@ -167,7 +182,7 @@ pub async fn download(
             }
             Err(Attempt::Fatal(e)) => return Err(e),
             Err(Attempt::Retry(why, n)) => {
-                tracing::warn!(%url, attempt, bytes = n, error = %why, "download interrupted; resuming");
+                tracing::warn!(url = %shown, attempt, bytes = n, error = %why, "download interrupted; resuming");
                 have = n;
                 last = why;
             }
@@ -175,7 +190,7 @@ pub async fn download(
     }
     if !last.is_empty() {
         return Err(DownloadError::GaveUp {
-            url: url.into(),
+            url: shown,
             have,
             last,
         });
@@ -197,7 +212,7 @@ pub async fn download(
         if !want.eq_ignore_ascii_case(&got) {
             done.discard();
             return Err(DownloadError::Digest {
-                url: url.into(),
+                url: shown,
                 got,
                 want: want.to_string(),
             });
@@ -212,7 +227,7 @@ fn resumable_len(part: &Path, meta: &Path, url: &str) -> u64 {
         .ok()
         .and_then(|raw| serde_json::from_slice(&raw).ok());
     match v {
-        Some(v) if v.url == url && v.if_range().is_some() => {
+        Some(v) if v.url == redact(url) && v.if_range().is_some() => {
             fs::metadata(part).map_or(0, |m| m.len())
         }
         _ => 0,
@@ -238,7 +253,7 @@ async fn attempt_once(
     let saved: Option<Validator> = fs::read(meta)
         .ok()
         .and_then(|raw| serde_json::from_slice(&raw).ok())
-        .filter(|v: &Validator| v.url == url);
+        .filter(|v: &Validator| v.url == redact(url));
     let mut have = resumable_len(part, meta, url);
     let mut req = client.get(url);
     if have > 0 {
@@ -283,7 +298,7 @@ async fn attempt_once(
         }
         200 => {
             if have > 0 {
-                tracing::info!(%url, "the server sent the whole file: starting over");
+                tracing::info!(url = %redact(url), "the server sent the whole file: starting over");
             }
             have = 0;
             resp.content_length()
@@ -297,20 +312,21 @@ async fn attempt_once(
         }
         s => {
             return Err(Attempt::Fatal(DownloadError::Status {
-                url: url.into(),
+                url: redact(url),
                 status: s,
             }))
         }
     };
     let v = Validator {
-        url: url.into(),
+        // The sidecar is a file: no credentials in it.
+        url: redact(url),
         etag,
         last_modified,
         total,
     };
     let fatal_io = |what: &str, e: io::Error| {
         Attempt::Fatal(DownloadError::Io {
-            url: url.into(),
+            url: redact(url),
             what: what.into(),
             source: e,
         })
@@ -348,5 +364,25 @@ async fn attempt_once(
             have,
         )),
         _ => Ok(have),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_never_leave_the_url_in_logs_or_files() {
+        assert_eq!(
+            redact("https://ops:s3cret@images.example/os.zst"),
+            "https://images.example/os.zst"
+        );
+        assert_eq!(
+            redact("http://198.18.0.1:8089/a.zst"),
+            "http://198.18.0.1:8089/a.zst"
+        );
+        assert!(!redact("http://user:pw@h/x").contains("pw"));
+        assert!(!is_url("/srv/images/os.zst"));
+        assert!(is_url("https://h/x"));
     }
 }

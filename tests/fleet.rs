@@ -898,7 +898,7 @@ fn appliance_killed_mid_wave_resumes_every_device() {
                 .and_then(|w| w.parse().ok())
                 .unwrap_or_else(|| panic!("number before {what:?} in {done:?}"))
         };
-        let resumed = number_before(" resumed blocks");
+        let resumed = number_before(" blocks in place");
         let received = number_before(" packets") * symbol;
         assert!(resumed > 0, "device {i} resumed nothing: {done}");
         assert!(

@@ -97,7 +97,8 @@ fn digest_on_output(
         let handles: Vec<_> = blocks
             .chunks(per)
             .map(|chunk| {
-                s.spawn(move || {
+                let n = chunk.len();
+                let h = s.spawn(move || {
                     let mut buf = vec![0u8; m.block_size as usize];
                     chunk
                         .iter()
@@ -109,12 +110,15 @@ fn digest_on_output(
                                 .map(|()| m.digest_block(*b, &buf[..len]))
                         })
                         .collect::<Vec<_>>()
-                })
+                });
+                (n, h)
             })
             .collect();
+        // A thread that died found nothing: its blocks count as absent,
+        // and the others keep their places.
         handles
             .into_iter()
-            .flat_map(|h| h.join().unwrap_or_default())
+            .flat_map(|(n, h)| h.join().unwrap_or_else(|_| vec![None; n]))
             .collect()
     })
 }
