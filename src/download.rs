@@ -1,6 +1,7 @@
 //! Image sources over HTTP(S): streamed into a partial file in the image
-//! store, hashed as they arrive, and resumed with a `Range` request after
-//! a dropped connection or a killed run.
+//! store, resumed with a `Range` request after a dropped connection or a
+//! killed run, and hashed once complete (read back at disk speed, so a
+//! resumed prefix is hashed from what is on the disk, not remembered).
 //!
 //! Owns: the partial download (`.download-<key>.part`, `<key>` from the
 //! URL) and its validator sidecar (`.download-<key>.json`: the URL and the
@@ -137,7 +138,7 @@ pub fn partial_paths(store: &Path, url: &str) -> (PathBuf, PathBuf) {
 }
 
 /// Download `url` into `store` (resuming a partial download of the same
-/// file), hashing it as it arrives; with `expect_blake3`, a download that
+/// file), then hash what is on the disk; with `expect_blake3`, a download that
 /// hashes otherwise is removed and refused. `progress` gets bytes so far
 /// and the total when known.
 pub async fn download(

@@ -284,25 +284,11 @@ fn pack_image(
         return Ok((m, None));
     };
     let frames = frames.context("--zstd needs a blocks file")?;
-    let file = std::fs::File::open(image).with_context(|| format!("{}", image.display()))?;
-    let size = file.metadata()?.len();
     let mut out = std::io::BufWriter::new(
         std::fs::File::create(frames).with_context(|| format!("{}", frames.display()))?,
     );
-    let opts = packed::PackOptions {
-        level: Some(level),
-        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-    };
-    let m = packed::pack(
-        std::io::BufReader::new(file),
-        size,
-        block_size,
-        ss,
-        opts,
-        &mut out,
-        &mut |_| {},
-    )
-    .with_context(|| format!("preparing blocks of {}", image.display()))?;
+    let m = packed::pack_file(image, block_size, ss, Some(level), &mut out, &mut |_| {})
+        .with_context(|| format!("preparing blocks of {}", image.display()))?;
     std::io::Write::flush(&mut out)?;
     Ok((m, Some(frames.to_path_buf())))
 }
@@ -687,7 +673,7 @@ mod fleet {
                     anyhow::bail!("{source} hashes to blake3 {got}, expected {want}");
                 }
             }
-            return images_add_file(&cfg, name, Path::new(source));
+            return images_add_file(&cfg, name, Path::new(source), None);
         }
         let store = cfg.appliance.state_dir.join("images");
         let dl_bar = bar(0, format!("{name}: downloading"));
@@ -714,14 +700,21 @@ mod fleet {
             "{name}: downloaded {} bytes, blake3 {}",
             got.size, got.blake3
         );
-        let r = images_add_file(&cfg, name, &got.path);
+        let r = images_add_file(&cfg, name, &got.path, Some(&got.blake3));
         // Imported (a copy in the store) or refused: the download is done
         // with either way, except a raw one, which was moved into place.
         got.discard();
         r
     }
 
-    fn images_add_file(cfg: &Config, name: &str, path: &Path) -> Result<()> {
+    /// `downloaded`: the BLAKE3 of a download at `path` (a raw one moves
+    /// into the store under it, without hashing it again).
+    fn images_add_file(
+        cfg: &Config,
+        name: &str,
+        path: &Path,
+        downloaded: Option<&str>,
+    ) -> Result<()> {
         use rackcast::image_source::{self, SourceKind};
         std::fs::create_dir_all(&cfg.appliance.state_dir)?;
         let mut st = SqliteStore::open(&cfg.store_path())?;
@@ -730,14 +723,9 @@ mod fleet {
         let kind =
             SourceKind::of_file(path).with_context(|| format!("reading {}", path.display()))?;
         let store = cfg.appliance.state_dir.join("images");
-        let downloaded = path
-            .file_name()
-            .is_some_and(|f| f.to_string_lossy().starts_with(".download-"));
-        let raw = if kind == SourceKind::Raw && downloaded {
+        let raw = if let (SourceKind::Raw, Some(hash)) = (kind, downloaded) {
             // A downloaded raw image moves into the store under its hash.
-            let mut h = ::blake3::Hasher::new();
-            h.update_reader(std::fs::File::open(path)?)?;
-            let to = store.join(format!("{}.img", h.finalize().to_hex()));
+            let to = store.join(format!("{hash}.img"));
             std::fs::rename(path, &to)?;
             to
         } else if kind == SourceKind::Raw {

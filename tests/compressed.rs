@@ -31,15 +31,6 @@ fn text_image(path: &Path, mib: u64, seed: u64) {
     assert!(st.success());
 }
 
-fn cli(config: &Path, args: &[&str]) -> Output {
-    Command::new(bin("rackcast"))
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .output()
-        .unwrap()
-}
-
 fn ok(out: &Output) -> String {
     let text = format!(
         "{}{}",
@@ -106,13 +97,7 @@ fn zst_and_qcow2_images_are_added_then_travel_compressed_to_three_receivers() {
     let raw_q = lab.file("b.img");
     text_image(&raw_q, 16, 2);
     let qcow = lab.file("b.qcow2");
-    let st = Command::new("qemu-img")
-        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-        .arg(&raw_q)
-        .arg(&qcow)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    qcow2_of(&raw_q, &qcow);
 
     for (name, source, raw) in [("zst", &zst, &raw_zst), ("qcow", &qcow, &raw_q)] {
         let text = ok(&cli(

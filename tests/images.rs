@@ -9,18 +9,9 @@ mod common;
 use std::fs;
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use common::*;
-
-fn cli(config: &Path, args: &[&str]) -> Output {
-    Command::new(bin("rackcast"))
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .output()
-        .unwrap()
-}
 
 fn images(config: &Path) -> Vec<serde_json::Value> {
     let out = cli(config, &["images", "list", "--json"]);
@@ -96,13 +87,7 @@ fn compressed_and_qcow2_sources_are_added_as_raw_images_and_bad_ones_leave_nothi
         let raw = dir.path().join("rocky.raw");
         fs::write(&raw, &data[..4 << 20]).unwrap();
         let qcow = dir.path().join("rocky.qcow2");
-        let st = Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "qcow2"])
-            .arg(&raw)
-            .arg(&qcow)
-            .status()
-            .unwrap();
-        assert!(st.success());
+        qcow2_of(&raw, &qcow);
         let out = cli(&config, &["images", "add", "rocky", qcow.to_str().unwrap()]);
         assert!(
             out.status.success(),

@@ -46,7 +46,7 @@ pub(crate) async fn receive_image(
         decoders: rackcast_core::io::receive::default_decoders(),
         // A disk that is re-imaged usually holds the previous version:
         // blocks whose digest already matches are not sent again.
-        delta: is_block_device(std::path::Path::new(&target)),
+        delta: rackcast_core::io::receive::is_block_device(std::path::Path::new(&target)),
     };
     let t = Instant::now();
     let progress = std::sync::Arc::new(Progress::default());
@@ -87,10 +87,4 @@ pub(crate) async fn receive_image(
             bytes: rep.image_bytes,
         },
     ))
-}
-
-/// Whether `path` is a block device (a real target disk, not a file).
-pub fn is_block_device(path: &std::path::Path) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
 }

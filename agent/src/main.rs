@@ -190,7 +190,7 @@ fn receive(a: ReceiveArgs) -> Result<()> {
         decoders: a
             .decoders
             .unwrap_or_else(rackcast_core::io::receive::default_decoders),
-        delta: a.delta || image::is_block_device(&a.out),
+        delta: a.delta || rackcast_core::io::receive::is_block_device(&a.out),
     };
     let p = progress.clone();
     let show = rt.spawn(show_progress(p));

@@ -76,27 +76,19 @@ pub fn image_manifest(
         .parent()
         .ok_or_else(|| anyhow::anyhow!("no manifests directory"))?;
     std::fs::create_dir_all(dir)?;
-    let file = std::fs::File::open(path)
-        .map_err(|e| anyhow::anyhow!("image {name}: {}: {e}", path.display()))?;
-    let size = file.metadata()?.len();
     // Frames go to a temporary file renamed into place once the manifest
     // is good: a failed or killed build leaves no blocks file behind that
     // a later start could take for this image's.
     crate::image_source::remove_orphans(dir);
     let tmp = crate::image_source::Partial::new(dir);
     let mut tmp_file = std::fs::File::create(tmp.path())?;
-    let opts = packed::PackOptions {
-        level: (level > 0).then_some(level),
-        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-    };
     let m = {
         let mut w = std::io::BufWriter::new(&mut tmp_file);
-        let m = packed::pack(
-            std::io::BufReader::new(file),
-            size,
+        let m = packed::pack_file(
+            path,
             rackcast_core::image::manifest::DEFAULT_BLOCK_SIZE,
             ss,
-            opts,
+            (level > 0).then_some(level),
             &mut w,
             progress,
         )

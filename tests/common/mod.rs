@@ -587,3 +587,24 @@ impl Drop for Bmc {
         self.stop();
     }
 }
+
+/// `rackcast ARGS --config CONFIG`, its output.
+pub fn cli(config: &Path, args: &[&str]) -> Output {
+    Command::new(bin("rackcast"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap()
+}
+
+/// Write `raw` as a qcow2 image at `qcow` with Debian's `qemu-img`.
+pub fn qcow2_of(raw: &Path, qcow: &Path) {
+    let st = Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(raw)
+        .arg(qcow)
+        .status()
+        .unwrap();
+    assert!(st.success(), "qemu-img convert");
+}

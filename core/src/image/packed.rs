@@ -103,6 +103,33 @@ pub fn pack(
     Manifest::from_blocks(image_size, block_size, symbol_size, blocks)
 }
 
+/// [`pack`] the image file at `path` on every core of this machine
+/// (`level` `None`: every block raw, nothing written to `frames`).
+pub fn pack_file(
+    path: &Path,
+    block_size: u32,
+    symbol_size: u16,
+    level: Option<i32>,
+    frames: &mut impl Write,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Manifest, ManifestError> {
+    let file = File::open(path)?;
+    let size = file.metadata()?.len();
+    let opts = PackOptions {
+        level,
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    pack(
+        io::BufReader::new(file),
+        size,
+        block_size,
+        symbol_size,
+        opts,
+        frames,
+        progress,
+    )
+}
+
 type Packed = (BlockInfo, Option<Vec<u8>>);
 
 /// Digest and compress one batch of consecutive blocks on `threads`

@@ -338,11 +338,15 @@ fn default_name(local: &SocketAddr) -> String {
     format!("{host}@{}", local.ip())
 }
 
+/// Whether `path` is a block device (a real disk, not a file).
+pub fn is_block_device(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
+}
+
 /// Beside a file output; for a block device (whose directory is /dev) in
 /// /run/rackcast, named after the device.
 fn default_state_path(out: &Path) -> PathBuf {
-    let is_dev = std::fs::metadata(out).is_ok_and(|m| m.file_type().is_block_device());
-    if is_dev {
+    if is_block_device(out) {
         let dir = PathBuf::from("/run/rackcast");
         let _ = std::fs::create_dir_all(&dir);
         let name = out

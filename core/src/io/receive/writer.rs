@@ -8,7 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -32,10 +32,7 @@ pub(super) struct Output {
 /// Open the output; `keep`: its bytes may be reused (a resume state or
 /// delta re-imaging), else a file starts empty and sparse.
 pub(super) fn open_output(path: &Path, m: &Manifest, keep: bool) -> io::Result<Output> {
-    let meta = std::fs::metadata(path).ok();
-    let is_dev = meta
-        .as_ref()
-        .is_some_and(|md| md.file_type().is_block_device());
+    let is_dev = super::is_block_device(path);
     let file = OpenOptions::new()
         .read(true)
         .write(true)
