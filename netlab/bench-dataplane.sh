@@ -9,6 +9,7 @@
 #       [--cases "4:0 4:2 1:0 8:0"] [--tools "rackcast udpcast uftp http"]
 #       [--rounds 1] [--timeout 120] [--image random|os] [--disk]
 #       [--os-mib 2048] [--os-parts "etc usr/bin ..."] [--zstd-level 6]
+#       [--os-image PATH]
 #
 # --image os builds a real OS image (`netlab/mk-os-image.sh`: ext4 holding
 # this Debian machine's /etc, /usr/bin, /usr/sbin, /usr/lib/x86_64-linux-gnu)
@@ -17,6 +18,9 @@
 # Clonezilla way), HTTP downloads the .zst and decompresses it, UFTP sends
 # the raw image; rackcast sends its prepared blocks (`rackcast manifest
 # --zstd`). Compression happens once, before the runs, for every tool.
+# --os-image PATH reuses an OS image built before (by mk-os-image.sh) and
+# its prepared files next to it (PATH.rcmanifest, PATH.rcblocks, PATH.zst,
+# made once if missing), to repeat runs without rebuilding it.
 # --disk (implied by --image os) puts every receiver's copy on the disk
 # (/var/tmp), not tmpfs, and each run's time ends only after every copy
 # was fsynced (`sync FILE`, for every tool alike).
@@ -45,7 +49,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 MIB=256 RATE=500mbit CASES="4:0 4:2 1:0 8:0" TOOLS="rackcast udpcast uftp http" TMO=120 ROUNDS=1
-IMAGE=random DISK=0 OS_MIB=2048 ZLEVEL=6 OS_PARTS="etc usr/bin usr/sbin usr/lib/x86_64-linux-gnu"
+IMAGE=random DISK=0 OS_IMAGE= OS_MIB=2048 ZLEVEL=6 OS_PARTS="etc usr/bin usr/sbin usr/lib/x86_64-linux-gnu"
 while [ $# -gt 0 ]; do
   case "$1" in
     --mib) MIB=$2; shift 2 ;;
@@ -57,6 +61,7 @@ while [ $# -gt 0 ]; do
     --image) IMAGE=$2; shift 2 ;;
     --disk) DISK=1; shift ;;
     --os-mib) OS_MIB=$2; shift 2 ;;
+    --os-image) OS_IMAGE=$2; IMAGE=os; shift 2 ;;
     --os-parts) OS_PARTS=$2; shift 2 ;;
     --zstd-level) ZLEVEL=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
@@ -74,9 +79,8 @@ WORK=/dev/shm/rcbench.$$
 OUT=$WORK
 [ "$DISK" = 1 ] && OUT=/var/tmp/rcbench-out.$$
 mkdir -p "$WORK" "$OUT"
-trap 'rm -rf "$OUT"' EXIT
 . "$HERE/common.sh"
-lab_cleanup_on_exit "$MAXN"
+lab_cleanup_on_exit "$MAXN" "$OUT"
 
 echo "building release binaries..." >&2
 (cd "$ROOT" && cargo build --release --workspace -q)
@@ -84,9 +88,18 @@ BIN="$ROOT/target/release"
 if [ "$IMAGE" = os ]; then
   # The source on the disk too: 2 GiB is no tmpfs image.
   IMG="$OUT/image"
-  "$HERE/mk-os-image.sh" "$IMG" --size-mib "$OS_MIB" --parts "$OS_PARTS"
-  "$BIN/rackcast" manifest "$IMG" --zstd "$ZLEVEL" --frames "$IMG.rcblocks" >&2
-  zstd -q -f -T0 "-$ZLEVEL" "$IMG" -o "$IMG.zst"
+  if [ -n "$OS_IMAGE" ]; then
+    IMG=$OS_IMAGE
+    [ -f "$IMG" ] || { echo "--os-image $IMG: no such file" >&2; exit 2; }
+  else
+    "$HERE/mk-os-image.sh" "$IMG" --size-mib "$OS_MIB" --parts "$OS_PARTS"
+  fi
+  if [ -z "$OS_IMAGE" ] || [ ! -f "$IMG.rcblocks" ] || [ ! -f "$IMG.rcmanifest" ]; then
+    "$BIN/rackcast" manifest "$IMG" --zstd "$ZLEVEL" --frames "$IMG.rcblocks" >&2
+  fi
+  if [ -z "$OS_IMAGE" ] || [ ! -f "$IMG.zst" ]; then
+    zstd -q -f -T0 "-$ZLEVEL" "$IMG" -o "$IMG.zst"
+  fi
   echo "peers' .zst (zstd -$ZLEVEL): $(stat -c %s "$IMG.zst") bytes; rackcast's blocks: $(stat -c %s "$IMG.rcblocks") bytes" >&2
   RC_FRAMES=(--frames "$IMG.rcblocks")
 else
@@ -118,7 +131,12 @@ verify() {
   for f in "$@"; do
     # Byte for byte against the source (faster than hashing every copy
     # of a 2 GiB image; the source stays in the page cache).
-    if [ -f "$f" ] && cmp -s "$IMG" "$f"; then good=$((good + 1)); fi
+    if [ -f "$f" ] && cmp -s "$IMG" "$f"; then
+      good=$((good + 1))
+    else
+      # Where it differs, for whoever looks into it.
+      echo "  copy $f differs from the source: $(cmp "$IMG" "$f" 2>&1 | head -n 1)" >&2
+    fi
   done
   echo "$good"
 }
@@ -270,7 +288,11 @@ for c in $CASES; do
   "$HERE/lab.sh" up "$P" "$n" --rate "$RATE" "${losses[@]}"
   for round in $(seq 1 "$ROUNDS"); do
     for tool in $TOOLS; do
-      read -r secs good rxcpu < <("run_$tool" "$n")
+      # Command substitution waits for the whole run, its cleanup
+      # included: the next run must not start while this one still
+      # removes its copies (which are the next run's file names).
+      res=$("run_$tool" "$n")
+      read -r secs good rxcpu <<<"$res"
       report "$tool" "$n" "$loss" "$secs" "$good" "$rxcpu"
       if [ -n "${RC_KEEP_LOGS:-}" ]; then
         mkdir -p "$RC_KEEP_LOGS"

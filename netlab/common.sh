@@ -1,15 +1,18 @@
 # Shared pieces of the netlab job scripts (sourced, not run).
 # Callers set HERE (this folder), P (namespace prefix), WORK (scratch dir)
-# and add the PIDs they start to PIDS; lab_cleanup_on_exit N then stops
-# those PIDs, removes the N-device lab and the scratch dir on any exit.
+# and add the PIDs they start to PIDS; lab_cleanup_on_exit N [DIR...] then
+# stops those PIDs, removes the N-device lab, the scratch dir and any DIR
+# given on any exit (one trap: a second `trap ... EXIT` would replace it).
 
 PIDS=()
 
 lab_cleanup_on_exit() {
   LAB_N=$1
+  shift
+  LAB_DIRS=("$@")
   trap 'for p in "${PIDS[@]+"${PIDS[@]}"}"; do kill "$p" 2>/dev/null || true; done
         "$HERE/lab.sh" down "$P" "$LAB_N" || true
-        rm -rf "$WORK"' EXIT INT TERM
+        rm -rf "$WORK" "${LAB_DIRS[@]+"${LAB_DIRS[@]}"}"' EXIT INT TERM
 }
 
 # tc-style rate (500mbit, 1gbit, 800kbit) -> bit/s
