@@ -1,7 +1,7 @@
 //! Image sources over HTTP(S): streamed into a partial file in the image
 //! store, resumed with a `Range` request after a dropped connection or a
-//! killed run, and hashed once complete (read back at disk speed, so a
-//! resumed prefix is hashed from what is on the disk, not remembered).
+//! killed run, and hashed while downloading (a prefix left by a killed
+//! run is hashed once, read back from the disk, before new bytes arrive).
 //!
 //! Owns: the partial download (`.download-<key>.part`, `<key>` from the
 //! URL) and its validator sidecar (`.download-<key>.json`: the URL and the
@@ -171,11 +171,12 @@ pub async fn download(
     let resumed_from = resumable_len(&part, &meta, url);
     let mut last = String::new();
     let mut have = 0;
+    let mut hash = StreamHash::default();
     for attempt in 0..ATTEMPTS {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_secs(1 << attempt.min(4))).await;
         }
-        match attempt_once(&client, url, &part, &meta, progress).await {
+        match attempt_once(&client, url, &part, &meta, &mut hash, progress).await {
             Ok(n) => {
                 have = n;
                 last.clear();
@@ -196,12 +197,9 @@ pub async fn download(
             last,
         });
     }
-    // The hash of exactly the bytes on the disk (the prefix of a resumed
-    // download included), read back once at disk speed.
-    let mut h = blake3::Hasher::new();
-    h.update_reader(File::open(&part).map_err(|e| io_err("reading the download", e))?)
+    hash.catch_up(&part, have)
         .map_err(|e| io_err("hashing the download", e))?;
-    let got = h.finalize().to_hex().to_string();
+    let got = hash.h.finalize().to_hex().to_string();
     let done = Downloaded {
         path: part,
         meta,
@@ -235,6 +233,48 @@ fn resumable_len(part: &Path, meta: &Path, url: &str) -> u64 {
     }
 }
 
+/// The BLAKE3 of the partial file's first `n` bytes, kept as they are
+/// written.
+#[derive(Default)]
+struct StreamHash {
+    h: blake3::Hasher,
+    n: u64,
+}
+
+impl StreamHash {
+    /// Make it the hash of the file's first `upto` bytes: bytes already on
+    /// the disk that it has not seen (an earlier run's prefix) are read
+    /// back; a download that starts over starts the hash over.
+    fn catch_up(&mut self, part: &Path, upto: u64) -> io::Result<()> {
+        if upto < self.n {
+            *self = StreamHash::default();
+        }
+        if upto > self.n {
+            use std::io::{Read, Seek};
+            let mut f = File::open(part)?;
+            f.seek(io::SeekFrom::Start(self.n))?;
+            let want = upto - self.n;
+            let got = io::copy(&mut f.take(want), &mut self.h)?;
+            if got != want {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "partial download holds {} bytes, expected {upto}",
+                        self.n + got
+                    ),
+                ));
+            }
+            self.n = upto;
+        }
+        Ok(())
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        self.h.update(bytes);
+        self.n += bytes.len() as u64;
+    }
+}
+
 enum Attempt {
     /// Try again (resuming); bytes on the disk so far.
     Retry(String, u64),
@@ -249,6 +289,7 @@ async fn attempt_once(
     url: &str,
     part: &Path,
     meta: &Path,
+    hash: &mut StreamHash,
     progress: &mut dyn FnMut(u64, Option<u64>),
 ) -> Result<u64, Attempt> {
     let saved: Option<Validator> = fs::read(meta)
@@ -341,12 +382,15 @@ async fn attempt_once(
         .append(have > 0)
         .open(part)
         .map_err(|e| fatal_io("opening the partial download", e))?;
+    hash.catch_up(part, have)
+        .map_err(|e| fatal_io("hashing the partial download", e))?;
     progress(have, total);
     loop {
         match resp.chunk().await {
             Ok(Some(c)) => {
                 file.write_all(&c)
                     .map_err(|e| fatal_io("writing the download", e))?;
+                hash.update(&c);
                 have += c.len() as u64;
                 progress(have, total);
             }
@@ -371,6 +415,31 @@ async fn attempt_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The streamed hash is the file's: a prefix from an earlier run is
+    /// read back once, streamed bytes are not read again, and a download
+    /// that starts over starts the hash over.
+    #[test]
+    fn streamed_hash_is_the_hash_of_the_bytes_on_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("x.part");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        fs::write(&part, &data[..100_000]).unwrap();
+        let mut h = StreamHash::default();
+        h.catch_up(&part, 100_000).unwrap();
+        h.update(&data[100_000..]);
+        h.catch_up(&part, 300_000).unwrap();
+        assert_eq!(h.h.finalize(), blake3::hash(&data));
+        // Starting over: the old state is dropped, the new prefix read.
+        let other = vec![7u8; 5000];
+        fs::write(&part, &other).unwrap();
+        h.catch_up(&part, 0).unwrap();
+        h.update(&other);
+        assert_eq!(h.h.finalize(), blake3::hash(&other));
+        // A file shorter than claimed is an error, not a wrong hash.
+        let mut short = StreamHash::default();
+        assert!(short.catch_up(&part, 6000).is_err());
+    }
 
     #[test]
     fn credentials_never_leave_the_url_in_logs_or_files() {

@@ -110,8 +110,10 @@ fn zst_and_qcow2_images_are_added_then_travel_compressed_to_three_receivers() {
         let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
         let rec = list.iter().find(|r| r["name"] == name).expect("image row");
         let stored = PathBuf::from(rec["path"].as_str().unwrap());
-        let manifest = store_manifests.join(format!("{name}.rcmanifest"));
-        let frames = store_manifests.join(format!("{name}.zstd6.rcblocks"));
+        // Prepared files are named by the image's hash, not by its name.
+        let hash = rec["hash"].as_str().unwrap();
+        let manifest = store_manifests.join(format!("{hash}.rcmanifest"));
+        let frames = store_manifests.join(format!("{hash}.zstd6.rcblocks"));
         let m = rackcast_core::image::manifest::Manifest::load_for(&stored, &manifest).unwrap();
         assert!(m.compressed_blocks() > 0, "{name}: nothing compressed");
         assert!(

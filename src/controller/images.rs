@@ -3,6 +3,13 @@
 //! kept beside the store, and the
 //! check at start that an image did not change since it was added.
 //!
+//! Manifests and prepared blocks are content-addressed: named by the
+//! image's BLAKE3 (`manifests/<hash>.rcmanifest`,
+//! `manifests/<hash>.zstd<level>.rcblocks`). Re-adding a name with new
+//! content makes new files and never rewrites the ones a running wave
+//! reads; two names for one image share them. Files no image refers to
+//! any more are removed when the appliance starts.
+//!
 //! Owns: manifest files under the state dir and the image rows. Must not:
 //! serve image bytes (waves do) or decide who gets which image (profiles).
 
@@ -17,50 +24,54 @@ use crate::config::Config;
 use crate::image_source::SourceKind;
 use crate::store::{now_ms, ImageRecord, Store};
 
-/// Where the appliance keeps an image's manifest.
-pub fn manifest_path(cfg: &Config, name: &str) -> std::path::PathBuf {
-    cfg.appliance
-        .state_dir
-        .join("manifests")
-        .join(format!("{name}.rcmanifest"))
+fn manifests_dir(cfg: &Config) -> std::path::PathBuf {
+    cfg.appliance.state_dir.join("manifests")
 }
 
-/// Where the appliance keeps an image's prepared (compressed) blocks at
-/// `level`: the level is in the name, so a changed `dataplane.zstd_level`
-/// prepares the blocks again instead of serving the old ones.
-pub fn frames_path(cfg: &Config, name: &str, level: i32) -> std::path::PathBuf {
-    cfg.appliance
-        .state_dir
-        .join("manifests")
-        .join(format!("{name}.zstd{level}.rcblocks"))
+/// Where the appliance keeps the manifest of the image with BLAKE3 `hash`.
+pub fn manifest_path(cfg: &Config, hash: &str) -> std::path::PathBuf {
+    manifests_dir(cfg).join(format!("{hash}.rcmanifest"))
+}
+
+/// Where the appliance keeps the prepared (compressed) blocks of the image
+/// with BLAKE3 `hash` at `level`: the level is in the name, so a changed
+/// `dataplane.zstd_level` prepares the blocks again instead of serving the
+/// old ones.
+pub fn frames_path(cfg: &Config, hash: &str, level: i32) -> std::path::PathBuf {
+    manifests_dir(cfg).join(format!("{hash}.zstd{level}.rcblocks"))
 }
 
 /// The blocks file a manifest built at the config's level goes with, if
 /// the stored files agree with each other and with that level.
-fn stored_frames(cfg: &Config, name: &str, m: &Manifest) -> Option<Option<std::path::PathBuf>> {
+fn stored_frames(cfg: &Config, m: &Manifest) -> Option<Option<std::path::PathBuf>> {
     let level = cfg.dataplane.zstd_level;
     if level == 0 {
         return (m.compressed_blocks() == 0).then_some(None);
     }
-    let p = frames_path(cfg, name, level);
+    let p = frames_path(cfg, &m.image_hash_hex(), level);
     let len = std::fs::metadata(&p).ok()?.len();
     (len == packed::frames_len(m)).then_some(Some(p))
 }
 
-/// The image's manifest and prepared blocks file: the stored ones if they
-/// still describe the file (size and mtime checked by `load_for`) at the
-/// configured level, else built now (compressing on every core) and
-/// stored. `progress` gets the image bytes read while building.
+/// The image's manifest and prepared blocks file: with `known` (the
+/// image's BLAKE3 as recorded), the stored ones if they still describe
+/// the file (size and mtime checked by `load_for`) at the configured
+/// level; else built now (compressing on every core) and stored under the
+/// hash they have. `progress` gets the image bytes read while building.
 pub fn image_manifest(
     cfg: &Config,
     name: &str,
     path: &std::path::Path,
+    known: Option<&str>,
     progress: &mut dyn FnMut(u64),
 ) -> anyhow::Result<(Manifest, Option<std::path::PathBuf>)> {
-    let mpath = manifest_path(cfg, name);
-    if let Ok(m) = Manifest::load_for(path, &mpath) {
-        if let Some(frames) = stored_frames(cfg, name, &m) {
-            return Ok((m, frames));
+    if let Some(hash) = known {
+        if let Ok(m) = Manifest::load_for(path, &manifest_path(cfg, hash)) {
+            if m.image_hash_hex() == hash {
+                if let Some(frames) = stored_frames(cfg, &m) {
+                    return Ok((m, frames));
+                }
+            }
         }
     }
     let level = cfg.dataplane.zstd_level;
@@ -72,15 +83,13 @@ pub fn image_manifest(
                 cfg.dataplane.mtu
             )
         })?;
-    let dir = mpath
-        .parent()
-        .ok_or_else(|| anyhow::anyhow!("no manifests directory"))?;
-    std::fs::create_dir_all(dir)?;
+    let dir = manifests_dir(cfg);
+    std::fs::create_dir_all(&dir)?;
     // Frames go to a temporary file renamed into place once the manifest
     // is good: a failed or killed build leaves no blocks file behind that
     // a later start could take for this image's.
-    crate::image_source::remove_orphans(dir);
-    let tmp = crate::image_source::Partial::new(dir);
+    crate::image_source::remove_orphans(&dir);
+    let tmp = crate::image_source::Partial::new(&dir);
     let mut tmp_file = std::fs::File::create(tmp.path())?;
     let m = {
         let mut w = std::io::BufWriter::new(&mut tmp_file);
@@ -97,14 +106,15 @@ pub fn image_manifest(
         m
     };
     drop(tmp_file);
+    let hash = m.image_hash_hex();
     let frames = if level > 0 {
-        let p = frames_path(cfg, name, level);
+        let p = frames_path(cfg, &hash, level);
         tmp.keep_as(&p)?;
         Some(p)
     } else {
         None
     };
-    m.save(path, &mpath)
+    m.save(path, &manifest_path(cfg, &hash))
         .map_err(|e| anyhow::anyhow!("image {name}: {e}"))?;
     tracing::info!(
         image = name,
@@ -127,7 +137,15 @@ pub fn add_image(
 ) -> anyhow::Result<ImageRecord> {
     let path = std::fs::canonicalize(path)
         .map_err(|e| anyhow::anyhow!("image {name}: {}: {e}", path.display()))?;
-    let (m, _) = image_manifest(cfg, name, &path, progress)?;
+    // The same file added again (every start, for config images): its
+    // recorded hash finds the stored manifest, which is used if the file's
+    // size and mtime did not change.
+    let known = store
+        .images()?
+        .into_iter()
+        .find(|r| r.name == name && std::path::Path::new(&r.path) == path)
+        .map(|r| r.hash);
+    let (m, _) = image_manifest(cfg, name, &path, known.as_deref(), progress)?;
     let rec = ImageRecord {
         name: name.to_string(),
         path: path.display().to_string(),
@@ -164,9 +182,11 @@ pub(super) fn load_images(cfg: &Config, store: &mut dyn Store) -> anyhow::Result
     }
     let mut images = HashMap::new();
     let mut manifests = HashMap::new();
-    for rec in store.images()? {
+    let records = store.images()?;
+    prune_manifests(cfg, &records);
+    for rec in records {
         let path = std::path::PathBuf::from(&rec.path);
-        match image_manifest(cfg, &rec.name, &path, &mut |_| {}) {
+        match image_manifest(cfg, &rec.name, &path, Some(&rec.hash), &mut |_| {}) {
             Ok((m, frames)) if m.image_hash_hex() == rec.hash => {
                 manifests.insert(rec.name.clone(), Arc::new(m));
                 images.insert(
@@ -189,4 +209,125 @@ pub(super) fn load_images(cfg: &Config, store: &mut dyn Store) -> anyhow::Result
         }
     }
     Ok((images, manifests))
+}
+
+/// Remove manifests and prepared blocks that no image refers to: images
+/// re-added with new content, blocks prepared at another zstd level, and
+/// files named the pre-content-addressed way (by image name).
+fn prune_manifests(cfg: &Config, records: &[ImageRecord]) {
+    let Ok(dir) = std::fs::read_dir(manifests_dir(cfg)) else {
+        return;
+    };
+    let level = cfg.dataplane.zstd_level;
+    let keep: std::collections::HashSet<String> = records
+        .iter()
+        .flat_map(|r| {
+            [
+                format!("{}.rcmanifest", r.hash),
+                format!("{}.zstd{level}.rcblocks", r.hash),
+            ]
+        })
+        .collect();
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours = name.ends_with(".rcmanifest") || name.ends_with(".rcblocks");
+        if ours && !keep.contains(&name) {
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => tracing::info!(file = %name, "removed prepared image file no image uses"),
+                Err(err) => {
+                    tracing::warn!(file = %name, error = %err, "cannot remove unused prepared image file")
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(state: &std::path::Path) -> Config {
+        let text = format!(
+            r#"
+[appliance]
+control_listen = "198.18.0.1:7100"
+state_dir = "{}"
+
+[dataplane]
+bind = "198.18.0.1"
+total_rate = "500M"
+group_base = "239.255.10.1"
+
+[agents]
+x86_64 = "/usr/bin/rackcast-agent"
+
+[[profiles]]
+name = "any"
+image = "img"
+target = {{ order = "largest", count = 1 }}
+"#,
+            state.display()
+        );
+        Config::parse(&text, std::path::Path::new("test.toml")).unwrap()
+    }
+
+    fn record(name: &str, hash: &str) -> ImageRecord {
+        ImageRecord {
+            name: name.into(),
+            path: "/x".into(),
+            size: 0,
+            hash: hash.into(),
+            block_size: 0,
+            added_at: 0,
+        }
+    }
+
+    /// Prepared files are named by the image's hash, found again by it
+    /// without rebuilding, and removed once no image refers to them (with
+    /// files of another level and the old name-keyed ones).
+    #[test]
+    fn prepared_files_are_content_addressed_and_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(&dir.path().join("state"));
+        let img = dir.path().join("a.img");
+        let data: Vec<u8> = (0..3u32 << 20).map(|i| (i / 4096 % 7) as u8).collect();
+        std::fs::write(&img, &data).unwrap();
+        let (m, frames) = image_manifest(&cfg, "a", &img, None, &mut |_| {}).unwrap();
+        let hash = m.image_hash_hex();
+        assert_eq!(hash, blake3::hash(&data).to_hex().as_str());
+        assert_eq!(frames, Some(frames_path(&cfg, &hash, 6)));
+        assert!(manifest_path(&cfg, &hash).exists());
+
+        // Known by its hash: the stored files, nothing read again.
+        let mut read = 0;
+        let (again, _) = image_manifest(&cfg, "b", &img, Some(&hash), &mut |n| read = n).unwrap();
+        assert_eq!((again.image_hash, read), (m.image_hash, 0));
+
+        let mdir = manifests_dir(&cfg);
+        for stale in [
+            "a.rcmanifest",
+            "a.zstd6.rcblocks",
+            &format!("{hash}.zstd3.rcblocks"),
+        ] {
+            std::fs::write(mdir.join(stale), b"x").unwrap();
+        }
+        std::fs::write(mdir.join("unrelated.txt"), b"x").unwrap();
+        prune_manifests(&cfg, &[record("b", &hash)]);
+        let mut left: Vec<String> = std::fs::read_dir(&mdir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                format!("{hash}.rcmanifest"),
+                format!("{hash}.zstd6.rcblocks"),
+                "unrelated.txt".to_string()
+            ]
+        );
+        prune_manifests(&cfg, &[record("b", &"0".repeat(64))]);
+        assert!(!manifest_path(&cfg, &hash).exists());
+        assert!(!frames_path(&cfg, &hash, 6).exists());
+    }
 }

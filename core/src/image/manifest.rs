@@ -323,7 +323,15 @@ impl Manifest {
         .map_err(|e| ManifestError::Invalid(e.to_string()))?;
         let mut out = FILE_MAGIC.to_vec();
         out.extend_from_slice(&body);
-        std::fs::write(to, out)?;
+        // Written aside and renamed: a reader never sees half a manifest.
+        let mut tmp = to.as_os_str().to_owned();
+        tmp.push(format!(".tmp-{}", std::process::id()));
+        let tmp = std::path::PathBuf::from(tmp);
+        std::fs::write(&tmp, out)
+            .and_then(|()| std::fs::rename(&tmp, to))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&tmp);
+            })?;
         Ok(())
     }
 
