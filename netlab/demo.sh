@@ -63,6 +63,7 @@ cat >"$WORK/rackcast.toml" <<EOF
 [appliance]
 control_listen = "198.18.0.1:7100"
 api_listen = "198.18.0.1:7180"
+operator_listen = "198.18.0.1:7443"
 state_dir = "$WORK/state"
 
 [dataplane]
@@ -145,12 +146,15 @@ done
 echo "== appliance: rackcast serve (in ${P}app)"
 ip netns exec "${P}app" "$BIN/rackcast" serve --config "$WORK/rackcast.toml" --log warn >"$WORK/serve.log" 2>&1 &
 PIDS+=($!)
+cli() { ip netns exec "${P}app" "$BIN/rackcast" "$@" --config "$WORK/rackcast.toml"; }
+# The operator API takes bearer tokens over HTTPS (the appliance's own
+# certificate, pinned): a viewer token to watch it.
+TOKEN=$(cli token create demo-viewer --role viewer 2>/dev/null)
 for _ in $(seq 1 100); do
-  ip netns exec "${P}app" curl -sf -m 1 http://198.18.0.1:7180/api/images >/dev/null 2>&1 && break
+  ip netns exec "${P}app" curl -sf -m 1 --cacert "$WORK/state/operator-cert.pem" \
+    -H "Authorization: Bearer $TOKEN" https://198.18.0.1:7443/api/images >/dev/null 2>&1 && break
   sleep 0.1
 done
-
-cli() { ip netns exec "${P}app" "$BIN/rackcast" "$@" --config "$WORK/rackcast.toml"; }
 KEY=$(cli key)
 echo "== devices power on: rackcast-agent run in each device namespace (trusting key ${KEY:0:16}...)"
 t0=$(date +%s.%N)

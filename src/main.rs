@@ -57,6 +57,31 @@ enum Cmd {
     /// use): what `rackcast-agent run --trust-key` and `rackcast.key=` on a
     /// loader's kernel command line take.
     Key(ConfigArg),
+    /// Operator API tokens (stored as hashes; shown once, at creation).
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Make a token and print it (once). `viewer` reads; `admin` also
+    /// acts (retry, reinstall). The CLI and scripts pass it in
+    /// RACKCAST_TOKEN or a file named by RACKCAST_TOKEN_FILE.
+    Create {
+        name: String,
+        #[arg(long, value_parser = ["admin", "viewer"])]
+        role: String,
+        #[command(flatten)]
+        cfg: ConfigArg,
+    },
+    /// Token names and roles (never the tokens).
+    List(ListArgs),
+    /// Remove a token: requests carrying it are refused from now on.
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        cfg: ConfigArg,
+    },
 }
 
 #[derive(clap::Args)]
@@ -230,6 +255,11 @@ fn main() -> Result<()> {
             "reinstall",
             "will be installed again at its next network boot",
         ),
+        Cmd::Token(TokenCmd::Create { name, role, cfg }) => {
+            fleet::token_create(&cfg.config, &name, &role)
+        }
+        Cmd::Token(TokenCmd::List(a)) => fleet::token_list(&a.cfg.config, a.json),
+        Cmd::Token(TokenCmd::Revoke { name, cfg }) => fleet::token_revoke(&cfg.config, &name),
         Cmd::Key(a) => {
             let cfg = rackcast::config::Config::load(&a.config)?;
             let signer =
@@ -456,41 +486,98 @@ mod fleet {
 
     /// One HTTP/1.1 request to the appliance's API (it listens on the
     /// provisioning network, plain HTTP): status and body.
-    fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> Result<(u16, String)> {
-        use std::io::{Read, Write};
-        let t = std::time::Duration::from_secs(5);
-        let mut s = std::net::TcpStream::connect_timeout(&addr, t)?;
-        s.set_read_timeout(Some(t))?;
-        s.set_write_timeout(Some(t))?;
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    /// A request to the running appliance's operator API: HTTPS trusting
+    /// only the appliance's own certificate (pinned: the file in its state
+    /// dir, or `appliance.operator_cert`), with the token from
+    /// RACKCAST_TOKEN or the file RACKCAST_TOKEN_FILE names. A POST carries
+    /// a JSON body.
+    fn operator(cfg: &Config, method: &str, path: &str) -> Result<(u16, String)> {
+        let addr = cfg.appliance.operator_listen.context(
+            "appliance.operator_listen is not set: the appliance has no operator API to ask",
         )?;
-        let mut resp = Vec::new();
-        s.take(64 << 20).read_to_end(&mut resp)?;
-        let text = String::from_utf8_lossy(&resp);
-        let (head, body) = text
-            .split_once("\r\n\r\n")
-            .context("malformed HTTP answer")?;
-        let code = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .context("malformed HTTP status line")?;
-        Ok((code, body.to_string()))
+        let token = match std::env::var("RACKCAST_TOKEN") {
+            Ok(t) => t,
+            Err(_) => match std::env::var("RACKCAST_TOKEN_FILE") {
+                Ok(f) => std::fs::read_to_string(&f)
+                    .with_context(|| format!("reading RACKCAST_TOKEN_FILE {f}"))?
+                    .trim()
+                    .to_string(),
+                Err(_) => anyhow::bail!(
+                    "no operator token: set RACKCAST_TOKEN or RACKCAST_TOKEN_FILE (make one with `rackcast token create`)"
+                ),
+            },
+        };
+        let (cert, _) = cfg.operator_tls_paths();
+        let pem = std::fs::read(&cert)
+            .with_context(|| format!("reading the operator certificate {}", cert.display()))?;
+        let client = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
+            .timeout(std::time::Duration::from_secs(10))
+            .build()?;
+        let url = format!("https://{addr}{path}");
+        let req = match method {
+            "POST" => client
+                .post(&url)
+                .header("content-type", "application/json")
+                .body("{}"),
+            _ => client.get(&url),
+        }
+        .bearer_auth(token);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let resp = req.send().await?;
+            let code = resp.status().as_u16();
+            Ok((code, resp.text().await?))
+        })
+    }
+
+    pub fn token_create(config: &Path, name: &str, role: &str) -> Result<()> {
+        use rackcast::controller::auth;
+        let cfg = Config::load(config)?;
+        cfg.ensure_state_dir()?;
+        let mut st = SqliteStore::open(&cfg.store_path())?;
+        let token = auth::new_token();
+        st.put_token(name, role, &auth::token_hash(&token))
+            .with_context(|| format!("token {name} (names are unique)"))?;
+        eprintln!("{role} token {name} (shown once; only its hash is kept):");
+        println!("{token}");
+        Ok(())
+    }
+
+    pub fn token_list(config: &Path, json: bool) -> Result<()> {
+        let (_, mut st) = open(config)?;
+        let tokens = st.tokens()?;
+        if json {
+            println!("{}", serde_json::to_string(&tokens)?);
+            return Ok(());
+        }
+        println!("{:<24} {:<8} CREATED", "NAME", "ROLE");
+        for t in tokens {
+            println!("{:<24} {:<8} {}", t.name, t.role, ms_to_time(t.created_at));
+        }
+        Ok(())
+    }
+
+    pub fn token_revoke(config: &Path, name: &str) -> Result<()> {
+        let cfg = Config::load(config)?;
+        let mut st = SqliteStore::open(&cfg.store_path())?;
+        if !st.revoke_token(name)? {
+            anyhow::bail!("no token named {name}");
+        }
+        println!("token {name} revoked");
+        Ok(())
     }
 
     /// POST an operator action (`retry`, `reinstall`) for one device to
     /// the running appliance.
     pub fn ask(config: &Path, device: &str, action: &str, done: &str) -> Result<()> {
         let cfg = Config::load(config)?;
-        let addr = cfg
-            .appliance
-            .api_listen
-            .context("appliance.api_listen is not set: the appliance has no API to ask")?;
         let id = device_arg(device);
-        let (code, body) = http(addr, "POST", &format!("/api/devices/{id}/{action}"))
-            .with_context(|| format!("asking the appliance at {addr}"))?;
+        let (code, body) = operator(&cfg, "POST", &format!("/api/devices/{id}/{action}"))
+            .context("asking the appliance")?;
         if code != 200 {
             anyhow::bail!("{action} {id}: HTTP {code}: {body}");
         }
@@ -510,12 +597,11 @@ mod fleet {
         let (cfg, mut st) = open(config)?;
         // Live progress comes from the running appliance; without it the
         // table is the store's (no progress column values).
-        let live: Option<Vec<rackcast::controller::DeviceRow>> = cfg
-            .appliance
-            .api_listen
-            .and_then(|a| http(a, "GET", "/api/devices").ok())
-            .filter(|(code, _)| *code == 200)
-            .and_then(|(_, body)| serde_json::from_str(&body).ok());
+        let live: Option<Vec<rackcast::controller::DeviceRow>> =
+            operator(&cfg, "GET", "/api/devices")
+                .ok()
+                .filter(|(code, _)| *code == 200)
+                .and_then(|(_, body)| serde_json::from_str(&body).ok());
         let rows = match live {
             Some(r) => r,
             None => rackcast::controller::device_rows(&st.load_devices()?, &Default::default()),
@@ -716,7 +802,7 @@ mod fleet {
         downloaded: Option<&str>,
     ) -> Result<()> {
         use rackcast::image_source::{self, SourceKind};
-        std::fs::create_dir_all(&cfg.appliance.state_dir)?;
+        cfg.ensure_state_dir()?;
         let mut st = SqliteStore::open(&cfg.store_path())?;
         // A compressed or qcow2 source becomes a raw image in the store
         // first (complete, or not at all); a raw file is used where it is.

@@ -201,7 +201,25 @@ const MIGRATIONS: &[(i64, &str)] = &[
         expires_at BIGINT NOT NULL
     );",
     ),
+    (
+        3,
+        "CREATE TABLE api_tokens (
+        name TEXT PRIMARY KEY,
+        role TEXT NOT NULL,
+        hash TEXT NOT NULL UNIQUE,
+        created_at BIGINT NOT NULL
+    );",
+    ),
 ];
+
+/// An operator API token as stored: its BLAKE3, never the token.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub name: String,
+    /// `admin` or `viewer`.
+    pub role: String,
+    pub created_at: Millis,
+}
 
 pub struct SqliteStore {
     conn: Connection,
@@ -209,6 +227,18 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        // The store holds device secrets and token hashes: owner only,
+        // from the first byte (the WAL and shm files inherit the mode).
+        if !path.exists() {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| corrupt("creating the store file", e))?;
+        }
+        restrict(path).map_err(|e| corrupt("setting the store file's mode", e))?;
         let conn = Connection::open(path)?;
         // WAL: readers (the CLI) never block the appliance; NORMAL sync is
         // durable across a process kill (only an OS crash can lose the
@@ -232,6 +262,50 @@ impl SqliteStore {
         Ok(SqliteStore { conn })
     }
 
+    /// Store a new operator API token's hash under `name`.
+    pub fn put_token(&mut self, name: &str, role: &str, hash: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO api_tokens (name, role, hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![name, role, hash, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// The role of the token whose BLAKE3 is `hash`, if any.
+    pub fn token_role(&mut self, hash: &str) -> Result<Option<String>, StoreError> {
+        use rusqlite::OptionalExtension;
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT role FROM api_tokens WHERE hash = ?1",
+                params![hash],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    pub fn tokens(&mut self) -> Result<Vec<TokenRecord>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT name, role, created_at FROM api_tokens ORDER BY name")?;
+        let rows = st.query_map([], |r| {
+            Ok(TokenRecord {
+                name: r.get(0)?,
+                role: r.get(1)?,
+                created_at: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Remove the token named `name`; whether there was one.
+    pub fn revoke_token(&mut self, name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM api_tokens WHERE name = ?1", params![name])?
+            > 0)
+    }
+
     pub fn schema_version(&self) -> Result<i64, StoreError> {
         Ok(self.conn.query_row(
             "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
@@ -251,7 +325,20 @@ impl SqliteStore {
             return Err(StoreError::TooNew { found: have, known });
         }
         for (v, sql) in MIGRATIONS.iter().filter(|m| m.0 > have) {
-            let tx = self.conn.transaction()?;
+            // Immediate: two processes opening a new store at once (the
+            // appliance starting, `rackcast token create`) take turns,
+            // and the second sees the first's migration as applied.
+            let tx = self
+                .conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let now: i64 = tx.query_row(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                [],
+                |r| r.get(0),
+            )?;
+            if now >= *v {
+                continue;
+            }
             tx.execute_batch(sql)?;
             tx.execute(
                 "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
@@ -261,6 +348,21 @@ impl SqliteStore {
         }
         Ok(())
     }
+}
+
+/// Owner-only mode on the store file and any WAL/shm beside it.
+fn restrict(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    for ext in ["-wal", "-shm"] {
+        let mut side = path.as_os_str().to_owned();
+        side.push(ext);
+        let side = std::path::PathBuf::from(side);
+        if side.exists() {
+            std::fs::set_permissions(&side, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
 }
 
 pub fn now_ms() -> Millis {

@@ -146,6 +146,7 @@ impl Appliance {
             .args(args)
             .arg("--config")
             .arg(&self.config)
+            .env("RACKCAST_TOKEN", operator_token(&self.config, "admin"))
             .output()
             .unwrap()
     }
@@ -282,12 +283,9 @@ for d in [b"\xff" * 300, bytes(hdr[:100]), crafted, bytes(hdr) + bytes([53, 1, 1
     // the service is still up and serving a real client afterwards.
     let o = a.udhcpc(1, &[]);
     assert!(text(&o).contains("lease of 198.18.0.1"), "{}", text(&o));
-    let metrics = Command::new("ip")
-        .args(["netns", "exec", &a.lab.ns("app"), "curl", "-sf", "-m", "5"])
-        .arg("http://198.18.0.1:7180/metrics")
-        .output()
-        .unwrap();
-    let m = String::from_utf8_lossy(&metrics.stdout);
+    let token = operator_token(&a.config, "viewer");
+    let (code, m) = operator_curl(&a.lab.ns("app"), &a.config, Some(&token), "/metrics", &[]);
+    assert_eq!(code, 200, "{m}");
     let dropped: f64 = m
         .lines()
         .find(|l| l.starts_with("rackcast_dhcp_dropped_total{reason=\"malformed\"}"))
@@ -558,7 +556,7 @@ fn ipxe_script_follows_the_device_state_and_files_serve_ranges() {
             "[boot.http]\nfiles = \"{}\"\ncmdline = \"console=ttyS0\"\n",
             files.display()
         ),
-        "REST API and /metrics listening",
+        "provisioning HTTP (iPXE scripts, loader files) listening",
     );
     let curl = |args: &[&str]| -> Output {
         Command::new("ip")

@@ -170,8 +170,17 @@ fn d_arm_file() -> String {
 pub struct ApplianceConfig {
     /// Agents connect here (TCP control plane).
     pub control_listen: SocketAddr,
-    /// REST API and `/metrics`.
+    /// Provisioning HTTP: per-device iPXE scripts and the loader's files,
+    /// nothing else (devices on the provisioning LAN fetch them).
     pub api_listen: Option<SocketAddr>,
+    /// Operator API and `/metrics` over HTTPS, with bearer tokens
+    /// (`rackcast token create`). Off when unset.
+    pub operator_listen: Option<SocketAddr>,
+    /// The operator listener's certificate and key (PEM). Default
+    /// `<state_dir>/operator-cert.pem` and `operator-key.pem`, made on first
+    /// start (self-signed; the CLI pins it).
+    pub operator_cert: Option<PathBuf>,
+    pub operator_key: Option<PathBuf>,
     /// Blobs, bundles, manifests.
     pub state_dir: PathBuf,
     /// SQLite file (default `<state_dir>/rackcast.db`).
@@ -548,6 +557,31 @@ impl Config {
             .store
             .clone()
             .unwrap_or_else(|| self.appliance.state_dir.join("rackcast.db"))
+    }
+
+    /// The operator listener's certificate and key files.
+    pub fn operator_tls_paths(&self) -> (PathBuf, PathBuf) {
+        let a = &self.appliance;
+        (
+            a.operator_cert
+                .clone()
+                .unwrap_or_else(|| a.state_dir.join("operator-cert.pem")),
+            a.operator_key
+                .clone()
+                .unwrap_or_else(|| a.state_dir.join("operator-key.pem")),
+        )
+    }
+
+    /// Create the state dir (owner only: it holds keys, secrets and the
+    /// store) or narrow an existing one to owner only.
+    pub fn ensure_state_dir(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let dir = &self.appliance.state_dir;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
     }
 
     pub fn signing_key_path(&self) -> PathBuf {

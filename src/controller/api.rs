@@ -1,6 +1,9 @@
-//! REST API and `/metrics`: devices, a device's event log and inventory,
-//! waves, images; `POST /api/devices/{id}/retry` and `/reinstall`; and the
-//! HTTP half of network boot (per-device iPXE scripts, loader files).
+//! The appliance's two HTTP listeners. Provisioning (plain HTTP, on the
+//! provisioning LAN): the HTTP half of network boot, per-device iPXE
+//! scripts and loader files, nothing else. Operator (HTTPS, bearer
+//! tokens): the REST API (devices, a device's event log and inventory,
+//! waves, images; `POST /api/devices/{id}/retry` and `/reinstall`) and
+//! `/metrics`.
 //!
 //! Owns: HTTP routing and JSON shapes. Reads go to the store through its
 //! own read-only connection (WAL readers never block the controller);
@@ -17,16 +20,10 @@ use tokio::sync::oneshot;
 use super::{Input, Shared};
 use crate::store::{SqliteStore, Store};
 
-pub async fn serve_api(listener: tokio::net::TcpListener, shared: Shared) {
+/// The provisioning listener (`appliance.api_listen`, plain HTTP, on the
+/// provisioning LAN): per-device iPXE scripts and loader files only.
+pub async fn serve_boot(listener: tokio::net::TcpListener, shared: Shared) {
     let app: Router<Shared> = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/api/devices", get(devices))
-        .route("/api/devices/{id}/log", get(device_log))
-        .route("/api/devices/{id}/inventory", get(device_inventory))
-        .route("/api/devices/{id}/retry", post(retry))
-        .route("/api/devices/{id}/reinstall", post(reinstall))
-        .route("/api/waves", get(waves))
-        .route("/api/images", get(images))
         .route("/boot/{script}", get(ipxe_script))
         .route("/boot/by-mac/{mac}/{*file}", get(boot_file));
     let app = match &shared.cfg.boot.http {
@@ -36,7 +33,30 @@ pub async fn serve_api(listener: tokio::net::TcpListener, shared: Shared) {
     };
     let app = app.with_state(shared);
     if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "API server stopped");
+        tracing::error!(error = %e, "provisioning HTTP server stopped");
+    }
+}
+
+/// The operator listener (`appliance.operator_listen`, HTTPS): the REST
+/// API and `/metrics`, every request behind a bearer token.
+pub async fn serve_operator(listener: super::tls::TlsListener, shared: Shared) {
+    let app: Router<Shared> = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/api/devices", get(devices))
+        .route("/api/devices/{id}/log", get(device_log))
+        .route("/api/devices/{id}/inventory", get(device_inventory))
+        .route("/api/devices/{id}/retry", post(retry))
+        .route("/api/devices/{id}/reinstall", post(reinstall))
+        .route("/api/waves", get(waves))
+        .route("/api/images", get(images))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            super::auth::require,
+        ));
+    let app = app.with_state(shared);
+    let svc = app.into_make_service_with_connect_info::<super::tls::Peer>();
+    if let Err(e) = axum::serve(listener, svc).await {
+        tracing::error!(error = %e, "operator API server stopped");
     }
 }
 
@@ -126,12 +146,22 @@ async fn ask_controller(
     }
 }
 
-async fn retry(State(s): State<Shared>, Path(id): Path<String>) -> Response {
+/// Actions take a JSON body (the auth layer insists on its type; `Json`
+/// on it being JSON): `{}` today, room for options later.
+async fn retry(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    _: Json<serde_json::Value>,
+) -> Response {
     ask_controller(&s, |reply| Input::Retry { device: id, reply }).await
 }
 
 /// Install a finished device again: its next network boot gets the loader.
-async fn reinstall(State(s): State<Shared>, Path(id): Path<String>) -> Response {
+async fn reinstall(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    _: Json<serde_json::Value>,
+) -> Response {
     ask_controller(&s, |reply| Input::Reinstall { device: id, reply }).await
 }
 

@@ -24,7 +24,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let fds = rackcast_core::io::raise_fd_limit();
     tracing::info!(open_files = fds, "file descriptor limit");
     let cfg = Arc::new(cfg);
-    std::fs::create_dir_all(&cfg.appliance.state_dir)?;
+    cfg.ensure_state_dir()?;
     let mut store = SqliteStore::open(&cfg.store_path())?;
     let (images, manifests) = load_images(&cfg, &mut store)?;
     let builder = Arc::new(Builder::new(&cfg).map_err(anyhow::Error::msg)?);
@@ -106,8 +106,16 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     tokio::spawn(agents::accept_loop(control, shared.clone()));
     if let Some(addr) = cfg.appliance.api_listen {
         let l = tokio::net::TcpListener::bind(addr).await?;
-        tracing::info!(%addr, "REST API and /metrics listening");
-        tokio::spawn(api::serve_api(l, shared.clone()));
+        tracing::info!(%addr, "provisioning HTTP (iPXE scripts, loader files) listening");
+        tokio::spawn(api::serve_boot(l, shared.clone()));
+    }
+    if let Some(addr) = cfg.appliance.operator_listen {
+        super::tls::ensure_certificate(&cfg)?;
+        let tls = super::tls::server_config(&cfg)?;
+        let l = tokio::net::TcpListener::bind(addr).await?;
+        let l = super::tls::TlsListener::spawn(l, tls)?;
+        tracing::info!(%addr, "operator API and /metrics listening (HTTPS, bearer tokens)");
+        tokio::spawn(api::serve_operator(l, shared.clone()));
     }
     let tick = inbox.clone();
     tokio::spawn(async move {

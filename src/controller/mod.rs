@@ -12,9 +12,11 @@
 
 pub mod agents;
 pub mod api;
+pub mod auth;
 mod bootstrap;
 pub mod builder;
 pub mod images;
+pub mod tls;
 pub mod views;
 mod waves;
 

@@ -2,6 +2,7 @@
 //! namespace lab (`netlab/lab.sh`) torn down on drop, bounded waits.
 #![allow(dead_code)]
 
+pub mod rack;
 pub mod wave;
 
 use std::fs;
@@ -203,7 +204,10 @@ pub struct ApplianceConfig {
 
 impl ApplianceConfig {
     pub const CONTROL: &'static str = "198.18.0.1:7100";
+    /// Provisioning HTTP: iPXE scripts and loader files.
     pub const API: &'static str = "198.18.0.1:7180";
+    /// Operator API and /metrics (HTTPS, bearer tokens).
+    pub const OPERATOR: &'static str = "198.18.0.1:7443";
 
     pub fn new(state_dir: &Path, agent: &Path, total_rate: &str, group_base: &'static str) -> Self {
         ApplianceConfig {
@@ -231,9 +235,10 @@ impl ApplianceConfig {
 
     pub fn toml(&self) -> String {
         let mut t = format!(
-            "[appliance]\ncontrol_listen = \"{}\"\napi_listen = \"{}\"\nstate_dir = \"{}\"\n",
+            "[appliance]\ncontrol_listen = \"{}\"\napi_listen = \"{}\"\noperator_listen = \"{}\"\nstate_dir = \"{}\"\n",
             Self::CONTROL,
             Self::API,
+            Self::OPERATOR,
             self.state_dir.display()
         );
         if let Some(r) = self.read_timeout {
@@ -295,6 +300,42 @@ impl Prometheus {
         target: &str,
         path: &str,
     ) -> Option<Prometheus> {
+        Prometheus::start_with(lab, host, listen, target, path, "")
+    }
+
+    /// Scraping the appliance's operator listener the way an operator
+    /// sets it up: HTTPS trusting the appliance's certificate, a viewer
+    /// token from a file.
+    pub fn start_operator(
+        lab: &Lab,
+        host: &str,
+        listen: &str,
+        config: &Path,
+    ) -> Option<Prometheus> {
+        operator_token(config, "viewer");
+        let extra = format!(
+            "    scheme: https\n    tls_config:\n      ca_file: {}\n    authorization:\n      credentials_file: {}\n",
+            operator_cert(config).display(),
+            config.with_extension("viewer.token").display()
+        );
+        Prometheus::start_with(
+            lab,
+            host,
+            listen,
+            ApplianceConfig::OPERATOR,
+            "/metrics",
+            &extra,
+        )
+    }
+
+    fn start_with(
+        lab: &Lab,
+        host: &str,
+        listen: &str,
+        target: &str,
+        path: &str,
+        extra: &str,
+    ) -> Option<Prometheus> {
         if Command::new("prometheus")
             .arg("--version")
             .output()
@@ -307,7 +348,7 @@ impl Prometheus {
         fs::write(
             &cfg,
             format!(
-                "global:\n  scrape_interval: 500ms\nscrape_configs:\n  - job_name: rackcast\n    metrics_path: {path}\n    static_configs:\n      - targets: ['{target}']\n"
+                "global:\n  scrape_interval: 500ms\nscrape_configs:\n  - job_name: rackcast\n    metrics_path: {path}\n{extra}    static_configs:\n      - targets: ['{target}']\n"
             ),
         )
         .unwrap();
@@ -594,8 +635,67 @@ pub fn cli(config: &Path, args: &[&str]) -> Output {
         .args(args)
         .arg("--config")
         .arg(config)
+        .env("RACKCAST_TOKEN", operator_token(config, "admin"))
         .output()
         .unwrap()
+}
+
+/// A `role` token for the appliance of `config`, made once with the CLI
+/// (`rackcast token create`) and kept beside the config for later calls.
+pub fn operator_token(config: &Path, role: &str) -> String {
+    let keep = config.with_extension(format!("{role}.token"));
+    if let Ok(t) = fs::read_to_string(&keep) {
+        return t;
+    }
+    let out = Command::new(bin("rackcast"))
+        .args(["token", "create", &format!("tests-{role}"), "--role", role])
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "token create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    fs::write(&keep, &t).unwrap();
+    t
+}
+
+/// The appliance's operator certificate (what clients pin).
+pub fn operator_cert(config: &Path) -> PathBuf {
+    rackcast::config::Config::load(config)
+        .unwrap()
+        .operator_tls_paths()
+        .0
+}
+
+/// curl against the operator API from namespace `ns`: HTTPS trusting only
+/// the appliance's certificate, with `token` (if any) as bearer; extra
+/// curl arguments after. Returns (HTTP status, body).
+pub fn operator_curl(
+    ns: &str,
+    config: &Path,
+    token: Option<&str>,
+    path: &str,
+    extra: &[&str],
+) -> (u16, String) {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, "curl", "-s", "-m", "5", "--cacert"])
+        .arg(operator_cert(config))
+        .args(["-w", "\n%{http_code}"]);
+    if let Some(t) = token {
+        c.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    let out = c
+        .args(extra)
+        .arg(format!("https://{}{path}", ApplianceConfig::OPERATOR))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
 /// Write `raw` as a qcow2 image at `qcow` with Debian's `qemu-img`.

@@ -1,0 +1,416 @@
+//! A lab rack for end-to-end tests: the appliance (`rackcast serve`) in
+//! its namespace, `rackcast-agent run` in every device namespace with a
+//! hardware description and disk files, a Redfish emulator per device.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::*;
+
+pub struct Rack {
+    /// Each device's BMC (Redfish emulator); dropped before the lab.
+    pub bmcs: Vec<Bmc>,
+    pub lab: Lab,
+    pub config: PathBuf,
+    pub images: HashMap<String, PathBuf>,
+    pub serve: Option<Child>,
+    pub agents: Vec<Option<Child>>,
+    /// Devices whose agent starts from an installed OS.
+    pub with_os: Vec<usize>,
+}
+
+pub const MAC_PREFIX: &str = "02:aa:00:00:00:";
+
+pub fn mac(i: usize) -> String {
+    format!("{MAC_PREFIX}{i:02x}")
+}
+
+pub fn device_id(i: usize) -> String {
+    format!("rc-02aa000000{i:02x}")
+}
+
+impl Rack {
+    /// `n` devices: odd ones are "Dell PowerEdge R650" (BIOS + programs +
+    /// boot-to-disk, image debian), even ones generic (nothing to
+    /// configure, image rocky); `rocky_override` odd devices get rocky by
+    /// MAC. Device 1 also has a NIC with a PCI id that pulls a module.
+    pub fn new(tag: &str, n: usize, rate: &str, mib: (u64, u64), extra_cfg: &str) -> Rack {
+        Rack::build(tag, n, rate, mib, extra_cfg, true, 80)
+    }
+
+    pub fn build(
+        tag: &str,
+        n: usize,
+        rate: &str,
+        mib: (u64, u64),
+        extra_cfg: &str,
+        mixed: bool,
+        rate_pct: u64,
+    ) -> Rack {
+        let lab = Lab::up(tag, n, rate, &[]);
+        let dir = lab.dir.clone();
+        let state = dir.join("state");
+        fs::create_dir_all(&state).unwrap();
+        // A stripped copy of the agent: bundles carry it to every device.
+        let agent = dir.join("rackcast-agent");
+        let st = Command::new("strip")
+            .arg("-o")
+            .arg(&agent)
+            .arg(bin("rackcast-agent"))
+            .status()
+            .expect("strip (binutils)");
+        assert!(st.success());
+        let module = dir.join("mlx-fw-tool.sh");
+        fs::write(&module, "#!/bin/sh\necho mlx firmware tool loaded\n").unwrap();
+        let mut images = HashMap::new();
+        for (name, size, seed) in [("debian", mib.0, 11u64), ("rocky", mib.1, 12)] {
+            let p = dir.join(format!("{name}.img"));
+            let st = Command::new(bin("rc-mkimage"))
+                .arg(&p)
+                .args([
+                    "--mib",
+                    &size.to_string(),
+                    "--seed",
+                    &seed.to_string(),
+                    "--zero-every",
+                    "5",
+                ])
+                .stdout(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(st.success());
+            images.insert(name.to_string(), p);
+        }
+        let config = dir.join("rackcast.toml");
+        // `rate_pct` of the link (80 by default): the control plane
+        // (bundles, feedback) needs headroom beside a wave at full rate.
+        let cfg_rate = rate.trim_end_matches("mbit").parse::<u64>().unwrap() * rate_pct / 100;
+        let profiles = format!(
+            r#"[[modules]]
+name = "mlx-fw"
+pci_ids = ["15b3:1017"]
+file = "{module}"
+load = {{ name = "load-mlx-fw", argv = ["sh", "{{file}}"], timeout = "10s" }}
+
+[[profiles]]
+name = "r650"
+vendor = "Dell*"
+model = "PowerEdge R650"
+image = "debian"
+target = {{ order = "largest", count = 1 }}
+bios = {{ attributes = {{ BootMode = "Uefi", ProcTurboMode = "Disabled", EmbeddedSata = "Ahci" }}, redfish = {redfish} }}
+programs = [ {{ name = "set-hostname", argv = ["sh", "-c", "echo host $RC_DEVICE target $RC_IMAGE_TARGET"], timeout = "10s" }} ]
+post_install = [ {{ name = "check-image", argv = ["sh", "-c", "test -s $RC_IMAGE_TARGET && echo image present"] }} ]
+boot_to_disk = {{ name = "efibootmgr", argv = ["true"] }}
+
+[[profiles]]
+name = "generic"
+image = "rocky"
+target = {{ order = "smallest", count = 1 }}
+[profiles.raid]
+level = "raid1"
+disks = {{ order = "smallest", count = 2 }}
+redfish = {redfish}
+"#,
+            module = module.display(),
+            redfish = redfish_cfg(),
+        );
+        let mut cfg = ApplianceConfig::new(&state, &agent, &format!("{cfg_rate}M"), "239.255.30.1")
+            .image("debian", &images["debian"])
+            .image("rocky", &images["rocky"])
+            .section(profiles);
+        cfg.read_timeout = Some("30s");
+        cfg.iface = Some("srv0");
+        cfg.workflow = Some(Workflow {
+            step_timeout: "60s",
+            imaging_timeout: "120s",
+            retry_backoff: "1s",
+            max_attempts: 4,
+        });
+        if mixed {
+            cfg = cfg.section(format!(
+                "[[devices]]\nmac = \"{}\"\nimage = \"rocky\"\n",
+                mac(3)
+            ));
+        }
+        cfg.section(extra_cfg).write(&config);
+        for i in 1..=n {
+            let (vendor, model) = if i % 2 == 1 {
+                ("Dell Inc.", "PowerEdge R650")
+            } else {
+                ("Supermicro", "SYS-1029U")
+            };
+            let big = dir.join(format!("d{i}-disk-big.img"));
+            let small = dir.join(format!("d{i}-disk-small.img"));
+            // Sparse files standing in for disks, filled with old data
+            // at the start so a wrong write cannot pass as the image.
+            for (p, mb) in [(&big, 96u64), (&small, 64)] {
+                fs::write(p, vec![0xAAu8; 1 << 20]).unwrap();
+                let f = fs::OpenOptions::new().write(true).open(p).unwrap();
+                f.set_len(mb << 20).unwrap();
+            }
+            let pci = if i == 1 { "15b3:1017" } else { "8086:1521" };
+            let hw = serde_json::json!({
+                "dmi": {"vendor": vendor, "model": model, "serial": format!("SN{i:04}")},
+                "cpu": {"arch": "x86_64", "count": 8},
+                "memory_bytes": 68_719_476_736u64,
+                "nics": [{"name": "d0", "mac": mac(i), "pci_id": pci}],
+                // Listed small-first on odd devices, big-first on even
+                // ones: the rules pick by size, not by order.
+                "disks": if i % 2 == 1 {
+                    serde_json::json!([
+                        {"name": "sdb", "path": small, "size_bytes": 64u64 << 20, "model": "SSD-S", "serial": format!("S{i}")},
+                        {"name": "sda", "path": big, "size_bytes": 96u64 << 20, "model": "SSD-B", "serial": format!("B{i}")}
+                    ])
+                } else {
+                    serde_json::json!([
+                        {"name": "sda", "path": big, "size_bytes": 96u64 << 20, "model": "SSD-B", "serial": format!("B{i}")},
+                        {"name": "sdb", "path": small, "size_bytes": 64u64 << 20, "model": "SSD-S", "serial": format!("S{i}")}
+                    ])
+                },
+            });
+            fs::write(dir.join(format!("d{i}.json")), hw.to_string()).unwrap();
+        }
+        // Every device's BMC, started side by side.
+        let bmcs = std::thread::scope(|sc| {
+            let hs: Vec<_> = (1..=n)
+                .map(|i| {
+                    let lab = &lab;
+                    sc.spawn(move || Bmc::start(lab, &format!("d{i}")))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut r = Rack {
+            bmcs,
+            lab,
+            config,
+            images,
+            serve: None,
+            agents: (0..n).map(|_| None).collect(),
+            with_os: Vec::new(),
+        };
+        r.start_serve();
+        r
+    }
+
+    pub fn start_serve(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.lab.file("serve.log"))
+            .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.lab.ns("app")])
+            .arg(bin("rackcast"))
+            .args(["serve", "--log", "info,rackcast=debug", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.serve = Some(child);
+        // Ready when the API answers.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.api("/api/images").is_some() {
+                return;
+            }
+            if let Some(c) = self.serve.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("appliance exited ({st}):\n{}", self.serve_log());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("appliance did not come up:\n{}", self.serve_log());
+    }
+
+    /// The appliance's bundle-signing key fingerprint (`rackcast key`).
+    pub fn key(&self) -> String {
+        let out = Command::new(bin("rackcast"))
+            .args(["key", "--config"])
+            .arg(&self.config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    pub fn start_agent(&mut self, i: usize) {
+        let key = self.key();
+        let dir = &self.lab.dir;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("agent{i}.log")))
+            .unwrap();
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.lab.ns(&format!("d{i}"))])
+            .arg(bin("rackcast-agent"))
+            .args(["run", "--server", "198.18.0.1:7100", "--iface", "d0"])
+            .args(["--give-up", "60", "--trust-key", &key, "--hardware"])
+            .arg(dir.join(format!("d{i}.json")));
+        if self.with_os.contains(&i) {
+            // Already runs an OS: the agent is started from it (claim 17)
+            // and names its disks itself.
+            c.args(["--os-present", "true", "--disk"])
+                .arg(dir.join(format!("d{i}-disk-big.img")))
+                .arg("--disk")
+                .arg(dir.join(format!("d{i}-disk-small.img")));
+        } else {
+            c.args(["--os-present", "false"]);
+        }
+        let child = c
+            .arg("--work-dir")
+            .arg(dir.join(format!("work{i}")))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.agents[i - 1] = Some(child);
+    }
+
+    /// GET on the appliance's API from inside its namespace (real curl).
+    /// GET on the appliance's API from inside its namespace (real curl);
+    /// empty when it does not answer.
+    /// GET on the operator API (HTTPS, a viewer token); empty unless 200.
+    pub fn http_get(&self, path: &str) -> String {
+        let token = operator_token(&self.config, "viewer");
+        match operator_curl(&self.lab.ns("app"), &self.config, Some(&token), path, &[]) {
+            (200, body) => body,
+            _ => String::new(),
+        }
+    }
+
+    pub fn api(&self, path: &str) -> Option<Value> {
+        serde_json::from_str(&self.http_get(path)).ok()
+    }
+
+    /// The fleet CLI with `--json`, run where an operator runs it: on the
+    /// appliance (its namespace), so its API address is local.
+    pub fn cli_output(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.lab.ns("app")])
+            .arg(bin("rackcast"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--json")
+            .env("RACKCAST_TOKEN", operator_token(&self.config, "admin"))
+            .output()
+            .unwrap()
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Value {
+        let out = self.cli_output(args);
+        assert!(
+            out.status.success(),
+            "rackcast {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Like `cli`, but `None` when the command fails (nothing logged yet).
+    pub fn cli_opt(&self, args: &[&str]) -> Option<Value> {
+        let out = self.cli_output(args);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    }
+
+    pub fn devices(&self) -> Vec<Value> {
+        self.cli(&["devices"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn serve_log(&self) -> String {
+        fs::read_to_string(self.lab.file("serve.log")).unwrap_or_default()
+    }
+
+    pub fn agent_log(&self, i: usize) -> String {
+        fs::read_to_string(self.lab.file(&format!("agent{i}.log"))).unwrap_or_default()
+    }
+
+    /// Wait until `pred(devices)` or the deadline; panics with logs.
+    pub fn wait_for(&self, what: &str, within: Duration, pred: impl Fn(&[Value]) -> bool) {
+        let deadline = Instant::now() + within;
+        loop {
+            let d = self.devices();
+            if pred(&d) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let log = self.serve_log();
+                // The whole log outlives the lab for a look afterwards.
+                let keep = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+                    "{}-serve.log",
+                    self.lab
+                        .dir
+                        .file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                ));
+                let _ = fs::write(&keep, &log);
+                let warnings: String = log
+                    .lines()
+                    .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                panic!(
+                    "timed out waiting for {what}\ndevices: {}\nserve warnings (last 30):\n{}\nserve log tail:\n{}\nagent1 log tail:\n{}\nwhole serve log: {}",
+                    serde_json::to_string_pretty(&d).unwrap(),
+                    tail(&warnings, 30),
+                    tail(&log, 40),
+                    tail(&self.agent_log(1), 20),
+                    keep.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    pub fn kill_serve(&mut self) {
+        if let Some(mut c) = self.serve.take() {
+            // `ip netns exec` execs the program: this is the appliance.
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Rack {
+    fn drop(&mut self) {
+        for a in self.agents.iter_mut().flatten() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        self.kill_serve();
+    }
+}
+
+/// The lab BMC as a profile's `bios.redfish` (same address on every
+/// device, like a Host Interface).
+pub fn redfish_cfg() -> String {
+    format!(
+        "{{ url = \"http://{BMC_IP}:{BMC_PORT}\", username = \"{BMC_USER}\", password = \"{BMC_PASSWORD}\", settle_timeout = \"20s\" }}"
+    )
+}
+
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
