@@ -718,7 +718,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
         let mut s = SqliteStore::open(&path).unwrap();
-        assert_eq!(s.schema_version().unwrap(), 2);
+        assert_eq!(s.schema_version().unwrap(), 3);
+        // Device secrets live here: owner only.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // Tokens: found by their hash, names unique, revoked for good.
+        s.put_token("ops", "admin", "h1").unwrap();
+        assert!(s.put_token("ops", "viewer", "h2").is_err());
+        assert_eq!(s.token_role("h1").unwrap().as_deref(), Some("admin"));
+        assert_eq!(s.token_role("h2").unwrap(), None);
+        assert!(s.revoke_token("ops").unwrap());
+        assert_eq!(s.token_role("h1").unwrap(), None);
+        assert!(!s.revoke_token("ops").unwrap());
         let cfg = WorkflowConfig::default();
         let mut d = Device::new("d-1", "02:00:00:00:00:01", 1000);
         let acts = workflow::on_event(
