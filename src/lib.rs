@@ -16,4 +16,5 @@ pub mod config;
 pub mod controller;
 pub mod download;
 pub mod image_source;
+pub mod limits;
 pub mod store;

@@ -24,6 +24,10 @@ const ERR_ACCESS: u16 = 2;
 const ERR_ILLEGAL: u16 = 4;
 const ERR_UNKNOWN_TID: u16 = 5;
 const ERR_OPTION: u16 = 8;
+/// Transfers at once, in all and per client address: each holds a socket
+/// and a file, for at most `retries` x the (capped) timeout when stalled.
+const MAX_TRANSFERS: usize = 128;
+const MAX_TRANSFERS_PER_CLIENT: u32 = 4;
 
 /// Resolve a requested name under `root`, or say which TFTP error it is.
 pub fn resolve(root: &Path, name: &str) -> Result<PathBuf, (u16, String)> {
@@ -72,6 +76,7 @@ pub async fn run_tftp(root: PathBuf, iface: String, limits: Limits) -> anyhow::R
     let sock = super::iface_socket(&iface, 69)?;
     let root = Arc::new(root);
     let limits = Arc::new(limits);
+    let caps = crate::limits::Caps::new(MAX_TRANSFERS, MAX_TRANSFERS_PER_CLIENT);
     tracing::info!(root = %root.display(), %iface, "TFTP service listening");
     let mut buf = vec![0u8; 1024];
     loop {
@@ -106,8 +111,19 @@ pub async fn run_tftp(root: PathBuf, iface: String, limits: Limits) -> anyhow::R
                         continue;
                     }
                 };
+                let slot = match caps.take(peer.ip()) {
+                    Ok(s) => s,
+                    Err(full) => {
+                        count("busy");
+                        tracing::warn!(%peer, file = %file, "TFTP request refused: transfers {}", full.reason());
+                        send_error(&sock, peer, 0, "server busy; try again").await;
+                        continue;
+                    }
+                };
                 let (iface, limits) = (iface.clone(), limits.clone());
                 tokio::spawn(async move {
+                    // Held for the transfer's life.
+                    let _slot = slot;
                     match transfer(&iface, peer, &path, &options, &limits).await {
                         Ok(Served::File(bytes)) => {
                             count("ok");

@@ -7,19 +7,19 @@
 //! own slot) and the connection caps (in total and per source address).
 //! Must not: authenticate operators (`auth` does, per request) or route.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::mpsc;
 
 use crate::config::Config;
+use crate::limits::{Caps, Slot};
 
 /// Connections open at once on the operator listener.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -99,8 +99,7 @@ async fn accept_loop(
     acceptor: tokio_rustls::TlsAcceptor,
     ready: mpsc::Sender<(Guarded, SocketAddr)>,
 ) {
-    let total = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let sources: Sources = Arc::new(Mutex::new(HashMap::new()));
+    let caps = Caps::new(MAX_CONNECTIONS, MAX_PER_SOURCE);
     loop {
         let (sock, peer) = match tcp.accept().await {
             Ok(x) => x,
@@ -111,13 +110,12 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = total.clone().try_acquire_owned() else {
-            refuse(peer, "too many connections");
-            continue;
-        };
-        let Some(slot) = SourceSlot::take(&sources, peer.ip()) else {
-            refuse(peer, "too many connections from this address");
-            continue;
+        let slot = match caps.take(peer.ip()) {
+            Ok(s) => s,
+            Err(full) => {
+                refuse(peer, full.reason());
+                continue;
+            }
         };
         let (acceptor, ready) = (acceptor.clone(), ready.clone());
         tokio::spawn(async move {
@@ -125,7 +123,6 @@ async fn accept_loop(
                 Ok(Ok(tls)) => {
                     let io = Guarded {
                         inner: tls,
-                        _permit: permit,
                         _slot: slot,
                     };
                     let _ = ready.send((io, peer)).await;
@@ -146,7 +143,7 @@ async fn accept_loop(
 
 fn refuse(peer: SocketAddr, why: &'static str) {
     metrics::counter!("rackcast_api_refused_total", "reason" => why).increment(1);
-    tracing::warn!(%peer, "operator listener: {why}; connection closed");
+    tracing::warn!(%peer, "operator listener: connections {why}; connection closed");
 }
 
 impl axum::serve::Listener for TlsListener {
@@ -176,47 +173,10 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsL
     }
 }
 
-type Sources = Arc<Mutex<HashMap<IpAddr, u32>>>;
-
-/// One connection's place in its source address's count.
-struct SourceSlot {
-    sources: Sources,
-    ip: IpAddr,
-}
-
-impl SourceSlot {
-    fn take(sources: &Sources, ip: IpAddr) -> Option<SourceSlot> {
-        let mut m = sources.lock().ok()?;
-        let n = m.entry(ip).or_insert(0);
-        if *n >= MAX_PER_SOURCE {
-            return None;
-        }
-        *n += 1;
-        Some(SourceSlot {
-            sources: sources.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        if let Ok(mut m) = self.sources.lock() {
-            if let Some(n) = m.get_mut(&self.ip) {
-                *n -= 1;
-                if *n == 0 {
-                    m.remove(&self.ip);
-                }
-            }
-        }
-    }
-}
-
 /// A TLS connection holding its places in the caps until it closes.
 pub struct Guarded {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
-    _permit: OwnedSemaphorePermit,
-    _slot: SourceSlot,
+    _slot: Slot,
 }
 
 impl AsyncRead for Guarded {
@@ -244,24 +204,5 @@ impl AsyncWrite for Guarded {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_source_gets_at_most_its_share_and_gets_it_back() {
-        let sources: Sources = Arc::new(Mutex::new(HashMap::new()));
-        let ip: IpAddr = "198.18.0.9".parse().unwrap();
-        let slots: Vec<_> = (0..MAX_PER_SOURCE)
-            .map(|_| SourceSlot::take(&sources, ip).unwrap())
-            .collect();
-        assert!(SourceSlot::take(&sources, ip).is_none());
-        assert!(SourceSlot::take(&sources, "198.18.0.10".parse().unwrap()).is_some());
-        drop(slots);
-        assert!(SourceSlot::take(&sources, ip).is_some());
-        assert_eq!(sources.lock().unwrap().len(), 0);
     }
 }

@@ -121,7 +121,17 @@ pub struct DhcpConfig {
     pub decline_hold_ms: Millis,
     /// An offer not taken up is freed after this long.
     pub offer_hold_ms: Millis,
+    /// Clients not seen in the last second (no lease, no recent request)
+    /// answered per second, with a burst of as many: a flood of spoofed
+    /// `chaddr`s takes the pool (and device records) only this fast.
+    pub new_clients_per_sec: u32,
+    /// Requests answered per client per second.
+    pub per_client_per_sec: u32,
 }
+
+/// Declined addresses held back at once: past this a decline is ignored
+/// (only lease holders may decline, so this takes many bound leases).
+pub const MAX_DECLINED: usize = 256;
 
 /// Where a lease stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,6 +192,15 @@ pub struct DhcpServer {
     cfg: DhcpConfig,
     leases: BTreeMap<[u8; 6], Lease>,
     declined: BTreeMap<Ipv4Addr, Millis>,
+    /// Clients heard from in the current second: (second's start, requests).
+    recent: BTreeMap<[u8; 6], (Millis, u32)>,
+    /// New-client budget (token bucket) and when it was last filled.
+    new_tokens: f64,
+    refilled: Millis,
+}
+
+fn cfg_new_clients(cfg: &DhcpConfig) -> u32 {
+    cfg.new_clients_per_sec.max(1)
 }
 
 /// Read what kind of client sent `m`.
@@ -273,10 +292,14 @@ pub fn mac_string(mac: &[u8; 6]) -> String {
 impl DhcpServer {
     /// A server with the leases stored before a restart.
     pub fn new(cfg: DhcpConfig, leases: Vec<Lease>) -> DhcpServer {
+        let burst = f64::from(cfg_new_clients(&cfg));
         DhcpServer {
             cfg,
             leases: leases.into_iter().map(|l| (l.mac, l)).collect(),
             declined: BTreeMap::new(),
+            recent: BTreeMap::new(),
+            new_tokens: burst,
+            refilled: 0,
         }
     }
 
@@ -329,6 +352,10 @@ impl DhcpServer {
             return out;
         };
         self.expire(now);
+        if let Err(why) = self.admit(&c.mac, now) {
+            out.push(DhcpAction::Ignored(why));
+            return out;
+        }
         let boot = self.boot_file(&c, choice);
         // One trigger per boot attempt (firmware and iPXE each discover).
         if c.pxe && kind == MessageType::Discover {
@@ -347,6 +374,32 @@ impl DhcpServer {
     fn expire(&mut self, now: Millis) {
         self.leases.retain(|_, l| l.expires > now);
         self.declined.retain(|_, until| *until > now);
+        self.recent.retain(|_, (since, _)| *since + 1000 > now);
+    }
+
+    /// Rate limits, before anything is answered or recorded: per client,
+    /// and for clients that are new (no lease, not heard from this
+    /// second) a budget shared by all of them.
+    fn admit(&mut self, mac: &[u8; 6], now: Millis) -> Result<(), &'static str> {
+        let per_sec = cfg_new_clients(&self.cfg);
+        let elapsed = (now - self.refilled).max(0) as f64 / 1000.0;
+        self.new_tokens = (self.new_tokens + elapsed * f64::from(per_sec)).min(f64::from(per_sec));
+        self.refilled = now;
+        if let Some((_, n)) = self.recent.get_mut(mac) {
+            if *n >= self.cfg.per_client_per_sec.max(1) {
+                return Err("client over its request rate");
+            }
+            *n += 1;
+            return Ok(());
+        }
+        if !self.leases.contains_key(mac) {
+            if self.new_tokens < 1.0 {
+                return Err("new clients over their rate");
+            }
+            self.new_tokens -= 1.0;
+        }
+        self.recent.insert(*mac, (now, 1));
+        Ok(())
     }
 
     fn base_reply(&self, m: &Message, kind: MessageType) -> Message {
@@ -592,13 +645,23 @@ impl DhcpServer {
                 out.push(self.lease_reply(m, MessageType::Ack, want, pool, c, boot.as_deref()));
             }
             MessageType::Decline => {
-                if let Some(ip) = requested {
-                    if self.leases.get(&c.mac).is_some_and(|l| l.ip == ip) {
-                        self.leases.remove(&c.mac);
-                        out.push(DhcpAction::ForgetLease(c.mac));
-                    }
-                    self.declined.insert(ip, now + self.cfg.decline_hold_ms);
+                // Only the client the address was lent to may say it is
+                // in use: anyone else could take addresses out of the pool.
+                let held =
+                    requested.filter(|ip| self.leases.get(&c.mac).is_some_and(|l| l.ip == *ip));
+                let Some(ip) = held else {
+                    out.push(DhcpAction::Ignored(
+                        "decline from a client not holding that address",
+                    ));
+                    return;
+                };
+                self.leases.remove(&c.mac);
+                out.push(DhcpAction::ForgetLease(c.mac));
+                if self.declined.len() >= MAX_DECLINED {
+                    out.push(DhcpAction::Ignored("declined addresses at their bound"));
+                    return;
                 }
+                self.declined.insert(ip, now + self.cfg.decline_hold_ms);
                 out.push(DhcpAction::Ignored("decline recorded"));
             }
             MessageType::Release => {

@@ -21,6 +21,10 @@ pub struct Limits {
     pub retries: u32,
     /// Timeout when the client asks for none.
     pub default_timeout_ms: Millis,
+    /// Longest `timeout` option acknowledged (RFC 2349: one asked for
+    /// beyond it is not acknowledged, and the default applies), so a
+    /// stalled transfer ends within `retries` x this.
+    pub max_timeout_ms: Millis,
 }
 
 impl Default for Limits {
@@ -30,6 +34,7 @@ impl Default for Limits {
             max_window: 64,
             retries: 5,
             default_timeout_ms: 1000,
+            max_timeout_ms: 5000,
         }
     }
 }
@@ -95,7 +100,9 @@ impl ReadTransfer {
                     window = w.min(u64::from(lim.max_window));
                     accepted.push((k.clone(), window.to_string()));
                 }
-                ("timeout", Some(t)) if (1..=255).contains(&t) => {
+                ("timeout", Some(t))
+                    if (1..=255).contains(&t) && t as Millis * 1000 <= lim.max_timeout_ms =>
+                {
                     timeout_ms = t as Millis * 1000;
                     accepted.push((k.clone(), t.to_string()));
                 }
@@ -306,6 +313,27 @@ mod tests {
             assert_eq!(blocks(&t.on_timeout(1_011 + i * 1_001)), vec![2]);
         }
         assert!(matches!(t.on_timeout(10_000)[0], TxAction::Fail(_)));
+    }
+
+    /// A `timeout` past the server's bound is not acknowledged (RFC
+    /// 2349), so a stalled client cannot hold a transfer for minutes; one
+    /// within it is.
+    #[test]
+    fn long_timeouts_are_not_acknowledged() {
+        let lim = Limits::default();
+        let (t, acts) =
+            ReadTransfer::start(&opts(&[("timeout", "255"), ("tsize", "0")]), 100, &lim, 0);
+        assert_eq!(
+            acts,
+            vec![TxAction::SendOack(vec![("tsize".into(), "100".into())])]
+        );
+        assert_eq!(t.deadline(), lim.default_timeout_ms);
+        let (t, acts) = ReadTransfer::start(&opts(&[("timeout", "3")]), 100, &lim, 0);
+        assert_eq!(
+            acts,
+            vec![TxAction::SendOack(vec![("timeout".into(), "3".into())])]
+        );
+        assert_eq!(t.deadline(), 3000);
     }
 
     #[test]

@@ -20,6 +20,8 @@ fn cfg(mode: Mode) -> DhcpConfig {
         },
         decline_hold_ms: 60_000,
         offer_hold_ms: 10_000,
+        new_clients_per_sec: 1000,
+        per_client_per_sec: 1000,
     }
 }
 
@@ -390,4 +392,143 @@ fn pxe_uuid_is_shown_in_smbios_order() {
         0x01,
     ];
     assert_eq!(smbios_uuid(&wire), "6a1c0e5e-8d0f-4a53-9f4e-0c9a3b6a7d01");
+}
+
+fn lease_for(s: &mut DhcpServer, i: u8, now: Millis) -> Ipv4Addr {
+    let (o, _) = one_reply(&s.handle(
+        &msg(MessageType::Discover, i, Client::Plain),
+        67,
+        now,
+        BootChoice::Install,
+    ));
+    let mut r = msg(MessageType::Request, i, Client::Plain);
+    r.opts_mut()
+        .insert(DhcpOption::RequestedIpAddress(o.yiaddr()));
+    r.opts_mut().insert(DhcpOption::ServerIdentifier(SERVER));
+    let (a, _) = one_reply(&s.handle(&r, 67, now, BootChoice::Install));
+    assert_eq!(a.opts().msg_type(), Some(MessageType::Ack));
+    a.yiaddr()
+}
+
+/// Only the client an address is lent to may decline it: a spoofed
+/// DECLINE for someone else's address changes nothing.
+#[test]
+fn decline_from_a_client_not_holding_the_address_is_ignored() {
+    let mut s = DhcpServer::new(cfg(Mode::Full(pool(2))), vec![]);
+    let a = lease_for(&mut s, 1, 0);
+    let mut spoof = msg(MessageType::Decline, 9, Client::Plain);
+    spoof.opts_mut().insert(DhcpOption::RequestedIpAddress(a));
+    let acts = s.handle(&spoof, 67, 10, BootChoice::Install);
+    assert_eq!(
+        acts,
+        vec![DhcpAction::Ignored(
+            "decline from a client not holding that address"
+        )]
+    );
+    assert!(s.leases().any(|l| l.mac == mac(1) && l.ip == a));
+    // The other address still goes to a new client, and the holder keeps
+    // renewing its own.
+    let b = lease_for(&mut s, 2, 20);
+    assert_ne!(a, b);
+    assert_eq!(lease_for(&mut s, 1, 30), a);
+}
+
+/// New clients are answered at the configured rate (a flood of spoofed
+/// chaddrs takes the pool no faster), a known client keeps being
+/// answered meanwhile, and one client's requests are capped per second.
+#[test]
+fn new_clients_and_each_client_are_rate_limited() {
+    let mut c = cfg(Mode::Full(pool(150)));
+    c.new_clients_per_sec = 5;
+    c.per_client_per_sec = 3;
+    let mut s = DhcpServer::new(c, vec![]);
+    let a = lease_for(&mut s, 1, 0);
+    let flood: Vec<Vec<DhcpAction>> = (10..60u8)
+        .map(|i| {
+            s.handle(
+                &msg(MessageType::Discover, i, Client::Pxe(7)),
+                67,
+                1000,
+                BootChoice::Install,
+            )
+        })
+        .collect();
+    let answered = flood.iter().filter(|a| !replies(a).is_empty()).count();
+    assert_eq!(answered, 5, "the burst, then nothing");
+    assert!(flood
+        .iter()
+        .filter(|a| replies(a).is_empty())
+        .all(|a| a == &vec![DhcpAction::Ignored("new clients over their rate")]));
+    // No power-on trigger for the ones refused (no device records).
+    let seen = flood
+        .iter()
+        .flatten()
+        .filter(|a| matches!(a, DhcpAction::BootSeen(_)))
+        .count();
+    assert_eq!(seen, 5);
+    // The known client is still served.
+    assert_eq!(lease_for(&mut s, 1, 1100), a);
+    // A second later the budget is back.
+    let later = s.handle(
+        &msg(MessageType::Discover, 70, Client::Plain),
+        67,
+        2200,
+        BootChoice::Install,
+    );
+    assert_eq!(replies(&later).len(), 1);
+    // One client: 3 requests in a second, then ignored until the next.
+    let n = (0..6)
+        .filter(|k| {
+            !replies(&s.handle(
+                &msg(MessageType::Discover, 1, Client::Plain),
+                67,
+                5000 + k,
+                BootChoice::Install,
+            ))
+            .is_empty()
+        })
+        .count();
+    assert_eq!(n, 3);
+}
+
+/// Declined addresses are bounded: past the bound a holder's decline
+/// frees its lease but holds nothing back.
+#[test]
+fn declined_addresses_are_bounded() {
+    let mut p = pool(2);
+    p.start = Ipv4Addr::new(198, 18, 1, 0);
+    p.end = Ipv4Addr::new(198, 18, 2, 255);
+    let mut s = DhcpServer::new(cfg(Mode::Full(p)), vec![]);
+    let mut recorded = 0;
+    let mut over = 0;
+    for i in 0..300u16 {
+        let mac_i = [0x02, 0xcc, 0, 0, (i >> 8) as u8, i as u8];
+        let new = |kind| {
+            let mut m = Message::new_with_id(
+                7,
+                Ipv4Addr::UNSPECIFIED,
+                Ipv4Addr::UNSPECIFIED,
+                Ipv4Addr::UNSPECIFIED,
+                Ipv4Addr::UNSPECIFIED,
+                &mac_i,
+            );
+            m.opts_mut().insert(DhcpOption::MessageType(kind));
+            m
+        };
+        let now = Millis::from(i) * 10;
+        let (o, _) =
+            one_reply(&s.handle(&new(MessageType::Discover), 67, now, BootChoice::Install));
+        let mut dec = new(MessageType::Decline);
+        dec.opts_mut()
+            .insert(DhcpOption::RequestedIpAddress(o.yiaddr()));
+        let acts = s.handle(&dec, 67, now + 1, BootChoice::Install);
+        assert!(acts.contains(&DhcpAction::ForgetLease(mac_i)));
+        if acts.contains(&DhcpAction::Ignored("decline recorded")) {
+            recorded += 1;
+        }
+        if acts.contains(&DhcpAction::Ignored("declined addresses at their bound")) {
+            over += 1;
+        }
+    }
+    assert_eq!((recorded, over), (MAX_DECLINED, 300 - MAX_DECLINED));
 }
