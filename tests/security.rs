@@ -167,3 +167,55 @@ fn operator_api_refuses_anonymous_viewer_and_form_actions() {
     let (code, _) = operator_curl(&attacker, &rack.config, Some(&viewer), "/api/devices", &[]);
     assert_eq!(code, 401, "revoked");
 }
+
+/// Finding 6, blobs: a host that names itself a new device asks for the
+/// agent blob every bundle carries. `GetBlob` serves only the blobs of
+/// the asking device's own bundle: refused, counted, connection closed.
+#[test]
+fn get_blob_serves_only_the_callers_bundle() {
+    if !can_run() {
+        return;
+    }
+    use rackcast_core::model::AgentMode;
+    use rackcast_core::wire::device::{AgentMsg, ApplianceMsg, DEVICE_PROTOCOL};
+    let mut rack = Rack::new("sb", 1, "300mbit", (8, 8), "");
+    rack.start_agent(1);
+    rack.wait_for("device done", Duration::from_secs(180), |d: &[Value]| {
+        d.len() == 1 && d[0]["state"] == "done"
+    });
+    // The agent binary the victim's bundle carries (a stripped copy).
+    let agent = std::fs::read(rack.lab.dir.join("rackcast-agent")).unwrap();
+    let hash = blake3::hash(&agent).to_hex().to_string();
+    let mut raw = RawAgent::connect(&rack.lab.ns("d1"));
+    raw.send(&AgentMsg::Hello {
+        protocol: DEVICE_PROTOCOL,
+        mac: "02:ee:00:00:00:42".into(),
+        device_id: None,
+        mode: AgentMode::Loader { os_present: false },
+    });
+    raw.send(&AgentMsg::GetBlob {
+        hash: hash.clone(),
+        offset: 0,
+    });
+    let mut refused = None;
+    while let Some(m) = raw.recv() {
+        match m {
+            ApplianceMsg::BlobChunk { .. } => panic!("served another device's blob"),
+            ApplianceMsg::Error { message } => {
+                refused = Some(message);
+                break;
+            }
+            _ => {}
+        }
+    }
+    let why = refused.expect("an error, then the connection closed");
+    assert!(why.contains("is not in this device's bundle"), "{why}");
+    assert!(raw.recv().is_none(), "closed after the refusal");
+    let metrics = rack.http_get("/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("rackcast_agent_protocol_errors_total{kind=\"foreign_blob\"} ")),
+        "{metrics}"
+    );
+}

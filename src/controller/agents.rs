@@ -18,7 +18,18 @@ use super::{Input, Shared};
 use rackcast_core::io::conn::{map_io, Conn, ConnError, Frame};
 use rackcast_core::wire::device::{AgentMsg, ApplianceMsg, BLOB_CHUNK, DEVICE_PROTOCOL, MAX_FRAME};
 
+use std::time::Duration;
+
 static CONN_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// Blob chunks one connection may have queued (read, not yet written).
+const CHUNKS_PER_CONN: usize = 4;
+/// How long a blob request waits for a transfer permit before the device
+/// is told to come back.
+const PERMIT_WAIT: Duration = Duration::from_secs(10);
+/// A write to an agent that takes longer than this ends the connection
+/// (and frees what its queue held).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn accept_loop(listener: TcpListener, shared: Shared) {
     loop {
@@ -127,14 +138,25 @@ async fn serve_agent(stream: TcpStream, shared: Shared) -> Result<(), ConnError>
             let Ok(bytes) = m.encode() else { continue };
             let last = matches!(m, ApplianceMsg::Error { .. });
             drop(m);
-            let sent = sink.send(bytes::Bytes::from(bytes)).await;
+            let sent =
+                tokio::time::timeout(WRITE_TIMEOUT, sink.send(bytes::Bytes::from(bytes))).await;
             drop(permit);
-            if sent.is_err() || last {
-                break;
+            match sent {
+                Ok(Ok(())) if !last => {}
+                Ok(_) => break,
+                Err(_) => {
+                    count_error("write_timeout");
+                    tracing::warn!("agent does not read its connection; closing it");
+                    break;
+                }
             }
         }
-        let _ = sink.close().await;
+        // Whatever is still queued (and the permits it holds) goes now.
+        out_rx.close();
+        while out_rx.try_recv().is_ok() {}
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.close()).await;
     });
+    let conn_permits = std::sync::Arc::new(tokio::sync::Semaphore::new(CHUNKS_PER_CONN));
     let result = loop {
         let next = tokio::time::timeout(read_timeout, frames.next()).await;
         let frame = match next {
@@ -238,15 +260,60 @@ async fn serve_agent(stream: TcpStream, shared: Shared) -> Result<(), ConnError>
                 }
             }
             AgentMsg::GetBlob { hash, offset } => {
-                let permit = shared.transfer_permits.clone().acquire_owned().await.ok();
-                let reply = match shared.builder.blob(&hash) {
-                    Some((path, total)) if offset <= total => {
+                // Only the blobs of the bundle this device was given.
+                let bundle = shared
+                    .assigned
+                    .read()
+                    .ok()
+                    .and_then(|m| m.get(&device).cloned());
+                let ours = bundle.is_some_and(|b| shared.builder.bundle_has_blob(&b, &hash));
+                // Chunks in memory are bounded per connection and in all;
+                // a device that cannot get a permit in time is told to come
+                // back later instead of holding its place in the queue.
+                let permit = if ours {
+                    match conn_permits.clone().try_acquire_owned() {
+                        Ok(own) => match tokio::time::timeout(
+                            PERMIT_WAIT,
+                            shared.transfer_permits.clone().acquire_owned(),
+                        )
+                        .await
+                        {
+                            Ok(Ok(p)) => Some((own, p)),
+                            _ => None,
+                        },
+                        Err(_) => None,
+                    }
+                } else {
+                    None
+                };
+                let reply = match (&permit, shared.builder.blob(&hash)) {
+                    _ if !ours => {
+                        metrics::counter!("rackcast_agent_protocol_errors_total", "kind" => "foreign_blob")
+                            .increment(1);
+                        tracing::warn!(%device, %hash, "agent asked for a blob that is not in its bundle");
+                        ApplianceMsg::Error {
+                            message: format!("blob {hash} is not in this device's bundle"),
+                        }
+                    }
+                    (None, _) => {
+                        metrics::counter!("rackcast_agent_protocol_errors_total", "kind" => "busy")
+                            .increment(1);
+                        tracing::warn!(%device, "blob transfers all taken; the agent will come back");
+                        ApplianceMsg::Error {
+                            message: "appliance busy: too many blob transfers; try again".into(),
+                        }
+                    }
+                    (Some(_), Some((path, total))) if offset <= total => {
                         read_chunk(path, offset, total, hash).await
                     }
                     _ => ApplianceMsg::Error {
                         message: format!("no blob {hash} at offset {offset}"),
                     },
                 };
+                let permit = permit.map(|(conn, global)| super::Held {
+                    _global: global,
+                    _conn: conn,
+                });
                 let fatal = matches!(reply, ApplianceMsg::Error { .. });
                 let _ = out_tx.send((reply, permit));
                 if fatal {

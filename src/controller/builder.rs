@@ -32,6 +32,8 @@ pub struct Builder {
     bundles_dir: PathBuf,
     /// hash -> (path, size)
     blobs: HashMap<String, (PathBuf, u64)>,
+    /// Blob hashes of each bundle served so far.
+    bundle_blobs: std::sync::Mutex<HashMap<String, std::collections::HashSet<String>>>,
     agents: HashMap<String, BlobRef>,
     modules: Vec<(crate::config::ModuleConfig, BlobRef)>,
 }
@@ -104,6 +106,7 @@ impl Builder {
             cfg: cfg.clone(),
             bundles_dir,
             blobs,
+            bundle_blobs: Default::default(),
             agents,
             modules,
         })
@@ -112,6 +115,39 @@ impl Builder {
     /// Path and size of a blob, if the appliance serves it.
     pub fn blob(&self, hash: &str) -> Option<(PathBuf, u64)> {
         self.blobs.get(hash).cloned()
+    }
+
+    /// Whether blob `blob` belongs to bundle `bundle` (its agent or one of
+    /// its modules), read from the bundle file on the disk (checked
+    /// against its hash) and kept.
+    pub fn bundle_has_blob(&self, bundle: &str, blob: &str) -> bool {
+        if let Ok(cache) = self.bundle_blobs.lock() {
+            if let Some(set) = cache.get(bundle) {
+                return set.contains(blob);
+            }
+        }
+        let Some(path) = self.bundle_path(bundle) else {
+            return false;
+        };
+        let Ok(bytes) = std::fs::read(&path) else {
+            return false;
+        };
+        let Ok(b) = rackcast_core::model::Bundle::from_verified_bytes(&bytes, bundle) else {
+            return false;
+        };
+        let set: std::collections::HashSet<String> = std::iter::once(b.agent.hash.clone())
+            .chain(b.modules.iter().map(|m| m.blob.hash.clone()))
+            .collect();
+        let has = set.contains(blob);
+        if let Ok(mut cache) = self.bundle_blobs.lock() {
+            // Bundles are few (one per hardware kind and profile); bound
+            // it anyway.
+            if cache.len() >= 4096 {
+                cache.clear();
+            }
+            cache.insert(bundle.to_string(), set);
+        }
+        has
     }
 
     pub fn bundle_path(&self, hash: &str) -> Option<PathBuf> {

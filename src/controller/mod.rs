@@ -104,7 +104,14 @@ pub enum Input {
 /// Messages to one agent connection's writer. A blob chunk carries its
 /// transfer permit: it is released once the chunk left, so at most
 /// `max_inflight_transfers` chunks are in memory, however slow the devices.
-pub type Outbox = mpsc::UnboundedSender<(ApplianceMsg, Option<tokio::sync::OwnedSemaphorePermit>)>;
+pub type Outbox = mpsc::UnboundedSender<(ApplianceMsg, Option<Held>)>;
+
+/// Transfer permits a queued blob chunk holds until it is written: the
+/// appliance-wide one and its connection's.
+pub struct Held {
+    pub _global: tokio::sync::OwnedSemaphorePermit,
+    pub _conn: tokio::sync::OwnedSemaphorePermit,
+}
 
 /// Device id from its boot MAC: stable across reboots and reinstalls.
 pub fn device_id_for(mac: &str) -> String {

@@ -708,3 +708,50 @@ pub fn qcow2_of(raw: &Path, qcow: &Path) {
         .unwrap();
     assert!(st.success(), "qemu-img convert");
 }
+
+/// A TCP connection made from inside namespace `ns` (a thread enters it,
+/// connects and leaves; the socket stays in that namespace), for clients
+/// written in the test itself: attacks no real peer makes.
+pub fn tcp_in_netns(ns: &str, addr: &str) -> std::net::TcpStream {
+    let (ns, addr) = (ns.to_string(), addr.to_string());
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let f = fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+        // SAFETY: setns on this thread only, with a descriptor we own.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {ns}");
+        let s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    })
+    .join()
+    .unwrap()
+}
+
+/// A device-protocol client speaking raw frames (4-byte length, body).
+pub struct RawAgent(pub std::net::TcpStream);
+
+impl RawAgent {
+    pub fn connect(ns: &str) -> RawAgent {
+        RawAgent(tcp_in_netns(ns, ApplianceConfig::CONTROL))
+    }
+
+    pub fn send(&mut self, m: &rackcast_core::wire::device::AgentMsg) {
+        use std::io::Write;
+        let body = m.emit().unwrap();
+        self.0
+            .write_all(&(body.len() as u32).to_be_bytes())
+            .unwrap();
+        self.0.write_all(&body).unwrap();
+    }
+
+    /// The next message, or `None` once the appliance closed (or 10 s).
+    pub fn recv(&mut self) -> Option<rackcast_core::wire::device::ApplianceMsg> {
+        use std::io::Read;
+        let mut len = [0u8; 4];
+        self.0.read_exact(&mut len).ok()?;
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        self.0.read_exact(&mut body).ok()?;
+        rackcast_core::wire::device::ApplianceMsg::parse(&body).ok()
+    }
+}
