@@ -1326,12 +1326,10 @@ fn dropped(a: &Appliance, reason: &str) -> f64 {
     let token = operator_token(&a.config, "viewer");
     let (code, m) = operator_curl(&a.lab.ns("app"), &a.config, Some(&token), "/metrics", &[]);
     assert_eq!(code, 200, "{m}");
-    let want = format!("rackcast_dhcp_dropped_total{{reason=\"{reason}\"}}");
-    m.lines()
-        .find(|l| l.starts_with(&want))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    metric(
+        &m,
+        &format!("rackcast_dhcp_dropped_total{{reason=\"{reason}\"}}"),
+    )
 }
 
 /// Issue 15, finding 8 (DHCP): from another host, 400 PXE DISCOVERs with
@@ -1398,13 +1396,7 @@ for i in range(400):
     std::thread::sleep(Duration::from_secs(2));
     let token = operator_token(&a.config, "viewer");
     let (_, m) = operator_curl(&a.lab.ns("app"), &a.config, Some(&token), "/metrics", &[]);
-    let value = |name: &str| -> f64 {
-        m.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().last())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
+    let value = |series: &str| metric(&m, series);
     let refused = value("rackcast_dhcp_dropped_total{reason=\"new clients over their rate\"}");
     let replies = value("rackcast_dhcp_replies_total");
     // Unlimited, each spoofed DISCOVER that arrived would get an offer

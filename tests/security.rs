@@ -21,13 +21,10 @@ fn state_of(rack: &Rack, i: usize) -> String {
 }
 
 fn denied(metrics: &str, reason: &str) -> f64 {
-    let want = format!("rackcast_api_denied_total{{reason=\"{reason}\"}}");
-    metrics
-        .lines()
-        .find(|l| l.starts_with(&want))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    metric(
+        metrics,
+        &format!("rackcast_api_denied_total{{reason=\"{reason}\"}}"),
+    )
 }
 
 /// Finding 1, unauthenticated reinstall: another host on the LAN (here
@@ -73,52 +70,12 @@ fn operator_api_refuses_anonymous_viewer_and_form_actions() {
     let form = ["-X", "POST", "-d", "x=1"];
     let (code, body) = operator_curl(&attacker, &rack.config, Some(&admin), &path, &form);
     assert_eq!(code, 415, "form post: {body}");
-    // The provisioning listener serves boot files only.
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &attacker,
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-m",
-            "5",
-        ])
-        .args([
-            "-X",
-            "POST",
-            "-H",
-            "Content-Type: application/json",
-            "-d",
-            "{}",
-        ])
-        .arg(format!("http://{}{path}", ApplianceConfig::API))
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
-    // Plain HTTP on the operator port is no way around TLS.
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &attacker,
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-m",
-            "5",
-        ])
-        .arg(format!("http://{}/api/devices", ApplianceConfig::OPERATOR))
-        .output()
-        .unwrap();
-    assert_ne!(String::from_utf8_lossy(&out.stdout), "200");
+    // The provisioning listener serves boot files only; plain HTTP on
+    // the operator port is no way around TLS.
+    let api = format!("http://{}{path}", ApplianceConfig::API);
+    assert_eq!(http_status(&attacker, &json, &api), "404");
+    let plain = format!("http://{}/api/devices", ApplianceConfig::OPERATOR);
+    assert_ne!(http_status(&attacker, &[], &plain), "200");
 
     assert_eq!(state_of(&rack, 1), "done", "the victim stays installed");
     let log = rack.cli(&["log", &device_id(1)]);

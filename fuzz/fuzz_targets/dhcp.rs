@@ -29,6 +29,8 @@ fuzz_target!(|data: &[u8]| {
                     },
                     decline_hold_ms: 1000,
                     offer_hold_ms: 1000,
+                    new_clients_per_sec: 20,
+                    per_client_per_sec: 10,
                 },
                 vec![],
             );

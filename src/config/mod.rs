@@ -593,5 +593,5 @@ impl Config {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod validate;

@@ -1,6 +1,6 @@
 //! Config parsing and validation tests.
 
-mod parse_tests {
+pub(crate) mod parse_tests {
     use crate::config::*;
 
     pub const MINIMAL: &str = r#"

@@ -247,27 +247,8 @@ mod tests {
     use super::*;
 
     fn config(state: &std::path::Path) -> Config {
-        let text = format!(
-            r#"
-[appliance]
-control_listen = "198.18.0.1:7100"
-state_dir = "{}"
-
-[dataplane]
-bind = "198.18.0.1"
-total_rate = "500M"
-group_base = "239.255.10.1"
-
-[agents]
-x86_64 = "/usr/bin/rackcast-agent"
-
-[[profiles]]
-name = "any"
-image = "img"
-target = {{ order = "largest", count = 1 }}
-"#,
-            state.display()
-        );
+        let text = crate::config::tests::parse_tests::MINIMAL
+            .replace("/tmp/rc", &state.display().to_string());
         Config::parse(&text, std::path::Path::new("test.toml")).unwrap()
     }
 

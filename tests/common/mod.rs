@@ -755,3 +755,36 @@ impl RawAgent {
         rackcast_core::wire::device::ApplianceMsg::parse(&body).ok()
     }
 }
+
+/// The value of the Prometheus sample `series` (name with its labels, as
+/// printed) in a `/metrics` text; 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.strip_prefix(series).is_some_and(|r| r.starts_with(' ')))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `curl` in namespace `ns` (plain HTTP): the status code it got.
+pub fn http_status(ns: &str, args: &[&str], url: &str) -> String {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-m",
+            "5",
+        ])
+        .args(args)
+        .arg(url)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -162,23 +162,8 @@ fn full_server_offers_acks_and_keeps_the_lease() {
 #[test]
 fn release_decline_nak_and_exhaustion() {
     let mut s = DhcpServer::new(cfg(Mode::Full(pool(2))), vec![]);
-    let bind = |s: &mut DhcpServer, i: u8, now: Millis| -> Ipv4Addr {
-        let (o, _) = one_reply(&s.handle(
-            &msg(MessageType::Discover, i, Client::Plain),
-            67,
-            now,
-            BootChoice::Install,
-        ));
-        let mut r = msg(MessageType::Request, i, Client::Plain);
-        r.opts_mut()
-            .insert(DhcpOption::RequestedIpAddress(o.yiaddr()));
-        r.opts_mut().insert(DhcpOption::ServerIdentifier(SERVER));
-        let (a, _) = one_reply(&s.handle(&r, 67, now, BootChoice::Install));
-        assert_eq!(a.opts().msg_type(), Some(MessageType::Ack));
-        a.yiaddr()
-    };
-    let a = bind(&mut s, 1, 0);
-    let b = bind(&mut s, 2, 0);
+    let a = lease_for(&mut s, 1, 0);
+    let b = lease_for(&mut s, 2, 0);
     assert_ne!(a, b);
     // Pool of two is full: a third client gets no offer, and it is said.
     let acts = s.handle(
@@ -194,7 +179,7 @@ fn release_decline_nak_and_exhaustion() {
     rel.set_ciaddr(a);
     let acts = s.handle(&rel, 67, 10, BootChoice::Install);
     assert!(acts.contains(&DhcpAction::ForgetLease(mac(1))));
-    assert_eq!(bind(&mut s, 3, 20), a);
+    assert_eq!(lease_for(&mut s, 3, 20), a);
     // A client asking for an address that is not its own gets a NAK.
     let mut wrong = msg(MessageType::Request, 4, Client::Plain);
     wrong.opts_mut().insert(DhcpOption::RequestedIpAddress(b));
