@@ -1342,7 +1342,14 @@ fn spoofed_dhcp_floods_and_declines_fail_closed() {
     if !can_run() {
         return;
     }
-    let a = Appliance::new("bs", 2, (100, 199));
+    let a = Appliance::with_boot(
+        "bs",
+        2,
+        "[boot.dhcp]\nmode = \"full\"\niface = \"srv0\"\nserver_ip = \"198.18.0.1\"\n\
+         pool_start = \"198.18.0.100\"\npool_end = \"198.18.0.199\"\n\
+         netmask = \"255.255.255.0\"\nlease_time = \"10m\"\nnew_clients_per_second = 20\n",
+        "DHCP service listening",
+    );
     let o = a.udhcpc(1, &[]);
     let t = text(&o);
     let victim = t

@@ -47,15 +47,10 @@ pub fn core_config(d: &DhcpSection, api: SocketAddr) -> DhcpConfig {
         },
         decline_hold_ms: 10 * 60_000,
         offer_hold_ms: 60_000,
-        new_clients_per_sec: NEW_CLIENTS_PER_SEC,
+        new_clients_per_sec: d.new_clients_per_second,
         per_client_per_sec: 10,
     }
 }
-
-/// New DHCP clients answered per second (and the burst): a rack powering
-/// on in batches stays well under it; a spoofed-`chaddr` flood is slowed
-/// to it (the pool and the device records fill no faster).
-const NEW_CLIENTS_PER_SEC: u32 = 20;
 
 fn describe(c: &rackcast_core::boot::dhcp::ClientInfo) -> String {
     let fw = match c.firmware {

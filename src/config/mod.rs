@@ -150,6 +150,12 @@ pub struct DhcpSection {
     pub uefi_x64_file: String,
     #[serde(default = "d_arm_file")]
     pub uefi_arm64_file: String,
+    /// New clients (no lease, not heard from in the last second) answered
+    /// per second, and the burst: a rack powered on at once is admitted
+    /// at this pace (PXE firmware retries its DISCOVER), a spoofed
+    /// `chaddr` flood fills the pool and the device records no faster.
+    #[serde(default = "d_new_clients")]
+    pub new_clients_per_second: u32,
 }
 
 fn d_lease() -> Duration {
@@ -160,6 +166,9 @@ fn d_bios_file() -> String {
 }
 fn d_uefi_file() -> String {
     "ipxe.efi".into()
+}
+fn d_new_clients() -> u32 {
+    50
 }
 fn d_arm_file() -> String {
     "ipxe-arm64.efi".into()

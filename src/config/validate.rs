@@ -219,6 +219,12 @@ impl Config {
         }
         if let Some(d) = &self.boot.dhcp {
             let key = |k: &str| format!("boot.dhcp.{k}");
+            if d.new_clients_per_second == 0 {
+                return Err(bad(
+                    key("new_clients_per_second"),
+                    "expected at least 1 (0 would answer no new client)".into(),
+                ));
+            }
             match d.mode.as_str() {
                 "proxy" => {}
                 "full" => {
