@@ -80,10 +80,6 @@ fn all_r650(n: usize, waves: &str) -> String {
     s
 }
 
-fn all_done(n: usize) -> impl Fn(&[Value]) -> bool {
-    move |d: &[Value]| d.len() == n && d.iter().all(|x| x["state"] == "done")
-}
-
 /// The first `len` bytes of `disk` are exactly `image`.
 fn assert_image_on(disk: &Path, image: &Path) {
     let want = fs::read(image).unwrap();

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use common::rack::*;
 use common::*;
-use serde_json::Value;
 
 fn state_of(rack: &Rack, i: usize) -> String {
     rack.devices()
@@ -41,11 +40,7 @@ fn operator_api_refuses_anonymous_viewer_and_form_actions() {
     let mut rack = Rack::new("sa", 2, "300mbit", (8, 8), "");
     rack.start_agent(1);
     rack.start_agent(2);
-    rack.wait_for(
-        "both devices done",
-        Duration::from_secs(180),
-        |d: &[Value]| d.len() == 2 && d.iter().all(|x| x["state"] == "done"),
-    );
+    rack.wait_for("both devices done", Duration::from_secs(180), all_done(2));
     let attacker = rack.lab.ns("d2");
     let path = format!("/api/devices/{}/reinstall", device_id(1));
     let json = [
@@ -137,9 +132,7 @@ fn get_blob_serves_only_the_callers_bundle() {
     use rackcast_core::wire::device::{AgentMsg, ApplianceMsg, DEVICE_PROTOCOL};
     let mut rack = Rack::new("sb", 1, "300mbit", (8, 8), "");
     rack.start_agent(1);
-    rack.wait_for("device done", Duration::from_secs(180), |d: &[Value]| {
-        d.len() == 1 && d[0]["state"] == "done"
-    });
+    rack.wait_for("device done", Duration::from_secs(180), all_done(1));
     // The agent binary the victim's bundle carries (a stripped copy).
     let agent = std::fs::read(rack.lab.dir.join("rackcast-agent")).unwrap();
     let hash = blake3::hash(&agent).to_hex().to_string();

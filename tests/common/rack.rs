@@ -414,3 +414,8 @@ pub fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+/// `n` devices, every one `done`.
+pub fn all_done(n: usize) -> impl Fn(&[Value]) -> bool {
+    move |d: &[Value]| d.len() == n && d.iter().all(|x| x["state"] == "done")
+}
