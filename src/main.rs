@@ -387,15 +387,20 @@ fn send(a: SendArgs) -> Result<()> {
             source_resend_factor: a.source_resend_factor.max(0.0),
             ..Default::default()
         };
+        // A lab wave has no appliance key: a key for this run only. Its
+        // fingerprint is printed so receivers can pin it (`--trust-key`).
+        let signer = rackcast_core::signing::BundleSigner::from_seed(rand::random());
+        let tls = rackcast::controller::tls::control_config(&signer)?;
         eprintln!(
-            "rackcast send: {} ({} bytes, {} blocks) to {} at {} bit/s, waiting for {} receiver(s) on {}",
+            "rackcast send: {} ({} bytes, {} blocks) to {} at {} bit/s, waiting for {} receiver(s) on {} (TLS key {})",
             a.image.display(),
             manifest.image_size,
             manifest.block_count(),
             a.group,
             a.rate,
             a.receivers,
-            a.control
+            a.control,
+            signer.fingerprint()
         );
         let report = run_send(SendOptions {
             image: a.image.clone(),
@@ -410,6 +415,7 @@ fn send(a: SendArgs) -> Result<()> {
             gso_segments: a.gso_segments.clamp(1, 64),
             cfg,
             wave_label: "send".into(),
+            tls,
         })
         .await?;
         drop(temp_frames);

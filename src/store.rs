@@ -737,7 +737,10 @@ mod tests {
             &mut d,
             &cfg,
             1000,
-            Event::AgentConnected(rackcast_core::model::AgentMode::Loader { os_present: false }),
+            Event::AgentConnected {
+                mode: rackcast_core::model::AgentMode::Loader { os_present: false },
+                issued: None,
+            },
         );
         let rows: Vec<LogRow> = acts
             .iter()

@@ -142,6 +142,7 @@ fn get_blob_serves_only_the_callers_bundle() {
         mac: "02:ee:00:00:00:42".into(),
         device_id: None,
         mode: AgentMode::Loader { os_present: false },
+        credential: None,
     });
     raw.send(&AgentMsg::GetBlob {
         hash: hash.clone(),

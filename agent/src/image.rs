@@ -47,6 +47,8 @@ pub(crate) async fn receive_image(
         // A disk that is re-imaged usually holds the previous version:
         // blocks whose digest already matches are not sent again.
         delta: rackcast_core::io::receive::is_block_device(std::path::Path::new(&target)),
+        trust_key: Some(ctx.trusted.fingerprint()),
+        credential: Some(ctx.credential),
     };
     let t = Instant::now();
     let progress = std::sync::Arc::new(Progress::default());

@@ -34,9 +34,8 @@ pub(crate) async fn fetch_bundle(
         ApplianceMsg::Bundle {
             bytes, signature, ..
         } => {
-            if let Some(k) = &ctx.trusted {
-                k.verify_bundle(hash, &signature)?;
-            }
+            ctx.trusted
+                .verify_bundle(hash, &ctx.device, ctx.boot, &signature)?;
             bytes
         }
         other => bail!("expected the bundle, got {other:?}"),
@@ -57,10 +56,12 @@ pub(crate) async fn fetch_bundle(
             "bundle {hash}: agent {} + {} modules, every BLAKE3 verified; {}",
             bundle.agent.hash,
             bundle.modules.len(),
-            match &ctx.trusted {
-                Some(k) => format!("signature verified with trusted key {}", k.fingerprint()),
-                None => "no trusted key given: signature not checked".to_string(),
-            }
+            format!(
+                "signature for {} boot {} verified with appliance key {}",
+                ctx.device,
+                ctx.boot,
+                ctx.trusted.fingerprint()
+            )
         ),
     });
     for m in &bundle.modules {

@@ -119,6 +119,11 @@ struct ReceiveArgs {
     /// devices.
     #[arg(long)]
     delta: bool,
+    /// Fingerprint of the key the sender must prove (`rackcast send`
+    /// prints it). Without it any sender key is accepted; the control
+    /// connection is encrypted either way.
+    #[arg(long)]
+    trust_key: Option<String>,
     /// Print the report as one JSON object on the last line.
     #[arg(long)]
     json: bool,
@@ -191,6 +196,12 @@ fn receive(a: ReceiveArgs) -> Result<()> {
             .decoders
             .unwrap_or_else(rackcast_core::io::receive::default_decoders),
         delta: a.delta || rackcast_core::io::receive::is_block_device(&a.out),
+        trust_key: a
+            .trust_key
+            .as_deref()
+            .map(rackcast_core::signing::parse_fingerprint)
+            .transpose()?,
+        credential: None,
     };
     let p = progress.clone();
     let show = rt.spawn(show_progress(p));

@@ -36,8 +36,13 @@ pub(crate) struct Ctx {
     pub(crate) bundle_dir: Option<PathBuf>,
     pub(crate) iface: Option<String>,
     pub(crate) requests: mpsc::UnboundedSender<Request>,
-    /// The appliance's key, when this device was told which to trust.
-    pub(crate) trusted: Option<TrustedKey>,
+    /// The appliance's key: the one it proved in the TLS handshake (the
+    /// pinned one, when this device was told which to trust).
+    pub(crate) trusted: TrustedKey,
+    /// This boot's number (bundle signatures are bound to it).
+    pub(crate) boot: u64,
+    /// This boot's credential (waves admit the device with it).
+    pub(crate) credential: [u8; 32],
 }
 
 impl Ctx {

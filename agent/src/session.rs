@@ -23,7 +23,9 @@ use rackcast_core::backoff::Backoff;
 use rackcast_core::io::conn::{map_io, Conn, Frame};
 use rackcast_core::model::{AgentMode, Inventory, OpRecord, Outcome, StepData, Work};
 use rackcast_core::signing::TrustedKey;
-use rackcast_core::wire::device::{AgentMsg, ApplianceMsg, DEVICE_PROTOCOL, MAX_FRAME};
+use rackcast_core::wire::device::{
+    AgentMsg, ApplianceMsg, CREDENTIAL_LEN, DEVICE_PROTOCOL, MAX_FRAME,
+};
 
 use crate::plan::{execute, Ctx};
 
@@ -76,13 +78,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
         },
     };
     let mut device_id = args.device_id.clone();
+    // Handed over by the loader that exec'd us (same boot); otherwise the
+    // appliance issues one at this boot's first contact.
+    let mut credential = take_inherited_credential();
+    let mut args = args;
     let mut pending: Option<Report> = None;
     let mut current: Option<(u64, tokio::task::JoinHandle<Report>)> = None;
     let (req_tx, mut req_rx) = mpsc::unbounded_channel::<Request>();
     let mut finished = false;
     if args.trust_key.is_none() {
         tracing::warn!(
-            "no appliance key to trust (--trust-key / rackcast.key=): bundles are checked by hash only"
+            "no appliance key to trust (--trust-key / rackcast.key=): the first appliance key seen is trusted for this run"
         );
     }
     let mut link = Link {
@@ -96,9 +102,24 @@ pub async fn run(args: RunArgs) -> Result<()> {
             mac: mac.clone(),
             device_id: device_id.clone(),
             mode: mode.clone(),
+            credential,
         };
-        let (conn, id, trusted) = link.connect(&args, hello).await?;
-        tracing::info!(device = %id, trusted = trusted.is_some(), "connected to the appliance");
+        let w = link.connect(&args, hello).await?;
+        let (conn, id, trusted) = (w.conn, w.device, w.trusted);
+        if let Some(c) = w.issued {
+            tracing::info!(device = %id, boot = w.boot, "credential issued for this boot");
+            credential = Some(c);
+        }
+        let Some(cred) = credential else {
+            bail!("the appliance issued no credential and we hold none");
+        };
+        if args.trust_key.is_none() {
+            // Trust on first use: every later connection (and the bundle's
+            // agent) must meet this same key.
+            tracing::warn!(key = %trusted.fingerprint(), "trusting the appliance key seen first");
+            args.trust_key = Some(trusted.fingerprint());
+        }
+        tracing::info!(device = %id, boot = w.boot, key = %trusted.fingerprint(), "connected to the appliance");
         device_id = Some(id.clone());
         let (mut sink, mut frames) = conn.split();
         if let Some(r) = &pending {
@@ -114,6 +135,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
             iface: args.iface.clone(),
             requests: req_tx.clone(),
             trusted,
+            boot: w.boot,
+            credential: cred,
         };
         let lost: Result<()> = loop {
             tokio::select! {
@@ -165,7 +188,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                                 let r = pending.take();
                                 if let Some(bin) = r.and_then(|r| r.then_exec) {
                                     let _ = sink.close().await;
-                                    return exec_agent(&bin, &args, &id);
+                                    return exec_agent(&bin, &args, &id, &cred);
                                 }
                                 if finished && current.is_none() {
                                     let _ = sink.close().await;
@@ -261,15 +284,11 @@ struct Link {
 }
 
 impl Link {
-    /// Connect, say `hello` and take the appliance's `Welcome`: its id
-    /// for this device and, when a key is to be trusted, the checked key.
-    /// Retries with backoff; gives up after `--give-up` unreachable or
-    /// untrusted.
-    async fn connect(
-        &mut self,
-        args: &RunArgs,
-        hello: AgentMsg,
-    ) -> Result<(Conn, String, Option<TrustedKey>)> {
+    /// Connect over TLS (the appliance proves the trusted key), say
+    /// `hello` and take the appliance's `Welcome`. Retries with backoff;
+    /// gives up after `--give-up` unreachable or untrusted.
+    async fn connect(&mut self, args: &RunArgs, hello: AgentMsg) -> Result<Welcomed> {
+        let tls = rackcast_core::io::tls::client_config(args.trust_key.as_deref())?;
         loop {
             let stream = match self.dialer.attempt().await {
                 Ok(s) => s,
@@ -289,35 +308,39 @@ impl Link {
                 }
             };
             self.backoff.succeeded();
+            let (stream, trusted) = match rackcast_core::io::tls::connect(&tls, stream).await {
+                Ok(s) => match rackcast_core::io::tls::peer_key(&s)
+                    .map(|k| TrustedKey::check(&k, &rackcast_core::signing::fingerprint(&k)))
+                {
+                    Some(Ok(t)) => (s, t),
+                    _ => bail!("the appliance's certificate holds no Ed25519 key"),
+                },
+                Err(e) => {
+                    // Not our appliance (or not yet: another host on its
+                    // address). Keep trying, never follow it.
+                    let since = *self.refused_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= args.give_up {
+                        bail!(
+                            "no trusted appliance at {} for {:?}: {e}",
+                            args.server,
+                            args.give_up
+                        );
+                    }
+                    let wait = self.backoff.failed(Instant::now());
+                    tracing::error!(error = %e, retry_in = ?wait, "refusing the appliance");
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+            };
             let mut conn = Conn::new(stream, MAX_FRAME);
             conn.send(&hello).await?;
-            let (id, trusted) = match conn.recv::<ApplianceMsg>(Duration::from_secs(30)).await {
+            let w = match conn.recv::<ApplianceMsg>(Duration::from_secs(30)).await {
                 Ok(ApplianceMsg::Welcome {
-                    device_id: id,
-                    signer,
+                    device_id,
+                    boot,
+                    credential,
                     ..
-                }) => match &args.trust_key {
-                    None => (id, None),
-                    Some(fp) => match TrustedKey::check(&signer, fp) {
-                        Ok(k) => (id, Some(k)),
-                        Err(e) => {
-                            // Not our appliance (or not yet: another host on
-                            // its address). Keep trying, never follow it.
-                            let since = *self.refused_since.get_or_insert_with(Instant::now);
-                            if since.elapsed() >= args.give_up {
-                                bail!(
-                                    "no trusted appliance at {} for {:?}: {e}",
-                                    args.server,
-                                    args.give_up
-                                );
-                            }
-                            let wait = self.backoff.failed(Instant::now());
-                            tracing::error!(error = %e, retry_in = ?wait, "refusing the appliance");
-                            tokio::time::sleep(wait).await;
-                            continue;
-                        }
-                    },
-                },
+                }) => (device_id, boot, credential),
                 Ok(ApplianceMsg::Error { message }) => bail!("appliance refused us: {message}"),
                 Ok(other) => bail!("expected Welcome, got {other:?}"),
                 Err(e) => {
@@ -327,9 +350,44 @@ impl Link {
                 }
             };
             self.refused_since = None;
-            return Ok((conn, id, trusted));
+            return Ok(Welcomed {
+                conn,
+                device: w.0,
+                boot: w.1,
+                issued: w.2,
+                trusted,
+            });
         }
     }
+}
+
+/// An admitted connection.
+struct Welcomed {
+    conn: Conn,
+    device: String,
+    boot: u64,
+    /// A credential issued now (a new boot's first contact).
+    issued: Option<[u8; CREDENTIAL_LEN]>,
+    /// The key the appliance proved in the handshake.
+    trusted: TrustedKey,
+}
+
+/// The environment variable a loader hands its boot's credential to the
+/// bundle's agent in (hex). Only the exec'd process gets it; it is
+/// removed from our environment once read.
+const CREDENTIAL_ENV: &str = "RACKCAST_CREDENTIAL";
+
+fn take_inherited_credential() -> Option<[u8; CREDENTIAL_LEN]> {
+    let v = std::env::var(CREDENTIAL_ENV).ok()?;
+    std::env::remove_var(CREDENTIAL_ENV);
+    let mut out = [0u8; CREDENTIAL_LEN];
+    if v.len() != CREDENTIAL_LEN * 2 {
+        return None;
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(v.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 fn report_frame(r: &Report) -> Result<bytes::Bytes> {
@@ -370,8 +428,9 @@ fn read_bundle_hash(dir: &Path) -> Result<String> {
     Ok(blake3::hash(&bytes).to_hex().to_string())
 }
 
-/// Replace this process with the bundle's agent.
-fn exec_agent(bin: &Path, args: &RunArgs, device: &str) -> Result<()> {
+/// Replace this process with the bundle's agent (same boot: it gets the
+/// credential and the key this connection proved).
+fn exec_agent(bin: &Path, args: &RunArgs, device: &str, cred: &[u8; CREDENTIAL_LEN]) -> Result<()> {
     let dir = bin.parent().unwrap_or(Path::new("."));
     tracing::info!(agent = %bin.display(), "starting the bundle's agent");
     let mut c = std::process::Command::new(bin);
@@ -396,6 +455,10 @@ fn exec_agent(bin: &Path, args: &RunArgs, device: &str) -> Result<()> {
     if let Some(k) = &args.trust_key {
         c.arg("--trust-key").arg(k);
     }
+    c.env(
+        CREDENTIAL_ENV,
+        blake3::Hash::from_bytes(*cred).to_hex().as_str(),
+    );
     let err = c.exec();
     Err(anyhow!("exec {}: {err}", bin.display()))
 }

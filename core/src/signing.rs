@@ -23,7 +23,9 @@ use thiserror::Error;
 
 /// Domain separation: a bundle signature can never be mistaken for a
 /// signature over anything else this key might sign later.
-const BUNDLE_CONTEXT: &[u8] = b"rackcast bundle v1\0";
+/// v2: the message binds the device and its boot, so a bundle signed for
+/// one machine (or an earlier boot) is refused by another.
+const BUNDLE_CONTEXT: &[u8] = b"rackcast bundle v2\0";
 
 /// Ed25519 public key bytes.
 pub const PUBLIC_KEY_LEN: usize = 32;
@@ -154,16 +156,31 @@ impl BundleSigner {
         fingerprint(&self.public_key())
     }
 
-    /// Signature over a bundle's content hash (64 hex digits).
-    pub fn sign_bundle(&self, hash: &str) -> [u8; SIGNATURE_LEN] {
-        self.key.sign(&bundle_message(hash)).to_bytes()
+    /// The key's seed: the control listeners' TLS key is this key, so the
+    /// fingerprint a loader trusts is proven in every handshake.
+    pub fn seed(&self) -> [u8; 32] {
+        self.key.to_bytes()
+    }
+
+    /// Signature over a bundle's content hash (64 hex digits), for this
+    /// device and boot.
+    pub fn sign_bundle(&self, hash: &str, device: &str, boot: u64) -> [u8; SIGNATURE_LEN] {
+        self.key
+            .sign(&bundle_message(hash, device, boot))
+            .to_bytes()
     }
 }
 
-fn bundle_message(hash: &str) -> Vec<u8> {
-    let mut m = Vec::with_capacity(BUNDLE_CONTEXT.len() + hash.len());
+/// Context, then each field length-prefixed (no two field lists give the
+/// same bytes).
+fn bundle_message(hash: &str, device: &str, boot: u64) -> Vec<u8> {
+    let mut m = Vec::with_capacity(BUNDLE_CONTEXT.len() + hash.len() + device.len() + 24);
     m.extend_from_slice(BUNDLE_CONTEXT);
-    m.extend_from_slice(hash.as_bytes());
+    for f in [hash.as_bytes(), device.as_bytes()] {
+        m.extend_from_slice(&(f.len() as u64).to_be_bytes());
+        m.extend_from_slice(f);
+    }
+    m.extend_from_slice(&boot.to_be_bytes());
     m
 }
 
@@ -202,14 +219,29 @@ impl TrustedKey {
         fingerprint(self.key.as_bytes())
     }
 
-    /// Check `signature` over bundle address `hash`.
-    pub fn verify_bundle(&self, hash: &str, signature: &[u8]) -> Result<(), SigningError> {
+    /// The trusted public key.
+    pub fn public_key(&self) -> [u8; PUBLIC_KEY_LEN] {
+        self.key.to_bytes()
+    }
+
+    /// Check `signature` over bundle address `hash` for this device and
+    /// boot.
+    pub fn verify_bundle(
+        &self,
+        hash: &str,
+        device: &str,
+        boot: u64,
+        signature: &[u8],
+    ) -> Result<(), SigningError> {
         let bad = || SigningError::BadSignature {
             hash: hash.to_string(),
         };
         let sig: [u8; SIGNATURE_LEN] = signature.try_into().map_err(|_| bad())?;
         self.key
-            .verify(&bundle_message(hash), &Signature::from_bytes(&sig))
+            .verify(
+                &bundle_message(hash, device, boot),
+                &Signature::from_bytes(&sig),
+            )
             .map_err(|_| bad())
     }
 }
@@ -226,15 +258,18 @@ mod tests {
         let s = BundleSigner::from_seed([7; 32]);
         let t = TrustedKey::check(&s.public_key(), &s.fingerprint()).unwrap();
         assert_eq!(t.fingerprint(), s.fingerprint());
-        let sig = s.sign_bundle(H1);
-        t.verify_bundle(H1, &sig).unwrap();
-        // Another bundle, a flipped bit, a short or missing signature.
-        assert!(t.verify_bundle(H2, &sig).is_err());
+        let sig = s.sign_bundle(H1, "rc-1", 2);
+        t.verify_bundle(H1, "rc-1", 2, &sig).unwrap();
+        // Another bundle, device or boot, a flipped bit, a short or
+        // missing signature.
+        assert!(t.verify_bundle(H2, "rc-1", 2, &sig).is_err());
+        assert!(t.verify_bundle(H1, "rc-2", 2, &sig).is_err());
+        assert!(t.verify_bundle(H1, "rc-1", 3, &sig).is_err());
         let mut flipped = sig;
         flipped[10] ^= 1;
-        assert!(t.verify_bundle(H1, &flipped).is_err());
-        assert!(t.verify_bundle(H1, &sig[..63]).is_err());
-        assert!(t.verify_bundle(H1, &[]).is_err());
+        assert!(t.verify_bundle(H1, "rc-1", 2, &flipped).is_err());
+        assert!(t.verify_bundle(H1, "rc-1", 2, &sig[..63]).is_err());
+        assert!(t.verify_bundle(H1, "rc-1", 2, &[]).is_err());
         // Another appliance's key does not pass the fingerprint check, and
         // its signatures do not pass ours.
         let rogue = BundleSigner::from_seed([8; 32]);
@@ -242,7 +277,9 @@ mod tests {
             TrustedKey::check(&rogue.public_key(), &s.fingerprint()),
             Err(SigningError::WrongKey { .. })
         ));
-        assert!(t.verify_bundle(H1, &rogue.sign_bundle(H1)).is_err());
+        assert!(t
+            .verify_bundle(H1, "rc-1", 2, &rogue.sign_bundle(H1, "rc-1", 2))
+            .is_err());
         assert!(matches!(
             TrustedKey::check(&[], &s.fingerprint()),
             Err(SigningError::NoKey { .. })

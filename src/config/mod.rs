@@ -205,8 +205,15 @@ pub struct ApplianceConfig {
     /// Every read on a control connection must complete within this.
     #[serde(default = "d_read_timeout", deserialize_with = "de_duration")]
     pub read_timeout: Duration,
+    /// Agent connections held at once on the control listener (one per
+    /// device, plus reconnects not yet noticed as gone).
+    #[serde(default = "d_agent_connections")]
+    pub max_agent_connections: usize,
 }
 
+fn d_agent_connections() -> usize {
+    8192
+}
 fn d_bundles() -> usize {
     16
 }

@@ -68,6 +68,12 @@ impl Config {
         if self.workflow.max_attempts == 0 {
             return Err(bad("workflow.max_attempts".into(), "expected >= 1".into()));
         }
+        if self.appliance.max_agent_connections == 0 {
+            return Err(bad(
+                "appliance.max_agent_connections".into(),
+                "expected >= 1".into(),
+            ));
+        }
         if self.appliance.max_inflight_bundles == 0 || self.appliance.max_inflight_transfers == 0 {
             return Err(bad(
                 "appliance.max_inflight_*".into(),

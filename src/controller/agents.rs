@@ -16,7 +16,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Input, Shared};
 use rackcast_core::io::conn::{map_io, Conn, ConnError, Frame};
-use rackcast_core::wire::device::{AgentMsg, ApplianceMsg, BLOB_CHUNK, DEVICE_PROTOCOL, MAX_FRAME};
+use rackcast_core::wire::device::{
+    AgentMsg, ApplianceMsg, BLOB_CHUNK, DEVICE_PROTOCOL, HELLO_MAX_FRAME, MAX_FRAME,
+};
 
 use std::time::Duration;
 
@@ -30,14 +32,38 @@ const PERMIT_WAIT: Duration = Duration::from_secs(10);
 /// A write to an agent that takes longer than this ends the connection
 /// (and frees what its queue held).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection must say Hello within this after its handshake.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Agent connections from one source address at once. A device has one
+/// (two for a moment while a reconnect replaces a dead one); a NAT or a
+/// relay in front of many devices is not a design case.
+pub const MAX_PER_SOURCE: u32 = 8;
 
 pub async fn accept_loop(listener: TcpListener, shared: Shared) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                // Capped before the handshake: a flood of connections holds
+                // at most its share of slots, each for at most the
+                // handshake and Hello deadlines.
+                let slot = match shared.agent_caps.take(peer.ip()) {
+                    Ok(s) => s,
+                    Err(full) => {
+                        metrics::counter!("rackcast_agent_refused_total", "reason" => match full {
+                            crate::limits::Full::Total => "connections",
+                            crate::limits::Full::Source => "connections_per_source",
+                        })
+                        .increment(1);
+                        tracing::warn!(%peer, reason = full.reason(), "agent connection refused");
+                        drop(stream);
+                        continue;
+                    }
+                };
                 let s = shared.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_agent(stream, s).await {
+                    let _slot = slot;
+                    if let Err(e) = serve_agent(stream, peer, s).await {
                         tracing::warn!(%peer, error = %e, "agent connection ended");
                     }
                 });
@@ -54,10 +80,23 @@ fn count_error(kind: &'static str) {
     metrics::counter!("rackcast_agent_protocol_errors_total", "kind" => kind).increment(1);
 }
 
-async fn serve_agent(stream: TcpStream, shared: Shared) -> Result<(), ConnError> {
+async fn serve_agent(
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    shared: Shared,
+) -> Result<(), ConnError> {
     let read_timeout = shared.cfg.appliance.read_timeout;
-    let mut conn = Conn::new(stream, MAX_FRAME);
-    let hello: AgentMsg = match conn.recv(read_timeout).await {
+    let stream = match rackcast_core::io::tls::accept(&shared.control_tls, stream).await {
+        Ok(s) => s,
+        Err(e) => {
+            count_error("tls");
+            return Err(e.into());
+        }
+    };
+    // Until it is admitted, the peer's frames are capped at a Hello's
+    // size, and it has the handshake deadline's worth of time to say it.
+    let mut conn = Conn::new(stream, HELLO_MAX_FRAME);
+    let hello: AgentMsg = match conn.recv(HELLO_TIMEOUT.min(read_timeout)).await {
         Ok(m) => m,
         Err(e) => {
             count_error(match e {
@@ -78,6 +117,7 @@ async fn serve_agent(stream: TcpStream, shared: Shared) -> Result<(), ConnError>
         mac,
         device_id,
         mode,
+        credential,
     } = hello
     else {
         count_error("out_of_order");
@@ -108,6 +148,8 @@ async fn serve_agent(stream: TcpStream, shared: Shared) -> Result<(), ConnError>
             mac: mac.clone(),
             device_id,
             mode,
+            presented: credential.map(|c| *blake3::hash(&c).as_bytes()),
+            peer,
             out: out_tx.clone(),
             reply: reply_tx,
         })
@@ -115,21 +157,27 @@ async fn serve_agent(stream: TcpStream, shared: Shared) -> Result<(), ConnError>
     {
         return Ok(());
     }
-    let device = match reply_rx.await {
-        Ok(Ok(id)) => id,
+    let super::Admitted {
+        device,
+        boot,
+        credential,
+    } = match reply_rx.await {
+        Ok(Ok(a)) => a,
         Ok(Err(why)) => {
             conn.close_with(ApplianceMsg::Error { message: why }).await;
             return Ok(());
         }
         Err(_) => return Ok(()),
     };
-    tracing::info!(%device, %mac, "agent connected");
+    tracing::info!(%device, %mac, boot, new_boot = credential.is_some(), "agent connected");
+    conn.set_max_frame(MAX_FRAME);
     // Welcome goes first on the writer: queue it before anything else.
     let (mut sink, mut frames) = conn.split();
     let welcome = ApplianceMsg::Welcome {
         protocol: DEVICE_PROTOCOL,
         device_id: device.clone(),
-        signer: shared.signer.public_key().to_vec(),
+        boot,
+        credential,
     }
     .encode()?;
     sink.send(bytes::Bytes::from(welcome)).await?;
@@ -241,7 +289,7 @@ async fn serve_agent(stream: TcpStream, shared: Shared) -> Result<(), ConnError>
                     }
                     Some(p) => match tokio::fs::read(&p).await {
                         Ok(bytes) => ApplianceMsg::Bundle {
-                            signature: shared.signer.sign_bundle(&hash).to_vec(),
+                            signature: shared.signer.sign_bundle(&hash, &device, boot).to_vec(),
                             hash,
                             bytes,
                         },

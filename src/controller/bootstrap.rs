@@ -31,7 +31,8 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let signer = Arc::new(rackcast_core::signing::BundleSigner::load_or_create(
         &cfg.signing_key_path(),
     )?);
-    tracing::info!(fingerprint = %signer.fingerprint(), "bundle-signing key");
+    tracing::info!(fingerprint = %signer.fingerprint(), "appliance key (bundle signatures, control-plane TLS)");
+    let control_tls = super::tls::control_config(&signer)?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .ok();
@@ -46,6 +47,11 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         metrics,
         signer,
         assigned: Assigned::default(),
+        control_tls: control_tls.clone(),
+        agent_caps: crate::limits::Caps::new(
+            cfg.appliance.max_agent_connections,
+            agents::MAX_PER_SOURCE,
+        ),
     };
     let wf = WorkflowConfig {
         step_timeout_ms: cfg.workflow.step_timeout.as_millis() as Millis,
@@ -74,6 +80,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         bundle_permits: Arc::new(Semaphore::new(cfg.appliance.max_inflight_bundles)),
         rt: tokio::runtime::Handle::current(),
         inbox: inbox.clone(),
+        control_tls,
     };
     ctl.recover()?;
     if let Some(t) = cfg.boot.tftp.clone() {

@@ -47,8 +47,12 @@ pub enum Input {
         mac: String,
         device_id: Option<String>,
         mode: AgentMode,
+        /// BLAKE3 of the credential the agent presented.
+        presented: Option<[u8; 32]>,
+        /// Where it connected from (for the log of a refusal).
+        peer: std::net::SocketAddr,
         out: Outbox,
-        reply: oneshot::Sender<Result<String, String>>,
+        reply: oneshot::Sender<Result<Admitted, String>>,
     },
     Report {
         device: String,
@@ -101,6 +105,17 @@ pub enum Input {
     Shutdown,
 }
 
+/// An agent connection the controller admitted.
+pub struct Admitted {
+    /// The device's id.
+    pub device: String,
+    /// Its boot (bundle signatures are bound to it).
+    pub boot: u64,
+    /// A credential issued to this connection (a new boot's first
+    /// contact); only here, in memory, is it ever in clear.
+    pub credential: Option<[u8; 32]>,
+}
+
 /// Messages to one agent connection's writer. A blob chunk carries its
 /// transfer permit: it is released once the chunk left, so at most
 /// `max_inflight_transfers` chunks are in memory, however slow the devices.
@@ -138,6 +153,8 @@ pub struct Controller {
     bundle_permits: Arc<Semaphore>,
     rt: tokio::runtime::Handle,
     inbox: mpsc::UnboundedSender<Input>,
+    /// Wave control listeners' TLS (the appliance key's certificate).
+    control_tls: Arc<rustls::ServerConfig>,
 }
 
 pub type Progress = Arc<std::sync::Mutex<HashMap<String, (u32, u32)>>>;
@@ -158,6 +175,10 @@ pub struct Shared {
     /// Device id -> the bundle generated for it: a connection gets only
     /// its own device's bundle (bundles can carry BMC credentials).
     pub assigned: Assigned,
+    /// Device control's TLS (the appliance key's certificate).
+    pub control_tls: Arc<rustls::ServerConfig>,
+    /// Agent connections held at once, in total and per source.
+    pub agent_caps: crate::limits::Caps,
 }
 
 pub type Assigned = Arc<std::sync::RwLock<HashMap<String, String>>>;
@@ -227,6 +248,8 @@ impl Controller {
                 mac,
                 device_id,
                 mode,
+                presented,
+                peer,
                 out,
                 reply,
             } => {
@@ -238,11 +261,46 @@ impl Controller {
                     tracing::info!(device = %id, %mac, "new device");
                     self.devices.insert(id.clone(), d);
                 }
+                let (boot, issued) = match workflow::admission(
+                    &self.devices[&id],
+                    &mode,
+                    presented.as_ref(),
+                ) {
+                    workflow::Admission::Refused(refusal) => {
+                        metrics::counter!("rackcast_agent_refused_total", "reason" => refusal.label())
+                            .increment(1);
+                        tracing::warn!(device = %id, %mac, %peer, reason = refusal.reason(), "agent refused");
+                        self.apply(
+                            &id,
+                            Event::ClaimRefused {
+                                refusal,
+                                peer: peer.to_string(),
+                            },
+                        );
+                        let _ = reply.send(Err(refusal.reason().to_string()));
+                        return;
+                    }
+                    workflow::Admission::Resume { boot } => (boot, None),
+                    workflow::Admission::Issue { boot } => {
+                        let c: [u8; 32] = rand::random();
+                        (boot, Some(c))
+                    }
+                };
                 self.conns.insert(id.clone(), (conn_id, out));
-                let _ = reply.send(Ok(id.clone()));
+                let _ = reply.send(Ok(Admitted {
+                    device: id.clone(),
+                    boot,
+                    credential: issued,
+                }));
                 let done_agent = matches!(mode, AgentMode::Agent { .. })
                     && self.devices[&id].reached == Step::Done;
-                self.apply(&id, Event::AgentConnected(mode));
+                self.apply(
+                    &id,
+                    Event::AgentConnected {
+                        mode,
+                        issued: issued.map(|c| *blake3::hash(&c).as_bytes()),
+                    },
+                );
                 if done_agent {
                     self.send_finished(&id);
                 }
@@ -294,7 +352,12 @@ impl Controller {
             Input::Retry { device, reply } => {
                 let r = match self.devices.get(&device) {
                     None => Err(format!("no device {device}")),
-                    Some(d) if d.failed.is_none() => Err(format!("{device} has not failed")),
+                    Some(d) if d.failed.is_none() && d.reached == Step::Done => {
+                        Err(format!("{device} is installed: reinstall it instead"))
+                    }
+                    Some(d) if d.failed.is_none() && d.connected => Err(format!(
+                        "{device} has not failed and its agent is connected: nothing to retry"
+                    )),
                     Some(_) => {
                         self.apply(&device, Event::Retry);
                         Ok(())

@@ -59,6 +59,23 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// The control listeners' TLS (device control, wave control): a
+/// self-signed certificate for the bundle-signing key itself, made at each
+/// start (the key is what loaders pin, not the certificate). TLS 1.3 only.
+pub fn control_config(
+    signer: &rackcast_core::signing::BundleSigner,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+    let seed = signer.seed();
+    let pkcs8 = PrivatePkcs8KeyDer::from(rackcast_core::io::tls::ed25519_pkcs8(&seed));
+    let key = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, &rcgen::PKCS_ED25519)?;
+    let cert =
+        rcgen::CertificateParams::new(vec![rackcast_core::io::tls::SERVER_NAME.to_string()])?
+            .self_signed(&key)?;
+    let der = CertificateDer::from(cert.der().to_vec());
+    Ok(rackcast_core::io::tls::server_config(der, &seed)?)
+}
+
 /// The rustls server config from the operator certificate and key.
 pub fn server_config(cfg: &Config) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     use rustls::pki_types::pem::PemObject;

@@ -41,7 +41,10 @@ impl Controller {
                 WaveAction::Start { image, members } => self.start_wave(&image, members),
                 WaveAction::Join { wave, device } => {
                     if let Some(w) = self.waves.get(&wave) {
-                        let _ = w.commands.send(WaveCommand::Expect(device.clone()));
+                        let _ = w.commands.send(WaveCommand::Expect(
+                            device.clone(),
+                            self.member_key(&device),
+                        ));
                         let join = self.join_for(wave, &w.image);
                         if let Some(j) = join {
                             self.apply(&device, Event::WaveAssigned(j));
@@ -57,6 +60,16 @@ impl Controller {
                 }
             }
         }
+    }
+
+    /// The hash of the credential a member must present to its wave. A
+    /// device without one (cannot be in a wave: it was never admitted)
+    /// gets a hash no credential has.
+    fn member_key(&self, device: &str) -> send::CredentialHash {
+        self.devices
+            .get(device)
+            .and_then(|d| d.credential)
+            .unwrap_or([0; 32])
     }
 
     pub(super) fn join_for(&self, wave: i64, image: &str) -> Option<WaveJoin> {
@@ -135,6 +148,7 @@ impl Controller {
             hello_timeout: self.cfg.waves.hello_timeout,
             gso_segments: self.cfg.dataplane.gso_segments,
             wave_label: id.to_string(),
+            tls: self.control_tls.clone(),
             cfg: SenderConfig {
                 expected: members.len(),
                 start_timeout: self.cfg.waves.member_timeout,
@@ -144,7 +158,10 @@ impl Controller {
             },
         };
         let link = WaveLink {
-            members: members.clone(),
+            members: members
+                .iter()
+                .map(|m| (m.clone(), self.member_key(m)))
+                .collect(),
             commands: cmd_rx,
             events: ev_tx,
         };

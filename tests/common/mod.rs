@@ -728,31 +728,69 @@ pub fn tcp_in_netns(ns: &str, addr: &str) -> std::net::TcpStream {
     .unwrap()
 }
 
-/// A device-protocol client speaking raw frames (4-byte length, body).
-pub struct RawAgent(pub std::net::TcpStream);
+/// A raw frame client (4-byte length, body) over TLS, for attacks no
+/// real peer makes: it speaks the device protocol or a wave's control
+/// protocol. `pin`: the key the server must prove (`None`: any).
+pub struct RawAgent(pub rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>);
 
 impl RawAgent {
     pub fn connect(ns: &str) -> RawAgent {
-        RawAgent(tcp_in_netns(ns, ApplianceConfig::CONTROL))
+        RawAgent::connect_to(ns, ApplianceConfig::CONTROL, None)
     }
 
-    pub fn send(&mut self, m: &rackcast_core::wire::device::AgentMsg) {
+    /// Connect to `addr` from namespace `ns`; panics if the server does
+    /// not prove `pin`.
+    pub fn connect_to(ns: &str, addr: &str, pin: Option<&str>) -> RawAgent {
+        RawAgent::try_connect(ns, addr, pin).expect("TLS handshake")
+    }
+
+    /// The handshake's result: an error when the server does not prove
+    /// `pin` (or is not TLS).
+    pub fn try_connect(ns: &str, addr: &str, pin: Option<&str>) -> std::io::Result<RawAgent> {
+        let tcp = tcp_in_netns(ns, addr);
+        let cfg = rackcast_core::io::tls::client_config(pin).unwrap();
+        let name =
+            rustls::pki_types::ServerName::try_from(rackcast_core::io::tls::SERVER_NAME).unwrap();
+        let conn = rustls::ClientConnection::new(cfg, name).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        while s.conn.is_handshaking() {
+            s.conn.complete_io(&mut s.sock)?;
+        }
+        Ok(RawAgent(s))
+    }
+
+    /// The Ed25519 key the server proved.
+    pub fn peer_key(&self) -> [u8; 32] {
+        let certs = self.0.conn.peer_certificates().unwrap();
+        rackcast_core::io::tls::cert_ed25519_key(&certs[0]).unwrap()
+    }
+
+    pub fn send_bytes(&mut self, body: &[u8]) {
         use std::io::Write;
-        let body = m.emit().unwrap();
         self.0
             .write_all(&(body.len() as u32).to_be_bytes())
             .unwrap();
-        self.0.write_all(&body).unwrap();
+        self.0.write_all(body).unwrap();
+        self.0.flush().unwrap();
     }
 
-    /// The next message, or `None` once the appliance closed (or 10 s).
-    pub fn recv(&mut self) -> Option<rackcast_core::wire::device::ApplianceMsg> {
+    pub fn send(&mut self, m: &rackcast_core::wire::device::AgentMsg) {
+        self.send_bytes(&m.emit().unwrap());
+    }
+
+    /// The next frame's body, or `None` once the peer closed (or 10 s).
+    pub fn recv_bytes(&mut self) -> Option<Vec<u8>> {
         use std::io::Read;
         let mut len = [0u8; 4];
         self.0.read_exact(&mut len).ok()?;
         let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
         self.0.read_exact(&mut body).ok()?;
-        rackcast_core::wire::device::ApplianceMsg::parse(&body).ok()
+        Some(body)
+    }
+
+    /// The next message, or `None` once the appliance closed (or 10 s).
+    pub fn recv(&mut self) -> Option<rackcast_core::wire::device::ApplianceMsg> {
+        rackcast_core::wire::device::ApplianceMsg::parse(&self.recv_bytes()?).ok()
     }
 }
 

@@ -1,7 +1,7 @@
-//! A TCP control connection: length-delimited frames of one message type
-//! per direction, a bounded frame size and a timeout on every read. Both
-//! control protocols use it: a wave's session (`wire::control`) and the
-//! device workflow (`wire::device`).
+//! A control connection: length-delimited frames of one message type per
+//! direction over TLS ([`super::tls`]), a bounded frame size and a timeout
+//! on every read. Both control protocols use it: a wave's session
+//! (`wire::control`) and the device workflow (`wire::device`).
 //!
 //! Owns: framing and the mapping of I/O failures to [`ConnError`]. Must not:
 //! decide anything about the session (the cores do).
@@ -11,6 +11,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use thiserror::Error;
 
+use super::tls::CtlStream;
 use crate::backoff::Backoff;
 use tokio::net::TcpStream;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
@@ -39,6 +40,10 @@ pub enum ConnError {
     /// A device-protocol frame was refused.
     #[error(transparent)]
     Device(#[from] DeviceWireError),
+    /// The TLS handshake failed (for a client: the server did not prove
+    /// the pinned key).
+    #[error(transparent)]
+    Tls(#[from] super::tls::TlsError),
 }
 
 /// A message type that travels in frames.
@@ -83,13 +88,14 @@ impl Frame for ApplianceMsg {
 
 /// The sending half of a split connection.
 pub type FrameSink =
-    futures_util::stream::SplitSink<Framed<TcpStream, LengthDelimitedCodec>, bytes::Bytes>;
+    futures_util::stream::SplitSink<Framed<CtlStream, LengthDelimitedCodec>, bytes::Bytes>;
 /// The receiving half of a split connection.
-pub type FrameStream = futures_util::stream::SplitStream<Framed<TcpStream, LengthDelimitedCodec>>;
+pub type FrameStream = futures_util::stream::SplitStream<Framed<CtlStream, LengthDelimitedCodec>>;
 
-/// A framed TCP connection: length-delimited frames of bounded size, timed reads.
+/// A framed control connection: length-delimited frames of bounded size,
+/// timed reads.
 pub struct Conn {
-    framed: Framed<TcpStream, LengthDelimitedCodec>,
+    framed: Framed<CtlStream, LengthDelimitedCodec>,
     max_frame: usize,
 }
 
@@ -173,14 +179,26 @@ pub fn codec(max_frame: usize) -> LengthDelimitedCodec {
 }
 
 impl Conn {
-    /// A connection whose largest accepted frame is `max_frame` (use the
-    /// larger of the two directions' `Frame::MAX_FRAME`).
-    pub fn new(stream: TcpStream, max_frame: usize) -> Conn {
-        let _ = stream.set_nodelay(true);
+    /// A connection whose largest accepted frame is `max_frame`. A server
+    /// starts with the small limit of its peer's first message and lifts
+    /// it with [`Conn::set_max_frame`] once the peer is authenticated, so
+    /// an anonymous peer cannot make it reserve megabytes.
+    pub fn new(stream: CtlStream, max_frame: usize) -> Conn {
         Conn {
             framed: Framed::new(stream, codec(max_frame)),
             max_frame,
         }
+    }
+
+    /// Change the largest frame accepted from now on.
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.framed.codec_mut().set_max_frame_length(max_frame);
+        self.max_frame = max_frame;
+    }
+
+    /// The TLS stream under the frames (the peer's certificate).
+    pub fn stream(&self) -> &CtlStream {
+        self.framed.get_ref()
     }
 
     /// Send one message.

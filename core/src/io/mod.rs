@@ -2,7 +2,7 @@
 //! tasks, files.
 //!
 //! Owns: [`net`] (multicast sockets, sendmmsg/GSO, recvmmsg/GRO), [`conn`]
-//! (framed TCP control connections, and the [`conn::Dialer`] whose windows
+//! (framed control connections over TLS ([`tls`]), and the [`conn::Dialer`] whose windows
 //! follow the one [`crate::backoff::Backoff`]), [`send`] (the wave sender's driver) and [`receive`]
 //! (the receiver's driver: control session, resume state, writer), plus
 //! process setup both binaries share. Must not: make protocol or workflow
@@ -12,6 +12,7 @@ pub mod conn;
 pub mod net;
 pub mod receive;
 pub mod send;
+pub mod tls;
 
 /// The data plane allocates and frees block-sized (1 MiB) buffers all the
 /// time; glibc would serve each from a fresh mmap and give it back with

@@ -15,7 +15,15 @@ use crate::wire::packet::KEY_LEN;
 
 /// Spoken in `Hello`/`Welcome`; a mismatch closes the connection with a
 /// clear error on both sides.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
+/// Longest receiver name.
+pub const MAX_NAME: usize = 128;
+/// Largest first frame (`Hello`) a sender accepts from a receiver it has
+/// not admitted yet.
+pub const HELLO_MAX_FRAME: usize = 1024;
+/// Largest frame a sender accepts from an admitted receiver (a `Status`
+/// with its gap bitmaps).
+pub const RECEIVER_MAX_FRAME: usize = 4 << 20;
 /// Largest frame accepted (64 MiB), refused before allocation. A manifest
 /// costs ~34 bytes per block, so this bounds one image to ~1.9 TiB in 1 MiB
 /// blocks; larger images use larger blocks.
@@ -104,6 +112,9 @@ pub enum Msg {
         protocol: u16,
         /// The receiver's name (the device id in appliance waves).
         name: String,
+        /// The device's credential (appliance waves admit a member only
+        /// with it; a lab `rackcast send` admits anyone).
+        credential: Option<[u8; 32]>,
     },
     /// Joined the group; `resumed_blocks` were already on disk.
     Ready {
@@ -181,6 +192,12 @@ pub fn parse(frame: &[u8]) -> Result<Msg, ControlError> {
             if *protocol != PROTOCOL_VERSION =>
         {
             return Err(ControlError::Version { got: *protocol });
+        }
+        Msg::Hello { name, .. } if name.is_empty() || name.len() > MAX_NAME => {
+            return Err(ControlError::Invalid(format!(
+                "receiver name of {} bytes (1 to {MAX_NAME})",
+                name.len()
+            )));
         }
         Msg::Welcome { session, .. } => {
             session
@@ -318,6 +335,7 @@ mod tests {
         let bad = Msg::Hello {
             protocol: 99,
             name: "x".into(),
+            credential: None,
         };
         assert!(matches!(
             parse(&emit(&bad).unwrap()),

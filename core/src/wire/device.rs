@@ -11,11 +11,17 @@ use thiserror::Error;
 
 use crate::model::{AgentMode, Command, OpRecord, Outcome, StepData};
 
-/// Spoken in `Hello`/`Welcome`. 2: the appliance's signing key in
-/// `Welcome`, a signature with every `Bundle`.
-pub const DEVICE_PROTOCOL: u16 = 2;
-/// Largest frame either side accepts (blob chunks are 1 MiB).
+/// Spoken in `Hello`/`Welcome`. 3: over TLS (the appliance's key is the
+/// certificate's), a per-boot device credential in `Hello`/`Welcome`,
+/// bundle signatures bound to device and boot.
+pub const DEVICE_PROTOCOL: u16 = 3;
+/// Largest frame either side accepts once the peer is known.
 pub const MAX_FRAME: usize = 4 << 20;
+/// Largest first frame (`Hello`) the appliance accepts from a peer it does
+/// not know yet: an anonymous connection cannot make it reserve more.
+pub const HELLO_MAX_FRAME: usize = 1024;
+/// A device credential: 32 random bytes, issued per boot.
+pub const CREDENTIAL_LEN: usize = 32;
 /// Blob bytes per `BlobChunk`. Small on purpose: a connection's write
 /// buffer keeps the capacity of the largest frame it ever sent, and an
 /// appliance holds a thousand connections.
@@ -38,6 +44,9 @@ pub enum AgentMsg {
         device_id: Option<String>,
         /// Loader or bundle agent.
         mode: AgentMode,
+        /// The credential this boot was issued (none at a boot's first
+        /// contact: `Welcome` then carries one).
+        credential: Option<[u8; CREDENTIAL_LEN]>,
     },
     /// The result of a command, resent until acknowledged.
     Report {
@@ -84,10 +93,12 @@ pub enum ApplianceMsg {
         protocol: u16,
         /// The device's id from now on.
         device_id: String,
-        /// The appliance's Ed25519 public key (see `signing`): a device
-        /// told to trust a fingerprint checks it against this.
-        #[serde(with = "serde_bytes")]
-        signer: Vec<u8>,
+        /// The device's boot number: bundle signatures are bound to it.
+        boot: u64,
+        /// A new credential, issued at this boot's first contact: the agent
+        /// presents it on every later connection (and to waves). `None`
+        /// when the agent presented the current one.
+        credential: Option<[u8; CREDENTIAL_LEN]>,
     },
     /// Do this for the step in progress.
     Run(Command),
@@ -104,7 +115,8 @@ pub enum ApplianceMsg {
         // Bytes, not a sequence of u8: one copy instead of a loop.
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
-        /// Ed25519 signature of `hash` by the `Welcome` key.
+        /// Ed25519 signature by the appliance's key (the one its TLS
+        /// certificate proved) over `hash`, the device id and its boot.
         #[serde(with = "serde_bytes")]
         signature: Vec<u8>,
     },
@@ -252,14 +264,7 @@ impl ApplianceMsg {
             } if data.len() > BLOB_CHUNK || offset.saturating_add(data.len() as u64) > *total => {
                 return Err(DeviceWireError::Invalid("blob chunk out of range".into()));
             }
-            ApplianceMsg::Welcome { signer, .. }
-                if !signer.is_empty() && signer.len() != crate::signing::PUBLIC_KEY_LEN =>
-            {
-                return Err(DeviceWireError::Invalid(format!(
-                    "signing key of {} bytes",
-                    signer.len()
-                )));
-            }
+            ApplianceMsg::Welcome { device_id, .. } => check_len("device id", device_id, MAX_ID)?,
             ApplianceMsg::Bundle {
                 hash, signature, ..
             } => {
@@ -309,6 +314,7 @@ mod tests {
             mac: "02:00:00:00:00:01".into(),
             device_id: None,
             mode: AgentMode::Loader { os_present: false },
+            credential: Some([4; CREDENTIAL_LEN]),
         }
     }
 
@@ -361,7 +367,8 @@ mod tests {
             ApplianceMsg::Welcome {
                 protocol: DEVICE_PROTOCOL,
                 device_id: "rc-1".into(),
-                signer: vec![3; 32],
+                boot: 3,
+                credential: Some([3; CREDENTIAL_LEN]),
             },
             ApplianceMsg::Bundle {
                 hash: "b".repeat(64),
@@ -380,6 +387,7 @@ mod tests {
             mac: "zz".into(),
             device_id: None,
             mode: AgentMode::Loader { os_present: false },
+            credential: None,
         };
         assert!(matches!(
             AgentMsg::parse(&postcard::to_stdvec(&bad_mac).unwrap()),
@@ -398,12 +406,13 @@ mod tests {
             data: vec![0; 5],
         };
         assert!(ApplianceMsg::parse(&postcard::to_stdvec(&chunk).unwrap()).is_err());
-        let short_key = ApplianceMsg::Welcome {
+        let long_id = ApplianceMsg::Welcome {
             protocol: DEVICE_PROTOCOL,
-            device_id: "rc-1".into(),
-            signer: vec![3; 31],
+            device_id: "r".repeat(MAX_ID + 1),
+            boot: 1,
+            credential: None,
         };
-        assert!(ApplianceMsg::parse(&postcard::to_stdvec(&short_key).unwrap()).is_err());
+        assert!(ApplianceMsg::parse(&postcard::to_stdvec(&long_id).unwrap()).is_err());
         let long_sig = ApplianceMsg::Bundle {
             hash: "b".repeat(64),
             bytes: vec![],

@@ -232,6 +232,7 @@ fn device_protocol_is_pinned() {
                 mac: "52:54:00:00:00:01".into(),
                 device_id: Some("rc-525400000001".into()),
                 mode: AgentMode::Loader { os_present: true },
+                credential: Some([0x11; 32]),
             },
         ),
         (
@@ -243,6 +244,7 @@ fn device_protocol_is_pinned() {
                 mode: AgentMode::Agent {
                     bundle: "ef".repeat(32),
                 },
+                credential: None,
             },
         ),
         (
@@ -318,7 +320,8 @@ fn device_protocol_is_pinned() {
         ApplianceMsg::Welcome {
             protocol: DEVICE_PROTOCOL,
             device_id: "rc-525400000001".into(),
-            signer: vec![5; 32],
+            boot: 7,
+            credential: Some([5; 32]),
         },
     )];
     for (i, (name, work)) in works.into_iter().enumerate() {
@@ -389,6 +392,7 @@ fn wave_control_protocol_is_pinned() {
             Msg::Hello {
                 protocol: control::PROTOCOL_VERSION,
                 name: "rc-525400000001".into(),
+                credential: Some([0x22; 32]),
             },
         ),
         ("ready", Msg::Ready { resumed_blocks: 2 }),

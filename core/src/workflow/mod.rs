@@ -84,10 +84,109 @@ pub struct Device {
     /// runs (bundle generation, a wave), so retries stay counted.
     #[serde(default)]
     pub deferred_attempt: u32,
+    /// BLAKE3 of the credential of the device's current boot: every
+    /// connection of this boot presents it (never stored in clear).
+    #[serde(default)]
+    pub credential: Option<[u8; 32]>,
+    /// The device's boot number: counts the credentials issued; bundle
+    /// signatures are bound to it.
+    #[serde(default)]
+    pub boot: u64,
+    /// A new boot may claim the device (be issued a credential): true for
+    /// a new device, after its agent announced a possible reboot, and after
+    /// an operator's retry, reinstall or approval; false once a credential
+    /// was issued.
+    #[serde(default = "yes")]
+    pub claim_open: bool,
     /// When the record was made.
     pub created: Millis,
     /// When it last changed.
     pub updated: Millis,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// What the appliance answers an agent's `Hello`, before anything else
+/// happens ([`admission`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// It presented the current boot's credential.
+    Resume {
+        /// The boot it belongs to.
+        boot: u64,
+    },
+    /// The first contact of a new boot: it gets a new credential (apply
+    /// [`Event::AgentConnected`] with its hash).
+    Issue {
+        /// The new boot's number.
+        boot: u64,
+    },
+    /// Refused; the connection is closed and the refusal logged on the
+    /// device.
+    Refused(Refusal),
+}
+
+/// Why a claim of a device was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A credential that is not the device's current one.
+    WrongCredential,
+    /// No credential, and the current boot already has one: another host
+    /// claims this MAC (or the machine restarted when nothing said it
+    /// would; an operator's retry re-arms it).
+    AlreadyClaimed,
+    /// A loader on an installed device: only an operator's reinstall
+    /// starts it over.
+    Installed,
+}
+
+impl Refusal {
+    /// Counter label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::WrongCredential => "wrong_credential",
+            Refusal::AlreadyClaimed => "already_claimed",
+            Refusal::Installed => "installed",
+        }
+    }
+
+    /// For the device's log and the refused agent.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::WrongCredential => {
+                "another host claims this MAC: its credential is not this boot's"
+            }
+            Refusal::AlreadyClaimed => {
+                "another host claims this MAC: this boot's credential was already issued \
+                 (an operator's `rackcast retry` re-arms a device that restarted unexpectedly)"
+            }
+            Refusal::Installed => {
+                "a loader on an installed device: only an operator's reinstall starts it over"
+            }
+        }
+    }
+}
+
+/// Decide on an agent's `Hello` for `dev`: `presented` is the BLAKE3 of
+/// the credential it presented. Pure: the caller applies
+/// [`Event::AgentConnected`] (admitted) or [`Event::ClaimRefused`].
+pub fn admission(dev: &Device, mode: &AgentMode, presented: Option<&[u8; 32]>) -> Admission {
+    match presented {
+        Some(h) => {
+            if dev.credential.as_ref() == Some(h) {
+                Admission::Resume { boot: dev.boot }
+            } else {
+                Admission::Refused(Refusal::WrongCredential)
+            }
+        }
+        None if matches!(mode, AgentMode::Loader { .. }) && dev.reached == Step::Done => {
+            Admission::Refused(Refusal::Installed)
+        }
+        None if !dev.claim_open => Admission::Refused(Refusal::AlreadyClaimed),
+        None => Admission::Issue { boot: dev.boot + 1 },
+    }
 }
 
 impl Device {
@@ -108,6 +207,9 @@ impl Device {
             via_os: false,
             deferred_attempt: 0,
             connected: false,
+            credential: None,
+            boot: 0,
+            claim_open: true,
             created: now,
             updated: now,
         }
@@ -179,8 +281,23 @@ pub enum Event {
         /// Its operations so far.
         ops: Vec<OpRecord>,
     },
-    /// An agent of the device connected (loader or bundle agent).
-    AgentConnected(AgentMode),
+    /// An agent of the device connected (loader or bundle agent) and was
+    /// admitted ([`admission`]); `issued`: the hash of the new credential
+    /// it was given (a new boot).
+    AgentConnected {
+        /// Loader or bundle agent.
+        mode: AgentMode,
+        /// A new boot's credential hash.
+        issued: Option<[u8; 32]>,
+    },
+    /// A claim of the device was refused ([`admission`]): logged against
+    /// the device, nothing else changes.
+    ClaimRefused {
+        /// Why.
+        refusal: Refusal,
+        /// Who (the peer address).
+        peer: String,
+    },
     /// Its connection closed.
     AgentDisconnected,
     /// The agent's result for command `cmd_id`.
@@ -333,14 +450,39 @@ impl Fx<'_> {
                 if let Some(run) = self.dev.running.clone() {
                     if run.cmd_id == cmd_id {
                         self.log_ops(run.step, &ops);
+                        // Sent before something that may restart the
+                        // machine: its next boot may claim the device.
+                        self.dev.claim_open = true;
                     }
                 }
+            }
+            Event::ClaimRefused { refusal, peer } => {
+                let step = self.dev.current_step();
+                self.log(
+                    step,
+                    "refused",
+                    None,
+                    format!("{} (from {peer})", refusal.reason()),
+                );
             }
             Event::BootFileServed(what) => {
                 let step = self.dev.current_step();
                 self.log(step, "info", None, what);
             }
-            Event::AgentConnected(mode) => {
+            Event::AgentConnected { mode, issued } => {
+                if let Some(h) = issued {
+                    self.dev.credential = Some(h);
+                    self.dev.boot += 1;
+                    self.dev.claim_open = false;
+                    let step = self.dev.current_step();
+                    let boot = self.dev.boot;
+                    self.log(
+                        step,
+                        "info",
+                        None,
+                        format!("boot {boot}: credential issued"),
+                    );
+                }
                 self.dev.connected = true;
                 self.on_connected(mode);
                 // A retry that came due while the device was away.
@@ -403,8 +545,19 @@ impl Fx<'_> {
             Event::Tick => self.on_tick(),
             Event::Retry => {
                 if let Some(f) = self.dev.failed.clone() {
+                    // The operator vouches for the machine's next boot.
+                    self.dev.claim_open = true;
                     let why = format!("operator retry after: {}", f.reason);
                     self.retry(f, why);
+                } else if self.dev.reached != Step::Done && !self.dev.claim_open {
+                    self.dev.claim_open = true;
+                    let step = self.dev.current_step();
+                    self.log(
+                        step,
+                        "info",
+                        None,
+                        "operator re-armed the device: its next boot may claim it".into(),
+                    );
                 }
             }
             Event::Reinstall => {
@@ -425,6 +578,7 @@ impl Fx<'_> {
             created: self.dev.created,
             next_cmd: self.dev.next_cmd,
             connected: self.dev.connected,
+            boot: self.dev.boot,
             ..Device::new(&self.dev.id, &self.dev.mac, self.now)
         };
         self.log_transition(Step::Discovered, "info", from, None, why.into());
@@ -449,9 +603,11 @@ impl Fx<'_> {
         match mode {
             AgentMode::Loader { os_present } => {
                 if self.dev.reached == Step::Done {
-                    // A finished device whose loader runs again was asked
-                    // to be re-imaged (booted into the loader on purpose).
-                    self.start_over("loader started on a finished device: reinstall");
+                    // Admission refuses a loader on an installed device;
+                    // one that held the credential of its last boot is
+                    // still no reason to wipe it. Only an operator's
+                    // reinstall starts it over.
+                    return;
                 }
                 if self.dev.reached < Step::LoaderBooted {
                     let from = self.state_label();

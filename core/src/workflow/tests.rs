@@ -100,9 +100,10 @@ impl Sim {
 
     /// Loader connects, reports inventory, gets its bundle.
     fn reach_agent_delivered(&mut self, plan: Plan) {
-        self.ev(Event::AgentConnected(AgentMode::Loader {
-            os_present: false,
-        }));
+        self.ev(Event::AgentConnected {
+            mode: AgentMode::Loader { os_present: false },
+            issued: None,
+        });
         assert_eq!(self.last_cmd().work, Work::Inventory);
         self.ok(StepData::Inventory(Box::default()));
         assert!(self.other.contains(&Action::BuildBundle));
@@ -116,9 +117,12 @@ impl Sim {
         );
         self.ok(StepData::None);
         assert!(self.dev.reached >= Step::AgentDelivered);
-        self.ev(Event::AgentConnected(AgentMode::Agent {
-            bundle: "b1".into(),
-        }));
+        self.ev(Event::AgentConnected {
+            mode: AgentMode::Agent {
+                bundle: "b1".into(),
+            },
+            issued: None,
+        });
     }
 
     fn join(&self) -> WaveJoin {
@@ -204,6 +208,24 @@ fn operator_reinstall_starts_a_finished_device_over() {
     s.ev(Event::Reinstall);
     assert_eq!(s.rows.len(), rows);
     // Drive to done, then reinstall.
+    finish(&mut s);
+    let cmd = s.dev.next_cmd;
+    s.ev(Event::Reinstall);
+    assert_eq!(s.dev.reached, Step::Discovered);
+    assert!(s.dev.next_cmd >= cmd, "command ids keep counting");
+    let last = s.rows.last().unwrap();
+    assert!(last.detail.contains("reinstall requested by the operator"));
+    assert_eq!(last.from_state, "done:done");
+    // Its loader comes back: the steps run again.
+    s.ev(Event::AgentConnected {
+        mode: AgentMode::Loader { os_present: false },
+        issued: None,
+    });
+    assert_eq!(s.last_cmd().work, Work::Inventory);
+}
+
+/// Drive a device that has its bundle to `done`.
+fn finish(s: &mut Sim) {
     for _ in 0..20 {
         if s.dev.reached == Step::Done {
             break;
@@ -221,18 +243,120 @@ fn operator_reinstall_starts_a_finished_device_over() {
         }
     }
     assert_eq!(s.dev.reached, Step::Done);
-    let cmd = s.dev.next_cmd;
-    s.ev(Event::Reinstall);
-    assert_eq!(s.dev.reached, Step::Discovered);
-    assert!(s.dev.next_cmd >= cmd, "command ids keep counting");
-    let last = s.rows.last().unwrap();
-    assert!(last.detail.contains("reinstall requested by the operator"));
-    assert_eq!(last.from_state, "done:done");
-    // Its loader comes back: the steps run again.
-    s.ev(Event::AgentConnected(AgentMode::Loader {
-        os_present: false,
-    }));
+}
+
+#[test]
+fn each_boot_claims_the_device_once_and_only_its_credential_comes_back() {
+    let mut s = Sim::new();
+    let loader = AgentMode::Loader { os_present: false };
+    let (c1, c2) = ([1u8; 32], [2u8; 32]);
+    // First contact of the first boot: a credential is issued.
+    assert_eq!(
+        admission(&s.dev, &loader, None),
+        Admission::Issue { boot: 1 }
+    );
+    s.ev(Event::AgentConnected {
+        mode: loader.clone(),
+        issued: Some(c1),
+    });
+    assert_eq!((s.dev.boot, s.dev.credential), (1, Some(c1)));
     assert_eq!(s.last_cmd().work, Work::Inventory);
+    // Another host naming the MAC, without the credential or with
+    // another, is refused; the holder comes back.
+    assert_eq!(
+        admission(&s.dev, &loader, None),
+        Admission::Refused(Refusal::AlreadyClaimed)
+    );
+    assert_eq!(
+        admission(&s.dev, &loader, Some(&c2)),
+        Admission::Refused(Refusal::WrongCredential)
+    );
+    assert_eq!(
+        admission(&s.dev, &loader, Some(&c1)),
+        Admission::Resume { boot: 1 }
+    );
+    // The refusal is a row on the device and changes nothing else.
+    let before = s.dev.clone();
+    s.ev(Event::ClaimRefused {
+        refusal: Refusal::AlreadyClaimed,
+        peer: "198.18.0.66:40000".into(),
+    });
+    assert_eq!(s.dev, before);
+    let row = s.rows.last().unwrap();
+    assert_eq!(row.kind, "refused");
+    assert!(
+        row.detail.contains("another host claims this MAC"),
+        "{}",
+        row.detail
+    );
+    assert!(row.detail.contains("198.18.0.66"), "{}", row.detail);
+    // Progress of a stale command opens nothing; the running one's
+    // (sent before a reset of the machine) lets the next boot claim it,
+    // and the old boot's credential is void from then on.
+    s.ev(Event::Progress {
+        cmd_id: 999,
+        ops: vec![],
+    });
+    assert!(!s.dev.claim_open);
+    let cmd = s.last_cmd().cmd_id;
+    s.ev(Event::Progress {
+        cmd_id: cmd,
+        ops: vec![],
+    });
+    assert_eq!(
+        admission(&s.dev, &loader, None),
+        Admission::Issue { boot: 2 }
+    );
+    s.ev(Event::AgentConnected {
+        mode: loader.clone(),
+        issued: Some(c2),
+    });
+    assert_eq!(
+        admission(&s.dev, &loader, Some(&c1)),
+        Admission::Refused(Refusal::WrongCredential)
+    );
+    assert_eq!(
+        admission(&s.dev, &loader, None),
+        Admission::Refused(Refusal::AlreadyClaimed)
+    );
+    // An operator's retry re-arms a device that is not done.
+    s.ev(Event::Retry);
+    assert!(s.dev.claim_open);
+    assert!(s.rows.last().unwrap().detail.contains("re-armed"));
+}
+
+#[test]
+fn an_installed_device_is_started_over_only_by_the_operator() {
+    let mut s = Sim::new();
+    s.reach_agent_delivered(plan(false));
+    finish(&mut s);
+    let loader = AgentMode::Loader { os_present: false };
+    s.dev.claim_open = true;
+    assert_eq!(
+        admission(&s.dev, &loader, None),
+        Admission::Refused(Refusal::Installed)
+    );
+    // Even a loader admitted some other way does not wipe it.
+    s.sent.clear();
+    s.ev(Event::AgentConnected {
+        mode: loader.clone(),
+        issued: None,
+    });
+    assert_eq!(s.dev.reached, Step::Done);
+    assert!(
+        s.sent.is_empty(),
+        "no command to an installed device's loader"
+    );
+    // Retry does not re-arm an installed device; reinstall does.
+    s.dev.claim_open = false;
+    s.ev(Event::Retry);
+    assert!(!s.dev.claim_open);
+    s.ev(Event::Reinstall);
+    assert_eq!(
+        admission(&s.dev, &loader, None),
+        Admission::Issue { boot: 1 }
+    );
+    assert_eq!(s.dev.credential, None, "the old boot's credential is void");
 }
 
 #[test]
@@ -388,9 +512,12 @@ fn reconnect_resends_the_running_command_with_its_id() {
     s.reach_agent_delivered(plan(true));
     let c = s.last_cmd();
     s.ev(Event::AgentDisconnected);
-    s.ev(Event::AgentConnected(AgentMode::Agent {
-        bundle: "b1".into(),
-    }));
+    s.ev(Event::AgentConnected {
+        mode: AgentMode::Agent {
+            bundle: "b1".into(),
+        },
+        issued: None,
+    });
     assert_eq!(s.last_cmd(), c);
     // A loader (device rebooted by the BIOS step) gets its bundle again,
     // without a new step.
@@ -398,9 +525,10 @@ fn reconnect_resends_the_running_command_with_its_id() {
     let reached = s.dev.reached;
     s.ev(Event::AgentDisconnected);
     let running = s.dev.running.clone().expect("next step running");
-    s.ev(Event::AgentConnected(AgentMode::Loader {
-        os_present: false,
-    }));
+    s.ev(Event::AgentConnected {
+        mode: AgentMode::Loader { os_present: false },
+        issued: None,
+    });
     let fetch = s.last_cmd();
     assert!(matches!(fetch.work, Work::FetchBundle { .. }));
     assert_eq!(s.dev.reached, reached);
@@ -416,9 +544,12 @@ fn reconnect_resends_the_running_command_with_its_id() {
         ops: vec![],
     });
     assert_eq!(s.rows.len(), rows);
-    s.ev(Event::AgentConnected(AgentMode::Agent {
-        bundle: "b1".into(),
-    }));
+    s.ev(Event::AgentConnected {
+        mode: AgentMode::Agent {
+            bundle: "b1".into(),
+        },
+        issued: None,
+    });
     assert_eq!(s.last_cmd().cmd_id, running.cmd_id);
 }
 
@@ -466,9 +597,10 @@ fn wave_lost_fails_imaging_and_requeues_later() {
 #[test]
 fn device_with_an_os_enters_at_the_loader_step() {
     let mut s = Sim::new();
-    s.ev(Event::AgentConnected(AgentMode::Loader {
-        os_present: true,
-    }));
+    s.ev(Event::AgentConnected {
+        mode: AgentMode::Loader { os_present: true },
+        issued: None,
+    });
     assert!(s.dev.via_os);
     assert_eq!(s.dev.reached, Step::LoaderBooted);
     assert!(s.rows.iter().any(|r| r.detail.contains("installed OS")));
@@ -477,9 +609,10 @@ fn device_with_an_os_enters_at_the_loader_step() {
 #[test]
 fn bundle_failure_is_a_step_failure_and_retries_the_build() {
     let mut s = Sim::new();
-    s.ev(Event::AgentConnected(AgentMode::Loader {
-        os_present: false,
-    }));
+    s.ev(Event::AgentConnected {
+        mode: AgentMode::Loader { os_present: false },
+        issued: None,
+    });
     s.ok(StepData::Inventory(Box::default()));
     s.ev(Event::BundleFailed("no profile".into()));
     assert_eq!(s.dev.failed.as_ref().unwrap().step, Step::AgentDelivered);
@@ -542,8 +675,8 @@ mod properties {
             for o in ops {
                 let before = s.dev.clone();
                 match o {
-                    Op::Loader => { s.ev(Event::AgentConnected(AgentMode::Loader { os_present: false })); }
-                    Op::Agent => { s.ev(Event::AgentConnected(AgentMode::Agent { bundle: "b1".into() })); }
+                    Op::Loader => { s.ev(Event::AgentConnected { mode: AgentMode::Loader { os_present: false }, issued: None }); }
+                    Op::Agent => { s.ev(Event::AgentConnected { mode: AgentMode::Agent { bundle: "b1".into() }, issued: None }); }
                     Op::Disconnect => { s.ev(Event::AgentDisconnected); }
                     Op::ReportCurrent(ok) => {
                         if let Some(r) = s.dev.running.clone() {
@@ -636,9 +769,12 @@ fn automatic_retries_wait_for_the_device_to_be_back() {
     s.ev(Event::Tick);
     assert_eq!(s.sent.len(), n, "no retry while the device is away");
     assert_eq!(s.dev.failed.as_ref().unwrap().attempts, 1);
-    s.ev(Event::AgentConnected(AgentMode::Agent {
-        bundle: "b1".into(),
-    }));
+    s.ev(Event::AgentConnected {
+        mode: AgentMode::Agent {
+            bundle: "b1".into(),
+        },
+        issued: None,
+    });
     assert_eq!(s.last_cmd().step, Step::BiosConfigured);
     assert_eq!(s.dev.running.as_ref().unwrap().attempt, 2);
 }

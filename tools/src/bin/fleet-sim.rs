@@ -329,16 +329,33 @@ struct Session {
     sink: rackcast_core::io::conn::FrameSink,
     frames: rackcast_core::io::conn::FrameStream,
     device: String,
-    /// The key the appliance showed; bundles are checked against it like
-    /// a real loader does (the simulator trusts whatever key it is shown).
+    boot: u64,
+    /// This boot's credential (issued at the loader's first contact).
+    credential: [u8; 32],
+    /// The key the appliance proved in the TLS handshake; bundles are
+    /// checked against it like a real loader does (the simulator trusts
+    /// the key it meets first).
     signer: rackcast_core::signing::TrustedKey,
 }
 
+/// Device `i`'s own source address on loopback: real devices each have
+/// one, and the appliance caps connections per source.
+fn source_addr(i: usize) -> std::net::IpAddr {
+    std::net::Ipv4Addr::new(127, 1, (i >> 8) as u8, (i & 0xff) as u8).into()
+}
+
+/// A TCP connection from device `i`'s address.
+async fn dial(i: usize, to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(source_addr(i), 0))?;
+    sock.connect(to).await
+}
+
 impl Session {
-    async fn open(server: SocketAddr, hello: AgentMsg) -> Result<Session> {
+    async fn open(i: usize, server: SocketAddr, hello: AgentMsg) -> Result<Session> {
         let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(5), 200);
         let stream = loop {
-            match tokio::net::TcpStream::connect(server).await {
+            match dial(i, server).await {
                 Ok(s) => break s,
                 Err(_) if backoff.current() < Duration::from_secs(5) => {
                     tokio::time::sleep(backoff.failed(std::time::Instant::now())).await;
@@ -346,25 +363,38 @@ impl Session {
                 Err(e) => return Err(e.into()),
             }
         };
+        let held = match &hello {
+            AgentMsg::Hello { credential, .. } => *credential,
+            _ => None,
+        };
+        let stream = rackcast_core::io::tls::connect(&tls_config()?, stream).await?;
+        let key = rackcast_core::io::tls::peer_key(&stream)
+            .ok_or_else(|| anyhow!("appliance certificate without an Ed25519 key"))?;
+        let signer = rackcast_core::signing::TrustedKey::check(
+            &key,
+            &rackcast_core::signing::fingerprint(&key),
+        )?;
         let mut conn = Conn::new(stream, MAX_FRAME);
         conn.send(&hello).await?;
-        let (device, signer) = match conn.recv::<ApplianceMsg>(Duration::from_secs(60)).await? {
-            ApplianceMsg::Welcome {
-                device_id, signer, ..
-            } => {
-                let fp = rackcast_core::signing::fingerprint(&signer);
-                (
+        let (device, boot, credential) =
+            match conn.recv::<ApplianceMsg>(Duration::from_secs(60)).await? {
+                ApplianceMsg::Welcome {
                     device_id,
-                    rackcast_core::signing::TrustedKey::check(&signer, &fp)?,
-                )
-            }
-            other => bail!("expected Welcome, got {other:?}"),
-        };
+                    boot,
+                    credential,
+                    ..
+                } => (device_id, boot, credential.or(held)),
+                ApplianceMsg::Error { message } => bail!("appliance refused: {message}"),
+                other => bail!("expected Welcome, got {other:?}"),
+            };
+        let credential = credential.ok_or_else(|| anyhow!("no credential issued or held"))?;
         let (sink, frames) = conn.split();
         Ok(Session {
             sink,
             frames,
             device,
+            boot,
+            credential,
             signer,
         })
     }
@@ -414,6 +444,17 @@ impl Session {
     }
 }
 
+/// One client TLS configuration for every simulated device.
+fn tls_config() -> Result<Arc<rackcast_core::io::tls::ClientConfig>> {
+    static CFG: std::sync::OnceLock<Arc<rackcast_core::io::tls::ClientConfig>> =
+        std::sync::OnceLock::new();
+    if let Some(c) = CFG.get() {
+        return Ok(c.clone());
+    }
+    let c = rackcast_core::io::tls::client_config(None)?;
+    Ok(CFG.get_or_init(|| c).clone())
+}
+
 fn inventory(i: usize) -> rackcast_core::model::Inventory {
     serde_json::from_value(serde_json::json!({
         "dmi": {"vendor": "Sim", "model": "S1", "serial": format!("SIM{i:05}")},
@@ -442,12 +483,14 @@ async fn sim_device(
 ) -> Result<()> {
     // Loader: inventory and bundle.
     let mut s = Session::open(
+        i,
         server,
         AgentMsg::Hello {
             protocol: DEVICE_PROTOCOL,
             mac: mac(i),
             device_id: None,
             mode: AgentMode::Loader { os_present: false },
+            credential: None,
         },
     )
     .await?;
@@ -470,7 +513,8 @@ async fn sim_device(
                     ApplianceMsg::Bundle {
                         bytes, signature, ..
                     } => {
-                        s.signer.verify_bundle(hash, &signature)?;
+                        s.signer
+                            .verify_bundle(hash, &s.device, s.boot, &signature)?;
                         bytes
                     }
                     other => bail!("expected Bundle, got {other:?}"),
@@ -494,9 +538,11 @@ async fn sim_device(
         }
     };
     let device = s.device.clone();
+    let credential = s.credential;
     drop(s);
-    // The bundle's agent.
+    // The bundle's agent: same boot, so the loader's credential.
     let mut s = Session::open(
+        i,
         server,
         AgentMsg::Hello {
             protocol: DEVICE_PROTOCOL,
@@ -505,6 +551,7 @@ async fn sim_device(
             mode: AgentMode::Agent {
                 bundle: bundle_hash,
             },
+            credential: Some(credential),
         },
     )
     .await?;
@@ -517,7 +564,7 @@ async fn sim_device(
         };
         let r = match &cmd.work {
             Work::JoinWave(join) => {
-                join_wave(join.control, &device).await?;
+                join_wave(i, join.control, &device, credential).await?;
                 s.report(
                     &cmd,
                     "sim image verified",
@@ -562,12 +609,14 @@ async fn fetch_blob(s: &mut Session, hash: &str, size: u64) -> Result<()> {
 }
 
 /// The wave's session without the multicast: hello, ready, verified.
-async fn join_wave(control: SocketAddr, name: &str) -> Result<()> {
-    let stream = tokio::net::TcpStream::connect(control).await?;
+async fn join_wave(i: usize, control: SocketAddr, name: &str, credential: [u8; 32]) -> Result<()> {
+    let stream = dial(i, control).await?;
+    let stream = rackcast_core::io::tls::connect(&tls_config()?, stream).await?;
     let mut conn = Conn::new(stream, control::MAX_FRAME);
     conn.send(&Msg::Hello {
         protocol: control::PROTOCOL_VERSION,
         name: name.to_string(),
+        credential: Some(credential),
     })
     .await?;
     let session = match conn.recv::<Msg>(Duration::from_secs(60)).await? {

@@ -75,6 +75,12 @@ pub struct ReceiveOptions {
     /// match (re-imaging a device that holds an earlier version), not
     /// only those a resume state lists.
     pub delta: bool,
+    /// Fingerprint of the key the sender must prove in the TLS handshake
+    /// (the appliance's; `None`: any key, still encrypted).
+    pub trust_key: Option<String>,
+    /// The device's credential: an appliance wave admits a member only
+    /// with it.
+    pub credential: Option<[u8; 32]>,
 }
 
 /// Decoding threads for this machine: compressed waves need several
@@ -469,10 +475,15 @@ pub async fn run_receive(
         })?;
     let name = opts.name.clone().unwrap_or_else(|| default_name(&local));
     let fd = stream.as_raw_fd();
+    let tls = crate::io::tls::client_config(opts.trust_key.as_deref()).map_err(ConnError::from)?;
+    let stream = crate::io::tls::connect(&tls, stream)
+        .await
+        .map_err(ConnError::from)?;
     let mut conn = Conn::new(stream, control::MAX_FRAME);
     conn.send(&Msg::Hello {
         protocol: PROTOCOL_VERSION,
         name: name.clone(),
+        credential: opts.credential,
     })
     .await?;
     let session: SessionParams = match conn.recv(Duration::from_secs(30)).await? {

@@ -67,6 +67,9 @@ pub struct SendOptions {
     pub cfg: SenderConfig,
     /// `wave` label on this wave's metrics (waves run side by side).
     pub wave_label: String,
+    /// The control listener's TLS: a certificate for the appliance's key
+    /// (`io::tls::server_config`), so members know whom they talk to.
+    pub tls: Arc<rustls::ServerConfig>,
 }
 
 /// Why a wave could not run.
@@ -147,11 +150,15 @@ pub struct SendReport {
     pub error: Option<String>,
 }
 
+/// BLAKE3 of a member's device credential: what a wave holds to check
+/// the credential a receiver presents (it never holds the credential).
+pub type CredentialHash = [u8; 32];
+
 /// Orders from the appliance to a running wave.
 #[derive(Debug, Clone)]
 pub enum WaveCommand {
-    /// A late member joins this wave.
-    Expect(String),
+    /// A late member joins this wave, with its credential's hash.
+    Expect(String, CredentialHash),
     /// This wave's share of the total rate changed.
     SetRate(u64),
 }
@@ -182,8 +189,9 @@ pub enum WaveEvent {
 /// The appliance's handle on a wave it runs: named members (nobody else
 /// may join), commands in, verdicts and progress out.
 pub struct WaveLink {
-    /// Who may join at the start.
-    pub members: Vec<String>,
+    /// Who may join at the start, each with its credential's hash: only a
+    /// receiver presenting that credential is admitted under the name.
+    pub members: Vec<(String, CredentialHash)>,
     /// Late members and rate changes.
     pub commands: Receiver<WaveCommand>,
     /// Verdicts and progress.
@@ -193,6 +201,7 @@ pub struct WaveLink {
 enum Event {
     Hello {
         name: String,
+        credential: Option<[u8; 32]>,
         out: mpsc::UnboundedSender<Msg>,
         reply: oneshot::Sender<Result<u32, String>>,
     },
@@ -279,6 +288,7 @@ pub async fn run_wave(
 
     let accept_tx = ev_tx.clone();
     let accept_session = session.clone();
+    let accept_tls = opts.tls.clone();
     let hello_timeout = opts.hello_timeout;
     let rx_timeout = opts.cfg.receiver_timeout;
     let acceptor = tokio::spawn(async move {
@@ -287,9 +297,10 @@ pub async fn run_wave(
                 Ok((stream, peer)) => {
                     let tx = accept_tx.clone();
                     let s = accept_session.clone();
+                    let tls = accept_tls.clone();
                     tokio::spawn(async move {
                         if let Err(e) =
-                            serve_receiver(stream, tx, s, hello_timeout, rx_timeout).await
+                            serve_receiver(stream, tls, tx, s, hello_timeout, rx_timeout).await
                         {
                             tracing::warn!(%peer, error = %e, "control connection ended");
                         }
@@ -351,14 +362,26 @@ pub async fn run_wave(
 
 async fn serve_receiver(
     stream: TcpStream,
+    tls: Arc<rustls::ServerConfig>,
     events: Sender<Event>,
     session: Arc<SessionParams>,
     hello_timeout: Duration,
     rx_timeout: Duration,
 ) -> Result<(), ConnError> {
-    let mut conn = Conn::new(stream, control::MAX_FRAME);
-    let name = match conn.recv(hello_timeout).await {
-        Ok(Msg::Hello { name, .. }) => name,
+    let stream = match crate::io::tls::accept(&tls, stream).await {
+        Ok(s) => s,
+        Err(e) => {
+            metrics::counter!("rackcast_control_errors_total", "kind" => "tls").increment(1);
+            return Err(e.into());
+        }
+    };
+    // Until the receiver is admitted, its frames are capped at a Hello's
+    // size: an anonymous peer cannot make the sender reserve megabytes.
+    let mut conn = Conn::new(stream, control::HELLO_MAX_FRAME);
+    let (name, credential) = match conn.recv(hello_timeout).await {
+        Ok(Msg::Hello {
+            name, credential, ..
+        }) => (name, credential),
         Ok(other) => {
             let m = format!("expected Hello, got {}", msg_name(&other));
             conn.close_with_error(m.clone()).await;
@@ -377,6 +400,7 @@ async fn serve_receiver(
     if events
         .send(Event::Hello {
             name,
+            credential,
             out: out_tx,
             reply: id_tx,
         })
@@ -397,6 +421,7 @@ async fn serve_receiver(
             return Ok(());
         }
     };
+    conn.set_max_frame(control::RECEIVER_MAX_FRAME);
     conn.send(&Msg::Welcome {
         protocol: PROTOCOL_VERSION,
         receiver_id: id,

@@ -16,8 +16,8 @@ use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::mpsc;
 
 use super::{
-    Event, Job, ReceiverReport, SendReport, WaveCommand, WaveEvent, WaveLink, ETH_HEADER,
-    SEND_BATCH,
+    CredentialHash, Event, Job, ReceiverReport, SendReport, WaveCommand, WaveEvent, WaveLink,
+    ETH_HEADER, SEND_BATCH,
 };
 use crate::dataplane::render::{Packetizer, Rendered, SymbolSource};
 use crate::dataplane::sender::{Action, RxState, SenderConfig, Tx, WaveSender};
@@ -94,7 +94,6 @@ pub(super) fn send_loop(
         bytes_sent: metrics::counter!("rackcast_bytes_sent_total", "wave" => wave.clone()),
         packets_sent: metrics::counter!("rackcast_packets_sent_total", "wave" => wave.clone()),
     };
-    let mut held = Held::default();
     let mut txs: Vec<Tx> = Vec::with_capacity(SEND_BATCH);
     let mut next_tick = t0;
     metrics::gauge!("rackcast_wave_blocks", "wave" => wave.clone()).set(m.block_count() as f64);
@@ -104,10 +103,14 @@ pub(super) fn send_loop(
     metrics::gauge!("rackcast_wave_image_bytes", "wave" => wave.clone()).set(m.image_size as f64);
     metrics::gauge!("rackcast_wave_source_wire_bytes", "wave" => wave.clone())
         .set(m.data_bytes() as f64);
+    let mut held = Held::default();
     let mut reporter = link.map(|l| {
-        for name in &l.members {
+        let mut creds = HashMap::new();
+        for (name, cred) in &l.members {
             core.expect_member(name, t0);
+            creds.insert(name.clone(), *cred);
         }
+        held.credentials = Some(creds);
         LinkReporter {
             link: l,
             reported: std::collections::HashSet::new(),
@@ -120,7 +123,7 @@ pub(super) fn send_loop(
         // Membership first: a member the appliance just added may already
         // be saying hello. Then events: they may unblock sends.
         if let Some(r) = &mut reporter {
-            r.commands(&mut core, now);
+            r.commands(&mut core, &mut held, now);
         }
         while let Ok(ev) = events.try_recv() {
             held.on_event(&mut core, ev);
@@ -162,7 +165,7 @@ pub(super) fn send_loop(
             match events.recv_timeout(wait) {
                 Ok(ev) => {
                     if let Some(r) = &mut reporter {
-                        r.commands(&mut core, Instant::now());
+                        r.commands(&mut core, &mut held, Instant::now());
                     }
                     held.on_event(&mut core, ev);
                 }
@@ -317,6 +320,9 @@ struct Held {
     loaded: HashMap<u32, Arc<Vec<u8>>>,
     encoders: HashMap<u32, Arc<BlockEncoder>>,
     error: Option<String>,
+    /// Member name -> BLAKE3 of its credential, in an appliance wave
+    /// (`None`: a lab wave that admits anyone).
+    credentials: Option<HashMap<String, CredentialHash>>,
 }
 
 impl Held {
@@ -354,13 +360,34 @@ impl Held {
     fn on_event(&mut self, core: &mut WaveSender, ev: Event) {
         let now = Instant::now();
         match ev {
-            Event::Hello { name, out, reply } => {
+            Event::Hello {
+                name,
+                credential,
+                out,
+                reply,
+            } => {
+                let proven = match &self.credentials {
+                    None => true,
+                    Some(c) => match (c.get(&name), credential) {
+                        (Some(want), Some(got)) => *blake3::hash(&got).as_bytes() == *want,
+                        _ => false,
+                    },
+                };
                 if core.is_finished() {
                     let _ = reply.send(Err("wave is over".into()));
                 } else if !core.admits(&name) {
                     metrics::counter!("rackcast_control_errors_total", "kind" => "not_member")
                         .increment(1);
                     let _ = reply.send(Err(format!("{name:?} is not a member of this wave")));
+                } else if !proven {
+                    // A host naming a member without its credential: it
+                    // must neither get the key nor displace the member.
+                    metrics::counter!("rackcast_control_errors_total", "kind" => "bad_credential")
+                        .increment(1);
+                    tracing::warn!(member = %name, "wave Hello without the member's credential refused");
+                    let _ = reply.send(Err(format!(
+                        "{name:?}: credential missing or not this member's"
+                    )));
                 } else {
                     let id = core.on_hello(&name, now);
                     self.outs.insert(id, out);
@@ -402,10 +429,13 @@ struct LinkReporter {
 }
 
 impl LinkReporter {
-    fn commands(&mut self, core: &mut WaveSender, now: Instant) {
+    fn commands(&mut self, core: &mut WaveSender, held: &mut Held, now: Instant) {
         while let Ok(c) = self.link.commands.try_recv() {
             match c {
-                WaveCommand::Expect(name) => {
+                WaveCommand::Expect(name, cred) => {
+                    if let Some(c) = &mut held.credentials {
+                        c.insert(name.clone(), cred);
+                    }
                     // A member that failed earlier in this wave may come back.
                     self.reported.remove(&name);
                     core.expect_member(&name, now);

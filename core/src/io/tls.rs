@@ -1,0 +1,217 @@
+//! TLS for the two control protocols (device control, wave control).
+//!
+//! The appliance's identity is its Ed25519 signing key (see `signing`):
+//! a network-booted loader knows only that key's fingerprint, from
+//! `rackcast.key=` on its kernel command line. So the server presents a
+//! self-signed certificate *for that key* and the client checks nothing
+//! but this: the certificate's public key is an Ed25519 key whose BLAKE3
+//! is the pinned fingerprint, and the handshake is signed by it (TLS 1.3
+//! CertificateVerify). A host that only copied the public key, or the
+//! certificate, cannot complete the handshake. No names, dates or CAs are
+//! involved: the pin is the whole trust anchor, as in SSH.
+//!
+//! Without a pin (a hand-started agent, a lab `rackcast send`) the
+//! connection is still encrypted and the key is still proven, but any key
+//! is accepted; [`peer_key`] tells the caller which one it was, so it can
+//! hold later connections to it.
+//!
+//! Owns: the client verifier, the rustls configurations, handshakes with
+//! a deadline. Must not: make certificates (the appliance does, with
+//! rcgen) or decide whom to trust.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use thiserror::Error;
+use tokio::net::TcpStream;
+
+use crate::signing::PUBLIC_KEY_LEN;
+
+pub use rustls::{ClientConfig, ServerConfig};
+
+/// A control connection's stream: TLS over TCP, either side.
+pub type CtlStream = tokio_rustls::TlsStream<TcpStream>;
+
+/// The name the client asks for; certificates are checked by key, not
+/// name, so it is a constant.
+pub const SERVER_NAME: &str = "rackcast-appliance";
+
+/// How long a handshake may take before the connection is dropped: a
+/// peer that opens TCP and says nothing must not hold a task.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410): SEQUENCE,
+/// AlgorithmIdentifier { id-Ed25519 }, BIT STRING of 33 bytes (0 unused
+/// bits, then the key).
+const ED25519_SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+/// DER prefix of an Ed25519 PKCS#8 v1 private key (RFC 8410 §7), then
+/// the 32-byte seed.
+const ED25519_PKCS8_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
+/// Why a TLS configuration or handshake failed.
+#[derive(Debug, Error)]
+pub enum TlsError {
+    /// rustls refused the key or certificate.
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+    /// The handshake failed (wrong key, not TLS, reset).
+    #[error("TLS handshake: {0}")]
+    Handshake(std::io::Error),
+    /// The handshake did not finish in time.
+    #[error("TLS handshake took longer than {0:?}")]
+    Timeout(Duration),
+}
+
+/// PKCS#8 (v1) encoding of an Ed25519 key given by its seed.
+pub fn ed25519_pkcs8(seed: &[u8; 32]) -> Vec<u8> {
+    let mut der = ED25519_PKCS8_PREFIX.to_vec();
+    der.extend_from_slice(seed);
+    der
+}
+
+/// The Ed25519 public key of a certificate, if that is what it holds.
+pub fn cert_ed25519_key(cert: &CertificateDer<'_>) -> Option<[u8; PUBLIC_KEY_LEN]> {
+    let ee = webpki::EndEntityCert::try_from(cert).ok()?;
+    let spki = ee.subject_public_key_info();
+    let der: &[u8] = spki.as_ref();
+    let key = der.strip_prefix(&ED25519_SPKI_PREFIX[..])?;
+    key.try_into().ok()
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The server side: `cert` must be a certificate for the key whose seed is
+/// `seed` (rustls checks the pair). TLS 1.3 only.
+pub fn server_config(
+    cert: CertificateDer<'static>,
+    seed: &[u8; 32],
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ed25519_pkcs8(seed)));
+    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)?;
+    Ok(Arc::new(cfg))
+}
+
+/// The client side: the server must prove the key with fingerprint `pin`
+/// (BLAKE3 of the raw Ed25519 key, hex); with `None`, any Ed25519 key.
+pub fn client_config(pin: Option<&str>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(PinVerifier {
+        pin: pin.map(str::to_ascii_lowercase),
+        algs: provider.signature_verification_algorithms,
+    });
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+/// Accepts exactly one Ed25519 key (or any, without a pin) and checks
+/// that the handshake is signed with it.
+#[derive(Debug)]
+struct PinVerifier {
+    pin: Option<String>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let key = cert_ed25519_key(end_entity).ok_or_else(|| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        })?;
+        match &self.pin {
+            Some(pin) if crate::signing::fingerprint(&key) != *pin => {
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::ApplicationVerificationFailure,
+                ))
+            }
+            _ => Ok(ServerCertVerified::assertion()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // TLS 1.2 is not offered; a server that negotiates it anyway is
+        // refused here.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // The proof of possession: the CertificateVerify signature over the
+        // handshake transcript, by the certificate's (pinned) key.
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+}
+
+/// Client handshake over `tcp`, within [`HANDSHAKE_TIMEOUT`].
+pub async fn connect(
+    cfg: &Arc<rustls::ClientConfig>,
+    tcp: TcpStream,
+) -> Result<CtlStream, TlsError> {
+    let _ = tcp.set_nodelay(true);
+    let name = ServerName::try_from(SERVER_NAME)
+        .map_err(|e| TlsError::Handshake(std::io::Error::other(e.to_string())))?;
+    let c = tokio_rustls::TlsConnector::from(cfg.clone());
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, c.connect(name, tcp)).await {
+        Err(_) => Err(TlsError::Timeout(HANDSHAKE_TIMEOUT)),
+        Ok(Err(e)) => Err(TlsError::Handshake(e)),
+        Ok(Ok(s)) => Ok(tokio_rustls::TlsStream::Client(s)),
+    }
+}
+
+/// Server handshake over `tcp`, within [`HANDSHAKE_TIMEOUT`].
+pub async fn accept(
+    cfg: &Arc<rustls::ServerConfig>,
+    tcp: TcpStream,
+) -> Result<CtlStream, TlsError> {
+    let _ = tcp.set_nodelay(true);
+    let a = tokio_rustls::TlsAcceptor::from(cfg.clone());
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, a.accept(tcp)).await {
+        Err(_) => Err(TlsError::Timeout(HANDSHAKE_TIMEOUT)),
+        Ok(Err(e)) => Err(TlsError::Handshake(e)),
+        Ok(Ok(s)) => Ok(tokio_rustls::TlsStream::Server(s)),
+    }
+}
+
+/// The Ed25519 key the server proved in this (client) connection.
+pub fn peer_key(s: &CtlStream) -> Option<[u8; PUBLIC_KEY_LEN]> {
+    let (_, conn) = s.get_ref();
+    let certs = conn.peer_certificates()?;
+    cert_ed25519_key(certs.first()?)
+}
