@@ -47,8 +47,10 @@ enum Cmd {
     /// The image store.
     #[command(subcommand)]
     Images(ImagesCmd),
-    /// Retry a failed device from its failed step (asks the running
-    /// appliance through its API).
+    /// Retry a failed device from its failed step; on a device that has
+    /// not failed but whose agent is gone (it restarted unannounced),
+    /// let its next boot claim it again (asks the running appliance
+    /// through its API).
     Retry(LogArgs),
     /// Install a finished device again: its next network boot loads the
     /// loader instead of its disk (asks the running appliance).

@@ -170,3 +170,237 @@ fn get_blob_serves_only_the_callers_bundle() {
         "{metrics}"
     );
 }
+
+fn refused(metrics: &str, reason: &str) -> f64 {
+    metric(
+        metrics,
+        &format!("rackcast_agent_refused_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+/// Findings 2 and 3, impostor loaders and faked results: another host on
+/// the LAN (device 2's namespace) claims device 1's MAC while device 1
+/// installs: without a credential, with a guessed one, under device 1's
+/// id with its own MAC, and with a forged `done` report right behind its
+/// Hello. Once device 1 is installed, a real loader started with device
+/// 1's hardware description claims it again. Every claim is refused with
+/// the reason, counted and logged on device 1 with the claimant's
+/// address; the forged report is never applied; device 1 finishes with
+/// its image byte for byte.
+#[test]
+fn impostor_loaders_and_forged_results_are_refused() {
+    if !can_run() {
+        return;
+    }
+    use rackcast_core::model::{AgentMode, OpRecord, Outcome, StepData};
+    use rackcast_core::wire::device::{AgentMsg, ApplianceMsg, DEVICE_PROTOCOL};
+    let mut rack = Rack::build("si", 2, "100mbit", (24, 8), "", false, 50);
+    rack.start_agent(1);
+    // Past its BIOS step (whose reset announces a possible restart, the
+    // one window in which a new boot may claim a device).
+    rack.wait_for("device 1 imaging", Duration::from_secs(120), |d| {
+        d.iter()
+            .any(|x| x["device"] == device_id(1) && x["step"] == "imaging")
+    });
+    let attacker = rack.lab.ns("d2");
+    let claim = |mac: String, device_id: Option<String>, credential: Option<[u8; 32]>| {
+        let mut raw = RawAgent::connect(&attacker);
+        raw.send(&AgentMsg::Hello {
+            protocol: DEVICE_PROTOCOL,
+            mac,
+            device_id,
+            mode: AgentMode::Loader { os_present: false },
+            credential,
+        });
+        // What an impostor would say next: the image written and done.
+        raw.send(&AgentMsg::Report {
+            cmd_id: 1,
+            outcome: Outcome::Ok {
+                detail: "forged".into(),
+            },
+            data: StepData::ImageWritten {
+                hash: "00".repeat(32),
+                bytes: 1,
+            },
+            ops: vec![OpRecord {
+                op: "forged".into(),
+                ok: true,
+                exit_code: Some(0),
+                duration_ms: 0,
+                detail: "forged result".into(),
+            }],
+        });
+        let mut said = Vec::new();
+        while let Some(m) = raw.recv() {
+            said.push(m);
+        }
+        said
+    };
+    for (mac_, id, cred, why) in [
+        (mac(1), None, None, "already issued"),
+        (
+            mac(1),
+            None,
+            Some([9u8; 32]),
+            "credential is not this boot's",
+        ),
+        (
+            "02:ee:00:00:00:07".to_string(),
+            Some(device_id(1)),
+            None,
+            "already issued",
+        ),
+    ] {
+        let said = claim(mac_, id, cred);
+        assert!(
+            !said
+                .iter()
+                .any(|m| matches!(m, ApplianceMsg::Welcome { .. } | ApplianceMsg::Run(_))),
+            "the impostor was admitted: {said:?}"
+        );
+        match said.as_slice() {
+            [ApplianceMsg::Error { message }] => {
+                assert!(
+                    message.contains("another host claims this MAC"),
+                    "{message}"
+                );
+                assert!(message.contains(why), "{message}");
+            }
+            other => panic!("expected one refusal, then the close: {other:?}"),
+        }
+    }
+    rack.wait_for("device 1 done", Duration::from_secs(180), |d| {
+        d.iter()
+            .any(|x| x["device"] == device_id(1) && x["state"] == "done")
+    });
+    // A real loader with device 1's hardware (its MAC) on another host,
+    // after device 1 is installed: refused, nothing fetched.
+    let work = rack.lab.file("work-impostor");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &attacker])
+        .arg(bin("rackcast-agent"))
+        .args(["run", "--server", ApplianceConfig::CONTROL, "--iface", "d0"])
+        .args(["--give-up", "5", "--os-present", "false", "--hardware"])
+        .arg(rack.lab.file("d1.json"))
+        .arg("--work-dir")
+        .arg(&work)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("appliance refused us") && err.contains("installed device"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read_dir(&work)
+            .map(|d| d.count() == 0)
+            .unwrap_or(true),
+        "the impostor got files"
+    );
+    // Nothing changed for the victim; every refusal is on its record.
+    assert_eq!(state_of(&rack, 1), "done");
+    let log = rack.cli(&["log", &device_id(1)]);
+    let rows = log.as_array().unwrap();
+    let refusals: Vec<&str> = rows
+        .iter()
+        .filter(|e| e["kind"] == "refused")
+        .map(|e| e["detail"].as_str().unwrap())
+        .collect();
+    assert_eq!(refusals.len(), 4, "{refusals:?}");
+    assert!(
+        refusals.iter().all(|d| d.contains("(from 198.18.")),
+        "{refusals:?}"
+    );
+    assert!(
+        !rows
+            .iter()
+            .any(|e| e["detail"].as_str().unwrap_or("").contains("forged")),
+        "a forged report reached the record"
+    );
+    let m = rack.http_get("/metrics");
+    assert_eq!(refused(&m, "already_claimed"), 2.0, "{}", tail(&m, 60));
+    assert_eq!(refused(&m, "wrong_credential"), 1.0);
+    assert_eq!(refused(&m, "installed"), 1.0);
+    assert_image_on(&rack.lab.file("d1-disk-big.img"), &rack.images["debian"]);
+    assert!(rack.serve_log().contains("agent refused"));
+}
+
+/// Finding 4, the wave key: while device 1's wave runs, another host
+/// connects to the wave's control listener (which proves the appliance's
+/// key: the pin is checked) and says Hello as device 1 without its
+/// credential, with a guessed one, and under a name that is no member.
+/// None gets `Welcome` (the key, the manifest); each is refused, counted
+/// and closed, and device 1 is not displaced: it finishes, byte-checked.
+#[test]
+fn wave_key_goes_only_to_members_with_their_credential() {
+    if !can_run() {
+        return;
+    }
+    use rackcast_core::wire::control::{self, Msg};
+    let mut rack = Rack::build(
+        "sw",
+        2,
+        "100mbit",
+        (48, 8),
+        "[waves]\nmin_members = 1\nstart_after = \"1s\"",
+        false,
+        30,
+    );
+    rack.start_agent(1);
+    rack.wait_for("device 1 imaging", Duration::from_secs(120), |d| {
+        d.iter()
+            .any(|x| x["device"] == device_id(1) && x["step"] == "imaging" && x["wave"] == 1)
+    });
+    let waves = rack.cli(&["waves"]);
+    let detail = waves[0]["detail"].as_str().unwrap().to_string();
+    let addr = detail
+        .rsplit(' ')
+        .next()
+        .expect("members connect to <addr>")
+        .to_string();
+    let attacker = rack.lab.ns("d2");
+    let key = rack.key();
+    for (name, credential, why) in [
+        (
+            device_id(1),
+            None,
+            "credential missing or not this member's",
+        ),
+        (
+            device_id(1),
+            Some([5u8; 32]),
+            "credential missing or not this member's",
+        ),
+        (device_id(9), None, "is not a member of this wave"),
+    ] {
+        let mut raw = RawAgent::connect_to(&attacker, &addr, Some(&key));
+        raw.send_bytes(
+            &control::emit(&Msg::Hello {
+                protocol: control::PROTOCOL_VERSION,
+                name,
+                credential,
+            })
+            .unwrap(),
+        );
+        let first = raw.recv_bytes().map(|b| control::parse(&b));
+        match first {
+            Some(Ok(Msg::Error { message })) => assert!(message.contains(why), "{message}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(raw.recv_bytes().is_none(), "closed after the refusal");
+    }
+    rack.wait_for("device 1 done", Duration::from_secs(180), all_done(1));
+    let m = rack.http_get("/metrics");
+    assert_eq!(
+        metric(&m, "rackcast_control_errors_total{kind=\"bad_credential\"}"),
+        2.0,
+        "{}",
+        tail(&m, 60)
+    );
+    assert_eq!(
+        metric(&m, "rackcast_control_errors_total{kind=\"not_member\"}"),
+        1.0
+    );
+    assert_image_on(&rack.lab.file("d1-disk-big.img"), &rack.images["debian"]);
+}

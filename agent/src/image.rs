@@ -49,6 +49,7 @@ pub(crate) async fn receive_image(
         delta: rackcast_core::io::receive::is_block_device(std::path::Path::new(&target)),
         trust_key: Some(ctx.trusted.fingerprint()),
         credential: Some(ctx.credential),
+        expect_image: Some(*blake3::Hash::from_hex(&plan.image.hash)?.as_bytes()),
     };
     let t = Instant::now();
     let progress = std::sync::Arc::new(Progress::default());

@@ -202,6 +202,7 @@ fn receive(a: ReceiveArgs) -> Result<()> {
             .map(rackcast_core::signing::parse_fingerprint)
             .transpose()?,
         credential: None,
+        expect_image: None,
     };
     let p = progress.clone();
     let show = rt.spawn(show_progress(p));

@@ -249,6 +249,7 @@ async fn serve_agent(
                     .inbox
                     .send(Input::Report {
                         device: device.clone(),
+                        conn_id,
                         cmd_id,
                         outcome,
                         data,
@@ -264,6 +265,7 @@ async fn serve_agent(
                     .inbox
                     .send(Input::Progress {
                         device: device.clone(),
+                        conn_id,
                         cmd_id,
                         ops,
                     })

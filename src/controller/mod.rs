@@ -56,6 +56,8 @@ pub enum Input {
     },
     Report {
         device: String,
+        /// The connection it came on: only the device's current one counts.
+        conn_id: u64,
         cmd_id: u64,
         outcome: Outcome,
         data: StepData,
@@ -63,6 +65,7 @@ pub enum Input {
     },
     Progress {
         device: String,
+        conn_id: u64,
         cmd_id: u64,
         ops: Vec<rackcast_core::model::OpRecord>,
     },
@@ -307,12 +310,20 @@ impl Controller {
             }
             Input::Report {
                 device,
+                conn_id,
                 cmd_id,
                 outcome,
                 data,
                 ops,
             } => {
-                if self.devices.contains_key(&device) {
+                if !self.is_current(&device, conn_id) {
+                    // A connection of a boot whose credential is void now
+                    // (a newer boot claimed the device): its results are
+                    // not this device's any more.
+                    metrics::counter!("rackcast_agent_protocol_errors_total", "kind" => "superseded")
+                        .increment(1);
+                    tracing::warn!(%device, conn_id, "report from a superseded connection dropped");
+                } else if self.devices.contains_key(&device) {
                     self.apply_acked(
                         &device,
                         Event::Report {
@@ -327,10 +338,11 @@ impl Controller {
             }
             Input::Progress {
                 device,
+                conn_id,
                 cmd_id,
                 ops,
             } => {
-                if self.devices.contains_key(&device) {
+                if self.is_current(&device, conn_id) {
                     self.apply(&device, Event::Progress { cmd_id, ops });
                 }
             }
@@ -404,6 +416,11 @@ impl Controller {
             Input::Tick => self.on_tick(),
             Input::Shutdown => {}
         }
+    }
+
+    /// `conn_id` is the device's current (last admitted) connection.
+    fn is_current(&self, device: &str, conn_id: u64) -> bool {
+        self.conns.get(device).is_some_and(|(c, _)| *c == conn_id)
     }
 
     fn send_to(&self, device: &str, msg: ApplianceMsg) {

@@ -419,3 +419,16 @@ pub fn tail(s: &str, n: usize) -> String {
 pub fn all_done(n: usize) -> impl Fn(&[Value]) -> bool {
     move |d: &[Value]| d.len() == n && d.iter().all(|x| x["state"] == "done")
 }
+
+/// The first `len` bytes of `disk` are exactly `image`.
+pub fn assert_image_on(disk: &Path, image: &Path) {
+    let want = fs::read(image).unwrap();
+    let got = fs::read(disk).unwrap();
+    assert!(got.len() >= want.len(), "{} too short", disk.display());
+    assert!(
+        got[..want.len()] == want[..],
+        "{} does not hold {}",
+        disk.display(),
+        image.display()
+    );
+}

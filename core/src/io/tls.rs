@@ -140,12 +140,13 @@ impl ServerCertVerifier for PinVerifier {
         let key = cert_ed25519_key(end_entity).ok_or_else(|| {
             rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
         })?;
+        let got = crate::signing::fingerprint(&key);
         match &self.pin {
-            Some(pin) if crate::signing::fingerprint(&key) != *pin => {
-                Err(rustls::Error::InvalidCertificate(
-                    rustls::CertificateError::ApplicationVerificationFailure,
-                ))
-            }
+            // Said in words: the operator reading the loader's log must
+            // see which key it met and which it trusts.
+            Some(pin) if got != *pin => Err(rustls::Error::General(format!(
+                "the appliance's key {got} is not the trusted key {pin}"
+            ))),
             _ => Ok(ServerCertVerified::assertion()),
         }
     }
@@ -214,4 +215,109 @@ pub fn peer_key(s: &CtlStream) -> Option<[u8; PUBLIC_KEY_LEN]> {
     let (_, conn) = s.get_ref();
     let certs = conn.peer_certificates()?;
     cert_ed25519_key(certs.first()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::sign::CertifiedKey;
+
+    fn cert_for(seed: &[u8; 32]) -> CertificateDer<'static> {
+        let pkcs8 = PrivatePkcs8KeyDer::from(ed25519_pkcs8(seed));
+        let key =
+            rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, &rcgen::PKCS_ED25519).unwrap();
+        let cert = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        CertificateDer::from(cert.der().to_vec())
+    }
+
+    /// Presents `cert` but signs the handshake with the key of `seed`:
+    /// a host that copied the appliance's certificate.
+    #[derive(Debug)]
+    struct Copied(Arc<CertifiedKey>);
+    impl rustls::server::ResolvesServerCert for Copied {
+        fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+            Some(self.0.clone())
+        }
+    }
+
+    fn copied_cert_server(cert: CertificateDer<'static>, seed: &[u8; 32]) -> Arc<ServerConfig> {
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ed25519_pkcs8(seed)));
+        let key = rustls::crypto::ring::sign::any_eddsa_type(match &der {
+            PrivateKeyDer::Pkcs8(k) => k,
+            _ => unreachable!(),
+        })
+        .unwrap();
+        let ck = Arc::new(CertifiedKey::new(vec![cert], key));
+        let cfg = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(Copied(ck)));
+        Arc::new(cfg)
+    }
+
+    /// Serve one handshake with `server`, connect with `pin`: the
+    /// client's result.
+    async fn handshake(
+        server: Arc<ServerConfig>,
+        pin: Option<String>,
+    ) -> Result<[u8; PUBLIC_KEY_LEN], String> {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let srv = tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            let _ = accept(&server, tcp).await;
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let cfg = client_config(pin.as_deref()).unwrap();
+        let r = connect(&cfg, tcp)
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|s| peer_key(&s).ok_or_else(|| "no key".to_string()));
+        srv.abort();
+        r
+    }
+
+    #[tokio::test]
+    async fn only_the_holder_of_the_pinned_key_is_followed() {
+        let (real, rogue) = ([7u8; 32], [8u8; 32]);
+        let real_pub = crate::signing::BundleSigner::from_seed(real).public_key();
+        let pin = crate::signing::fingerprint(&real_pub);
+        let appliance = server_config(cert_for(&real), &real).unwrap();
+        // The appliance proves its key; without a pin the key is reported.
+        assert_eq!(
+            handshake(appliance.clone(), Some(pin.clone())).await,
+            Ok(real_pub)
+        );
+        assert_eq!(handshake(appliance, None).await, Ok(real_pub));
+        // Another host with its own key: refused, and said in words.
+        let other = server_config(cert_for(&rogue), &rogue).unwrap();
+        let e = handshake(other, Some(pin.clone())).await.unwrap_err();
+        assert!(e.contains(&format!("is not the trusted key {pin}")), "{e}");
+        // A host presenting the appliance's own certificate without its
+        // key cannot sign the handshake: refused.
+        let copied = copied_cert_server(cert_for(&real), &rogue);
+        let e = handshake(copied.clone(), Some(pin)).await.unwrap_err();
+        assert!(e.contains("TLS handshake"), "{e}");
+        assert!(handshake(copied, None).await.is_err(), "not even unpinned");
+    }
+
+    #[test]
+    fn certificate_keys_are_read_only_when_ed25519() {
+        let seed = [3u8; 32];
+        let want = crate::signing::BundleSigner::from_seed(seed).public_key();
+        assert_eq!(cert_ed25519_key(&cert_for(&seed)), Some(want));
+        let ecdsa = rcgen::generate_simple_self_signed(vec!["x".into()]).unwrap();
+        assert_eq!(
+            cert_ed25519_key(&CertificateDer::from(ecdsa.cert.der().to_vec())),
+            None
+        );
+        assert_eq!(
+            cert_ed25519_key(&CertificateDer::from(vec![0x30, 0x03])),
+            None
+        );
+    }
 }

@@ -93,9 +93,9 @@ pub struct Device {
     #[serde(default)]
     pub boot: u64,
     /// A new boot may claim the device (be issued a credential): true for
-    /// a new device, after its agent announced a possible reboot, and after
-    /// an operator's retry, reinstall or approval; false once a credential
-    /// was issued.
+    /// a new device, after its agent announced a possible reboot, when it
+    /// failed with its agent gone, and after an operator's retry,
+    /// reinstall or approval; false once a credential was issued.
     #[serde(default = "yes")]
     pub claim_open: bool,
     /// When the record was made.
@@ -492,6 +492,9 @@ impl Fx<'_> {
                 // Running steps keep running on the device; their timeout
                 // covers a device that never comes back.
                 self.dev.connected = false;
+                if self.dev.failed.is_some() {
+                    self.dev.claim_open = true;
+                }
             }
             Event::Report {
                 cmd_id,
@@ -881,6 +884,9 @@ impl Fx<'_> {
         if run.cmd_id != cmd_id {
             return;
         }
+        // The agent that announced a possible restart is still there and
+        // answering: nothing restarted, so no new boot may claim it.
+        self.dev.claim_open = false;
         self.log_ops(run.step, &ops);
         let took = u64::try_from(self.now - run.started).unwrap_or(0);
         match outcome {
@@ -994,6 +1000,12 @@ impl Fx<'_> {
             attempts,
             retry_at,
         });
+        if !self.dev.connected {
+            // Failed with its agent gone (power loss, a crash): its next
+            // boot may claim it, as Ironic wipes an agent token when a
+            // deploy fails.
+            self.dev.claim_open = true;
+        }
         let took = started.map(|s| u64::try_from(self.now - s).unwrap_or(0));
         let detail = match retry_at {
             Some(at) => format!(

@@ -307,6 +307,23 @@ fn each_boot_claims_the_device_once_and_only_its_credential_comes_back() {
         admission(&s.dev, &loader, None),
         Admission::Issue { boot: 2 }
     );
+    // If the agent reports after all (the reset did not restart it), the
+    // window closes again.
+    let mut survived = s.dev.clone();
+    let _ = on_event(
+        &mut survived,
+        &s.cfg,
+        s.now,
+        Event::Report {
+            cmd_id: cmd,
+            outcome: Outcome::Ok {
+                detail: String::new(),
+            },
+            data: StepData::Inventory(Box::default()),
+            ops: vec![],
+        },
+    );
+    assert!(!survived.claim_open);
     s.ev(Event::AgentConnected {
         mode: loader.clone(),
         issued: Some(c2),
@@ -323,6 +340,20 @@ fn each_boot_claims_the_device_once_and_only_its_credential_comes_back() {
     s.ev(Event::Retry);
     assert!(s.dev.claim_open);
     assert!(s.rows.last().unwrap().detail.contains("re-armed"));
+    s.ev(Event::AgentConnected {
+        mode: loader.clone(),
+        issued: Some(c1),
+    });
+    // A step that fails while its agent is connected opens nothing; the
+    // agent gone afterwards (or before the failure) does.
+    s.fail("exit 3");
+    assert!(s.dev.failed.is_some());
+    assert!(!s.dev.claim_open, "the agent is still there");
+    s.ev(Event::AgentDisconnected);
+    assert!(
+        s.dev.claim_open,
+        "failed and gone: its next boot may claim it"
+    );
 }
 
 #[test]

@@ -81,6 +81,9 @@ pub struct ReceiveOptions {
     /// The device's credential: an appliance wave admits a member only
     /// with it.
     pub credential: Option<[u8; 32]>,
+    /// The image the device's signed plan names: a session for any other
+    /// image is refused before anything is written.
+    pub expect_image: Option<[u8; 32]>,
 }
 
 /// Decoding threads for this machine: compressed waves need several
@@ -496,6 +499,17 @@ pub async fn run_receive(
             )));
         }
     };
+    if let Some(want) = opts.expect_image {
+        if session.manifest.image_hash != want {
+            let why = format!(
+                "the wave sends image {}, the plan names {}",
+                session.manifest.image_hash_hex(),
+                blake3::Hash::from_bytes(want).to_hex()
+            );
+            conn.close_with_error(why.clone()).await;
+            return Err(ReceiveError::Refused(why));
+        }
+    }
     let m = Arc::new(session.manifest.clone());
     let n = m.block_count();
     progress.total_blocks.store(n, Ordering::Relaxed);
