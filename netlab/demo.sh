@@ -73,6 +73,11 @@ bind = "198.18.0.1"
 total_rate = "$((RATE_M * 4 / 5))M"
 group_base = "239.255.50.1"
 
+[enroll]
+# The simulated rack is declared (rack.csv, written below); anything else
+# that network-boots is held after its inventory for \`rackcast approve\`.
+inventory = "$WORK/rack.csv"
+
 [waves]
 min_members = 2
 start_after = "5s"
@@ -108,6 +113,10 @@ target = { order = "smallest", count = 1 }
 mac = "$(mac 3)"
 image = "rocky"
 EOF
+echo "mac,serial,hostname,rack,slot" >"$WORK/rack.csv"
+for i in $(seq 1 "$N"); do
+  echo "$(mac "$i"),SN$i,node$i,demo,$i" >>"$WORK/rack.csv"
+done
 big=$(( MIB * 3 / 2 )); small=$MIB
 for i in $(seq 1 "$N"); do
   if [ $((i % 2)) = 1 ]; then vendor="Dell Inc."; model="PowerEdge R650"; else vendor="Supermicro"; model="SYS-1029U"; fi

@@ -15,6 +15,7 @@ pub mod boot;
 pub mod config;
 pub mod controller;
 pub mod download;
+pub mod enroll;
 pub mod image_source;
 pub mod limits;
 pub mod store;

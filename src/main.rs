@@ -55,6 +55,10 @@ enum Cmd {
     /// Install a finished device again: its next network boot loads the
     /// loader instead of its disk (asks the running appliance).
     Reinstall(LogArgs),
+    /// Install a device held after its inventory: unknown to the rack
+    /// inventory under `[enroll] policy = "approve"`, or reporting another
+    /// serial than the inventory lists (asks the running appliance).
+    Approve(LogArgs),
     /// Fingerprint of the appliance's bundle-signing key (made on first
     /// use): what `rackcast-agent run --trust-key` and `rackcast.key=` on a
     /// loader's kernel command line take.
@@ -257,6 +261,7 @@ fn main() -> Result<()> {
             "reinstall",
             "will be installed again at its next network boot",
         ),
+        Cmd::Approve(a) => fleet::ask(&a.cfg.config, &a.device, "approve", "approved: installing"),
         Cmd::Token(TokenCmd::Create { name, role, cfg }) => {
             fleet::token_create(&cfg.config, &name, &role)
         }

@@ -29,6 +29,16 @@ struct Appliance {
     ready: String,
 }
 
+/// What an appliance installs: the agent binary its bundles carry, the
+/// image's bytes, the profiles (TOML), and the machines its rack inventory
+/// lists, `(mac, serial)`.
+struct Install<'a> {
+    agent: &'a std::path::Path,
+    image: &'a [u8],
+    profile: &'a str,
+    known: &'a [(&'a str, &'a str)],
+}
+
 impl Appliance {
     /// Full-mode DHCP with pool `198.18.0.a..=198.18.0.b`.
     fn new(tag: &str, n: usize, pool: (u8, u8)) -> Appliance {
@@ -49,23 +59,24 @@ impl Appliance {
             n,
             boot,
             ready,
-            &bin("rackcast-agent"),
-            &[7u8; 1 << 20],
-            ANY_PROFILE,
+            Install {
+                agent: &bin("rackcast-agent"),
+                image: &[7u8; 1 << 20],
+                profile: ANY_PROFILE,
+                known: &[],
+            },
         )
     }
 
     /// `with_boot` with the bundles' agent binary and the image's bytes
     /// given; `{dir}` in `boot` stands for the lab's file folder.
-    fn with_parts(
-        tag: &str,
-        n: usize,
-        boot: &str,
-        ready: &str,
-        agent: &std::path::Path,
-        image: &[u8],
-        profile: &str,
-    ) -> Appliance {
+    fn with_parts(tag: &str, n: usize, boot: &str, ready: &str, install: Install) -> Appliance {
+        let Install {
+            agent,
+            image,
+            profile,
+            known,
+        } = install;
         let lab = Lab::up(tag, n, "200mbit", &[]);
         let dir = lab.dir.clone();
         let boot = boot.replace("{dir}", &dir.display().to_string());
@@ -73,6 +84,7 @@ impl Appliance {
         fs::write(&img, image).unwrap();
         let config = dir.join("rackcast.toml");
         ApplianceConfig::new(&dir.join("state"), agent, "100M", "239.255.61.1")
+            .known(known)
             .image("img", &img)
             .section(profile)
             .section(boot)
@@ -665,6 +677,36 @@ fn ipxe_script_follows_the_device_state_and_files_serve_ranges() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Not in any rack inventory: under the default policy it is
+    // inventoried, then held until an operator approves it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let devs = a.devices();
+        let d = devs
+            .as_array()
+            .and_then(|v| v.iter().find(|d| d["mac"] == mac).cloned());
+        if d.is_some_and(|d| d["state"] == "awaiting_approval") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never held for approval: {devs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        String::from_utf8_lossy(&a.cli(&["log", mac, "--json"]).stdout).contains(&format!(
+            "awaiting approval: `rackcast approve {}`",
+            rackcast::controller::device_id_for(mac)
+        )),
+        "the hold is in the device's log"
+    );
+    let approved = a.cli(&["approve", mac]);
+    assert!(
+        approved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&approved.stderr)
+    );
     let out = finish(agent, Duration::from_secs(90));
     assert!(out.status.success(), "agent did not finish");
     let script = String::from_utf8_lossy(&curl(&[&url]).stdout).into_owned();
@@ -1061,9 +1103,17 @@ fn two_pxe_machines_get_bios_and_raid1_at_their_pace_then_the_image_onto_their_a
         2,
         &boot,
         "DHCP service listening",
-        &files.path().join("agent"),
-        &image,
-        &profiles,
+        Install {
+            agent: &files.path().join("agent"),
+            image: &image,
+            profile: &profiles,
+            // The two machines are in the rack inventory, with the serials
+            // their firmware reports (checked at inventory).
+            known: &[
+                ("52:54:00:18:00:01", "SN-PXE-0001"),
+                ("52:54:00:18:00:02", "SN-UEFI-0002"),
+            ],
+        },
     );
     let bmc_b = Bmc::start_on(&a.lab, "d1", "198.18.0.11");
     let bmc_u = Bmc::start_on(&a.lab, "d2", "198.18.0.12");
@@ -1131,7 +1181,7 @@ fn two_pxe_machines_get_bios_and_raid1_at_their_pace_then_the_image_onto_their_a
         let loader = pos("loader_booted ok loader network-booted");
         // The loader took the appliance key's fingerprint from the kernel
         // command line the iPXE script wrote, and checked the bundle.
-        let signed = pos(&format!("signature verified with trusted key {key}"));
+        let signed = pos(&format!("verified with appliance key {key}"));
         let bios = pos("bios-verify ok");
         pos(&format!(
             "raid-inspect ok: /dev/md/rackcast: not running; {}",

@@ -404,3 +404,117 @@ fn wave_key_goes_only_to_members_with_their_credential() {
     );
     assert_image_on(&rack.lab.file("d1-disk-big.img"), &rack.images["debian"]);
 }
+
+/// Enrollment (finding 7's device rows, and "the default `*` profile
+/// images any machine that network-boots"): under `[enroll] policy =
+/// "known"`, a machine not in the rack inventory gets no record, no iPXE
+/// script and no workflow, however it asks; a listed machine whose DMI
+/// serial is not the inventory's (its MAC moved, or spoofed) is held after
+/// its inventory with the reason, gets no bundle, and goes on only when
+/// the operator approves it. The other listed machine installs meanwhile.
+#[test]
+fn unknown_and_mismatched_machines_are_not_installed() {
+    if !can_run() {
+        return;
+    }
+    use rackcast_core::model::AgentMode;
+    use rackcast_core::wire::device::{AgentMsg, ApplianceMsg, DEVICE_PROTOCOL};
+    let mut rack = Rack::build(
+        "se",
+        2,
+        "300mbit",
+        (8, 8),
+        "[boot.http]\nfiles = \"/nonexistent\"",
+        false,
+        80,
+    );
+    // Known policy, set after the harness wrote the inventory.
+    let cfg = std::fs::read_to_string(&rack.config).unwrap();
+    std::fs::write(
+        &rack.config,
+        cfg.replace("[enroll]\n", "[enroll]\npolicy = \"known\"\n"),
+    )
+    .unwrap();
+    rack.kill_serve();
+    rack.start_serve();
+    // Device 2 reports another serial than its inventory row.
+    let hw2 = rack.lab.file("d2.json");
+    let text = std::fs::read_to_string(&hw2).unwrap();
+    std::fs::write(&hw2, text.replace("SN0002", "SWAPPED-BOARD")).unwrap();
+    rack.start_agent(1);
+    rack.start_agent(2);
+
+    // A stranger: a loader with an unlisted MAC, and iPXE script fetches.
+    let stranger = "02:ee:00:00:00:31";
+    let mut raw = RawAgent::connect(&rack.lab.ns("d2"));
+    raw.send(&AgentMsg::Hello {
+        protocol: DEVICE_PROTOCOL,
+        mac: stranger.into(),
+        device_id: None,
+        mode: AgentMode::Loader { os_present: false },
+        credential: None,
+    });
+    match raw.recv() {
+        Some(ApplianceMsg::Error { message }) => {
+            assert!(message.contains("not in the rack inventory"), "{message}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(raw.recv().is_none(), "closed");
+    for i in 0..5 {
+        let url = format!(
+            "http://{}/boot/02:ee:00:00:01:{i:02x}.ipxe",
+            ApplianceConfig::API
+        );
+        assert_eq!(http_status(&rack.lab.ns("d2"), &[], &url), "404");
+    }
+
+    rack.wait_for("device 1 done", Duration::from_secs(180), |d| {
+        d.iter()
+            .any(|x| x["device"] == device_id(1) && x["state"] == "done")
+    });
+    rack.wait_for("device 2 held", Duration::from_secs(60), |d| {
+        d.iter()
+            .any(|x| x["device"] == device_id(2) && x["state"] == "awaiting_approval")
+    });
+    let devs = rack.devices();
+    assert_eq!(devs.len(), 2, "no record for strangers: {devs:?}");
+    let d2 = devs.iter().find(|x| x["device"] == device_id(2)).unwrap();
+    assert_eq!(d2["step"], "inventoried", "{d2}");
+    assert!(
+        d2["bundle"].is_null(),
+        "a held machine gets no bundle: {d2}"
+    );
+    let log = rack.cli(&["log", &device_id(2)]);
+    let details: Vec<&str> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["detail"].as_str().unwrap_or(""))
+        .collect();
+    assert!(
+        details.iter().any(|d| d.contains("serial mismatch")
+            && d.contains("\"SN0002\"")
+            && d.contains("\"SWAPPED-BOARD\"")),
+        "{details:?}"
+    );
+    let m = rack.http_get("/metrics");
+    assert_eq!(
+        metric(&m, "rackcast_enroll_refused_total"),
+        1.0,
+        "{}",
+        tail(&m, 60)
+    );
+    assert_eq!(
+        metric(&m, "rackcast_enroll_held_total{reason=\"serial_mismatch\"}"),
+        1.0
+    );
+    assert_eq!(metric(&m, "rackcast_boot_files_unknown_device_total"), 5.0);
+    assert_eq!(
+        metric(&m, "rackcast_devices{state=\"awaiting_approval\"}"),
+        1.0
+    );
+    // The operator looks at it and approves it: it installs.
+    rack.cli(&["approve", &device_id(2)]);
+    rack.wait_for("device 2 done", Duration::from_secs(180), all_done(2));
+}

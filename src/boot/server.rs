@@ -71,6 +71,7 @@ fn describe(c: &rackcast_core::boot::dhcp::ClientInfo) -> String {
 pub async fn run_dhcp(
     cfg: Arc<Config>,
     installed: Installed,
+    enroll: Arc<crate::enroll::Enrollment>,
     trigger: BootTrigger,
 ) -> anyhow::Result<()> {
     let Some(d) = cfg.boot.dhcp.clone() else {
@@ -118,7 +119,18 @@ pub async fn run_dhcp(
                 continue;
             }
         };
-        let choice = match rackcast_core::boot::dhcp::client_info(&msg) {
+        let client = rackcast_core::boot::dhcp::client_info(&msg);
+        if let Some(c) = &client {
+            if !enroll.answers(&mac_string(&c.mac)) {
+                // `[enroll] policy = "known"`: a machine not in the rack
+                // inventory gets no lease and no boot file.
+                metrics::counter!("rackcast_dhcp_dropped_total", "reason" => "unknown_device")
+                    .increment(1);
+                tracing::debug!(mac = %mac_string(&c.mac), "DHCP from an unknown device ignored");
+                continue;
+            }
+        }
+        let choice = match client {
             Some(c)
                 if installed
                     .read()

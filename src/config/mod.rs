@@ -69,6 +69,53 @@ pub struct Config {
     pub devices: Vec<DeviceOverride>,
     #[serde(default)]
     pub boot: BootConfig,
+    #[serde(default)]
+    pub enroll: EnrollConfig,
+}
+
+/// Which machines the appliance installs (MAAS's New -> Commission).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollConfig {
+    /// `known`: only devices in the rack inventory or `[[devices]]`;
+    /// others are not answered. `approve` (default): unknown devices are
+    /// inventoried, then wait for `rackcast approve`. `auto`: every
+    /// device that network-boots is installed.
+    #[serde(default)]
+    pub policy: EnrollPolicy,
+    /// The rack inventory: a CSV with a header row; `mac` is required,
+    /// `serial`, `hostname`, `rack` and `slot` are read, further columns
+    /// are kept as labels.
+    pub inventory: Option<PathBuf>,
+    /// Unknown devices held at once awaiting approval (`approve`): past
+    /// it, further unknown MACs are refused, so spoofed boots cannot grow
+    /// the record without bound.
+    #[serde(default = "d_max_pending")]
+    pub max_pending: usize,
+}
+
+impl Default for EnrollConfig {
+    fn default() -> Self {
+        EnrollConfig {
+            policy: EnrollPolicy::default(),
+            inventory: None,
+            max_pending: d_max_pending(),
+        }
+    }
+}
+
+fn d_max_pending() -> usize {
+    1024
+}
+
+/// See [`EnrollConfig::policy`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EnrollPolicy {
+    Known,
+    #[default]
+    Approve,
+    Auto,
 }
 
 /// The network boot service (each part optional).

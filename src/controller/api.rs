@@ -2,7 +2,8 @@
 //! provisioning LAN): the HTTP half of network boot, per-device iPXE
 //! scripts and loader files, nothing else. Operator (HTTPS, bearer
 //! tokens): the REST API (devices, a device's event log and inventory,
-//! waves, images; `POST /api/devices/{id}/retry` and `/reinstall`) and
+//! waves, images; `POST /api/devices/{id}/retry`, `/reinstall` and
+//! `/approve`) and
 //! `/metrics`.
 //!
 //! Owns: HTTP routing and JSON shapes. Reads go to the store through its
@@ -47,6 +48,7 @@ pub async fn serve_operator(listener: super::tls::TlsListener, shared: Shared) {
         .route("/api/devices/{id}/inventory", get(device_inventory))
         .route("/api/devices/{id}/retry", post(retry))
         .route("/api/devices/{id}/reinstall", post(reinstall))
+        .route("/api/devices/{id}/approve", post(approve))
         .route("/api/waves", get(waves))
         .route("/api/images", get(images))
         .layer(axum::middleware::from_fn_with_state(
@@ -165,6 +167,16 @@ async fn reinstall(
     ask_controller(&s, |reply| Input::Reinstall { device: id, reply }).await
 }
 
+/// Install a device held after its inventory (`[enroll] policy =
+/// "approve"`, or a serial the rack inventory does not list).
+async fn approve(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    _: Json<serde_json::Value>,
+) -> Response {
+    ask_controller(&s, |reply| Input::Approve { device: id, reply }).await
+}
+
 /// The per-device iPXE script, `GET /boot/<mac>.ipxe`: the loader while
 /// the device is to be installed (the appliance address and its signing
 /// key's fingerprint on its command line), `exit` (boot the next device:
@@ -178,6 +190,10 @@ async fn ipxe_script(State(s): State<Shared>, Path(script): Path<String>) -> Res
         return err(StatusCode::BAD_REQUEST, "not a MAC address");
     };
     let mac = rackcast_core::boot::dhcp::mac_string(&mac);
+    if !s.enroll.answers(&mac) {
+        metrics::counter!("rackcast_boot_files_unknown_device_total").increment(1);
+        return err(StatusCode::NOT_FOUND, "unknown device");
+    }
     let Some(h) = s.cfg.boot.http.clone() else {
         return err(StatusCode::NOT_FOUND, "HTTP boot is not configured");
     };
@@ -233,6 +249,10 @@ async fn boot_file(
         return err(StatusCode::BAD_REQUEST, "not a MAC address");
     };
     let mac = rackcast_core::boot::dhcp::mac_string(&mac);
+    if !s.enroll.answers(&mac) {
+        metrics::counter!("rackcast_boot_files_unknown_device_total").increment(1);
+        return err(StatusCode::NOT_FOUND, "unknown device");
+    }
     let Some(h) = s.cfg.boot.http.clone() else {
         return err(StatusCode::NOT_FOUND, "HTTP boot is not configured");
     };

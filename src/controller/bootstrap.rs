@@ -33,6 +33,8 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     )?);
     tracing::info!(fingerprint = %signer.fingerprint(), "appliance key (bundle signatures, control-plane TLS)");
     let control_tls = super::tls::control_config(&signer)?;
+    let enroll = Arc::new(crate::enroll::Enrollment::from_config(&cfg)?);
+    tracing::info!(policy = ?cfg.enroll.policy, known = enroll.known(), "enrollment");
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .ok();
@@ -48,6 +50,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         signer,
         assigned: Assigned::default(),
         control_tls: control_tls.clone(),
+        enroll: enroll.clone(),
         agent_caps: crate::limits::Caps::new(
             cfg.appliance.max_agent_connections,
             agents::MAX_PER_SOURCE,
@@ -81,6 +84,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         rt: tokio::runtime::Handle::current(),
         inbox: inbox.clone(),
         control_tls,
+        enroll: enroll.clone(),
     };
     ctl.recover()?;
     if let Some(t) = cfg.boot.tftp.clone() {
@@ -102,8 +106,9 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             let _ = inbox2.send(Input::BootSeen { mac, how });
         });
         let c = cfg.clone();
+        let e2 = enroll.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::boot::server::run_dhcp(c, installed, trigger).await {
+            if let Err(e) = crate::boot::server::run_dhcp(c, installed, e2, trigger).await {
                 tracing::error!(error = %e, "DHCP service stopped");
             }
         });

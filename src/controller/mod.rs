@@ -99,6 +99,11 @@ pub enum Input {
         device: String,
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// Operator: install a device held for approval.
+    Approve {
+        device: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
     /// The HTTP boot service served a device a file.
     BootFile {
         mac: String,
@@ -158,6 +163,8 @@ pub struct Controller {
     inbox: mpsc::UnboundedSender<Input>,
     /// Wave control listeners' TLS (the appliance key's certificate).
     control_tls: Arc<rustls::ServerConfig>,
+    /// The rack inventory and the policy for unknown machines.
+    enroll: Arc<crate::enroll::Enrollment>,
 }
 
 pub type Progress = Arc<std::sync::Mutex<HashMap<String, (u32, u32)>>>;
@@ -182,6 +189,9 @@ pub struct Shared {
     pub control_tls: Arc<rustls::ServerConfig>,
     /// Agent connections held at once, in total and per source.
     pub agent_caps: crate::limits::Caps,
+    /// The rack inventory and the policy for unknown machines (the boot
+    /// services answer only what it lets in).
+    pub enroll: Arc<crate::enroll::Enrollment>,
 }
 
 pub type Assigned = Arc<std::sync::RwLock<HashMap<String, String>>>;
@@ -259,10 +269,9 @@ impl Controller {
                 let id = device_id
                     .filter(|i| self.devices.contains_key(i))
                     .unwrap_or_else(|| device_id_for(&mac));
-                if !self.devices.contains_key(&id) {
-                    let d = Device::new(&id, &mac.to_ascii_lowercase(), now_ms());
-                    tracing::info!(device = %id, %mac, "new device");
-                    self.devices.insert(id.clone(), d);
+                if let Err(why) = self.enroll_new(&id, &mac, "agent connected") {
+                    let _ = reply.send(Err(why.to_string()));
+                    return;
                 }
                 let (boot, issued) = match workflow::admission(
                     &self.devices[&id],
@@ -316,6 +325,18 @@ impl Controller {
                 data,
                 ops,
             } => {
+                // The rack inventory lists this machine's serial: another
+                // one (a MAC moved to another machine, or spoofed) is held
+                // for an operator, not installed.
+                if let (StepData::Inventory(inv), Some(d)) = (&data, self.devices.get(&device)) {
+                    let mismatch = self.enroll.serial_mismatch(&d.mac, &inv.dmi.serial);
+                    if let Some(why) = mismatch.filter(|_| self.is_current(&device, conn_id)) {
+                        metrics::counter!("rackcast_enroll_held_total", "reason" => "serial_mismatch")
+                            .increment(1);
+                        tracing::warn!(%device, %why, "device held");
+                        self.apply(&device, Event::Hold(why));
+                    }
+                }
                 if !self.is_current(&device, conn_id) {
                     // A connection of a boot whose credential is void now
                     // (a newer boot claimed the device): its results are
@@ -404,18 +425,53 @@ impl Controller {
             }
             Input::BootSeen { mac, how } => {
                 let id = device_id_for(&mac);
-                if !self.devices.contains_key(&id) {
-                    tracing::info!(device = %id, %mac, %how, "new device powered on");
-                    self.devices.insert(
-                        id.clone(),
-                        Device::new(&id, &mac.to_ascii_lowercase(), now_ms()),
-                    );
+                if self.enroll_new(&id, &mac, &how).is_ok() {
+                    self.apply(&id, Event::BootSeen(how));
                 }
-                self.apply(&id, Event::BootSeen(how));
+            }
+            Input::Approve { device, reply } => {
+                let r = match self.devices.get(&device) {
+                    None => Err(format!("no device {device}")),
+                    Some(d) if d.approved => Err(format!("{device} is not awaiting approval")),
+                    Some(_) => {
+                        self.apply(&device, Event::Approve);
+                        Ok(())
+                    }
+                };
+                let _ = reply.send(r);
             }
             Input::Tick => self.on_tick(),
             Input::Shutdown => {}
         }
+    }
+
+    /// A record for a MAC seen for the first time, as the enrollment
+    /// policy says (known and `auto`: installed; `approve`: held after its
+    /// inventory, at most `max_pending` of them; `known`: none). `Ok` when
+    /// the device has a record (already or now).
+    fn enroll_new(&mut self, id: &str, mac: &str, how: &str) -> Result<(), &'static str> {
+        if self.devices.contains_key(id) {
+            return Ok(());
+        }
+        let pending = self
+            .devices
+            .values()
+            .filter(|d| !d.approved && d.reached != Step::Done)
+            .count();
+        let approved = match self.enroll.decide(mac, pending) {
+            crate::enroll::Decision::Install => true,
+            crate::enroll::Decision::Hold => false,
+            crate::enroll::Decision::Refuse(why) => {
+                metrics::counter!("rackcast_enroll_refused_total").increment(1);
+                tracing::warn!(%mac, %how, why, "unknown device refused");
+                return Err(why);
+            }
+        };
+        let mut d = Device::new(id, &mac.to_ascii_lowercase(), now_ms());
+        d.approved = approved;
+        tracing::info!(device = %id, %mac, %how, approved, "new device");
+        self.devices.insert(id.to_string(), d);
+        Ok(())
     }
 
     /// `conn_id` is the device's current (last admitted) connection.
@@ -616,7 +672,14 @@ impl Controller {
         for d in self.devices.values() {
             *per_state.entry(d.state()).or_default() += 1;
         }
-        for s in ["idle", "running", "waiting_for_wave", "failed", "done"] {
+        for s in [
+            "idle",
+            "running",
+            "waiting_for_wave",
+            "awaiting_approval",
+            "failed",
+            "done",
+        ] {
             metrics::gauge!("rackcast_devices", "state" => s)
                 .set(per_state.get(s).copied().unwrap_or(0) as f64);
         }

@@ -200,6 +200,10 @@ pub struct ApplianceConfig {
     pub images: Vec<(String, PathBuf)>,
     /// Further sections as TOML (modules, profiles, devices, waves, boot).
     pub sections: Vec<String>,
+    /// The rack inventory (`[enroll] inventory`): MAC and serial of each
+    /// known machine. Empty: no inventory (unknown machines are held for
+    /// approval, the default policy).
+    pub known: Vec<(String, String)>,
 }
 
 impl ApplianceConfig {
@@ -220,7 +224,20 @@ impl ApplianceConfig {
             agent: agent.to_path_buf(),
             images: Vec::new(),
             sections: Vec::new(),
+            known: Vec::new(),
         }
+    }
+
+    /// Machines the rack inventory lists, `(mac, serial)`.
+    pub fn known(mut self, machines: &[(&str, &str)]) -> Self {
+        self.known
+            .extend(machines.iter().map(|(m, s)| (m.to_string(), s.to_string())));
+        self
+    }
+
+    /// Where the rack inventory goes: beside the state folder.
+    pub fn inventory_path(&self) -> PathBuf {
+        self.state_dir.with_file_name("rack-inventory.csv")
     }
 
     pub fn image(mut self, name: &str, path: &Path) -> Self {
@@ -265,6 +282,12 @@ impl ApplianceConfig {
                 path.display()
             );
         }
+        if !self.known.is_empty() {
+            t += &format!(
+                "\n[enroll]\ninventory = \"{}\"\n",
+                self.inventory_path().display()
+            );
+        }
         for s in &self.sections {
             t += "\n";
             t += s;
@@ -278,6 +301,13 @@ impl ApplianceConfig {
         let text = self.toml();
         if let Err(e) = rackcast::config::Config::parse(&text, path) {
             panic!("lab config does not parse: {e}\n{text}");
+        }
+        if !self.known.is_empty() {
+            let mut csv = String::from("mac,serial,hostname,rack,slot\n");
+            for (i, (mac, serial)) in self.known.iter().enumerate() {
+                csv += &format!("{mac},{serial},node{},lab,{}\n", i + 1, i + 1);
+            }
+            fs::write(self.inventory_path(), csv).unwrap();
         }
         fs::write(path, text).unwrap();
     }

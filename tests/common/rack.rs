@@ -138,7 +138,14 @@ redfish = {redfish}
                 mac(3)
             ));
         }
-        cfg.section(extra_cfg).write(&config);
+        // Every machine of the rack is in the rack inventory (with the
+        // serial its DMI reports), as a datacenter team declares a rack.
+        let known: Vec<(String, String)> = (1..=n).map(|i| (mac(i), format!("SN{i:04}"))).collect();
+        let known: Vec<(&str, &str)> = known
+            .iter()
+            .map(|(m, s)| (m.as_str(), s.as_str()))
+            .collect();
+        cfg.known(&known).section(extra_cfg).write(&config);
         for i in 1..=n {
             let (vendor, model) = if i % 2 == 1 {
                 ("Dell Inc.", "PowerEdge R650")

@@ -98,6 +98,11 @@ pub struct Device {
     /// reinstall or approval; false once a credential was issued.
     #[serde(default = "yes")]
     pub claim_open: bool,
+    /// May go past its inventory: known to the rack inventory, enrolled
+    /// automatically, or approved by an operator (`rackcast approve`).
+    /// An unapproved device stops after `inventoried`.
+    #[serde(default = "yes")]
+    pub approved: bool,
     /// When the record was made.
     pub created: Millis,
     /// When it last changed.
@@ -210,6 +215,7 @@ impl Device {
             credential: None,
             boot: 0,
             claim_open: true,
+            approved: true,
             created: now,
             updated: now,
         }
@@ -219,6 +225,8 @@ impl Device {
     pub fn state(&self) -> &'static str {
         if self.failed.is_some() {
             "failed"
+        } else if !self.approved && self.running.is_none() && self.reached >= Step::Inventoried {
+            "awaiting_approval"
         } else if self.reached == Step::Done {
             "done"
         } else if self.running.is_some() {
@@ -338,6 +346,11 @@ pub enum Event {
     /// Operator: install this finished device again; its next network
     /// boot gets the loader instead of its disk.
     Reinstall,
+    /// Operator: this device may be installed (`rackcast approve`).
+    Approve,
+    /// Stop this device after its inventory until an operator approves
+    /// it; the text says why (a serial the rack inventory does not list).
+    Hold(String),
 }
 
 /// One event-log row.
@@ -563,6 +576,40 @@ impl Fx<'_> {
                     );
                 }
             }
+            Event::Approve => {
+                if !self.dev.approved {
+                    let from = self.state_label();
+                    self.dev.approved = true;
+                    let step = self.dev.current_step();
+                    self.log_transition(
+                        step,
+                        "info",
+                        from,
+                        None,
+                        "approved by the operator".into(),
+                    );
+                    if self.dev.reached == Step::Inventoried
+                        && self.dev.running.is_none()
+                        && self.dev.failed.is_none()
+                    {
+                        self.advance();
+                    }
+                }
+            }
+            Event::Hold(why) => {
+                if self.dev.approved && self.dev.bundle.is_none() {
+                    let from = self.state_label();
+                    self.dev.approved = false;
+                    let step = self.dev.current_step();
+                    self.log_transition(
+                        step,
+                        "info",
+                        from,
+                        None,
+                        format!("held for approval: {why}"),
+                    );
+                }
+            }
             Event::Reinstall => {
                 if self.dev.reached == Step::Done {
                     self.start_over(
@@ -582,6 +629,7 @@ impl Fx<'_> {
             next_cmd: self.dev.next_cmd,
             connected: self.dev.connected,
             boot: self.dev.boot,
+            approved: self.dev.approved,
             ..Device::new(&self.dev.id, &self.dev.mac, self.now)
         };
         self.log_transition(Step::Discovered, "info", from, None, why.into());
@@ -702,6 +750,21 @@ impl Fx<'_> {
                 self.log_transition(step, "skipped", from, None, why);
                 continue;
             }
+            if step == Step::AgentDelivered && !self.dev.approved {
+                // Commissioned, not deployed: nothing of a plan (no
+                // bundle, no BMC credentials, no image) before an operator
+                // approves the machine.
+                let from = self.state_label();
+                let id = self.dev.id.clone();
+                self.log_transition(
+                    Step::Inventoried,
+                    "held",
+                    from,
+                    None,
+                    format!("awaiting approval: `rackcast approve {id}` installs it"),
+                );
+                return;
+            }
             if step == Step::Done {
                 let from = self.state_label();
                 self.dev.reached = Step::Done;
@@ -803,6 +866,9 @@ impl Fx<'_> {
     fn on_bundle(&mut self, hash: String, plan: Plan) {
         if self.dev.reached != Step::Inventoried || self.dev.running.is_some() {
             return;
+        }
+        if !self.dev.approved {
+            return; // held meanwhile: approval builds it again
         }
         if self.dev.failed.is_some() {
             return; // a retry builds it again

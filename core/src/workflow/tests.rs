@@ -357,6 +357,67 @@ fn each_boot_claims_the_device_once_and_only_its_credential_comes_back() {
 }
 
 #[test]
+fn an_unapproved_device_stops_after_its_inventory_until_approved() {
+    let mut s = Sim::new();
+    s.dev.approved = false;
+    s.ev(Event::AgentConnected {
+        mode: AgentMode::Loader { os_present: false },
+        issued: None,
+    });
+    s.ok(StepData::Inventory(Box::default()));
+    assert_eq!(s.dev.reached, Step::Inventoried);
+    assert_eq!(s.dev.state(), "awaiting_approval");
+    assert!(
+        !s.other.contains(&Action::BuildBundle),
+        "no plan before approval"
+    );
+    let held = s.rows.last().unwrap();
+    assert_eq!(held.kind, "held");
+    assert!(
+        held.detail.contains("rackcast approve d-1"),
+        "{}",
+        held.detail
+    );
+    // Reconnects and ticks do not get it further.
+    s.ev(Event::AgentDisconnected);
+    s.ev(Event::AgentConnected {
+        mode: AgentMode::Loader { os_present: false },
+        issued: None,
+    });
+    s.now += 60_000;
+    s.ev(Event::Tick);
+    assert!(!s.other.contains(&Action::BuildBundle));
+    s.ev(Event::Approve);
+    assert!(s.dev.approved);
+    assert!(s.other.contains(&Action::BuildBundle));
+    assert!(s
+        .rows
+        .iter()
+        .any(|r| r.detail == "approved by the operator"));
+    // A hold after the bundle changes nothing (it is being installed).
+    s.ev(Event::BundleBuilt {
+        hash: "b1".into(),
+        plan: Box::new(plan(false)),
+    });
+    s.ev(Event::Hold("late".into()));
+    assert!(s.dev.approved);
+}
+
+#[test]
+fn a_hold_before_the_inventory_report_stops_the_device_there() {
+    let mut s = Sim::new();
+    s.ev(Event::AgentConnected {
+        mode: AgentMode::Loader { os_present: false },
+        issued: None,
+    });
+    s.ev(Event::Hold("serial mismatch".into()));
+    assert!(s.rows.last().unwrap().detail.contains("serial mismatch"));
+    s.ok(StepData::Inventory(Box::default()));
+    assert_eq!(s.dev.state(), "awaiting_approval");
+    assert!(!s.other.contains(&Action::BuildBundle));
+}
+
+#[test]
 fn an_installed_device_is_started_over_only_by_the_operator() {
     let mut s = Sim::new();
     s.reach_agent_delivered(plan(false));
@@ -676,6 +737,8 @@ mod properties {
         Tick(u16),
         Retry,
         Reinstall,
+        Approve,
+        Hold,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -692,6 +755,8 @@ mod properties {
             (0u16..20_000).prop_map(Op::Tick),
             Just(Op::Retry),
             Just(Op::Reinstall),
+            Just(Op::Approve),
+            Just(Op::Hold),
         ]
     }
 
@@ -734,6 +799,8 @@ mod properties {
                     Op::Tick(ms) => { s.now += i64::from(ms); s.ev(Event::Tick); }
                     Op::Retry => { s.ev(Event::Retry); }
                     Op::Reinstall => { s.ev(Event::Reinstall); }
+                    Op::Approve => { s.ev(Event::Approve); }
+                    Op::Hold => { s.ev(Event::Hold("held".into())); }
                 }
                 prop_assert!(!(s.dev.running.is_some() && s.dev.failed.is_some()), "{:?}", s.dev);
             }

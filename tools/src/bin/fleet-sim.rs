@@ -147,6 +147,14 @@ fn main() -> Result<()> {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     std::fs::write(&image, &data)?;
+    // The simulated rack is declared in a rack inventory, as a real one is
+    // (the default enrollment policy holds unknown machines).
+    let inventory = dir.join("rack.csv");
+    let mut csv = String::from("mac,serial\n");
+    for i in 0..args.devices {
+        csv += &format!("{},SIM{i:05}\n", mac(i));
+    }
+    std::fs::write(&inventory, csv)?;
     let config = dir.join("rackcast.toml");
     std::fs::write(
         &config,
@@ -163,6 +171,9 @@ iface = "lo"
 bind = "127.0.0.1"
 total_rate = "20M"
 group_base = "239.255.40.1"
+
+[enroll]
+inventory = "{inventory}"
 
 [waves]
 min_members = 1
@@ -189,6 +200,7 @@ post_install = [ {{ name = "post", argv = ["true"] }} ]
 boot_to_disk = {{ name = "efiboot", argv = ["true"] }}
 "#,
             state = dir.join("state").display(),
+            inventory = inventory.display(),
             agent = agent_bin.display(),
             image = image.display(),
         ),
