@@ -324,6 +324,21 @@ fn impostor_loaders_and_forged_results_are_refused() {
     assert_eq!(refused(&m, "installed"), 1.0);
     assert_image_on(&rack.lab.file("d1-disk-big.img"), &rack.images["debian"]);
     assert!(rack.serve_log().contains("agent refused"));
+    // Finding 9: the BMC password the bundle carried (the BIOS step used
+    // it) is nowhere in the fleet record.
+    let mut looked = 0;
+    for f in ["rackcast.db", "rackcast.db-wal"] {
+        if let Ok(bytes) = std::fs::read(rack.lab.file("state").join(f)) {
+            looked += bytes.len();
+            assert!(
+                !bytes
+                    .windows(BMC_PASSWORD.len())
+                    .any(|w| w == BMC_PASSWORD.as_bytes()),
+                "BMC password in {f}"
+            );
+        }
+    }
+    assert!(looked > 0, "no fleet record found");
 }
 
 /// Finding 4, the wave key: while device 1's wave runs, another host
@@ -515,6 +530,11 @@ fn unknown_and_mismatched_machines_are_not_installed() {
         1.0
     );
     // The operator looks at it and approves it: it installs.
-    rack.cli(&["approve", &device_id(2)]);
+    let out = rack.cli_output(&["approve", &device_id(2)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     rack.wait_for("device 2 done", Duration::from_secs(180), all_done(2));
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::{Input, Shared};
 use rackcast_core::io::conn::{map_io, Conn, ConnError, Frame};
@@ -138,8 +138,8 @@ async fn serve_agent(
         return Ok(());
     }
     let conn_id = CONN_IDS.fetch_add(1, Ordering::Relaxed);
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel();
-    let out_tx: super::Outbox = out_tx;
+    let (out_tx, mut out_rx, kill) = super::Outbox::new();
+    let shares = std::sync::Arc::new(tokio::sync::Semaphore::new(super::INBOX_SHARE));
     let (reply_tx, reply_rx) = oneshot::channel();
     if shared
         .inbox
@@ -206,7 +206,10 @@ async fn serve_agent(
     });
     let conn_permits = std::sync::Arc::new(tokio::sync::Semaphore::new(CHUNKS_PER_CONN));
     let result = loop {
-        let next = tokio::time::timeout(read_timeout, frames.next()).await;
+        let next = tokio::select! {
+            n = tokio::time::timeout(read_timeout, frames.next()) => n,
+            _ = kill.notified() => break Ok(()),
+        };
         let frame = match next {
             Err(_) => break Err(ConnError::Timeout(read_timeout)),
             Ok(None) => break Ok(()),
@@ -214,12 +217,12 @@ async fn serve_agent(
                 let e = map_io(e, MAX_FRAME);
                 if matches!(e, ConnError::Oversize(_)) {
                     count_error("oversize");
-                    let _ = out_tx.send((
+                    out_tx.send(
                         ApplianceMsg::Error {
                             message: format!("frame larger than {MAX_FRAME} bytes"),
                         },
                         None,
-                    ));
+                    );
                 }
                 break Err(e);
             }
@@ -229,14 +232,24 @@ async fn serve_agent(
             Ok(m) => m,
             Err(e) => {
                 count_error("malformed");
-                let _ = out_tx.send((
+                out_tx.send(
                     ApplianceMsg::Error {
                         message: e.to_string(),
                     },
                     None,
-                ));
+                );
                 break Err(e);
             }
+        };
+        // Reports and progress wait for a place in the controller's inbox
+        // (the connection reads nothing meanwhile: TCP pushes back).
+        let share = if matches!(msg, AgentMsg::Report { .. } | AgentMsg::Progress { .. }) {
+            match shares.clone().acquire_owned().await {
+                Ok(p) => Some(p),
+                Err(_) => break Ok(()),
+            }
+        } else {
+            None
         };
         match msg {
             AgentMsg::Report {
@@ -250,6 +263,7 @@ async fn serve_agent(
                     .send(Input::Report {
                         device: device.clone(),
                         conn_id,
+                        share,
                         cmd_id,
                         outcome,
                         data,
@@ -266,6 +280,7 @@ async fn serve_agent(
                     .send(Input::Progress {
                         device: device.clone(),
                         conn_id,
+                        share,
                         cmd_id,
                         ops,
                     })
@@ -304,7 +319,7 @@ async fn serve_agent(
                     },
                 };
                 let fatal = matches!(reply, ApplianceMsg::Error { .. });
-                let _ = out_tx.send((reply, None));
+                out_tx.send(reply, None);
                 if fatal {
                     break Ok(());
                 }
@@ -365,22 +380,22 @@ async fn serve_agent(
                     _conn: conn,
                 });
                 let fatal = matches!(reply, ApplianceMsg::Error { .. });
-                let _ = out_tx.send((reply, permit));
+                out_tx.send(reply, permit);
                 if fatal {
                     break Ok(());
                 }
             }
             AgentMsg::Ping => {
-                let _ = out_tx.send((ApplianceMsg::Pong, None));
+                out_tx.send(ApplianceMsg::Pong, None);
             }
             AgentMsg::Hello { .. } => {
                 count_error("out_of_order");
-                let _ = out_tx.send((
+                out_tx.send(
                     ApplianceMsg::Error {
                         message: "Hello twice".into(),
                     },
                     None,
-                ));
+                );
                 break Ok(());
             }
         }

@@ -58,6 +58,8 @@ pub enum Input {
         device: String,
         /// The connection it came on: only the device's current one counts.
         conn_id: u64,
+        /// The connection's share of the inbox, given back once handled.
+        share: Option<Share>,
         cmd_id: u64,
         outcome: Outcome,
         data: StepData,
@@ -66,6 +68,7 @@ pub enum Input {
     Progress {
         device: String,
         conn_id: u64,
+        share: Option<Share>,
         cmd_id: u64,
         ops: Vec<rackcast_core::model::OpRecord>,
     },
@@ -113,6 +116,15 @@ pub enum Input {
     Shutdown,
 }
 
+/// One of a connection's [`INBOX_SHARE`] places in the controller's
+/// inbox: a connection waits for a free one before it reads on, so what
+/// agents queue for the controller is bounded by the connections.
+pub type Share = tokio::sync::OwnedSemaphorePermit;
+
+/// Reports and progress one agent connection may have waiting for the
+/// controller.
+pub const INBOX_SHARE: usize = 8;
+
 /// An agent connection the controller admitted.
 pub struct Admitted {
     /// The device's id.
@@ -124,10 +136,56 @@ pub struct Admitted {
     pub credential: Option<[u8; 32]>,
 }
 
-/// Messages to one agent connection's writer. A blob chunk carries its
-/// transfer permit: it is released once the chunk left, so at most
-/// `max_inflight_transfers` chunks are in memory, however slow the devices.
-pub type Outbox = mpsc::UnboundedSender<(ApplianceMsg, Option<Held>)>;
+/// Messages queued to one agent connection's writer, at most
+/// [`Outbox::CAPACITY`]. A blob chunk carries its transfer permit: it is
+/// released once the chunk left, so at most `max_inflight_transfers`
+/// chunks are in memory, however slow the devices. An agent that lets its
+/// queue fill has stopped reading: its connection is closed (it
+/// reconnects and gets the command in progress again).
+/// The writer's end of an [`Outbox`].
+pub type OutboxRx = mpsc::Receiver<(ApplianceMsg, Option<Held>)>;
+
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<(ApplianceMsg, Option<Held>)>,
+    kill: Arc<tokio::sync::Notify>,
+}
+
+impl Outbox {
+    /// Messages one connection may have queued.
+    pub const CAPACITY: usize = 64;
+
+    /// A queue, its receiving end, and the signal that closes the
+    /// connection when it overflows.
+    pub fn new() -> (Outbox, OutboxRx, Arc<tokio::sync::Notify>) {
+        let (tx, rx) = mpsc::channel(Outbox::CAPACITY);
+        let kill = Arc::new(tokio::sync::Notify::new());
+        (
+            Outbox {
+                tx,
+                kill: kill.clone(),
+            },
+            rx,
+            kill,
+        )
+    }
+
+    /// Queue `msg`; false when the connection is gone or its queue was
+    /// full (then the connection is told to close).
+    pub fn send(&self, msg: ApplianceMsg, held: Option<Held>) -> bool {
+        match self.tx.try_send((msg, held)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("rackcast_agent_protocol_errors_total", "kind" => "outbox_full")
+                    .increment(1);
+                tracing::warn!("agent does not read its queue; closing its connection");
+                self.kill.notify_one();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
 
 /// Transfer permits a queued blob chunk holds until it is written: the
 /// appliance-wide one and its connection's.
@@ -320,6 +378,7 @@ impl Controller {
             Input::Report {
                 device,
                 conn_id,
+                share: _share,
                 cmd_id,
                 outcome,
                 data,
@@ -360,6 +419,7 @@ impl Controller {
             Input::Progress {
                 device,
                 conn_id,
+                share: _share,
                 cmd_id,
                 ops,
             } => {
@@ -375,7 +435,12 @@ impl Controller {
             }
             Input::BundleDone { device, result } => {
                 let ev = match result {
-                    Ok((hash, plan)) => Event::BundleBuilt { hash, plan },
+                    // The record keeps the plan without BMC passwords
+                    // (finding 9): only the bundle file carries them.
+                    Ok((hash, plan)) => Event::BundleBuilt {
+                        hash,
+                        plan: Box::new(plan.without_secrets()),
+                    },
                     Err(e) => Event::BundleFailed(e),
                 };
                 self.apply(&device, ev);
@@ -481,7 +546,7 @@ impl Controller {
 
     fn send_to(&self, device: &str, msg: ApplianceMsg) {
         if let Some((_, out)) = self.conns.get(device) {
-            let _ = out.send((msg, None));
+            out.send(msg, None);
         }
     }
 

@@ -9,6 +9,7 @@
 //! decisions; they execute what the sans-IO cores return.
 
 pub mod conn;
+pub mod limits;
 pub mod net;
 pub mod receive;
 pub mod send;

@@ -109,6 +109,22 @@ pub struct Plan {
     pub boot_to_disk: Option<Program>,
 }
 
+impl Plan {
+    /// The plan without its secrets (BMC passwords): what the fleet
+    /// record keeps. The bundle, served only to its device over TLS,
+    /// carries them; the record, read by reports and backups, does not.
+    pub fn without_secrets(mut self) -> Plan {
+        let targets = [
+            self.bios.as_mut().and_then(|b| b.redfish.as_mut()),
+            self.raid.as_mut().and_then(|r| r.redfish.as_mut()),
+        ];
+        for t in targets.into_iter().flatten() {
+            t.password.clear();
+        }
+        self
+    }
+}
+
 /// Glob with `*` only (vendor/model strings are free text).
 pub fn glob_match(pattern: &str, text: &str) -> bool {
     let p: Vec<char> = pattern.chars().collect();
@@ -232,4 +248,54 @@ pub fn check_raid_level(level: &str, members: usize) -> Result<(), String> {
         return Err(format!("{level} needs at least {min} disks, got {members}"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_record_plan_has_no_bmc_password() {
+        let bmc = RedfishTarget {
+            url: "https://bmc".into(),
+            username: "root".into(),
+            password: "s3cret".into(),
+            system: None,
+            reset: "ForceRestart".into(),
+            tls_verify: false,
+            settle_timeout_s: 60,
+        };
+        let plan = Plan {
+            profile: "p".into(),
+            bios: Some(BiosPlan {
+                attributes: BTreeMap::new(),
+                redfish: Some(bmc.clone()),
+                program: None,
+            }),
+            raid: Some(RaidPlan {
+                level: "raid1".into(),
+                members: vec![],
+                array: String::new(),
+                wipe: false,
+                metadata: md_metadata(),
+                redfish: Some(bmc),
+                drive_rule: None,
+                volume_name: "v".into(),
+                program: None,
+            }),
+            programs: vec![],
+            image: ImagePlan {
+                name: "i".into(),
+                hash: "h".into(),
+                size: 1,
+                target: "sda".into(),
+            },
+            post_install: vec![],
+            boot_to_disk: None,
+        };
+        let json = serde_json::to_string(&plan.clone().without_secrets()).unwrap();
+        assert!(!json.contains("s3cret"), "{json}");
+        assert!(json.contains("root"), "the rest stays: {json}");
+        assert!(serde_json::to_string(&plan).unwrap().contains("s3cret"));
+    }
 }

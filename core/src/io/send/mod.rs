@@ -150,6 +150,12 @@ pub struct SendReport {
     pub error: Option<String>,
 }
 
+/// A wave's control connections at once (a thousand members and their
+/// reconnects fit).
+pub const MAX_CONTROL_CONNECTIONS: usize = 4096;
+/// A wave's control connections from one source address at once.
+pub const MAX_CONTROL_PER_SOURCE: u32 = 4;
+
 /// BLAKE3 of a member's device credential: what a wave holds to check
 /// the credential a receiver presents (it never holds the credential).
 pub type CredentialHash = [u8; 32];
@@ -291,14 +297,27 @@ pub async fn run_wave(
     let accept_tls = opts.tls.clone();
     let hello_timeout = opts.hello_timeout;
     let rx_timeout = opts.cfg.receiver_timeout;
+    // Control connections held at once: a flood of connections (before
+    // any Hello) holds at most its share, each for the Hello deadline.
+    let caps = crate::io::limits::Caps::new(MAX_CONTROL_CONNECTIONS, MAX_CONTROL_PER_SOURCE);
     let acceptor = tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
+                    let slot = match caps.take(peer.ip()) {
+                        Ok(s) => s,
+                        Err(full) => {
+                            metrics::counter!("rackcast_control_errors_total", "kind" => "connections")
+                                .increment(1);
+                            tracing::warn!(%peer, reason = full.reason(), "wave control connection refused");
+                            continue;
+                        }
+                    };
                     let tx = accept_tx.clone();
                     let s = accept_session.clone();
                     let tls = accept_tls.clone();
                     tokio::spawn(async move {
+                        let _slot = slot;
                         if let Err(e) =
                             serve_receiver(stream, tls, tx, s, hello_timeout, rx_timeout).await
                         {
