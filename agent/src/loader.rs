@@ -53,15 +53,12 @@ pub(crate) async fn fetch_bundle(
         exit_code: None,
         duration_ms: t.elapsed().as_millis() as u64,
         detail: format!(
-            "bundle {hash}: agent {} + {} modules, every BLAKE3 verified; {}",
+            "bundle {hash}: agent {} + {} modules, every BLAKE3 verified; signature for {} boot {} verified with appliance key {}",
             bundle.agent.hash,
             bundle.modules.len(),
-            format!(
-                "signature for {} boot {} verified with appliance key {}",
-                ctx.device,
-                ctx.boot,
-                ctx.trusted.fingerprint()
-            )
+            ctx.device,
+            ctx.boot,
+            ctx.trusted.fingerprint()
         ),
     });
     for m in &bundle.modules {
