@@ -110,7 +110,20 @@ pub trait Store: Send {
         inventory: Option<&Inventory>,
     ) -> Result<(), StoreError>;
     fn inventory(&mut self, device: &str) -> Result<Option<Inventory>, StoreError>;
-    fn events(&mut self, device: &str) -> Result<Vec<EventRecord>, StoreError>;
+    /// Every row of a device's log, oldest first.
+    fn events(&mut self, device: &str) -> Result<Vec<EventRecord>, StoreError> {
+        self.events_page(device, 0, usize::MAX)
+    }
+    /// At most `limit` rows of a device's log with ids above `after`,
+    /// oldest first (page on with the last row's id).
+    fn events_page(
+        &mut self,
+        device: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, StoreError>;
+    /// Remove log rows older than `before`; returns how many.
+    fn prune_events(&mut self, before: Millis) -> Result<u64, StoreError>;
     fn event_count(&mut self) -> Result<u64, StoreError>;
     fn put_image(&mut self, img: &ImageRecord) -> Result<(), StoreError>;
     fn images(&mut self) -> Result<Vec<ImageRecord>, StoreError>;
@@ -229,11 +242,15 @@ impl SqliteStore {
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         // The store holds device secrets and token hashes: owner only,
         // from the first byte (the WAL and shm files inherit the mode).
-        if !path.exists() {
+        // Create-or-open, never create_new: the appliance and a CLI
+        // process (`rackcast token create` at first start) may open a new
+        // store at the same moment, and one of them must not fail.
+        {
             use std::os::unix::fs::OpenOptionsExt;
             std::fs::OpenOptions::new()
                 .write(true)
-                .create_new(true)
+                .create(true)
+                .truncate(false)
                 .mode(0o600)
                 .open(path)
                 .map_err(|e| corrupt("creating the store file", e))?;
@@ -506,12 +523,18 @@ impl Store for SqliteStore {
             .transpose()
     }
 
-    fn events(&mut self, device: &str) -> Result<Vec<EventRecord>, StoreError> {
+    fn events_page(
+        &mut self,
+        device: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, StoreError> {
         let mut st = self.conn.prepare(
             "SELECT id, device_id, at, step, kind, from_state, to_state, duration_ms, detail
-             FROM events WHERE device_id = ?1 ORDER BY id",
+             FROM events WHERE device_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
         )?;
-        let rows = st.query_map([device], |r| {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = st.query_map(rusqlite::params![device, after, limit], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, String>(1)?,
@@ -543,6 +566,13 @@ impl Store for SqliteStore {
             });
         }
         Ok(out)
+    }
+
+    fn prune_events(&mut self, before: Millis) -> Result<u64, StoreError> {
+        let n = self
+            .conn
+            .execute("DELETE FROM events WHERE at < ?1", [before])?;
+        Ok(n as u64)
     }
 
     fn event_count(&mut self) -> Result<u64, StoreError> {
@@ -809,5 +839,50 @@ mod tests {
         };
         assert!(s.commit(&d2, &[row], None).is_err());
         assert_eq!(s.load_devices().unwrap()[0].reached, Step::Discovered);
+    }
+
+    #[test]
+    fn logs_come_in_pages_and_old_rows_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        let row = |at: Millis, detail: &str| LogRow {
+            at,
+            step: Step::Discovered,
+            kind: "info".into(),
+            from_state: String::new(),
+            to_state: String::new(),
+            duration_ms: None,
+            detail: detail.into(),
+        };
+        let a = Device::new("d-a", "ma", 1);
+        let b = Device::new("d-b", "mb", 1);
+        let rows: Vec<LogRow> = (0..5).map(|i| row(100 + i, &format!("a{i}"))).collect();
+        s.commit(&a, &rows, None).unwrap();
+        s.commit(&b, &[row(100, "b0")], None).unwrap();
+        s.commit(&a, &[row(500, "a5")], None).unwrap();
+        // Pages of two, each after the last id of the one before; the
+        // other device's row never shows.
+        let mut seen = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = s.events_page("d-a", after, 2).unwrap();
+            if page.is_empty() {
+                break;
+            }
+            assert!(page.len() <= 2);
+            after = page.last().unwrap().id;
+            seen.extend(page.into_iter().map(|e| e.row.detail));
+        }
+        assert_eq!(seen, ["a0", "a1", "a2", "a3", "a4", "a5"]);
+        // Retention: rows before 103 go, in every device's log.
+        assert_eq!(s.prune_events(103).unwrap(), 4);
+        let left: Vec<String> = s
+            .events("d-a")
+            .unwrap()
+            .into_iter()
+            .map(|e| e.row.detail)
+            .collect();
+        assert_eq!(left, ["a3", "a4", "a5"]);
+        assert!(s.events("d-b").unwrap().is_empty());
     }
 }

@@ -529,6 +529,34 @@ fn unknown_and_mismatched_machines_are_not_installed() {
         metric(&m, "rackcast_devices{state=\"awaiting_approval\"}"),
         1.0
     );
+    // The log API hands out bounded pages (finding 7): `limit` rows after
+    // `after`, the next page after the last id; no unbounded read.
+    let token = operator_token(&rack.config, "viewer");
+    let app = rack.lab.ns("app");
+    let page = |q: &str| {
+        operator_curl(
+            &app,
+            &rack.config,
+            Some(&token),
+            &format!("/api/devices/{}/log{q}", device_id(1)),
+            &[],
+        )
+    };
+    let (code, body) = page("?limit=3");
+    assert_eq!(code, 200, "{body}");
+    let p1: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(p1.len(), 3);
+    let last = p1[2]["id"].as_i64().unwrap();
+    let (code, body) = page(&format!("?after={last}&limit=3"));
+    assert_eq!(code, 200, "{body}");
+    let p2: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(p2.len(), 3);
+    assert!(
+        p2.iter().all(|e| e["id"].as_i64().unwrap() > last),
+        "{p2:?}"
+    );
+    assert_eq!(page("?limit=0").0, 400);
+    assert_eq!(page("?limit=100000").0, 400);
     // The operator looks at it and approves it: it installs.
     let out = rack.cli_output(&["approve", &device_id(2)]);
     assert!(

@@ -71,6 +71,30 @@ pub struct Config {
     pub boot: BootConfig,
     #[serde(default)]
     pub enroll: EnrollConfig,
+    #[serde(default)]
+    pub events: EventsConfig,
+}
+
+/// The device event log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Rows older than this are removed (at start, then hourly); "0s"
+    /// keeps every row.
+    #[serde(default = "d_retention", deserialize_with = "de_duration")]
+    pub retention: Duration,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            retention: d_retention(),
+        }
+    }
+}
+
+fn d_retention() -> Duration {
+    Duration::from_secs(90 * 24 * 3600)
 }
 
 /// Which machines the appliance installs (MAAS's New -> Commission).

@@ -11,7 +11,7 @@
 //! operator actions and boot-file records go through the controller
 //! thread. Must not: change device state itself.
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -100,11 +100,35 @@ async fn devices(State(s): State<Shared>) -> Response {
     }
 }
 
-async fn device_log(State(s): State<Shared>, Path(id): Path<String>) -> Response {
-    match with_store(&s, move |st| st.events(&id)).await {
+/// A page of a device's event log: `?after=<id>` (default 0: from the
+/// start), `?limit=<n>` (default and most [`LOG_PAGE`]), oldest first; the
+/// next page starts after the last row's `id`.
+async fn device_log(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    Query(page): Query<LogPage>,
+) -> Response {
+    let limit = page.limit.unwrap_or(LOG_PAGE);
+    if !(1..=LOG_PAGE).contains(&limit) {
+        return err(
+            StatusCode::BAD_REQUEST,
+            format!("limit must be 1 to {LOG_PAGE}"),
+        );
+    }
+    let after = page.after.unwrap_or(0);
+    match with_store(&s, move |st| st.events_page(&id, after, limit)).await {
         Ok(ev) => Json(ev).into_response(),
         Err(r) => r,
     }
+}
+
+/// Rows in one page of a device's log.
+pub const LOG_PAGE: usize = 1000;
+
+#[derive(serde::Deserialize)]
+struct LogPage {
+    after: Option<i64>,
+    limit: Option<usize>,
 }
 
 async fn device_inventory(State(s): State<Shared>, Path(id): Path<String>) -> Response {

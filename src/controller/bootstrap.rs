@@ -85,6 +85,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         inbox: inbox.clone(),
         control_tls,
         enroll: enroll.clone(),
+        last_prune: 0,
     };
     ctl.recover()?;
     if let Some(t) = cfg.boot.tftp.clone() {

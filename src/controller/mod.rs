@@ -33,7 +33,7 @@ use rackcast_core::io::send::{self, WaveEvent};
 use rackcast_core::model::{AgentMode, Outcome, Step, StepData};
 use rackcast_core::waves::WaveScheduler;
 use rackcast_core::wire::device::ApplianceMsg;
-use rackcast_core::workflow::{self, Action, Device, Event, WorkflowConfig};
+use rackcast_core::workflow::{self, Action, Device, Event, Millis, WorkflowConfig};
 
 pub use bootstrap::serve;
 pub use images::{add_image, image_manifest, manifest_path};
@@ -223,6 +223,8 @@ pub struct Controller {
     control_tls: Arc<rustls::ServerConfig>,
     /// The rack inventory and the policy for unknown machines.
     enroll: Arc<crate::enroll::Enrollment>,
+    /// When the event log was last pruned.
+    last_prune: Millis,
 }
 
 pub type Progress = Arc<std::sync::Mutex<HashMap<String, (u32, u32)>>>;
@@ -261,6 +263,7 @@ impl Controller {
     /// waiting for a wave are queued again.
     fn recover(&mut self) -> anyhow::Result<()> {
         let now = now_ms();
+        self.prune_events(now);
         let aborted = self
             .store
             .abort_running_waves("appliance restarted while the wave ran", now)?;
@@ -704,8 +707,32 @@ impl Controller {
         });
     }
 
+    /// Event-log retention: rows older than `[events] retention` go (at
+    /// start, then hourly).
+    fn prune_events(&mut self, now: Millis) {
+        let keep = self.cfg.events.retention.as_millis() as Millis;
+        self.last_prune = now;
+        if keep == 0 {
+            return;
+        }
+        match self.store.prune_events(now - keep) {
+            Ok(0) => {}
+            Ok(n) => {
+                metrics::counter!("rackcast_events_pruned_total").increment(n);
+                tracing::info!(rows = n, "event log rows past their retention removed");
+            }
+            Err(e) => {
+                metrics::counter!("rackcast_store_errors_total").increment(1);
+                tracing::error!(error = %e, "event log retention");
+            }
+        }
+    }
+
     fn on_tick(&mut self) {
         let now = now_ms();
+        if now - self.last_prune >= 3_600_000 {
+            self.prune_events(now);
+        }
         let ids: Vec<String> = self
             .devices
             .values()
@@ -749,5 +776,34 @@ impl Controller {
                 .set(per_state.get(s).copied().unwrap_or(0) as f64);
         }
         metrics::gauge!("rackcast_waves_running").set(self.waves.len() as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An agent that stops reading fills its queue: the next message is
+    /// refused and its connection told to close, instead of the queue
+    /// growing.
+    #[tokio::test]
+    async fn a_full_outbox_closes_the_connection() {
+        let (out, mut rx, kill) = Outbox::new();
+        for _ in 0..Outbox::CAPACITY {
+            assert!(out.send(ApplianceMsg::Pong, None));
+        }
+        let closed = kill.notified();
+        assert!(!out.send(ApplianceMsg::Pong, None));
+        tokio::time::timeout(std::time::Duration::from_secs(1), closed)
+            .await
+            .expect("the connection was told to close");
+        // What was queued is still there for the writer, and no more.
+        let mut n = 0;
+        while rx.try_recv().is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, Outbox::CAPACITY);
+        drop(rx);
+        assert!(!out.send(ApplianceMsg::Pong, None), "gone");
     }
 }

@@ -36,6 +36,9 @@ pub enum Drop {
     /// Coded datagram with more than one symbol missing here (or its
     /// plan never came): cannot be solved.
     CodedUnusable,
+    /// A first symbol of a block while the window of blocks being
+    /// assembled is full: the block stays missing and is asked for again.
+    Window,
 }
 
 /// What the receiver saw, for its report and the sender's status.
@@ -69,6 +72,8 @@ pub struct Counters {
     pub decode_retries: u64,
     /// Decoded blocks whose digest did not match (asked for again).
     pub hash_failures: u64,
+    /// First symbols of blocks dropped while the assembly window was full.
+    pub window_full: u64,
 }
 
 enum Slot {
@@ -143,6 +148,13 @@ const MAX_UNPLANNED: usize = 1024;
 const MAX_PLANS: usize = 1 << 16;
 /// Block buffers kept for reuse.
 const MAX_SPARE: usize = 8;
+/// Bytes of blocks being assembled at once: whatever arrives (a sender
+/// far ahead, a compromised member's tagged junk), a receiver's memory for
+/// partial blocks stays under this; blocks past it stay missing and are
+/// asked for again.
+pub const ASSEMBLY_WINDOW_BYTES: u64 = 256 << 20;
+/// The window in blocks, whatever the block size.
+const MIN_WINDOW_BLOCKS: usize = 64;
 
 /// The receiver core: datagrams in, assembled blocks (decode jobs) and
 /// status reports out; no sockets, no clock of its own.
@@ -158,6 +170,10 @@ pub struct ReceiverCore {
     session: u32,
     key: [u8; KEY_LEN],
     slots: Vec<Slot>,
+    /// Slots in `Collecting` (the assembly window's use).
+    collecting: usize,
+    /// Most slots in `Collecting` at once.
+    window: usize,
     done: u32,
     first_seq: Option<u32>,
     seq_hi: u32,
@@ -171,8 +187,14 @@ impl ReceiverCore {
     /// `key`.
     pub fn new(manifest: Manifest, session: u32, key: [u8; KEY_LEN]) -> ReceiverCore {
         let n = manifest.block_count() as usize;
+        let block = u64::from(manifest.block_size.max(1));
+        let window = usize::try_from(ASSEMBLY_WINDOW_BYTES / block)
+            .unwrap_or(usize::MAX)
+            .max(MIN_WINDOW_BLOCKS);
         ReceiverCore {
             slots: (0..n).map(|_| Slot::Empty).collect(),
+            collecting: 0,
+            window,
             plans: BTreeMap::new(),
             unplanned: VecDeque::new(),
             spare: Vec::new(),
@@ -185,6 +207,18 @@ impl ReceiverCore {
             valid: 0,
             counters: Counters::default(),
         }
+    }
+
+    /// At most `blocks` blocks assembled at once (tests; the default is
+    /// [`ASSEMBLY_WINDOW_BYTES`] worth).
+    pub fn with_window(mut self, blocks: usize) -> ReceiverCore {
+        self.window = blocks.max(1);
+        self
+    }
+
+    /// Blocks being assembled now.
+    pub fn assembling(&self) -> usize {
+        self.collecting
     }
 
     /// The image it receives.
@@ -211,6 +245,9 @@ impl ReceiverCore {
     pub fn mark_done(&mut self, b: u32) {
         if let Some(s) = self.slots.get_mut(b as usize) {
             if !matches!(s, Slot::Done) {
+                if matches!(s, Slot::Collecting { .. }) {
+                    self.collecting -= 1;
+                }
                 *s = Slot::Done;
                 self.done += 1;
             }
@@ -279,6 +316,7 @@ impl ReceiverCore {
             Err(Drop::Duplicate) => self.counters.duplicates += 1,
             Err(Drop::Late) => self.counters.late += 1,
             Err(Drop::CodedUnusable) => self.counters.coded_unusable += 1,
+            Err(Drop::Window) => self.counters.window_full += 1,
             Ok(_) => {}
         }
     }
@@ -330,6 +368,10 @@ impl ReceiverCore {
         let k = self.manifest.source_symbols(b);
         let slot = &mut self.slots[b as usize];
         if let Slot::Empty = slot {
+            if self.collecting >= self.window {
+                return Err(Drop::Window);
+            }
+            self.collecting += 1;
             *slot = Slot::Collecting {
                 asm: BlockAssembly::with_buffer(
                     k,
@@ -348,6 +390,7 @@ impl ReceiverCore {
                 Added::New => {
                     self.counters.symbols += 1;
                     if asm.count() >= *min_count {
+                        self.collecting -= 1;
                         let taken = std::mem::replace(slot, Slot::Decoding);
                         if let Slot::Collecting { asm, .. } = taken {
                             self.forget_plans(b);
@@ -477,6 +520,9 @@ impl ReceiverCore {
         match outcome {
             Ok(()) => {
                 if !matches!(slot, Slot::Done) {
+                    if matches!(slot, Slot::Collecting { .. }) {
+                        self.collecting -= 1;
+                    }
                     *slot = Slot::Done;
                     self.done += 1;
                 }
@@ -484,10 +530,18 @@ impl ReceiverCore {
             Err(Some(asm)) => {
                 self.counters.decode_retries += 1;
                 let min_count = asm.count() + 1;
-                *slot = Slot::Collecting { asm, min_count };
+                if matches!(slot, Slot::Decoding) {
+                    // Back in the window it left (may briefly exceed it:
+                    // its symbols are kept, not dropped).
+                    self.collecting += 1;
+                    *slot = Slot::Collecting { asm, min_count };
+                }
             }
             Err(None) => {
                 self.counters.hash_failures += 1;
+                if matches!(slot, Slot::Collecting { .. }) {
+                    self.collecting -= 1;
+                }
                 *slot = Slot::Empty;
             }
         }
@@ -642,6 +696,56 @@ mod tests {
             assert!(rx.is_complete(), "loss {loss}: not complete");
             assert_eq!(out, data, "loss {loss}");
         }
+    }
+
+    /// Whatever arrives, at most `window` blocks are being assembled:
+    /// the first symbol of one more is dropped and counted, the block
+    /// stays missing in the status (asked for again), and a block that
+    /// completes frees its place.
+    #[test]
+    fn blocks_in_assembly_are_bounded_by_the_window() {
+        let (data, m) = image(6, 8192, 9);
+        let mut rx = ReceiverCore::new(m.clone(), 7, KEY).with_window(2);
+        let mut sym = vec![0u8; 512];
+        let blocks: Vec<u32> = m.data_blocks().collect();
+        assert!(blocks.len() >= 4);
+        let mut seq = 0;
+        let mut send = |rx: &mut ReceiverCore, b: u32, esi: u32| {
+            let blk = &data[m.block_offset(b) as usize..][..m.block_len(b)];
+            source_symbol(blk, esi, &mut sym);
+            seq += 1;
+            rx.on_datagram(&pkt(seq, b, esi, &sym, &KEY, 7))
+        };
+        // One symbol each of the first two blocks: the window is full.
+        assert!(send(&mut rx, blocks[0], 0).is_ok());
+        assert!(send(&mut rx, blocks[1], 0).is_ok());
+        assert_eq!(rx.assembling(), 2);
+        assert!(matches!(send(&mut rx, blocks[2], 0), Err(Drop::Window)));
+        assert_eq!(rx.counters.window_full, 1);
+        assert_eq!(rx.assembling(), 2);
+        let st = rx.status();
+        assert!(
+            st.missing
+                .iter()
+                .any(|(f, l)| (*f..f + l).contains(&blocks[2])),
+            "the dropped block is asked for again: {st:?}"
+        );
+        // Blocks already in the window keep taking symbols; the first one
+        // completes, decodes and frees its place.
+        let mut job = None;
+        for esi in 1..m.source_symbols(blocks[0]) {
+            if let Ok(Some(j)) = send(&mut rx, blocks[0], esi) {
+                job = Some(j);
+            }
+        }
+        let job = job.expect("block complete");
+        assert_eq!(rx.assembling(), 1);
+        match decode_block(&m, job) {
+            DecodeOutcome::Good { .. } => rx.on_decoded(blocks[0], Ok(())),
+            _ => panic!("a whole block of source symbols decodes"),
+        }
+        assert!(send(&mut rx, blocks[2], 0).is_ok(), "a place came free");
+        assert_eq!(rx.assembling(), 2);
     }
 
     #[test]

@@ -168,6 +168,9 @@ pub struct ReceiveReport {
     pub decode_retries: u64,
     /// Blocks whose digest did not match (asked for again).
     pub hash_failures: u64,
+    /// First symbols dropped while the assembly window was full (the
+    /// blocks were asked for again).
+    pub window_full: u64,
     /// Of the blocks found on the output at start, data (non-zero) ones.
     pub resumed_data_blocks: u32,
     /// The final flush after the last write (writeback ran during the
@@ -698,6 +701,7 @@ pub async fn run_receive(
         coded: counters.coded,
         decode_retries: counters.decode_retries,
         hash_failures: counters.hash_failures,
+        window_full: counters.window_full,
         resumed_data_blocks: resumed_data,
         flush_seconds: flush.as_secs_f64(),
     })
