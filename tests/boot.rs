@@ -892,8 +892,16 @@ fn start_vm(lab: &Lab, vm: &Vm, console: &std::path::Path) -> Proc {
         .arg(format!("type=1,{}", vm.smbios))
         .args(["-uuid", vm.uuid]);
     for d in vm.disks {
-        c.arg("-drive")
-            .arg(format!("file={},if=virtio,format=raw", d.display()));
+        // A serial per disk, as real disks have: plans name disks by
+        // serial and size.
+        let serial = d
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_uppercase())
+            .unwrap_or_default();
+        c.arg("-drive").arg(format!(
+            "file={},if=virtio,format=raw,serial={serial}",
+            d.display()
+        ));
     }
     Proc(
         c.stdout(Stdio::null())

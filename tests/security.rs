@@ -566,3 +566,89 @@ fn unknown_and_mismatched_machines_are_not_installed() {
     );
     rack.wait_for("device 2 done", Duration::from_secs(180), all_done(2));
 }
+
+/// Finding 10, the wrong disk. Device 2's target disk holds a filesystem
+/// (ext4, made by mkfs.ext4): the image step refuses it, says why, and
+/// the disk keeps its filesystem. Device 3 is held after its inventory;
+/// meanwhile its disks' kernel names swap (what `sda` was is now `sdb`,
+/// as after a reboot that enumerates in another order): once approved,
+/// its image goes to the disk the plan named by serial and size, not to
+/// whatever is called `sda` now, and the other disk is untouched. Device
+/// 1 installs meanwhile, byte-checked.
+#[test]
+fn the_image_goes_only_to_the_planned_empty_disk() {
+    if !can_run() {
+        return;
+    }
+    let mut extra = String::from("[waves]\nmin_members = 1\nstart_after = \"1s\"\n");
+    for i in 1..=3 {
+        extra += &format!("[[devices]]\nmac = \"{}\"\nprofile = \"r650\"\n", mac(i));
+    }
+    let mut rack = Rack::build("sd", 3, "300mbit", (24, 8), &extra, false, 60);
+    // Device 2: an ext4 filesystem on its big disk (the target).
+    let big2 = rack.lab.file("d2-disk-big.img");
+    let st = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&big2)
+        .status()
+        .expect("mkfs.ext4 (e2fsprogs)");
+    assert!(st.success());
+    // Device 3: reports another serial, so it is held after inventory.
+    let hw3 = rack.lab.file("d3.json");
+    let orig3 = std::fs::read_to_string(&hw3).unwrap();
+    std::fs::write(&hw3, orig3.replace("SN0003", "HELD-3")).unwrap();
+    for i in 1..=3 {
+        rack.start_agent(i);
+    }
+    rack.wait_for("device 3 held", Duration::from_secs(120), |d| {
+        d.iter()
+            .any(|x| x["device"] == device_id(3) && x["state"] == "awaiting_approval")
+    });
+    // Its disks' kernel names swap before it is approved: the bundle's
+    // agent reads the description anew (a new enumeration).
+    let mut desc: serde_json::Value = serde_json::from_str(&orig3).unwrap();
+    let disks = desc["disks"].as_array_mut().unwrap();
+    let (a, b) = (disks[0]["name"].clone(), disks[1]["name"].clone());
+    disks[0]["name"] = b;
+    disks[1]["name"] = a;
+    std::fs::write(&hw3, desc.to_string()).unwrap();
+    let out = rack.cli_output(&["approve", &device_id(3)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    rack.wait_for("devices 1 and 3 done", Duration::from_secs(240), |d| {
+        [1, 3].iter().all(|i| {
+            d.iter()
+                .any(|x| x["device"] == device_id(*i) && x["state"] == "done")
+        })
+    });
+    assert_image_on(&rack.lab.file("d1-disk-big.img"), &rack.images["debian"]);
+    assert_image_on(&rack.lab.file("d3-disk-big.img"), &rack.images["debian"]);
+    let small3 = std::fs::read(rack.lab.file("d3-disk-small.img")).unwrap();
+    assert!(
+        small3[..1 << 20].iter().all(|b| *b == 0xAA),
+        "device 3's other disk (now called by the target's old name) was written"
+    );
+    // Device 2: refused, with the reason, and its filesystem intact.
+    rack.wait_for("device 2 refused", Duration::from_secs(120), |_| {
+        rack.cli_opt(&["log", &device_id(2)])
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .any(|e| {
+                e["detail"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("holds a ext4 signature (blkid): refusing to overwrite it")
+            })
+    });
+    assert_ne!(state_of(&rack, 2), "done");
+    let probe = std::process::Command::new("blkid")
+        .args(["-p", "-o", "value", "-s", "TYPE"])
+        .arg(&big2)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&probe.stdout).trim(), "ext4");
+}

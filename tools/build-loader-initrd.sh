@@ -71,6 +71,9 @@ add_program() {
 }
 add_program "$AGENT" /usr/bin/rackcast-agent
 add_program /sbin/mdadm /sbin/mdadm
+# util-linux's blkid (busybox's has no -p/-o export): the agent refuses a
+# target disk holding a filesystem or partition table by what it finds.
+add_program /sbin/blkid /sbin/blkid
 
 # Driver modules of the kernel we ship, with their dependencies first.
 : >"$STAGE/etc/modules.order"

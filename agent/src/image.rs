@@ -33,7 +33,17 @@ pub(crate) async fn receive_image(
         "{}.rcresume",
         &join.image_hash[..16.min(join.image_hash.len())]
     ));
-    let target = ctx.inventory.resolve_disk(&plan.image.target);
+    // The disk the plan means, found again in this boot's enumeration by
+    // serial and size; an array by its path.
+    let target = crate::disks::image_target(&ctx.inventory, &plan.image)?;
+    let t = Instant::now();
+    match crate::disks::check_target(std::path::Path::new(&target), plan.image.wipe) {
+        Ok(what) => ops.push(OpRecord::timed("disk-check", true, t, what)),
+        Err(e) => {
+            ops.push(OpRecord::timed("disk-check", false, t, format!("{e:#}")));
+            return Err(e);
+        }
+    }
     let opts = ReceiveOptions {
         server: join.control,
         out: PathBuf::from(&target),
@@ -50,6 +60,7 @@ pub(crate) async fn receive_image(
         trust_key: Some(ctx.trusted.fingerprint()),
         credential: Some(ctx.credential),
         expect_image: Some(*blake3::Hash::from_hex(&plan.image.hash)?.as_bytes()),
+        disk: true,
     };
     let t = Instant::now();
     let progress = std::sync::Arc::new(Progress::default());

@@ -83,7 +83,18 @@ pub fn probe() -> Inventory {
                 path: format!("/dev/{name}"),
                 size_bytes: sectors * 512,
                 model: read(p.join("device/model")),
-                serial: read(p.join("device/serial")),
+                // SCSI/SATA/NVMe disks name it under device/; virtio-blk
+                // beside it; a WWN where there is no serial.
+                serial: [
+                    p.join("device/serial"),
+                    p.join("serial"),
+                    p.join("wwid"),
+                    p.join("device/wwid"),
+                ]
+                .iter()
+                .map(read)
+                .find(|s| !s.is_empty())
+                .unwrap_or_default(),
                 rotational: read(p.join("queue/rotational")) == "1",
                 name,
             });

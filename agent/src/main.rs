@@ -3,6 +3,7 @@
 //! data-plane receiver that writes and verifies one image.
 
 mod bios;
+mod disks;
 mod image;
 mod inventory;
 mod loader;
@@ -203,6 +204,7 @@ fn receive(a: ReceiveArgs) -> Result<()> {
             .transpose()?,
         credential: None,
         expect_image: None,
+        disk: false,
     };
     let p = progress.clone();
     let show = rt.spawn(show_progress(p));

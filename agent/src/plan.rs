@@ -87,15 +87,15 @@ pub(crate) async fn execute(ctx: Ctx, cmd: Command) -> Report {
         Work::RunPlan => run_plan(&ctx, cmd.cmd_id, cmd.step, &mut ops)
             .await
             .map(|d| (d, StepData::None)),
-        Work::RequestImage => plan_of(&ctx).map(|p| {
-            (
+        Work::RequestImage => plan_of(&ctx).and_then(|p| {
+            Ok((
                 format!(
                     "requests image {} for {}",
                     p.image.name,
-                    ctx.inventory.resolve_disk(&p.image.target)
+                    crate::disks::image_target(&ctx.inventory, &p.image)?
                 ),
                 StepData::None,
-            )
+            ))
         }),
         Work::JoinWave(join) => receive_image(&ctx, join, &mut ops).await,
     };
@@ -133,7 +133,7 @@ async fn run_plan(ctx: &Ctx, cmd_id: u64, step: Step, ops: &mut Vec<OpRecord>) -
     let mut env = HashMap::new();
     env.insert(
         "RC_IMAGE_TARGET".to_string(),
-        ctx.inventory.resolve_disk(&plan.image.target),
+        crate::disks::image_target(&ctx.inventory, &plan.image)?,
     );
     let programs: Vec<Program> = match step {
         Step::BiosConfigured => {

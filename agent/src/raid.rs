@@ -82,7 +82,16 @@ pub async fn configure(
         bail!("this kernel has no software RAID (md) support: /proc/mdstat is missing");
     }
     let array = plan.array.as_str();
-    let members: BTreeSet<String> = plan.members.iter().map(|m| inv.resolve_disk(m)).collect();
+    // Members by serial and size in this boot's enumeration (plans made
+    // before disks had identities name them only by kernel name).
+    let members: BTreeSet<String> = if plan.member_disks.is_empty() {
+        plan.members.iter().map(|m| inv.resolve_disk(m)).collect()
+    } else {
+        plan.member_disks
+            .iter()
+            .map(|id| crate::disks::resolve(inv, id).map(|d| d.path.clone()))
+            .collect::<Result<_>>()?
+    };
     let w = Wanted {
         level: plan.level.clone(),
         members: members.clone(),
@@ -104,6 +113,22 @@ pub async fn configure(
                 None
             },
         );
+    }
+    // A member without md metadata is a plain disk: the image-target
+    // rules hold for it (exists, not mounted, not our root, no other
+    // filesystem unless the plan says wipe).
+    for (m, state) in &found {
+        if state.is_none() {
+            let t = Instant::now();
+            match crate::disks::check_target(std::path::Path::new(m), plan.wipe) {
+                Ok(what) => md.ops.push(OpRecord::timed("disk-check", true, t, what)),
+                Err(e) => {
+                    md.ops
+                        .push(OpRecord::timed("disk-check", false, t, format!("{e:#}")));
+                    return Err(e);
+                }
+            }
+        }
     }
     let decision = raid::decide(&w, running.as_ref(), &found);
     let seen = found

@@ -599,6 +599,12 @@ pub struct ProfileConfig {
     pub image: String,
     /// Image target when there is no RAID: the first disk of this rule.
     pub target: Option<DiskRule>,
+    /// Write the image over a target that holds a filesystem or
+    /// partition table (re-imaging in place). Without it such a disk is
+    /// refused; an operator's `rackcast reinstall` implies it for that
+    /// device's next install.
+    #[serde(default)]
+    pub wipe: bool,
     pub bios: Option<BiosConfig>,
     pub raid: Option<RaidConfig>,
     #[serde(default)]

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{Config, ProfileConfig};
 use rackcast_core::model::{
-    glob_match, BiosPlan, BlobRef, Bundle, BundleError, ImagePlan, Inventory, ModuleRef, Plan,
-    RaidPlan, BUNDLE_VERSION,
+    glob_match, BiosPlan, BlobRef, Bundle, BundleError, DiskId, ImagePlan, Inventory, ModuleRef,
+    Plan, RaidPlan, BUNDLE_VERSION,
 };
 
 /// One image the appliance can send.
@@ -182,11 +182,15 @@ impl Builder {
     }
 
     /// Generate (and store) the bundle for one device.
+    /// The bundle for a device; `reinstall`: an operator asked to
+    /// install it again (its target may hold the previous OS: the plan
+    /// says wipe).
     pub fn build(
         &self,
         mac: &str,
         inv: &Inventory,
         images: &HashMap<String, ImageEntry>,
+        reinstall: bool,
     ) -> Result<(String, Plan), BundleError> {
         let p = self.profile_for(mac, inv)?;
         let rule_err = |why: String| BundleError::Rule {
@@ -240,6 +244,7 @@ impl Builder {
                 Some(RaidPlan {
                     level: r.level.clone(),
                     members: Vec::new(),
+                    member_disks: Vec::new(),
                     array: String::new(),
                     wipe: r.wipe,
                     metadata: r.metadata.clone(),
@@ -267,9 +272,17 @@ impl Builder {
                         img.size
                     )));
                 }
+                // Members are found again on the device by serial and size,
+                // never by the kernel names this inventory happened to use.
+                let member_disks = members
+                    .iter()
+                    .map(|d| DiskId::of(d).ok_or_else(|| no_serial(d)))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(rule_err)?;
                 Some(RaidPlan {
                     level: r.level.clone(),
                     members: members.iter().map(|d| d.name.clone()).collect(),
+                    member_disks,
                     array: r.array.clone().unwrap_or_default(),
                     wipe: r.wipe,
                     metadata: r.metadata.clone(),
@@ -281,8 +294,8 @@ impl Builder {
             }
             None => None,
         };
-        let target = match (&p.raid, &p.target) {
-            (Some(r), _) if r.redfish.is_none() => r.array.clone().unwrap_or_default(),
+        let (target, target_disk) = match (&p.raid, &p.target) {
+            (Some(r), _) if r.redfish.is_none() => (r.array.clone().unwrap_or_default(), None),
             // No RAID, or a hardware volume the OS sees as a disk.
             (_, Some(rule)) => {
                 let d = rule.select(&inv.disks).map_err(rule_err)?;
@@ -293,7 +306,8 @@ impl Builder {
                         disk.path, disk.size_bytes, img.name, img.size
                     )));
                 }
-                disk.name.clone()
+                let id = DiskId::of(disk).ok_or_else(|| rule_err(no_serial(disk)))?;
+                (disk.name.clone(), Some(id))
             }
             (_, None) => return Err(rule_err("no image target".into())),
         };
@@ -315,6 +329,8 @@ impl Builder {
                 hash: img.hash.clone(),
                 size: img.size,
                 target,
+                target_disk,
+                wipe: p.wipe || reinstall,
             },
             post_install: p.post_install.iter().map(|x| x.to_program()).collect(),
             boot_to_disk: p.boot_to_disk.as_ref().map(|x| x.to_program()),
@@ -345,6 +361,13 @@ impl Builder {
         }
         Ok((hash, plan))
     }
+}
+
+fn no_serial(d: &rackcast_core::model::Disk) -> String {
+    format!(
+        "disk {} ({}) reports no serial: rackcast finds a target disk by serial and size, never by kernel name, so it cannot write this one safely",
+        d.name, d.path
+    )
 }
 
 /// About what an md array over `members` holds: each member keeps room

@@ -691,13 +691,14 @@ impl Controller {
             self.inbox.clone(),
         );
         let (device, mac, images) = (id.to_string(), dev.mac.clone(), self.images.clone());
+        let reinstall = dev.reinstall;
         self.rt.spawn(async move {
             // Bounded: 1,000 devices inventoried at once do not build
             // 1,000 bundles at once.
             let _permit = permits.acquire_owned().await;
             let result = tokio::task::spawn_blocking(move || {
                 builder
-                    .build(&mac, &inv, &images)
+                    .build(&mac, &inv, &images, reinstall)
                     .map(|(h, p)| (h, Box::new(p)))
                     .map_err(|e| e.to_string())
             })

@@ -12,7 +12,7 @@ use thiserror::Error;
 use super::{Plan, Program};
 
 /// Bundle format version: a loader refuses bundles it does not know.
-pub const BUNDLE_VERSION: u16 = 1;
+pub const BUNDLE_VERSION: u16 = 2;
 
 /// A file of the bundle, by content address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,6 +230,8 @@ mod tests {
                     hash: "ab".into(),
                     size: 1,
                     target: "/dev/sda".into(),
+                    target_disk: None,
+                    wipe: false,
                 },
                 post_install: vec![],
                 boot_to_disk: None,

@@ -49,6 +49,9 @@ pub struct RaidPlan {
     /// the agent maps names to paths from its own inventory, so identical
     /// machines share one bundle.
     pub members: Vec<String>,
+    /// The members by serial and size, in the order of `members`.
+    #[serde(default)]
+    pub member_disks: Vec<DiskId>,
     /// The array's path (`/dev/md/rackcast`): the image target.
     #[serde(default)]
     pub array: String,
@@ -86,8 +89,41 @@ pub struct ImagePlan {
     /// Its size in bytes.
     pub size: u64,
     /// Where the image is written: a disk by kernel name (see
-    /// [`RaidPlan::members`]) or the RAID array's path.
+    /// [`RaidPlan::members`]) or the RAID array's path. For a disk, the
+    /// name is what the inventory said; the agent finds the disk by
+    /// [`ImagePlan::target_disk`].
     pub target: String,
+    /// The target disk by serial and size (`None`: an array): the agent
+    /// writes only the disk of this boot's enumeration that matches.
+    #[serde(default)]
+    pub target_disk: Option<DiskId>,
+    /// Write over a disk that holds a filesystem or partition table (the
+    /// profile's `wipe`, or an operator's reinstall); without it such a
+    /// disk is refused.
+    #[serde(default)]
+    pub wipe: bool,
+}
+
+/// A disk as a plan names it: by what stays when kernel names change
+/// between boots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskId {
+    /// Its serial number (or WWN) as the inventory reported it.
+    pub serial: String,
+    /// Its capacity in bytes.
+    pub size_bytes: u64,
+}
+
+impl DiskId {
+    /// The identity of an inventoried disk; `None` without a serial (such
+    /// a disk cannot be told apart safely).
+    pub fn of(d: &Disk) -> Option<DiskId> {
+        let serial = d.serial.trim();
+        (!serial.is_empty()).then(|| DiskId {
+            serial: serial.to_string(),
+            size_bytes: d.size_bytes,
+        })
+    }
 }
 
 /// What the device's agent does, step by step.
@@ -275,6 +311,7 @@ mod tests {
             raid: Some(RaidPlan {
                 level: "raid1".into(),
                 members: vec![],
+                member_disks: vec![],
                 array: String::new(),
                 wipe: false,
                 metadata: md_metadata(),
@@ -289,6 +326,8 @@ mod tests {
                 hash: "h".into(),
                 size: 1,
                 target: "sda".into(),
+                target_disk: None,
+                wipe: false,
             },
             post_install: vec![],
             boot_to_disk: None,

@@ -13,8 +13,9 @@ use crate::model::{AgentMode, Command, OpRecord, Outcome, StepData};
 
 /// Spoken in `Hello`/`Welcome`. 3: over TLS (the appliance's key is the
 /// certificate's), a per-boot device credential in `Hello`/`Welcome`,
-/// bundle signatures bound to device and boot.
-pub const DEVICE_PROTOCOL: u16 = 3;
+/// bundle signatures bound to device and boot. 4: plans name disks by
+/// serial and size (bundle version 2).
+pub const DEVICE_PROTOCOL: u16 = 4;
 /// Largest frame either side accepts once the peer is known.
 pub const MAX_FRAME: usize = 4 << 20;
 /// Largest first frame (`Hello`) the appliance accepts from a peer it does

@@ -144,6 +144,16 @@ fn bundle() -> Bundle {
             raid: Some(RaidPlan {
                 level: "raid1".into(),
                 members: vec!["sda".into(), "sdb".into()],
+                member_disks: vec![
+                    DiskId {
+                        serial: "S1".into(),
+                        size_bytes: 1 << 40,
+                    },
+                    DiskId {
+                        serial: "S2".into(),
+                        size_bytes: 1 << 40,
+                    },
+                ],
                 array: "/dev/md/rackcast".into(),
                 wipe: true,
                 metadata: "1.2".into(),
@@ -165,6 +175,11 @@ fn bundle() -> Bundle {
                 hash: "cd".repeat(32),
                 size: 4 << 30,
                 target: "/dev/md/rackcast".into(),
+                target_disk: Some(DiskId {
+                    serial: "S3".into(),
+                    size_bytes: 1 << 41,
+                }),
+                wipe: true,
             },
             post_install: vec![program("post")],
             boot_to_disk: Some(program("efibootmgr")),

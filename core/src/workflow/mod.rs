@@ -103,6 +103,10 @@ pub struct Device {
     /// An unapproved device stops after `inventoried`.
     #[serde(default = "yes")]
     pub approved: bool,
+    /// Being installed again on an operator's reinstall: its disk may
+    /// hold the previous OS, which the plan may overwrite (wipe).
+    #[serde(default)]
+    pub reinstall: bool,
     /// When the record was made.
     pub created: Millis,
     /// When it last changed.
@@ -216,6 +220,7 @@ impl Device {
             boot: 0,
             claim_open: true,
             approved: true,
+            reinstall: false,
             created: now,
             updated: now,
         }
@@ -630,6 +635,7 @@ impl Fx<'_> {
             connected: self.dev.connected,
             boot: self.dev.boot,
             approved: self.dev.approved,
+            reinstall: true,
             ..Device::new(&self.dev.id, &self.dev.mac, self.now)
         };
         self.log_transition(Step::Discovered, "info", from, None, why.into());
@@ -768,6 +774,7 @@ impl Fx<'_> {
             if step == Step::Done {
                 let from = self.state_label();
                 self.dev.reached = Step::Done;
+                self.dev.reinstall = false;
                 self.log_transition(step, "ok", from, None, "installation complete".into());
                 return;
             }

@@ -26,6 +26,8 @@ fn plan(full: bool) -> Plan {
             hash: IMG_HASH.into(),
             size: 10,
             target: "/dev/sda".into(),
+            target_disk: None,
+            wipe: false,
         },
         post_install: vec![],
         boot_to_disk: full.then(|| prog("efiboot")),
@@ -210,8 +212,10 @@ fn operator_reinstall_starts_a_finished_device_over() {
     // Drive to done, then reinstall.
     finish(&mut s);
     let cmd = s.dev.next_cmd;
+    assert!(!s.dev.reinstall);
     s.ev(Event::Reinstall);
     assert_eq!(s.dev.reached, Step::Discovered);
+    assert!(s.dev.reinstall, "its next plan may overwrite the old OS");
     assert!(s.dev.next_cmd >= cmd, "command ids keep counting");
     let last = s.rows.last().unwrap();
     assert!(last.detail.contains("reinstall requested by the operator"));

@@ -84,6 +84,10 @@ pub struct ReceiveOptions {
     /// The image the device's signed plan names: a session for any other
     /// image is refused before anything is written.
     pub expect_image: Option<[u8; 32]>,
+    /// The output is a disk: it must exist and is written in place (never
+    /// created, truncated or resized), whether a block device or, in a
+    /// lab, a file standing in for one.
+    pub disk: bool,
 }
 
 /// Decoding threads for this machine: compressed waves need several
@@ -525,10 +529,11 @@ pub async fn run_receive(
         .unwrap_or_else(|| default_state_path(&opts.out));
     let mut resume = ResumeState::load(&state_path, &m);
     let keep = opts.delta || (0..n).any(|b| resume.has(b));
-    let out = open_output(&opts.out, &m, keep).map_err(|source| ReceiveError::Output {
-        path: opts.out.clone(),
-        source,
-    })?;
+    let out =
+        open_output(&opts.out, &m, keep, opts.disk).map_err(|source| ReceiveError::Output {
+            path: opts.out.clone(),
+            source,
+        })?;
     let mut core = ReceiverCore::new((*m).clone(), session.session_id, session.key);
     let Recheck {
         digests,

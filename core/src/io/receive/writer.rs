@@ -31,15 +31,23 @@ pub(super) struct Output {
 
 /// Open the output; `keep`: its bytes may be reused (a resume state or
 /// delta re-imaging), else a file starts empty and sparse.
-pub(super) fn open_output(path: &Path, m: &Manifest, keep: bool) -> io::Result<Output> {
+pub(super) fn open_output(path: &Path, m: &Manifest, keep: bool, disk: bool) -> io::Result<Output> {
     let is_dev = super::is_block_device(path);
+    if disk && !path.exists() {
+        // A disk that is not there is an error, never a new file in its
+        // place (a file in /dev would be "written" in RAM).
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "the target disk does not exist (nothing was created in its place)",
+        ));
+    }
     let file = OpenOptions::new()
         .read(true)
         .write(true)
-        .create(!is_dev)
+        .create(!is_dev && !disk)
         .truncate(false)
         .open(path)?;
-    if is_dev {
+    if is_dev || disk {
         let size = std::io::Seek::seek(&mut &file, io::SeekFrom::End(0))?;
         if size < m.image_size {
             return Err(io::Error::new(
@@ -50,7 +58,7 @@ pub(super) fn open_output(path: &Path, m: &Manifest, keep: bool) -> io::Result<O
         return Ok(Output {
             file,
             fresh: false,
-            block_device: true,
+            block_device: is_dev,
         });
     }
     if !keep {
@@ -329,6 +337,32 @@ fn write_blocks(
 mod tests {
     use super::*;
 
+    /// A disk target is never made, truncated or resized: missing, it is
+    /// an error and nothing appears in its place; too small, an error;
+    /// larger than the image, it keeps its size and what lies past the
+    /// image.
+    #[test]
+    fn a_disk_target_is_never_created_or_resized() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Manifest::of_bytes(&vec![7u8; 4 * 4096], 4096, 1024).unwrap();
+        let missing = dir.path().join("sdz");
+        let e = open_output(&missing, &m, false, true).err().unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+        assert!(!missing.exists(), "something was created in its place");
+        let small = dir.path().join("small");
+        std::fs::write(&small, vec![0u8; 4096]).unwrap();
+        assert!(open_output(&small, &m, false, true).is_err());
+        assert_eq!(std::fs::metadata(&small).unwrap().len(), 4096);
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![0xAAu8; 8 * 4096]).unwrap();
+        let out = open_output(&big, &m, false, true).unwrap();
+        assert!(!out.fresh, "a disk's old bytes are never assumed zero");
+        drop(out);
+        let after = std::fs::read(&big).unwrap();
+        assert_eq!(after.len(), 8 * 4096);
+        assert!(after.iter().all(|b| *b == 0xAA));
+    }
+
     /// A receiver that resumed every data block has only zero blocks left
     /// and no job will ever come (its receive loop may already be gone):
     /// the writer digests the zero blocks and the image verifies.
@@ -341,7 +375,7 @@ mod tests {
         let m = Arc::new(Manifest::of_bytes(&data, 4096, 1024).unwrap());
         let path = dir.path().join("out");
         fs_write(&path, &data);
-        let out = open_output(&path, &m, true).unwrap();
+        let out = open_output(&path, &m, true, false).unwrap();
         let resume = ResumeState::load(&dir.path().join("out.rcresume"), &m);
         let mut digests = vec![None; 6];
         let mut zero_blocks = Vec::new();
@@ -381,7 +415,7 @@ mod tests {
         data[..4096].fill(3);
         let m = Arc::new(Manifest::of_bytes(&data, 4096, 1024).unwrap());
         let path = dir.path().join("out");
-        let out = open_output(&path, &m, false).unwrap();
+        let out = open_output(&path, &m, false, false).unwrap();
         let resume = ResumeState::load(&dir.path().join("out.rcresume"), &m);
         let (job_tx, job_rx) = crossbeam_channel::unbounded();
         drop(job_tx);
