@@ -650,7 +650,7 @@ fn ipxe_script_follows_the_device_state_and_files_serve_ranges() {
             "dmi": {"vendor": "QEMU", "model": "Standard PC", "serial": "1"},
             "cpu": {"arch": "x86_64", "count": 1}, "memory_bytes": 1u64 << 30,
             "nics": [{"name": "d0", "mac": mac}],
-            "disks": [{"name": "vda", "path": disk, "size_bytes": 2u64 << 20}],
+            "disks": [{"name": "vda", "path": disk, "size_bytes": 2u64 << 20, "serial": "VDA-1"}],
         })
         .to_string(),
     )
@@ -891,17 +891,20 @@ fn start_vm(lab: &Lab, vm: &Vm, console: &std::path::Path) -> Proc {
         .arg("-smbios")
         .arg(format!("type=1,{}", vm.smbios))
         .args(["-uuid", vm.uuid]);
-    for d in vm.disks {
-        // A serial per disk, as real disks have: plans name disks by
-        // serial and size.
+    for (i, d) in vm.disks.iter().enumerate() {
+        // A serial per disk, as real disks have (plans name disks by
+        // serial and size): a virtio-blk device per drive, in order.
         let serial = d
             .file_stem()
             .map(|s| s.to_string_lossy().to_uppercase())
             .unwrap_or_default();
-        c.arg("-drive").arg(format!(
-            "file={},if=virtio,format=raw,serial={serial}",
-            d.display()
-        ));
+        c.arg("-drive")
+            .arg(format!(
+                "file={},if=none,id=disk{i},format=raw",
+                d.display()
+            ))
+            .arg("-device")
+            .arg(format!("virtio-blk-pci,drive=disk{i},serial={serial}"));
     }
     Proc(
         c.stdout(Stdio::null())
