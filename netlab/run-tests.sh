@@ -66,7 +66,7 @@ log=$(mktemp)
 skips=$(mktemp)
 trap 'rm -f "$log" "$skips"' EXIT
 set +e
-RACKCAST_SKIP_LOG="$skips" cargo test --workspace 2>&1 | tee "$log"
+RACKCAST_SKIP_LOG="$skips" cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 phase ""

@@ -24,8 +24,6 @@ use std::time::Duration;
 
 static CONN_IDS: AtomicU64 = AtomicU64::new(1);
 
-/// Blob chunks one connection may have queued (read, not yet written).
-const CHUNKS_PER_CONN: usize = 4;
 /// How long a blob request waits for a transfer permit before the device
 /// is told to come back.
 const PERMIT_WAIT: Duration = Duration::from_secs(10);
@@ -161,6 +159,7 @@ async fn serve_agent(
         device,
         boot,
         credential,
+        chunks: conn_permits,
     } = match reply_rx.await {
         Ok(Ok(a)) => a,
         Ok(Err(why)) => {
@@ -204,7 +203,6 @@ async fn serve_agent(
         while out_rx.try_recv().is_ok() {}
         let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.close()).await;
     });
-    let conn_permits = std::sync::Arc::new(tokio::sync::Semaphore::new(CHUNKS_PER_CONN));
     let result = loop {
         let next = tokio::select! {
             n = tokio::time::timeout(read_timeout, frames.next()) => n,
@@ -405,7 +403,15 @@ async fn serve_agent(
         conn_id,
     });
     drop(out_tx);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
+    // The writer gets a moment to flush a last error; a peer that does not
+    // read meanwhile loses it, and its queued chunks free their permits.
+    let abort = writer.abort_handle();
+    if tokio::time::timeout(std::time::Duration::from_secs(5), writer)
+        .await
+        .is_err()
+    {
+        abort.abort();
+    }
     tracing::info!(%device, ?result, "agent disconnected");
     result
 }

@@ -73,6 +73,8 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         store: Box::new(store),
         devices: HashMap::new(),
         conns: HashMap::new(),
+        chunks: HashMap::new(),
+        stalled: HashMap::new(),
         progress: shared.progress.clone(),
         installed: shared.installed.clone(),
         assigned: shared.assigned.clone(),

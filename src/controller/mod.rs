@@ -124,6 +124,12 @@ pub type Share = tokio::sync::OwnedSemaphorePermit;
 /// Reports and progress one agent connection may have waiting for the
 /// controller.
 pub const INBOX_SHARE: usize = 8;
+/// Blob chunks one device may have read and not yet written, over all its
+/// connections.
+pub const CHUNKS_PER_DEVICE: usize = 4;
+/// Events of one device kept while the store fails (a full disk). Past
+/// this its agent is disconnected (it repeats its report when it is back).
+pub const STALLED_MAX: usize = 256;
 
 /// An agent connection the controller admitted.
 pub struct Admitted {
@@ -134,6 +140,10 @@ pub struct Admitted {
     /// A credential issued to this connection (a new boot's first
     /// contact); only here, in memory, is it ever in clear.
     pub credential: Option<[u8; 32]>,
+    /// The device's blob chunks in flight, shared by all its connections:
+    /// reconnecting does not give a device more of the appliance's
+    /// transfer permits.
+    pub chunks: Arc<Semaphore>,
 }
 
 /// Messages queued to one agent connection's writer, at most
@@ -168,6 +178,12 @@ impl Outbox {
             rx,
             kill,
         )
+    }
+
+    /// Tell the connection to close (a newer one of its device took its
+    /// place).
+    pub fn close(&self) {
+        self.kill.notify_one();
     }
 
     /// Queue `msg`; false when the connection is gone or its queue was
@@ -205,6 +221,11 @@ pub struct Controller {
     store: Box<dyn Store>,
     devices: HashMap<String, Device>,
     conns: HashMap<String, (u64, Outbox)>,
+    /// Per device, events whose commit failed, oldest first (at most
+    /// [`STALLED_MAX`]).
+    stalled: HashMap<String, std::collections::VecDeque<(Event, Option<u64>)>>,
+    /// Each device's blob chunks in flight ([`CHUNKS_PER_DEVICE`]).
+    chunks: HashMap<String, Arc<Semaphore>>,
     /// Image blocks done/total per device in a running wave (shared with
     /// the API; not stored: it changes every second).
     progress: Progress,
@@ -330,7 +351,7 @@ impl Controller {
                 let id = device_id
                     .filter(|i| self.devices.contains_key(i))
                     .unwrap_or_else(|| device_id_for(&mac));
-                if let Err(why) = self.enroll_new(&id, &mac, "agent connected") {
+                if let Err(why) = self.enroll_new(&id, &mac, "agent connected", now_ms()) {
                     let _ = reply.send(Err(why.to_string()));
                     return;
                 }
@@ -359,11 +380,27 @@ impl Controller {
                         (boot, Some(c))
                     }
                 };
-                self.conns.insert(id.clone(), (conn_id, out));
+                // One device, one connection: the one it replaces (a dead
+                // link not yet timed out, or a second connection of the
+                // same credential) is closed and frees what it holds.
+                if let Some((old, out)) = self.conns.insert(id.clone(), (conn_id, out)) {
+                    if old != conn_id {
+                        metrics::counter!("rackcast_agent_protocol_errors_total", "kind" => "replaced")
+                            .increment(1);
+                        tracing::info!(device = %id, conn_id = old, "connection replaced by a newer one");
+                        out.close();
+                    }
+                }
+                let chunks = self
+                    .chunks
+                    .entry(id.clone())
+                    .or_insert_with(|| Arc::new(Semaphore::new(CHUNKS_PER_DEVICE)))
+                    .clone();
                 let _ = reply.send(Ok(Admitted {
                     device: id.clone(),
                     boot,
                     credential: issued,
+                    chunks,
                 }));
                 let done_agent = matches!(mode, AgentMode::Agent { .. })
                     && self.devices[&id].reached == Step::Done;
@@ -493,8 +530,11 @@ impl Controller {
             }
             Input::BootSeen { mac, how } => {
                 let id = device_id_for(&mac);
-                if self.enroll_new(&id, &mac, &how).is_ok() {
-                    self.apply(&id, Event::BootSeen(how));
+                // One clock reading for the new record and its first
+                // event: the power-on row is the device's first.
+                let now = now_ms();
+                if self.enroll_new(&id, &mac, &how, now).is_ok() {
+                    self.apply_at(&id, Event::BootSeen(how), None, now);
                 }
             }
             Input::Approve { device, reply } => {
@@ -517,7 +557,13 @@ impl Controller {
     /// policy says (known and `auto`: installed; `approve`: held after its
     /// inventory, at most `max_pending` of them; `known`: none). `Ok` when
     /// the device has a record (already or now).
-    fn enroll_new(&mut self, id: &str, mac: &str, how: &str) -> Result<(), &'static str> {
+    fn enroll_new(
+        &mut self,
+        id: &str,
+        mac: &str,
+        how: &str,
+        now: Millis,
+    ) -> Result<(), &'static str> {
         if self.devices.contains_key(id) {
             return Ok(());
         }
@@ -535,7 +581,7 @@ impl Controller {
                 return Err(why);
             }
         };
-        let mut d = Device::new(id, &mac.to_ascii_lowercase(), now_ms());
+        let mut d = Device::new(id, &mac.to_ascii_lowercase(), now);
         d.approved = approved;
         tracing::info!(device = %id, %mac, %how, approved, "new device");
         self.devices.insert(id.to_string(), d);
@@ -562,11 +608,77 @@ impl Controller {
     /// `ack`: the report being applied; its Ack goes out once the result
     /// is durable (or was already), before any command it causes.
     fn apply_acked(&mut self, id: &str, ev: Event, ack: Option<u64>) {
-        let Some(dev) = self.devices.get(id) else {
+        self.apply_at(id, ev, ack, now_ms());
+    }
+
+    /// [`Self::apply_acked`] at `now`.
+    fn apply_at(&mut self, id: &str, ev: Event, ack: Option<u64>, now: Millis) {
+        if let Some(queue) = self.stalled.get_mut(id) {
+            // Behind an event the store could not take: in order, or not
+            // at all. A timer check is made again on the next tick.
+            if matches!(ev, Event::Tick) {
+                return;
+            }
+            if queue.len() < STALLED_MAX {
+                queue.push_back((ev, ack));
+            } else {
+                metrics::counter!("rackcast_store_events_dropped_total").increment(1);
+                tracing::error!(
+                    device = id,
+                    "store still failing; event dropped, agent disconnected to repeat"
+                );
+                if let Some((_, out)) = self.conns.get(id) {
+                    out.close();
+                }
+            }
             return;
+        }
+        if let Err(e) = self.try_apply(id, ev.clone(), ack, now) {
+            tracing::error!(device = id, error = %e, "store commit failed; event kept and retried");
+            metrics::counter!("rackcast_store_errors_total").increment(1);
+            self.stalled
+                .entry(id.to_string())
+                .or_default()
+                .push_back((ev, ack));
+        }
+    }
+
+    /// Events the store failed to commit, retried in order every tick
+    /// (a full disk freed, a lock released): nothing is lost and nothing
+    /// overtakes them.
+    fn retry_stalled(&mut self) {
+        let ids: Vec<String> = self.stalled.keys().cloned().collect();
+        for id in ids {
+            while let Some((ev, ack)) = self.stalled.get_mut(&id).and_then(|q| q.pop_front()) {
+                if let Err(e) = self.try_apply(&id, ev.clone(), ack, now_ms()) {
+                    tracing::debug!(device = %id, error = %e, "store commit failed again");
+                    if let Some(q) = self.stalled.get_mut(&id) {
+                        q.push_front((ev, ack));
+                    }
+                    break;
+                }
+            }
+            if self.stalled.get(&id).is_some_and(|q| q.is_empty()) {
+                self.stalled.remove(&id);
+                tracing::info!(device = %id, "store commits resumed; kept events applied");
+            }
+        }
+    }
+
+    /// Commit `ev`'s record and rows, then carry out its actions; an
+    /// error means nothing happened (the record and memory are as before).
+    fn try_apply(
+        &mut self,
+        id: &str,
+        ev: Event,
+        ack: Option<u64>,
+        now: Millis,
+    ) -> Result<(), crate::store::StoreError> {
+        let Some(dev) = self.devices.get(id) else {
+            return Ok(());
         };
         let mut next = dev.clone();
-        let actions = workflow::on_event(&mut next, &self.wf, now_ms(), ev);
+        let actions = workflow::on_event(&mut next, &self.wf, now, ev);
         let rows: Vec<_> = actions
             .iter()
             .filter_map(|a| match a {
@@ -583,15 +695,9 @@ impl Controller {
                 self.send_to(id, ApplianceMsg::Ack { cmd_id });
             }
             self.perform(id, actions);
-            return;
+            return Ok(());
         }
-        if let Err(e) = self.store.commit(&next, &rows, inv) {
-            // Nothing was recorded, so nothing happens: the agent repeats
-            // its report after reconnecting, timeouts fire again.
-            tracing::error!(device = id, error = %e, "store commit failed; event not applied");
-            metrics::counter!("rackcast_store_errors_total").increment(1);
-            return;
-        }
+        self.store.commit(&next, &rows, inv)?;
         for r in &rows {
             tracing::info!(device = id, step = %r.step, kind = %r.kind, detail = %r.detail, "device event");
         }
@@ -621,6 +727,7 @@ impl Controller {
         if finished_now {
             self.send_finished(id);
         }
+        Ok(())
     }
 
     fn send_finished(&self, id: &str) {
@@ -731,6 +838,7 @@ impl Controller {
 
     fn on_tick(&mut self) {
         let now = now_ms();
+        self.retry_stalled();
         if now - self.last_prune >= 3_600_000 {
             self.prune_events(now);
         }

@@ -808,6 +808,17 @@ impl RawAgent {
         self.send_bytes(&m.emit().unwrap());
     }
 
+    /// Send `m`; false once the peer has closed the connection.
+    pub fn try_send(&mut self, m: &rackcast_core::wire::device::AgentMsg) -> bool {
+        use std::io::Write;
+        let body = m.emit().unwrap();
+        self.0
+            .write_all(&(body.len() as u32).to_be_bytes())
+            .and_then(|()| self.0.write_all(&body))
+            .and_then(|()| self.0.flush())
+            .is_ok()
+    }
+
     /// The next frame's body, or `None` once the peer closed (or 10 s).
     pub fn recv_bytes(&mut self) -> Option<Vec<u8>> {
         use std::io::Read;
