@@ -273,14 +273,19 @@ fn rack_of_eight_two_profiles_two_images_concurrent_waves() {
         .as_str()
         .unwrap()
         .contains("mlx firmware tool loaded")));
-    // Bundles: same hardware and plan share one; different hardware gets
-    // a different one (profile, module, image target).
+    // Bundles: a plan names the disks it writes by serial (issue 15,
+    // finding 10), so even identical machines get bundles of their own;
+    // different hardware differs beyond that (profile, module, target).
     let bundle = |i: usize| by_id[&device_id(i)]["bundle"].as_str().unwrap().to_string();
-    assert_eq!(bundle(5), bundle(7), "identical R650s share a bundle");
-    assert_eq!(
+    assert_ne!(
+        bundle(5),
+        bundle(7),
+        "each R650's bundle names its own disk"
+    );
+    assert_ne!(
         bundle(2),
         bundle(4),
-        "identical generic boxes share a bundle"
+        "each generic box's bundle names its own disks"
     );
     assert_ne!(
         bundle(1),

@@ -148,6 +148,23 @@ pub fn os_present() -> bool {
         .is_some_and(|fs| fs != "rootfs" && fs != "tmpfs" && fs != "ramfs")
 }
 
+/// Disks given by path (`--disk`) keep the serial, model and kind the
+/// enumeration (or hardware description) found at the same path: plans
+/// name disks by serial, so a disk without one cannot be written.
+pub fn keep_identity(named: Vec<Disk>, enumerated: &[Disk]) -> Vec<Disk> {
+    named
+        .into_iter()
+        .map(|mut d| {
+            if let Some(k) = enumerated.iter().find(|k| k.path == d.path) {
+                d.serial = k.serial.clone();
+                d.model = k.model.clone();
+                d.rotational = k.rotational;
+            }
+            d
+        })
+        .collect()
+}
+
 /// Disks given by path (`--disk`): size from the file or block device,
 /// name from the file name.
 pub fn disks_from_paths(paths: &[std::path::PathBuf]) -> anyhow::Result<Vec<Disk>> {
@@ -173,4 +190,33 @@ pub fn disks_from_paths(paths: &[std::path::PathBuf]) -> anyhow::Result<Vec<Disk
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(path: &str, serial: &str) -> Disk {
+        Disk {
+            name: path.rsplit('/').next().unwrap_or(path).to_string(),
+            path: path.to_string(),
+            size_bytes: 1 << 30,
+            model: if serial.is_empty() { "" } else { "SSD" }.to_string(),
+            serial: serial.to_string(),
+            rotational: false,
+        }
+    }
+
+    /// An agent started from an installed OS names its disks by path;
+    /// they keep the serial the enumeration found there, and a path the
+    /// enumeration does not know stays without one (refused later).
+    #[test]
+    fn disks_named_by_path_keep_their_serial() {
+        let enumerated = [disk("/dev/sda", "S1"), disk("/dev/sdb", "S2")];
+        let named = vec![disk("/dev/sdb", ""), disk("/var/tmp/x.img", "")];
+        let kept = keep_identity(named, &enumerated);
+        assert_eq!(kept[0].serial, "S2");
+        assert_eq!(kept[0].model, "SSD");
+        assert_eq!(kept[1].serial, "");
+    }
 }

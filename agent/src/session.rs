@@ -65,7 +65,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         None => crate::inventory::probe(),
     };
     if !args.disks.is_empty() {
-        inventory.disks = crate::inventory::disks_from_paths(&args.disks)?;
+        let named = crate::inventory::disks_from_paths(&args.disks)?;
+        inventory.disks = crate::inventory::keep_identity(named, &inventory.disks);
     }
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let mac = boot_mac(&inventory, &cmdline)?;
