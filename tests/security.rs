@@ -10,17 +10,20 @@
 //! and the core's `io::tls` tests); 6 `get_blob_serves_only_the_callers_bundle`
 //! and `blob_requests_never_read_stall_no_other_device`; 7
 //! `unknown_and_mismatched_machines_are_not_installed` and
-//! `a_full_disk_under_the_fleet_record_loses_no_event`; 8 lives beside
-//! the boot services' harness (`boot.rs`
-//! `spoofed_dhcp_floods_and_declines_fail_closed`,
-//! `tftp_caps_transfers_and_refuses_long_timeouts`); 9 inside 2's test
-//! (no BMC password in the record); 10
+//! `a_full_disk_under_the_fleet_record_loses_no_event`; 8
+//! `spoofed_dhcp_floods_and_declines_fail_closed` and
+//! `tftp_caps_transfers_and_refuses_long_timeouts` (on the appliance
+//! alone, `common::appliance`); 9 inside 2's test (no BMC password in
+//! the record); 10
 //! `the_image_goes_only_to_the_planned_empty_disk`.
 
 mod common;
 
+use std::fs;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::appliance::*;
 use common::rack::*;
 use common::*;
 
@@ -929,4 +932,214 @@ fn a_full_disk_under_the_fleet_record_loses_no_event() {
         ]
     );
     assert!(rack.serve_log().contains("store commits resumed"));
+}
+
+/// The value of counter `name{reason="..."}` on the operator /metrics.
+fn dropped(a: &Appliance, reason: &str) -> f64 {
+    let token = operator_token(&a.config, "viewer");
+    let (code, m) = operator_curl(&a.lab.ns("app"), &a.config, Some(&token), "/metrics", &[]);
+    assert_eq!(code, 200, "{m}");
+    metric(
+        &m,
+        &format!("rackcast_dhcp_dropped_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+/// Issue 15, finding 8 (DHCP): from another host, 400 PXE DISCOVERs with
+/// spoofed `chaddr`s and a DECLINE of a real client's address. The flood
+/// is answered only at the new-client rate (the pool and the device
+/// records fill no faster), the decline is ignored (the victim keeps its
+/// address), both are counted, and real clients are served.
+#[test]
+fn spoofed_dhcp_floods_and_declines_fail_closed() {
+    if !can_run() {
+        return;
+    }
+    let a = Appliance::with_boot(
+        "bs",
+        2,
+        "[boot.dhcp]\nmode = \"full\"\niface = \"srv0\"\nserver_ip = \"198.18.0.1\"\n\
+         pool_start = \"198.18.0.100\"\npool_end = \"198.18.0.199\"\n\
+         netmask = \"255.255.255.0\"\nlease_time = \"10m\"\nnew_clients_per_second = 20\n",
+        "DHCP service listening",
+    );
+    let o = a.udhcpc(1, &[]);
+    let t = text(&o);
+    let victim = t
+        .split("lease of ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no lease: {t}"))
+        .to_string();
+    let script = r#"
+import os, socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"d0")
+s.bind(("0.0.0.0", 68))
+def pkt(mac, xid, kind, extra=b""):
+    head = struct.pack("!BBBBIHH4s4s4s4s16s64s128s", 1, 1, 6, 0, xid, 0, 0x8000,
+        bytes(4), bytes(4), bytes(4), bytes(4), mac + bytes(10), bytes(64), bytes(128))
+    return head + b"\x63\x82\x53\x63" + bytes([53, 1, kind]) + extra + b"\xff"
+ip = bytes(int(x) for x in sys.argv[1].split("."))
+s.sendto(pkt(bytes([2, 0xee, 9, 9, 9, 9]), 999, 4, bytes([50, 4]) + ip + bytes([54, 4, 198, 18, 0, 1])),
+         ("255.255.255.255", 67))
+pxe = b"PXEClient:Arch:00000:UNDI:002001"
+for i in range(400):
+    mac = bytes([2, 0xee]) + os.urandom(4)
+    s.sendto(pkt(mac, i, 1, bytes([60, len(pxe)]) + pxe), ("255.255.255.255", 67))
+"#;
+    let st = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &a.lab.ns("d2"),
+            "python3",
+            "-c",
+            script,
+            &victim,
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // Counted, once the server has read them all.
+    let t0 = std::time::Instant::now();
+    while dropped(&a, "decline from a client not holding that address") < 1.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "spoofed decline not counted"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Let the server read what reached it (the kernel drops what its
+    // socket buffer cannot hold during the burst: also bounded).
+    std::thread::sleep(Duration::from_secs(2));
+    let token = operator_token(&a.config, "viewer");
+    let (_, m) = operator_curl(&a.lab.ns("app"), &a.config, Some(&token), "/metrics", &[]);
+    let value = |series: &str| metric(&m, series);
+    let refused = value("rackcast_dhcp_dropped_total{reason=\"new clients over their rate\"}");
+    let replies = value("rackcast_dhcp_replies_total");
+    // Unlimited, each spoofed DISCOVER that arrived would get an offer
+    // and a device record; limited, the burst (20) and a second's rate.
+    assert!(refused >= 100.0, "{refused} spoofed clients refused\n{m}");
+    assert!(replies <= 45.0, "{replies} replies to a spoofed flood");
+    let devices = a.devices().as_array().map_or(0, |d| d.len());
+    assert!(
+        devices <= 45,
+        "{devices} device records from a spoofed flood"
+    );
+    // The victim renews the same address; a real new client (once the
+    // budget refills) gets one too.
+    std::thread::sleep(Duration::from_millis(1500));
+    let o = a.udhcpc(1, &[]);
+    assert!(
+        text(&o).contains(&format!("lease of {victim}")),
+        "{}",
+        text(&o)
+    );
+    let o = a.udhcpc(2, &[]);
+    assert!(text(&o).contains("lease of 198.18.0."), "{}", text(&o));
+}
+
+/// Issue 15, finding 8 (TFTP): one host opens 6 transfers asking for a
+/// 255 s timeout and never acknowledges. The timeout is not acknowledged,
+/// only 4 transfers start (the others get an error and are counted), they
+/// end on their own within seconds, and another host is served meanwhile.
+#[test]
+fn tftp_caps_transfers_and_refuses_long_timeouts() {
+    if !can_run() {
+        return;
+    }
+    let root = std::env::temp_dir().join(format!("rcbt{}-tftpcap", std::process::id()));
+    let _ = fs::remove_dir_all(&root);
+    fs::create_dir_all(&root).unwrap();
+    let file: Vec<u8> = (0..100_000u32).map(|i| (i * 11) as u8).collect();
+    fs::write(root.join("undionly.kpxe"), &file).unwrap();
+    let a = Appliance::with_boot(
+        "bq",
+        2,
+        &format!(
+            "[boot.tftp]\nroot = \"{}\"\niface = \"srv0\"\n",
+            root.display()
+        ),
+        "TFTP service listening",
+    );
+    let script = r#"
+import socket, time
+answers = []
+socks = []
+for i in range(6):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(3)
+    s.sendto(b"\x00\x01undionly.kpxe\x00octet\x00timeout\x00255\x00tsize\x000\x00", ("198.18.0.1", 69))
+    socks.append(s)
+for s in socks:
+    try:
+        data, _ = s.recvfrom(2048)
+        answers.append(data)
+    except socket.timeout:
+        answers.append(b"")
+for d in answers:
+    op = d[:2]
+    if op == b"\x00\x06":
+        print("OACK", d[2:].replace(b"\x00", b" ").decode().strip())
+    elif op == b"\x00\x05":
+        print("ERROR", d[4:-1].decode())
+    else:
+        print("NONE")
+"#;
+    let out = Command::new("ip")
+        .args(["netns", "exec", &a.lab.ns("d2"), "python3", "-c", script])
+        .output()
+        .unwrap();
+    let said = text(&out);
+    let oacks: Vec<&str> = said.lines().filter(|l| l.starts_with("OACK")).collect();
+    let busy = said
+        .lines()
+        .filter(|l| l.starts_with("ERROR server busy"))
+        .count();
+    assert_eq!((oacks.len(), busy), (4, 2), "{said}");
+    assert!(
+        oacks.iter().all(|l| *l == "OACK tsize 100000"),
+        "timeout not acknowledged: {said}"
+    );
+    // Another host is served while those 4 stall.
+    let got = a.lab.dir.join("d1.bin");
+    let o = finish(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &a.lab.ns("d1"),
+                "tftp",
+                "-m",
+                "binary",
+                "198.18.0.1",
+                "-c",
+                "get",
+                "undionly.kpxe",
+            ])
+            .arg(&got)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        Duration::from_secs(30),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(fs::read(&got).unwrap(), file);
+    // The stalled transfers end by themselves (5 resends, 1 s apart) and
+    // the host gets its slots back.
+    std::thread::sleep(Duration::from_secs(8));
+    let again = Command::new("ip")
+        .args(["netns", "exec", &a.lab.ns("d2"), "python3", "-c", script])
+        .output()
+        .unwrap();
+    let said = text(&again);
+    assert_eq!(
+        said.lines().filter(|l| l.starts_with("OACK")).count(),
+        4,
+        "{said}"
+    );
+    let _ = fs::remove_dir_all(&root);
 }

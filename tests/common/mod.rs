@@ -2,6 +2,7 @@
 //! namespace lab (`netlab/lab.sh`) torn down on drop, bounded waits.
 #![allow(dead_code)]
 
+pub mod appliance;
 pub mod rack;
 pub mod wave;
 
