@@ -102,10 +102,15 @@ pub fn server_config(
     seed: &[u8; 32],
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ed25519_pkcs8(seed)));
-    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(vec![cert], key)?;
+    // No session tickets: every connection is a full handshake in which
+    // the appliance proves its key (an agent's reconnects are rare, and
+    // the loader and the bundle's agent are different processes anyway).
+    cfg.send_tls13_tickets = 0;
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(Arc::new(cfg))
 }
 
@@ -117,11 +122,12 @@ pub fn client_config(pin: Option<&str>) -> Result<Arc<rustls::ClientConfig>, Tls
         pin: pin.map(str::to_ascii_lowercase),
         algs: provider.signature_verification_algorithms,
     });
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(cfg))
 }
 
@@ -308,6 +314,40 @@ mod tests {
         let e = handshake(copied.clone(), Some(pin)).await.unwrap_err();
         assert!(e.contains("TLS handshake"), "{e}");
         assert!(handshake(copied, None).await.is_err(), "not even unpinned");
+    }
+
+    /// No resumption: a client's second connection is again a full
+    /// handshake in which the appliance proves its key (it offered no
+    /// ticket to resume with).
+    #[tokio::test]
+    async fn every_connection_is_a_full_handshake() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let seed = [7u8; 32];
+        let server = server_config(cert_for(&seed), &seed).unwrap();
+        let client = client_config(None).unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let srv = tokio::spawn(async move {
+            for _ in 0..2 {
+                let (tcp, _) = l.accept().await.unwrap();
+                let mut s = accept(&server, tcp).await.unwrap();
+                s.write_all(b"x").await.unwrap();
+                s.flush().await.unwrap();
+            }
+        });
+        for _ in 0..2 {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let mut s = connect(&client, tcp).await.unwrap();
+            // Read past anything the server sent after the handshake
+            // (where session tickets would be).
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).await.unwrap();
+            assert_eq!(
+                s.get_ref().1.handshake_kind(),
+                Some(rustls::HandshakeKind::Full)
+            );
+        }
+        srv.await.unwrap();
     }
 
     #[test]
