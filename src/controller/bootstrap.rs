@@ -116,18 +116,18 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             }
         });
     }
-    let control = tokio::net::TcpListener::bind(cfg.appliance.control_listen).await?;
+    let control = rackcast_core::io::limits::listen(cfg.appliance.control_listen)?;
     tracing::info!(addr = %cfg.appliance.control_listen, "control plane listening");
     tokio::spawn(agents::accept_loop(control, shared.clone()));
     if let Some(addr) = cfg.appliance.api_listen {
-        let l = tokio::net::TcpListener::bind(addr).await?;
+        let l = rackcast_core::io::limits::listen(addr)?;
         tracing::info!(%addr, "provisioning HTTP (iPXE scripts, loader files) listening");
         tokio::spawn(api::serve_boot(l, shared.clone()));
     }
     if let Some(addr) = cfg.appliance.operator_listen {
         super::tls::ensure_certificate(&cfg)?;
         let tls = super::tls::server_config(&cfg)?;
-        let l = tokio::net::TcpListener::bind(addr).await?;
+        let l = rackcast_core::io::limits::listen(addr)?;
         let l = super::tls::TlsListener::spawn(l, tls)?;
         tracing::info!(%addr, "operator API and /metrics listening (HTTPS, bearer tokens)");
         tokio::spawn(api::serve_operator(l, shared.clone()));

@@ -235,6 +235,8 @@ boot_to_disk = {{ name = "efiboot", argv = ["true"] }}
                 args.devices,
                 rss as f64 / 1024.0
             );
+            let (p50, last, waves) = barrier_summary();
+            println!("  told to join a wave: median {p50:.2} s, last {last:.2} s; waves {waves}");
             println!(
                 "{}",
                 serde_json::json!({
@@ -243,6 +245,9 @@ boot_to_disk = {{ name = "efiboot", argv = ["true"] }}
                     "seconds": secs,
                     "devices_per_s": per_s,
                     "appliance_peak_rss_mib": rss as f64 / 1024.0,
+                    "join_wave_median_s": barrier_summary().0,
+                    "join_wave_last_s": barrier_summary().1,
+                    "waves": barrier_summary().2,
                 })
             );
             Ok(())
@@ -291,6 +296,7 @@ async fn run_fleet(n: usize, all_blobs: bool, timeout: Duration, pid: u32) -> Re
     }
     let fetched: Arc<Mutex<HashSet<String>>> = Arc::default();
     let t0 = Instant::now();
+    let _ = T0.set(t0);
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
         let f = fetched.clone();
@@ -334,6 +340,29 @@ async fn run_fleet(n: usize, all_blobs: bool, timeout: Duration, pid: u32) -> Re
         bail!("{failed} of {n} simulated devices did not finish");
     }
     Ok((secs, peak_rss_kib(pid)))
+}
+
+/// When the fleet started, and when each device was told to join its
+/// wave (seconds since, wave id): the control plane's part of the time,
+/// apart from the wave scheduler's waits and the waves themselves.
+static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+static BARRIER: Mutex<Vec<(f64, i64)>> = Mutex::new(Vec::new());
+
+/// The median and last time devices were told to join a wave, and how
+/// many waves there were.
+fn barrier_summary() -> (f64, f64, usize) {
+    let Ok(b) = BARRIER.lock() else {
+        return (0.0, 0.0, 0);
+    };
+    let mut t: Vec<f64> = b.iter().map(|x| x.0).collect();
+    t.sort_by(f64::total_cmp);
+    let waves: HashSet<i64> = b.iter().map(|x| x.1).collect();
+    let at = |q: f64| {
+        t.get(((t.len() as f64 * q) as usize).min(t.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    (at(0.5), t.last().copied().unwrap_or(0.0), waves.len())
 }
 
 /// One device's agent connection: send `hello`, then answer commands.
@@ -576,6 +605,9 @@ async fn sim_device(
         };
         let r = match &cmd.work {
             Work::JoinWave(join) => {
+                if let (Some(t0), Ok(mut b)) = (T0.get(), BARRIER.lock()) {
+                    b.push((t0.elapsed().as_secs_f64(), join.wave_id));
+                }
                 join_wave(i, join.control, &device, credential).await?;
                 s.report(
                     &cmd,

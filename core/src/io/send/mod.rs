@@ -256,9 +256,7 @@ pub async fn run_send(opts: SendOptions) -> Result<SendReport, SendError> {
 /// The wave's TCP control listener; bind it first to learn the address
 /// (port 0 = any) that members must be told.
 pub async fn bind_control(addr: SocketAddr) -> Result<TcpListener, SendError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| SendError::Listen { addr, source })
+    crate::io::limits::listen(addr).map_err(|source| SendError::Listen { addr, source })
 }
 
 /// Run one wave on an already bound control listener; with a `link`, only
