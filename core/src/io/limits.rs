@@ -95,6 +95,26 @@ impl Drop for Slot {
     }
 }
 
+/// Connections a listener's kernel queue holds before they are accepted
+/// (the kernel caps it at `net.core.somaxconn`). A wave's members all
+/// connect within milliseconds of its start, and each accepted connection
+/// then costs a TLS handshake: with the default queue (1,024) a wave of a
+/// thousand saw SYNs dropped and members arrive a 1 s retransmission late.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// A TCP listener on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`,
+/// as `TcpListener::bind` sets it).
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(LISTEN_BACKLOG)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,24 +135,4 @@ mod tests {
         assert!(caps.take(c).is_ok());
         assert_eq!(caps.active(), 2, "the slot above was dropped at once");
     }
-}
-
-/// Connections a listener's kernel queue holds before they are accepted
-/// (the kernel caps it at `net.core.somaxconn`). A wave's members all
-/// connect within milliseconds of its start, and each accepted connection
-/// then costs a TLS handshake: with the default queue (1,024) a wave of a
-/// thousand saw SYNs dropped and members arrive a 1 s retransmission late.
-pub const LISTEN_BACKLOG: u32 = 4096;
-
-/// A TCP listener on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`,
-/// as `TcpListener::bind` sets it).
-pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let sock = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    sock.set_reuseaddr(true)?;
-    sock.bind(addr)?;
-    sock.listen(LISTEN_BACKLOG)
 }
