@@ -21,6 +21,7 @@ use crate::store::SqliteStore;
 
 /// Run the appliance until SIGINT/SIGTERM.
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    use anyhow::Context as _;
     let fds = rackcast_core::io::raise_fd_limit();
     tracing::info!(open_files = fds, "file descriptor limit");
     let cfg = Arc::new(cfg);
@@ -116,18 +117,21 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             }
         });
     }
-    let control = rackcast_core::io::limits::listen(cfg.appliance.control_listen)?;
+    let control = rackcast_core::io::limits::listen(cfg.appliance.control_listen)
+        .with_context(|| format!("control_listen {}", cfg.appliance.control_listen))?;
     tracing::info!(addr = %cfg.appliance.control_listen, "control plane listening");
     tokio::spawn(agents::accept_loop(control, shared.clone()));
     if let Some(addr) = cfg.appliance.api_listen {
-        let l = rackcast_core::io::limits::listen(addr)?;
+        let l = rackcast_core::io::limits::listen(addr)
+            .with_context(|| format!("api_listen {addr}"))?;
         tracing::info!(%addr, "provisioning HTTP (iPXE scripts, loader files) listening");
         tokio::spawn(api::serve_boot(l, shared.clone()));
     }
     if let Some(addr) = cfg.appliance.operator_listen {
         super::tls::ensure_certificate(&cfg)?;
         let tls = super::tls::server_config(&cfg)?;
-        let l = rackcast_core::io::limits::listen(addr)?;
+        let l = rackcast_core::io::limits::listen(addr)
+            .with_context(|| format!("operator_listen {addr}"))?;
         let l = super::tls::TlsListener::spawn(l, tls)?;
         tracing::info!(%addr, "operator API and /metrics listening (HTTPS, bearer tokens)");
         tokio::spawn(api::serve_operator(l, shared.clone()));

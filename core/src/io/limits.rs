@@ -98,8 +98,8 @@ impl Drop for Slot {
 /// Connections a listener's kernel queue holds before they are accepted
 /// (the kernel caps it at `net.core.somaxconn`). A wave's members all
 /// connect within milliseconds of its start, and each accepted connection
-/// then costs a TLS handshake: with the default queue (1,024) a wave of a
-/// thousand saw SYNs dropped and members arrive a 1 s retransmission late.
+/// then costs a TLS handshake: a queue that overflows drops SYNs, and
+/// those members arrive a retransmission (1 s) late.
 pub const LISTEN_BACKLOG: u32 = 4096;
 
 /// A TCP listener on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`,
