@@ -3,19 +3,21 @@
 //! closed: refused, counted, logged, with nothing changed for the victim,
 //! while legitimate operators and devices carry on. Needs root (netns).
 //!
-//! Finding by finding: 1 `operator_api_refuses_anonymous_viewer_and_form_actions`;
-//! 2 and 3 `impostor_loaders_and_forged_results_are_refused`; 4
-//! `wave_key_goes_only_to_members_with_their_credential`; 5 the TLS pin
-//! (`fleet.rs` `bad_input_gets_clear_errors_and_the_others_are_served`
-//! and the core's `io::tls` tests); 6 `get_blob_serves_only_the_callers_bundle`
-//! and `blob_requests_never_read_stall_no_other_device`; 7
-//! `unknown_and_mismatched_machines_are_not_installed` and
-//! `a_full_disk_under_the_fleet_record_loses_no_event`; 8
-//! `spoofed_dhcp_floods_and_declines_fail_closed` and
+//! Finding by finding:
+//! 1 `operator_api_refuses_anonymous_viewer_and_form_actions`;
+//! 2 and 3 `impostor_loaders_and_forged_results_are_refused`;
+//! 4 `wave_key_goes_only_to_members_with_their_credential`;
+//! 5 `a_copied_appliance_certificate_is_not_followed` (and a loader pinned
+//! to another key in `fleet.rs`, handshake unit tests in `io::tls`);
+//! 6 `get_blob_serves_only_the_callers_bundle` and
+//! `blob_requests_never_read_stall_no_other_device`;
+//! 7 `unknown_and_mismatched_machines_are_not_installed` and
+//! `a_full_disk_under_the_fleet_record_loses_no_event`;
+//! 8 `spoofed_dhcp_floods_and_declines_fail_closed` and
 //! `tftp_caps_transfers_and_refuses_long_timeouts` (on the appliance
-//! alone, `common::appliance`); 9 inside 2's test (no BMC password in
-//! the record); 10
-//! `the_image_goes_only_to_the_planned_empty_disk`.
+//! alone, `common::appliance`);
+//! 9 inside 2's test (no BMC password in the record);
+//! 10 `the_image_goes_only_to_the_planned_empty_disk`.
 
 mod common;
 
@@ -1142,4 +1144,137 @@ for d in answers:
         "{said}"
     );
     let _ = fs::remove_dir_all(&root);
+}
+
+/// Serves `cert` with a key of its own (`seed`) on `addr` in namespace
+/// `ns`, as a host that copied the appliance's certificate would; counts
+/// handshakes that completed. Stops when `stop` is set (or after 60 s).
+fn copied_certificate_server(
+    ns: &str,
+    addr: &'static str,
+    cert: rustls::pki_types::CertificateDer<'static>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    #[derive(Debug)]
+    struct Copied(Arc<rustls::sign::CertifiedKey>);
+    impl rustls::server::ResolvesServerCert for Copied {
+        fn resolve(
+            &self,
+            _: rustls::server::ClientHello<'_>,
+        ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+            Some(self.0.clone())
+        }
+    }
+    let der = rustls::pki_types::PrivatePkcs8KeyDer::from(rackcast_core::io::tls::ed25519_pkcs8(
+        &[0x5a; 32],
+    ));
+    let key = rustls::crypto::ring::sign::any_eddsa_type(&der).unwrap();
+    let ck = Arc::new(rustls::sign::CertifiedKey::new(vec![cert], key));
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(Copied(ck))),
+    );
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let f = fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+        // SAFETY: setns on this thread only, with a descriptor we own.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let l = std::net::TcpListener::bind(addr).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let (mut completed, t0) = (0, std::time::Instant::now());
+        while !stop.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(60) {
+            let Ok((tcp, _)) = l.accept() else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            tcp.set_nonblocking(false).unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let conn = rustls::ServerConnection::new(cfg.clone()).unwrap();
+            let mut s = rustls::StreamOwned::new(conn, tcp);
+            let mut ok = true;
+            while s.conn.is_handshaking() {
+                if s.conn.complete_io(&mut s.sock).is_err() {
+                    ok = false;
+                    break;
+                }
+            }
+            // The client's verdict arrives after the server's flight: a
+            // refusal is an alert on the next read.
+            let mut b = [0u8; 1];
+            if ok && std::io::Read::read(&mut s, &mut b).is_ok_and(|n| n > 0) {
+                completed += 1;
+            }
+        }
+        completed
+    })
+}
+
+/// Finding 5, the trust anchor: another host on the LAN (device 2's
+/// namespace) copies the appliance's certificate (any client of the
+/// control port can read it) and serves it with a key of its own. A
+/// loader pinned to the appliance's key refuses it: the handshake is not
+/// signed by that key. Both a raw client and the real agent binary are
+/// refused and the agent fetches nothing; the real appliance, with the
+/// same pin, is followed.
+#[test]
+fn a_copied_appliance_certificate_is_not_followed() {
+    if !can_run() {
+        return;
+    }
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let rack = Rack::new("sk", 2, "300mbit", (8, 8), "");
+    let pin = rack.key();
+    let probe = RawAgent::connect_to(&rack.lab.ns("d2"), ApplianceConfig::CONTROL, Some(&pin));
+    let cert = probe.0.conn.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned();
+    drop(probe);
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    const ROGUE: &str = "198.18.0.12:7100";
+    let rogue = copied_certificate_server(&rack.lab.ns("d2"), ROGUE, cert, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let e = RawAgent::try_connect(&rack.lab.ns("d1"), ROGUE, Some(&pin))
+        .err()
+        .expect("a copied certificate was accepted");
+    assert!(!e.to_string().is_empty());
+    let work = rack.lab.file("work-rogue");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &rack.lab.ns("d1")])
+        .arg(bin("rackcast-agent"))
+        .args([
+            "run",
+            "--server",
+            ROGUE,
+            "--iface",
+            "d0",
+            "--trust-key",
+            &pin,
+        ])
+        .args(["--give-up", "5", "--os-present", "false", "--hardware"])
+        .arg(rack.lab.file("d1.json"))
+        .arg("--work-dir")
+        .arg(&work)
+        .output()
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let completed = rogue.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert_eq!(completed, 0, "a client finished a handshake with the rogue");
+    assert!(
+        fs::read_dir(&work).map(|d| d.count() == 0).unwrap_or(true),
+        "the agent got files from the rogue: {err}"
+    );
+    // The real appliance proves the same pin.
+    assert!(
+        RawAgent::try_connect(&rack.lab.ns("d1"), ApplianceConfig::CONTROL, Some(&pin)).is_ok()
+    );
 }
