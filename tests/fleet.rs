@@ -91,21 +91,6 @@ fn reinstall(rack: &Rack, i: usize) {
     );
 }
 
-const ORDER: [&str; 12] = [
-    "loader_booted",
-    "inventoried",
-    "agent_delivered",
-    "bios_configured",
-    "raid_configured",
-    "programs_run",
-    "ready_for_image",
-    "imaging",
-    "image_verified",
-    "post_install",
-    "boot_to_disk",
-    "done",
-];
-
 /// The device's event log: every step completed or skipped exactly once
 /// and in order, durations on completed agent steps, every row chained
 /// to the one before it (none lost), no step completed twice (none
@@ -132,7 +117,7 @@ fn check_log(rack: &Rack, i: usize) -> Vec<Value> {
         })
         .collect();
     let steps: Vec<&str> = finals.iter().map(|(s, _)| s.as_str()).collect();
-    assert_eq!(steps, ORDER, "device {i} log order: {finals:?}");
+    assert_eq!(steps, STEP_ORDER, "device {i} log order: {finals:?}");
     for e in &ev {
         if e["kind"] == "ok"
             && !["loader_booted", "done", "image_verified"].contains(&e["step"].as_str().unwrap())

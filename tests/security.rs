@@ -916,23 +916,7 @@ fn a_full_disk_under_the_fleet_record_loses_no_event() {
         .filter(|e| e["kind"] == "ok" || e["kind"] == "skipped")
         .filter_map(|e| e["step"].as_str())
         .collect();
-    assert_eq!(
-        finals,
-        [
-            "loader_booted",
-            "inventoried",
-            "agent_delivered",
-            "bios_configured",
-            "raid_configured",
-            "programs_run",
-            "ready_for_image",
-            "imaging",
-            "image_verified",
-            "post_install",
-            "boot_to_disk",
-            "done",
-        ]
-    );
+    assert_eq!(finals, STEP_ORDER);
     assert!(rack.serve_log().contains("store commits resumed"));
 }
 

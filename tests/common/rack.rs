@@ -439,3 +439,20 @@ pub fn assert_image_on(disk: &Path, image: &Path) {
         image.display()
     );
 }
+
+/// Every step a device completes (or skips), in order: its log's `ok`
+/// and `skipped` rows name these once each.
+pub const STEP_ORDER: [&str; 12] = [
+    "loader_booted",
+    "inventoried",
+    "agent_delivered",
+    "bios_configured",
+    "raid_configured",
+    "programs_run",
+    "ready_for_image",
+    "imaging",
+    "image_verified",
+    "post_install",
+    "boot_to_disk",
+    "done",
+];
