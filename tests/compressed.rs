@@ -248,12 +248,14 @@ fn delta_reimaging_sends_only_the_changed_blocks() {
         return;
     }
     let lab = Lab::up("r", 2, "200mbit", &[]);
-    // Version 1 of a 40 MiB image; version 2 changes 4 of its 40 blocks.
+    // Version 1 of a 120 MiB image; version 2 changes 8 of its blocks,
+    // half in the part a receiver scans before it says Ready, half in
+    // the part it scans alongside the wave.
     let v1 = lab.file("v1");
-    text_image(&v1, 40, 4);
+    text_image(&v1, 120, 4);
     let v2 = lab.file("image");
     let mut data = fs::read(&v1).unwrap();
-    for b in [2usize, 11, 23, 37] {
+    for b in [2usize, 11, 23, 37, 70, 88, 101, 118] {
         data[(b << 20) + 999] ^= 0x55;
     }
     fs::write(&v2, &data).unwrap();
@@ -289,9 +291,11 @@ fn delta_reimaging_sends_only_the_changed_blocks() {
     for (o, path) in rx.iter().zip(&outs) {
         let r = last_json(o);
         assert_eq!(r["verified"], true, "{r}");
-        // 41 blocks (40 MiB and a tail), 8 zero: of the 33 data blocks,
-        // the 29 unchanged ones were already in place.
-        assert_eq!(r["resumed_data_blocks"], 29, "{r}");
+        // 121 blocks (120 MiB and a tail), 24 zero: of the 97 data
+        // blocks, the 89 unchanged ones were found in place: 48 in the
+        // first 64 MiB, scanned before Ready, and 41 past it, by the scan
+        // alongside the wave.
+        assert_eq!(r["resumed_data_blocks"], 89, "{r}");
         assert_same(&v2, path);
     }
     let n = |r: &serde_json::Value, k: &str| r[k].as_u64().unwrap();
@@ -301,7 +305,7 @@ fn delta_reimaging_sends_only_the_changed_blocks() {
         "delta re-imaging: full wave {fw} wire bytes ({fs_} source packets) in {full_s:.2} s, delta wave {dw} wire bytes ({ds} source packets) in {delta_s:.2} s ({:.1} % of the bytes)",
         dw as f64 * 100.0 / fw as f64
     );
-    // 4 of 33 data blocks changed: the source pass sends about an eighth
+    // 8 of 97 data blocks changed: the source pass sends about a twelfth
     // of a full wave's symbols, never more than a fifth. (Repair on top
     // depends on what a loaded test machine drops, so it is not counted.)
     assert!(ds * 5 < fs_, "delta {ds} vs full {fs_} source packets");

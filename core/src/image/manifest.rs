@@ -261,6 +261,15 @@ impl Manifest {
             .map(|(i, _)| i as u32)
     }
 
+    /// Zero blocks (never on the wire).
+    pub fn zero_blocks(&self) -> impl Iterator<Item = u32> + '_ {
+        self.blocks
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.zero)
+            .map(|(i, _)| i as u32)
+    }
+
     /// Bytes that go on the wire as source symbols.
     pub fn data_bytes(&self) -> u64 {
         self.data_blocks().map(|b| self.wire_len(b) as u64).sum()

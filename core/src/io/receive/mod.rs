@@ -46,7 +46,6 @@ mod writer;
 
 pub use resume::saved_blocks;
 use resume::ResumeState;
-use scan::{recheck, Recheck};
 use writer::{open_output, writer_loop, DecodeResult, Written};
 
 /// One image to receive.
@@ -529,33 +528,48 @@ pub async fn run_receive(
         .unwrap_or_else(|| default_state_path(&opts.out));
     let mut resume = ResumeState::load(&state_path, &m);
     let keep = opts.delta || (0..n).any(|b| resume.has(b));
-    let out =
+    let out = Arc::new(
         open_output(&opts.out, &m, keep, opts.disk).map_err(|source| ReceiveError::Output {
             path: opts.out.clone(),
             source,
-        })?;
+        })?,
+    );
     let mut core = ReceiverCore::new((*m).clone(), session.session_id, session.key);
-    let Recheck {
-        digests,
-        zero_blocks,
-        resumed,
-        resumed_data,
-    } = recheck(
-        &m,
-        &out,
-        &mut resume,
-        &mut core,
-        opts.delta,
-        opts.decoders.max(1),
-    )
-    .map_err(|source| ReceiveError::Output {
-        path: opts.out.clone(),
-        source,
-    })?;
-    if resumed > 0 {
+    let decoders = opts.decoders.max(1);
+    // What is on the output already: the image's first part now, so our
+    // first report (before Ready) names what the sender must not send
+    // first; the rest alongside the wave.
+    let mut visits = scan::plan(&m, &out, &resume, opts.delta);
+    let rest = visits.split_off(scan::ready_split(&m, &visits));
+    let mut digests: Vec<Option<[u8; 32]>> = vec![None; n as usize];
+    let mut in_place = scan::InPlace::default();
+    for d in scan::scan_now(&m, &out, &visits, decoders) {
+        if let writer::Decoded::Fatal(why) = d {
+            return Err(ReceiveError::Output {
+                path: opts.out.clone(),
+                source: io::Error::other(why),
+            });
+        }
+        if let Some(b) = in_place.take(&m, &d, &mut digests, &mut resume) {
+            core.mark_done(b);
+        }
+    }
+    // A fresh file reads as zeros where the image is zero: those blocks
+    // are done now, digested from zeros by the writer while it waits.
+    let zero_blocks: Vec<u32> = if out.fresh {
+        m.zero_blocks().collect()
+    } else {
+        Vec::new()
+    };
+    for b in &zero_blocks {
+        core.mark_done(*b);
+    }
+    let before_ready = in_place;
+    if before_ready.found > 0 || !rest.is_empty() {
         tracing::info!(
-            resumed,
-            resumed_data,
+            found = before_ready.found,
+            found_data = before_ready.found_data,
+            scanning_alongside = rest.len(),
             delta = opts.delta,
             "blocks already on the output"
         );
@@ -578,23 +592,33 @@ pub async fn run_receive(
     let (status_tx, mut status_rx) = mpsc::unbounded_channel();
     let (plan_tx, plan_rx) = crossbeam_channel::unbounded();
     let (verdict_tx, verdict_rx) = oneshot::channel::<Written>();
+    let (good_tx, good_rx) = crossbeam_channel::bounded(decoders * 2);
+    scan::spawn_rest(
+        m.clone(),
+        out.clone(),
+        rest,
+        decoders,
+        stop.clone(),
+        good_tx.clone(),
+    );
     {
-        let (m, p, s, q) = (m.clone(), progress.clone(), stop.clone(), queued.clone());
-        let decoders = opts.decoders.max(1);
+        let setup = writer::WriterSetup {
+            m: m.clone(),
+            out,
+            resume,
+            digests,
+            zero_blocks,
+            in_place,
+            jobs: job_rx,
+            queued: queued.clone(),
+            done: done_tx,
+            good: (good_tx, good_rx),
+            decoders,
+            progress: progress.clone(),
+            stop: stop.clone(),
+        };
         std::thread::spawn(move || {
-            let r = writer_loop(
-                m,
-                out,
-                resume,
-                digests,
-                zero_blocks,
-                job_rx,
-                q,
-                done_tx,
-                decoders,
-                p,
-                s,
-            );
+            let r = writer_loop(setup);
             tracing::debug!(cpu_s = thread_cpu().as_secs_f64(), "writer thread done");
             let _ = verdict_tx.send(r);
         });
@@ -602,7 +626,7 @@ pub async fn run_receive(
     // What is already in place, told before Ready: the wave may start the
     // moment we are ready, and must not send blocks we have (delta
     // re-imaging, resume) while waiting for our first periodic report.
-    let initial = (resumed > 0).then(|| core.status());
+    let initial = (before_ready.found > 0).then(|| core.status());
     let recv = RecvLoop {
         core,
         sock,
@@ -626,12 +650,13 @@ pub async fn run_receive(
         conn.send(&Msg::Status(st)).await?;
     }
     conn.send(&Msg::Ready {
-        resumed_blocks: resumed,
+        resumed_blocks: before_ready.found,
     })
     .await?;
     let (mut sink, mut stream) = conn.split();
     let mut verdict_rx = verdict_rx;
     let mut flush = Duration::ZERO;
+    let mut found = before_ready;
     let outcome: Result<[u8; 32], String> = loop {
         tokio::select! {
             st = status_rx.recv() => {
@@ -646,6 +671,7 @@ pub async fn run_receive(
                 match v {
                     Ok(w) => {
                         flush = w.flush;
+                        found = w.in_place;
                         break w.hash;
                     }
                     Err(_) => break Err("writer thread ended unexpectedly".into()),
@@ -696,7 +722,7 @@ pub async fn run_receive(
         image_hash: m.image_hash_hex(),
         image_bytes: m.image_size,
         seconds: t0.elapsed().as_secs_f64(),
-        resumed_blocks: resumed,
+        resumed_blocks: found.found,
         packets: counters.packets,
         symbols: counters.symbols,
         auth_failures: counters.auth_failures,
@@ -707,7 +733,7 @@ pub async fn run_receive(
         decode_retries: counters.decode_retries,
         hash_failures: counters.hash_failures,
         window_full: counters.window_full,
-        resumed_data_blocks: resumed_data,
+        resumed_data_blocks: found.found_data,
         flush_seconds: flush.as_secs_f64(),
     })
 }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::resume::ResumeState;
+use super::scan::InPlace;
 use super::Progress;
 use crate::dataplane::receiver::{decode_block, DecodeJob, DecodeOutcome};
 
@@ -82,13 +83,24 @@ pub(super) type DecodeResult = (u32, Result<(), Option<BlockAssembly>>, Option<V
 /// cache a receiver dirties and leaves the final flush short.
 const WRITEBACK_WINDOW: u64 = 64 << 20;
 
-/// What a decoder hands the writer.
-enum Decoded {
+/// What a decoder (or the scan of the output) hands the writer.
+pub(super) enum Decoded {
+    /// A decoded block whose digest matched, to write.
     Good {
         block: u32,
         data: Vec<u8>,
         digest: [u8; 32],
     },
+    /// A block the scan found on the output (`found`), or a zero block it
+    /// zeroed, with the digest of its bytes there.
+    InPlace {
+        block: u32,
+        digest: [u8; 32],
+        found: bool,
+    },
+    /// A block the scan read and found wrong: not in place.
+    Stale(u32),
+    /// The session cannot go on.
     Fatal(String),
 }
 
@@ -97,6 +109,8 @@ pub(super) struct Written {
     pub(super) hash: Result<[u8; 32], String>,
     /// The final flush (what writeback had not done yet).
     pub(super) flush: Duration,
+    /// Blocks the scan found in place, before Ready and alongside.
+    pub(super) in_place: InPlace,
 }
 
 /// Start `decoders` threads that decode (and decompress) blocks: the
@@ -109,8 +123,8 @@ fn spawn_decoders(
     jobs: &crossbeam_channel::Receiver<DecodeJob>,
     queued: &Arc<AtomicU64>,
     done: &crossbeam_channel::Sender<DecodeResult>,
-) -> crossbeam_channel::Receiver<Decoded> {
-    let (good_tx, good_rx) = crossbeam_channel::bounded(decoders * 2);
+    good_tx: crossbeam_channel::Sender<Decoded>,
+) {
     for _ in 0..decoders {
         let (m, jobs, done, good) = (m.clone(), jobs.clone(), done.clone(), good_tx.clone());
         let queued = queued.clone();
@@ -142,7 +156,6 @@ fn spawn_decoders(
             }
         });
     }
-    good_rx
 }
 
 /// Starts and bounds writeback of what the writer wrote.
@@ -194,25 +207,52 @@ fn sync_range(fd: std::os::fd::RawFd, offset: u64, len: u64, flags: libc::c_uint
     }
 }
 
+/// What the writer starts from and works with.
+pub(super) struct WriterSetup {
+    pub(super) m: Arc<Manifest>,
+    pub(super) out: Arc<Output>,
+    pub(super) resume: ResumeState,
+    /// Digests of the blocks already in place (the scan before Ready).
+    pub(super) digests: Vec<Option<[u8; 32]>>,
+    /// Zero blocks of a fresh output, to digest from zeros while idle.
+    pub(super) zero_blocks: Vec<u32>,
+    /// What the scan before Ready found.
+    pub(super) in_place: InPlace,
+    pub(super) jobs: crossbeam_channel::Receiver<DecodeJob>,
+    pub(super) queued: Arc<AtomicU64>,
+    pub(super) done: crossbeam_channel::Sender<DecodeResult>,
+    /// The writer's queue, shared by the decoders and the scan running
+    /// alongside the wave.
+    pub(super) good: (
+        crossbeam_channel::Sender<Decoded>,
+        crossbeam_channel::Receiver<Decoded>,
+    ),
+    pub(super) decoders: usize,
+    pub(super) progress: Arc<Progress>,
+    pub(super) stop: Arc<AtomicBool>,
+}
+
 /// Decode (on `decoders` threads), check, write. Each block's digest
-/// (computed once, from the bytes written) is kept; once every block is
-/// in, the output is flushed and the digests merge into the whole-image
-/// hash, which is returned.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn writer_loop(
-    m: Arc<Manifest>,
-    out: Output,
-    mut resume: ResumeState,
-    mut digests: Vec<Option<[u8; 32]>>,
-    mut zero_blocks: Vec<u32>,
-    jobs: crossbeam_channel::Receiver<DecodeJob>,
-    queued: Arc<AtomicU64>,
-    done: crossbeam_channel::Sender<DecodeResult>,
-    decoders: usize,
-    progress: Arc<Progress>,
-    stop: Arc<AtomicBool>,
-) -> Written {
-    let good = spawn_decoders(&m, decoders.max(1), &jobs, &queued, &done);
+/// (computed once, from the bytes written, or by the scan from the bytes
+/// in place) is kept; once every block is in, the output is flushed and
+/// the digests merge into the whole-image hash, which is returned.
+pub(super) fn writer_loop(w: WriterSetup) -> Written {
+    let WriterSetup {
+        m,
+        out,
+        mut resume,
+        mut digests,
+        mut zero_blocks,
+        mut in_place,
+        jobs,
+        queued,
+        done,
+        good: (good_tx, good),
+        decoders,
+        progress,
+        stop,
+    } = w;
+    spawn_decoders(&m, decoders.max(1), &jobs, &queued, &done, good_tx);
     drop(jobs);
     let mut wb = Writeback::new(&out.file);
     if let Err(e) = write_blocks(
@@ -221,6 +261,7 @@ pub(super) fn writer_loop(
         &mut resume,
         &mut digests,
         &mut zero_blocks,
+        &mut in_place,
         &good,
         &done,
         &mut wb,
@@ -230,6 +271,7 @@ pub(super) fn writer_loop(
         return Written {
             hash: Err(e),
             flush: Duration::ZERO,
+            in_place,
         };
     }
     let t = Instant::now();
@@ -237,6 +279,7 @@ pub(super) fn writer_loop(
         return Written {
             hash: Err(format!("flushing output: {e}")),
             flush: t.elapsed(),
+            in_place,
         };
     }
     let flush = t.elapsed();
@@ -245,6 +288,7 @@ pub(super) fn writer_loop(
     Written {
         hash: Ok(crate::image::manifest::merge_block_digests(&all)),
         flush,
+        in_place,
     }
 }
 
@@ -255,6 +299,7 @@ fn write_blocks(
     resume: &mut ResumeState,
     digests: &mut [Option<[u8; 32]>],
     zero_blocks: &mut Vec<u32>,
+    in_place: &mut InPlace,
     good: &crossbeam_channel::Receiver<Decoded>,
     done: &crossbeam_channel::Sender<DecodeResult>,
     wb: &mut Writeback,
@@ -306,23 +351,38 @@ fn write_blocks(
                 resume.save();
                 return Err(why);
             }
+            Ok(scanned @ (Decoded::InPlace { .. } | Decoded::Stale(_))) => {
+                if let Some(b) = in_place.take(m, &scanned, digests, resume) {
+                    have += 1;
+                    progress
+                        .verified_blocks
+                        .store(have as u32, Ordering::Relaxed);
+                    // The core counts it done and stops asking for it.
+                    let _ = done.send((b, Ok(()), None));
+                }
+                continue;
+            }
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
                 resume.save();
                 return Err("receive loop ended before the image was complete".into());
             }
         };
+        if digests[b as usize].is_some() {
+            // The scan found it in place first: nothing to write.
+            let _ = done.send((b, Ok(()), Some(data)));
+            continue;
+        }
         let offset = m.block_offset(b);
         out.file
             .write_all_at(&data, offset)
             .map_err(|e| format!("writing block {b}: {e}"))?;
         wb.written(offset, data.len() as u64);
-        if digests[b as usize].replace(digest).is_none() {
-            have += 1;
-            progress
-                .verified_blocks
-                .store(have as u32, Ordering::Relaxed);
-        }
+        digests[b as usize] = Some(digest);
+        have += 1;
+        progress
+            .verified_blocks
+            .store(have as u32, Ordering::Relaxed);
         resume.set(b, true);
         let _ = done.send((b, Ok(()), Some(data)));
         if last_save.elapsed() > Duration::from_millis(500) {
@@ -363,6 +423,41 @@ mod tests {
         assert!(after.iter().all(|b| *b == 0xAA));
     }
 
+    /// A writer over `out` with nothing running but its decoders: the
+    /// tests feed its queue themselves.
+    fn setup(
+        m: &Arc<Manifest>,
+        out: Output,
+        resume: ResumeState,
+        digests: Vec<Option<[u8; 32]>>,
+        zero_blocks: Vec<u32>,
+    ) -> (
+        WriterSetup,
+        crossbeam_channel::Receiver<DecodeResult>,
+        crossbeam_channel::Sender<Decoded>,
+    ) {
+        let (job_tx, job_rx) = crossbeam_channel::unbounded();
+        drop(job_tx);
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let (good_tx, good_rx) = crossbeam_channel::bounded(64);
+        let w = WriterSetup {
+            m: m.clone(),
+            out: Arc::new(out),
+            resume,
+            digests,
+            zero_blocks,
+            in_place: InPlace::default(),
+            jobs: job_rx,
+            queued: Arc::new(AtomicU64::new(0)),
+            done: done_tx,
+            good: (good_tx.clone(), good_rx),
+            decoders: 2,
+            progress: Arc::new(Progress::default()),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        (w, done_rx, good_tx)
+    }
+
     /// A receiver that resumed every data block has only zero blocks left
     /// and no job will ever come (its receive loop may already be gone):
     /// the writer digests the zero blocks and the image verifies.
@@ -388,22 +483,9 @@ mod tests {
             }
         }
         assert_eq!(zero_blocks.len(), 4);
-        let (job_tx, job_rx) = crossbeam_channel::unbounded();
-        drop(job_tx);
-        let (done_tx, _done_rx) = crossbeam_channel::unbounded();
-        let got = writer_loop(
-            m.clone(),
-            out,
-            resume,
-            digests,
-            zero_blocks,
-            job_rx,
-            Arc::new(AtomicU64::new(0)),
-            done_tx,
-            2,
-            Arc::new(Progress::default()),
-            Arc::new(AtomicBool::new(false)),
-        );
+        let (w, _done, good) = setup(&m, out, resume, digests, zero_blocks);
+        drop(good);
+        let got = writer_loop(w);
         assert_eq!(got.hash, Ok(m.image_hash));
     }
 
@@ -417,26 +499,122 @@ mod tests {
         let path = dir.path().join("out");
         let out = open_output(&path, &m, false, false).unwrap();
         let resume = ResumeState::load(&dir.path().join("out.rcresume"), &m);
-        let (job_tx, job_rx) = crossbeam_channel::unbounded();
-        drop(job_tx);
-        let (done_tx, _done_rx) = crossbeam_channel::unbounded();
-        let got = writer_loop(
-            m,
-            out,
-            resume,
-            vec![None; 2],
-            vec![1],
-            job_rx,
-            Arc::new(AtomicU64::new(0)),
-            done_tx,
-            2,
-            Arc::new(Progress::default()),
-            Arc::new(AtomicBool::new(false)),
-        );
+        let (w, _done, good) = setup(&m, out, resume, vec![None; 2], vec![1]);
+        drop(good);
+        let got = writer_loop(w);
         assert_eq!(
             got.hash,
             Err("receive loop ended before the image was complete".to_string())
         );
+    }
+
+    /// Delta re-imaging with the scan alongside the wave, on an output
+    /// holding an older version with garbage where the new one has zeros:
+    /// the scan finds the unchanged blocks and zeroes the zero ones, the
+    /// "wire" brings the changed ones, a block both found and received is
+    /// written once (the wire's copy of a found block, forged here, is
+    /// never written), the core is told of every block in place, and the
+    /// image verifies.
+    #[test]
+    fn a_scan_alongside_the_wave_and_the_wire_make_one_verified_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let bs = 4096usize;
+        let n = 40usize;
+        let mut new = vec![0u8; n * bs];
+        for b in 0..n {
+            if b % 5 != 4 {
+                new[b * bs..(b + 1) * bs].fill(b as u8 + 1);
+            }
+        }
+        let m = Arc::new(Manifest::of_bytes(&new, bs as u32, 1024).unwrap());
+        let mut old = new.clone();
+        let changed = [3usize, 17, 31];
+        for b in changed {
+            old[b * bs + 7] ^= 0xFF;
+        }
+        // Old garbage in the new image's zero blocks 4 and 9.
+        old[4 * bs..5 * bs].fill(0xEE);
+        old[9 * bs + 100] = 1;
+        let path = dir.path().join("out");
+        fs_write(&path, &old);
+        let out = open_output(&path, &m, true, false).unwrap();
+        let resume = ResumeState::load(&dir.path().join("out.rcresume"), &m);
+        let visits = super::super::scan::plan(&m, &out, &resume, true);
+        assert_eq!(visits.len(), n, "delta looks at every block");
+        let (w, done, good) = setup(&m, out, resume, vec![None; n], Vec::new());
+        let out = w.out.clone();
+        // The wire's blocks: the changed ones, and a forged copy of block
+        // 0 with a good digest but other bytes (written only if the writer
+        // took the wire's copy of a block the scan had found).
+        for b in changed {
+            let data = new[b * bs..(b + 1) * bs].to_vec();
+            let digest = m.digest_block(b as u32, &data);
+            good.send(Decoded::Good {
+                block: b as u32,
+                data,
+                digest,
+            })
+            .unwrap();
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        super::super::scan::spawn_rest(m.clone(), out, visits, 3, stop, tx);
+        let scanned: Vec<Decoded> = rx.iter().collect();
+        let found_zero = scanned
+            .iter()
+            .filter(|d| matches!(d, Decoded::InPlace { block: 0, .. }))
+            .count();
+        assert_eq!(found_zero, 1);
+        for d in scanned {
+            good.send(d).unwrap();
+        }
+        good.send(Decoded::Good {
+            block: 0,
+            data: vec![0xAB; bs],
+            digest: m.blocks[0].hash,
+        })
+        .unwrap();
+        drop(good);
+        let got = writer_loop(w);
+        assert_eq!(got.hash, Ok(m.image_hash));
+        // 40 blocks: 8 zero (2 zeroed, 6 found zero), 32 data (3 changed).
+        assert_eq!(got.in_place.found, 40 - 3 - 2);
+        assert_eq!(got.in_place.found_data, 32 - 3);
+        assert_eq!(std::fs::read(&path).unwrap(), new);
+        let told: std::collections::BTreeSet<u32> = done.try_iter().map(|(b, _, _)| b).collect();
+        assert_eq!(told.len(), n, "every block reported done to the core");
+    }
+
+    /// A resume state listing a block that is not what the manifest says
+    /// (overwritten since) is not believed: the block counts as missing
+    /// and the state forgets it.
+    #[test]
+    fn a_resume_state_is_checked_against_the_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let bs = 4096usize;
+        let data: Vec<u8> = (0..4 * bs).map(|i| (i / bs) as u8 + 1).collect();
+        let m = Manifest::of_bytes(&data, bs as u32, 1024).unwrap();
+        let path = dir.path().join("out");
+        let mut on_disk = data.clone();
+        on_disk[2 * bs] ^= 1;
+        fs_write(&path, &on_disk);
+        let state = dir.path().join("out.rcresume");
+        let mut resume = ResumeState::load(&state, &m);
+        for b in 0..4 {
+            resume.set(b, true);
+        }
+        let out = open_output(&path, &m, true, false).unwrap();
+        let visits = super::super::scan::plan(&m, &out, &resume, false);
+        let mut digests = vec![None; 4];
+        let mut in_place = InPlace::default();
+        let mut done = Vec::new();
+        for d in super::super::scan::scan_now(&m, &out, &visits, 2) {
+            done.extend(in_place.take(&m, &d, &mut digests, &mut resume));
+        }
+        done.sort();
+        assert_eq!(done, vec![0, 1, 3]);
+        assert!(!resume.has(2));
+        assert_eq!(in_place.found_data, 3);
     }
 
     fn fs_write(path: &Path, data: &[u8]) {
