@@ -9,7 +9,15 @@
 #       [--cases "4:0 4:2 1:0 8:0"] [--tools "rackcast udpcast uftp http"]
 #       [--rounds 1] [--timeout 120] [--image random|os] [--disk]
 #       [--os-mib 2048] [--os-parts "etc usr/bin ..."] [--zstd-level 6]
-#       [--os-image PATH]
+#       [--os-image PATH] [--slow "K:RATE ..."] [--loss "K=PCT ..."]
+#
+# --slow "1:100mbit" limits receiver 1's switch port (a tbf with a 50 ms
+# queue: a slow port, NIC or disk); --loss "1=20" gives receiver 1 that
+# random loss instead of the case's. Each run then also prints every
+# receiver's own time (its process's end, or for UFTP its file complete),
+# and the closing table gives, per tool, the median of the slowest
+# receiver without a --slow/--loss mark ("others") and of the slowest
+# marked one.
 #
 # --image os builds a real OS image (`netlab/mk-os-image.sh`: ext4 holding
 # this Debian machine's /etc, /usr/bin, /usr/sbin, /usr/lib/x86_64-linux-gnu)
@@ -50,6 +58,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 MIB=256 RATE=500mbit CASES="4:0 4:2 1:0 8:0" TOOLS="rackcast udpcast uftp http" TMO=120 ROUNDS=1
 IMAGE=random DISK=0 OS_IMAGE= OS_MIB=2048 ZLEVEL=6 OS_PARTS="etc usr/bin usr/sbin usr/lib/x86_64-linux-gnu"
+SLOW="" XLOSS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --mib) MIB=$2; shift 2 ;;
@@ -64,6 +73,8 @@ while [ $# -gt 0 ]; do
     --os-image) OS_IMAGE=$2; IMAGE=os; shift 2 ;;
     --os-parts) OS_PARTS=$2; shift 2 ;;
     --zstd-level) ZLEVEL=$2; shift 2 ;;
+    --slow) SLOW=$2; shift 2 ;;
+    --loss) XLOSS=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -108,6 +119,9 @@ else
   "$BIN/rackcast" manifest "$IMG" >/dev/null
   RC_FRAMES=()
 fi
+# What the preparation wrote must not be written back during the first
+# run (it made the first round of a case seconds slower).
+sync
 WANT=$(sha256sum "$IMG" | cut -d' ' -f1)
 BYTES=$(stat -c %s "$IMG")
 RATE_BPS=$(rate_bps "$RATE")
@@ -146,6 +160,13 @@ cpu_sum() { [ -n "${RC_CPU_SPLIT:-}" ] && cat "$@" >&2; awk '{ s += $1 + $2 } EN
 
 ROWS=()
 SECS=()
+RXSECS=()
+# Receiver K has a --slow or --loss mark.
+is_marked() {
+  local t
+  for t in $SLOW $XLOSS; do [ "${t%%[:=]*}" = "$1" ] && return 0; done
+  return 1
+}
 report() { # tool n loss seconds good rxcpu
   local tool=$1 n=$2 loss=$3 secs=$4 good=$5 rxcpu=$6
   local goodput ratio cpu_per
@@ -167,13 +188,14 @@ run_rackcast() { local n=$1 i t0 t1 rc=0 BIN=${RBIN:-$BIN}
   local pids=()
   for i in $(seq 1 "$n"); do
     rm -f "$OUT/d$i.out" "$OUT/d$i.out.rcresume"
-    timeout "$TMO" ip netns exec "${P}d$i" /usr/bin/time -f "%U %S" -o "$WORK/d$i.time" \
+    rm -f "$WORK/d$i.end"
+    { timeout "$TMO" ip netns exec "${P}d$i" /usr/bin/time -f "%U %S" -o "$WORK/d$i.time" \
       ${RC_RX_PREFIX:-} "$BIN/rackcast-agent" receive --server 198.18.0.1:7000 --out "$OUT/d$i.out" --iface d0 --log "${RC_RX_LOG:-warn}" --json \
-      >"$WORK/d$i.log" 2>&1 &
+      >"$WORK/d$i.log" 2>&1; rc=$?; now >"$WORK/d$i.end"; exit $rc; } &
     pids+=($!)
   done
   PIDS+=("${pids[@]}")
-  t0=$(now)
+  t0=$(now); echo "$t0" >"$WORK/t0"
   timeout "$TMO" ip netns exec "${P}app" "$BIN/rackcast" send "$IMG" --manifest "$IMG.rcmanifest" "${RC_FRAMES[@]}" \
     --iface srv0 --group 239.255.3.1:9000 --control 198.18.0.1:7000 --rate "${RATE_M}M" \
     --receivers "$n" --json --log "${RC_SEND_LOG:-warn}" ${RC_SEND_ARGS:-} >"$WORK/send.log" 2>&1 || rc=$?
@@ -198,14 +220,15 @@ run_udpcast() { local n=$1 i t0 t1 rc=0
   for i in $(seq 1 "$n"); do
     rm -f "$OUT/d$i.out"
     # /usr/bin/time counts the pipe's zstd too (its children).
-    timeout "$TMO" ip netns exec "${P}d$i" /usr/bin/time -f "%U %S" -o "$WORK/d$i.time" \
+    rm -f "$WORK/d$i.end"
+    { timeout "$TMO" ip netns exec "${P}d$i" /usr/bin/time -f "%U %S" -o "$WORK/d$i.time" \
       udp-receiver --file "$OUT/d$i.out" "${UDP_PIPE[@]}" --interface d0 --nokbd --portbase 9100 \
-      --mcast-rdv-address 239.255.4.1 >"$WORK/d$i.log" 2>&1 &
+      --mcast-rdv-address 239.255.4.1 >"$WORK/d$i.log" 2>&1; rc=$?; now >"$WORK/d$i.end"; exit $rc; } &
     pids+=($!)
   done
   PIDS+=("${pids[@]}")
   sleep 0.3
-  t0=$(now)
+  t0=$(now); echo "$t0" >"$WORK/t0"
   timeout "$TMO" ip netns exec "${P}app" udp-sender --file "$SEND_FILE" --interface srv0 --portbase 9100 \
     --mcast-rdv-address 239.255.4.1 --mcast-data-address 239.255.4.2 --max-bitrate "${RATE_M}m" \
     --nokbd --min-receivers "$n" --rexmit-hello-interval 100 --retries-until-drop 30 \
@@ -229,11 +252,24 @@ run_uftp() { local n=$1 i t0 t1 rc=0 ids=""
   done
   PIDS+=("${pids[@]}")
   sleep 0.5
-  t0=$(now)
+  t0=$(now); echo "$t0" >"$WORK/t0"
+  # uftpd runs on: a receiver is done when its copy is whole.
+  for i in $(seq 1 "$n"); do rm -f "$WORK/d$i.end"; done
+  ( for _ in $(seq 1 $((TMO * 20))); do
+      left=0
+      for i in $(seq 1 "$n"); do
+        [ -e "$WORK/d$i.end" ] && continue
+        if [ "$(stat -c %s "$OUT/u$i/image" 2>/dev/null || echo 0)" -ge "$BYTES" ]; then now >"$WORK/d$i.end"; else left=1; fi
+      done
+      [ "$left" = 0 ] && break
+      sleep 0.05
+    done ) &
+  local watcher=$!
   timeout "$TMO" ip netns exec "${P}app" uftp -I srv0 -M 239.255.2.1 -P 239.255.2.2 -R $((RATE_BPS / 1000)) \
     -B 4194304 -Y none -H "$ids" "$IMG" >"$WORK/send.log" 2>&1 || rc=$?
   durable $(for i in $(seq 1 "$n"); do echo "$OUT/u$i/image"; done)
   t1=$(now)
+  kill "$watcher" 2>/dev/null || true; wait "$watcher" 2>/dev/null || true
   # uftpd runs until killed; stop the ones we started. Each PID is
   # /usr/bin/time (which ignores SIGINT) over `timeout`: signal its child,
   # `timeout` passes the signal on to uftpd.
@@ -252,14 +288,15 @@ run_http() { local n=$1 i t0 t1 rc=0 srv
     sleep 0.1
   done
   local pids=()
-  t0=$(now)
+  t0=$(now); echo "$t0" >"$WORK/t0"
   for i in $(seq 1 "$n"); do
+    rm -f "$WORK/d$i.end"
     if [ "$IMAGE" = os ]; then
       timeout "$TMO" ip netns exec "${P}d$i" /usr/bin/time -f "%U %S" -o "$WORK/d$i.time" \
-        sh -c "curl -sf http://198.18.0.1:8080/$(basename "$SEND_FILE") | zstd -d -q -f -o $OUT/d$i.out" &
+        sh -c "curl -sf http://198.18.0.1:8080/$(basename "$SEND_FILE") | zstd -d -q -f -o $OUT/d$i.out; r=\$?; date +%s.%N >$WORK/d$i.end; exit \$r" &
     else
       timeout "$TMO" ip netns exec "${P}d$i" /usr/bin/time -f "%U %S" -o "$WORK/d$i.time" \
-        curl -sf -o "$OUT/d$i.out" "http://198.18.0.1:8080/$(basename "$SEND_FILE")" &
+        sh -c "curl -sf -o $OUT/d$i.out http://198.18.0.1:8080/$(basename "$SEND_FILE"); r=\$?; date +%s.%N >$WORK/d$i.end; exit \$r" &
     fi
     pids+=($!)
   done
@@ -283,7 +320,12 @@ echo "image: $IMAGE, $BYTES bytes, sha256 $WANT; copies on $([ "$DISK" = 1 ] && 
 for c in $CASES; do
   n=${c%%:*} loss=${c#*:}
   losses=()
-  for i in $(seq 1 "$n"); do losses+=(--loss "$i=$loss"); done
+  for i in $(seq 1 "$n"); do
+    l=$loss
+    for t in $XLOSS; do [ "${t%%=*}" = "$i" ] && l=${t#*=}; done
+    losses+=(--loss "$i=$l")
+  done
+  for t in $SLOW; do losses+=(--slow "${t%%:*}=${t#*:}"); done
   CUR_LOSS=$loss
   "$HERE/lab.sh" up "$P" "$n" --rate "$RATE" "${losses[@]}"
   for round in $(seq 1 "$ROUNDS"); do
@@ -293,7 +335,21 @@ for c in $CASES; do
       # removes its copies (which are the next run's file names).
       res=$("run_$tool" "$n")
       read -r secs good rxcpu <<<"$res"
+      T0_RUN=$(cat "$WORK/t0" 2>/dev/null || echo 0)
       report "$tool" "$n" "$loss" "$secs" "$good" "$rxcpu"
+      if [ -n "$SLOW$XLOSS" ]; then
+        per="" others=0 marked=0
+        for i in $(seq 1 "$n"); do
+          e=$(cat "$WORK/d$i.end" 2>/dev/null || echo "")
+          [ -n "$e" ] || { per="$per d$i=-"; continue; }
+          s_i=$(awk -v a="$T0_RUN" -v b="$e" 'BEGIN { printf "%.2f", b - a }')
+          per="$per d$i=$s_i"
+          if is_marked "$i"; then marked=$(awk -v a="$marked" -v b="$s_i" 'BEGIN { print (b > a) ? b : a }')
+          else others=$(awk -v a="$others" -v b="$s_i" 'BEGIN { print (b > a) ? b : a }'); fi
+        done
+        echo "  $tool receivers (s from the sender's start):$per" >&2
+        RXSECS+=("$n:$loss $tool $others $marked")
+      fi
       if [ -n "${RC_KEEP_LOGS:-}" ]; then
         mkdir -p "$RC_KEEP_LOGS"
         cp "$WORK/send.log" "$RC_KEEP_LOGS/$tool-$n-$loss-$round.log" 2>/dev/null || true
@@ -317,4 +373,13 @@ if [ "$ROUNDS" -gt 1 ]; then
         printf "  case %-6s %-13s median %6.2f s  range %.2f-%.2f  verified %d/%d\n", kk[1], kk[2], med, a[1], a[m], ok[k], want[k]
       }
     }'
+fi
+if [ "${#RXSECS[@]}" -gt 0 ]; then
+  echo "per receiver, from the sender's start: median (range) of the slowest unmarked receiver and of the slowest marked one (--slow/--loss $SLOW $XLOSS):"
+  printf '%s\n' "${RXSECS[@]}" | awk '
+    function med(s,   m, a, x, y, t) { m = split(substr(s, 2), a, " ")
+      for (x = 1; x <= m; x++) for (y = x + 1; y <= m; y++) if (a[y] + 0 < a[x] + 0) { t = a[x]; a[x] = a[y]; a[y] = t }
+      return sprintf("%6.2f (%.2f-%.2f)", (m % 2) ? a[(m + 1) / 2] : (a[m / 2] + a[m / 2 + 1]) / 2, a[1], a[m]) }
+    { k = $1 " " $2; o[k] = o[k] " " $3; s[k] = s[k] " " $4; if (!(k in seen)) { seen[k] = 1; order[++n] = k } }
+    END { for (i = 1; i <= n; i++) { k = order[i]; split(k, kk, " "); printf "  case %-6s %-13s others %s  marked %s\n", kk[1], kk[2], med(o[k]), med(s[k]) } }'
 fi

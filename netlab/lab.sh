@@ -4,7 +4,7 @@
 # Nothing touches the root namespace. Addresses only in 198.18.0.0/15,
 # multicast only in 239.255.0.0/16 (enforced by the callers' arguments).
 #
-#   lab.sh up   PREFIX N [--rate RATE] [--loss DEV=PCT ...]
+#   lab.sh up   PREFIX N [--rate RATE] [--loss DEV=PCT ...] [--slow DEV=RATE ...]
 #   lab.sh down PREFIX N
 #   lab.sh loss PREFIX DEV PCT      # set/replace random loss toward device DEV
 #   lab.sh stats PREFIX             # nft counters (dropped packets)
@@ -13,7 +13,8 @@
 # 198.18.0.1/24), ${PREFIX}d1..dN (devices, iface d0, 198.18.0.(10+i)/24).
 # Rate: tbf on srv0 (the appliance's egress). Loss: nftables bridge rule
 # in the switch namespace (this kernel has no netem), applied toward the
-# device only.
+# device only. Slow: a tbf on the device's switch port (a slow port, NIC
+# or disk), what does not fit its 50 ms queue is dropped.
 set -euo pipefail
 
 cmd=${1:?usage: lab.sh up|down|loss|stats PREFIX ...}
@@ -62,11 +63,12 @@ set_loss() {
 case "$cmd" in
   up)
     N=${3:?N}; shift 3
-    rate="" losses=()
+    rate="" losses=() slows=()
     while [ $# -gt 0 ]; do
       case "$1" in
         --rate) rate=$2; shift 2 ;;
         --loss) losses+=("$2"); shift 2 ;;
+        --slow) slows+=("$2"); shift 2 ;;
         *) echo "lab.sh: unknown option $1" >&2; exit 2 ;;
       esac
     done
@@ -110,6 +112,9 @@ case "$cmd" in
     fi
     for l in "${losses[@]+"${losses[@]}"}"; do
       set_loss "${l%%=*}" "${l#*=}"
+    done
+    for l in "${slows[@]+"${slows[@]}"}"; do
+      ip netns exec "${P}sw" tc qdisc replace dev "vd${l%%=*}" root tbf rate "${l#*=}" burst 64kb latency 50ms
     done
     ;;
   down)

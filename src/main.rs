@@ -188,6 +188,11 @@ struct SendArgs {
     /// Worst receiver loss above which the rate is cut (0..1).
     #[arg(long, default_value_t = 0.25)]
     loss_threshold: f64,
+    /// A receiver that cannot keep up with the others: catch_up (the wave
+    /// goes on; it gets what it lacks after them), wait (the wave slows to
+    /// it) or drop (it fails).
+    #[arg(long, default_value = "catch_up")]
+    slow_members: rackcast_core::dataplane::sender::SlowMembers,
     /// Receiver feedback interval in milliseconds.
     #[arg(long, default_value_t = 20)]
     feedback_ms: u32,
@@ -392,6 +397,7 @@ fn send(a: SendArgs) -> Result<()> {
             loss_threshold: a.loss_threshold,
             interleave: a.interleave.max(1),
             source_resend_factor: a.source_resend_factor.max(0.0),
+            slow_members: a.slow_members,
             ..Default::default()
         };
         // A lab wave has no appliance key: a key for this run only. Its
@@ -450,12 +456,17 @@ fn print_report(r: &SendReport, json: bool) -> Result<()> {
     );
     for rx in &r.receivers {
         println!(
-            "  {:<32} {:<10} {:>8} resumed={} auth_failures={}",
+            "  {:<32} {:<10} {:>8} resumed={} auth_failures={}{}",
             rx.name,
             if rx.ok { "VERIFIED" } else { "FAILED" },
             rx.seconds.map_or("-".into(), |s| format!("{s:.2}s")),
             rx.resumed_blocks,
-            rx.auth_failures
+            rx.auth_failures,
+            if rx.fell_behind {
+                " fell behind (caught up after the others)"
+            } else {
+                ""
+            }
         );
         if !rx.ok {
             println!("    {}", rx.verdict);

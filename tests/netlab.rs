@@ -11,7 +11,7 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Output};
+use std::process::{Child, Command, Output};
 use std::time::Duration;
 
 use common::wave::*;
@@ -376,4 +376,62 @@ fn manifest_of_another_image_is_refused() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("was built for another version"), "{err}");
+}
+
+/// One member behind a slow port (a tbf of 20 Mbit on its switch port, on
+/// a 100 Mbit wave) and two clean ones: the clean ones do not wait for
+/// it (done in about the image's time at the wave's rate), it falls
+/// behind, is caught up after them, and all three verify.
+#[test]
+fn a_slow_member_does_not_hold_the_clean_ones() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::up("s", 3, "100mbit", &[]);
+    let st = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("sw"), "tc", "qdisc", "replace"])
+        .args(["dev", "vd1", "root", "tbf", "rate", "20mbit"])
+        .args(["burst", "64kb", "latency", "50ms"])
+        .status()
+        .unwrap();
+    assert!(st.success(), "tc on the slow port");
+    let img = make_image(&lab, 16, 3);
+    let outs: Vec<PathBuf> = (1..=3).map(|i| lab.file(&format!("out{i}"))).collect();
+    let rx: Vec<Child> = (1..=3)
+        .map(|i| receiver(&lab, i, &outs[i - 1], &[]))
+        .collect();
+    let tx = sender(&lab, &img, "100M", 3, &[]);
+    let sent = finish(tx, Duration::from_secs(90));
+    let rx_out: Vec<Output> = rx
+        .into_iter()
+        .map(|c| finish(c, Duration::from_secs(30)))
+        .collect();
+    let report = last_json(&sent);
+    assert!(sent.status.success(), "sender failed: {report}");
+    for (o, path) in rx_out.iter().zip(&outs) {
+        assert_eq!(last_json(o)["verified"], true, "{}", last_json(o));
+        assert_same(&img, path);
+    }
+    let rxs = report["receivers"].as_array().unwrap();
+    let secs = |name_end: &str| {
+        let r = rxs
+            .iter()
+            .find(|r| r["name"].as_str().unwrap_or("").ends_with(name_end))
+            .unwrap_or_else(|| panic!("no receiver {name_end} in {report}"));
+        (r["seconds"].as_f64().unwrap(), r["fell_behind"] == true)
+    };
+    let (slow, slow_behind) = secs("@198.18.0.11");
+    let clean: Vec<(f64, bool)> = ["@198.18.0.12", "@198.18.0.13"]
+        .iter()
+        .map(|n| secs(n))
+        .collect();
+    eprintln!("slow member {slow:.2} s, clean ones {clean:?}");
+    assert!(slow_behind, "{report}");
+    assert_eq!(report["fell_behind"], 1, "{report}");
+    // 16 MiB at 100 Mbit is ~1.4 s; at 20 Mbit ~7 s.
+    for (t, behind) in &clean {
+        assert!(!behind, "{report}");
+        assert!(*t < 4.0, "a clean member took {t:.2} s: {report}");
+        assert!(*t * 2.0 < slow, "clean {t:.2} s, slow {slow:.2} s");
+    }
 }

@@ -364,6 +364,12 @@ pub struct WavePolicy {
     /// this (a member that connects and says nothing holds no slot).
     #[serde(default = "d_hello_timeout", deserialize_with = "de_duration")]
     pub hello_timeout: Duration,
+    /// A member that cannot keep up with the others (slow port, NIC or
+    /// disk, lossy cable): `catch_up` (the wave goes on without waiting;
+    /// it is served what it lacks after the others), `wait` (the wave
+    /// slows to it) or `drop` (it fails).
+    #[serde(default)]
+    pub slow_members: rackcast_core::dataplane::sender::SlowMembers,
 }
 
 fn d_min_members() -> usize {
@@ -386,6 +392,7 @@ impl Default for WavePolicy {
             start_after: d_start_after(),
             member_timeout: d_member_timeout(),
             hello_timeout: d_hello_timeout(),
+            slow_members: Default::default(),
         }
     }
 }

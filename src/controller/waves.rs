@@ -154,6 +154,7 @@ impl Controller {
                 start_timeout: self.cfg.waves.member_timeout,
                 receiver_timeout: self.cfg.waves.member_timeout,
                 rate_bps: self.cfg.dataplane.total_rate,
+                slow_members: self.cfg.waves.slow_members,
                 ..Default::default()
             },
         };

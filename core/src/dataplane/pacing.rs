@@ -117,6 +117,13 @@ impl RateController {
         self.current = self.current.min(self.max_rate);
     }
 
+    /// Start again from `bps` (within the floor and the ceiling); returns
+    /// the rate set.
+    pub fn set_current(&mut self, bps: u64) -> u64 {
+        self.current = bps.clamp(self.min_rate, self.max_rate);
+        self.current
+    }
+
     /// Feed the worst receiver loss fraction of the last interval; returns
     /// the new rate.
     pub fn on_interval(&mut self, worst_loss: f64) -> u64 {

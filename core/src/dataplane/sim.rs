@@ -21,7 +21,7 @@ use rand::{Rng, SeedableRng};
 
 use super::receiver::{decode_block, DecodeJob, DecodeOutcome, ReceiverCore};
 use super::render::{Packetizer, Rendered, SymbolSource};
-use super::sender::{Action, RxState, SenderConfig, WaveSender};
+use super::sender::{Action, RxState, SenderConfig, SlowMembers, WaveSender};
 use crate::image::fec::BlockEncoder;
 use crate::image::manifest::Manifest;
 use crate::wire::control::{Msg, Verdict};
@@ -67,6 +67,9 @@ struct Device {
     kill_at: Option<f64>,
     /// Started again this long after the kill.
     restart_after: Option<Duration>,
+    /// Its port's rate, bits/s (a tbf with a 50 ms queue, as the netlab
+    /// bench's slow port): what does not fit is dropped.
+    link_bps: Option<u64>,
 }
 
 impl Device {
@@ -77,9 +80,21 @@ impl Device {
             loss,
             kill_at: None,
             restart_after: None,
+            link_bps: None,
+        }
+    }
+
+    fn slow(name: &'static str, link_bps: u64) -> Device {
+        Device {
+            link_bps: Some(link_bps),
+            ..Device::new(name, 0.0)
         }
     }
 }
+
+/// The longest a datagram waits in a slow port's queue before it is
+/// dropped (tbf `latency`).
+const LINK_QUEUE: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone, PartialEq)]
 enum End {
@@ -108,6 +123,10 @@ struct SimRx {
     restart_at: Option<Instant>,
     reported: bool,
     end: End,
+    /// When its slow port is free again.
+    link_free: Instant,
+    /// When it reported a verified image, from the start.
+    verified_at: Option<Duration>,
 }
 
 enum Work {
@@ -182,6 +201,16 @@ fn take_due<T>(q: &mut Vec<(Instant, T)>, now: Instant) -> Vec<T> {
 
 impl Sim {
     fn new(shape: Shape, devices: &[Device], expected: usize, seed: u64) -> Sim {
+        Sim::with_policy(shape, devices, expected, seed, SlowMembers::default())
+    }
+
+    fn with_policy(
+        shape: Shape,
+        devices: &[Device],
+        expected: usize,
+        seed: u64,
+        slow_members: SlowMembers,
+    ) -> Sim {
         let (data, m) = image(shape, seed);
         let t0 = Instant::now();
         let cfg = SenderConfig {
@@ -190,6 +219,7 @@ impl Sim {
             rate_bps: shape.rate_bps,
             receiver_timeout: Duration::from_secs(2),
             max_encoders: 4,
+            slow_members,
             ..Default::default()
         };
         let frame = packet::datagram_len(SYMBOL) + 42;
@@ -210,6 +240,8 @@ impl Sim {
                 restart_at: None,
                 reported: false,
                 end: End::Running,
+                link_free: t0,
+                verified_at: None,
             })
             .collect();
         Sim {
@@ -428,7 +460,16 @@ impl Sim {
                 if self.rng.random::<f64>() < self.rxs[i].dev.loss {
                     continue;
                 }
-                let at = now + Duration::from_micros(300);
+                let mut at = now + Duration::from_micros(300);
+                if let Some(bps) = self.rxs[i].dev.link_bps {
+                    let wire = (d.len() + 42) as f64 * 8.0 / bps as f64;
+                    let done = self.rxs[i].link_free.max(now) + Duration::from_secs_f64(wire);
+                    if done - now > LINK_QUEUE {
+                        continue;
+                    }
+                    self.rxs[i].link_free = done;
+                    at = done + Duration::from_micros(300);
+                }
                 self.rxs[i].udp.push_back((at, d.clone()));
             }
         }
@@ -450,6 +491,7 @@ impl Sim {
 
     fn receiver_step(&mut self, i: usize, now: Instant) {
         let m = self.m.clone();
+        let t0 = self.t0;
         let decode_delay = Duration::from_micros(self.rng.random_range(50..2000));
         let r = &mut self.rxs[i];
         let Some(core) = r.core.as_mut() else {
@@ -510,6 +552,7 @@ impl Sim {
         if core.is_complete() && !r.reported {
             r.reported = true;
             let verdict = if r.disk == self.data {
+                r.verified_at = Some(now - t0);
                 Verdict::Verified {
                     image_hash: m.image_hash,
                 }
@@ -559,40 +602,188 @@ impl Sim {
 /// came back) holds the exact image.
 fn check(shape: Shape, devices: &[Device], expected: usize, seeds: std::ops::Range<u64>) {
     for seed in seeds {
-        let mut sim = Sim::new(shape, devices, expected, seed);
-        let took = sim.run();
-        let summary = sim.s.summary();
-        assert_eq!(
-            sim.skipped,
-            0,
-            "seed {seed}: transmissions without data: {}",
-            sim.describe()
-        );
-        for r in &sim.rxs {
-            let state = summary
-                .iter()
-                .find(|(_, x)| x.name == r.dev.name)
-                .map(|(_, x)| x.state.clone());
-            if r.end == End::Dead {
-                assert!(
-                    matches!(state, Some(RxState::Failed(_))),
-                    "seed {seed}: {} dead, sender says {state:?}",
-                    r.dev.name
-                );
-                continue;
-            }
-            assert_eq!(
-                state,
-                Some(RxState::Verified),
-                "seed {seed} after {took:?}: {}",
-                sim.describe()
-            );
+        let sim = Sim::new(shape, devices, expected, seed);
+        run_checked(sim, seed);
+    }
+}
+
+/// Run one wave and check it (see [`check`]): every device that stayed
+/// verified the exact image, or is reported failed if it died.
+fn run_checked(mut sim: Sim, seed: u64) -> Sim {
+    let took = sim.run();
+    let summary = sim.s.summary();
+    assert_eq!(
+        sim.skipped,
+        0,
+        "seed {seed}: transmissions without data: {}",
+        sim.describe()
+    );
+    for r in &sim.rxs {
+        let state = summary
+            .iter()
+            .find(|(_, x)| x.name == r.dev.name)
+            .map(|(_, x)| x.state.clone());
+        if r.end == End::Dead {
             assert!(
-                r.disk == sim.data,
-                "seed {seed}: {} image differs",
+                matches!(state, Some(RxState::Failed(_))),
+                "seed {seed}: {} dead, sender says {state:?}",
                 r.dev.name
             );
+            continue;
         }
+        assert_eq!(
+            state,
+            Some(RxState::Verified),
+            "seed {seed} after {took:?}: {}",
+            sim.describe()
+        );
+        assert!(
+            r.disk == sim.data,
+            "seed {seed}: {} image differs",
+            r.dev.name
+        );
+    }
+    sim
+}
+
+/// When each device verified, by name.
+fn verified_at(sim: &Sim) -> HashMap<&'static str, Duration> {
+    sim.rxs
+        .iter()
+        .filter_map(|r| Some((r.dev.name, r.verified_at?)))
+        .collect()
+}
+
+/// A wave long enough for the rate control and the slow-member rules to
+/// act (about 1.1 s at full rate; telling a slow member takes ~0.1 s).
+const MID: Shape = Shape {
+    blocks: 360,
+    block_size: 16 * 1024,
+    interleave: 8,
+    rate_bps: 40_000_000,
+};
+
+/// The slowest of `names` in `t`.
+fn slowest(t: &HashMap<&'static str, Duration>, names: &[&str]) -> Duration {
+    names
+        .iter()
+        .filter_map(|n| t.get(n).copied())
+        .max()
+        .unwrap_or_default()
+}
+
+/// Seconds to send `sim`'s image (its data blocks, framed) at `bps`.
+fn ideal_secs(sim: &Sim, bps: u64) -> f64 {
+    let frame = (packet::datagram_len(SYMBOL) + 42) as f64;
+    sim.m.data_bytes() as f64 / SYMBOL as f64 * frame * 8.0 / bps as f64
+}
+
+/// One member behind a port at a fifth of the wave's rate: the others
+/// finish within 1.1 x their time without it (with the `wait` policy they
+/// take about as long as it does), and it verifies in about the image's
+/// time at its own port's rate. With `drop`, it is failed and the others
+/// are as fast.
+#[test]
+fn a_slow_member_costs_only_itself() {
+    let fast = ["a", "b", "c"];
+    let devs_fast: Vec<Device> = fast.iter().map(|n| Device::new(n, 0.0)).collect();
+    let mut devs = devs_fast.clone();
+    devs.push(Device::slow("slow", MID.rate_bps / 5));
+    for seed in 0..3 {
+        let base = run_checked(Sim::new(MID, &devs_fast, 3, seed), seed);
+        let base_t = slowest(&verified_at(&base), &fast);
+        let sim = run_checked(Sim::new(MID, &devs, 4, seed), seed);
+        let t = verified_at(&sim);
+        let ideal = ideal_secs(&sim, MID.rate_bps / 5);
+        eprintln!(
+            "seed {seed}: alone {base_t:?}; with a slow member {:?}, slow {:?} (its port's time {ideal:.2} s); {:?}",
+            slowest(&t, &fast),
+            t.get("slow"),
+            sim.s.stats
+        );
+        assert!(
+            slowest(&t, &fast).as_secs_f64() <= 1.1 * base_t.as_secs_f64(),
+            "seed {seed}: the others waited: {:?} against {base_t:?}",
+            slowest(&t, &fast)
+        );
+        assert!(
+            t["slow"].as_secs_f64() <= 1.3 * ideal,
+            "seed {seed}: slow member took {:?}, its port's time is {ideal:.2} s",
+            t["slow"]
+        );
+        assert_eq!(sim.s.stats.fell_behind, 1);
+        assert_eq!(sim.s.stats.caught_up, 1);
+
+        let wait = run_checked(
+            Sim::with_policy(MID, &devs, 4, seed, SlowMembers::Wait),
+            seed,
+        );
+        let tw = verified_at(&wait);
+        assert!(
+            slowest(&tw, &fast).as_secs_f64() > 2.0 * base_t.as_secs_f64(),
+            "seed {seed}: with `wait` the others should wait for it: {:?}",
+            slowest(&tw, &fast)
+        );
+        assert_eq!(wait.s.stats.fell_behind, 0);
+    }
+    let mut dropped = Sim::with_policy(MID, &devs, 4, 0, SlowMembers::Drop);
+    dropped.run();
+    let states: HashMap<String, RxState> = dropped
+        .s
+        .summary()
+        .into_iter()
+        .map(|(_, r)| (r.name, r.state))
+        .collect();
+    assert!(
+        matches!(&states["slow"], RxState::Failed(why) if why.contains("fell behind")),
+        "{:?}",
+        states["slow"]
+    );
+    for n in fast {
+        assert_eq!(states[n], RxState::Verified, "{n}");
+    }
+}
+
+/// A member losing 20 % of its datagrams, the others none: the clean
+/// ones finish within 1.05 x their time without it, and it verifies.
+#[test]
+fn a_lossy_member_costs_only_itself() {
+    let clean = ["a", "b", "c"];
+    let devs_clean: Vec<Device> = clean.iter().map(|n| Device::new(n, 0.0)).collect();
+    let mut devs = devs_clean.clone();
+    devs.push(Device::new("lossy", 0.2));
+    for seed in 0..3 {
+        let base = slowest(
+            &verified_at(&run_checked(Sim::new(MID, &devs_clean, 3, seed), seed)),
+            &clean,
+        );
+        let sim = run_checked(Sim::new(MID, &devs, 4, seed), seed);
+        let t = verified_at(&sim);
+        eprintln!(
+            "seed {seed}: alone {base:?}; with a lossy member {:?}, lossy {:?}",
+            slowest(&t, &clean),
+            t.get("lossy")
+        );
+        assert!(
+            slowest(&t, &clean).as_secs_f64() <= 1.05 * base.as_secs_f64(),
+            "seed {seed}: {:?} against {base:?}",
+            slowest(&t, &clean)
+        );
+        assert_eq!(sim.s.stats.fell_behind, 1);
+    }
+}
+
+/// Members equally lossy all keep up: nobody falls behind, and the wave
+/// takes what it takes with the `wait` policy.
+#[test]
+fn equally_lossy_members_all_keep_up() {
+    let devs: Vec<Device> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| Device::new(n, 0.05))
+        .collect();
+    for seed in 0..3 {
+        let sim = run_checked(Sim::new(MID, &devs, 4, seed), seed);
+        assert_eq!(sim.s.stats.fell_behind, 0, "seed {seed}");
     }
 }
 

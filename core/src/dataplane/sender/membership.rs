@@ -82,6 +82,11 @@ impl WaveSender {
             resumed_blocks: 0,
             last_heard: now,
             status: Status::default(),
+            loss: 0.0,
+            behind: false,
+            fell_behind: false,
+            interval_loss: 0.0,
+            loss_samples: 0,
             prev_received: 0,
             prev_expected: 0,
         };
@@ -209,6 +214,7 @@ impl WaveSender {
             .iter()
             .filter(|(_, r)| {
                 r.state == RxState::Ready
+                    && !r.behind
                     && (r.status.seen_any || now.saturating_duration_since(r.joined_at) < stale)
                     && now.saturating_duration_since(r.last_heard) < stale
             })

@@ -32,15 +32,53 @@ use blocks::{BlockState, EncState};
 mod membership;
 mod repair;
 mod schedule;
+mod slow;
 #[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use crate::dataplane::pacing::{RateController, TokenBucket};
 use crate::image::manifest::Manifest;
 use crate::wire::control::{Msg, Status};
+
+/// What a wave does with a member that cannot keep up with the others: a
+/// slow port, NIC or disk, a congested uplink, a lossy cable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowMembers {
+    /// The wave goes on at the pace of the members that keep up; a member
+    /// whose loss is far above theirs falls behind: its loss no longer
+    /// sets the rate, its needs are not planned, and it keeps every
+    /// symbol that reaches it (any symbol of a fountain code helps). Once
+    /// the others are done, what it still lacks is sent at the rate it
+    /// takes (several behind: the fastest of them first, the same way).
+    #[default]
+    CatchUp,
+    /// The whole wave slows to the slowest member (the loss-driven rate
+    /// follows the worst receiver), as udpcast and UFTP do.
+    Wait,
+    /// A member that falls behind is failed, and the others go on.
+    Drop,
+}
+
+impl std::str::FromStr for SlowMembers {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<SlowMembers, String> {
+        match s {
+            "catch_up" | "catch-up" => Ok(SlowMembers::CatchUp),
+            "wait" => Ok(SlowMembers::Wait),
+            "drop" => Ok(SlowMembers::Drop),
+            other => Err(format!(
+                "slow members: expected catch_up, wait or drop, not {other:?}"
+            )),
+        }
+    }
+}
 
 /// How a wave sender behaves.
 #[derive(Debug, Clone)]
@@ -92,6 +130,8 @@ pub struct SenderConfig {
     /// Packets the driver waits to have tokens for before waking: fewer,
     /// larger `sendmmsg` batches and no busy waiting (must fit the burst).
     pub pace_batch: usize,
+    /// What to do with a member that cannot keep up.
+    pub slow_members: SlowMembers,
 }
 
 impl Default for SenderConfig {
@@ -114,6 +154,7 @@ impl Default for SenderConfig {
             source_resend_factor: 4.0,
             coding_hold: Duration::from_secs(2),
             feedback: Duration::from_millis(20),
+            slow_members: SlowMembers::CatchUp,
         }
     }
 }
@@ -232,6 +273,18 @@ pub struct ReceiverInfo {
     pub last_heard: Instant,
     /// Its last report.
     pub status: Status,
+    /// Its loss, smoothed over its reports (0..1).
+    pub loss: f64,
+    /// It fell behind the wave (`SlowMembers::CatchUp`): served once the
+    /// members that keep up are done.
+    pub behind: bool,
+    /// It fell behind at some point of the wave.
+    pub fell_behind: bool,
+    /// Its worst loss since the last rate-control interval.
+    interval_loss: f64,
+    /// Reports that measured its loss (since it joined, or since its
+    /// catch-up began).
+    loss_samples: u32,
     prev_received: u64,
     prev_expected: u64,
 }
@@ -257,6 +310,10 @@ pub struct SendStats {
     pub source_done_at: Option<Instant>,
     /// When the wave ended.
     pub finished_at: Option<Instant>,
+    /// Members that fell behind the wave (`SlowMembers::CatchUp`).
+    pub fell_behind: u64,
+    /// Members caught up after the others were done.
+    pub caught_up: u64,
 }
 
 /// The wave sender core. Its parts live in the submodules: membership
@@ -276,7 +333,6 @@ pub struct WaveSender {
     rate: RateController,
     next_rate_tick: Instant,
     next_state_log: Instant,
-    worst_loss: f64,
     frame_bytes: usize,
     seq: u32,
     // Source cursor: group index, round (ESI), position within the group.
@@ -328,7 +384,6 @@ impl WaveSender {
             rate: RateController::new(cfg.rate_bps, cfg.min_rate_bps, cfg.loss_threshold),
             next_rate_tick: now + cfg.rate_interval,
             next_state_log: now + STATE_LOG_INTERVAL,
-            worst_loss: 0.0,
             frame_bytes,
             cfg,
             seq: 0,
@@ -397,15 +452,16 @@ impl WaveSender {
             self.next_state_log = now + STATE_LOG_INTERVAL;
             self.log_state();
         }
+        self.sort_out_slow(now);
         if now >= self.next_rate_tick {
             self.next_rate_tick = now + self.cfg.rate_interval;
-            let r = self.rate.on_interval(self.worst_loss);
+            let worst_loss = self.take_worst_loss();
+            let r = self.rate.on_interval(worst_loss);
             if r != self.bucket.rate_bps() {
-                tracing::info!(rate_bps = r, worst_loss = self.worst_loss, "rate changed");
+                tracing::info!(rate_bps = r, worst_loss, "rate changed");
                 self.bucket.set_rate(r, now);
             }
             self.stats.rate_bps = r;
-            self.worst_loss = 0.0;
         }
         self.maybe_start(now);
         self.maybe_finish(now);

@@ -25,13 +25,18 @@ impl WaveSender {
         let dr = st.received.saturating_sub(rx.prev_received);
         let de = st.expected.saturating_sub(rx.prev_expected);
         if de >= 50 {
-            let loss = 1.0 - (dr as f64 / de as f64).min(1.0);
-            self.worst_loss = self.worst_loss.max(loss);
+            rx.took_loss(1.0 - (dr as f64 / de as f64).min(1.0));
         }
         rx.prev_received = st.received;
         rx.prev_expected = st.expected;
         if matches!(rx.state, RxState::Joining) {
             rx.state = RxState::Ready;
+        }
+        if rx.behind {
+            // Its needs wait for its catch-up: planning them now would
+            // spend the others' rate on what it cannot take anyway.
+            rx.status = st;
+            return;
         }
         // (block, shortfall, exact missing source ESIs if known)
         let mut want: Vec<(u32, u32, Option<Vec<u32>>)> = Vec::new();

@@ -109,6 +109,9 @@ pub struct ReceiverReport {
     pub resumed_blocks: u32,
     /// Datagrams it dropped for a bad tag.
     pub auth_failures: u64,
+    /// It fell behind the others and was caught up after them
+    /// (`slow_members = catch_up`).
+    pub fell_behind: bool,
 }
 
 /// What a wave did.
@@ -138,6 +141,8 @@ pub struct SendReport {
     pub resent_source_packets: u64,
     /// Of the resent source symbols, coded datagrams (XOR of several).
     pub coded_packets: u64,
+    /// Members that fell behind the others (served after them).
+    pub fell_behind: u64,
     /// Probes.
     pub probe_packets: u64,
     /// Repair datagrams per 100 datagrams.

@@ -216,6 +216,7 @@ fn send_report(
             }),
             resumed_blocks: r.resumed_blocks,
             auth_failures: r.status.auth_failures,
+            fell_behind: r.fell_behind,
             name: r.name,
         })
         .collect();
@@ -241,6 +242,7 @@ fn send_report(
         repair_packets: st.repair_packets,
         resent_source_packets: st.resent_source_packets,
         coded_packets: st.coded_packets,
+        fell_behind: st.fell_behind,
         probe_packets: st.probe_packets,
         repair_overhead_pct: st.repair_packets as f64 * 100.0 / sym as f64,
         expected_receivers: cfg.expected,
