@@ -635,12 +635,12 @@ mod fleet {
             return Ok(());
         }
         println!(
-            "{:<16} {:<17} {:<16} {:<16} {:>5} {:<10} {:>8} DETAIL",
+            "{:<16} {:<17} {:<16} {:<16} {:>5} {:<10} {:>11} DETAIL",
             "DEVICE", "MAC", "STATE", "STEP", "WAVE", "IMAGE", "PROGRESS"
         );
         for r in rows {
             println!(
-                "{:<16} {:<17} {:<16} {:<16} {:>5} {:<10} {:>8} {}",
+                "{:<16} {:<17} {:<16} {:<16} {:>5} {:<10} {:>11} {}",
                 r.device,
                 r.mac,
                 r.state,
@@ -648,7 +648,7 @@ mod fleet {
                 r.wave.map(|w| w.to_string()).unwrap_or_else(|| "-".into()),
                 r.image.unwrap_or_else(|| "-".into()),
                 r.progress
-                    .map(|p| format!("{p:.0}%"))
+                    .map(|p| format!("{p:.0}%{}", if r.behind { " behind" } else { "" }))
                     .unwrap_or_else(|| "-".into()),
                 r.detail
             );

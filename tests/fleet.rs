@@ -1014,3 +1014,102 @@ fn hardware_raid_volume_through_redfish_is_created_read_back_and_reused() {
     );
     assert_eq!(rack.bmcs[0].count("POST", "/Volumes"), 1);
 }
+
+/// A device behind a slow port in an appliance wave (a 20 Mbit tbf on its
+/// switch port; the rack runs at 200 Mbit): the operator sees it behind
+/// (`rackcast devices`, the REST API and `/metrics`), its wave-mate is
+/// verified well before it, and it is caught up and installed.
+#[test]
+fn a_slow_device_is_shown_behind_and_caught_up_after_its_wave() {
+    if !can_run() {
+        return;
+    }
+    let n = 3;
+    // Devices 1 and 3 take one image (one wave: it starts once both are
+    // ready), device 2 the other.
+    let mut rack = Rack::build(
+        "sl",
+        n,
+        "200mbit",
+        (24, 16),
+        "[waves]\nmin_members = 2\nstart_after = \"60s\"\nmember_timeout = \"30s\"",
+        false,
+        80,
+    );
+    let st = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &rack.lab.ns("sw"),
+            "tc",
+            "qdisc",
+            "replace",
+        ])
+        .args(["dev", "vd1", "root", "tbf", "rate", "20mbit"])
+        .args(["burst", "64kb", "latency", "50ms"])
+        .status()
+        .unwrap();
+    assert!(st.success(), "tc on device 1's port");
+    for i in 1..=n {
+        rack.start_agent(i);
+    }
+    let slow = device_id(1);
+    rack.wait_for(
+        "device 1 shown behind its wave",
+        Duration::from_secs(180),
+        |devs| {
+            devs.iter()
+                .any(|d| d["device"] == slow.as_str() && d["behind"] == true)
+        },
+    );
+    let text = rack.http_get("/metrics");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("rackcast_wave_members_behind{") && l.ends_with(" 1")),
+        "{}",
+        tail(&text, 40)
+    );
+    let api = rack.api("/api/devices").unwrap();
+    assert!(
+        api.as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["device"] == slow.as_str() && d["behind"] == true),
+        "{api}"
+    );
+    let table = rack.cli_text(&["devices"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&slow) && l.contains("behind")),
+        "{table}"
+    );
+    rack.wait_for("all devices done", Duration::from_secs(240), all_done(n));
+    let verified_at = |i: usize| -> i64 {
+        check_log(&rack, i)
+            .iter()
+            .find(|e| e["step"] == "image_verified" && e["kind"] == "ok")
+            .and_then(|e| e["at"].as_i64())
+            .unwrap_or_else(|| panic!("device {i}: no image_verified"))
+    };
+    let (t1, t3) = (verified_at(1), verified_at(3));
+    // 24 MiB: ~1.2 s at the rack's 160 Mbit, ~10 s at 20 Mbit.
+    assert!(
+        t1 - t3 > 4_000,
+        "the clean device was not done well before the slow one: {t3} vs {t1}"
+    );
+    for i in [1, 3] {
+        assert_image_on(
+            &rack.lab.file(&format!("d{i}-disk-big.img")),
+            &rack.images["debian"],
+        );
+    }
+    let text = rack.http_get("/metrics");
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("rackcast_wave_members_fell_behind_total{") && l.ends_with(" 1")
+        ),
+        "{}",
+        tail(&text, 40)
+    );
+}

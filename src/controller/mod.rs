@@ -37,7 +37,7 @@ use rackcast_core::workflow::{self, Action, Device, Event, Millis, WorkflowConfi
 
 pub use bootstrap::serve;
 pub use images::{add_image, image_manifest, manifest_path};
-pub use views::{device_rows, DeviceRow};
+pub use views::{device_rows, DeviceRow, MemberProgress};
 use waves::RunningWave;
 
 /// Inputs of the controller thread.
@@ -248,7 +248,7 @@ pub struct Controller {
     last_prune: Millis,
 }
 
-pub type Progress = Arc<std::sync::Mutex<HashMap<String, (u32, u32)>>>;
+pub type Progress = Arc<std::sync::Mutex<HashMap<String, MemberProgress>>>;
 
 /// Everything the tokio side shares.
 #[derive(Clone)]

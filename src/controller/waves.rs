@@ -14,7 +14,7 @@ use rackcast_core::waves::WaveAction;
 use rackcast_core::workflow::Event;
 use tokio::sync::mpsc;
 
-use super::{Controller, Input};
+use super::{Controller, Input, MemberProgress};
 use crate::store::{now_ms, WaveRecord, WaveState};
 
 pub(super) struct RunningWave {
@@ -218,16 +218,28 @@ impl Controller {
 
     pub(super) fn on_wave_event(&mut self, wave: i64, ev: WaveEvent) {
         match ev {
-            WaveEvent::Progress { name, done, total } => {
+            WaveEvent::Progress {
+                name,
+                done,
+                total,
+                behind,
+            } => {
                 metrics::gauge!("rackcast_device_image_progress_ratio", "device" => name.clone())
                     .set(f64::from(done) / f64::from(total.max(1)));
                 let (mut d, mut t) = (0u64, 0u64);
                 if let Ok(mut p) = self.progress.lock() {
-                    p.insert(name, (done, total));
+                    p.insert(
+                        name,
+                        MemberProgress {
+                            done,
+                            total,
+                            behind,
+                        },
+                    );
                     for dev in self.devices.values().filter(|x| x.wave == Some(wave)) {
-                        if let Some((a, b)) = p.get(&dev.id) {
-                            d += u64::from(*a);
-                            t += u64::from(*b);
+                        if let Some(m) = p.get(&dev.id) {
+                            d += u64::from(m.done);
+                            t += u64::from(m.total);
                         }
                     }
                 }

@@ -306,16 +306,25 @@ redfish = {redfish}
     /// The fleet CLI with `--json`, run where an operator runs it: on the
     /// appliance (its namespace), so its API address is local.
     pub fn cli_output(&self, args: &[&str]) -> std::process::Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.lab.ns("app")])
+        self.cli_cmd(args).arg("--json").output().unwrap()
+    }
+
+    /// The fleet CLI's text, as an operator reads it.
+    pub fn cli_text(&self, args: &[&str]) -> String {
+        let out = self.cli_cmd(args).output().unwrap();
+        assert!(out.status.success(), "rackcast {args:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn cli_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.lab.ns("app")])
             .arg(bin("rackcast"))
             .args(args)
             .arg("--config")
             .arg(&self.config)
-            .arg("--json")
-            .env("RACKCAST_TOKEN", operator_token(&self.config, "admin"))
-            .output()
-            .unwrap()
+            .env("RACKCAST_TOKEN", operator_token(&self.config, "admin"));
+        c
     }
 
     pub fn cli(&self, args: &[&str]) -> Value {

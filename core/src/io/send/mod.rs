@@ -194,6 +194,9 @@ pub enum WaveEvent {
         done: u32,
         /// Blocks in the image.
         total: u32,
+        /// It fell behind the others and is not done: waiting for its
+        /// catch-up, or in it.
+        behind: bool,
     },
 }
 

@@ -484,6 +484,8 @@ impl LinkReporter {
                     name: r.name.clone(),
                     done: r.status.blocks_done,
                     total,
+                    behind: r.fell_behind
+                        && !matches!(r.state, RxState::Verified | RxState::Failed(_)),
                 });
             }
         }
@@ -494,6 +496,15 @@ fn publish_metrics(core: &WaveSender, wave: &str) {
     let st = &core.stats;
     let w = wave.to_string();
     metrics::gauge!("rackcast_rate_bps", "wave" => w.clone()).set(core.current_rate() as f64);
+    // Behind until done: waiting for its catch-up, or in it.
+    let behind = core
+        .receivers()
+        .values()
+        .filter(|r| r.fell_behind && !matches!(r.state, RxState::Verified | RxState::Failed(_)))
+        .count();
+    metrics::gauge!("rackcast_wave_members_behind", "wave" => w.clone()).set(behind as f64);
+    metrics::counter!("rackcast_wave_members_fell_behind_total", "wave" => w.clone())
+        .absolute(st.fell_behind);
     metrics::counter!("rackcast_source_packets_total", "wave" => w.clone())
         .absolute(st.source_packets);
     metrics::counter!("rackcast_repair_packets_total", "wave" => w.clone())
