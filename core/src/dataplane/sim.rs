@@ -744,6 +744,37 @@ fn a_slow_member_costs_only_itself() {
     }
 }
 
+/// A quarter of the members (2 of 8) behind ports at half the wave's
+/// rate: the others are not slowed, and the slow ones verify in about the
+/// image's time at their ports' rate.
+#[test]
+fn a_quarter_of_the_members_at_half_rate() {
+    let fast = ["a", "b", "c", "d", "e", "f"];
+    let mut devs: Vec<Device> = fast.iter().map(|n| Device::new(n, 0.0)).collect();
+    let base_t = slowest(
+        &verified_at(&run_checked(Sim::new(MID, &devs, 6, 0), 0)),
+        &fast,
+    );
+    devs.push(Device::slow("s1", MID.rate_bps / 2));
+    devs.push(Device::slow("s2", MID.rate_bps / 2));
+    for seed in 0..2 {
+        let sim = run_checked(Sim::new(MID, &devs, 8, seed), seed);
+        let t = verified_at(&sim);
+        let ideal = ideal_secs(&sim, MID.rate_bps / 2);
+        let slow = slowest(&t, &["s1", "s2"]).as_secs_f64();
+        eprintln!(
+            "seed {seed}: alone {base_t:?}; others {:?}; slow {slow:.3} s (ideal {ideal:.3} s, {:.3} x)",
+            slowest(&t, &fast),
+            slow / ideal
+        );
+        assert!(slowest(&t, &fast).as_secs_f64() <= 1.1 * base_t.as_secs_f64());
+        assert!(
+            slow <= 1.3 * ideal,
+            "slow ones took {slow:.2} s, ideal {ideal:.2} s"
+        );
+    }
+}
+
 /// A member losing 20 % of its datagrams, the others none: the clean
 /// ones finish within 1.05 x their time without it, and it verifies.
 #[test]
