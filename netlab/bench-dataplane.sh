@@ -10,6 +10,11 @@
 #       [--rounds 1] [--timeout 120] [--image random|os] [--disk]
 #       [--os-mib 2048] [--os-parts "etc usr/bin ..."] [--zstd-level 6]
 #       [--os-image PATH] [--slow "K:RATE ..."] [--loss "K=PCT ..."]
+#       [--pin-neigh]
+#
+# Neighbour (ARP) entries are the kernel's own, as in a rack; --pin-neigh
+# pins them in the lab (`lab.sh --pin-neigh`), which hides what resolving
+# them across a lossy link costs.
 #
 # --slow "1:100mbit" limits receiver 1's switch port (a tbf with a 50 ms
 # queue: a slow port, NIC or disk); --loss "1=20" gives receiver 1 that
@@ -58,7 +63,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 MIB=256 RATE=500mbit CASES="4:0 4:2 1:0 8:0" TOOLS="rackcast udpcast uftp http" TMO=120 ROUNDS=1
 IMAGE=random DISK=0 OS_IMAGE= OS_MIB=2048 ZLEVEL=6 OS_PARTS="etc usr/bin usr/sbin usr/lib/x86_64-linux-gnu"
-SLOW="" XLOSS=""
+SLOW="" XLOSS="" PIN=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --mib) MIB=$2; shift 2 ;;
@@ -75,6 +80,7 @@ while [ $# -gt 0 ]; do
     --zstd-level) ZLEVEL=$2; shift 2 ;;
     --slow) SLOW=$2; shift 2 ;;
     --loss) XLOSS=$2; shift 2 ;;
+    --pin-neigh) PIN=(--pin-neigh); shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -327,7 +333,7 @@ for c in $CASES; do
   done
   for t in $SLOW; do losses+=(--slow "${t%%:*}=${t#*:}"); done
   CUR_LOSS=$loss
-  "$HERE/lab.sh" up "$P" "$n" --rate "$RATE" "${losses[@]}"
+  "$HERE/lab.sh" up "$P" "$n" --rate "$RATE" "${losses[@]}" "${PIN[@]+"${PIN[@]}"}"
   for round in $(seq 1 "$ROUNDS"); do
     for tool in $TOOLS; do
       # Command substitution waits for the whole run, its cleanup

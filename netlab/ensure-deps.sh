@@ -2,9 +2,10 @@
 # Installs the Debian packages a netlab job needs, only if missing.
 #   ensure-deps.sh test|demo|bench
 set -euo pipefail
-# util-linux: blkid, which the agent's disk check runs (and the loader
+# iputils-ping: the lab learns neighbour entries the way a rack does
+# (lab.sh). util-linux: blkid, which the agent's disk check runs (and the loader
 # initrd carries); e2fsprogs: mkfs.ext4 for the disk-safety tests.
-need=(iproute2 nftables time procps curl binutils python3 util-linux e2fsprogs)
+need=(iproute2 iputils-ping nftables time procps curl binutils python3 util-linux e2fsprogs)
 case "${1:-test}" in
   # PXE end to end: QEMU (software emulation), Debian's iPXE ROMs and
   # binaries, OVMF for UEFI, a kernel and cpio/kmod for the loader initrd.

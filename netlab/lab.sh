@@ -4,7 +4,7 @@
 # Nothing touches the root namespace. Addresses only in 198.18.0.0/15,
 # multicast only in 239.255.0.0/16 (enforced by the callers' arguments).
 #
-#   lab.sh up   PREFIX N [--rate RATE] [--loss DEV=PCT ...] [--slow DEV=RATE ...]
+#   lab.sh up   PREFIX N [--rate RATE] [--loss DEV=PCT ...] [--slow DEV=RATE ...] [--pin-neigh]
 #   lab.sh down PREFIX N
 #   lab.sh loss PREFIX DEV PCT      # set/replace random loss toward device DEV
 #   lab.sh stats PREFIX             # nft counters (dropped packets)
@@ -63,12 +63,13 @@ set_loss() {
 case "$cmd" in
   up)
     N=${3:?N}; shift 3
-    rate="" losses=() slows=()
+    rate="" losses=() slows=() pin=0
     while [ $# -gt 0 ]; do
       case "$1" in
         --rate) rate=$2; shift 2 ;;
         --loss) losses+=("$2"); shift 2 ;;
         --slow) slows+=("$2"); shift 2 ;;
+        --pin-neigh) pin=1; shift ;;
         *) echo "lab.sh: unknown option $1" >&2; exit 2 ;;
       esac
     done
@@ -95,18 +96,27 @@ case "$cmd" in
       ipn "${P}sw" link set "vd$i" master br0 up
       host_setup "${P}d$i" d0 "$(dev_ip "$i")"
     done
-    # Neighbour entries as a rack has them at imaging time: a device that
-    # network-booted from the appliance (DHCP, TFTP, HTTP) knows its MAC
-    # and is known to it. Left cold, the first ARP exchange crosses the
-    # lossy link, and one lost reply costs the kernel's 1 s retransmit
-    # (measured: ~1 run in 3 at 2 % loss, N=4), charged to whichever tool
-    # runs first in a case.
-    app_mac=$(ip netns exec "${P}app" cat /sys/class/net/srv0/address)
-    for i in $(seq 1 "$N"); do
-      mac=$(ip netns exec "${P}d$i" cat /sys/class/net/d0/address)
-      ipn "${P}app" neigh replace "$(dev_ip "$i")" lladdr "$mac" dev srv0 nud permanent
-      ipn "${P}d$i" neigh replace 198.18.0.1 lladdr "$app_mac" dev d0 nud permanent
-    done
+    # Neighbour entries: by default the kernel's own ARP, learnt the way a
+    # rack learns them (a device that network-booted from the appliance
+    # has talked to it: one ping each, before any loss rule), then aging
+    # and re-resolved by the kernel across the lossy link like any other.
+    # --pin-neigh pins them (`nud permanent`), which hides what resolving
+    # them costs.
+    if [ "$pin" = 0 ]; then
+      pids=()
+      for i in $(seq 1 "$N"); do
+        ip netns exec "${P}d$i" ping -q -c 2 -i 0.2 -W 1 198.18.0.1 >/dev/null 2>&1 &
+        pids+=($!)
+      done
+      for p in "${pids[@]}"; do wait "$p" || true; done
+    else
+      app_mac=$(ip netns exec "${P}app" cat /sys/class/net/srv0/address)
+      for i in $(seq 1 "$N"); do
+        mac=$(ip netns exec "${P}d$i" cat /sys/class/net/d0/address)
+        ipn "${P}app" neigh replace "$(dev_ip "$i")" lladdr "$mac" dev srv0 nud permanent
+        ipn "${P}d$i" neigh replace 198.18.0.1 lladdr "$app_mac" dev d0 nud permanent
+      done
+    fi
     if [ -n "$rate" ]; then
       ip netns exec "${P}app" tc qdisc replace dev srv0 root tbf rate "$rate" burst 256kb latency 100ms
     fi

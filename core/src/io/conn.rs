@@ -158,6 +158,34 @@ impl Dialer {
     }
 }
 
+/// `TCP_RTO_MIN_US` (Linux 6.11 and later; not in the libc crate yet).
+const TCP_RTO_MIN_US: libc::c_int = 45;
+
+/// The shortest retransmission timeout a control connection asks for.
+/// Round trips on a provisioning LAN are well under a millisecond, and
+/// with the kernel's 200 ms minimum one lost segment of a TLS handshake
+/// or a Welcome on a lossy link held the start of a whole wave by 0.2 s
+/// (the wave waits for its last member).
+pub const CONTROL_RTO_MIN: Duration = Duration::from_millis(20);
+
+/// Ask for [`CONTROL_RTO_MIN`] on `tcp`. An older kernel refuses the
+/// option and keeps its own minimum: nothing else changes.
+pub fn short_rto(tcp: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let us = CONTROL_RTO_MIN.as_micros() as libc::c_int;
+    // SAFETY: setsockopt reads one c_int from the pointer we pass, of the
+    // length we pass, on a descriptor `tcp` owns.
+    let _ = unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            TCP_RTO_MIN_US,
+            (&us as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}
+
 /// Bytes written to a TCP socket that its peer has not acknowledged yet
 /// (`SIOCOUTQ`: unsent plus in flight). Zero means the peer's kernel holds
 /// everything we sent, so closing now cannot lose it.
@@ -252,6 +280,37 @@ pub fn map_io(e: std::io::Error, max_frame: usize) -> ConnError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Control connections ask for a 20 ms retransmission floor; a kernel
+    /// that has the option (this machine kind's 6.x does) reports it back.
+    #[tokio::test]
+    async fn control_connections_ask_for_a_short_retransmission_floor() {
+        use std::os::fd::AsRawFd;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let get = |s: &TcpStream| {
+            let mut v: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt writes at most `len` bytes into `v`.
+            let r = unsafe {
+                libc::getsockopt(
+                    s.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    TCP_RTO_MIN_US,
+                    (&mut v as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            (r == 0).then_some(v)
+        };
+        let Some(before) = get(&s) else {
+            eprintln!("this kernel has no TCP_RTO_MIN_US: nothing to check");
+            return;
+        };
+        assert_ne!(before, 20_000, "the default is not already 20 ms");
+        short_rto(&s);
+        assert_eq!(get(&s), Some(20_000));
+    }
 
     /// A loopback listener whose accept queue is full drops further SYNs,
     /// as an appliance whose answer got lost looks to the device: attempts

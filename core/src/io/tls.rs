@@ -197,6 +197,7 @@ pub async fn connect(
     tcp: TcpStream,
 ) -> Result<CtlStream, TlsError> {
     let _ = tcp.set_nodelay(true);
+    crate::io::conn::short_rto(&tcp);
     let name = ServerName::try_from(SERVER_NAME)
         .map_err(|e| TlsError::Handshake(std::io::Error::other(e.to_string())))?;
     let c = tokio_rustls::TlsConnector::from(cfg.clone());
@@ -213,6 +214,7 @@ pub async fn accept(
     tcp: TcpStream,
 ) -> Result<CtlStream, TlsError> {
     let _ = tcp.set_nodelay(true);
+    crate::io::conn::short_rto(&tcp);
     let a = tokio_rustls::TlsAcceptor::from(cfg.clone());
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, a.accept(tcp)).await {
         Err(_) => Err(TlsError::Timeout(HANDSHAKE_TIMEOUT)),
