@@ -1077,6 +1077,20 @@ fn a_slow_device_is_shown_behind_and_caught_up_after_its_wave() {
             .any(|d| d["device"] == slow.as_str() && d["behind"] == true),
         "{api}"
     );
+    let waves = rack.cli(&["waves"]);
+    assert!(
+        waves
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["state"] == "running"
+                && w["detail"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("behind the others")
+                && w["detail"].as_str().unwrap_or("").contains(slow.as_str())),
+        "{waves}"
+    );
     let table = rack.cli_text(&["devices"]);
     assert!(
         table
@@ -1104,6 +1118,16 @@ fn a_slow_device_is_shown_behind_and_caught_up_after_its_wave() {
             &rack.images["debian"],
         );
     }
+    let waves = rack.cli(&["waves"]);
+    assert!(
+        waves
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["image"] == "debian"
+                && w["detail"].as_str().unwrap_or("").contains("1 fell behind")),
+        "{waves}"
+    );
     let text = rack.http_get("/metrics");
     assert!(
         text.lines().any(

@@ -23,6 +23,8 @@ pub(super) struct RunningWave {
     control: SocketAddr,
     commands: crossbeam_channel::Sender<WaveCommand>,
     record: WaveRecord,
+    /// Members behind the others now (shown in the record's detail).
+    behind: std::collections::BTreeSet<String>,
 }
 
 impl Controller {
@@ -205,6 +207,7 @@ impl Controller {
                 control,
                 commands: cmd_tx,
                 record,
+                behind: Default::default(),
             },
         );
         let acts = self.sched.started(id, image, &members);
@@ -229,7 +232,7 @@ impl Controller {
                 let (mut d, mut t) = (0u64, 0u64);
                 if let Ok(mut p) = self.progress.lock() {
                     p.insert(
-                        name,
+                        name.clone(),
                         MemberProgress {
                             done,
                             total,
@@ -245,6 +248,7 @@ impl Controller {
                 }
                 metrics::gauge!("rackcast_wave_progress_ratio", "wave" => wave.to_string())
                     .set(d as f64 / t.max(1) as f64);
+                self.show_behind(wave, &name, behind);
             }
             WaveEvent::Verdict { name, ok, detail } => {
                 if let Some(w) = self.waves.get_mut(&wave) {
@@ -271,6 +275,33 @@ impl Controller {
         }
     }
 
+    /// Keep the running wave's record saying who is behind the others
+    /// (`rackcast waves`), stored only when that changes.
+    fn show_behind(&mut self, wave: i64, name: &str, behind: bool) {
+        let Some(w) = self.waves.get_mut(&wave) else {
+            return;
+        };
+        let changed = if behind {
+            w.behind.insert(name.to_string())
+        } else {
+            w.behind.remove(name)
+        };
+        if !changed {
+            return;
+        }
+        w.record.detail = format!("members connect to {}", w.control);
+        if !w.behind.is_empty() {
+            let names: Vec<&str> = w.behind.iter().map(String::as_str).collect();
+            w.record.detail += &format!(
+                "; behind the others, served after them: {}",
+                names.join(" ")
+            );
+        }
+        if let Err(e) = self.store.update_wave(&w.record) {
+            tracing::error!(wave, error = %e, "cannot record wave");
+        }
+    }
+
     pub(super) fn on_wave_end(&mut self, wave: i64, result: Result<Box<send::SendReport>, String>) {
         let Some(mut w) = self.waves.remove(&wave) else {
             return;
@@ -287,10 +318,18 @@ impl Controller {
                 metrics::gauge!("rackcast_wave_goodput_bps", "image" => w.image.clone())
                     .set(rep.goodput_bps);
                 w.record.detail = format!(
-                    "{:.2} s, goodput {:.1} Mbit/s, repair overhead {:.1} %",
+                    "{:.2} s, goodput {:.1} Mbit/s, repair overhead {:.1} %{}",
                     rep.seconds,
                     rep.goodput_bps / 1e6,
-                    rep.repair_overhead_pct
+                    rep.repair_overhead_pct,
+                    if rep.fell_behind > 0 {
+                        format!(
+                            ", {} fell behind (caught up after the others)",
+                            rep.fell_behind
+                        )
+                    } else {
+                        String::new()
+                    }
                 );
             }
             Err(e) => {
