@@ -1036,20 +1036,7 @@ fn a_slow_device_is_shown_behind_and_caught_up_after_its_wave() {
         false,
         80,
     );
-    let st = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &rack.lab.ns("sw"),
-            "tc",
-            "qdisc",
-            "replace",
-        ])
-        .args(["dev", "vd1", "root", "tbf", "rate", "20mbit"])
-        .args(["burst", "64kb", "latency", "50ms"])
-        .status()
-        .unwrap();
-    assert!(st.success(), "tc on device 1's port");
+    rack.lab.slow_port(1, "20mbit");
     for i in 1..=n {
         rack.start_agent(i);
     }

@@ -11,11 +11,27 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Output};
 use std::time::Duration;
 
 use common::wave::*;
 use common::*;
+
+/// One wave of `img` at `rate` to receivers d1..=dn, each writing
+/// `outN`: the sender's output, the receivers' and their outputs' paths.
+fn wave_to(lab: &Lab, img: &Path, n: usize, rate: &str) -> (Output, Vec<Output>, Vec<PathBuf>) {
+    let outs: Vec<PathBuf> = (1..=n).map(|i| lab.file(&format!("out{i}"))).collect();
+    let rx: Vec<Child> = (1..=n)
+        .map(|i| receiver(lab, i, &outs[i - 1], &[]))
+        .collect();
+    let tx = sender(lab, img, rate, n, &[]);
+    let sent = finish(tx, Duration::from_secs(90));
+    let rx_out = rx
+        .into_iter()
+        .map(|c| finish(c, Duration::from_secs(30)))
+        .collect();
+    (sent, rx_out, outs)
+}
 
 #[test]
 fn three_receivers_two_with_loss_all_verify_with_coded_resends() {
@@ -24,16 +40,7 @@ fn three_receivers_two_with_loss_all_verify_with_coded_resends() {
     }
     let lab = Lab::up("a", 3, "200mbit", &[(1, 5.0), (2, 5.0)]);
     let img = make_image(&lab, 24, 1);
-    let outs: Vec<PathBuf> = (1..=3).map(|i| lab.file(&format!("out{i}"))).collect();
-    let rx: Vec<Child> = (1..=3)
-        .map(|i| receiver(&lab, i, &outs[i - 1], &[]))
-        .collect();
-    let tx = sender(&lab, &img, "200M", 3, &[]);
-    let sent = finish(tx, Duration::from_secs(90));
-    let rx_out: Vec<Output> = rx
-        .into_iter()
-        .map(|c| finish(c, Duration::from_secs(30)))
-        .collect();
+    let (sent, rx_out, outs) = wave_to(&lab, &img, 3, "200M");
     let report = last_json(&sent);
     assert!(sent.status.success(), "sender failed: {report}");
     assert_eq!(report["ok"], true);
@@ -388,24 +395,9 @@ fn a_slow_member_does_not_hold_the_clean_ones() {
         return;
     }
     let lab = Lab::up("s", 3, "100mbit", &[]);
-    let st = Command::new("ip")
-        .args(["netns", "exec", &lab.ns("sw"), "tc", "qdisc", "replace"])
-        .args(["dev", "vd1", "root", "tbf", "rate", "20mbit"])
-        .args(["burst", "64kb", "latency", "50ms"])
-        .status()
-        .unwrap();
-    assert!(st.success(), "tc on the slow port");
+    lab.slow_port(1, "20mbit");
     let img = make_image(&lab, 16, 3);
-    let outs: Vec<PathBuf> = (1..=3).map(|i| lab.file(&format!("out{i}"))).collect();
-    let rx: Vec<Child> = (1..=3)
-        .map(|i| receiver(&lab, i, &outs[i - 1], &[]))
-        .collect();
-    let tx = sender(&lab, &img, "100M", 3, &[]);
-    let sent = finish(tx, Duration::from_secs(90));
-    let rx_out: Vec<Output> = rx
-        .into_iter()
-        .map(|c| finish(c, Duration::from_secs(30)))
-        .collect();
+    let (sent, rx_out, outs) = wave_to(&lab, &img, 3, "100M");
     let report = last_json(&sent);
     assert!(sent.status.success(), "sender failed: {report}");
     for (o, path) in rx_out.iter().zip(&outs) {

@@ -427,16 +427,7 @@ fn impostor_loaders_and_forged_results_are_refused() {
     // A real loader with device 1's hardware (its MAC) on another host,
     // after device 1 is installed: refused, nothing fetched.
     let work = rack.lab.file("work-impostor");
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &attacker])
-        .arg(bin("rackcast-agent"))
-        .args(["run", "--server", ApplianceConfig::CONTROL, "--iface", "d0"])
-        .args(["--give-up", "5", "--os-present", "false", "--hardware"])
-        .arg(rack.lab.file("d1.json"))
-        .arg("--work-dir")
-        .arg(&work)
-        .output()
-        .unwrap();
+    let out = loader_with_d1s_hardware(&rack, &attacker, ApplianceConfig::CONTROL, None, &work);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(
@@ -1130,6 +1121,30 @@ for d in answers:
     let _ = fs::remove_dir_all(&root);
 }
 
+/// A real loader (`rackcast-agent run`) with device 1's hardware in
+/// namespace `ns`, following `server` (pinned to `pin` if given), giving
+/// up after 5 s; its files go to `work`.
+fn loader_with_d1s_hardware(
+    rack: &Rack,
+    ns: &str,
+    server: &str,
+    pin: Option<&str>,
+    work: &std::path::Path,
+) -> std::process::Output {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns])
+        .arg(bin("rackcast-agent"))
+        .args(["run", "--server", server, "--iface", "d0"])
+        .args(["--give-up", "5", "--os-present", "false", "--hardware"])
+        .arg(rack.lab.file("d1.json"))
+        .arg("--work-dir")
+        .arg(work);
+    if let Some(pin) = pin {
+        c.args(["--trust-key", pin]);
+    }
+    c.output().unwrap()
+}
+
 /// Serves `cert` with a key of its own (`seed`) on `addr` in namespace
 /// `ns`, as a host that copied the appliance's certificate would; counts
 /// handshakes that completed. Stops when `stop` is set (or after 60 s).
@@ -1230,24 +1245,7 @@ fn a_copied_appliance_certificate_is_not_followed() {
         .expect("a copied certificate was accepted");
     assert!(!e.to_string().is_empty());
     let work = rack.lab.file("work-rogue");
-    let out = Command::new("ip")
-        .args(["netns", "exec", &rack.lab.ns("d1")])
-        .arg(bin("rackcast-agent"))
-        .args([
-            "run",
-            "--server",
-            ROGUE,
-            "--iface",
-            "d0",
-            "--trust-key",
-            &pin,
-        ])
-        .args(["--give-up", "5", "--os-present", "false", "--hardware"])
-        .arg(rack.lab.file("d1.json"))
-        .arg("--work-dir")
-        .arg(&work)
-        .output()
-        .unwrap();
+    let out = loader_with_d1s_hardware(&rack, &rack.lab.ns("d1"), ROGUE, Some(&pin), &work);
     stop.store(true, Ordering::Relaxed);
     let completed = rogue.join().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -104,6 +104,18 @@ impl Lab {
     pub fn file(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
+
+    /// Limit device `dev`'s switch port to `rate` (a tbf with a 50 ms
+    /// queue, as `lab.sh --slow`): a slow port, NIC or disk.
+    pub fn slow_port(&self, dev: usize, rate: &str) {
+        let st = Command::new("ip")
+            .args(["netns", "exec", &self.ns("sw"), "tc", "qdisc", "replace"])
+            .args(["dev", &format!("vd{dev}"), "root", "tbf", "rate", rate])
+            .args(["burst", "64kb", "latency", "50ms"])
+            .status()
+            .expect("tc");
+        assert!(st.success(), "tc on device {dev}'s port");
+    }
 }
 
 impl Drop for Lab {

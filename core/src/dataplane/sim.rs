@@ -70,6 +70,11 @@ struct Device {
     /// Its port's rate, bits/s (a tbf with a 50 ms queue, as the netlab
     /// bench's slow port): what does not fit is dropped.
     link_bps: Option<u64>,
+    /// Every datagram lost in this span from the start (a receiver
+    /// starved of CPU, a flapping link).
+    stall: Option<(Duration, Duration)>,
+    /// The port is slow (`link_bps`) only until this long from the start.
+    slow_until: Option<Duration>,
 }
 
 impl Device {
@@ -81,6 +86,8 @@ impl Device {
             kill_at: None,
             restart_after: None,
             link_bps: None,
+            stall: None,
+            slow_until: None,
         }
     }
 
@@ -460,8 +467,17 @@ impl Sim {
                 if self.rng.random::<f64>() < self.rxs[i].dev.loss {
                     continue;
                 }
+                if let Some((from, to)) = self.rxs[i].dev.stall {
+                    if now >= self.t0 + from && now < self.t0 + to {
+                        continue;
+                    }
+                }
                 let mut at = now + Duration::from_micros(300);
-                if let Some(bps) = self.rxs[i].dev.link_bps {
+                let slow_now = self.rxs[i]
+                    .dev
+                    .slow_until
+                    .is_none_or(|until| now < self.t0 + until);
+                if let (Some(bps), true) = (self.rxs[i].dev.link_bps, slow_now) {
                     let wire = (d.len() + 42) as f64 * 8.0 / bps as f64;
                     let done = self.rxs[i].link_free.max(now) + Duration::from_secs_f64(wire);
                     if done - now > LINK_QUEUE {
@@ -801,6 +817,47 @@ fn a_lossy_member_costs_only_itself() {
             slowest(&t, &clean)
         );
         assert_eq!(sim.s.stats.fell_behind, 1);
+    }
+}
+
+/// A member that receives nothing for 150 ms (starved of CPU, a link
+/// flap) does not fall behind: its reports show the gap as one interval,
+/// and the smoothed loss stays under the threshold; its backlog is
+/// repaired as before and everyone verifies.
+#[test]
+fn a_member_stalled_for_a_moment_does_not_fall_behind() {
+    let mut devs: Vec<Device> = ["a", "b", "c"]
+        .iter()
+        .map(|n| Device::new(n, 0.0))
+        .collect();
+    let mut stalled = Device::new("stalled", 0.0);
+    stalled.stall = Some((Duration::from_millis(100), Duration::from_millis(250)));
+    devs.push(stalled);
+    for seed in 0..3 {
+        let sim = run_checked(Sim::new(MID, &devs, 4, seed), seed);
+        assert_eq!(sim.s.stats.fell_behind, 0, "seed {seed}");
+    }
+}
+
+/// A member whose port is slow for the wave's first 0.4 s falls behind,
+/// keeps up again once its port is back, and rejoins the wave before the
+/// others are done (no catch-up); everyone verifies.
+#[test]
+fn a_member_slow_for_a_while_rejoins_the_wave() {
+    let long = Shape { blocks: 720, ..MID };
+    let mut devs: Vec<Device> = ["a", "b", "c"]
+        .iter()
+        .map(|n| Device::new(n, 0.0))
+        .collect();
+    let mut slowed = Device::slow("slowed", long.rate_bps / 5);
+    slowed.slow_until = Some(Duration::from_millis(400));
+    devs.push(slowed);
+    for seed in 0..2 {
+        let sim = run_checked(Sim::new(long, &devs, 4, seed), seed);
+        eprintln!("seed {seed}: {:?} {:?}", verified_at(&sim), sim.s.stats);
+        assert_eq!(sim.s.stats.fell_behind, 1, "seed {seed}");
+        assert_eq!(sim.s.stats.rejoined, 1, "seed {seed}");
+        assert_eq!(sim.s.stats.caught_up, 0, "seed {seed}");
     }
 }
 

@@ -245,9 +245,9 @@ boot_to_disk = {{ name = "efiboot", argv = ["true"] }}
                     "seconds": secs,
                     "devices_per_s": per_s,
                     "appliance_peak_rss_mib": rss as f64 / 1024.0,
-                    "join_wave_median_s": barrier_summary().0,
-                    "join_wave_last_s": barrier_summary().1,
-                    "waves": barrier_summary().2,
+                    "join_wave_median_s": p50,
+                    "join_wave_last_s": last,
+                    "waves": waves,
                 })
             );
             Ok(())

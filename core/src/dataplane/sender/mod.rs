@@ -251,7 +251,8 @@ pub enum RxState {
 }
 
 impl RxState {
-    fn terminal(&self) -> bool {
+    /// Verified or failed: nothing more happens to it in this wave.
+    pub fn terminal(&self) -> bool {
         matches!(self, RxState::Verified | RxState::Failed(_))
     }
 }
@@ -314,6 +315,8 @@ pub struct SendStats {
     pub fell_behind: u64,
     /// Members caught up after the others were done.
     pub caught_up: u64,
+    /// Members behind that kept up again before that (a passing stall).
+    pub rejoined: u64,
 }
 
 /// The wave sender core. Its parts live in the submodules: membership

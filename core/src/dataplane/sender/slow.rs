@@ -19,9 +19,12 @@ use std::time::Instant;
 
 use super::{Phase, ReceiverInfo, RxState, SlowMembers, WaveSender};
 
-/// Weight of one report in a receiver's smoothed loss (reports come every
-/// feedback interval, 20 ms by default: ~5 reports make up most of it).
-const LOSS_WEIGHT: f64 = 0.2;
+/// Weight of one report in a receiver's smoothed loss. Reports come every
+/// feedback interval (20 ms by default), so about 10 of them make up most
+/// of it: a receiver that lost everything for a moment (starved of CPU,
+/// a link flap: one report's interval) stays under the threshold, while
+/// 80 % loss passes it within 2 reports and 20 % within about 7.
+const LOSS_WEIGHT: f64 = 0.1;
 /// Reports a receiver's loss must rest on before it can fall behind.
 const MIN_SAMPLES: u32 = 5;
 /// A member falls behind only above this loss ...
@@ -30,6 +33,10 @@ const BEHIND_MIN_LOSS: f64 = 0.10;
 /// members on a lossy network all keep up (the rate and the repair follow
 /// them, as before), one far worse than the others falls behind.
 const BEHIND_MARGIN: f64 = 0.05;
+/// A member behind whose loss came back under this (and near the best
+/// keeping-up member's) rejoins the wave: what held it has passed, and
+/// its backlog is repaired like a late joiner's.
+const REJOIN_LOSS: f64 = 0.075;
 /// A member catching up is sent to at what it took of the rate then, times
 /// this (a little above, so the rate control finds its ceiling from there
 /// instead of from the full rate).
@@ -38,17 +45,18 @@ const CATCH_UP_HEADROOM: f64 = 1.1;
 impl ReceiverInfo {
     /// One report's loss over its interval.
     pub(super) fn took_loss(&mut self, loss: f64) {
-        self.loss = if self.loss_samples == 0 {
-            loss
-        } else {
-            self.loss + LOSS_WEIGHT * (loss - self.loss)
-        };
+        // From 0, not from the first report: a member's first intervals
+        // (joining mid-burst) must not make it look lossy for the next
+        // 20 reports.
+        self.loss += LOSS_WEIGHT * (loss - self.loss);
         self.loss_samples = self.loss_samples.saturating_add(1);
         self.interval_loss = self.interval_loss.max(loss);
     }
 
-    fn active(&self) -> bool {
-        !self.state.terminal()
+    /// It fell behind the others and is not done: waiting for its
+    /// catch-up, or in it (what operators are shown).
+    pub fn is_behind(&self) -> bool {
+        self.fell_behind && !self.state.terminal()
     }
 }
 
@@ -95,16 +103,30 @@ impl WaveSender {
             for (id, loss) in slow {
                 self.fall_behind(id, loss, best, now);
             }
+            let recovered: Vec<u32> = self
+                .receivers
+                .iter()
+                .filter(|(_, r)| {
+                    r.behind
+                        && r.state == RxState::Ready
+                        && r.loss < REJOIN_LOSS
+                        && r.loss <= best + BEHIND_MARGIN
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            for id in recovered {
+                self.rejoin(id);
+            }
         }
         let behind = self
             .receivers
             .values()
-            .filter(|r| r.behind && r.active())
+            .filter(|r| r.behind && !r.state.terminal())
             .count();
         let keeping_up = self
             .receivers
             .values()
-            .filter(|r| !r.behind && r.active())
+            .filter(|r| !r.behind && !r.state.terminal())
             .count();
         if behind > 0 && keeping_up == 0 && self.pending_members() == 0 {
             self.catch_up(now);
@@ -148,6 +170,24 @@ impl WaveSender {
         self.wait_for.0 = None;
     }
 
+    /// A member behind keeps up again: its reports are planned and its
+    /// loss sets the rate as before, and it no longer counts as behind.
+    fn rejoin(&mut self, id: u32) {
+        let Some(r) = self.receivers.get_mut(&id) else {
+            return;
+        };
+        r.behind = false;
+        r.fell_behind = false;
+        self.stats.rejoined += 1;
+        self.wait_for.0 = None;
+        tracing::info!(
+            receiver = id,
+            name = %r.name,
+            loss_pct = r.loss * 100.0,
+            "member behind keeps up again; it rejoins the wave"
+        );
+    }
+
     /// No member keeps up any more: serve those behind, from the rate the
     /// best of them took (unless that was random loss the rate control
     /// ignores anyway), measuring their loss afresh.
@@ -155,7 +195,7 @@ impl WaveSender {
         let took = self
             .receivers
             .values()
-            .filter(|r| r.behind && r.active())
+            .filter(|r| r.behind && !r.state.terminal())
             .map(|r| 1.0 - r.loss)
             .fold(0.0f64, f64::max);
         let rate = self.bucket.rate_bps();
@@ -170,9 +210,10 @@ impl WaveSender {
         for r in self
             .receivers
             .values_mut()
-            .filter(|r| r.behind && r.active())
+            .filter(|r| r.behind && !r.state.terminal())
         {
             r.behind = false;
+            r.loss = 0.0;
             r.loss_samples = 0;
             r.interval_loss = 0.0;
             names.push(r.name.clone());

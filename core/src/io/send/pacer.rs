@@ -457,7 +457,7 @@ impl LinkReporter {
             });
         }
         for r in core.receivers().values() {
-            if !matches!(r.state, RxState::Verified | RxState::Failed(_)) {
+            if !r.state.terminal() {
                 // Back after a failure (restarted device): report it again.
                 self.reported.remove(&r.name);
             }
@@ -484,8 +484,7 @@ impl LinkReporter {
                     name: r.name.clone(),
                     done: r.status.blocks_done,
                     total,
-                    behind: r.fell_behind
-                        && !matches!(r.state, RxState::Verified | RxState::Failed(_)),
+                    behind: r.is_behind(),
                 });
             }
         }
@@ -496,12 +495,7 @@ fn publish_metrics(core: &WaveSender, wave: &str) {
     let st = &core.stats;
     let w = wave.to_string();
     metrics::gauge!("rackcast_rate_bps", "wave" => w.clone()).set(core.current_rate() as f64);
-    // Behind until done: waiting for its catch-up, or in it.
-    let behind = core
-        .receivers()
-        .values()
-        .filter(|r| r.fell_behind && !matches!(r.state, RxState::Verified | RxState::Failed(_)))
-        .count();
+    let behind = core.receivers().values().filter(|r| r.is_behind()).count();
     metrics::gauge!("rackcast_wave_members_behind", "wave" => w.clone()).set(behind as f64);
     metrics::counter!("rackcast_wave_members_fell_behind_total", "wave" => w.clone())
         .absolute(st.fell_behind);
