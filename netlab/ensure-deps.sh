@@ -11,11 +11,14 @@ case "${1:-test}" in
   # binaries, OVMF for UEFI, a kernel and cpio/kmod for the loader initrd.
   test) need+=(prometheus busybox-static isc-dhcp-client dnsmasq-base tftp-hpa atftp
                qemu-system-x86 ipxe-qemu ipxe ovmf linux-image-amd64 cpio kmod
-               python3-libvirt python3-venv mdadm zstd)
+               python3-libvirt python3-venv mdadm zstd
+               # Power control: Debian's ipmitool against OpenIPMI's
+               # BMC simulator (ipmi_sim).
+               ipmitool openipmi)
         # qemu-img (qcow2 image sources): machines of this kind have a
         # newer one than Debian 12's qemu-utils; install only if missing.
         command -v qemu-img >/dev/null || need+=(qemu-utils) ;;
-  demo) need+=(binutils python3 python3-libvirt python3-venv e2fsprogs) ;;
+  demo) need+=(binutils python3 python3-libvirt python3-venv e2fsprogs ipmitool) ;;
   bench) need+=(udpcast uftp curl python3 e2fsprogs zstd) ;;
   *) echo "ensure-deps.sh: test|demo|bench" >&2; exit 2 ;;
 esac

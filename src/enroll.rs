@@ -25,6 +25,11 @@ pub struct InventoryRow {
     pub hostname: Option<String>,
     pub rack: Option<String>,
     pub slot: Option<String>,
+    /// Its BMC: `redfish+http://HOST[:PORT]`, `https://HOST` (Redfish) or
+    /// `ipmi://HOST[:PORT]` (IPMI over LAN, through ipmitool).
+    pub bmc: Option<String>,
+    /// The name of its BMC login (`[bmc.credentials.NAME]`).
+    pub bmc_credential: Option<String>,
     /// Every further column, by its header.
     pub labels: BTreeMap<String, String>,
 }
@@ -98,6 +103,11 @@ impl Enrollment {
     /// The inventory row of `mac`, if it is known.
     pub fn row(&self, mac: &str) -> Option<&InventoryRow> {
         self.rows.get(&mac.to_ascii_lowercase())
+    }
+
+    /// Every known machine's row.
+    pub fn rows(&self) -> impl Iterator<Item = &InventoryRow> {
+        self.rows.values()
     }
 
     /// Known machines.
@@ -185,7 +195,15 @@ pub fn parse_inventory(text: &[u8]) -> Result<HashMap<String, InventoryRow>, (u6
         if !rackcast_core::wire::device::valid_mac(&mac) {
             return Err((line, format!("{mac:?} is not a MAC like aa:bb:cc:dd:ee:ff")));
         }
-        let known = ["mac", "serial", "hostname", "rack", "slot"];
+        let known = [
+            "mac",
+            "serial",
+            "hostname",
+            "rack",
+            "slot",
+            "bmc",
+            "bmc_credential",
+        ];
         let labels = headers
             .iter()
             .enumerate()
@@ -198,6 +216,8 @@ pub fn parse_inventory(text: &[u8]) -> Result<HashMap<String, InventoryRow>, (u6
             hostname: get(col("hostname")),
             rack: get(col("rack")),
             slot: get(col("slot")),
+            bmc: get(col("bmc")),
+            bmc_credential: get(col("bmc_credential")),
             labels,
         };
         if rows.insert(mac.clone(), row).is_some() {

@@ -11,7 +11,9 @@
 //! wire format or a protocol decision; those live once, in
 //! `rackcast-core`, which the agent shares.
 
+pub mod bmc;
 pub mod boot;
+pub mod bringup;
 pub mod config;
 pub mod controller;
 pub mod download;
@@ -19,3 +21,6 @@ pub mod enroll;
 pub mod image_source;
 pub mod limits;
 pub mod store;
+
+#[cfg(test)]
+mod metrics_catalog_tests;

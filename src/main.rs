@@ -53,8 +53,22 @@ enum Cmd {
     /// through its API).
     Retry(LogArgs),
     /// Install a finished device again: its next network boot loads the
-    /// loader instead of its disk (asks the running appliance).
+    /// loader instead of its disk; a machine with a BMC in the rack
+    /// inventory is set to boot from the network once and reset (asks
+    /// the running appliance).
     Reinstall(LogArgs),
+    /// Power control through each machine's BMC (Redfish, or IPMI via
+    /// ipmitool): every call is logged on the device with what the BMC
+    /// answered and what was read back (asks the running appliance).
+    Power(PowerArgs),
+    /// The BMCs of the rack inventory.
+    #[command(subcommand)]
+    Bmc(BmcCmd),
+    /// Power a rack on through its BMCs, `[bmc] power_on_per_second` at
+    /// a time, and show machines arriving: each must network-boot within
+    /// `[bmc] boot_timeout` (else it is reported and, with `retries`,
+    /// power-cycled again). Machines already up are left alone.
+    Bringup(BringupArgs),
     /// Install a device held after its inventory: unknown to the rack
     /// inventory under `[enroll] policy = "approve"`, or reporting another
     /// serial than the inventory lists (asks the running appliance).
@@ -66,6 +80,46 @@ enum Cmd {
     /// Operator API tokens (stored as hashes; shown once, at creation).
     #[command(subcommand)]
     Token(TokenCmd),
+}
+
+#[derive(Subcommand)]
+enum BmcCmd {
+    /// Reach every BMC and read its power state, changing nothing: which
+    /// answer and which do not (exit status 1 if any does not).
+    Check(ListArgs),
+}
+
+#[derive(clap::Args)]
+struct BringupArgs {
+    /// The rack (the inventory's `rack` column).
+    #[arg(long)]
+    rack: Option<String>,
+    /// Every machine that has a BMC.
+    #[arg(long)]
+    all: bool,
+    /// Or these devices (ids or MACs).
+    devices: Vec<String>,
+    #[command(flatten)]
+    cfg: ConfigArg,
+}
+
+#[derive(clap::Args)]
+struct PowerArgs {
+    /// What to do.
+    #[arg(value_parser = ["on", "off", "cycle", "status", "pxe-once"])]
+    action: String,
+    /// Device ids (`rc-<mac hex>`) or MACs.
+    devices: Vec<String>,
+    /// Every machine of this rack (the inventory's `rack` column).
+    #[arg(long)]
+    rack: Option<String>,
+    /// Every machine that has a BMC.
+    #[arg(long)]
+    all: bool,
+    #[command(flatten)]
+    cfg: ConfigArg,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -260,12 +314,10 @@ fn main() -> Result<()> {
             "retry",
             "retrying its failed step",
         ),
-        Cmd::Reinstall(a) => fleet::ask(
-            &a.cfg.config,
-            &a.device,
-            "reinstall",
-            "will be installed again at its next network boot",
-        ),
+        Cmd::Reinstall(a) => fleet::reinstall(&a.cfg.config, &a.device),
+        Cmd::Power(a) => fleet::power(&a),
+        Cmd::Bmc(BmcCmd::Check(a)) => fleet::bmc_check(&a.cfg.config, a.json),
+        Cmd::Bringup(a) => fleet::bringup(&a),
         Cmd::Approve(a) => fleet::ask(&a.cfg.config, &a.device, "approve", "approved: installing"),
         Cmd::Token(TokenCmd::Create { name, role, cfg }) => {
             fleet::token_create(&cfg.config, &name, &role)
@@ -387,6 +439,7 @@ fn send(a: SendArgs) -> Result<()> {
                 .with_http_listener(addr)
                 .install()
                 .with_context(|| format!("metrics listener on {addr}"))?;
+            rackcast_core::io::metrics::register();
         }
         let cfg = SenderConfig {
             expected: a.receivers,
@@ -516,6 +569,18 @@ mod fleet {
     /// RACKCAST_TOKEN or the file RACKCAST_TOKEN_FILE names. A POST carries
     /// a JSON body.
     fn operator(cfg: &Config, method: &str, path: &str) -> Result<(u16, String)> {
+        operator_with(cfg, method, path, "{}", std::time::Duration::from_secs(10))
+    }
+
+    /// A request with a JSON `body` (POST) and its own time limit: BMC
+    /// calls wait for power changes to read back.
+    fn operator_with(
+        cfg: &Config,
+        method: &str,
+        path: &str,
+        body: &str,
+        timeout: std::time::Duration,
+    ) -> Result<(u16, String)> {
         let addr = cfg.appliance.operator_listen.context(
             "appliance.operator_listen is not set: the appliance has no operator API to ask",
         )?;
@@ -537,14 +602,14 @@ mod fleet {
         let client = reqwest::Client::builder()
             .tls_built_in_root_certs(false)
             .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
-            .timeout(std::time::Duration::from_secs(10))
+            .timeout(timeout)
             .build()?;
         let url = format!("https://{addr}{path}");
         let req = match method {
             "POST" => client
                 .post(&url)
                 .header("content-type", "application/json")
-                .body("{}"),
+                .body(body.to_string()),
             _ => client.get(&url),
         }
         .bearer_auth(token);
@@ -606,6 +671,182 @@ mod fleet {
             anyhow::bail!("{action} {id}: HTTP {code}: {body}");
         }
         println!("{id}: {done}");
+        Ok(())
+    }
+
+    /// How long a CLI waits for BMC calls: each machine's calls are
+    /// bounded by the appliance; this bounds the whole batch.
+    const BMC_WAIT: std::time::Duration = std::time::Duration::from_secs(900);
+
+    fn print_bmc_results(results: &[rackcast::bmc::CallResult]) {
+        for r in results {
+            let state = match (r.ok, r.powered) {
+                (false, _) if r.retryable => "FAILED (retryable)".to_string(),
+                (false, _) => "FAILED".to_string(),
+                (true, Some(true)) => "on".to_string(),
+                (true, Some(false)) => "off".to_string(),
+                (true, None) => "ok".to_string(),
+            };
+            println!(
+                "{:<18} {:<28} {:<9} {:<18} {}",
+                r.device,
+                r.bmc,
+                r.action.as_str(),
+                state,
+                r.detail
+            );
+        }
+    }
+
+    pub fn power(a: &super::PowerArgs) -> Result<()> {
+        let cfg = Config::load(&a.cfg.config)?;
+        let body = serde_json::json!({
+            "action": a.action.replace('-', "_"),
+            "devices": a.devices,
+            "rack": a.rack,
+            "all": a.all,
+        });
+        let (code, text) = operator_with(&cfg, "POST", "/api/power", &body.to_string(), BMC_WAIT)
+            .context("asking the appliance")?;
+        if code != 200 {
+            anyhow::bail!("power {}: HTTP {code}: {text}", a.action);
+        }
+        let results: Vec<rackcast::bmc::CallResult> = serde_json::from_str(&text)?;
+        if a.json {
+            println!("{text}");
+        } else {
+            print_bmc_results(&results);
+        }
+        let failed = results.iter().filter(|r| !r.ok).count();
+        if failed > 0 {
+            anyhow::bail!("{failed} of {} BMC call(s) failed", results.len());
+        }
+        Ok(())
+    }
+
+    pub fn bringup(a: &super::BringupArgs) -> Result<()> {
+        use std::collections::BTreeMap;
+        let cfg = Config::load(&a.cfg.config)?;
+        let body = serde_json::json!({ "devices": a.devices, "rack": a.rack, "all": a.all });
+        let (code, text) = operator_with(
+            &cfg,
+            "POST",
+            "/api/bringup",
+            &body.to_string(),
+            std::time::Duration::from_secs(30),
+        )
+        .context("asking the appliance")?;
+        if code != 202 {
+            anyhow::bail!("bringup: HTTP {code}: {text}");
+        }
+        let st: serde_json::Value = serde_json::from_str(&text)?;
+        for s in st["skipped"].as_array().into_iter().flatten() {
+            println!(
+                "{:<18} left alone: already up ({})",
+                s[0].as_str().unwrap_or(""),
+                s[1].as_str().unwrap_or("")
+            );
+        }
+        let total = st["machines"].as_array().map_or(0, Vec::len);
+        println!(
+            "bringup of {total} machine(s), {} per second, each to network-boot within {}",
+            cfg.bmc.power_on_per_second,
+            humantime::format_duration(cfg.bmc.boot_timeout)
+        );
+        // Each machine's phase as it changes, until all are over.
+        let mut shown: BTreeMap<String, String> = BTreeMap::new();
+        let t0 = std::time::Instant::now();
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            let (code, text) = operator(&cfg, "GET", "/api/bringup")?;
+            if code != 200 {
+                anyhow::bail!("bringup status: HTTP {code}: {text}");
+            }
+            let st: serde_json::Value = serde_json::from_str(&text)?;
+            for m in st["machines"].as_array().into_iter().flatten() {
+                let dev = m["device"].as_str().unwrap_or("").to_string();
+                let phase = match m["phase"].as_str().unwrap_or("") {
+                    "power_failed" => {
+                        format!("power-on FAILED: {}", m["why"].as_str().unwrap_or(""))
+                    }
+                    "not_booted" => format!("did NOT network-boot ({} attempt(s))", m["attempts"]),
+                    "awaiting_boot" => format!(
+                        "powered on, waiting for its network boot (attempt {})",
+                        m["attempts"]
+                    ),
+                    "booted" => "network-booted".to_string(),
+                    p => p.replace('_', " "),
+                };
+                if shown.get(&dev) != Some(&phase) {
+                    println!("{:>6.1}s  {dev:<18} {phase}", t0.elapsed().as_secs_f64());
+                    shown.insert(dev, phase);
+                }
+            }
+            if st["finished"] == true {
+                let machines = st["machines"].as_array().cloned().unwrap_or_default();
+                let booted = machines.iter().filter(|m| m["phase"] == "booted").count();
+                println!("{booted} of {} machine(s) network-booted", machines.len());
+                if booted < machines.len() {
+                    std::process::exit(1);
+                }
+                return Ok(());
+            }
+        }
+    }
+
+    pub fn bmc_check(config: &Path, json: bool) -> Result<()> {
+        let cfg = Config::load(config)?;
+        let (code, text) = operator_with(&cfg, "POST", "/api/bmc/check", "{}", BMC_WAIT)
+            .context("asking the appliance")?;
+        if code != 200 {
+            anyhow::bail!("bmc check: HTTP {code}: {text}");
+        }
+        let results: Vec<rackcast::bmc::CallResult> = serde_json::from_str(&text)?;
+        let silent = results.iter().filter(|r| !r.ok).count();
+        if json {
+            println!("{text}");
+        } else {
+            print_bmc_results(&results);
+            println!(
+                "{} BMC(s): {} answered, {silent} did not",
+                results.len(),
+                results.len() - silent
+            );
+        }
+        if silent > 0 {
+            std::process::exit(1);
+        }
+        Ok(())
+    }
+
+    pub fn reinstall(config: &Path, device: &str) -> Result<()> {
+        let cfg = Config::load(config)?;
+        let id = device_arg(device);
+        let (code, text) = operator_with(
+            &cfg,
+            "POST",
+            &format!("/api/devices/{id}/reinstall"),
+            "{}",
+            BMC_WAIT,
+        )
+        .context("asking the appliance")?;
+        if code != 200 {
+            anyhow::bail!("reinstall {id}: HTTP {code}: {text}");
+        }
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        let results: Vec<rackcast::bmc::CallResult> =
+            serde_json::from_value(v["bmc"].clone()).unwrap_or_default();
+        if results.is_empty() {
+            println!("{id}: will be installed again at its next network boot (it has no BMC in the rack inventory: boot it from the network)");
+            return Ok(());
+        }
+        print_bmc_results(&results);
+        if v["ok"] != true {
+            anyhow::bail!(
+                "{id}: will be installed again at its next network boot, but its BMC did not boot it (see above; retry with `rackcast power pxe-once {id}` and `rackcast power cycle {id}`)"
+            );
+        }
+        println!("{id}: set to boot from the network once and reset: installing again");
         Ok(())
     }
 

@@ -8,42 +8,16 @@
 //! not: decide what to change (`rackcast_core::bios` does) or log credentials
 //! (`RedfishTarget`'s Debug hides the password; URLs never carry it).
 
-use std::time::Duration;
-
-use serde_json::{json, Value};
+use serde_json::json;
 
 use rackcast_core::bios::{Attributes, BiosError};
+use rackcast_core::io::redfish::{members, Redfish, RedfishError};
 use rackcast_core::model::RedfishTarget;
 
 use crate::bios::BiosBackend;
 
 fn backend(message: String, retryable: bool) -> BiosError {
     BiosError::Backend { message, retryable }
-}
-
-/// The text of a Redfish error body: `error.message` and every
-/// `@Message.ExtendedInfo[].Message` (which usually names the attribute).
-fn redfish_message(body: &str) -> String {
-    let Ok(v) = serde_json::from_str::<Value>(body) else {
-        return body.chars().take(300).collect();
-    };
-    let e = &v["error"];
-    let mut parts: Vec<String> = Vec::new();
-    if let Some(m) = e["message"].as_str() {
-        parts.push(m.to_string());
-    }
-    if let Some(infos) = e["@Message.ExtendedInfo"].as_array() {
-        for i in infos {
-            if let Some(m) = i["Message"].as_str() {
-                parts.push(m.to_string());
-            }
-        }
-    }
-    if parts.is_empty() {
-        body.chars().take(300).collect()
-    } else {
-        parts.join("; ")
-    }
 }
 
 /// Where the BIOS settings of one system live, found by following links.
@@ -53,163 +27,6 @@ struct Links {
     settings: String,
     reset_target: String,
     reset_allowed: Vec<String>,
-}
-
-/// One BMC: HTTP with basic auth and timeouts, and the system to act on.
-pub struct Redfish {
-    target: RedfishTarget,
-    base: String,
-    http: reqwest::Client,
-    system: Option<String>,
-}
-
-impl Redfish {
-    pub fn new(target: RedfishTarget) -> Result<Redfish, BiosError> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
-            .danger_accept_invalid_certs(!target.tls_verify)
-            .build()
-            .map_err(|e| backend(format!("HTTP client: {e}"), false))?;
-        Ok(Redfish {
-            base: target.url.trim_end_matches('/').to_string(),
-            target,
-            http,
-            system: None,
-        })
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        if path.starts_with("http://") || path.starts_with("https://") {
-            path.to_string()
-        } else {
-            format!("{}{path}", self.base)
-        }
-    }
-
-    /// One request: the body's text and the `Location` header. Errors say
-    /// whether a retry can help (unreachable, 5xx) or not (401/403, 4xx).
-    async fn send(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<(String, Option<String>), BiosError> {
-        let url = self.url(path);
-        let mut req = self
-            .http
-            .request(method.clone(), &url)
-            .basic_auth(&self.target.username, Some(&self.target.password))
-            .header("Accept", "application/json");
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.map_err(|e| {
-            // Not reachable (yet): the BMC is down or resetting.
-            backend(
-                format!("BMC unreachable: {method} {url}: {}", error_chain(&e)),
-                true,
-            )
-        })?;
-        let status = resp.status();
-        let location = resp
-            .headers()
-            .get(reqwest::header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let text = resp.text().await.unwrap_or_default();
-        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
-            return Err(backend(
-                format!("BMC refused our credentials: {method} {url}: HTTP {status}"),
-                false,
-            ));
-        }
-        if !status.is_success() {
-            return Err(backend(
-                format!("{method} {url}: HTTP {status}: {}", redfish_message(&text)),
-                status.is_server_error(),
-            ));
-        }
-        Ok((text, location))
-    }
-
-    /// A request whose answer is JSON (or empty: `Null`).
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<Value, BiosError> {
-        let (text, _) = self.send(method.clone(), path, body).await?;
-        if text.trim().is_empty() {
-            return Ok(Value::Null);
-        }
-        serde_json::from_str(&text)
-            .map_err(|e| backend(format!("{method} {}: not JSON: {e}", self.url(path)), false))
-    }
-
-    pub async fn get(&self, path: &str) -> Result<Value, BiosError> {
-        self.call(reqwest::Method::GET, path, None).await
-    }
-
-    /// POST that creates a resource: its `Location`, if the BMC says.
-    pub async fn create(&self, path: &str, body: Value) -> Result<Option<String>, BiosError> {
-        let (text, location) = self.send(reqwest::Method::POST, path, Some(body)).await?;
-        // Some BMCs answer with the new resource instead of a Location.
-        Ok(location.or_else(|| {
-            serde_json::from_str::<Value>(&text)
-                .ok()
-                .and_then(|v| v["@odata.id"].as_str().map(str::to_string))
-        }))
-    }
-
-    pub async fn post(&self, path: &str, body: Value) -> Result<Value, BiosError> {
-        self.call(reqwest::Method::POST, path, Some(body)).await
-    }
-
-    pub async fn delete(&self, path: &str) -> Result<Value, BiosError> {
-        self.call(reqwest::Method::DELETE, path, None).await
-    }
-
-    /// The ComputerSystem and the path of its link `rel` (`Bios`,
-    /// `Storage`), which it must have.
-    pub async fn system_link(&mut self, rel: &str) -> Result<(Value, String), BiosError> {
-        let system = self.system_path().await?;
-        let sys = self.get(&system).await?;
-        let link = sys[rel]["@odata.id"]
-            .as_str()
-            .ok_or_else(|| backend(format!("{system} has no {rel} resource"), false))?
-            .to_string();
-        Ok((sys, link))
-    }
-
-    /// The ComputerSystem's path: the configured id, or the only member.
-    pub async fn system_path(&mut self) -> Result<String, BiosError> {
-        if let Some(p) = &self.system {
-            return Ok(p.clone());
-        }
-        let system_path = match &self.target.system {
-            Some(id) => format!("/redfish/v1/Systems/{id}"),
-            None => {
-                let members = members(&self.get("/redfish/v1/Systems").await?);
-                match members.as_slice() {
-                    [one] => one.to_string(),
-                    other => {
-                        return Err(backend(
-                            format!(
-                                "the BMC has {} systems ({}); name one in bios.redfish.system",
-                                other.len(),
-                                other.join(", ")
-                            ),
-                            false,
-                        ))
-                    }
-                }
-            }
-        };
-        self.system = Some(system_path.clone());
-        Ok(system_path)
-    }
 }
 
 pub struct RedfishBios {
@@ -357,28 +174,6 @@ impl RedfishStorage {
 }
 
 /// The `@odata.id`s of a collection's `Members`.
-fn members(v: &Value) -> Vec<String> {
-    v["Members"]
-        .as_array()
-        .map(|m| {
-            m.iter()
-                .filter_map(|x| x["@odata.id"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 impl BiosBackend for RedfishBios {
     fn describe(&self) -> String {
         match &self.links {
@@ -406,12 +201,11 @@ impl BiosBackend for RedfishBios {
                 Some(json!({ "Attributes": changes })),
             )
             .await
-            .map_err(|e| match e {
-                BiosError::Backend { message, retryable } => backend(
-                    format!("the BMC refused {}: {message}", names.join(", ")),
-                    retryable,
-                ),
-                other => other,
+            .map_err(|e: RedfishError| {
+                backend(
+                    format!("the BMC refused {}: {}", names.join(", "), e.message),
+                    e.retryable,
+                )
             })?;
         Ok(format!(
             "PATCH {}: {}",
@@ -439,20 +233,5 @@ impl BiosBackend for RedfishBios {
             "POST {} ResetType={kind}: pending settings apply on this reset",
             self.bmc.url(&l.reset_target)
         ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redfish_errors_are_read_with_their_extended_info() {
-        let body = r#"{"error":{"code":"Base.1.0.GeneralError","message":"A general error has occurred.",
-            "@Message.ExtendedInfo":[{"MessageId":"Base.1.0.PropertyValueNotInList",
-            "Message":"The value Foo for the property BootMode is not in the list of acceptable values."}]}}"#;
-        let m = redfish_message(body);
-        assert!(m.contains("BootMode") && m.contains("general error"), "{m}");
-        assert_eq!(redfish_message("not json"), "not json");
     }
 }

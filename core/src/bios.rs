@@ -48,6 +48,16 @@ pub enum BiosError {
     },
 }
 
+#[cfg(feature = "redfish")]
+impl From<crate::io::redfish::RedfishError> for BiosError {
+    fn from(e: crate::io::redfish::RedfishError) -> BiosError {
+        BiosError::Backend {
+            message: e.message,
+            retryable: e.retryable,
+        }
+    }
+}
+
 /// An attribute that reads back different from what was wanted.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mismatch {

@@ -25,6 +25,7 @@
 pub mod backoff;
 pub mod bios;
 pub mod boot;
+pub mod bringup;
 pub mod dataplane;
 pub mod image;
 #[cfg(feature = "io")]

@@ -73,6 +73,96 @@ pub struct Config {
     pub enroll: EnrollConfig,
     #[serde(default)]
     pub events: EventsConfig,
+    #[serde(default)]
+    pub bmc: BmcConfig,
+}
+
+/// The machines' BMCs, reached over the management network for power
+/// and boot control. Each device's BMC address and credential name come
+/// from the rack inventory's `bmc` and `bmc_credential` columns.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BmcConfig {
+    /// Credentials by name: `[bmc.credentials.NAME]`.
+    #[serde(default)]
+    pub credentials: BTreeMap<String, BmcCredential>,
+    /// The credential of inventory rows without `bmc_credential`.
+    pub default_credential: Option<String>,
+    /// One BMC call (a request, or an ipmitool run) gives up after this.
+    #[serde(default = "d_bmc_timeout", deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// Wait this long for a power change to read back.
+    #[serde(default = "d_bmc_settle", deserialize_with = "de_duration")]
+    pub settle: Duration,
+    /// Check Redfish BMCs' TLS certificates (most ship self-signed ones).
+    #[serde(default)]
+    pub tls_verify: bool,
+    /// BMCs called at once by one operator action.
+    #[serde(default = "d_bmc_parallel")]
+    pub parallel: usize,
+    /// `rackcast bringup`: machines powered on per second (the inrush
+    /// limit of the rack's power distribution).
+    #[serde(default = "d_power_on_per_second")]
+    pub power_on_per_second: f64,
+    /// A machine that has not network-booted this long after its
+    /// power-on is reported...
+    #[serde(default = "d_boot_timeout", deserialize_with = "de_duration")]
+    pub boot_timeout: Duration,
+    /// ...and power-cycled again this many times.
+    #[serde(default)]
+    pub retries: u32,
+    /// `UEFI` or `Legacy`: set as `BootSourceOverrideMode` with PXE-once
+    /// where the BMC shows that property (default: leave the mode alone).
+    pub boot_mode: Option<String>,
+    /// The IPMI 2.0 cipher suite ipmitool asks for (`-C`).
+    #[serde(default = "d_cipher_suite")]
+    pub ipmi_cipher_suite: u8,
+}
+
+impl Default for BmcConfig {
+    fn default() -> Self {
+        BmcConfig {
+            credentials: BTreeMap::new(),
+            default_credential: None,
+            timeout: d_bmc_timeout(),
+            settle: d_bmc_settle(),
+            tls_verify: false,
+            parallel: d_bmc_parallel(),
+            power_on_per_second: d_power_on_per_second(),
+            boot_timeout: d_boot_timeout(),
+            retries: 0,
+            boot_mode: None,
+            ipmi_cipher_suite: d_cipher_suite(),
+        }
+    }
+}
+
+/// A BMC login. The password is only ever in its own file, readable by
+/// the appliance's user alone (checked at load): never in the config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BmcCredential {
+    pub username: String,
+    pub password_file: PathBuf,
+}
+
+fn d_bmc_timeout() -> Duration {
+    Duration::from_secs(20)
+}
+fn d_bmc_settle() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_bmc_parallel() -> usize {
+    16
+}
+fn d_power_on_per_second() -> f64 {
+    2.0
+}
+fn d_boot_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn d_cipher_suite() -> u8 {
+    3
 }
 
 /// The device event log.

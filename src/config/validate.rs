@@ -62,6 +62,31 @@ impl Config {
         if !(576..=9000).contains(&self.dataplane.mtu) {
             return Err(bad("dataplane.mtu".into(), "expected 576..=9000".into()));
         }
+        if !(1..=256).contains(&self.bmc.parallel) {
+            return Err(bad("bmc.parallel".into(), "expected 1 ..= 256".into()));
+        }
+        if !(self.bmc.power_on_per_second > 0.0 && self.bmc.power_on_per_second <= 1000.0) {
+            return Err(bad(
+                "bmc.power_on_per_second".into(),
+                "expected more than 0 and at most 1000".into(),
+            ));
+        }
+        if let Some(m) = &self.bmc.boot_mode {
+            if m != "UEFI" && m != "Legacy" {
+                return Err(bad(
+                    "bmc.boot_mode".into(),
+                    format!("{m:?}: expected \"UEFI\" or \"Legacy\""),
+                ));
+            }
+        }
+        if let Some(c) = &self.bmc.default_credential {
+            if !self.bmc.credentials.contains_key(c) {
+                return Err(bad(
+                    "bmc.default_credential".into(),
+                    format!("{c:?}: no [bmc.credentials.{c}]"),
+                ));
+            }
+        }
         if self.waves.min_members == 0 {
             return Err(bad("waves.min_members".into(), "expected >= 1".into()));
         }

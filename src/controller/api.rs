@@ -3,8 +3,8 @@
 //! scripts and loader files, nothing else. Operator (HTTPS, bearer
 //! tokens): the REST API (devices, a device's event log and inventory,
 //! waves, images; `POST /api/devices/{id}/retry`, `/reinstall` and
-//! `/approve`) and
-//! `/metrics`.
+//! `/approve`; `POST /api/power` and `/api/bmc/check` through the
+//! machines' BMCs) and `/metrics`.
 //!
 //! Owns: HTTP routing and JSON shapes. Reads go to the store through its
 //! own read-only connection (WAL readers never block the controller);
@@ -49,6 +49,9 @@ pub async fn serve_operator(listener: super::tls::TlsListener, shared: Shared) {
         .route("/api/devices/{id}/retry", post(retry))
         .route("/api/devices/{id}/reinstall", post(reinstall))
         .route("/api/devices/{id}/approve", post(approve))
+        .route("/api/power", post(power))
+        .route("/api/bmc/check", post(bmc_check))
+        .route("/api/bringup", post(bringup_start).get(bringup_status))
         .route("/api/waves", get(waves))
         .route("/api/images", get(images))
         .layer(axum::middleware::from_fn_with_state(
@@ -161,15 +164,130 @@ async fn ask_controller(
     s: &Shared,
     input: impl FnOnce(oneshot::Sender<Result<(), String>>) -> Input,
 ) -> Response {
+    match asked(s, input).await {
+        Ok(()) => Json(serde_json::json!({ "ok": true })).into_response(),
+        Err(e) => e,
+    }
+}
+
+/// The controller's answer to an operator action, or the response that
+/// says why there is none.
+async fn asked(
+    s: &Shared,
+    input: impl FnOnce(oneshot::Sender<Result<(), String>>) -> Input,
+) -> Result<(), Response> {
     let (tx, rx) = oneshot::channel();
     if s.inbox.send(input(tx)).is_err() {
-        return err(StatusCode::SERVICE_UNAVAILABLE, "controller stopped");
+        return Err(err(StatusCode::SERVICE_UNAVAILABLE, "controller stopped"));
     }
     match rx.await {
-        Ok(Ok(())) => Json(serde_json::json!({ "ok": true })).into_response(),
-        Ok(Err(e)) => err(StatusCode::CONFLICT, e),
-        Err(_) => err(StatusCode::SERVICE_UNAVAILABLE, "controller stopped"),
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(err(StatusCode::CONFLICT, e)),
+        Err(_) => Err(err(StatusCode::SERVICE_UNAVAILABLE, "controller stopped")),
     }
+}
+
+/// `ops` on each machine through its BMC; every call becomes a row of
+/// the device's log (through the controller, which owns the log).
+async fn bmc_calls(
+    s: &Shared,
+    entries: Vec<crate::bmc::Entry>,
+    ops: &[crate::bmc::PowerOp],
+) -> Vec<crate::bmc::CallResult> {
+    let macs: std::collections::HashMap<String, String> = entries
+        .iter()
+        .map(|e| (e.device.clone(), e.mac.clone()))
+        .collect();
+    let results = crate::bmc::call_many(entries, ops, &s.cfg.bmc).await;
+    for r in &results {
+        let _ = s.inbox.send(Input::Bmc {
+            device: r.device.clone(),
+            mac: macs.get(&r.device).cloned().unwrap_or_default(),
+            create: r.action.changes(),
+            ok: r.ok,
+            detail: format!("power {} via {}: {}", r.action.as_str(), r.bmc, r.detail),
+            duration_ms: r.duration_ms,
+        });
+    }
+    results
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PowerRequest {
+    /// `status`, `on`, `off`, `cycle` or `pxe_once`.
+    action: String,
+    #[serde(flatten)]
+    select: crate::bmc::Selection,
+}
+
+/// Power or boot control of the named machines (devices, a rack, or
+/// all), each through its BMC: one result per machine, each logged.
+async fn power(State(s): State<Shared>, Json(req): Json<PowerRequest>) -> Response {
+    let Some(op) = crate::bmc::PowerOp::parse(&req.action) else {
+        return err(
+            StatusCode::BAD_REQUEST,
+            "action: expected status, on, off, cycle or pxe_once",
+        );
+    };
+    let entries = match s.bmcs.select(&req.select) {
+        Ok(e) => e,
+        Err(e) => return err(StatusCode::NOT_FOUND, e),
+    };
+    Json(bmc_calls(&s, entries, &[op]).await).into_response()
+}
+
+/// Power on the named machines (a rack, devices, or all) at the inrush
+/// limit and watch them network-boot; machines already past their first
+/// boot are left alone. Answers at once; `GET /api/bringup` follows it.
+async fn bringup_start(
+    State(s): State<Shared>,
+    Json(sel): Json<crate::bmc::Selection>,
+) -> Response {
+    let entries = match s.bmcs.select(&sel) {
+        Ok(e) => e,
+        Err(e) => return err(StatusCode::NOT_FOUND, e),
+    };
+    let records = match with_store(&s, |st| st.load_devices()).await {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let up: std::collections::HashMap<String, String> = records
+        .iter()
+        .filter(|d| d.reached > rackcast_core::model::Step::Discovered)
+        .map(|d| (d.id.clone(), d.state().to_string()))
+        .collect();
+    let (skipped, entries): (Vec<_>, Vec<_>) = entries
+        .into_iter()
+        .partition(|e| up.contains_key(&e.device));
+    let skipped = skipped
+        .into_iter()
+        .map(|e| (e.device.clone(), up[&e.device].clone()))
+        .collect();
+    match crate::bringup::start(&s, entries, skipped) {
+        Ok(st) => (StatusCode::ACCEPTED, Json(st)).into_response(),
+        Err(e) => err(StatusCode::CONFLICT, e),
+    }
+}
+
+async fn bringup_status(State(s): State<Shared>) -> Response {
+    let st = s.bringup.lock().ok().and_then(|b| b.clone());
+    match st {
+        Some(st) => Json(st).into_response(),
+        None => err(StatusCode::NOT_FOUND, "no bringup has run"),
+    }
+}
+
+/// Reach every BMC and read its power state: which answer and which do
+/// not. Changes nothing and logs nothing on the devices.
+async fn bmc_check(State(s): State<Shared>, _: Json<serde_json::Value>) -> Response {
+    let all = crate::bmc::Selection {
+        all: true,
+        ..Default::default()
+    };
+    let entries = s.bmcs.select(&all).unwrap_or_default();
+    Json(crate::bmc::call_many(entries, &[crate::bmc::PowerOp::Status], &s.cfg.bmc).await)
+        .into_response()
 }
 
 /// Actions take a JSON body (the auth layer insists on its type; `Json`
@@ -182,13 +300,25 @@ async fn retry(
     ask_controller(&s, |reply| Input::Retry { device: id, reply }).await
 }
 
-/// Install a finished device again: its next network boot gets the loader.
+/// Install a finished device again: its next network boot gets the
+/// loader. A machine with a BMC is then set to boot from the network
+/// once and reset (powered on if it was off), so nobody touches it.
 async fn reinstall(
     State(s): State<Shared>,
     Path(id): Path<String>,
     _: Json<serde_json::Value>,
 ) -> Response {
-    ask_controller(&s, |reply| Input::Reinstall { device: id, reply }).await
+    let device = id.clone();
+    if let Err(e) = asked(&s, |reply| Input::Reinstall { device, reply }).await {
+        return e;
+    }
+    let Some(e) = s.bmcs.get(&id).cloned() else {
+        return Json(serde_json::json!({ "ok": true, "bmc": [] })).into_response();
+    };
+    use crate::bmc::PowerOp;
+    let results = bmc_calls(&s, vec![e], &[PowerOp::PxeOnce, PowerOp::Cycle]).await;
+    let ok = results.len() == 2 && results.iter().all(|r| r.ok);
+    Json(serde_json::json!({ "ok": ok, "bmc": results })).into_response()
 }
 
 /// Install a device held after its inventory (`[enroll] policy =

@@ -36,9 +36,12 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let control_tls = super::tls::control_config(&signer)?;
     let enroll = Arc::new(crate::enroll::Enrollment::from_config(&cfg)?);
     tracing::info!(policy = ?cfg.enroll.policy, known = enroll.known(), "enrollment");
+    let bmcs = Arc::new(crate::bmc::Registry::load(&cfg, &enroll)?);
+    tracing::info!(machines = bmcs.len(), "BMC registry");
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .ok();
+    rackcast_core::io::metrics::register();
     let (inbox, rx) = mpsc::unbounded_channel();
     let shared = Shared {
         progress: Progress::default(),
@@ -52,6 +55,9 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         assigned: Assigned::default(),
         control_tls: control_tls.clone(),
         enroll: enroll.clone(),
+        bmcs,
+        boots: tokio::sync::broadcast::channel(4096).0,
+        bringup: Default::default(),
         agent_caps: crate::limits::Caps::new(
             cfg.appliance.max_agent_connections,
             agents::MAX_PER_SOURCE,
@@ -64,6 +70,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         retry_backoff_ms: cfg.workflow.retry_backoff.as_millis() as Millis,
     };
     let mut ctl = Controller {
+        boots: shared.boots.clone(),
         sched: WaveScheduler::new(Policy {
             min_members: cfg.waves.min_members,
             start_after_ms: cfg.waves.start_after.as_millis() as Millis,

@@ -89,6 +89,17 @@ pub enum Input {
         result: Result<Box<send::SendReport>, String>,
     },
     /// A network boot request (DHCP/PXE): the power-on trigger.
+    /// A BMC call on a device ended: its row for the device's log.
+    /// `create`: the call changed the machine, so an inventory machine
+    /// without a record gets one (a status read never makes one).
+    Bmc {
+        device: String,
+        mac: String,
+        create: bool,
+        ok: bool,
+        detail: String,
+        duration_ms: u64,
+    },
     BootSeen {
         mac: String,
         how: String,
@@ -217,6 +228,9 @@ pub fn device_id_for(mac: &str) -> String {
 
 pub struct Controller {
     cfg: Arc<Config>,
+    /// Each network boot and loader connection, by device id: what a
+    /// running bringup waits for.
+    boots: tokio::sync::broadcast::Sender<String>,
     wf: WorkflowConfig,
     store: Box<dyn Store>,
     devices: HashMap<String, Device>,
@@ -273,6 +287,12 @@ pub struct Shared {
     /// The rack inventory and the policy for unknown machines (the boot
     /// services answer only what it lets in).
     pub enroll: Arc<crate::enroll::Enrollment>,
+    /// The inventory machines' BMCs (power and boot control).
+    pub bmcs: Arc<crate::bmc::Registry>,
+    /// Network boots and loader connections, by device id.
+    pub boots: tokio::sync::broadcast::Sender<String>,
+    /// The running (or last) bringup, as the API shows it.
+    pub bringup: Arc<std::sync::Mutex<Option<crate::bringup::Status>>>,
 }
 
 pub type Assigned = Arc<std::sync::RwLock<HashMap<String, String>>>;
@@ -402,6 +422,7 @@ impl Controller {
                     credential: issued,
                     chunks,
                 }));
+                let mode_was_loader = matches!(mode, AgentMode::Loader { .. });
                 let done_agent = matches!(mode, AgentMode::Agent { .. })
                     && self.devices[&id].reached == Step::Done;
                 self.apply(
@@ -413,6 +434,9 @@ impl Controller {
                 );
                 if done_agent {
                     self.send_finished(&id);
+                }
+                if mode_was_loader {
+                    let _ = self.boots.send(id.clone());
                 }
             }
             Input::Report {
@@ -528,6 +552,33 @@ impl Controller {
                     tracing::warn!(%mac, %what, "boot file served to an unknown device");
                 }
             }
+            Input::Bmc {
+                device,
+                mac,
+                create,
+                ok,
+                detail,
+                duration_ms,
+            } => {
+                let now = now_ms();
+                let known = self.devices.contains_key(&device)
+                    || (create
+                        && self
+                            .enroll_new(&device, &mac, "power control through its BMC", now)
+                            .is_ok());
+                if known {
+                    self.apply_at(
+                        &device,
+                        Event::Bmc {
+                            ok,
+                            detail,
+                            duration_ms,
+                        },
+                        None,
+                        now,
+                    );
+                }
+            }
             Input::BootSeen { mac, how } => {
                 let id = device_id_for(&mac);
                 // One clock reading for the new record and its first
@@ -535,6 +586,7 @@ impl Controller {
                 let now = now_ms();
                 if self.enroll_new(&id, &mac, &how, now).is_ok() {
                     self.apply_at(&id, Event::BootSeen(how), None, now);
+                    let _ = self.boots.send(id);
                 }
             }
             Input::Approve { device, reply } => {

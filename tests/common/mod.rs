@@ -217,6 +217,9 @@ pub struct ApplianceConfig {
     /// known machine. Empty: no inventory (unknown machines are held for
     /// approval, the default policy).
     pub known: Vec<(String, String)>,
+    /// Further rack-inventory columns: `(header, one value per known
+    /// machine)`, e.g. `bmc` and `bmc_credential`.
+    pub inventory_columns: Vec<(String, Vec<String>)>,
 }
 
 impl ApplianceConfig {
@@ -238,6 +241,7 @@ impl ApplianceConfig {
             images: Vec::new(),
             sections: Vec::new(),
             known: Vec::new(),
+            inventory_columns: Vec::new(),
         }
     }
 
@@ -316,9 +320,17 @@ impl ApplianceConfig {
             panic!("lab config does not parse: {e}\n{text}");
         }
         if !self.known.is_empty() {
-            let mut csv = String::from("mac,serial,hostname,rack,slot\n");
+            let mut csv = String::from("mac,serial,hostname,rack,slot");
+            for (h, _) in &self.inventory_columns {
+                csv += &format!(",{h}");
+            }
+            csv += "\n";
             for (i, (mac, serial)) in self.known.iter().enumerate() {
-                csv += &format!("{mac},{serial},node{},lab,{}\n", i + 1, i + 1);
+                csv += &format!("{mac},{serial},node{},lab,{}", i + 1, i + 1);
+                for (_, v) in &self.inventory_columns {
+                    csv += &format!(",{}", v.get(i).map(String::as_str).unwrap_or(""));
+                }
+                csv += "\n";
             }
             fs::write(self.inventory_path(), csv).unwrap();
         }
@@ -545,11 +557,15 @@ impl Bmc {
             assert!(out.status.success());
             fs::write(&htpasswd, &out.stdout).unwrap();
         }
+        // The Host Interface address (for the agent) and the device's
+        // address on the lab network (the appliance's power control, as a
+        // management network reaches a BMC).
+        let listen = if ip == BMC_IP { "0.0.0.0" } else { ip };
         let conf = lab.file(&format!("bmc-{host}.conf"));
         fs::write(
             &conf,
             format!(
-                "SUSHY_EMULATOR_LISTEN_IP = '{ip}'\nSUSHY_EMULATOR_LISTEN_PORT = {BMC_PORT}\n\
+                "SUSHY_EMULATOR_LISTEN_IP = '{listen}'\nSUSHY_EMULATOR_LISTEN_PORT = {BMC_PORT}\n\
                  SUSHY_EMULATOR_LIBVIRT_URI = 'test:///default'\n\
                  SUSHY_EMULATOR_AUTH_FILE = '{}'\n\
                  SUSHY_EMULATOR_STATE_DIR = '{}'\n{BMC_STORAGE}",
@@ -670,6 +686,188 @@ impl Drop for Bmc {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// OpenIPMI's BMC simulator (`ipmi_sim`, Debian package openipmi) in a
+/// device namespace, answering IPMI 2.0 over LAN on `ip`:623 for one
+/// admin user. Its chassis is the simulator's `chassis_control` program:
+/// power and boot device kept in files, every power change appended to a
+/// history, as a real BMC drives the board's power and reset lines.
+pub struct IpmiSim {
+    child: Option<Child>,
+    dir: PathBuf,
+    pub log: PathBuf,
+}
+
+pub const IPMI_USER: &str = "rcipmi";
+pub const IPMI_PASSWORD: &str = "lab-ipmi-pw-91c";
+
+impl IpmiSim {
+    /// `machine`: a shell command the chassis runs when its power comes
+    /// on (the machine booting, in the device namespace), killed when it
+    /// goes off.
+    pub fn start(lab: &Lab, host: &str, ip: &str, machine: Option<&str>) -> IpmiSim {
+        let dir = lab.file(&format!("ipmi-{host}"));
+        fs::create_dir_all(dir.join("chassis")).unwrap();
+        if let Some(m) = machine {
+            let on = dir.join("on-power.sh");
+            fs::write(&on, format!("#!/bin/sh\nexec {m}\n")).unwrap();
+            fs::set_permissions(&on, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        }
+        let hal = dir.join("chassis.sh");
+        fs::write(
+            &hal,
+            format!(
+                "#!/bin/sh\n\
+                 # ipmi_sim chassis_control: DEVICE get PARM... | DEVICE set PARM VAL...\n\
+                 d={chassis}; shift; op=$1; shift\n\
+                 case $op in\n\
+                 get) for p in \"$@\"; do case $p in\n\
+                   power) echo \"power:$(cat $d/power 2>/dev/null || echo 0)\";;\n\
+                   boot) echo \"boot:$(cat $d/boot 2>/dev/null || echo default)\";;\n\
+                   *) echo \"Invalid parameter: $p\"; exit 1;; esac; done;;\n\
+                 set) while [ $# -ge 2 ]; do case $1 in\n\
+                   power) echo $2 > $d/power; echo power=$2 >> $d/history\n\
+                     if [ -f $d/machine.pid ]; then kill $(cat $d/machine.pid) 2>/dev/null; rm -f $d/machine.pid; fi\n\
+                     if [ $2 = 1 ] && [ -x $d/../on-power.sh ]; then\n\
+                       setsid $d/../on-power.sh </dev/null >>$d/../machine.log 2>&1 & echo $! > $d/machine.pid; fi;;\n\
+                   boot) echo $2 > $d/boot; echo boot=$2 >> $d/history;;\n\
+                   reset) echo reset >> $d/history;;\n\
+                   *) echo \"Invalid parameter: $1\"; exit 1;; esac; shift 2; done;;\n\
+                 *) exit 1;;\n\
+                 esac\n",
+                chassis = dir.join("chassis").display()
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&hal, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let conf = dir.join("lan.conf");
+        fs::write(
+            &conf,
+            format!(
+                "name \"rc{host}\"\nset_working_mc 0x20\n  startlan 1\n    addr {ip} 623\n    priv_limit admin\n\
+                 allowed_auths_callback md5\n    allowed_auths_user md5\n    allowed_auths_operator md5\n    allowed_auths_admin md5\n\
+                 guid a123456789abcdefa123456789abcdef\n  endlan\n  chassis_control \"{} 0x20\"\n\
+                 user 2 true \"{IPMI_USER}\" \"{IPMI_PASSWORD}\" admin 10 md5\n",
+                hal.display()
+            ),
+        )
+        .unwrap();
+        let emu = dir.join("sim.emu");
+        fs::write(
+            &emu,
+            "mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr\nmc_enable 0x20\n",
+        )
+        .unwrap();
+        let log = dir.join("sim.log");
+        let out = fs::File::create(&log).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &lab.ns(host), "ipmi_sim", "-n", "-c"])
+            .arg(&conf)
+            .arg("-f")
+            .arg(&emu)
+            .arg("-s")
+            .arg(dir.join("state"))
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("ipmi_sim (Debian package openipmi)");
+        // Up when the UDP port is bound.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ss = Command::new("ip")
+                .args(["netns", "exec", &lab.ns(host), "ss", "-uln"])
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&ss.stdout).contains(&format!("{ip}:623")) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ipmi_sim did not start: {}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        IpmiSim {
+            child: Some(child),
+            dir,
+            log,
+        }
+    }
+
+    /// The chassis power line, as the simulator last set it.
+    pub fn powered(&self) -> bool {
+        fs::read_to_string(self.dir.join("chassis/power")).is_ok_and(|s| s.trim() == "1")
+    }
+
+    /// The boot device the simulator last set (`pxe`, `default`, ...).
+    pub fn boot(&self) -> String {
+        fs::read_to_string(self.dir.join("chassis/boot"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    }
+
+    /// Every change the simulator made, in order (`power=1`, `boot=pxe`).
+    pub fn history(&self) -> Vec<String> {
+        fs::read_to_string(self.dir.join("chassis/history"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for IpmiSim {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // The machine it powered, by its PID.
+        if let Ok(pid) = fs::read_to_string(self.dir.join("chassis/machine.pid")) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
+    }
+}
+
+/// `rackcast serve --config CONFIG` in the lab's appliance namespace,
+/// logging to `serve.log`; returns once its operator API answers.
+pub fn start_serve(lab: &Lab, config: &Path) -> Child {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(lab.file("serve.log"))
+        .unwrap();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("app")])
+        .arg(bin("rackcast"))
+        .args(["serve", "--log", "info,rackcast=debug", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let token = operator_token(config, "viewer");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if operator_curl(&lab.ns("app"), config, Some(&token), "/api/images", &[]).0 == 200 {
+            return child;
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!(
+                "appliance exited ({st}):\n{}",
+                fs::read_to_string(lab.file("serve.log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!(
+        "appliance did not come up:\n{}",
+        fs::read_to_string(lab.file("serve.log")).unwrap_or_default()
+    );
 }
 
 /// `rackcast ARGS --config CONFIG`, its output.

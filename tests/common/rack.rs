@@ -145,6 +145,24 @@ redfish = {redfish}
             .iter()
             .map(|(m, s)| (m.as_str(), s.as_str()))
             .collect();
+        // Each machine's BMC on the management side: its Redfish
+        // emulator, reached at the device's lab address.
+        let pw = dir.join("bmc-lab.pw");
+        fs::write(&pw, BMC_PASSWORD).unwrap();
+        fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        cfg.inventory_columns = vec![
+            (
+                "bmc".into(),
+                (1..=n)
+                    .map(|i| format!("redfish+http://198.18.0.{}:{BMC_PORT}", 10 + i))
+                    .collect(),
+            ),
+            ("bmc_credential".into(), vec!["lab".to_string(); n]),
+        ];
+        cfg = cfg.section(format!(
+            "[bmc.credentials.lab]\nusername = \"{BMC_USER}\"\npassword_file = \"{}\"\n",
+            pw.display()
+        ));
         cfg.known(&known).section(extra_cfg).write(&config);
         for i in 1..=n {
             let (vendor, model) = if i % 2 == 1 {
@@ -207,35 +225,7 @@ redfish = {redfish}
     }
 
     pub fn start_serve(&mut self) {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.lab.file("serve.log"))
-            .unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.lab.ns("app")])
-            .arg(bin("rackcast"))
-            .args(["serve", "--log", "info,rackcast=debug", "--config"])
-            .arg(&self.config)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.serve = Some(child);
-        // Ready when the API answers.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if self.api("/api/images").is_some() {
-                return;
-            }
-            if let Some(c) = self.serve.as_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    panic!("appliance exited ({st}):\n{}", self.serve_log());
-                }
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("appliance did not come up:\n{}", self.serve_log());
+        self.serve = Some(start_serve(&self.lab, &self.config));
     }
 
     /// The appliance's bundle-signing key fingerprint (`rackcast key`).

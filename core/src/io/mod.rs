@@ -10,8 +10,11 @@
 
 pub mod conn;
 pub mod limits;
+pub mod metrics;
 pub mod net;
 pub mod receive;
+#[cfg(feature = "redfish")]
+pub mod redfish;
 pub mod send;
 pub mod tls;
 

@@ -107,6 +107,11 @@ pub struct Device {
     /// hold the previous OS, which the plan may overwrite (wipe).
     #[serde(default)]
     pub reinstall: bool,
+    /// The appliance powered it on through its BMC before it ever
+    /// network-booted: its record exists for the power rows, and its
+    /// first boot is still the `discovered` step's `ok`.
+    #[serde(default)]
+    pub powered_before_boot: bool,
     /// When the record was made.
     pub created: Millis,
     /// When it last changed.
@@ -221,6 +226,7 @@ impl Device {
             claim_open: true,
             approved: true,
             reinstall: false,
+            powered_before_boot: false,
             created: now,
             updated: now,
         }
@@ -356,6 +362,18 @@ pub enum Event {
     /// Stop this device after its inventory until an operator approves
     /// it; the text says why (a serial the rack inventory does not list).
     Hold(String),
+    /// A call to the device's BMC (power, boot device) ended: one row
+    /// saying what was asked, what the BMC answered and what was read
+    /// back. Nothing else changes: the workflow follows the boots the
+    /// call causes, not the call.
+    Bmc {
+        /// Whether the BMC did it (and it read back).
+        ok: bool,
+        /// Asked, answered, read back.
+        detail: String,
+        /// How long the call took (the row is written when it ended).
+        duration_ms: u64,
+    },
 }
 
 /// One event-log row.
@@ -464,6 +482,22 @@ impl Fx<'_> {
     fn handle(&mut self, ev: Event) {
         match ev {
             Event::BootSeen(how) => self.on_boot(how),
+            Event::Bmc {
+                ok,
+                detail,
+                duration_ms,
+            } => {
+                if self.dev.reached == Step::Discovered && self.dev.created == self.now {
+                    self.dev.powered_before_boot = true;
+                }
+                let step = self.dev.current_step();
+                self.log(
+                    step,
+                    if ok { "bmc" } else { "bmc_failed" },
+                    Some(duration_ms),
+                    detail,
+                );
+            }
             Event::Progress { cmd_id, ops } => {
                 if let Some(run) = self.dev.running.clone() {
                     if run.cmd_id == cmd_id {
@@ -643,7 +677,8 @@ impl Fx<'_> {
 
     fn on_boot(&mut self, how: String) {
         if self.dev.reached == Step::Discovered && self.dev.running.is_none() {
-            let first = self.dev.created == self.now;
+            let first = self.dev.created == self.now || self.dev.powered_before_boot;
+            self.dev.powered_before_boot = false;
             self.log(
                 Step::Discovered,
                 if first { "ok" } else { "info" },

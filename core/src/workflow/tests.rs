@@ -880,3 +880,37 @@ fn automatic_retries_wait_for_the_device_to_be_back() {
     assert_eq!(s.last_cmd().step, Step::BiosConfigured);
     assert_eq!(s.dev.running.as_ref().unwrap().attempt, 2);
 }
+
+#[test]
+fn a_bmc_call_is_one_row_and_a_record_made_for_it_still_gets_its_first_boot() {
+    // The record was made for the power-on (created at `now` = 0).
+    let mut s = Sim::new();
+    let acts = s.ev(Event::Bmc {
+        ok: true,
+        detail: "power on via ipmi://198.18.0.11: read back on".into(),
+        duration_ms: 250,
+    });
+    assert_eq!(acts.len(), 1, "a row and nothing else: {acts:?}");
+    assert_eq!(s.rows[0].kind, "bmc");
+    assert_eq!(s.rows[0].duration_ms, Some(250));
+    assert_eq!(s.dev.reached, Step::Discovered);
+    assert!(s.sent.is_empty());
+    // Its first network boot is the discovered step's `ok`, as for a
+    // machine powered on by hand.
+    s.now = 5_000;
+    s.ev(Event::BootSeen("PXE".into()));
+    let boot = s.rows.last().unwrap();
+    assert_eq!((boot.step, boot.kind.as_str()), (Step::Discovered, "ok"));
+    // A later boot is not a second `ok`.
+    s.now = 9_000;
+    s.ev(Event::BootSeen("PXE".into()));
+    assert_eq!(s.rows.last().unwrap().kind, "info");
+    // A failed call on a device with a history is a `bmc_failed` row.
+    s.ev(Event::Bmc {
+        ok: false,
+        detail: "BMC unreachable".into(),
+        duration_ms: 5_000,
+    });
+    assert_eq!(s.rows.last().unwrap().kind, "bmc_failed");
+    assert!(!s.dev.powered_before_boot);
+}
