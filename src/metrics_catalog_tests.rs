@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use rackcast_core::io::metrics::{find, CATALOG};
+use rackcast_core::io::metrics::{dashboard_queries, find, names_in, CATALOG};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -103,34 +103,6 @@ fn every_emitted_metric_and_literal_label_is_catalogued() {
     }
 }
 
-/// The `rackcast_*` names in a PromQL expression.
-fn names_in(expr: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut rest = expr;
-    while let Some(i) = rest.find("rackcast_") {
-        let tail = &rest[i..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(tail.len());
-        out.push(tail[..end].to_string());
-        rest = &tail[end..];
-    }
-    out
-}
-
-fn exprs(v: &serde_json::Value, out: &mut Vec<String>) {
-    match v {
-        serde_json::Value::Object(o) => {
-            if let Some(e) = o.get("expr").and_then(|e| e.as_str()) {
-                out.push(e.to_string());
-            }
-            o.values().for_each(|v| exprs(v, out));
-        }
-        serde_json::Value::Array(a) => a.iter().for_each(|v| exprs(v, out)),
-        _ => {}
-    }
-}
-
 /// Every panel query of `tools/grafana/*.json`: (dashboard, expr).
 pub fn grafana_queries() -> Vec<(String, String)> {
     let mut out = Vec::new();
@@ -144,9 +116,11 @@ pub fn grafana_queries() -> Vec<(String, String)> {
         }
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-        let mut ex = Vec::new();
-        exprs(&v, &mut ex);
-        out.extend(ex.into_iter().map(|x| (p.display().to_string(), x)));
+        out.extend(
+            dashboard_queries(&v)
+                .into_iter()
+                .map(|x| (p.display().to_string(), x)),
+        );
     }
     out
 }
@@ -168,15 +142,4 @@ fn every_grafana_panel_queries_catalogued_metrics() {
             );
         }
     }
-}
-
-#[test]
-fn names_in_finds_each_metric_of_an_expression() {
-    assert_eq!(
-        names_in("rackcast_repair_packets_total / clamp_min(rackcast_source_packets_total, 1)"),
-        [
-            "rackcast_repair_packets_total",
-            "rackcast_source_packets_total"
-        ]
-    );
 }

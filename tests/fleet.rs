@@ -343,7 +343,67 @@ fn rack_of_eight_two_profiles_two_images_concurrent_waves() {
             goodput.is_some_and(|v| v > 1e6),
             "both images' waves report a goodput above 1 Mbit/s: {goodput:?}"
         );
+        // Every panel of the shipped dashboards queries a metric this
+        // appliance exports: each has a series in the operator's
+        // Prometheus (the counters of errors that never happened too).
+        let mut checked = 0;
+        for f in fs::read_dir(root().join("tools/grafana"))
+            .unwrap()
+            .flatten()
+        {
+            let v: Value = serde_json::from_str(&fs::read_to_string(f.path()).unwrap()).unwrap();
+            for expr in rackcast_core::io::metrics::dashboard_queries(&v) {
+                for name in rackcast_core::io::metrics::names_in(&expr) {
+                    let n = prom.query(&format!("count({{__name__=\"{name}\"}})"));
+                    assert!(
+                        n.is_some_and(|c| c >= 1.0),
+                        "{}: {expr:?} queries {name}, which Prometheus never scraped from the appliance",
+                        f.path().display()
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 15, "only {checked} panel metrics checked");
     }
+    // Reinstall through the BMC: a done machine is set to boot from the
+    // network once and reset, both read back and logged. (The emulator
+    // has no machine to boot: its reset changes nothing more.)
+    let resets = rack.bmcs[1].count("POST", "ComputerSystem.Reset");
+    let text = rack.cli_text(&["reinstall", &device_id(2)]);
+    assert!(
+        text.contains("set to boot from the network once and reset"),
+        "{text}"
+    );
+    assert_eq!(
+        rack.bmcs[1].count("POST", "ComputerSystem.Reset"),
+        resets + 1
+    );
+    let sys = rack.bmcs[1].get("/redfish/v1/Systems")["Members"][0]["@odata.id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        rack.bmcs[1].get(&sys)["Boot"]["BootSourceOverrideTarget"],
+        "Pxe"
+    );
+    let rows: Vec<String> = rack
+        .cli(&["log", &device_id(2)])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "bmc")
+        .map(|e| e["detail"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(
+        rows[0].starts_with("power pxe_once via redfish+http://198.18.0.12:8000"),
+        "{rows:?}"
+    );
+    assert!(
+        rows[1].starts_with("power cycle via") && rows[1].contains("read back PowerState On"),
+        "{rows:?}"
+    );
 }
 
 #[test]

@@ -369,6 +369,40 @@ pub fn find(name: &str) -> Option<&'static Metric> {
     })
 }
 
+/// The `rackcast_*` metric names a PromQL expression queries.
+pub fn names_in(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("rackcast_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        out.push(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// Every panel query (`expr`) of a Grafana dashboard's JSON.
+pub fn dashboard_queries(v: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(o) => {
+                if let Some(e) = o.get("expr").and_then(|e| e.as_str()) {
+                    out.push(e.to_string());
+                }
+                o.values().for_each(|v| walk(v, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    walk(v, &mut out);
+    out
+}
+
 /// Describe every metric and create each counter whose labels are known
 /// at zero. Call once, after the recorder is installed.
 pub fn register() {
@@ -418,6 +452,23 @@ mod tests {
                 m.name
             );
         }
+    }
+
+    #[test]
+    fn names_in_finds_each_metric_of_an_expression() {
+        assert_eq!(
+            names_in("rackcast_repair_packets_total / clamp_min(rackcast_source_packets_total, 1)"),
+            [
+                "rackcast_repair_packets_total",
+                "rackcast_source_packets_total"
+            ]
+        );
+        let dash = serde_json::json!({"panels": [{"targets": [{"expr": "sum(rackcast_rate_bps)"}]},
+            {"panels": [{"targets": [{"expr": "rackcast_devices"}]}]}]});
+        assert_eq!(
+            dashboard_queries(&dash),
+            ["sum(rackcast_rate_bps)", "rackcast_devices"]
+        );
     }
 
     #[test]
