@@ -120,7 +120,7 @@ pub enum ReceiveError {
         source: io::Error,
     },
     /// The control session failed.
-    #[error("control: {0}")]
+    #[error("control connection to the sender: {0}")]
     Control(#[from] ConnError),
     /// The sender said no (not a member, wave over).
     #[error("sender refused us: {0}")]
