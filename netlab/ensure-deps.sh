@@ -14,7 +14,10 @@ case "${1:-test}" in
                python3-libvirt python3-venv mdadm zstd
                # Power control: Debian's ipmitool against OpenIPMI's
                # BMC simulator (ipmi_sim).
-               ipmitool openipmi)
+               ipmitool openipmi
+               # The live view: rackcast watch under tmux, the web page in
+               # Chromium driven by chromedriver.
+               tmux chromium chromium-driver)
         # qemu-img (qcow2 image sources): machines of this kind have a
         # newer one than Debian 12's qemu-utils; install only if missing.
         command -v qemu-img >/dev/null || need+=(qemu-utils) ;;

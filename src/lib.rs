@@ -21,6 +21,7 @@ pub mod enroll;
 pub mod image_source;
 pub mod limits;
 pub mod store;
+pub mod watch;
 
 #[cfg(test)]
 mod metrics_catalog_tests;

@@ -64,6 +64,10 @@ enum Cmd {
     /// The BMCs of the rack inventory.
     #[command(subcommand)]
     Bmc(BmcCmd),
+    /// The bring-up live: devices by state, waves with progress, rate
+    /// and ETA, failures with their reason; redrawn as the appliance
+    /// pushes changes (server-sent events). Ctrl-C ends it.
+    Watch(ConfigArg),
     /// Power a rack on through its BMCs, `[bmc] power_on_per_second` at
     /// a time, and show machines arriving: each must network-boot within
     /// `[bmc] boot_timeout` (else it is reported and, with `retries`,
@@ -318,6 +322,7 @@ fn main() -> Result<()> {
         Cmd::Power(a) => fleet::power(&a),
         Cmd::Bmc(BmcCmd::Check(a)) => fleet::bmc_check(&a.cfg.config, a.json),
         Cmd::Bringup(a) => fleet::bringup(&a),
+        Cmd::Watch(a) => fleet::watch(&a.config),
         Cmd::Approve(a) => fleet::ask(&a.cfg.config, &a.device, "approve", "approved: installing"),
         Cmd::Token(TokenCmd::Create { name, role, cfg }) => {
             fleet::token_create(&cfg.config, &name, &role)
@@ -568,19 +573,12 @@ mod fleet {
     /// dir, or `appliance.operator_cert`), with the token from
     /// RACKCAST_TOKEN or the file RACKCAST_TOKEN_FILE names. A POST carries
     /// a JSON body.
-    fn operator(cfg: &Config, method: &str, path: &str) -> Result<(u16, String)> {
-        operator_with(cfg, method, path, "{}", std::time::Duration::from_secs(10))
-    }
-
-    /// A request with a JSON `body` (POST) and its own time limit: BMC
-    /// calls wait for power changes to read back.
-    fn operator_with(
+    /// The operator API's address, the caller's token, and a client that
+    /// trusts only the appliance's own certificate.
+    fn operator_client(
         cfg: &Config,
-        method: &str,
-        path: &str,
-        body: &str,
-        timeout: std::time::Duration,
-    ) -> Result<(u16, String)> {
+        timeout: Option<std::time::Duration>,
+    ) -> Result<(std::net::SocketAddr, String, reqwest::Client)> {
         let addr = cfg.appliance.operator_listen.context(
             "appliance.operator_listen is not set: the appliance has no operator API to ask",
         )?;
@@ -599,11 +597,31 @@ mod fleet {
         let (cert, _) = cfg.operator_tls_paths();
         let pem = std::fs::read(&cert)
             .with_context(|| format!("reading the operator certificate {}", cert.display()))?;
-        let client = reqwest::Client::builder()
+        let mut b = reqwest::Client::builder()
             .tls_built_in_root_certs(false)
             .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
-            .timeout(timeout)
-            .build()?;
+            .connect_timeout(std::time::Duration::from_secs(10));
+        if let Some(t) = timeout {
+            b = b.timeout(t);
+        }
+        let client = b.build()?;
+        Ok((addr, token, client))
+    }
+
+    fn operator(cfg: &Config, method: &str, path: &str) -> Result<(u16, String)> {
+        operator_with(cfg, method, path, "{}", std::time::Duration::from_secs(10))
+    }
+
+    /// A request with a JSON `body` (POST) and its own time limit: BMC
+    /// calls wait for power changes to read back.
+    fn operator_with(
+        cfg: &Config,
+        method: &str,
+        path: &str,
+        body: &str,
+        timeout: std::time::Duration,
+    ) -> Result<(u16, String)> {
+        let (addr, token, client) = operator_client(cfg, Some(timeout))?;
         let url = format!("https://{addr}{path}");
         let req = match method {
             "POST" => client
@@ -722,6 +740,64 @@ mod fleet {
             anyhow::bail!("{failed} of {} BMC call(s) failed", results.len());
         }
         Ok(())
+    }
+
+    /// Stream `GET /api/events` and redraw the screen on each view;
+    /// reconnect (backing off to 5 s) when the appliance goes away.
+    pub fn watch(config: &Path) -> Result<()> {
+        use std::io::Write;
+        let cfg = Config::load(config)?;
+        let (addr, token, client) = operator_client(&cfg, None)?;
+        let url = format!("https://{addr}/api/events");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let mut wait = std::time::Duration::from_millis(200);
+            loop {
+                let res: Result<()> = async {
+                    let resp = client.get(&url).bearer_auth(&token).send().await?;
+                    let code = resp.status();
+                    if code == reqwest::StatusCode::UNAUTHORIZED
+                        || code == reqwest::StatusCode::FORBIDDEN
+                    {
+                        // Not worth retrying: the token is wrong.
+                        eprintln!("rackcast watch: HTTP {code}: check RACKCAST_TOKEN");
+                        std::process::exit(1);
+                    }
+                    let mut resp = resp.error_for_status()?;
+                    wait = std::time::Duration::from_millis(200);
+                    let mut parser = rackcast::watch::SseParser::default();
+                    while let Some(chunk) = resp.chunk().await? {
+                        for (event, data) in parser.feed(&chunk).map_err(anyhow::Error::msg)? {
+                            if event != "view" {
+                                continue;
+                            }
+                            let view: rackcast::controller::views::LiveView =
+                                serde_json::from_str(&data)?;
+                            let (rows, cols) = rackcast::watch::terminal_size();
+                            let title = format!(
+                                "rackcast watch  {addr}  {}   (Ctrl-C to quit)",
+                                humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                            );
+                            let lines = rackcast::watch::render(&view, &title, rows, cols);
+                            let mut out = std::io::stdout().lock();
+                            write!(out, "\x1b[H\x1b[2J{}", lines.join("\r\n"))?;
+                            out.flush()?;
+                        }
+                    }
+                    Ok(())
+                }
+                .await;
+                let why = match res {
+                    Ok(()) => "the appliance closed the stream".to_string(),
+                    Err(e) => format!("{e:#}"),
+                };
+                eprintln!("\r\nrackcast watch: {why}; reconnecting in {wait:?}");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(5));
+            }
+        })
     }
 
     pub fn bringup(a: &super::BringupArgs) -> Result<()> {

@@ -52,12 +52,15 @@ pub async fn serve_operator(listener: super::tls::TlsListener, shared: Shared) {
         .route("/api/power", post(power))
         .route("/api/bmc/check", post(bmc_check))
         .route("/api/bringup", post(bringup_start).get(bringup_status))
+        .route("/api/events", get(events))
+        .merge(super::ui::pages())
         .route("/api/waves", get(waves))
         .route("/api/images", get(images))
         .layer(axum::middleware::from_fn_with_state(
             shared.clone(),
             super::auth::require,
-        ));
+        ))
+        .merge(super::ui::public());
     let app = app.with_state(shared);
     let svc = app.into_make_service_with_connect_info::<super::tls::Peer>();
     if let Err(e) = axum::serve(listener, svc).await {
@@ -235,6 +238,27 @@ async fn power(State(s): State<Shared>, Json(req): Json<PowerRequest>) -> Respon
         Err(e) => return err(StatusCode::NOT_FOUND, e),
     };
     Json(bmc_calls(&s, entries, &[op]).await).into_response()
+}
+
+/// The live view as server-sent events: the whole view (JSON, event
+/// `view`) at once and again each time it changes, at most twice a
+/// second; a comment every 15 s keeps idle proxies from closing it.
+async fn events(State(s): State<Shared>) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let rx = s.live.clone();
+    let stream = futures_util::stream::unfold((rx, true), |(mut rx, first)| async move {
+        if !first && rx.changed().await.is_err() {
+            return None;
+        }
+        let data = rx.borrow_and_update().clone();
+        Some((
+            Ok::<_, std::convert::Infallible>(Event::default().event("view").data(data.as_str())),
+            (rx, false),
+        ))
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
+        .into_response()
 }
 
 /// Power on the named machines (a rack, devices, or all) at the inrush

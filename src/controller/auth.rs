@@ -120,8 +120,24 @@ fn bearer(req: &Request) -> Option<String> {
         .filter(|t| !t.is_empty())
 }
 
+/// The web page's cookie: a viewer token, accepted for reads only.
+pub const COOKIE: &str = "rackcast_view";
+
+/// The token in the page's cookie, if the request has one.
+fn cookie_token(req: &Request) -> Option<String> {
+    req.headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.trim().to_string())
+        .filter(|t| !t.is_empty())
+}
+
 /// The role of `token`, looked up in the store (read-only connection).
-async fn role_of(shared: &Shared, token: &str) -> Option<Role> {
+pub(super) async fn role_of(shared: &Shared, token: &str) -> Option<Role> {
     let path = shared.cfg.store_path();
     let hash = token_hash(token);
     tokio::task::spawn_blocking(move || {
@@ -143,9 +159,20 @@ pub async fn require(
     req: Request,
     next: Next,
 ) -> Response {
-    let token = bearer(&req);
+    let reads = req.method() == Method::GET || req.method() == Method::HEAD;
+    // The page's cookie stands in for a bearer token on reads only, and
+    // never for more than a viewer: a cross-site request that carries it
+    // (SameSite=Strict already stops most) can read nothing it could
+    // send anywhere, and can act on nothing.
+    let (token, from_cookie) = match bearer(&req) {
+        Some(t) => (Some(t), false),
+        None if reads => (cookie_token(&req), true),
+        None => (None, false),
+    };
     let role = match &token {
-        Some(t) => role_of(&shared, t).await,
+        Some(t) => role_of(&shared, t)
+            .await
+            .map(|r| if from_cookie { r.min(Role::Viewer) } else { r }),
         None => None,
     };
     let content_type = req
@@ -162,6 +189,13 @@ pub async fn require(
         Err(d) => {
             metrics::counter!("rackcast_api_denied_total", "reason" => d.reason()).increment(1);
             tracing::warn!(%peer, method = %req.method(), path = %req.uri().path(), reason = d.reason(), "operator API request refused");
+            // A browser without (or with a stale) cookie goes to sign in.
+            if reads
+                && req.uri().path().starts_with("/ui")
+                && matches!(d, Denied::NoToken | Denied::UnknownToken)
+            {
+                return axum::response::Redirect::to("/ui/login").into_response();
+            }
             let mut resp = (
                 d.status(),
                 axum::Json(serde_json::json!({ "error": d.reason() })),

@@ -43,6 +43,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         .ok();
     rackcast_core::io::metrics::register();
     let (inbox, rx) = mpsc::unbounded_channel();
+    let (live_tx, live_rx) = tokio::sync::watch::channel(Arc::new(String::from("{}")));
     let shared = Shared {
         progress: Progress::default(),
         installed: crate::boot::server::Installed::default(),
@@ -58,6 +59,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         bmcs,
         boots: tokio::sync::broadcast::channel(4096).0,
         bringup: Default::default(),
+        live: live_rx,
         agent_caps: crate::limits::Caps::new(
             cfg.appliance.max_agent_connections,
             agents::MAX_PER_SOURCE,
@@ -71,6 +73,9 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     };
     let mut ctl = Controller {
         boots: shared.boots.clone(),
+        live: live_tx,
+        live_rates: HashMap::new(),
+        bringup: shared.bringup.clone(),
         sched: WaveScheduler::new(Policy {
             min_members: cfg.waves.min_members,
             start_after_ms: cfg.waves.start_after.as_millis() as Millis,

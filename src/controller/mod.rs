@@ -17,6 +17,7 @@ mod bootstrap;
 pub mod builder;
 pub mod images;
 pub mod tls;
+pub mod ui;
 pub mod views;
 mod waves;
 
@@ -231,6 +232,11 @@ pub struct Controller {
     /// Each network boot and loader connection, by device id: what a
     /// running bringup waits for.
     boots: tokio::sync::broadcast::Sender<String>,
+    /// The live view (JSON) for `rackcast watch` and the web page, and
+    /// what its wave rates are computed from.
+    live: tokio::sync::watch::Sender<Arc<String>>,
+    live_rates: HashMap<i64, views::RateWindow>,
+    bringup: Arc<std::sync::Mutex<Option<crate::bringup::Status>>>,
     wf: WorkflowConfig,
     store: Box<dyn Store>,
     devices: HashMap<String, Device>,
@@ -293,6 +299,8 @@ pub struct Shared {
     pub boots: tokio::sync::broadcast::Sender<String>,
     /// The running (or last) bringup, as the API shows it.
     pub bringup: Arc<std::sync::Mutex<Option<crate::bringup::Status>>>,
+    /// The live view as JSON, newest first; `GET /api/events` streams it.
+    pub live: tokio::sync::watch::Receiver<Arc<String>>,
 }
 
 pub type Assigned = Arc<std::sync::RwLock<HashMap<String, String>>>;
@@ -937,6 +945,70 @@ impl Controller {
                 .set(per_state.get(s).copied().unwrap_or(0) as f64);
         }
         metrics::gauge!("rackcast_waves_running").set(self.waves.len() as f64);
+        self.publish_live(now);
+    }
+
+    /// Build the live view from memory (never the store) and publish it
+    /// if it changed.
+    fn publish_live(&mut self, now: Millis) {
+        let mut devs: Vec<Device> = self.devices.values().cloned().collect();
+        devs.sort_by(|a, b| a.id.cmp(&b.id));
+        let progress = self.progress.lock().map(|p| p.clone()).unwrap_or_default();
+        let devices = views::device_rows(&devs, &progress);
+        let mut waves = Vec::new();
+        let mut ids: Vec<i64> = self.waves.keys().copied().collect();
+        ids.sort();
+        for id in ids {
+            let w = &self.waves[&id];
+            let (mut d, mut t) = (0u64, 0u64);
+            for dev in devs.iter().filter(|x| x.wave == Some(id)) {
+                if let Some(m) = progress.get(&dev.id) {
+                    d += u64::from(m.done);
+                    t += u64::from(m.total);
+                }
+            }
+            let share = d as f64 / t.max(1) as f64;
+            let size = self
+                .manifests
+                .get(&w.image)
+                .map_or(0.0, |m| m.image_size as f64);
+            // Image bytes each member has, on average.
+            let bytes = share * size;
+            let rate = self.live_rates.entry(id).or_default().push(now, bytes);
+            let left = (1.0 - share) * size;
+            waves.push(views::LiveWave {
+                id,
+                image: w.image.clone(),
+                members: w.record.members,
+                verified: w.record.verified,
+                failed: w.record.failed,
+                progress: share,
+                rate_bps: rate * 8.0,
+                eta_s: (rate > 0.0).then(|| left / rate),
+                behind: w.behind.iter().cloned().collect(),
+            });
+        }
+        self.live_rates.retain(|id, _| self.waves.contains_key(id));
+        let bringup = self
+            .bringup
+            .lock()
+            .ok()
+            .and_then(|b| b.as_ref().and_then(|s| serde_json::to_value(s).ok()));
+        let view = views::LiveView {
+            devices,
+            waves,
+            bringup,
+        };
+        if let Ok(json) = serde_json::to_string(&view) {
+            self.live.send_if_modified(|cur| {
+                if cur.as_str() == json {
+                    false
+                } else {
+                    *cur = Arc::new(json);
+                    true
+                }
+            });
+        }
     }
 }
 

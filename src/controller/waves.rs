@@ -18,13 +18,13 @@ use super::{Controller, Input, MemberProgress};
 use crate::store::{now_ms, WaveRecord, WaveState};
 
 pub(super) struct RunningWave {
-    image: String,
+    pub(super) image: String,
     /// Where members connect (the wave's TCP control listener).
     control: SocketAddr,
     commands: crossbeam_channel::Sender<WaveCommand>,
-    record: WaveRecord,
+    pub(super) record: WaveRecord,
     /// Members behind the others now (shown in the record's detail).
-    behind: std::collections::BTreeSet<String>,
+    pub(super) behind: std::collections::BTreeSet<String>,
 }
 
 impl Controller {
