@@ -5,7 +5,9 @@ set -euo pipefail
 # iputils-ping: the lab learns neighbour entries the way a rack does
 # (lab.sh). util-linux: blkid, which the agent's disk check runs (and the loader
 # initrd carries); e2fsprogs: mkfs.ext4 for the disk-safety tests.
-need=(iproute2 iputils-ping nftables time procps curl binutils python3 util-linux e2fsprogs)
+# fdisk (sfdisk) and mtools: the identity step writes the cloud-init
+# seed with them, and rc-mkimage --gpt gives test images a GPT.
+need=(iproute2 iputils-ping nftables time procps curl binutils python3 util-linux e2fsprogs fdisk mtools)
 case "${1:-test}" in
   # PXE end to end: QEMU (software emulation), Debian's iPXE ROMs and
   # binaries, OVMF for UEFI, a kernel and cpio/kmod for the loader initrd.

@@ -18,6 +18,7 @@ pub mod config;
 pub mod controller;
 pub mod download;
 pub mod enroll;
+pub mod identity;
 pub mod image_source;
 pub mod limits;
 pub mod store;

@@ -299,7 +299,7 @@ fn main() -> Result<()> {
         Cmd::Serve(a) => {
             let cfg = rackcast::config::Config::load(&a.config)?;
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(rackcast::controller::serve(cfg))
+            rt.block_on(rackcast::controller::serve(cfg, a.config.clone()))
         }
         Cmd::Devices(a) => fleet::devices(&a.cfg.config, a.json),
         Cmd::Log(a) => fleet::log(&a.cfg.config, &a.device, a.json),

@@ -224,6 +224,43 @@ fn rack_of_eight_two_profiles_two_images_concurrent_waves() {
                 .collect()
         };
         if i % 2 == 1 {
+            // The R650's identity: the NoCloud seed on its disk, read
+            // back on the host with mtools, is its template over its
+            // facts; its log shows what was written.
+            let meta = seed_file(&disk, "meta-data");
+            assert_eq!(
+                meta,
+                format!(
+                    "instance-id: \"{}\"\nlocal-hostname: \"node{i}\"\n",
+                    device_id(i)
+                ),
+                "device {i}"
+            );
+            let user = seed_file(&disk, "user-data");
+            assert!(
+                user.starts_with("#cloud-config\n") && user.contains(SSH_KEY),
+                "device {i}: {user}"
+            );
+            let net = seed_file(&disk, "network-config");
+            assert!(
+                net.contains(&format!("addresses: [\"198.18.7.{i}/24\"]"))
+                    && net.contains(&format!("macaddress: \"{}\"", mac(i))),
+                "device {i}: {net}"
+            );
+            assert_eq!(kinds("identity_written"), ["ok"], "device {i}");
+            let seeded = ev
+                .iter()
+                .find(|e| e["step"] == "identity_written" && e["kind"] == "ok")
+                .unwrap();
+            assert!(
+                seeded["detail"].as_str().unwrap().contains("seed blake3"),
+                "{seeded}"
+            );
+            assert!(ev.iter().any(|e| e["kind"] == "op"
+                && e["detail"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains(&format!("local-hostname: \"node{i}\""))));
             // The R650 profile's BIOS went through the device's BMC:
             // only what differed was changed, then read back.
             assert_eq!(kinds("bios_configured"), ["ok"], "device {i}");
@@ -234,6 +271,7 @@ fn rack_of_eight_two_profiles_two_images_concurrent_waves() {
             // through their BMC before the image came.
             assert_eq!(kinds("bios_configured"), ["skipped"], "device {i}");
             assert_eq!(kinds("raid_configured"), ["ok"], "device {i}");
+            assert_eq!(kinds("identity_written"), ["skipped"], "device {i}");
             assert!(ev.iter().any(|e| e["detail"]
                 .as_str()
                 .unwrap_or("")
@@ -549,6 +587,7 @@ fn bad_input_gets_clear_errors_and_the_others_are_served() {
             .args(["netns", "exec", &app_ns, "python3"])
             .arg(root().join("tests/fixtures/bad_agent.py"))
             .args(["198.18.0.1", "7100", case])
+            .arg(rackcast_core::wire::device::DEVICE_PROTOCOL.to_string())
             .output()
             .unwrap();
         assert!(
@@ -964,6 +1003,9 @@ fn bios_over_redfish_is_idempotent_names_refused_attributes_and_waits_for_the_bm
     let out = finish(rack.agents[0].take().unwrap(), Duration::from_secs(20));
     assert!(out.status.success());
     reinstall(&rack, 1);
+    // The reinstall went through d1's BMC: PXE once, then one reset.
+    let resets = rack.bmcs[0].count("POST", "ComputerSystem.Reset");
+    assert_eq!(resets, 2, "the BIOS step's reset and the reinstall's");
     rack.start_agent(1);
     rack.wait_for("d1 reinstalled", Duration::from_secs(120), |d| {
         d.iter()
@@ -971,7 +1013,11 @@ fn bios_over_redfish_is_idempotent_names_refused_attributes_and_waits_for_the_bm
             && log_has(&rack, 1, "already as wanted, nothing to change")
     });
     assert_eq!(rack.bmcs[0].count("PATCH", "/BIOS/Settings"), 1);
-    assert_eq!(rack.bmcs[0].count("POST", "ComputerSystem.Reset"), 1);
+    assert_eq!(
+        rack.bmcs[0].count("POST", "ComputerSystem.Reset"),
+        resets,
+        "the second install's BIOS step reset nothing"
+    );
     // The bundles (with the BMC password) are the appliance user's only.
     use std::os::unix::fs::PermissionsExt;
     let mode = fs::metadata(rack.lab.file("state/bundles"))

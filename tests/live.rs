@@ -295,6 +295,46 @@ fn the_live_view_follows_a_wave_in_a_terminal_and_a_browser() {
                 })
         },
     );
+    // SIGHUP while the wave runs: a config that does not load is refused
+    // and changes nothing; a valid one changes a wave policy, and the
+    // running wave still finishes (checked below).
+    let hup = |rack: &Rack, marker: &str| {
+        let pid = rack.serve.as_ref().unwrap().id();
+        let before = rack.serve_log().matches(marker).count();
+        let st = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rack.serve_log().matches(marker).count() == before {
+            assert!(
+                Instant::now() < deadline,
+                "no {marker:?} after SIGHUP:\n{}",
+                tail(&rack.serve_log(), 20)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let good = fs::read_to_string(&rack.config).unwrap();
+    fs::write(&rack.config, "[appliance\n").unwrap();
+    hup(&rack, "config reload (SIGHUP) refused");
+    assert!(good.contains("member_timeout = \"30s\""), "{good}");
+    fs::write(
+        &rack.config,
+        good.replace(
+            "member_timeout = \"30s\"",
+            "member_timeout = \"45s\"\nslow_members = \"wait\"",
+        ),
+    )
+    .unwrap();
+    hup(&rack, "config reloaded (SIGHUP)");
+    let log = rack.serve_log();
+    assert!(
+        log.contains("waves.member_timeout 30s -> 45s") && log.contains("waves.slow_members"),
+        "{}",
+        tail(&log, 10)
+    );
     // The page: every device with its state, and the wave's progress
     // moving without a reload.
     let rows = |b: &Browser| -> Value {
@@ -348,6 +388,12 @@ fn the_live_view_follows_a_wave_in_a_terminal_and_a_browser() {
     }
 
     rack.wait_for("all devices done", Duration::from_secs(240), all_done(n));
+    let waves = rack.cli(&["waves"]);
+    let w = &waves.as_array().unwrap()[0];
+    assert!(
+        w["state"] == "finished" && w["verified"] == 2,
+        "the wave running at the SIGHUP finished: {w}"
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut screen = tmux.screen();
     while !screen.contains(&format!("done {n}")) && Instant::now() < deadline {

@@ -74,6 +74,13 @@ add_program /sbin/mdadm /sbin/mdadm
 # util-linux's blkid (busybox's has no -p/-o export): the agent refuses a
 # target disk holding a filesystem or partition table by what it finds.
 add_program /sbin/blkid /sbin/blkid
+# The identity step: util-linux's sfdisk finds or adds the CIDATA
+# partition, mtools (one program, called by these names) writes the
+# cloud-init seed on it without mounting anything.
+add_program /sbin/sfdisk /sbin/sfdisk
+for t in mformat mcopy mtype; do
+  add_program "$(command -v "$t")" "/usr/bin/$t"
+done
 
 # Driver modules of the kernel we ship, with their dependencies first.
 : >"$STAGE/etc/modules.order"

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 use rackcast_core::io::receive::{run_receive, Progress, ReceiveOptions};
 use rackcast_core::model::{OpRecord, StepData};
@@ -36,14 +36,29 @@ pub(crate) async fn receive_image(
     // The disk the plan means, found again in this boot's enumeration by
     // serial and size; an array by its path.
     let target = crate::disks::image_target(&ctx.inventory, &plan.image)?;
+    // A target this agent already began writing this image to (a wave
+    // cut short, an appliance restart) holds the image's own partition
+    // table by now: that is our partial write, which the resume state
+    // continues, not someone's data. The claim names the target, so a
+    // state left for another disk never opens this one.
+    let claim = state.with_extension("target");
+    let ours = state.exists() && std::fs::read_to_string(&claim).is_ok_and(|t| t == target);
     let t = Instant::now();
-    match crate::disks::check_target(std::path::Path::new(&target), plan.image.wipe) {
-        Ok(what) => ops.push(OpRecord::timed("disk-check", true, t, what)),
+    match crate::disks::check_target(std::path::Path::new(&target), plan.image.wipe || ours) {
+        Ok(what) => {
+            let what = if ours {
+                format!("{what}; it holds this image's partial write (resume state): continuing it")
+            } else {
+                what
+            };
+            ops.push(OpRecord::timed("disk-check", true, t, what));
+        }
         Err(e) => {
             ops.push(OpRecord::timed("disk-check", false, t, format!("{e:#}")));
             return Err(e);
         }
     }
+    std::fs::write(&claim, &target).with_context(|| format!("{}", claim.display()))?;
     let opts = ReceiveOptions {
         server: join.control,
         out: PathBuf::from(&target),
@@ -94,6 +109,9 @@ pub(crate) async fn receive_image(
             rep.reason.unwrap_or_else(|| "unknown".into())
         );
     }
+    // Written and verified: the disk now holds an installed OS, which
+    // only a wipe (a reinstall) may overwrite.
+    let _ = std::fs::remove_file(&claim);
     Ok((
         format!("image {} written to {target} and verified", join.image),
         StepData::ImageWritten {

@@ -10,6 +10,7 @@ mod loader;
 mod plan;
 mod raid;
 mod redfish;
+mod seed;
 mod session;
 
 use std::io::IsTerminal;

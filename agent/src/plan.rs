@@ -192,6 +192,14 @@ async fn run_plan(ctx: &Ctx, cmd_id: u64, step: Step, ops: &mut Vec<OpRecord>) -
         }
         Step::ProgramsRun => plan.programs.clone(),
         Step::PostInstall => plan.post_install.clone(),
+        Step::IdentityWritten => {
+            let seed = plan
+                .seed
+                .as_ref()
+                .ok_or_else(|| anyhow!("plan has no identity seed"))?;
+            let target = &env["RC_IMAGE_TARGET"];
+            return crate::seed::write(target, seed, &ctx.work_dir.join("seed"), ops).await;
+        }
         Step::BootToDisk => plan.boot_to_disk.iter().cloned().collect(),
         other => bail!("step {other} has no programs"),
     };

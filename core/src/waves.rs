@@ -71,6 +71,12 @@ impl WaveScheduler {
         }
     }
 
+    /// A new policy (a reloaded config): for waves started from now on;
+    /// running waves keep what they started with.
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+    }
+
     /// A device passed the barrier and asks for `image`.
     pub fn enqueue(&mut self, device: &str, image: &str, now: Millis) -> Vec<WaveAction> {
         self.remove(device);

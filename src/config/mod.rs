@@ -709,6 +709,22 @@ pub struct ProfileConfig {
     #[serde(default)]
     pub post_install: Vec<ProgramConfig>,
     pub boot_to_disk: Option<ProgramConfig>,
+    /// Each machine's identity in its installed OS: templates of a
+    /// cloud-init NoCloud seed, written after post-install.
+    pub identity: Option<IdentityConfig>,
+}
+
+/// A profile's identity templates (minijinja; see `src/identity.rs` for
+/// the facts they see). Read and checked when `serve` starts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// `meta-data` (default: `instance-id` and `local-hostname`).
+    pub meta_data: Option<PathBuf>,
+    /// `user-data` (SSH keys and the rest of `#cloud-config`).
+    pub user_data: PathBuf,
+    /// `network-config` version 2 (static addresses, VLANs, bonds).
+    pub network_config: Option<PathBuf>,
 }
 
 fn star() -> String {

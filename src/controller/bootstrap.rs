@@ -19,8 +19,8 @@ use super::{agents, api, Assigned, Controller, Input, Progress, Shared};
 use crate::config::Config;
 use crate::store::SqliteStore;
 
-/// Run the appliance until SIGINT/SIGTERM.
-pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+/// Run the appliance until SIGINT/SIGTERM; SIGHUP reads `path` again.
+pub async fn serve(cfg: Config, path: std::path::PathBuf) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let fds = rackcast_core::io::raise_fd_limit();
     tracing::info!(open_files = fds, "file descriptor limit");
@@ -162,9 +162,23 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         .name("rc-controller".into())
         .spawn(move || ctl.run(rx))?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => match Config::load(&path) {
+                // A config that does not load changes nothing: the
+                // appliance goes on with the one it has.
+                Ok(new) => {
+                    let _ = inbox.send(Input::Reload(Box::new(new)));
+                }
+                Err(e) => {
+                    metrics::counter!("rackcast_config_reloads_total", "result" => "refused").increment(1);
+                    tracing::error!(error = %e, "config reload (SIGHUP) refused; the running config stays");
+                }
+            },
+        }
     }
     tracing::info!("shutting down");
     let _ = inbox.send(Input::Shutdown);

@@ -36,6 +36,7 @@ pub struct Builder {
     bundle_blobs: std::sync::Mutex<HashMap<String, std::collections::HashSet<String>>>,
     agents: HashMap<String, BlobRef>,
     modules: Vec<(crate::config::ModuleConfig, BlobRef)>,
+    identity: crate::identity::Templates,
 }
 
 fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
@@ -109,6 +110,7 @@ impl Builder {
             bundle_blobs: Default::default(),
             agents,
             modules,
+            identity: crate::identity::Templates::load(cfg)?,
         })
     }
 
@@ -188,6 +190,7 @@ impl Builder {
     pub fn build(
         &self,
         mac: &str,
+        row: Option<&crate::enroll::InventoryRow>,
         inv: &Inventory,
         images: &HashMap<String, ImageEntry>,
         reinstall: bool,
@@ -334,6 +337,11 @@ impl Builder {
             },
             post_install: p.post_install.iter().map(|x| x.to_program()).collect(),
             boot_to_disk: p.boot_to_disk.as_ref().map(|x| x.to_program()),
+            seed: {
+                let device = super::device_id_for(mac);
+                let facts = crate::identity::Facts::new(&device, mac, row, inv, &img.name, &p.name);
+                self.identity.render(&p.name, &facts).map_err(rule_err)?
+            },
         };
         let bundle = Bundle {
             version: BUNDLE_VERSION,

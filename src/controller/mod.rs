@@ -125,6 +125,8 @@ pub enum Input {
         what: String,
     },
     Tick,
+    /// SIGHUP: the config file read again (and valid).
+    Reload(Box<Config>),
     Shutdown,
 }
 
@@ -609,6 +611,7 @@ impl Controller {
                 let _ = reply.send(r);
             }
             Input::Tick => self.on_tick(),
+            Input::Reload(new) => self.reload(*new),
             Input::Shutdown => {}
         }
     }
@@ -858,6 +861,7 @@ impl Controller {
             self.inbox.clone(),
         );
         let (device, mac, images) = (id.to_string(), dev.mac.clone(), self.images.clone());
+        let row = self.enroll.row(&mac).cloned();
         let reinstall = dev.reinstall;
         self.rt.spawn(async move {
             // Bounded: 1,000 devices inventoried at once do not build
@@ -865,7 +869,7 @@ impl Controller {
             let _permit = permits.acquire_owned().await;
             let result = tokio::task::spawn_blocking(move || {
                 builder
-                    .build(&mac, &inv, &images, reinstall)
+                    .build(&mac, row.as_ref(), &inv, &images, reinstall)
                     .map(|(h, p)| (h, Box::new(p)))
                     .map_err(|e| e.to_string())
             })
@@ -946,6 +950,146 @@ impl Controller {
         }
         metrics::gauge!("rackcast_waves_running").set(self.waves.len() as f64);
         self.publish_live(now);
+    }
+
+    /// Take a reloaded config: its `[waves]` and `[workflow]` apply to
+    /// waves started and steps timed from now on (a running wave keeps
+    /// the policy it started with and finishes); a change anywhere else
+    /// is logged as needing a restart and not applied.
+    fn reload(&mut self, new: Config) {
+        let old = self.cfg.clone();
+        let mut changed: Vec<String> = Vec::new();
+        let mut note = |name: &str, a: String, b: String| {
+            if a != b {
+                changed.push(format!("{name} {a} -> {b}"));
+            }
+        };
+        let (ow, nw) = (&old.waves, &new.waves);
+        note(
+            "waves.min_members",
+            ow.min_members.to_string(),
+            nw.min_members.to_string(),
+        );
+        note(
+            "waves.start_after",
+            format!("{:?}", ow.start_after),
+            format!("{:?}", nw.start_after),
+        );
+        note(
+            "waves.member_timeout",
+            format!("{:?}", ow.member_timeout),
+            format!("{:?}", nw.member_timeout),
+        );
+        note(
+            "waves.hello_timeout",
+            format!("{:?}", ow.hello_timeout),
+            format!("{:?}", nw.hello_timeout),
+        );
+        note(
+            "waves.slow_members",
+            format!("{:?}", ow.slow_members),
+            format!("{:?}", nw.slow_members),
+        );
+        let (of, nf) = (&old.workflow, &new.workflow);
+        note(
+            "workflow.step_timeout",
+            format!("{:?}", of.step_timeout),
+            format!("{:?}", nf.step_timeout),
+        );
+        note(
+            "workflow.imaging_timeout",
+            format!("{:?}", of.imaging_timeout),
+            format!("{:?}", nf.imaging_timeout),
+        );
+        note(
+            "workflow.max_attempts",
+            of.max_attempts.to_string(),
+            nf.max_attempts.to_string(),
+        );
+        note(
+            "workflow.retry_backoff",
+            format!("{:?}", of.retry_backoff),
+            format!("{:?}", nf.retry_backoff),
+        );
+        // Everything else is read once at start (listeners, state, images,
+        // profiles, inventory, BMCs): say so rather than half-apply it.
+        let mut restart: Vec<&str> = Vec::new();
+        let sections: [(&str, String, String); 10] = [
+            (
+                "appliance",
+                format!("{:?}", old.appliance),
+                format!("{:?}", new.appliance),
+            ),
+            (
+                "dataplane",
+                format!("{:?}", old.dataplane),
+                format!("{:?}", new.dataplane),
+            ),
+            (
+                "agents",
+                format!("{:?}", old.agents),
+                format!("{:?}", new.agents),
+            ),
+            (
+                "images",
+                format!("{:?}", old.images),
+                format!("{:?}", new.images),
+            ),
+            (
+                "modules",
+                format!("{:?}", old.modules),
+                format!("{:?}", new.modules),
+            ),
+            (
+                "profiles",
+                format!("{:?}", old.profiles),
+                format!("{:?}", new.profiles),
+            ),
+            (
+                "devices",
+                format!("{:?}", old.devices),
+                format!("{:?}", new.devices),
+            ),
+            ("boot", format!("{:?}", old.boot), format!("{:?}", new.boot)),
+            (
+                "enroll",
+                format!("{:?}", old.enroll),
+                format!("{:?}", new.enroll),
+            ),
+            ("bmc", format!("{:?}", old.bmc), format!("{:?}", new.bmc)),
+        ];
+        for (name, a, b) in &sections {
+            if a != b {
+                restart.push(name);
+            }
+        }
+        let mut merged = (*old).clone();
+        merged.waves = new.waves.clone();
+        merged.workflow = new.workflow.clone();
+        self.sched.set_policy(rackcast_core::waves::Policy {
+            min_members: merged.waves.min_members,
+            start_after_ms: merged.waves.start_after.as_millis() as Millis,
+            total_rate: merged.dataplane.total_rate,
+        });
+        self.wf = WorkflowConfig {
+            step_timeout_ms: merged.workflow.step_timeout.as_millis() as Millis,
+            imaging_timeout_ms: merged.workflow.imaging_timeout.as_millis() as Millis,
+            max_attempts: merged.workflow.max_attempts,
+            retry_backoff_ms: merged.workflow.retry_backoff.as_millis() as Millis,
+        };
+        self.cfg = Arc::new(merged);
+        metrics::counter!("rackcast_config_reloads_total", "result" => "ok").increment(1);
+        tracing::info!(
+            changed = %if changed.is_empty() { "nothing".to_string() } else { changed.join(", ") },
+            running_waves = self.waves.len(),
+            "config reloaded (SIGHUP): applies to waves and steps from now on"
+        );
+        if !restart.is_empty() {
+            tracing::warn!(
+                sections = %restart.join(", "),
+                "config reloaded (SIGHUP): these sections changed but are read only at start: restart the appliance to apply them"
+            );
+        }
     }
 
     /// Build the live view from memory (never the store) and publish it

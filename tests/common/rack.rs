@@ -26,6 +26,10 @@ pub struct Rack {
 
 pub const MAC_PREFIX: &str = "02:aa:00:00:00:";
 
+/// The SSH key every R650's identity seed authorizes.
+pub const SSH_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHJhY2tjYXN0LWxhYi1rZXktZm9yLXRlc3Rz lab@rackcast";
+
 pub fn mac(i: usize) -> String {
     format!("{MAC_PREFIX}{i:02x}")
 }
@@ -79,6 +83,7 @@ impl Rack {
                     &seed.to_string(),
                     "--zero-every",
                     "5",
+                    "--gpt",
                 ])
                 .stdout(Stdio::null())
                 .status()
@@ -87,6 +92,20 @@ impl Rack {
             images.insert(name.to_string(), p);
         }
         let config = dir.join("rackcast.toml");
+        // The R650s' identity: hostname from the rack inventory, a static
+        // address from its `addr` column, an SSH key.
+        let user_data = dir.join("user-data.j2");
+        fs::write(
+            &user_data,
+            format!("#cloud-config\nhostname: {{{{ hostname | tojson }}}}\nssh_authorized_keys:\n  - {SSH_KEY}\n"),
+        )
+        .unwrap();
+        let network = dir.join("network-config.j2");
+        fs::write(
+            &network,
+            "version: 2\nethernets:\n  {{ inventory.nics[0].name }}:\n    match:\n      macaddress: {{ mac | tojson }}\n    addresses: [{{ labels.addr | tojson }}]\n",
+        )
+        .unwrap();
         // `rate_pct` of the link (80 by default): the control plane
         // (bundles, feedback) needs headroom beside a wave at full rate.
         let cfg_rate = rate.trim_end_matches("mbit").parse::<u64>().unwrap() * rate_pct / 100;
@@ -107,6 +126,7 @@ bios = {{ attributes = {{ BootMode = "Uefi", ProcTurboMode = "Disabled", Embedde
 programs = [ {{ name = "set-hostname", argv = ["sh", "-c", "echo host $RC_DEVICE target $RC_IMAGE_TARGET"], timeout = "10s" }} ]
 post_install = [ {{ name = "check-image", argv = ["sh", "-c", "test -s $RC_IMAGE_TARGET && echo image present"] }} ]
 boot_to_disk = {{ name = "efibootmgr", argv = ["true"] }}
+identity = {{ user_data = "{user_data}", network_config = "{network}" }}
 
 [[profiles]]
 name = "generic"
@@ -119,6 +139,8 @@ redfish = {redfish}
 "#,
             module = module.display(),
             redfish = redfish_cfg(),
+            user_data = user_data.display(),
+            network = network.display(),
         );
         let mut cfg = ApplianceConfig::new(&state, &agent, &format!("{cfg_rate}M"), "239.255.30.1")
             .image("debian", &images["debian"])
@@ -158,6 +180,10 @@ redfish = {redfish}
                     .collect(),
             ),
             ("bmc_credential".into(), vec!["lab".to_string(); n]),
+            (
+                "addr".into(),
+                (1..=n).map(|i| format!("198.18.7.{i}/24")).collect(),
+            ),
         ];
         cfg = cfg.section(format!(
             "[bmc.credentials.lab]\nusername = \"{BMC_USER}\"\npassword_file = \"{}\"\n",
@@ -431,17 +457,77 @@ pub fn assert_image_on(disk: &Path, image: &Path) {
     let want = fs::read(image).unwrap();
     let got = fs::read(disk).unwrap();
     assert!(got.len() >= want.len(), "{} too short", disk.display());
+    // A GPT image: its partitions' data must be there byte for byte; the
+    // tables around them are the identity step's to change (it moves the
+    // backup table to the disk's end and adds a CIDATA partition).
+    let range = match gpt(image) {
+        Some(parts) => {
+            let (start, size, _) = parts[0].clone();
+            (start as usize * 512)..((start + size) as usize * 512)
+        }
+        None => 0..want.len(),
+    };
     assert!(
-        got[..want.len()] == want[..],
+        got[range.clone()] == want[range],
         "{} does not hold {}",
         disk.display(),
         image.display()
     );
 }
 
+/// A disk's (or image's) GPT partitions, `(start, size, name)` in
+/// sectors, read by util-linux's sfdisk; `None` without a GPT.
+pub fn gpt(disk: &Path) -> Option<Vec<(u64, u64, String)>> {
+    let out = Command::new("sfdisk")
+        .arg("--json")
+        .arg(disk)
+        .output()
+        .ok()?;
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    let t = &v["partitiontable"];
+    (t["label"] == "gpt").then(|| {
+        t["partitions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                (
+                    p["start"].as_u64().unwrap(),
+                    p["size"].as_u64().unwrap(),
+                    p["name"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    })
+}
+
+/// A file of the NoCloud seed on `disk`'s CIDATA partition, read on the
+/// host with mtools (no mount).
+pub fn seed_file(disk: &Path, name: &str) -> String {
+    let parts = gpt(disk).unwrap_or_else(|| panic!("{}: no GPT", disk.display()));
+    let (start, _, _) = parts
+        .iter()
+        .find(|p| p.2 == "CIDATA")
+        .unwrap_or_else(|| panic!("{}: no CIDATA partition: {parts:?}", disk.display()))
+        .clone();
+    let out = Command::new("mtype")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(format!("{}@@{}", disk.display(), start * 512))
+        .arg(format!("::{name}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mtype {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// Every step a device completes (or skips), in order: its log's `ok`
 /// and `skipped` rows name these once each.
-pub const STEP_ORDER: [&str; 12] = [
+pub const STEP_ORDER: [&str; 13] = [
     "loader_booted",
     "inventoried",
     "agent_delivered",
@@ -452,6 +538,7 @@ pub const STEP_ORDER: [&str; 12] = [
     "imaging",
     "image_verified",
     "post_install",
+    "identity_written",
     "boot_to_disk",
     "done",
 ];

@@ -223,6 +223,12 @@ pub const CATALOG: &[Metric] = &[
         "rackcast_events_pruned_total",
         "event-log rows removed past their retention",
     ),
+    counter_by(
+        "rackcast_config_reloads_total",
+        "config reloads on SIGHUP, by result",
+        "result",
+        &["ok", "refused"],
+    ),
     // Workflow and waves.
     Metric {
         name: "rackcast_devices",

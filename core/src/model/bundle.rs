@@ -12,7 +12,7 @@ use thiserror::Error;
 use super::{Plan, Program};
 
 /// Bundle format version: a loader refuses bundles it does not know.
-pub const BUNDLE_VERSION: u16 = 2;
+pub const BUNDLE_VERSION: u16 = 3;
 
 /// A file of the bundle, by content address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -235,6 +235,7 @@ mod tests {
                 },
                 post_install: vec![],
                 boot_to_disk: None,
+                seed: None,
             },
         };
         let bytes = b.to_bytes();

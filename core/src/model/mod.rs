@@ -18,5 +18,6 @@ pub use bundle::{BlobRef, Bundle, BundleError, ModuleRef, BUNDLE_VERSION};
 pub use inventory::{Cpu, Disk, Dmi, Inventory, Nic, StorageController};
 pub use plan::{
     check_raid_level, glob_match, BiosPlan, DiskId, DiskRule, ImagePlan, Plan, Program, RaidPlan,
+    Seed,
 };
 pub use steps::{AgentMode, Command, OpRecord, Outcome, Step, StepData, WaveJoin, Work};

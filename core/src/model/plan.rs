@@ -143,6 +143,23 @@ pub struct Plan {
     pub post_install: Vec<Program>,
     /// Makes the device boot its disk next.
     pub boot_to_disk: Option<Program>,
+    /// The machine's identity for its installed OS: a cloud-init NoCloud
+    /// seed written into the image after it is verified (`None`: the
+    /// step is skipped).
+    #[serde(default)]
+    pub seed: Option<Seed>,
+}
+
+/// A cloud-init NoCloud seed, rendered from the profile's templates over
+/// the device's facts when its bundle is built.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seed {
+    /// `meta-data`: `instance-id` and `local-hostname`.
+    pub meta_data: String,
+    /// `user-data`: SSH keys and whatever the template adds.
+    pub user_data: String,
+    /// `network-config` (version 2), if the profile has one.
+    pub network_config: Option<String>,
 }
 
 impl Plan {
@@ -331,6 +348,7 @@ mod tests {
             },
             post_install: vec![],
             boot_to_disk: None,
+            seed: None,
         };
         let json = serde_json::to_string(&plan.clone().without_secrets()).unwrap();
         assert!(!json.contains("s3cret"), "{json}");

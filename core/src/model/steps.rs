@@ -39,6 +39,9 @@ pub enum Step {
     ImageVerified,
     /// Post-install programs ran.
     PostInstall,
+    /// The machine's identity (a cloud-init NoCloud seed) is written
+    /// into its installed image.
+    IdentityWritten,
     /// The device is set to boot its disk.
     BootToDisk,
     /// Installed.
@@ -47,7 +50,7 @@ pub enum Step {
 
 impl Step {
     /// Every step, in order.
-    pub const ALL: [Step; 13] = [
+    pub const ALL: [Step; 14] = [
         Step::Discovered,
         Step::LoaderBooted,
         Step::Inventoried,
@@ -59,6 +62,7 @@ impl Step {
         Step::Imaging,
         Step::ImageVerified,
         Step::PostInstall,
+        Step::IdentityWritten,
         Step::BootToDisk,
         Step::Done,
     ];
@@ -83,6 +87,7 @@ impl Step {
             Step::Imaging => "imaging",
             Step::ImageVerified => "image_verified",
             Step::PostInstall => "post_install",
+            Step::IdentityWritten => "identity_written",
             Step::BootToDisk => "boot_to_disk",
             Step::Done => "done",
         }

@@ -15,7 +15,7 @@ use crate::model::{AgentMode, Command, OpRecord, Outcome, StepData};
 /// certificate's), a per-boot device credential in `Hello`/`Welcome`,
 /// bundle signatures bound to device and boot. 4: plans name disks by
 /// serial and size (bundle version 2).
-pub const DEVICE_PROTOCOL: u16 = 4;
+pub const DEVICE_PROTOCOL: u16 = 5;
 /// Largest frame either side accepts once the peer is known.
 pub const MAX_FRAME: usize = 4 << 20;
 /// Largest first frame (`Hello`) the appliance accepts from a peer it does

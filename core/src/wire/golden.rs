@@ -183,6 +183,11 @@ fn bundle() -> Bundle {
             },
             post_install: vec![program("post")],
             boot_to_disk: Some(program("efibootmgr")),
+            seed: Some(Seed {
+                meta_data: "instance-id: rc-1\nlocal-hostname: web1\n".into(),
+                user_data: "#cloud-config\nssh_authorized_keys: [ssh-ed25519 AAAA]\n".into(),
+                network_config: Some("version: 2\n".into()),
+            }),
         },
     }
 }

@@ -831,6 +831,9 @@ impl Fx<'_> {
             Step::PostInstall if plan.post_install.is_empty() => {
                 Some("profile has no post-install programs".into())
             }
+            Step::IdentityWritten if plan.seed.is_none() => {
+                Some("profile has no identity templates".into())
+            }
             Step::BootToDisk if plan.boot_to_disk.is_none() => {
                 Some("profile has no boot-to-disk program".into())
             }
@@ -858,6 +861,7 @@ impl Fx<'_> {
             | Step::RaidConfigured
             | Step::ProgramsRun
             | Step::PostInstall
+            | Step::IdentityWritten
             | Step::BootToDisk => Work::RunPlan,
             Step::ReadyForImage => Work::RequestImage,
             Step::Imaging => {

@@ -1,7 +1,7 @@
 //! Workflow core tests: no sockets, no sleeps, time is a number.
 
 use super::*;
-use crate::model::{BiosPlan, ImagePlan, Plan, Program};
+use crate::model::{BiosPlan, ImagePlan, Plan, Program, Seed};
 
 const IMG_HASH: &str = "abc123";
 
@@ -31,6 +31,11 @@ fn plan(full: bool) -> Plan {
         },
         post_install: vec![],
         boot_to_disk: full.then(|| prog("efiboot")),
+        seed: full.then(|| Seed {
+            meta_data: "instance-id: d-1\n".into(),
+            user_data: "#cloud-config\n".into(),
+            network_config: None,
+        }),
     }
 }
 
@@ -169,7 +174,10 @@ fn every_step_in_order_to_done() {
         bytes: 10,
     });
     assert_eq!(s.dev.reached, Step::PostInstall);
-    // post_install skipped, boot_to_disk runs
+    // post_install skipped; the identity seed is written, then
+    // boot_to_disk runs
+    assert_eq!(s.last_cmd().step, Step::IdentityWritten);
+    s.ok(StepData::None);
     assert_eq!(s.last_cmd().step, Step::BootToDisk);
     s.ok(StepData::None);
     assert_eq!(s.dev.reached, Step::Done);
@@ -185,6 +193,7 @@ fn every_step_in_order_to_done() {
             Step::ReadyForImage,
             Step::Imaging,
             Step::ImageVerified,
+            Step::IdentityWritten,
             Step::BootToDisk,
             Step::Done
         ]

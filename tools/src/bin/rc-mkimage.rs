@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Parser;
 use rand::{RngCore, SeedableRng};
 
@@ -29,6 +29,11 @@ struct Args {
     /// shrinks them about 3x), not random bytes.
     #[arg(long)]
     compressible: bool,
+    /// Give the image a GPT (with util-linux's sfdisk) whose one
+    /// partition, `root`, holds the data from 1 MiB to the backup
+    /// table: an installed disk has one, and the identity step needs it.
+    #[arg(long)]
+    gpt: bool,
 }
 
 /// Fill `buf` with lines of words drawn from `words`.
@@ -77,5 +82,22 @@ fn main() -> Result<()> {
     rng.fill_bytes(&mut tail);
     w.write_all(&tail)?;
     w.flush()?;
+    drop(w);
+    if a.gpt {
+        let mut c = std::process::Command::new("sfdisk")
+            .args(["-q", "--no-reread", "--no-tell-kernel"])
+            .arg(&a.out)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .context("sfdisk (Debian package fdisk)")?;
+        if let Some(mut stdin) = c.stdin.take() {
+            stdin.write_all(
+                b"label: gpt\nstart=2048, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=\"root\"\n",
+            )?;
+        }
+        if !c.wait()?.success() {
+            anyhow::bail!("sfdisk could not write a GPT on {}", a.out.display());
+        }
+    }
     Ok(())
 }
