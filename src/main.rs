@@ -120,6 +120,9 @@ struct PowerArgs {
     /// Every machine that has a BMC.
     #[arg(long)]
     all: bool,
+    /// Needed to power off or cycle a whole rack or every machine.
+    #[arg(long)]
+    yes: bool,
     #[command(flatten)]
     cfg: ConfigArg,
     #[arg(long)]
@@ -717,6 +720,19 @@ mod fleet {
     }
 
     pub fn power(a: &super::PowerArgs) -> Result<()> {
+        // Turning a rack off is one typo away from an outage: ask for it
+        // in words.
+        if (a.all || a.rack.is_some()) && (a.action == "off" || a.action == "cycle") && !a.yes {
+            anyhow::bail!(
+                "power {} of {} stops running machines: add --yes if that is what you mean",
+                a.action,
+                if a.all {
+                    "every machine".to_string()
+                } else {
+                    format!("rack {}", a.rack.as_deref().unwrap_or(""))
+                }
+            );
+        }
         let cfg = Config::load(&a.cfg.config)?;
         let body = serde_json::json!({
             "action": a.action.replace('-', "_"),

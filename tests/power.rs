@@ -372,6 +372,15 @@ fn power_and_pxe_once_through_redfish_and_ipmi_read_back_and_are_logged() {
         );
     }
 
+    // A whole rack off needs --yes; without it nothing is asked.
+    let out = p.cli(&["power", "off", "--rack", "lab"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("add --yes"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(p.ipmi.powered() && p.redfish_power() == "On");
     // A viewer cannot power machines.
     let viewer = operator_token(&p.config, "viewer");
     let (code, _) = operator_curl(
