@@ -43,7 +43,15 @@ pub async fn serve(cfg: Config, path: std::path::PathBuf) -> anyhow::Result<()> 
         .ok();
     rackcast_core::io::metrics::register();
     let (inbox, rx) = mpsc::unbounded_channel();
-    let (live_tx, live_rx) = tokio::sync::watch::channel(Arc::new(String::from("{}")));
+    // An empty view until the first tick: a watcher connecting in the
+    // first half second gets something it can read.
+    let empty = super::views::LiveView {
+        devices: Vec::new(),
+        waves: Vec::new(),
+        bringup: None,
+    };
+    let (live_tx, live_rx) =
+        tokio::sync::watch::channel(Arc::new(serde_json::to_string(&empty).unwrap_or_default()));
     let shared = Shared {
         progress: Progress::default(),
         installed: crate::boot::server::Installed::default(),
