@@ -38,12 +38,7 @@ impl PowerLab {
         let lab = Lab::up("pw", 4, "100mbit", &[]);
         let redfish = Bmc::start_on(&lab, "d1", "198.18.0.11");
         let ipmi = IpmiSim::start(&lab, "d2", "198.18.0.12", None);
-        let pw = |name: &str, text: &str| -> PathBuf {
-            let p = lab.file(&format!("{name}.pw"));
-            fs::write(&p, format!("{text}\n")).unwrap();
-            fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
-            p
-        };
+        let pw = |name: &str, text: &str| password_file(&lab, name, text, 0o600);
         let state = lab.file("state");
         fs::create_dir_all(&state).unwrap();
         let config = lab.file("rackcast.toml");
@@ -95,13 +90,7 @@ impl PowerLab {
     /// `rackcast ARGS --config C`, as an operator runs it on the
     /// appliance.
     fn cli(&self, args: &[&str]) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.lab.ns("app")])
-            .arg(bin("rackcast"))
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .env("RACKCAST_TOKEN", operator_token(&self.config, "admin"))
+        operator_cli(&self.lab, &self.config, args)
             .output()
             .unwrap()
     }
@@ -159,6 +148,14 @@ impl PowerLab {
             .unwrap()
             .to_string()
     }
+}
+
+/// A BMC password file `NAME.pw` in the lab folder, with `mode`.
+fn password_file(lab: &Lab, name: &str, text: &str, mode: u32) -> PathBuf {
+    let p = lab.file(&format!("{name}.pw"));
+    fs::write(&p, format!("{text}\n")).unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+    p
 }
 
 fn metric(text: &str, series: &str) -> Option<f64> {
@@ -410,9 +407,7 @@ fn a_bmc_password_file_others_can_read_stops_the_appliance() {
     let lab = Lab::up("pf", 1, "100mbit", &[]);
     let state = lab.file("state");
     fs::create_dir_all(&state).unwrap();
-    let pw = lab.file("lab.pw");
-    fs::write(&pw, "pw\n").unwrap();
-    fs::set_permissions(&pw, fs::Permissions::from_mode(0o644)).unwrap();
+    let pw = password_file(&lab, "lab", "pw", 0o644);
     let config = lab.file("rackcast.toml");
     let img = make_image(&lab, 2, 1);
     let mut cfg = ApplianceConfig::new(&state, &bin("rackcast-agent"), "50M", "239.255.33.1")
@@ -459,12 +454,7 @@ fn bringup_paces_power_ons_and_reports_a_machine_that_does_not_boot() {
     let state = lab.file("state");
     fs::create_dir_all(&state).unwrap();
     let config = lab.file("rackcast.toml");
-    let pw = |name: &str, text: &str| -> PathBuf {
-        let p = lab.file(&format!("{name}.pw"));
-        fs::write(&p, text).unwrap();
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
-        p
-    };
+    let pw = |name: &str, text: &str| password_file(&lab, name, text, 0o600);
     let img = make_image(&lab, 2, 1);
     let known: Vec<(String, String)> = (1..=3).map(|i| (mac(i), format!("SN{i}"))).collect();
     let known: Vec<(&str, &str)> = known
@@ -535,17 +525,7 @@ fn bringup_paces_power_ons_and_reports_a_machine_that_does_not_boot() {
         .collect();
     let redfish = Bmc::start_on(&lab, "d3", "198.18.0.13");
     // The emulated system starts on: off first, so the bringup powers it on.
-    let cli = |args: &[&str]| -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &lab.ns("app")])
-            .arg(bin("rackcast"))
-            .args(args)
-            .arg("--config")
-            .arg(&config)
-            .env("RACKCAST_TOKEN", operator_token(&config, "admin"))
-            .output()
-            .unwrap()
-    };
+    let cli = |args: &[&str]| -> Output { operator_cli(&lab, &config, args).output().unwrap() };
     assert!(cli(&["power", "off", &device_id(3)]).status.success());
 
     let out = cli(&["bringup", "--rack", "lab"]);

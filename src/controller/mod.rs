@@ -958,111 +958,55 @@ impl Controller {
     /// is logged as needing a restart and not applied.
     fn reload(&mut self, new: Config) {
         let old = self.cfg.clone();
+        use std::fmt::Debug;
         let mut changed: Vec<String> = Vec::new();
-        let mut note = |name: &str, a: String, b: String| {
+        let mut note = |name: &str, a: &dyn Debug, b: &dyn Debug| {
+            let (a, b) = (format!("{a:?}"), format!("{b:?}"));
             if a != b {
                 changed.push(format!("{name} {a} -> {b}"));
             }
         };
         let (ow, nw) = (&old.waves, &new.waves);
-        note(
-            "waves.min_members",
-            ow.min_members.to_string(),
-            nw.min_members.to_string(),
-        );
-        note(
-            "waves.start_after",
-            format!("{:?}", ow.start_after),
-            format!("{:?}", nw.start_after),
-        );
+        note("waves.min_members", &ow.min_members, &nw.min_members);
+        note("waves.start_after", &ow.start_after, &nw.start_after);
         note(
             "waves.member_timeout",
-            format!("{:?}", ow.member_timeout),
-            format!("{:?}", nw.member_timeout),
+            &ow.member_timeout,
+            &nw.member_timeout,
         );
-        note(
-            "waves.hello_timeout",
-            format!("{:?}", ow.hello_timeout),
-            format!("{:?}", nw.hello_timeout),
-        );
-        note(
-            "waves.slow_members",
-            format!("{:?}", ow.slow_members),
-            format!("{:?}", nw.slow_members),
-        );
+        note("waves.hello_timeout", &ow.hello_timeout, &nw.hello_timeout);
+        note("waves.slow_members", &ow.slow_members, &nw.slow_members);
         let (of, nf) = (&old.workflow, &new.workflow);
-        note(
-            "workflow.step_timeout",
-            format!("{:?}", of.step_timeout),
-            format!("{:?}", nf.step_timeout),
-        );
+        note("workflow.step_timeout", &of.step_timeout, &nf.step_timeout);
         note(
             "workflow.imaging_timeout",
-            format!("{:?}", of.imaging_timeout),
-            format!("{:?}", nf.imaging_timeout),
+            &of.imaging_timeout,
+            &nf.imaging_timeout,
         );
-        note(
-            "workflow.max_attempts",
-            of.max_attempts.to_string(),
-            nf.max_attempts.to_string(),
-        );
+        note("workflow.max_attempts", &of.max_attempts, &nf.max_attempts);
         note(
             "workflow.retry_backoff",
-            format!("{:?}", of.retry_backoff),
-            format!("{:?}", nf.retry_backoff),
+            &of.retry_backoff,
+            &nf.retry_backoff,
         );
         // Everything else is read once at start (listeners, state, images,
         // profiles, inventory, BMCs): say so rather than half-apply it.
-        let mut restart: Vec<&str> = Vec::new();
-        let sections: [(&str, String, String); 10] = [
-            (
-                "appliance",
-                format!("{:?}", old.appliance),
-                format!("{:?}", new.appliance),
-            ),
-            (
-                "dataplane",
-                format!("{:?}", old.dataplane),
-                format!("{:?}", new.dataplane),
-            ),
-            (
-                "agents",
-                format!("{:?}", old.agents),
-                format!("{:?}", new.agents),
-            ),
-            (
-                "images",
-                format!("{:?}", old.images),
-                format!("{:?}", new.images),
-            ),
-            (
-                "modules",
-                format!("{:?}", old.modules),
-                format!("{:?}", new.modules),
-            ),
-            (
-                "profiles",
-                format!("{:?}", old.profiles),
-                format!("{:?}", new.profiles),
-            ),
-            (
-                "devices",
-                format!("{:?}", old.devices),
-                format!("{:?}", new.devices),
-            ),
-            ("boot", format!("{:?}", old.boot), format!("{:?}", new.boot)),
-            (
-                "enroll",
-                format!("{:?}", old.enroll),
-                format!("{:?}", new.enroll),
-            ),
-            ("bmc", format!("{:?}", old.bmc), format!("{:?}", new.bmc)),
-        ];
-        for (name, a, b) in &sections {
-            if a != b {
-                restart.push(name);
-            }
-        }
+        let differs = |a: &dyn Debug, b: &dyn Debug| format!("{a:?}") != format!("{b:?}");
+        let restart: Vec<&str> = [
+            ("appliance", differs(&old.appliance, &new.appliance)),
+            ("dataplane", differs(&old.dataplane, &new.dataplane)),
+            ("agents", differs(&old.agents, &new.agents)),
+            ("images", differs(&old.images, &new.images)),
+            ("modules", differs(&old.modules, &new.modules)),
+            ("profiles", differs(&old.profiles, &new.profiles)),
+            ("devices", differs(&old.devices, &new.devices)),
+            ("boot", differs(&old.boot, &new.boot)),
+            ("enroll", differs(&old.enroll, &new.enroll)),
+            ("bmc", differs(&old.bmc, &new.bmc)),
+        ]
+        .into_iter()
+        .filter_map(|(name, d)| d.then_some(name))
+        .collect();
         let mut merged = (*old).clone();
         merged.waves = new.waves.clone();
         merged.workflow = new.workflow.clone();

@@ -144,13 +144,7 @@ impl Appliance {
 
     /// `rackcast ARGS --config ...` in the appliance namespace.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.lab.ns("app")])
-            .arg(bin("rackcast"))
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .env("RACKCAST_TOKEN", operator_token(&self.config, "admin"))
+        operator_cli(&self.lab, &self.config, args)
             .output()
             .unwrap()
     }

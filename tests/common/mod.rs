@@ -870,6 +870,19 @@ pub fn start_serve(lab: &Lab, config: &Path) -> Child {
     );
 }
 
+/// `rackcast ARGS --config CONFIG` as an operator runs it: in the lab's
+/// appliance namespace (its API address is local), with an admin token.
+pub fn operator_cli(lab: &Lab, config: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &lab.ns("app")])
+        .arg(bin("rackcast"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("RACKCAST_TOKEN", operator_token(config, "admin"));
+    c
+}
+
 /// `rackcast ARGS --config CONFIG`, its output.
 pub fn cli(config: &Path, args: &[&str]) -> Output {
     Command::new(bin("rackcast"))

@@ -333,14 +333,7 @@ redfish = {redfish}
     }
 
     fn cli_cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.lab.ns("app")])
-            .arg(bin("rackcast"))
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .env("RACKCAST_TOKEN", operator_token(&self.config, "admin"));
-        c
+        operator_cli(&self.lab, &self.config, args)
     }
 
     pub fn cli(&self, args: &[&str]) -> Value {
