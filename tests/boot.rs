@@ -133,25 +133,16 @@ for d in [b"\xff" * 300, bytes(hdr[:100]), crafted, bytes(hdr) + bytes([53, 1, 1
     assert!(dropped >= 3.0, "malformed drops counted: {dropped}\n{m}");
 }
 
-#[test]
-fn proxy_dhcp_beside_dnsmasq_boots_pxe_clients_only() {
-    if !can_run() {
-        return;
-    }
-    let a = Appliance::with_boot(
-        "bp",
-        3,
-        "[boot.dhcp]\nmode = \"proxy\"\niface = \"srv0\"\nserver_ip = \"198.18.0.1\"\n",
-        "DHCP service listening",
-    );
-    let (lab, config) = (&a.lab, &a.config);
-    // The site's DHCP server: dnsmasq, DHCP only, in device namespace 3.
-    let _dnsmasq = Proc(
+/// The site's DHCP server: Debian's dnsmasq, DHCP only (no DNS, no boot
+/// options), in lab namespace `ns` (its address is 198.18.0.(10+i)),
+/// handing out 198.18.0.150-160; given half a second to bind.
+fn site_dhcp(lab: &Lab, ns: &str) -> Proc {
+    let p = Proc(
         Command::new("ip")
             .args([
                 "netns",
                 "exec",
-                &lab.ns("d3"),
+                &lab.ns(ns),
                 "dnsmasq",
                 "--no-daemon",
                 "--port=0",
@@ -165,7 +156,7 @@ fn proxy_dhcp_beside_dnsmasq_boots_pxe_clients_only() {
             .args(["--dhcp-range=198.18.0.150,198.18.0.160,255.255.255.0,10m"])
             .arg(format!(
                 "--dhcp-leasefile={}",
-                lab.file("dnsmasq.leases").display()
+                lab.file(&format!("dnsmasq-{ns}.leases")).display()
             ))
             .arg("--log-dhcp")
             .stdout(Stdio::null())
@@ -174,6 +165,23 @@ fn proxy_dhcp_beside_dnsmasq_boots_pxe_clients_only() {
             .unwrap(),
     );
     std::thread::sleep(Duration::from_millis(500));
+    p
+}
+
+#[test]
+fn proxy_dhcp_beside_dnsmasq_boots_pxe_clients_only() {
+    if !can_run() {
+        return;
+    }
+    let a = Appliance::with_boot(
+        "bp",
+        3,
+        "[boot.dhcp]\nmode = \"proxy\"\niface = \"srv0\"\nserver_ip = \"198.18.0.1\"\n",
+        "DHCP service listening",
+    );
+    let (lab, config) = (&a.lab, &a.config);
+    // The site's DHCP server: dnsmasq, DHCP only, in device namespace 3.
+    let _dnsmasq = site_dhcp(lab, "d3");
     let out = Command::new("ip")
         .args(["netns", "exec", &lab.ns("d1"), "python3"])
         .arg(root().join("tests/fixtures/pxe_client.py"))
@@ -1206,4 +1214,131 @@ fn two_pxe_machines_get_bios_and_raid1_at_their_pace_then_the_image_onto_their_a
         .output()
         .unwrap();
     assert!(text(&out).contains("Raid Level : raid0"), "{}", text(&out));
+}
+
+/// proxyDHCP with real firmware, as most sites deploy it: the site's DHCP
+/// server (dnsmasq) hands out the addresses, rackcast only the boot files.
+/// A legacy-BIOS machine (SeaBIOS + Debian's iPXE ROM) and a UEFI one
+/// (OVMF's own PXE, then ipxe.efi by TFTP) boot through it into the
+/// loader, which reports their inventory.
+#[test]
+fn proxy_dhcp_beside_dnsmasq_boots_real_firmware_into_the_loader() {
+    if !can_run() || !qemu_ready() {
+        return;
+    }
+    let files = loader_files();
+    let tftp = files.path().join("tftp");
+    fs::create_dir_all(&tftp).unwrap();
+    fs::copy("/usr/lib/ipxe/ipxe.efi", tftp.join("ipxe.efi")).unwrap();
+    let boot = format!(
+        "[boot.dhcp]\nmode = \"proxy\"\niface = \"srv0\"\nserver_ip = \"198.18.0.1\"\n\n\
+         [boot.http]\nfiles = \"{}\"\ncmdline = \"console=ttyS0 panic=-1\"\n\n\
+         [boot.tftp]\nroot = \"{}\"\niface = \"srv0\"\n",
+        files.path().join("loader").display(),
+        tftp.display()
+    );
+    let a = Appliance::with_parts(
+        "pp",
+        1,
+        &boot,
+        "DHCP service listening",
+        Install {
+            agent: &files.path().join("agent"),
+            image: &[7u8; 1 << 20],
+            profile: ANY_PROFILE,
+            known: &[],
+        },
+    );
+    let _dnsmasq = site_dhcp(&a.lab, "d1");
+    let disks = machine_disks(&a.lab, &[("pb-vda", 8), ("pu-vda", 8)]);
+    lab_tap(&a.lab, "pptap0");
+    lab_tap(&a.lab, "pptap1");
+    let (mac_b, uuid_b) = ("52:54:00:18:01:01", "6a1c0e5e-8d0f-4a53-9f4e-0c9a3b6a7e01");
+    let (mac_u, uuid_u) = ("52:54:00:18:01:02", "6a1c0e5e-8d0f-4a53-9f4e-0c9a3b6a7e02");
+    let vm_b = Vm {
+        tap: "pptap0",
+        mac: mac_b,
+        smbios: "manufacturer=RackcastLab,product=Proxy-BIOS,serial=SN-PB-1",
+        uuid: uuid_b,
+        firmware: &["-boot", "order=nc"],
+        nic_extra: "",
+        disks: &[&disks[0]],
+    };
+    let vm_u = Vm {
+        tap: "pptap1",
+        mac: mac_u,
+        smbios: "manufacturer=RackcastLab,product=Proxy-UEFI,serial=SN-PU-1",
+        uuid: uuid_u,
+        firmware: &["-bios", "/usr/share/ovmf/OVMF.fd", "-boot", "n"],
+        nic_extra: ",romfile=",
+        disks: &[&disks[1]],
+    };
+    let console_b = a.lab.file("console-pb.log");
+    let console_u = a.lab.file("console-pu.log");
+    let run_b = start_vm(&a.lab, &vm_b, &console_b);
+    let run_u = start_vm(&a.lab, &vm_u, &console_u);
+    let booted = |mac: &str| {
+        a.log_details(mac)
+            .iter()
+            .any(|l| l.starts_with("loader_booted ok"))
+    };
+    a.wait_for("both machines in the loader", 300, &console_u, || {
+        booted(mac_b) && booted(mac_u)
+    });
+    // The loader reported what it runs on: the firmware, iPXE and the
+    // loader all went through proxyDHCP to reach it.
+    a.wait_for("both inventories", 120, &console_b, || {
+        a.cli_json(&["inventory", mac_b]).is_some() && a.cli_json(&["inventory", mac_u]).is_some()
+    });
+    drop(run_b);
+    drop(run_u);
+    assert_eq!(
+        a.cli_json(&["inventory", mac_b]).unwrap()["dmi"]["serial"],
+        "SN-PB-1"
+    );
+    assert_eq!(
+        a.cli_json(&["inventory", mac_u]).unwrap()["dmi"]["serial"],
+        "SN-PU-1"
+    );
+    for (mac, uuid, firmware) in [
+        (mac_b, uuid_b, "legacy BIOS PXE"),
+        (mac_u, uuid_u, "x86-64 UEFI PXE"),
+    ] {
+        let log = a.log_details(mac);
+        let pos = |s: &str| {
+            log.iter()
+                .position(|l| l.contains(s))
+                .unwrap_or_else(|| panic!("{mac}: no {s:?} in\n{}", log.join("\n")))
+        };
+        let on = pos(&format!("power-on: iPXE ({firmware}), uuid {uuid}"));
+        let script = pos("power-on: iPXE fetched its script (loader)");
+        let loader = pos("loader_booted ok loader network-booted");
+        assert!(on < script && script < loader, "{}", log.join("\n"));
+    }
+    // OVMF's own PXE came first and fetched ipxe.efi by TFTP.
+    let log_u = a.log_details(mac_u);
+    let first = |s: &str| log_u.iter().position(|l| l.contains(s)).unwrap();
+    assert!(
+        first("discovered ok power-on: x86-64 UEFI PXE")
+            < first("power-on: iPXE (x86-64 UEFI PXE)")
+    );
+    // Every address came from the site's server: both MACs hold a dnsmasq
+    // lease in its pool, and rackcast (proxy) handed out none.
+    let leases = fs::read_to_string(a.lab.file("dnsmasq-d1.leases")).unwrap_or_default();
+    for mac in [mac_b, mac_u] {
+        let l = leases
+            .lines()
+            .find(|l| l.contains(mac))
+            .unwrap_or_else(|| panic!("no dnsmasq lease for {mac}:\n{leases}"));
+        assert!(
+            l.contains(" 198.18.0.15") || l.contains(" 198.18.0.160"),
+            "{l}"
+        );
+    }
+    let served = a.log();
+    assert!(!served.contains("DHCP lease bound"), "{served}");
+    assert!(
+        served.contains("TFTP transfer done") && served.contains("ipxe.efi"),
+        "{served}"
+    );
 }
