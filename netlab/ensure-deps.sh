@@ -19,7 +19,10 @@ case "${1:-test}" in
                ipmitool openipmi
                # The live view: rackcast watch under tmux, the web page in
                # Chromium driven by chromedriver.
-               tmux chromium chromium-driver)
+               tmux chromium chromium-driver
+               # The packages: dpkg -i runs adduser in postinst;
+               # systemd-analyze verifies the unit.
+               adduser systemd)
         # qemu-img (qcow2 image sources): machines of this kind have a
         # newer one than Debian 12's qemu-utils; install only if missing.
         command -v qemu-img >/dev/null || need+=(qemu-utils) ;;
@@ -49,4 +52,11 @@ if [ "${1:-test}" = test ] || [ "${1:-test}" = demo ]; then
     /usr/bin/python3 -m venv --system-site-packages "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check sushy-tools==2.2.0
   fi
+fi
+
+# cargo-deb builds the appliance's and the agent's .deb (tests/package.rs);
+# pinned, so the packages do not change with a new cargo-deb release.
+if [ "${1:-test}" = test ] && ! cargo deb --version 2>/dev/null | grep -q '^cargo-deb 3\.8\.0'; then
+  echo "installing cargo-deb 3.8.0 (crates.io)" >&2
+  cargo install -q --locked cargo-deb --version 3.8.0
 fi

@@ -673,6 +673,7 @@ mod fleet {
 
     pub fn token_revoke(config: &Path, name: &str) -> Result<()> {
         let cfg = Config::load(config)?;
+        cfg.ensure_state_dir()?;
         let mut st = SqliteStore::open(&cfg.store_path())?;
         if !st.revoke_token(name)? {
             anyhow::bail!("no token named {name}");

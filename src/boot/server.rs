@@ -67,15 +67,17 @@ fn describe(c: &rackcast_core::boot::dhcp::ClientInfo) -> String {
     s
 }
 
-/// Serve DHCP until the task is dropped.
-pub async fn run_dhcp(
+/// Bind the DHCP service's sockets now (a port in use is a start-up
+/// error, not a dead service behind a ready appliance); the returned
+/// future serves until it is dropped. `None` without `[boot.dhcp]`.
+pub fn bind_dhcp(
     cfg: Arc<Config>,
     installed: Installed,
     enroll: Arc<crate::enroll::Enrollment>,
     trigger: BootTrigger,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<impl std::future::Future<Output = ()> + Send>> {
     let Some(d) = cfg.boot.dhcp.clone() else {
-        return Ok(());
+        return Ok(None);
     };
     let api = cfg
         .appliance
@@ -91,120 +93,123 @@ pub async fn run_dhcp(
         None
     };
     tracing::info!(iface = %d.iface, mode = %d.mode, "DHCP service listening");
-    let mut b67 = vec![0u8; 2048];
-    let mut b4011 = vec![0u8; 2048];
-    loop {
-        let (n, from, port) = tokio::select! {
-            r = s67.recv_from(&mut b67) => match r {
-                Ok((n, from)) => (n, from, 67u16),
-                Err(e) => { tracing::warn!(error = %e, "DHCP receive"); continue; }
-            },
-            r = async {
-                match &s4011 {
-                    Some(s) => s.recv_from(&mut b4011).await,
-                    None => std::future::pending().await,
+    Ok(Some(async move {
+        let mut b67 = vec![0u8; 2048];
+        let mut b4011 = vec![0u8; 2048];
+        loop {
+            let (n, from, port) = tokio::select! {
+                r = s67.recv_from(&mut b67) => match r {
+                    Ok((n, from)) => (n, from, 67u16),
+                    Err(e) => { tracing::warn!(error = %e, "DHCP receive"); continue; }
+                },
+                r = async {
+                    match &s4011 {
+                        Some(s) => s.recv_from(&mut b4011).await,
+                        None => std::future::pending().await,
+                    }
+                } => match r {
+                    Ok((n, from)) => (n, from, 4011u16),
+                    Err(e) => { tracing::warn!(error = %e, "DHCP receive"); continue; }
+                },
+            };
+            let data = if port == 67 { &b67[..n] } else { &b4011[..n] };
+            let msg = match dhcp_wire::parse(data) {
+                Ok(m) => m,
+                Err(e) => {
+                    metrics::counter!("rackcast_dhcp_dropped_total", "reason" => "malformed")
+                        .increment(1);
+                    tracing::debug!(%from, error = %e, "DHCP datagram dropped");
+                    continue;
                 }
-            } => match r {
-                Ok((n, from)) => (n, from, 4011u16),
-                Err(e) => { tracing::warn!(error = %e, "DHCP receive"); continue; }
-            },
-        };
-        let data = if port == 67 { &b67[..n] } else { &b4011[..n] };
-        let msg = match dhcp_wire::parse(data) {
-            Ok(m) => m,
-            Err(e) => {
-                metrics::counter!("rackcast_dhcp_dropped_total", "reason" => "malformed")
-                    .increment(1);
-                tracing::debug!(%from, error = %e, "DHCP datagram dropped");
-                continue;
+            };
+            let client = rackcast_core::boot::dhcp::client_info(&msg);
+            if let Some(c) = &client {
+                if !enroll.answers(&mac_string(&c.mac)) {
+                    // `[enroll] policy = "known"`: a machine not in the rack
+                    // inventory gets no lease and no boot file.
+                    metrics::counter!("rackcast_dhcp_dropped_total", "reason" => "unknown_device")
+                        .increment(1);
+                    tracing::debug!(mac = %mac_string(&c.mac), "DHCP from an unknown device ignored");
+                    continue;
+                }
             }
-        };
-        let client = rackcast_core::boot::dhcp::client_info(&msg);
-        if let Some(c) = &client {
-            if !enroll.answers(&mac_string(&c.mac)) {
-                // `[enroll] policy = "known"`: a machine not in the rack
-                // inventory gets no lease and no boot file.
-                metrics::counter!("rackcast_dhcp_dropped_total", "reason" => "unknown_device")
-                    .increment(1);
-                tracing::debug!(mac = %mac_string(&c.mac), "DHCP from an unknown device ignored");
-                continue;
+            let choice = match client {
+                Some(c)
+                    if installed
+                        .read()
+                        .map(|s| s.contains(&mac_string(&c.mac)))
+                        .unwrap_or(false) =>
+                {
+                    BootChoice::LocalDisk
+                }
+                _ => BootChoice::Install,
+            };
+            for a in core.handle(&msg, port, now_ms(), choice) {
+                match a {
+                    DhcpAction::Reply { msg, to } => {
+                        let bytes = match dhcp_wire::emit(&msg) {
+                            Ok(b) => b,
+                            Err(e) => {
+                                tracing::error!(error = %e, "DHCP reply encode");
+                                continue;
+                            }
+                        };
+                        let sock = if port == 4011 {
+                            s4011.as_ref().unwrap_or(&s67)
+                        } else {
+                            &s67
+                        };
+                        let dest = match to {
+                            Destination::Broadcast => SocketAddrV4::new(Ipv4Addr::BROADCAST, 68),
+                            Destination::Unicast(ip, p) => SocketAddrV4::new(ip, p),
+                            Destination::Relay(ip) => SocketAddrV4::new(ip, 67),
+                        };
+                        // proxyDHCP answers on 4011 go back to the client's port.
+                        let dest = if port == 4011 {
+                            match from {
+                                SocketAddr::V4(f) if !f.ip().is_unspecified() => f,
+                                _ => dest,
+                            }
+                        } else {
+                            dest
+                        };
+                        if let Err(e) = sock.send_to(&bytes, dest).await {
+                            tracing::warn!(%dest, error = %e, "DHCP send");
+                        }
+                        metrics::counter!("rackcast_dhcp_replies_total").increment(1);
+                    }
+                    DhcpAction::SaveLease(l) => {
+                        tracing::info!(mac = %mac_string(&l.mac), ip = %l.ip, "DHCP lease bound");
+                        if let Err(e) = store.save_lease(&l) {
+                            tracing::error!(error = %e, "lease not stored");
+                        }
+                    }
+                    DhcpAction::ForgetLease(mac) => {
+                        if let Err(e) = store.forget_lease(&mac) {
+                            tracing::error!(error = %e, "lease not removed");
+                        }
+                    }
+                    DhcpAction::BootSeen(c) => {
+                        let mut how = describe(&c);
+                        if choice == BootChoice::LocalDisk {
+                            how.push_str("; installed: no boot file, the firmware boots its disk");
+                        }
+                        trigger(mac_string(&c.mac), how)
+                    }
+                    DhcpAction::Ignored(why) => {
+                        metrics::counter!("rackcast_dhcp_dropped_total", "reason" => why)
+                            .increment(1);
+                        if why == "address pool exhausted" {
+                            tracing::warn!(
+                                mac = ?rackcast_core::boot::dhcp::client_info(&msg).map(|c| mac_string(&c.mac)),
+                                "DHCP pool exhausted: no offer"
+                            );
+                        } else {
+                            tracing::debug!(why, "DHCP request not answered");
+                        }
+                    }
+                }
             }
         }
-        let choice = match client {
-            Some(c)
-                if installed
-                    .read()
-                    .map(|s| s.contains(&mac_string(&c.mac)))
-                    .unwrap_or(false) =>
-            {
-                BootChoice::LocalDisk
-            }
-            _ => BootChoice::Install,
-        };
-        for a in core.handle(&msg, port, now_ms(), choice) {
-            match a {
-                DhcpAction::Reply { msg, to } => {
-                    let bytes = match dhcp_wire::emit(&msg) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            tracing::error!(error = %e, "DHCP reply encode");
-                            continue;
-                        }
-                    };
-                    let sock = if port == 4011 {
-                        s4011.as_ref().unwrap_or(&s67)
-                    } else {
-                        &s67
-                    };
-                    let dest = match to {
-                        Destination::Broadcast => SocketAddrV4::new(Ipv4Addr::BROADCAST, 68),
-                        Destination::Unicast(ip, p) => SocketAddrV4::new(ip, p),
-                        Destination::Relay(ip) => SocketAddrV4::new(ip, 67),
-                    };
-                    // proxyDHCP answers on 4011 go back to the client's port.
-                    let dest = if port == 4011 {
-                        match from {
-                            SocketAddr::V4(f) if !f.ip().is_unspecified() => f,
-                            _ => dest,
-                        }
-                    } else {
-                        dest
-                    };
-                    if let Err(e) = sock.send_to(&bytes, dest).await {
-                        tracing::warn!(%dest, error = %e, "DHCP send");
-                    }
-                    metrics::counter!("rackcast_dhcp_replies_total").increment(1);
-                }
-                DhcpAction::SaveLease(l) => {
-                    tracing::info!(mac = %mac_string(&l.mac), ip = %l.ip, "DHCP lease bound");
-                    if let Err(e) = store.save_lease(&l) {
-                        tracing::error!(error = %e, "lease not stored");
-                    }
-                }
-                DhcpAction::ForgetLease(mac) => {
-                    if let Err(e) = store.forget_lease(&mac) {
-                        tracing::error!(error = %e, "lease not removed");
-                    }
-                }
-                DhcpAction::BootSeen(c) => {
-                    let mut how = describe(&c);
-                    if choice == BootChoice::LocalDisk {
-                        how.push_str("; installed: no boot file, the firmware boots its disk");
-                    }
-                    trigger(mac_string(&c.mac), how)
-                }
-                DhcpAction::Ignored(why) => {
-                    metrics::counter!("rackcast_dhcp_dropped_total", "reason" => why).increment(1);
-                    if why == "address pool exhausted" {
-                        tracing::warn!(
-                            mac = ?rackcast_core::boot::dhcp::client_info(&msg).map(|c| mac_string(&c.mac)),
-                            "DHCP pool exhausted: no offer"
-                        );
-                    } else {
-                        tracing::debug!(why, "DHCP request not answered");
-                    }
-                }
-            }
-        }
-    }
+    }))
 }

@@ -71,90 +71,97 @@ fn count(kind: &'static str) {
     metrics::counter!("rackcast_tftp_requests_total", "result" => kind).increment(1);
 }
 
-/// Serve TFTP reads from `root` on `iface` until the task is dropped.
-pub async fn run_tftp(root: PathBuf, iface: String, limits: Limits) -> anyhow::Result<()> {
+/// Bind the TFTP socket on `iface` now (a port in use is a start-up
+/// error); the returned future serves reads from `root` until dropped.
+pub fn bind_tftp(
+    root: PathBuf,
+    iface: String,
+    limits: Limits,
+) -> anyhow::Result<impl std::future::Future<Output = ()> + Send> {
     let sock = super::iface_socket(&iface, 69)?;
     let root = Arc::new(root);
     let limits = Arc::new(limits);
     let caps = crate::limits::Caps::new(MAX_TRANSFERS, MAX_TRANSFERS_PER_CLIENT);
     tracing::info!(root = %root.display(), %iface, "TFTP service listening");
-    let mut buf = vec![0u8; 1024];
-    loop {
-        let (n, peer) = match sock.recv_from(&mut buf).await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(error = %e, "TFTP receive");
-                continue;
-            }
-        };
-        match tftp_wire::parse(&buf[..n]) {
-            Ok(Packet::Rrq {
-                file,
-                mode,
-                options,
-            }) => {
-                if mode != "octet" && mode != "netascii" {
-                    count("bad_mode");
-                    send_error(&sock, peer, ERR_ILLEGAL, "mode must be octet").await;
+    Ok(async move {
+        let mut buf = vec![0u8; 1024];
+        loop {
+            let (n, peer) = match sock.recv_from(&mut buf).await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "TFTP receive");
                     continue;
                 }
-                let path = match resolve(&root, &file) {
-                    Ok(p) => p,
-                    Err((code, msg)) => {
-                        count(if code == ERR_ACCESS {
-                            "denied"
-                        } else {
-                            "not_found"
-                        });
-                        tracing::info!(%peer, file = %file, reason = %msg, "TFTP request refused");
-                        send_error(&sock, peer, code, &msg).await;
+            };
+            match tftp_wire::parse(&buf[..n]) {
+                Ok(Packet::Rrq {
+                    file,
+                    mode,
+                    options,
+                }) => {
+                    if mode != "octet" && mode != "netascii" {
+                        count("bad_mode");
+                        send_error(&sock, peer, ERR_ILLEGAL, "mode must be octet").await;
                         continue;
                     }
-                };
-                let slot = match caps.take(peer.ip()) {
-                    Ok(s) => s,
-                    Err(full) => {
-                        count("busy");
-                        tracing::warn!(%peer, file = %file, "TFTP request refused: transfers {}", full.reason());
-                        send_error(&sock, peer, 0, "server busy; try again").await;
-                        continue;
-                    }
-                };
-                let (iface, limits) = (iface.clone(), limits.clone());
-                tokio::spawn(async move {
-                    // Held for the transfer's life.
-                    let _slot = slot;
-                    match transfer(&iface, peer, &path, &options, &limits).await {
-                        Ok(Served::File(bytes)) => {
-                            count("ok");
-                            tracing::info!(%peer, file = %file, bytes, "TFTP transfer done");
+                    let path = match resolve(&root, &file) {
+                        Ok(p) => p,
+                        Err((code, msg)) => {
+                            count(if code == ERR_ACCESS {
+                                "denied"
+                            } else {
+                                "not_found"
+                            });
+                            tracing::info!(%peer, file = %file, reason = %msg, "TFTP request refused");
+                            send_error(&sock, peer, code, &msg).await;
+                            continue;
                         }
-                        Ok(Served::SizeOnly) => {
-                            count("size_query");
-                            tracing::debug!(%peer, file = %file, "TFTP size query answered");
+                    };
+                    let slot = match caps.take(peer.ip()) {
+                        Ok(s) => s,
+                        Err(full) => {
+                            count("busy");
+                            tracing::warn!(%peer, file = %file, "TFTP request refused: transfers {}", full.reason());
+                            send_error(&sock, peer, 0, "server busy; try again").await;
+                            continue;
                         }
-                        Err(e) => {
-                            count("failed");
-                            tracing::warn!(%peer, file = %file, error = %e, "TFTP transfer failed");
+                    };
+                    let (iface, limits) = (iface.clone(), limits.clone());
+                    tokio::spawn(async move {
+                        // Held for the transfer's life.
+                        let _slot = slot;
+                        match transfer(&iface, peer, &path, &options, &limits).await {
+                            Ok(Served::File(bytes)) => {
+                                count("ok");
+                                tracing::info!(%peer, file = %file, bytes, "TFTP transfer done");
+                            }
+                            Ok(Served::SizeOnly) => {
+                                count("size_query");
+                                tracing::debug!(%peer, file = %file, "TFTP size query answered");
+                            }
+                            Err(e) => {
+                                count("failed");
+                                tracing::warn!(%peer, file = %file, error = %e, "TFTP transfer failed");
+                            }
                         }
-                    }
-                });
-            }
-            Ok(Packet::Wrq { file, .. }) => {
-                count("write_refused");
-                tracing::info!(%peer, file = %file, "TFTP write refused");
-                send_error(&sock, peer, ERR_ACCESS, "read-only server").await;
-            }
-            Ok(_) => {
-                count("unexpected");
-                send_error(&sock, peer, ERR_UNKNOWN_TID, "no such transfer").await;
-            }
-            Err(e) => {
-                count("malformed");
-                tracing::debug!(%peer, error = %e, "TFTP packet dropped");
+                    });
+                }
+                Ok(Packet::Wrq { file, .. }) => {
+                    count("write_refused");
+                    tracing::info!(%peer, file = %file, "TFTP write refused");
+                    send_error(&sock, peer, ERR_ACCESS, "read-only server").await;
+                }
+                Ok(_) => {
+                    count("unexpected");
+                    send_error(&sock, peer, ERR_UNKNOWN_TID, "no such transfer").await;
+                }
+                Err(e) => {
+                    count("malformed");
+                    tracing::debug!(%peer, error = %e, "TFTP packet dropped");
+                }
             }
         }
-    }
+    })
 }
 
 /// How a read request ended well.

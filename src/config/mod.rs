@@ -779,10 +779,28 @@ impl Config {
     }
 
     /// Create the state dir (owner only: it holds keys, secrets and the
-    /// store) or narrow an existing one to owner only.
+    /// store) or narrow an existing one to owner only. A state dir that
+    /// belongs to another user (the packaged service runs as `rackcast`)
+    /// is refused, even to root: files root made there (the store's
+    /// journal, a key) would lock the appliance out of its own state.
     pub fn ensure_state_dir(&self) -> std::io::Result<()> {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
         let dir = &self.appliance.state_dir;
+        if let Ok(m) = std::fs::metadata(dir) {
+            // SAFETY: geteuid has no preconditions.
+            let me = unsafe { libc::geteuid() };
+            if m.uid() != me {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!(
+                        "state_dir {} belongs to uid {}, not to this user (uid {me}): run this as \
+                         its owner (the packaged service's user: `sudo -u rackcast rackcast ...`)",
+                        dir.display(),
+                        m.uid()
+                    ),
+                ));
+            }
+        }
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::builder::Builder;
 use super::images::load_images;
-use super::{agents, api, Assigned, Controller, Input, Progress, Shared};
+use super::{agents, api, service, Assigned, Controller, Input, Progress, Shared};
 use crate::config::Config;
 use crate::store::SqliteStore;
 
@@ -26,6 +26,9 @@ pub async fn serve(cfg: Config, path: std::path::PathBuf) -> anyhow::Result<()> 
     tracing::info!(open_files = fds, "file descriptor limit");
     let cfg = Arc::new(cfg);
     cfg.ensure_state_dir()?;
+    // One appliance per state dir: a second `serve` (a unit started twice,
+    // a forgotten foreground run) would recover and drive the same devices.
+    let _lock = lock_state_dir(&cfg.appliance.state_dir)?;
     let mut store = SqliteStore::open(&cfg.store_path())?;
     let (images, manifests) = load_images(&cfg, &mut store)?;
     let builder = Arc::new(Builder::new(&cfg).map_err(anyhow::Error::msg)?);
@@ -111,31 +114,31 @@ pub async fn serve(cfg: Config, path: std::path::PathBuf) -> anyhow::Result<()> 
         last_prune: 0,
     };
     ctl.recover()?;
+    // Every listener is bound before the appliance says it is ready: a
+    // port in use stops the start with the reason.
     if let Some(t) = cfg.boot.tftp.clone() {
         let limits = rackcast_core::boot::tftp::Limits {
             max_blksize: t.max_blksize.clamp(512, 65464),
             max_window: t.max_window.max(1),
             ..Default::default()
         };
-        tokio::spawn(async move {
-            if let Err(e) = crate::boot::tftp_server::run_tftp(t.root, t.iface, limits).await {
-                tracing::error!(error = %e, "TFTP service stopped");
-            }
-        });
+        let iface = t.iface.clone();
+        let tftp = crate::boot::tftp_server::bind_tftp(t.root, t.iface, limits)
+            .with_context(|| format!("TFTP on {iface} (port 69)"))?;
+        tokio::spawn(tftp);
     }
-    if cfg.boot.dhcp.is_some() {
+    {
         let installed = ctl.installed.clone();
         let inbox2 = inbox.clone();
         let trigger: crate::boot::server::BootTrigger = Box::new(move |mac, how| {
             let _ = inbox2.send(Input::BootSeen { mac, how });
         });
-        let c = cfg.clone();
-        let e2 = enroll.clone();
-        tokio::spawn(async move {
-            if let Err(e) = crate::boot::server::run_dhcp(c, installed, e2, trigger).await {
-                tracing::error!(error = %e, "DHCP service stopped");
-            }
-        });
+        if let Some(dhcp) =
+            crate::boot::server::bind_dhcp(cfg.clone(), installed, enroll.clone(), trigger)
+                .context("DHCP (port 67)")?
+        {
+            tokio::spawn(dhcp);
+        }
     }
     let control = rackcast_core::io::limits::listen(cfg.appliance.control_listen)
         .with_context(|| format!("control_listen {}", cfg.appliance.control_listen))?;
@@ -166,30 +169,72 @@ pub async fn serve(cfg: Config, path: std::path::PathBuf) -> anyhow::Result<()> 
             }
         }
     });
+    let known = ctl.devices.len();
     let ctl_thread = std::thread::Builder::new()
         .name("rc-controller".into())
         .spawn(move || ctl.run(rx))?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    service::spawn_watchdog(inbox.clone());
+    service::ready(known);
+    tracing::info!(devices = known, "appliance ready");
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
-            _ = hup.recv() => match Config::load(&path) {
-                // A config that does not load changes nothing: the
-                // appliance goes on with the one it has.
-                Ok(new) => {
-                    let _ = inbox.send(Input::Reload(Box::new(new)));
+            _ = hup.recv() => {
+                service::reloading();
+                match Config::load(&path) {
+                    // A config that does not load changes nothing: the
+                    // appliance goes on with the one it has.
+                    Ok(new) => {
+                        let _ = inbox.send(Input::Reload(Box::new(new)));
+                        service::reloaded("serving; config reloaded");
+                    }
+                    Err(e) => {
+                        metrics::counter!("rackcast_config_reloads_total", "result" => "refused").increment(1);
+                        tracing::error!(error = %e, "config reload (SIGHUP) refused; the running config stays");
+                        service::reloaded("serving; config reload refused, see the log");
+                    }
                 }
-                Err(e) => {
-                    metrics::counter!("rackcast_config_reloads_total", "result" => "refused").increment(1);
-                    tracing::error!(error = %e, "config reload (SIGHUP) refused; the running config stays");
-                }
-            },
+            }
         }
     }
+    service::stopping();
     tracing::info!("shutting down");
     let _ = inbox.send(Input::Shutdown);
     let _ = tokio::task::spawn_blocking(move || ctl_thread.join()).await;
     Ok(())
+}
+
+/// An exclusive `flock` on `<state_dir>/serve.lock`, held while the
+/// returned file is open; the holder's pid is written in it for the
+/// message a second appliance gets.
+fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("serve.lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut holder = String::new();
+        let _ = f.read_to_string(&mut holder);
+        anyhow::bail!(
+            "another rackcast serve (pid {}) holds state_dir {}: one appliance per state dir",
+            holder.trim(),
+            dir.display()
+        );
+    }
+    f.set_len(0)?;
+    f.rewind()?;
+    writeln!(f, "{}", std::process::id())?;
+    Ok(f)
 }

@@ -16,6 +16,7 @@ pub mod auth;
 mod bootstrap;
 pub mod builder;
 pub mod images;
+mod service;
 pub mod tls;
 pub mod ui;
 pub mod views;
@@ -127,6 +128,8 @@ pub enum Input {
     Tick,
     /// SIGHUP: the config file read again (and valid).
     Reload(Box<Config>),
+    /// The service watchdog asks whether this loop still runs.
+    Heartbeat(tokio::sync::oneshot::Sender<()>),
     Shutdown,
 }
 
@@ -612,6 +615,9 @@ impl Controller {
             }
             Input::Tick => self.on_tick(),
             Input::Reload(new) => self.reload(*new),
+            Input::Heartbeat(alive) => {
+                let _ = alive.send(());
+            }
             Input::Shutdown => {}
         }
     }
