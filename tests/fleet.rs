@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::rack::*;
@@ -176,24 +176,91 @@ fn rack_of_eight_two_profiles_two_images_concurrent_waves() {
         n,
         "300mbit",
         (48, 40),
-        "[waves]\nmin_members = 3\nstart_after = \"3s\"\nmember_timeout = \"20s\"",
+        // The whole rack powered on within a second (the inrush pacing is
+        // power.rs's): both images' members get ready together.
+        "[waves]\nmin_members = 3\nstart_after = \"3s\"\nmember_timeout = \"20s\"\n\
+         [bmc]\npower_on_per_second = 8.0\nboot_timeout = \"60s\"",
     );
     rack.with_os = vec![6, 8];
     // A real Prometheus scrapes the appliance's /metrics for the whole
     // bring-up (it runs in device 8's namespace: any host on the LAN).
+    // The rack is brought up by `rackcast bringup` through the machines'
+    // BMCs. Seven have an IPMI BMC (OpenIPMI's simulator) whose chassis
+    // boots the machine when it powers on; device 2 keeps its Redfish
+    // BMC (sushy-tools), whose reset only changes a state: the test plays
+    // that machine, starting its agent once the BMC reads back On.
+    let ipmi: Vec<usize> = (1..=n).filter(|&i| i != 2).collect();
+    let machines = rack.machines_behind_ipmi(&ipmi);
     let prom = Prometheus::start_operator(&rack.lab, "d8", "198.18.0.18:9090", &rack.config);
-    for i in 1..=n {
-        rack.start_agent(i);
+    // The emulated system starts on: off first, as the rack stands.
+    let off = rack
+        .cli_cmd(&["power", "off", &device_id(2)])
+        .output()
+        .unwrap();
+    assert!(
+        off.status.success(),
+        "{}",
+        String::from_utf8_lossy(&off.stderr)
+    );
+    let redfish_system = rack.bmcs[1].get("/redfish/v1/Systems")["Members"][0]["@odata.id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bringup = rack
+        .cli_cmd(&["bringup", "--rack", "lab"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rack.bmcs[1].get(&redfish_system)["PowerState"] != "On" {
+        assert!(Instant::now() < deadline, "device 2 never powered on");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    rack.start_agent(2);
+    let out = finish(bringup, Duration::from_secs(120));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("8 of 8 machine(s) network-booted"), "{text}");
+    for (m, &i) in machines.iter().zip(&ipmi) {
+        assert!(m.powered(), "device {i} powered on by its BMC");
+        assert_eq!(
+            m.history().first().map(String::as_str),
+            Some("power=1"),
+            "device {i}"
+        );
     }
     rack.wait_for("all devices done", Duration::from_secs(240), all_done(n));
     // Every agent exits 0 when told its device is done.
-    for (k, a) in rack.agents.iter_mut().enumerate() {
-        let out = finish(a.take().unwrap(), Duration::from_secs(20));
+    let out = finish(rack.agents[1].take().unwrap(), Duration::from_secs(20));
+    assert!(out.status.success(), "agent 2 exit {:?}", out.status);
+    for &i in &ipmi {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while rack.machine_exit(i).is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(rack.machine_exit(i), Some(0), "agent {i} exit");
+    }
+    // Each power-on was paced and logged on the machine, as the BMC
+    // answered and read it back.
+    for i in 1..=n {
+        let rows: Vec<String> = rack
+            .cli(&["log", &device_id(i)])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "bmc")
+            .map(|e| e["detail"].as_str().unwrap().to_string())
+            .collect();
+        let via = if i == 2 { "redfish+http" } else { "ipmi://" };
         assert!(
-            out.status.success(),
-            "agent {} exit {:?}",
-            k + 1,
-            out.status
+            rows.iter()
+                .any(|r| r.starts_with("bringup: power on via ") && r.contains(via)),
+            "device {i}: {rows:?}"
         );
     }
     let devs = rack.devices();
@@ -408,6 +475,16 @@ fn rack_of_eight_two_profiles_two_images_concurrent_waves() {
     // network once and reset, both read back and logged. (The emulator
     // has no machine to boot: its reset changes nothing more.)
     let resets = rack.bmcs[1].count("POST", "ComputerSystem.Reset");
+    let bmc_rows = |rack: &Rack| -> Vec<String> {
+        rack.cli(&["log", &device_id(2)])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "bmc")
+            .map(|e| e["detail"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let before = bmc_rows(&rack).len();
     let text = rack.cli_text(&["reinstall", &device_id(2)]);
     assert!(
         text.contains("set to boot from the network once and reset"),
@@ -417,22 +494,11 @@ fn rack_of_eight_two_profiles_two_images_concurrent_waves() {
         rack.bmcs[1].count("POST", "ComputerSystem.Reset"),
         resets + 1
     );
-    let sys = rack.bmcs[1].get("/redfish/v1/Systems")["Members"][0]["@odata.id"]
-        .as_str()
-        .unwrap()
-        .to_string();
     assert_eq!(
-        rack.bmcs[1].get(&sys)["Boot"]["BootSourceOverrideTarget"],
+        rack.bmcs[1].get(&redfish_system)["Boot"]["BootSourceOverrideTarget"],
         "Pxe"
     );
-    let rows: Vec<String> = rack
-        .cli(&["log", &device_id(2)])
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["kind"] == "bmc")
-        .map(|e| e["detail"].as_str().unwrap().to_string())
-        .collect();
+    let rows = bmc_rows(&rack)[before..].to_vec();
     assert_eq!(rows.len(), 2, "{rows:?}");
     assert!(
         rows[0].starts_with("power pxe_once via redfish+http://198.18.0.12:8000"),

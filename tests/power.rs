@@ -172,24 +172,6 @@ fn one(results: &[Value], dev: usize) -> &Value {
         .unwrap_or_else(|| panic!("no result for device {dev}: {results:?}"))
 }
 
-fn have_ipmi() -> bool {
-    let ok = |p: &str| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {p}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if !(ok("ipmitool") && ok("ipmi_sim")) {
-        skip("ipmitool and ipmi_sim missing: run netlab/ensure-deps.sh test");
-        return false;
-    }
-    if !sushy().exists() {
-        skip("sushy-tools missing: run netlab/ensure-deps.sh test");
-        return false;
-    }
-    true
-}
-
 #[test]
 fn power_and_pxe_once_through_redfish_and_ipmi_read_back_and_are_logged() {
     if !can_run() || !have_ipmi() {

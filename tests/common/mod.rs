@@ -688,6 +688,26 @@ impl Drop for Bmc {
     }
 }
 
+/// Whether ipmitool, OpenIPMI's ipmi_sim and sushy-tools are here (else a
+/// skip, which fails under CI).
+pub fn have_ipmi() -> bool {
+    let ok = |p: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {p}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !(ok("ipmitool") && ok("ipmi_sim")) {
+        skip("ipmitool and ipmi_sim missing: run netlab/ensure-deps.sh test");
+        return false;
+    }
+    if !sushy().exists() {
+        skip("sushy-tools missing: run netlab/ensure-deps.sh test");
+        return false;
+    }
+    true
+}
+
 /// OpenIPMI's BMC simulator (`ipmi_sim`, Debian package openipmi) in a
 /// device namespace, answering IPMI 2.0 over LAN on `ip`:623 for one
 /// admin user. Its chassis is the simulator's `chassis_control` program:
@@ -728,7 +748,7 @@ impl IpmiSim {
                    *) echo \"Invalid parameter: $p\"; exit 1;; esac; done;;\n\
                  set) while [ $# -ge 2 ]; do case $1 in\n\
                    power) echo $2 > $d/power; echo power=$2 >> $d/history\n\
-                     if [ -f $d/machine.pid ]; then kill $(cat $d/machine.pid) 2>/dev/null; rm -f $d/machine.pid; fi\n\
+                     if [ -f $d/machine.pid ]; then kill -TERM -$(cat $d/machine.pid) 2>/dev/null; rm -f $d/machine.pid; fi\n\
                      if [ $2 = 1 ] && [ -x $d/../on-power.sh ]; then\n\
                        setsid $d/../on-power.sh </dev/null >>$d/../machine.log 2>&1 & echo $! > $d/machine.pid; fi;;\n\
                    boot) echo $2 > $d/boot; echo boot=$2 >> $d/history;;\n\
@@ -824,9 +844,12 @@ impl Drop for IpmiSim {
             let _ = c.kill();
             let _ = c.wait();
         }
-        // The machine it powered, by its PID.
+        // The machine it powered: its process group (setsid), by PID.
         if let Ok(pid) = fs::read_to_string(self.dir.join("chassis/machine.pid")) {
-            let _ = Command::new("kill").arg(pid.trim()).status();
+            let _ = Command::new("kill")
+                .args(["-TERM", "--", &format!("-{}", pid.trim())])
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }

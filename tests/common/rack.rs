@@ -1,6 +1,8 @@
 //! A lab rack for end-to-end tests: the appliance (`rackcast serve`) in
 //! its namespace, `rackcast-agent run` in every device namespace with a
-//! hardware description and disk files, a Redfish emulator per device.
+//! hardware description and disk files, a Redfish emulator per device,
+//! and optionally an IPMI simulator per device whose chassis starts the
+//! device's agent when it powers on (`machines_behind_ipmi`).
 
 use std::collections::HashMap;
 use std::fs;
@@ -269,38 +271,112 @@ redfish = {redfish}
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
-    pub fn start_agent(&mut self, i: usize) {
-        let key = self.key();
+    /// What device `i`'s machine runs to reach the appliance: the loader's
+    /// agent, or (`with_os`) the agent started from its installed OS.
+    fn agent_argv(&self, i: usize) -> Vec<String> {
         let dir = &self.lab.dir;
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join(format!("agent{i}.log")))
-            .unwrap();
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.lab.ns(&format!("d{i}"))])
-            .arg(bin("rackcast-agent"))
-            .args(["run", "--server", "198.18.0.1:7100", "--iface", "d0"])
-            .args(["--give-up", "60", "--trust-key", &key, "--hardware"])
-            .arg(dir.join(format!("d{i}.json")));
+        let p = |f: String| dir.join(f).display().to_string();
+        let mut a: Vec<String> = vec![bin("rackcast-agent").display().to_string()];
+        a.extend(
+            [
+                "run",
+                "--server",
+                "198.18.0.1:7100",
+                "--iface",
+                "d0",
+                "--give-up",
+                "60",
+            ]
+            .map(String::from),
+        );
+        a.extend(["--trust-key".into(), self.key()]);
+        a.extend(["--hardware".into(), p(format!("d{i}.json"))]);
         if self.with_os.contains(&i) {
             // Already runs an OS: the agent is started from it (claim 17)
             // and names its disks itself.
-            c.args(["--os-present", "true", "--disk"])
-                .arg(dir.join(format!("d{i}-disk-big.img")))
-                .arg("--disk")
-                .arg(dir.join(format!("d{i}-disk-small.img")));
+            a.extend(["--os-present".into(), "true".into()]);
+            a.extend(["--disk".into(), p(format!("d{i}-disk-big.img"))]);
+            a.extend(["--disk".into(), p(format!("d{i}-disk-small.img"))]);
         } else {
-            c.args(["--os-present", "false"]);
+            a.extend(["--os-present".into(), "false".into()]);
         }
-        let child = c
-            .arg("--work-dir")
-            .arg(dir.join(format!("work{i}")))
+        a.extend(["--work-dir".into(), p(format!("work{i}"))]);
+        a
+    }
+
+    pub fn start_agent(&mut self, i: usize) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.lab.dir.join(format!("agent{i}.log")))
+            .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.lab.ns(&format!("d{i}"))])
+            .args(self.agent_argv(i))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap();
         self.agents[i - 1] = Some(child);
+    }
+
+    /// Devices `ids` get an IPMI BMC (OpenIPMI's simulator at the
+    /// device's address, port 623) whose chassis boots the machine when
+    /// it powers on: its agent starts, and its exit status is kept
+    /// (`machine_exit`). The rack inventory then names these BMCs, the
+    /// appliance restarted to read it. The others keep their Redfish BMC
+    /// (which powers nothing: the test plays their machine).
+    pub fn machines_behind_ipmi(&mut self, ids: &[usize]) -> Vec<IpmiSim> {
+        let inv = self.config.with_file_name("rack-inventory.csv");
+        let mut csv = fs::read_to_string(&inv).unwrap();
+        for &i in ids {
+            let redfish = format!("redfish+http://198.18.0.{}:{BMC_PORT},lab", 10 + i);
+            assert!(csv.contains(&redfish), "{csv}");
+            csv = csv.replace(&redfish, &format!("ipmi://198.18.0.{},ipmi", 10 + i));
+        }
+        fs::write(&inv, csv).unwrap();
+        let pw = self.lab.file("bmc-ipmi.pw");
+        fs::write(&pw, IPMI_PASSWORD).unwrap();
+        fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let mut cfg = fs::read_to_string(&self.config).unwrap();
+        cfg += &format!(
+            "\n[bmc.credentials.ipmi]\nusername = \"{IPMI_USER}\"\npassword_file = \"{}\"\n",
+            pw.display()
+        );
+        fs::write(&self.config, cfg).unwrap();
+        self.kill_serve();
+        self.start_serve();
+        ids.iter()
+            .map(|&i| {
+                let script = self.lab.file(&format!("machine{i}.sh"));
+                fs::write(
+                    &script,
+                    format!(
+                        "#!/bin/sh\n{} 2>>{}\necho $? > {}\n",
+                        self.agent_argv(i).join(" "),
+                        self.lab.file(&format!("agent{i}.log")).display(),
+                        self.lab.file(&format!("machine{i}.exit")).display()
+                    ),
+                )
+                .unwrap();
+                fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                    .unwrap();
+                IpmiSim::start(
+                    &self.lab,
+                    &format!("d{i}"),
+                    &format!("198.18.0.{}", 10 + i),
+                    Some(&script.display().to_string()),
+                )
+            })
+            .collect()
+    }
+
+    /// The exit status of device `i`'s agent started by its IPMI chassis,
+    /// once it has ended.
+    pub fn machine_exit(&self, i: usize) -> Option<i32> {
+        fs::read_to_string(self.lab.file(&format!("machine{i}.exit")))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
     }
 
     /// GET on the appliance's API from inside its namespace (real curl).
@@ -332,7 +408,7 @@ redfish = {redfish}
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    fn cli_cmd(&self, args: &[&str]) -> Command {
+    pub fn cli_cmd(&self, args: &[&str]) -> Command {
         operator_cli(&self.lab, &self.config, args)
     }
 
