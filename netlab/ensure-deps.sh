@@ -14,6 +14,9 @@ case "${1:-test}" in
   test) need+=(prometheus busybox-static isc-dhcp-client dnsmasq-base tftp-hpa atftp
                qemu-system-x86 ipxe-qemu ipxe ovmf linux-image-amd64 cpio kmod
                python3-libvirt python3-venv mdadm zstd
+               # The QEMU test's installed OS: a GPT disk legacy BIOS
+               # boots with syslinux, built without mounting.
+               syslinux syslinux-common dosfstools
                # Power control: Debian's ipmitool against OpenIPMI's
                # BMC simulator (ipmi_sim).
                ipmitool openipmi

@@ -602,6 +602,13 @@ fn qemu_ready() -> bool {
             std::path::Path::new("/usr/share/ovmf/OVMF.fd").exists(),
             "/usr/share/ovmf/OVMF.fd (ovmf)",
         ),
+        // The installed OS image of tests/fixtures/mk-seedable-os.sh.
+        (
+            std::path::Path::new("/usr/lib/syslinux/mbr/gptmbr.bin").exists()
+                && std::path::Path::new("/usr/bin/syslinux").exists()
+                && std::path::Path::new("/usr/sbin/mkfs.fat").exists(),
+            "syslinux, syslinux-common and dosfstools",
+        ),
     ]
     .into_iter()
     .filter(|(ok, _)| !ok)
@@ -640,6 +647,93 @@ fn loader_files() -> tempfile::TempDir {
         .unwrap();
     assert!(st.success());
     t
+}
+
+/// Every program the agent calls on a machine runs inside the loader
+/// initrd as built (chroot into it unpacked): the agent, mdadm, blkid,
+/// sfdisk, and mtools making and reading a FAT filesystem, which needs
+/// glibc's codepage converters that no `ldd` lists. (A QEMU machine found
+/// them missing: every identity step failed on real hardware while the
+/// lab's agents, running on this host, passed.)
+#[test]
+fn the_loader_initrd_runs_every_program_the_agent_calls() {
+    if !can_run() || !qemu_ready() {
+        return;
+    }
+    let files = loader_files();
+    let root = files.path().join("unpacked");
+    fs::create_dir_all(&root).unwrap();
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "zcat {} | (cd {} && cpio -idm --quiet)",
+            files.path().join("loader/initrd.img").display(),
+            root.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let inside = |args: &[&str]| -> Output {
+        Command::new("chroot")
+            .arg(&root)
+            .args(args)
+            .env_clear()
+            .env("PATH", "/usr/bin:/usr/sbin:/bin:/sbin")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .output()
+            .unwrap()
+    };
+    for prog in [
+        &["/usr/bin/rackcast-agent", "--version"][..],
+        &["/sbin/mdadm", "--version"],
+        &["/sbin/blkid", "-V"],
+        &["/sbin/sfdisk", "--version"],
+        &["/bin/busybox", "udhcpc", "--help"],
+    ] {
+        let out = inside(prog);
+        // busybox applets print their help and exit 1 with --help.
+        let t = text(&out);
+        assert!(
+            out.status.success() || (prog[0] == "/bin/busybox" && t.contains("Usage: udhcpc")),
+            "{prog:?} in the loader: {t}"
+        );
+    }
+    fs::File::create(root.join("tmp/seed.img"))
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    fs::write(root.join("tmp/meta-data"), "local-hostname: \"node1\"\n").unwrap();
+    for step in [
+        &[
+            "/usr/bin/mformat",
+            "-i",
+            "/tmp/seed.img",
+            "-T",
+            "16384",
+            "-v",
+            "CIDATA",
+            "::",
+        ][..],
+        &[
+            "/usr/bin/mcopy",
+            "-i",
+            "/tmp/seed.img",
+            "/tmp/meta-data",
+            "::meta-data",
+        ],
+    ] {
+        let out = inside(step);
+        assert!(
+            out.status.success(),
+            "{step:?} in the loader: {}",
+            text(&out)
+        );
+    }
+    let out = inside(&["/usr/bin/mtype", "-i", "/tmp/seed.img", "::meta-data"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "local-hostname: \"node1\"\n"
+    );
 }
 
 /// A disk image whose first sector boots: real-mode code that writes a
@@ -877,10 +971,15 @@ fn machine_disks(lab: &Lab, sizes_mib: &[(&str, u64)]) -> Vec<PathBuf> {
         .collect()
 }
 
-/// A RAID1 member disk holds the image at md's data offset (read with the
-/// host's mdadm from the disk file: this host kernel has no md, so the
-/// arrays live in the emulated machines). Returns the offset in sectors.
-fn assert_mirror_half_holds(d: &std::path::Path, image: &[u8]) -> u64 {
+/// A RAID1 member disk holds `image[range]` at md's data offset (read
+/// with the host's mdadm from the disk file: this host kernel has no md,
+/// so the arrays live in the emulated machines). Returns the offset in
+/// sectors.
+fn assert_mirror_half_holds(
+    d: &std::path::Path,
+    image: &[u8],
+    range: std::ops::Range<usize>,
+) -> u64 {
     let out = Command::new("mdadm")
         .arg("--examine")
         .arg(d)
@@ -897,8 +996,8 @@ fn assert_mirror_half_holds(d: &std::path::Path, image: &[u8]) -> u64 {
     let bytes = fs::read(d).unwrap();
     let at = (sectors * 512) as usize;
     assert!(
-        bytes[at..at + image.len()] == *image,
-        "{} does not hold the image at offset {at}",
+        bytes[at + range.start..at + range.end] == image[range.clone()],
+        "{} does not hold the image's bytes {range:?} at offset {at}",
         d.display()
     );
     sectors
@@ -935,11 +1034,38 @@ fn two_pxe_machines_get_bios_and_raid1_at_their_pace_then_the_image_onto_their_a
         dhcp_full_with_http(files.path()),
         tftp.display()
     );
+    // The BIOS machine's OS: a GPT disk that boots Debian's kernel and
+    // prints the hostname its NoCloud seed names (the identity step adds
+    // the seed). The UEFI machine gets patterned data (it never boots it).
+    let os = files.path().join("os.img");
+    let out = Command::new(root().join("tests/fixtures/mk-seedable-os.sh"))
+        .arg(&os)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mk-seedable-os.sh: {}", text(&out));
+    let os_bytes = fs::read(&os).unwrap();
+    let os_part = match rack::gpt(&os).as_deref() {
+        Some([(start, size, _), ..]) => (*start as usize * 512)..((start + size) as usize * 512),
+        other => panic!("{}: {other:?}", os.display()),
+    };
+    let user_data = files.path().join("user-data.j2");
+    fs::write(
+        &user_data,
+        "#cloud-config\nhostname: {{ hostname | tojson }}\nssh_authorized_keys:\n  - ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHJhY2tjYXN0LXB4ZS10ZXN0 pxe@rackcast\n",
+    )
+    .unwrap();
     let profiles = format!(
-        "{}\n{}",
+        "[[images]]\nname = \"os\"\npath = \"{}\"\n\n{}\n{}",
+        os.display(),
         // md superblock at the end: each mirror half is a disk the legacy
         // BIOS can boot.
-        bios_and_raid1_profile("pxe-box", "PXE-Box-7", "198.18.0.11", "1.0"),
+        bios_and_raid1_profile("pxe-box", "PXE-Box-7", "198.18.0.11", "1.0").replace(
+            "image = \"img\"\n",
+            &format!(
+                "image = \"os\"\nidentity = {{ user_data = \"{}\" }}\n",
+                user_data.display()
+            )
+        ),
         bios_and_raid1_profile("uefi-box", "UEFI-Box-2", "198.18.0.12", "1.2")
     );
     let image = bootable_image(4 << 20);
@@ -1008,9 +1134,23 @@ fn two_pxe_machines_get_bios_and_raid1_at_their_pace_then_the_image_onto_their_a
     assert_inventory(&a, mac_b, "PXE-Box-7", "SN-PXE-0001", uuid_b);
     assert_inventory(&a, mac_u, "UEFI-Box-2", "SN-UEFI-0002", uuid_u);
     let key = a.key();
-    for (mac, uuid, firmware, members, meta) in [
-        (mac_b, uuid_b, "legacy BIOS PXE", "/dev/vda /dev/vdb", "1.0"),
-        (mac_u, uuid_u, "x86-64 UEFI PXE", "/dev/vdb /dev/vdc", "1.2"),
+    for (mac, uuid, firmware, members, meta, img) in [
+        (
+            mac_b,
+            uuid_b,
+            "legacy BIOS PXE",
+            "/dev/vda /dev/vdb",
+            "1.0",
+            "os",
+        ),
+        (
+            mac_u,
+            uuid_u,
+            "x86-64 UEFI PXE",
+            "/dev/vdb /dev/vdc",
+            "1.2",
+            "img",
+        ),
     ] {
         let log = a.log_details(mac);
         let pos = |s: &str| {
@@ -1042,7 +1182,9 @@ fn two_pxe_machines_get_bios_and_raid1_at_their_pace_then_the_image_onto_their_a
         let raid = pos(&format!(
             "raid-verify ok: /dev/md/rackcast: raid1 over {members}"
         ));
-        let imaged = pos("imaging ok image img written to /dev/md/rackcast and verified");
+        let imaged = pos(&format!(
+            "imaging ok image {img} written to /dev/md/rackcast and verified"
+        ));
         pos("image_verified ok whole-image BLAKE3");
         pos("done ok");
         assert!(
@@ -1095,21 +1237,32 @@ fn two_pxe_machines_get_bios_and_raid1_at_their_pace_then_the_image_onto_their_a
         assert_eq!(bmc.bios()["ProcTurboMode"], "Disabled");
         assert_eq!(bmc.count("PATCH", "/BIOS/Settings"), 1);
     }
-    // Every mirror half holds the image (metadata 1.0: at offset 0); the
-    // disks outside the arrays were not written.
+    // Every mirror half holds its image (metadata 1.0: at offset 0; the
+    // BIOS machine's OS partition byte for byte, its partition table the
+    // identity step's to change); the disks outside the arrays were not
+    // written.
     for d in &disks_b[..2] {
         assert_eq!(
-            assert_mirror_half_holds(d, &image),
+            assert_mirror_half_holds(d, &os_bytes, os_part.clone()),
             0,
             "metadata 1.0: data at 0"
         );
     }
     for d in &disks_u[1..] {
         assert!(
-            assert_mirror_half_holds(d, &image) > 0,
+            assert_mirror_half_holds(d, &image, 0..image.len()) > 0,
             "metadata 1.2: data after it"
         );
     }
+    // The BIOS machine's identity, read back from a mirror half on this
+    // host (mtools): the seed the agent wrote on the array.
+    let meta = rack::seed_file(&disks_b[0], "meta-data");
+    assert!(meta.contains("local-hostname: \"node1\""), "{meta}");
+    assert!(rack::seed_file(&disks_b[1], "user-data").contains("pxe@rackcast"));
+    assert!(a
+        .log_details(mac_b)
+        .iter()
+        .any(|l| l.starts_with("identity_written ok")));
     for d in [&disks_b[2], &disks_u[0]] {
         assert!(
             fs::read(d).unwrap()[..1 << 20].iter().all(|&b| b == 0xa5),
@@ -1129,14 +1282,16 @@ fn two_pxe_machines_get_bios_and_raid1_at_their_pace_then_the_image_onto_their_a
     let console_u = a.lab.file("console-u2.log");
     let _run_b = start_vm(&a.lab, &vm_b, &console_b);
     let _run_u = start_vm(&a.lab, &vm_u, &console_u);
+    // Its OS finds the seed and shows the hostname it names, as
+    // cloud-init would set it.
     a.wait_for(
-        "BIOS machine booting from its mirror half",
+        "BIOS machine booting from its mirror half, showing its seeded hostname",
         240,
         &console_b,
         || {
             fs::read_to_string(&console_b)
                 .unwrap_or_default()
-                .contains("rackcast-test: installed OS booted")
+                .contains("rackcast-test: seeded hostname node1 (NoCloud seed on /dev/vda2)")
         },
     );
     let log_b = a.log_details(mac_b);

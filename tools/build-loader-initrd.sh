@@ -81,6 +81,19 @@ add_program /sbin/sfdisk /sbin/sfdisk
 for t in mformat mcopy mtype; do
   add_program "$(command -v "$t")" "/usr/bin/$t"
 done
+# mtools converts FAT names through iconv (codepage 850 by default,
+# also 437): glibc loads those converters at run time from its gconv
+# folder, which ldd does not list. Without them every mformat fails
+# ("Error converting to codepage 850").
+libc=$(ldd "$(command -v mformat)" | awk '/libc\.so/ { print $3 }')
+gconv=$(realpath "$(dirname "$libc")/gconv" 2>/dev/null || true)
+if [ -n "$gconv" ] && [ -d "$gconv" ]; then
+  mkdir -p "$STAGE$gconv"
+  cp "$gconv/gconv-modules" "$gconv/IBM850.so" "$gconv/IBM437.so" "$STAGE$gconv/"
+  [ -d "$gconv/gconv-modules.d" ] && cp -r "$gconv/gconv-modules.d" "$STAGE$gconv/"
+else
+  echo "note: no $gconv: mtools in the initrd cannot convert FAT names" >&2
+fi
 
 # Driver modules of the kernel we ship, with their dependencies first.
 : >"$STAGE/etc/modules.order"

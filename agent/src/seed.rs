@@ -6,14 +6,16 @@
 //! Owns: finding the image's `CIDATA` partition by its GPT name, or
 //! adding one (8 MiB, after moving the backup GPT to the end of the
 //! disk the image was written to), the filesystem and the files, each
-//! read back, and the seed's digest. Done with Debian's image tools,
-//! `sfdisk` (util-linux's fdisk package) and `mtools`, on the target as
-//! it is (a disk, an array or, in the lab, a file): no mount, so no
-//! loop device, no filesystem driver in the loader's kernel and nothing
-//! left mounted if the step is interrupted, and the same code on a file
-//! as on a block device. Must not: touch any partition but `CIDATA`, or
-//! write anything on a disk without a GPT (a raw image has no place for
-//! a seed: the step fails and says so).
+//! read back, and the seed's digest. The partition table is changed
+//! with util-linux's `sfdisk` on the target as it is (a disk, an array
+//! or, in the lab, a file); the FAT filesystem is made with `mtools` in a
+//! file in the work folder (mtools cannot size a block device) and then
+//! written into the partition with positioned writes, flushed and read
+//! back. No mount, so no loop device, no filesystem driver in the
+//! loader's kernel and nothing left mounted if the step is interrupted,
+//! and the same code on a file as on a block device. Must not: touch any
+//! partition but `CIDATA`, or write anything on a disk without a GPT (a
+//! raw image has no place for a seed: the step fails and says so).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -31,6 +33,9 @@ const BASIC_DATA: &str = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7";
 const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How much of a file's content a log row shows.
 const SHOWN: usize = 4096;
+/// The seed's filesystem at most (an existing CIDATA partition may be
+/// larger; FAT says its own size, the rest of the partition is unused).
+const MAX_SEED_FS: u64 = 64 << 20;
 
 /// Run `prog args` (stdin `input`), bounded in time; its stdout, or why
 /// it failed. One op row either way.
@@ -140,6 +145,45 @@ async fn read_gpt(target: &str, ops: &mut Vec<OpRecord>) -> Result<(u64, Vec<(u6
     Ok((sector, parts))
 }
 
+/// Write the filesystem image `fs` into `target` at byte `offset` (inside
+/// the CIDATA partition), make it durable and read it back. One op row.
+fn place(target: &str, fs: &Path, offset: u64, ops: &mut Vec<OpRecord>) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let t = Instant::now();
+    let run = || -> Result<usize> {
+        let bytes = std::fs::read(fs).with_context(|| format!("{}", fs.display()))?;
+        // No create, no truncate: the target exists (the image is on it).
+        let dev = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(target)
+            .with_context(|| format!("opening {target}"))?;
+        dev.write_all_at(&bytes, offset)
+            .with_context(|| format!("writing {target} at {offset}"))?;
+        dev.sync_data()
+            .with_context(|| format!("flushing {target}"))?;
+        let mut back = vec![0u8; bytes.len()];
+        dev.read_exact_at(&mut back, offset)
+            .with_context(|| format!("reading {target} back at {offset}"))?;
+        if back != bytes {
+            bail!("{target} reads back different at {offset}");
+        }
+        Ok(bytes.len())
+    };
+    let r = run();
+    ops.push(OpRecord {
+        op: "seed-write".into(),
+        ok: r.is_ok(),
+        exit_code: None,
+        duration_ms: t.elapsed().as_millis() as u64,
+        detail: match &r {
+            Ok(n) => format!("{n} bytes of CIDATA filesystem at byte {offset} of {target}, flushed and read back equal"),
+            Err(e) => format!("{e:#}"),
+        },
+    });
+    r.map(|_| ())
+}
+
 /// The seed's digest: BLAKE3 over its files, each named and
 /// length-prefixed (so no two seeds share one).
 pub fn digest(seed: &Seed) -> String {
@@ -205,16 +249,34 @@ pub async fn write(
         .enumerate()
         .find(|(_, (_, _, n))| n.eq_ignore_ascii_case("CIDATA"))
         .ok_or_else(|| anyhow!("no CIDATA partition on {target} after adding one"))?;
-    let at = format!("{target}@@{}", start * sector);
+    // mtools sizes its image with fstat, which says 0 for a block device
+    // ("Offset bigger than base image"): the filesystem is made in a
+    // file in `work`, then written into the partition with positioned
+    // writes and read back, the same on a disk, an array or a file.
+    let part_bytes = size * sector;
+    let fs_bytes = part_bytes.min(MAX_SEED_FS);
+    std::fs::create_dir_all(work).with_context(|| format!("{}", work.display()))?;
+    let fs_image = work.join("cidata.img");
+    std::fs::File::create(&fs_image)
+        .and_then(|f| f.set_len(fs_bytes))
+        .with_context(|| format!("{}", fs_image.display()))?;
+    let at = fs_image.to_string_lossy().into_owned();
     tool(
         ops,
         "seed-mkfs",
         "mformat",
-        &["-i", &at, "-T", &size.to_string(), "-v", "CIDATA", "::"],
+        &[
+            "-i",
+            &at,
+            "-T",
+            &(fs_bytes / 512).to_string(),
+            "-v",
+            "CIDATA",
+            "::",
+        ],
         None,
     )
     .await?;
-    std::fs::create_dir_all(work).with_context(|| format!("{}", work.display()))?;
     let mut written = Vec::new();
     for (name, text) in files(seed) {
         let local = work.join(name);
@@ -237,7 +299,7 @@ pub async fn write(
         )
         .await?;
         if back != text {
-            bail!("{name} reads back different from what was written on {target}");
+            bail!("{name} reads back different from what was written");
         }
         // What was written, in the log (bounded).
         let shown: String = text.chars().take(SHOWN).collect();
@@ -259,6 +321,7 @@ pub async fn write(
         });
         written.push(name);
     }
+    place(target, &fs_image, start * sector, ops)?;
     let _ = std::fs::remove_dir_all(work);
     Ok(format!(
         "NoCloud seed ({}) on {target} partition {} (CIDATA, {}{} sectors of {sector} bytes at {start}); seed blake3 {}",
@@ -273,6 +336,109 @@ pub async fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn run(cmd: &mut std::process::Command) -> String {
+        let out = cmd.output().expect("spawn");
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A block device, as in a real machine (a disk, an md array): mtools
+    /// sees no size there, which once failed every seed on real hardware
+    /// while the lab's disk files passed. A loop device over a GPT image
+    /// stands in; needs root (CI runs as root and must not skip it).
+    #[tokio::test]
+    async fn the_seed_is_written_on_a_block_device() {
+        let root = run(std::process::Command::new("id").arg("-u")).trim() == "0";
+        if !root {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "the block-device seed test needs root in CI"
+            );
+            eprintln!("skipping: a loop device needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk.img");
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(48 << 20)
+            .unwrap();
+        // The image: a GPT whose disk ended at 24 MiB, written onto a
+        // larger disk (the backup table is not at the disk's end).
+        let image = dir.path().join("image.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(24 << 20)
+            .unwrap();
+        let mut c = std::process::Command::new("sfdisk");
+        c.args(["-q"])
+            .arg(&image)
+            .stdin(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(b"label: gpt\nstart=2048, size=20MiB, name=\"root\"\n")
+                .unwrap();
+        }
+        assert!(child.wait().unwrap().success());
+        let img = std::fs::read(&image).unwrap();
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+            f.write_all_at(&img, 0).unwrap();
+        }
+        let dev = run(std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&disk))
+        .trim()
+        .to_string();
+        struct Detach(String);
+        impl Drop for Detach {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("losetup")
+                    .args(["-d", &self.0])
+                    .status();
+            }
+        }
+        let _detach = Detach(dev.clone());
+        let seed = Seed {
+            meta_data: "instance-id: \"rc-1\"\nlocal-hostname: \"node7\"\n".into(),
+            user_data: "#cloud-config\n".into(),
+            network_config: None,
+        };
+        let mut ops = Vec::new();
+        let r = write(&dev, &seed, &dir.path().join("work"), &mut ops).await;
+        assert!(r.is_ok(), "{r:?}\n{ops:#?}");
+        drop(_detach);
+        // Read back on the disk file, as cloud-init would find it: the
+        // CIDATA partition after the image's, holding the files.
+        let json = run(std::process::Command::new("sfdisk")
+            .arg("--json")
+            .arg(&disk));
+        let v: Value = serde_json::from_str(&json).unwrap();
+        let parts = v["partitiontable"]["partitions"].as_array().unwrap();
+        assert_eq!(parts.len(), 2, "{json}");
+        assert_eq!(parts[1]["name"], "CIDATA");
+        let start = parts[1]["start"].as_u64().unwrap();
+        let meta = run(std::process::Command::new("mtype")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-i")
+            .arg(format!("{}@@{}", disk.display(), start * 512))
+            .arg("::meta-data"));
+        assert_eq!(meta, seed.meta_data);
+        // The image's own partition is untouched.
+        let after = std::fs::read(&disk).unwrap();
+        assert_eq!(after[1 << 20..21 << 20], img[1 << 20..21 << 20]);
+    }
 
     #[test]
     fn the_digest_covers_every_file_and_its_name() {

@@ -120,14 +120,11 @@ pub(super) fn send_loop(
 
     'outer: loop {
         let now = Instant::now();
-        // Membership first: a member the appliance just added may already
-        // be saying hello. Then events: they may unblock sends.
+        // Membership first (late members, rate changes), then events.
         if let Some(r) = &mut reporter {
             r.commands(&mut core, &mut held, now);
         }
-        while let Ok(ev) = events.try_recv() {
-            held.on_event(&mut core, ev);
-        }
+        drain_events(&mut reporter, &mut core, &mut held, &events);
         if let Some(e) = &held.error {
             tracing::error!(error = %e, "image source failed; aborting wave");
             for (_, o) in held.outs.drain() {
@@ -163,12 +160,7 @@ pub(super) fn send_loop(
         let wait = wake.saturating_duration_since(Instant::now());
         if wait > Duration::from_micros(50) {
             match events.recv_timeout(wait) {
-                Ok(ev) => {
-                    if let Some(r) = &mut reporter {
-                        r.commands(&mut core, &mut held, Instant::now());
-                    }
-                    held.on_event(&mut core, ev);
-                }
+                Ok(ev) => take_event(&mut reporter, &mut core, &mut held, ev),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
                     std::thread::sleep(wait);
@@ -185,6 +177,35 @@ pub(super) fn send_loop(
     std::thread::sleep(Duration::from_millis(5));
 
     send_report(&core, held.error, &cfg, m, wire.wire_bytes)
+}
+
+/// Every queued event, each after the commands queued before it. The
+/// appliance queues a late member's `Expect` before it tells the device
+/// to join, so when that member's Hello is taken from `events` its
+/// `Expect` is already in `commands`: draining the commands before each
+/// event (not once per batch) means it is never refused as a stranger.
+fn drain_events(
+    reporter: &mut Option<LinkReporter>,
+    core: &mut WaveSender,
+    held: &mut Held,
+    events: &Receiver<Event>,
+) {
+    while let Ok(ev) = events.try_recv() {
+        take_event(reporter, core, held, ev);
+    }
+}
+
+/// One event, after the commands queued before it (see `drain_events`).
+fn take_event(
+    reporter: &mut Option<LinkReporter>,
+    core: &mut WaveSender,
+    held: &mut Held,
+    ev: Event,
+) {
+    if let Some(r) = reporter {
+        r.commands(core, held, Instant::now());
+    }
+    held.on_event(core, ev);
 }
 
 /// The wave's summary from the core's counters and receivers.
@@ -529,5 +550,104 @@ fn publish_metrics(core: &WaveSender, wave: &str) {
             .set(r.status.malformed as f64);
         metrics::gauge!("rackcast_receiver_decode_failures", "receiver" => name)
             .set(r.status.decode_failures as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::manifest::{BlockInfo, Wire};
+
+    fn manifest() -> Manifest {
+        Manifest {
+            image_size: 4 * 4096,
+            image_hash: [9; 32],
+            block_size: 4096,
+            symbol_size: 1024,
+            blocks: (0..4)
+                .map(|_| BlockInfo {
+                    hash: [0; 32],
+                    zero: false,
+                    wire: Wire::Raw,
+                })
+                .collect(),
+        }
+    }
+
+    /// The race fleet-sim found at 5,000 devices: the appliance queues a
+    /// late member's Expect, tells the device, and the device's Hello
+    /// arrives in `events` while the pacer is between its command drain
+    /// and its event drain. The member must be admitted, never refused.
+    #[test]
+    fn a_late_members_hello_behind_the_command_drain_is_admitted() {
+        let t0 = Instant::now();
+        let cfg = SenderConfig {
+            expected: 1,
+            ..Default::default()
+        };
+        let mut core = WaveSender::new(cfg, manifest(), 1100, t0);
+        // An appliance wave: it started with one member, as send_loop
+        // sets it up from the link.
+        core.expect_member("first", t0);
+        let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
+        let (ev_tx, ev_rx) = crossbeam_channel::unbounded();
+        let (wave_tx, _wave_rx) = mpsc::unbounded_channel();
+        let mut held = Held {
+            credentials: Some(HashMap::from([("first".to_string(), [1u8; 32])])),
+            ..Default::default()
+        };
+        let mut reporter = Some(LinkReporter {
+            link: WaveLink {
+                members: Vec::new(),
+                commands: cmd_rx,
+                events: wave_tx,
+            },
+            reported: std::collections::HashSet::new(),
+            next_progress: t0,
+        });
+        // The pacer has just drained its commands (nothing there yet).
+        if let Some(r) = &mut reporter {
+            r.commands(&mut core, &mut held, t0);
+        }
+        // Now the appliance adds the member and the member says hello.
+        let credential = [7u8; 32];
+        cmd_tx
+            .send(WaveCommand::Expect(
+                "late".into(),
+                *blake3::hash(&credential).as_bytes(),
+            ))
+            .unwrap();
+        let (out, _out_rx) = mpsc::unbounded_channel();
+        let (reply, mut answer) = tokio::sync::oneshot::channel();
+        ev_tx
+            .send(Event::Hello {
+                name: "late".into(),
+                credential: Some(credential),
+                out,
+                reply,
+            })
+            .unwrap();
+        // Its Hello is taken with the rest of the event batch.
+        drain_events(&mut reporter, &mut core, &mut held, &ev_rx);
+        match answer.try_recv() {
+            Ok(Ok(_)) => {}
+            other => panic!("the late member was not admitted: {other:?}"),
+        }
+        // A stranger is still refused.
+        let (out, _o) = mpsc::unbounded_channel();
+        let (reply, mut answer) = tokio::sync::oneshot::channel();
+        ev_tx
+            .send(Event::Hello {
+                name: "stranger".into(),
+                credential: Some(credential),
+                out,
+                reply,
+            })
+            .unwrap();
+        drain_events(&mut reporter, &mut core, &mut held, &ev_rx);
+        match answer.try_recv() {
+            Ok(Err(e)) => assert!(e.contains("is not a member of this wave"), "{e}"),
+            other => panic!("a stranger was admitted: {other:?}"),
+        }
     }
 }
