@@ -322,8 +322,17 @@ fn debs_install_and_the_packaged_service_runs_as_its_unit_says() {
             .unwrap()
     };
     let log = lab.file("serve.log");
-    let mut serve = start_unit(&log);
-    let serve_pid = serve.id();
+    // Stopped by PID when the test ends, also on a failure (its user
+    // cannot be removed while it runs).
+    struct Serve(std::process::Child);
+    impl Drop for Serve {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut serve = Serve(start_unit(&log));
+    let serve_pid = serve.0.id();
     let mut seen = Vec::new();
     await_notify(&notify, "READY=1", Duration::from_secs(30), &mut seen);
     // Ready means every listener is bound.
@@ -398,7 +407,7 @@ fn debs_install_and_the_packaged_service_runs_as_its_unit_says() {
     await_notify(&notify, "STOPPING=1", Duration::from_secs(5), &mut seen);
     let deadline = Instant::now() + Duration::from_secs(15);
     let status = loop {
-        if let Some(s) = serve.try_wait().unwrap() {
+        if let Some(s) = serve.0.try_wait().unwrap() {
             break s;
         }
         assert!(Instant::now() < deadline, "serve did not stop on SIGTERM");

@@ -188,8 +188,16 @@ pub async fn serve(cfg: Config, path: std::path::PathBuf) -> anyhow::Result<()> 
                     // A config that does not load changes nothing: the
                     // appliance goes on with the one it has.
                     Ok(new) => {
-                        let _ = inbox.send(Input::Reload(Box::new(new)));
-                        service::reloaded("serving; config reloaded");
+                        // READY=1 only once the controller has it in effect.
+                        let (applied, done) = tokio::sync::oneshot::channel();
+                        let _ = inbox.send(Input::Reload(Box::new(new), applied));
+                        match tokio::time::timeout(Duration::from_secs(30), done).await {
+                            Ok(Ok(())) => service::reloaded("serving; config reloaded"),
+                            _ => {
+                                tracing::error!("the controller did not apply the reloaded config within 30 s");
+                                service::reloaded("serving; config reload not confirmed, see the log");
+                            }
+                        }
                     }
                     Err(e) => {
                         metrics::counter!("rackcast_config_reloads_total", "result" => "refused").increment(1);

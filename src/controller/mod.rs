@@ -126,8 +126,9 @@ pub enum Input {
         what: String,
     },
     Tick,
-    /// SIGHUP: the config file read again (and valid).
-    Reload(Box<Config>),
+    /// SIGHUP: the config file read again (and valid); `applied` is told
+    /// once it is in effect (the service manager's READY=1 waits for it).
+    Reload(Box<Config>, tokio::sync::oneshot::Sender<()>),
     /// The service watchdog asks whether this loop still runs.
     Heartbeat(tokio::sync::oneshot::Sender<()>),
     Shutdown,
@@ -614,7 +615,10 @@ impl Controller {
                 let _ = reply.send(r);
             }
             Input::Tick => self.on_tick(),
-            Input::Reload(new) => self.reload(*new),
+            Input::Reload(new, applied) => {
+                self.reload(*new);
+                let _ = applied.send(());
+            }
             Input::Heartbeat(alive) => {
                 let _ = alive.send(());
             }
