@@ -14,5 +14,7 @@ pub mod pacing;
 pub mod receiver;
 pub mod render;
 pub mod sender;
-#[cfg(test)]
-mod sim;
+/// Whole-wave simulation on a simulated clock (tests, and the
+/// `wave-sim` scaling tool with the `sim` feature).
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;

@@ -21,7 +21,7 @@ use rand::{Rng, SeedableRng};
 
 use super::receiver::{decode_block, DecodeJob, DecodeOutcome, ReceiverCore};
 use super::render::{Packetizer, Rendered, SymbolSource};
-use super::sender::{Action, RxState, SenderConfig, SlowMembers, WaveSender};
+use super::sender::{Action, SenderConfig, SlowMembers, WaveSender};
 use crate::image::fec::BlockEncoder;
 use crate::image::manifest::Manifest;
 use crate::wire::control::{Msg, Verdict};
@@ -59,7 +59,7 @@ impl SymbolSource for SimSource<'_> {
 /// One device of a scenario.
 #[derive(Clone)]
 struct Device {
-    name: &'static str,
+    name: String,
     /// When it connects, from the start of the simulation.
     join_at: Duration,
     loss: f64,
@@ -78,9 +78,9 @@ struct Device {
 }
 
 impl Device {
-    fn new(name: &'static str, loss: f64) -> Device {
+    fn new(name: &str, loss: f64) -> Device {
         Device {
-            name,
+            name: name.to_string(),
             join_at: Duration::ZERO,
             loss,
             kill_at: None,
@@ -91,7 +91,8 @@ impl Device {
         }
     }
 
-    fn slow(name: &'static str, link_bps: u64) -> Device {
+    #[cfg(test)]
+    fn slow(name: &str, link_bps: u64) -> Device {
         Device {
             link_bps: Some(link_bps),
             ..Device::new(name, 0.0)
@@ -162,6 +163,30 @@ struct Sim {
     /// "not loaded; skipped" and the datagram is lost for good).
     skipped: u64,
     last_tick: Instant,
+    /// Receiver index by the sender's connection id.
+    by_conn: HashMap<u32, usize>,
+    /// Where the run's work went.
+    cost: Cost,
+}
+
+/// Real time spent in each side's code during a run, and the control
+/// messages each way: the simulation is single-threaded, so real time
+/// in a core's calls is that core's CPU time.
+#[derive(Debug, Clone, Default)]
+pub struct Cost {
+    /// In the sender core's control calls: hellos, reports, ticks,
+    /// actions (plans).
+    pub sender_control: Duration,
+    /// In `poll_transmit` and rendering (tagging) its datagrams.
+    pub sender_send: Duration,
+    /// Datagrams the sender sent.
+    pub datagrams: u64,
+    /// In the receivers: datagrams, plans, decoding and checking blocks.
+    pub receivers: Duration,
+    /// Control messages to the sender (status reports, verdicts).
+    pub to_sender: u64,
+    /// Control messages from the sender (plans, session ends).
+    pub from_sender: u64,
 }
 
 /// Size of the simulated image and how the sender sends it.
@@ -173,6 +198,7 @@ struct Shape {
     rate_bps: u64,
 }
 
+#[cfg(test)]
 const SMALL: Shape = Shape {
     blocks: 40,
     block_size: 16 * 1024,
@@ -264,6 +290,8 @@ impl Sim {
             to_sender: VecDeque::new(),
             skipped: 0,
             last_tick: t0,
+            by_conn: HashMap::new(),
+            cost: Cost::default(),
         }
     }
 
@@ -277,21 +305,31 @@ impl Sim {
         q_last.map_or(at, |l| at.max(l))
     }
 
+    #[cfg(test)]
     fn run(&mut self) -> Duration {
+        match self.try_run() {
+            Ok(d) => d,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Run the wave to its end; an error if it is still running after
+    /// [`LIMIT`] of simulated time.
+    fn try_run(&mut self) -> Result<Duration, String> {
         let mut now = self.t0;
         while !self.s.is_finished() {
-            assert!(
-                now - self.t0 < LIMIT,
-                "wave hung after {LIMIT:?}: {}",
-                self.describe()
-            );
+            if now - self.t0 >= LIMIT {
+                return Err(format!("wave hung after {LIMIT:?}: {}", self.describe()));
+            }
             self.receivers_connect(now);
             self.sender_inbox(now);
             self.workers(now);
             for _ in 0..4 {
                 self.actions(now);
                 if now >= self.last_tick + TICK {
+                    let t = std::time::Instant::now();
                     self.s.on_tick(now);
+                    self.cost.sender_control += t.elapsed();
                     self.last_tick = now;
                     self.actions(now);
                 }
@@ -303,7 +341,7 @@ impl Sim {
             now += STEP;
         }
         self.actions(now);
-        now - self.t0
+        Ok(now - self.t0)
     }
 
     fn describe(&self) -> String {
@@ -332,13 +370,16 @@ impl Sim {
             if !due || r.end != End::Running && r.end != End::Dead {
                 continue;
             }
-            let name = r.dev.name;
+            let name = r.dev.name.clone();
             self.rxs[i].started = true;
             self.rxs[i].restart_at = None;
             self.rxs[i].end = End::Running;
             // The driver's `Event::Hello`.
-            assert!(self.s.admits(name));
-            let id = self.s.on_hello(name, now);
+            assert!(self.s.admits(&name));
+            let t = std::time::Instant::now();
+            let id = self.s.on_hello(&name, now);
+            self.cost.sender_control += t.elapsed();
+            self.by_conn.insert(id, i);
             let mut core = ReceiverCore::new(self.m.clone(), SESSION, KEY);
             let mut resumed = 0;
             for b in 0..self.m.block_count() {
@@ -372,10 +413,15 @@ impl Sim {
             let Some((_, ev)) = self.to_sender.pop_front() else {
                 break;
             };
+            let t = std::time::Instant::now();
             match ev {
-                ToSender::Msg(id, msg) => self.s.on_message(id, msg, now),
+                ToSender::Msg(id, msg) => {
+                    self.cost.to_sender += 1;
+                    self.s.on_message(id, msg, now)
+                }
                 ToSender::Disconnect(id) => self.s.on_disconnect(id, now),
             }
+            self.cost.sender_control += t.elapsed();
         }
     }
 
@@ -399,7 +445,13 @@ impl Sim {
     }
 
     fn actions(&mut self, now: Instant) {
-        while let Some(a) = self.s.poll_action() {
+        loop {
+            let t = std::time::Instant::now();
+            let a = self.s.poll_action();
+            self.cost.sender_control += t.elapsed();
+            let Some(a) = a else {
+                break;
+            };
             let done_at = now + Duration::from_micros(self.rng.random_range(100..4000));
             match a {
                 Action::Load(b) => self.work.push((done_at, Work::Load(b))),
@@ -411,13 +463,14 @@ impl Sim {
                     self.encoders.remove(&b);
                 }
                 Action::Control(id, msg) => {
-                    if let Some(i) = self.rxs.iter().position(|r| r.conn == Some(id)) {
+                    self.cost.from_sender += 1;
+                    if let Some(i) = self.conn_index(id) {
                         let at = self.ctl_at(self.rxs[i].ctl.back().map(|x| x.0), now);
                         self.rxs[i].ctl.push_back((at, msg));
                     }
                 }
                 Action::Disconnect(id) => {
-                    if let Some(i) = self.rxs.iter().position(|r| r.conn == Some(id)) {
+                    if let Some(i) = self.conn_index(id) {
                         let at = self.ctl_at(self.rxs[i].ctl.back().map(|x| x.0), now);
                         self.rxs[i].ctl.push_back((
                             at,
@@ -426,6 +479,7 @@ impl Sim {
                             },
                         ));
                         self.rxs[i].conn = None;
+                        self.by_conn.remove(&id);
                     }
                 }
                 Action::Finished => {}
@@ -433,9 +487,18 @@ impl Sim {
         }
     }
 
+    /// The receiver holding the sender's connection `id`.
+    fn conn_index(&self, id: u32) -> Option<usize> {
+        self.by_conn
+            .get(&id)
+            .copied()
+            .filter(|&i| self.rxs[i].conn == Some(id))
+    }
+
     /// One `poll_transmit`; false when it gave nothing. Datagrams are
     /// rendered by the send driver's own [`Packetizer`].
     fn transmit(&mut self, now: Instant) -> bool {
+        let t = std::time::Instant::now();
         let mut txs = Vec::new();
         self.s.poll_transmit(now, 64, &mut txs);
         let mut pk = Packetizer::new(KEY, SESSION, SYMBOL, txs.len());
@@ -459,6 +522,8 @@ impl Sim {
                 .chunks(pk.datagram_len())
                 .map(|d| Arc::new(d.to_vec())),
         );
+        self.cost.sender_send += t.elapsed();
+        self.cost.datagrams += out.len() as u64;
         for d in out {
             for i in 0..self.rxs.len() {
                 if self.rxs[i].core.is_none() {
@@ -493,11 +558,13 @@ impl Sim {
     }
 
     fn receivers_step(&mut self, now: Instant) {
+        let t = std::time::Instant::now();
         for i in 0..self.rxs.len() {
             if self.rxs[i].core.is_some() {
                 self.receiver_step(i, now);
             }
         }
+        self.cost.receivers += t.elapsed();
     }
 
     fn send_to_sender(&mut self, now: Instant, ev: ToSender) {
@@ -601,6 +668,7 @@ impl Sim {
             r.end = End::Dead;
             r.restart_at = r.dev.restart_after.map(|d| now + d);
             if let Some(id) = conn {
+                self.by_conn.remove(&id);
                 self.send_to_sender(now, ToSender::Disconnect(id));
             }
             return;
@@ -613,323 +681,423 @@ impl Sim {
     }
 }
 
-/// Every scenario over several seeds: the wave ends, nothing was sent
-/// from data the driver did not hold, and each device that stayed (or
-/// came back) holds the exact image.
-fn check(shape: Shape, devices: &[Device], expected: usize, seeds: std::ops::Range<u64>) {
-    for seed in seeds {
-        let sim = Sim::new(shape, devices, expected, seed);
-        run_checked(sim, seed);
-    }
+/// One point of the scaling curve: `receivers` members with independent
+/// loss spread over `loss` (fractions), every `late_every`-th joining
+/// `late_by` after the start, every `kill_every`-th killed half way and
+/// started again 100 ms later (it resumes from its disk).
+#[derive(Debug, Clone)]
+pub struct ScaleCase {
+    /// Members of the wave.
+    pub receivers: usize,
+    /// Each member's loss is drawn from this range (fractions).
+    pub loss: (f64, f64),
+    /// Every n-th member joins late (0: none).
+    pub late_every: usize,
+    /// How late.
+    pub late_by: Duration,
+    /// Every n-th member is killed half way and restarted (0: none).
+    pub kill_every: usize,
+    /// Image size in bytes (rounded to whole blocks of `block_size`).
+    pub image_bytes: usize,
+    /// Block size in bytes.
+    pub block_size: usize,
+    /// The wave's rate, bits/s.
+    pub rate_bps: u64,
+    /// Seed of the image, the losses and the timings.
+    pub seed: u64,
 }
 
-/// Run one wave and check it (see [`check`]): every device that stayed
-/// verified the exact image, or is reported failed if it died.
-fn run_checked(mut sim: Sim, seed: u64) -> Sim {
-    let took = sim.run();
-    let summary = sim.s.summary();
-    assert_eq!(
-        sim.skipped,
-        0,
-        "seed {seed}: transmissions without data: {}",
-        sim.describe()
-    );
-    for r in &sim.rxs {
-        let state = summary
-            .iter()
-            .find(|(_, x)| x.name == r.dev.name)
-            .map(|(_, x)| x.state.clone());
-        if r.end == End::Dead {
-            assert!(
-                matches!(state, Some(RxState::Failed(_))),
-                "seed {seed}: {} dead, sender says {state:?}",
-                r.dev.name
+/// What one simulated wave cost.
+#[derive(Debug, Clone)]
+pub struct ScaleReport {
+    /// Simulated time from the start to the wave's end.
+    pub wave: Duration,
+    /// Members that verified the exact image.
+    pub verified: usize,
+    /// Where the work went (real time of each side's code).
+    pub cost: Cost,
+    /// Sender core state at the end, as `WaveSender::state_bytes` counts it.
+    pub sender_state_bytes: usize,
+}
+
+/// Run one simulated wave of `case` on the simulated clock, with the real
+/// sender and receiver cores; every member that was not killed for good
+/// must hold the exact image, or this is an error naming what went wrong.
+pub fn run_scale(case: &ScaleCase) -> Result<ScaleReport, String> {
+    let mut rng = StdRng::seed_from_u64(case.seed ^ 0xca5e);
+    let devices: Vec<Device> = (0..case.receivers)
+        .map(|i| {
+            let mut d = Device::new(
+                &format!("rx{i}"),
+                rng.random_range(case.loss.0..=case.loss.1.max(case.loss.0)),
             );
+            if case.late_every > 0 && i % case.late_every == case.late_every - 1 {
+                d.join_at = case.late_by;
+            }
+            if case.kill_every > 0 && i % case.kill_every == case.kill_every / 2 {
+                d.kill_at = Some(0.5);
+                d.restart_after = Some(Duration::from_millis(100));
+            }
+            d
+        })
+        .collect();
+    let blocks = case.image_bytes.div_ceil(case.block_size).max(1);
+    let shape = Shape {
+        blocks,
+        block_size: case.block_size,
+        interleave: 8,
+        rate_bps: case.rate_bps,
+    };
+    let expected = devices.iter().filter(|d| d.join_at.is_zero()).count();
+    let mut sim = Sim::new(shape, &devices, expected, case.seed);
+    let wave = sim.try_run()?;
+    if sim.skipped > 0 {
+        return Err(format!("{} transmissions without data", sim.skipped));
+    }
+    let mut verified = 0;
+    for r in &sim.rxs {
+        if r.end == End::Dead {
             continue;
         }
+        if r.disk != sim.data {
+            return Err(format!(
+                "{} does not hold the image: {:?}",
+                r.dev.name, r.end
+            ));
+        }
+        verified += 1;
+    }
+    Ok(ScaleReport {
+        wave,
+        verified,
+        cost: sim.cost.clone(),
+        sender_state_bytes: sim.s.state_bytes(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::sender::RxState;
+
+    /// Every scenario over several seeds: the wave ends, nothing was sent
+    /// from data the driver did not hold, and each device that stayed (or
+    /// came back) holds the exact image.
+    fn check(shape: Shape, devices: &[Device], expected: usize, seeds: std::ops::Range<u64>) {
+        for seed in seeds {
+            let sim = Sim::new(shape, devices, expected, seed);
+            run_checked(sim, seed);
+        }
+    }
+
+    /// Run one wave and check it (see [`check`]): every device that stayed
+    /// verified the exact image, or is reported failed if it died.
+    fn run_checked(mut sim: Sim, seed: u64) -> Sim {
+        let took = sim.run();
+        let summary = sim.s.summary();
         assert_eq!(
-            state,
-            Some(RxState::Verified),
-            "seed {seed} after {took:?}: {}",
+            sim.skipped,
+            0,
+            "seed {seed}: transmissions without data: {}",
             sim.describe()
         );
-        assert!(
-            r.disk == sim.data,
-            "seed {seed}: {} image differs",
-            r.dev.name
-        );
+        for r in &sim.rxs {
+            let state = summary
+                .iter()
+                .find(|(_, x)| x.name == r.dev.name)
+                .map(|(_, x)| x.state.clone());
+            if r.end == End::Dead {
+                assert!(
+                    matches!(state, Some(RxState::Failed(_))),
+                    "seed {seed}: {} dead, sender says {state:?}",
+                    r.dev.name
+                );
+                continue;
+            }
+            assert_eq!(
+                state,
+                Some(RxState::Verified),
+                "seed {seed} after {took:?}: {}",
+                sim.describe()
+            );
+            assert!(
+                r.disk == sim.data,
+                "seed {seed}: {} image differs",
+                r.dev.name
+            );
+        }
+        sim
     }
-    sim
-}
 
-/// When each device verified, by name.
-fn verified_at(sim: &Sim) -> HashMap<&'static str, Duration> {
-    sim.rxs
-        .iter()
-        .filter_map(|r| Some((r.dev.name, r.verified_at?)))
-        .collect()
-}
-
-/// A wave long enough for the rate control and the slow-member rules to
-/// act (about 1.1 s at full rate; telling a slow member takes ~0.1 s).
-const MID: Shape = Shape {
-    blocks: 360,
-    block_size: 16 * 1024,
-    interleave: 8,
-    rate_bps: 40_000_000,
-};
-
-/// The slowest of `names` in `t`.
-fn slowest(t: &HashMap<&'static str, Duration>, names: &[&str]) -> Duration {
-    names
-        .iter()
-        .filter_map(|n| t.get(n).copied())
-        .max()
-        .unwrap_or_default()
-}
-
-/// Seconds to send `sim`'s image (its data blocks, framed) at `bps`.
-fn ideal_secs(sim: &Sim, bps: u64) -> f64 {
-    let frame = (packet::datagram_len(SYMBOL) + 42) as f64;
-    sim.m.data_bytes() as f64 / SYMBOL as f64 * frame * 8.0 / bps as f64
-}
-
-/// One member behind a port at a fifth of the wave's rate: the others
-/// finish within 1.1 x their time without it (with the `wait` policy they
-/// take about as long as it does), and it verifies in about the image's
-/// time at its own port's rate. With `drop`, it is failed and the others
-/// are as fast.
-#[test]
-fn a_slow_member_costs_only_itself() {
-    let fast = ["a", "b", "c"];
-    let devs_fast: Vec<Device> = fast.iter().map(|n| Device::new(n, 0.0)).collect();
-    let mut devs = devs_fast.clone();
-    devs.push(Device::slow("slow", MID.rate_bps / 5));
-    for seed in 0..3 {
-        let base = run_checked(Sim::new(MID, &devs_fast, 3, seed), seed);
-        let base_t = slowest(&verified_at(&base), &fast);
-        let sim = run_checked(Sim::new(MID, &devs, 4, seed), seed);
-        let t = verified_at(&sim);
-        let ideal = ideal_secs(&sim, MID.rate_bps / 5);
-        eprintln!(
-            "seed {seed}: alone {base_t:?}; with a slow member {:?}, slow {:?} (its port's time {ideal:.2} s); {:?}",
-            slowest(&t, &fast),
-            t.get("slow"),
-            sim.s.stats
-        );
-        assert!(
-            slowest(&t, &fast).as_secs_f64() <= 1.1 * base_t.as_secs_f64(),
-            "seed {seed}: the others waited: {:?} against {base_t:?}",
-            slowest(&t, &fast)
-        );
-        assert!(
-            t["slow"].as_secs_f64() <= 1.3 * ideal,
-            "seed {seed}: slow member took {:?}, its port's time is {ideal:.2} s",
-            t["slow"]
-        );
-        assert_eq!(sim.s.stats.fell_behind, 1);
-        assert_eq!(sim.s.stats.caught_up, 1);
-
-        let wait = run_checked(
-            Sim::with_policy(MID, &devs, 4, seed, SlowMembers::Wait),
-            seed,
-        );
-        let tw = verified_at(&wait);
-        assert!(
-            slowest(&tw, &fast).as_secs_f64() > 2.0 * base_t.as_secs_f64(),
-            "seed {seed}: with `wait` the others should wait for it: {:?}",
-            slowest(&tw, &fast)
-        );
-        assert_eq!(wait.s.stats.fell_behind, 0);
+    /// When each device verified, by name.
+    fn verified_at(sim: &Sim) -> HashMap<String, Duration> {
+        sim.rxs
+            .iter()
+            .filter_map(|r| Some((r.dev.name.clone(), r.verified_at?)))
+            .collect()
     }
-    let mut dropped = Sim::with_policy(MID, &devs, 4, 0, SlowMembers::Drop);
-    dropped.run();
-    let states: HashMap<String, RxState> = dropped
-        .s
-        .summary()
-        .into_iter()
-        .map(|(_, r)| (r.name, r.state))
-        .collect();
-    assert!(
-        matches!(&states["slow"], RxState::Failed(why) if why.contains("fell behind")),
-        "{:?}",
-        states["slow"]
-    );
-    for n in fast {
-        assert_eq!(states[n], RxState::Verified, "{n}");
-    }
-}
 
-/// A quarter of the members (2 of 8) behind ports at half the wave's
-/// rate: the others are not slowed, and the slow ones verify in about the
-/// image's time at their ports' rate.
-#[test]
-fn a_quarter_of_the_members_at_half_rate() {
-    let fast = ["a", "b", "c", "d", "e", "f"];
-    let mut devs: Vec<Device> = fast.iter().map(|n| Device::new(n, 0.0)).collect();
-    let base_t = slowest(
-        &verified_at(&run_checked(Sim::new(MID, &devs, 6, 0), 0)),
-        &fast,
-    );
-    devs.push(Device::slow("s1", MID.rate_bps / 2));
-    devs.push(Device::slow("s2", MID.rate_bps / 2));
-    for seed in 0..2 {
-        let sim = run_checked(Sim::new(MID, &devs, 8, seed), seed);
-        let t = verified_at(&sim);
-        let ideal = ideal_secs(&sim, MID.rate_bps / 2);
-        let slow = slowest(&t, &["s1", "s2"]).as_secs_f64();
-        eprintln!(
-            "seed {seed}: alone {base_t:?}; others {:?}; slow {slow:.3} s (ideal {ideal:.3} s, {:.3} x)",
-            slowest(&t, &fast),
-            slow / ideal
-        );
-        assert!(slowest(&t, &fast).as_secs_f64() <= 1.1 * base_t.as_secs_f64());
-        assert!(
-            slow <= 1.3 * ideal,
-            "slow ones took {slow:.2} s, ideal {ideal:.2} s"
-        );
-    }
-}
-
-/// A member losing 20 % of its datagrams, the others none: the clean
-/// ones finish within 1.05 x their time without it, and it verifies.
-#[test]
-fn a_lossy_member_costs_only_itself() {
-    let clean = ["a", "b", "c"];
-    let devs_clean: Vec<Device> = clean.iter().map(|n| Device::new(n, 0.0)).collect();
-    let mut devs = devs_clean.clone();
-    devs.push(Device::new("lossy", 0.2));
-    for seed in 0..3 {
-        let base = slowest(
-            &verified_at(&run_checked(Sim::new(MID, &devs_clean, 3, seed), seed)),
-            &clean,
-        );
-        let sim = run_checked(Sim::new(MID, &devs, 4, seed), seed);
-        let t = verified_at(&sim);
-        eprintln!(
-            "seed {seed}: alone {base:?}; with a lossy member {:?}, lossy {:?}",
-            slowest(&t, &clean),
-            t.get("lossy")
-        );
-        assert!(
-            slowest(&t, &clean).as_secs_f64() <= 1.05 * base.as_secs_f64(),
-            "seed {seed}: {:?} against {base:?}",
-            slowest(&t, &clean)
-        );
-        assert_eq!(sim.s.stats.fell_behind, 1);
-    }
-}
-
-/// A member that receives nothing for 150 ms (starved of CPU, a link
-/// flap) does not fall behind: its reports show the gap as one interval,
-/// and the smoothed loss stays under the threshold; its backlog is
-/// repaired as before and everyone verifies.
-#[test]
-fn a_member_stalled_for_a_moment_does_not_fall_behind() {
-    let mut devs: Vec<Device> = ["a", "b", "c"]
-        .iter()
-        .map(|n| Device::new(n, 0.0))
-        .collect();
-    let mut stalled = Device::new("stalled", 0.0);
-    stalled.stall = Some((Duration::from_millis(100), Duration::from_millis(250)));
-    devs.push(stalled);
-    for seed in 0..3 {
-        let sim = run_checked(Sim::new(MID, &devs, 4, seed), seed);
-        assert_eq!(sim.s.stats.fell_behind, 0, "seed {seed}");
-    }
-}
-
-/// A member whose port is slow for the wave's first 0.4 s falls behind,
-/// keeps up again once its port is back, and rejoins the wave before the
-/// others are done (no catch-up); everyone verifies.
-#[test]
-fn a_member_slow_for_a_while_rejoins_the_wave() {
-    let long = Shape { blocks: 720, ..MID };
-    let mut devs: Vec<Device> = ["a", "b", "c"]
-        .iter()
-        .map(|n| Device::new(n, 0.0))
-        .collect();
-    let mut slowed = Device::slow("slowed", long.rate_bps / 5);
-    slowed.slow_until = Some(Duration::from_millis(400));
-    devs.push(slowed);
-    for seed in 0..2 {
-        let sim = run_checked(Sim::new(long, &devs, 4, seed), seed);
-        eprintln!("seed {seed}: {:?} {:?}", verified_at(&sim), sim.s.stats);
-        assert_eq!(sim.s.stats.fell_behind, 1, "seed {seed}");
-        assert_eq!(sim.s.stats.rejoined, 1, "seed {seed}");
-        assert_eq!(sim.s.stats.caught_up, 0, "seed {seed}");
-    }
-}
-
-/// Members equally lossy all keep up: nobody falls behind, and the wave
-/// takes what it takes with the `wait` policy.
-#[test]
-fn equally_lossy_members_all_keep_up() {
-    let devs: Vec<Device> = ["a", "b", "c", "d"]
-        .iter()
-        .map(|n| Device::new(n, 0.05))
-        .collect();
-    for seed in 0..3 {
-        let sim = run_checked(Sim::new(MID, &devs, 4, seed), seed);
-        assert_eq!(sim.s.stats.fell_behind, 0, "seed {seed}");
-    }
-}
-
-#[test]
-fn lossy_receivers_all_finish() {
-    let devs = [
-        Device::new("a", 0.0),
-        Device::new("b", 0.05),
-        Device::new("c", 0.15),
-    ];
-    check(SMALL, &devs, 3, 0..6);
-}
-
-#[test]
-fn late_joiner_and_a_receiver_killed_and_restarted() {
-    let mut late = Device::new("late", 0.02);
-    late.join_at = Duration::from_millis(60);
-    let mut killed = Device::new("killed", 0.05);
-    killed.kill_at = Some(0.3);
-    killed.restart_after = Some(Duration::from_millis(300));
-    let devs = [Device::new("a", 0.02), killed, Device::new("c", 0.1), late];
-    check(SMALL, &devs, 3, 0..6);
-}
-
-#[test]
-fn a_killed_receiver_that_stays_dead_does_not_hold_the_others() {
-    let mut killed = Device::new("killed", 0.05);
-    killed.kill_at = Some(0.2);
-    let mut late = Device::new("late", 0.05);
-    late.join_at = Duration::from_millis(40);
-    let devs = [Device::new("a", 0.05), killed, Device::new("c", 0.0), late];
-    check(SMALL, &devs, 3, 0..6);
-}
-
-/// Hunting ground for rare interleavings: `RC_SIM_SEEDS=500 cargo test
-/// -p rackcast-core --release --lib sim::many -- --ignored`.
-#[test]
-#[ignore]
-fn many_seeds_fleet_shape() {
-    let n: u64 = std::env::var("RC_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(50);
-    let shape = Shape {
-        blocks: 60,
-        block_size: 128 * 1024,
+    /// A wave long enough for the rate control and the slow-member rules to
+    /// act (about 1.1 s at full rate; telling a slow member takes ~0.1 s).
+    const MID: Shape = Shape {
+        blocks: 360,
+        block_size: 16 * 1024,
         interleave: 8,
-        rate_bps: 60_000_000,
+        rate_bps: 40_000_000,
     };
-    let mut late = Device::new("d4", 0.01);
-    late.join_at = Duration::from_millis(250);
-    let mut killed = Device::new("d2", 0.01);
-    killed.kill_at = Some(0.25);
-    let devs = [
-        Device::new("d1", 0.01),
-        killed,
-        Device::new("d3", 0.03),
-        late,
-    ];
-    check(shape, &devs, 3, 0..n);
+
+    /// The slowest of `names` in `t`.
+    fn slowest(t: &HashMap<String, Duration>, names: &[&str]) -> Duration {
+        names
+            .iter()
+            .filter_map(|n| t.get(*n).copied())
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// Seconds to send `sim`'s image (its data blocks, framed) at `bps`.
+    fn ideal_secs(sim: &Sim, bps: u64) -> f64 {
+        let frame = (packet::datagram_len(SYMBOL) + 42) as f64;
+        sim.m.data_bytes() as f64 / SYMBOL as f64 * frame * 8.0 / bps as f64
+    }
+
+    /// One member behind a port at a fifth of the wave's rate: the others
+    /// finish within 1.1 x their time without it (with the `wait` policy they
+    /// take about as long as it does), and it verifies in about the image's
+    /// time at its own port's rate. With `drop`, it is failed and the others
+    /// are as fast.
+    #[test]
+    fn a_slow_member_costs_only_itself() {
+        let fast = ["a", "b", "c"];
+        let devs_fast: Vec<Device> = fast.iter().map(|n| Device::new(n, 0.0)).collect();
+        let mut devs = devs_fast.clone();
+        devs.push(Device::slow("slow", MID.rate_bps / 5));
+        for seed in 0..3 {
+            let base = run_checked(Sim::new(MID, &devs_fast, 3, seed), seed);
+            let base_t = slowest(&verified_at(&base), &fast);
+            let sim = run_checked(Sim::new(MID, &devs, 4, seed), seed);
+            let t = verified_at(&sim);
+            let ideal = ideal_secs(&sim, MID.rate_bps / 5);
+            eprintln!(
+                "seed {seed}: alone {base_t:?}; with a slow member {:?}, slow {:?} (its port's time {ideal:.2} s); {:?}",
+                slowest(&t, &fast),
+                t.get("slow"),
+                sim.s.stats
+            );
+            assert!(
+                slowest(&t, &fast).as_secs_f64() <= 1.1 * base_t.as_secs_f64(),
+                "seed {seed}: the others waited: {:?} against {base_t:?}",
+                slowest(&t, &fast)
+            );
+            assert!(
+                t["slow"].as_secs_f64() <= 1.3 * ideal,
+                "seed {seed}: slow member took {:?}, its port's time is {ideal:.2} s",
+                t["slow"]
+            );
+            assert_eq!(sim.s.stats.fell_behind, 1);
+            assert_eq!(sim.s.stats.caught_up, 1);
+
+            let wait = run_checked(
+                Sim::with_policy(MID, &devs, 4, seed, SlowMembers::Wait),
+                seed,
+            );
+            let tw = verified_at(&wait);
+            assert!(
+                slowest(&tw, &fast).as_secs_f64() > 2.0 * base_t.as_secs_f64(),
+                "seed {seed}: with `wait` the others should wait for it: {:?}",
+                slowest(&tw, &fast)
+            );
+            assert_eq!(wait.s.stats.fell_behind, 0);
+        }
+        let mut dropped = Sim::with_policy(MID, &devs, 4, 0, SlowMembers::Drop);
+        dropped.run();
+        let states: HashMap<String, RxState> = dropped
+            .s
+            .summary()
+            .into_iter()
+            .map(|(_, r)| (r.name, r.state))
+            .collect();
+        assert!(
+            matches!(&states["slow"], RxState::Failed(why) if why.contains("fell behind")),
+            "{:?}",
+            states["slow"]
+        );
+        for n in fast {
+            assert_eq!(states[n], RxState::Verified, "{n}");
+        }
+    }
+
+    /// A quarter of the members (2 of 8) behind ports at half the wave's
+    /// rate: the others are not slowed, and the slow ones verify in about the
+    /// image's time at their ports' rate.
+    #[test]
+    fn a_quarter_of_the_members_at_half_rate() {
+        let fast = ["a", "b", "c", "d", "e", "f"];
+        let mut devs: Vec<Device> = fast.iter().map(|n| Device::new(n, 0.0)).collect();
+        let base_t = slowest(
+            &verified_at(&run_checked(Sim::new(MID, &devs, 6, 0), 0)),
+            &fast,
+        );
+        devs.push(Device::slow("s1", MID.rate_bps / 2));
+        devs.push(Device::slow("s2", MID.rate_bps / 2));
+        for seed in 0..2 {
+            let sim = run_checked(Sim::new(MID, &devs, 8, seed), seed);
+            let t = verified_at(&sim);
+            let ideal = ideal_secs(&sim, MID.rate_bps / 2);
+            let slow = slowest(&t, &["s1", "s2"]).as_secs_f64();
+            eprintln!(
+                "seed {seed}: alone {base_t:?}; others {:?}; slow {slow:.3} s (ideal {ideal:.3} s, {:.3} x)",
+                slowest(&t, &fast),
+                slow / ideal
+            );
+            assert!(slowest(&t, &fast).as_secs_f64() <= 1.1 * base_t.as_secs_f64());
+            assert!(
+                slow <= 1.3 * ideal,
+                "slow ones took {slow:.2} s, ideal {ideal:.2} s"
+            );
+        }
+    }
+
+    /// A member losing 20 % of its datagrams, the others none: the clean
+    /// ones finish within 1.05 x their time without it, and it verifies.
+    #[test]
+    fn a_lossy_member_costs_only_itself() {
+        let clean = ["a", "b", "c"];
+        let devs_clean: Vec<Device> = clean.iter().map(|n| Device::new(n, 0.0)).collect();
+        let mut devs = devs_clean.clone();
+        devs.push(Device::new("lossy", 0.2));
+        for seed in 0..3 {
+            let base = slowest(
+                &verified_at(&run_checked(Sim::new(MID, &devs_clean, 3, seed), seed)),
+                &clean,
+            );
+            let sim = run_checked(Sim::new(MID, &devs, 4, seed), seed);
+            let t = verified_at(&sim);
+            eprintln!(
+                "seed {seed}: alone {base:?}; with a lossy member {:?}, lossy {:?}",
+                slowest(&t, &clean),
+                t.get("lossy")
+            );
+            assert!(
+                slowest(&t, &clean).as_secs_f64() <= 1.05 * base.as_secs_f64(),
+                "seed {seed}: {:?} against {base:?}",
+                slowest(&t, &clean)
+            );
+            assert_eq!(sim.s.stats.fell_behind, 1);
+        }
+    }
+
+    /// A member that receives nothing for 150 ms (starved of CPU, a link
+    /// flap) does not fall behind: its reports show the gap as one interval,
+    /// and the smoothed loss stays under the threshold; its backlog is
+    /// repaired as before and everyone verifies.
+    #[test]
+    fn a_member_stalled_for_a_moment_does_not_fall_behind() {
+        let mut devs: Vec<Device> = ["a", "b", "c"]
+            .iter()
+            .map(|n| Device::new(n, 0.0))
+            .collect();
+        let mut stalled = Device::new("stalled", 0.0);
+        stalled.stall = Some((Duration::from_millis(100), Duration::from_millis(250)));
+        devs.push(stalled);
+        for seed in 0..3 {
+            let sim = run_checked(Sim::new(MID, &devs, 4, seed), seed);
+            assert_eq!(sim.s.stats.fell_behind, 0, "seed {seed}");
+        }
+    }
+
+    /// A member whose port is slow for the wave's first 0.4 s falls behind,
+    /// keeps up again once its port is back, and rejoins the wave before the
+    /// others are done (no catch-up); everyone verifies.
+    #[test]
+    fn a_member_slow_for_a_while_rejoins_the_wave() {
+        let long = Shape { blocks: 720, ..MID };
+        let mut devs: Vec<Device> = ["a", "b", "c"]
+            .iter()
+            .map(|n| Device::new(n, 0.0))
+            .collect();
+        let mut slowed = Device::slow("slowed", long.rate_bps / 5);
+        slowed.slow_until = Some(Duration::from_millis(400));
+        devs.push(slowed);
+        for seed in 0..2 {
+            let sim = run_checked(Sim::new(long, &devs, 4, seed), seed);
+            eprintln!("seed {seed}: {:?} {:?}", verified_at(&sim), sim.s.stats);
+            assert_eq!(sim.s.stats.fell_behind, 1, "seed {seed}");
+            assert_eq!(sim.s.stats.rejoined, 1, "seed {seed}");
+            assert_eq!(sim.s.stats.caught_up, 0, "seed {seed}");
+        }
+    }
+
+    /// Members equally lossy all keep up: nobody falls behind, and the wave
+    /// takes what it takes with the `wait` policy.
+    #[test]
+    fn equally_lossy_members_all_keep_up() {
+        let devs: Vec<Device> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|n| Device::new(n, 0.05))
+            .collect();
+        for seed in 0..3 {
+            let sim = run_checked(Sim::new(MID, &devs, 4, seed), seed);
+            assert_eq!(sim.s.stats.fell_behind, 0, "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn lossy_receivers_all_finish() {
+        let devs = [
+            Device::new("a", 0.0),
+            Device::new("b", 0.05),
+            Device::new("c", 0.15),
+        ];
+        check(SMALL, &devs, 3, 0..6);
+    }
+
+    #[test]
+    fn late_joiner_and_a_receiver_killed_and_restarted() {
+        let mut late = Device::new("late", 0.02);
+        late.join_at = Duration::from_millis(60);
+        let mut killed = Device::new("killed", 0.05);
+        killed.kill_at = Some(0.3);
+        killed.restart_after = Some(Duration::from_millis(300));
+        let devs = [Device::new("a", 0.02), killed, Device::new("c", 0.1), late];
+        check(SMALL, &devs, 3, 0..6);
+    }
+
+    #[test]
+    fn a_killed_receiver_that_stays_dead_does_not_hold_the_others() {
+        let mut killed = Device::new("killed", 0.05);
+        killed.kill_at = Some(0.2);
+        let mut late = Device::new("late", 0.05);
+        late.join_at = Duration::from_millis(40);
+        let devs = [Device::new("a", 0.05), killed, Device::new("c", 0.0), late];
+        check(SMALL, &devs, 3, 0..6);
+    }
+
+    /// Hunting ground for rare interleavings: `RC_SIM_SEEDS=500 cargo test
+    /// -p rackcast-core --release --lib sim::many -- --ignored`.
+    #[test]
+    #[ignore]
+    fn many_seeds_fleet_shape() {
+        let n: u64 = std::env::var("RC_SIM_SEEDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(50);
+        let shape = Shape {
+            blocks: 60,
+            block_size: 128 * 1024,
+            interleave: 8,
+            rate_bps: 60_000_000,
+        };
+        let mut late = Device::new("d4", 0.01);
+        late.join_at = Duration::from_millis(250);
+        let mut killed = Device::new("d2", 0.01);
+        killed.kill_at = Some(0.25);
+        let devs = [
+            Device::new("d1", 0.01),
+            killed,
+            Device::new("d3", 0.03),
+            late,
+        ];
+        check(shape, &devs, 3, 0..n);
+    }
 }

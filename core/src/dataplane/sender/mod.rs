@@ -428,6 +428,55 @@ impl WaveSender {
         }
     }
 
+    /// The heap this core holds for its wave, counted from its
+    /// collections (element sizes and lengths, a BTree entry as its key
+    /// and value; allocator slack not counted): what grows with blocks
+    /// and receivers. The manifest is the image's, not counted.
+    pub fn state_bytes(&self) -> usize {
+        use std::mem::size_of;
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                size_of::<BlockState>()
+                    + b.needs
+                        .values()
+                        .map(|v| 4 + 24 + v.len() * 4)
+                        .sum::<usize>()
+                    + b.heard.len() * 4
+                    + b.resend
+                        .iter()
+                        .map(|(_, v)| 28 + v.len() * 4)
+                        .sum::<usize>()
+            })
+            .sum();
+        let receivers: usize = self
+            .receivers
+            .values()
+            .map(|r| {
+                4 + size_of::<ReceiverInfo>()
+                    + r.name.len()
+                    + (r.status.missing.len() + r.status.partial.len()) * 8
+                    + r.status
+                        .source_gaps
+                        .iter()
+                        .map(|(_, g)| 28 + g.len())
+                        .sum::<usize>()
+            })
+            .sum();
+        let members = self
+            .members
+            .as_ref()
+            .map_or(0, |m| m.keys().map(|k| k.len() + 24 + 16).sum());
+        blocks
+            + receivers
+            + members
+            + self.order.len() * 4
+            + (self.repair_queue.len() + self.resend_queue.len() + self.enc_lru.len()) * 4
+            + (self.coding_wait.len() + self.wait_for.1.len()) * 4
+            + self.actions.len() * size_of::<Action>()
+    }
+
     /// The image it sends.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
