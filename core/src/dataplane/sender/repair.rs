@@ -150,10 +150,12 @@ impl WaveSender {
             .copied()
             .filter(|&b| {
                 let bi = b as usize;
-                self.wait_for
-                    .1
-                    .iter()
-                    .all(|id| self.blocks[bi].heard.contains(id))
+                // `heard` holds receiver ids: fewer of them than the wait
+                // set cannot cover it, so the walk over the wait set (O(N))
+                // runs about once per block and round, not on every report.
+                let heard = &self.blocks[bi].heard;
+                (heard.len() >= self.wait_for.1.len()
+                    && self.wait_for.1.iter().all(|id| heard.contains(id)))
                     || self.blocks[bi]
                         .need_since
                         .is_some_and(|t| now.saturating_duration_since(t) >= hold)
