@@ -33,13 +33,19 @@ impl WaveSender {
         std::mem::take(&mut self.dropped)
     }
 
-    /// Expected members with no connection yet.
+    /// Expected members with no connection yet. O(members + receivers):
+    /// it runs on every tick of a long wave, and a walk of the receivers
+    /// per member was a million name comparisons per tick at 1,000.
     pub(super) fn pending_members(&self) -> usize {
         self.members.as_ref().map_or(0, |m| {
-            m.keys()
-                .filter(|n| !self.receivers.values().any(|r| &r.name == *n))
-                .count()
+            let connected = self.receiver_names();
+            m.keys().filter(|n| !connected.contains(n.as_str())).count()
         })
+    }
+
+    /// The names of the receivers that said hello (any state).
+    fn receiver_names(&self) -> std::collections::HashSet<&str> {
+        self.receivers.values().map(|r| r.name.as_str()).collect()
     }
 
     /// A receiver said hello; returns its id. A known name whose receiver
@@ -240,15 +246,24 @@ impl WaveSender {
         for id in stale {
             self.fail(id, format!("no report for {} s", timeout.as_secs()), now);
         }
-        if let Some(members) = &mut self.members {
-            let never: Vec<String> = members
+        if let Some(members) = &self.members {
+            let overdue: Vec<&String> = members
                 .iter()
-                .filter(|(n, since)| {
-                    now.saturating_duration_since(**since) >= timeout
-                        && !self.receivers.values().any(|r| &r.name == *n)
-                })
-                .map(|(n, _)| n.clone())
+                .filter(|(_, since)| now.saturating_duration_since(**since) >= timeout)
+                .map(|(n, _)| n)
                 .collect();
+            if overdue.is_empty() {
+                return;
+            }
+            let connected = self.receiver_names();
+            let never: Vec<String> = overdue
+                .into_iter()
+                .filter(|n| !connected.contains(n.as_str()))
+                .cloned()
+                .collect();
+            let Some(members) = &mut self.members else {
+                return;
+            };
             for n in never {
                 members.remove(&n);
                 tracing::warn!(name = %n, "wave member never connected; dropped");

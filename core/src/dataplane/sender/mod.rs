@@ -545,9 +545,11 @@ impl WaveSender {
         }
         let all_in = self.receivers.len() >= self.cfg.expected
             || now.saturating_duration_since(self.created) >= self.cfg.start_timeout;
+        // Cheapest first: while any receiver runs (most ticks) nothing
+        // else is looked at.
         if all_in
-            && self.pending_members() == 0
             && self.receivers.values().all(|r| r.state.terminal())
+            && self.pending_members() == 0
         {
             self.finish(now);
         }
