@@ -1,9 +1,11 @@
-//! Process bootstrap of `rackcast serve`: the store, images, signing key
-//! and metrics recorder, the controller thread, the boot services, the
-//! agent listener, the REST API, the tick, and shutdown on SIGINT/SIGTERM.
+//! Process bootstrap of `rackcast serve`: the state-dir lock, the store,
+//! images, signing key and metrics recorder, the controller thread, the
+//! boot services, the agent listener, the REST API, the tick, readiness
+//! and the watchdog (`service`), SIGHUP reload, and shutdown on
+//! SIGINT/SIGTERM.
 //!
-//! Owns: start-up order and the tasks' handles. Must not: handle an input
-//! (the controller loop does).
+//! Owns: start-up order (every listener bound before READY=1) and the
+//! tasks' handles. Must not: handle an input (the controller loop does).
 
 use std::collections::HashMap;
 use std::sync::Arc;
