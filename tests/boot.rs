@@ -649,6 +649,37 @@ fn loader_files() -> tempfile::TempDir {
     t
 }
 
+/// A TFTP root beside the loader with Debian's `ipxe.efi`: what OVMF's
+/// own PXE fetches before iPXE takes over.
+fn tftp_root(files: &tempfile::TempDir) -> PathBuf {
+    let tftp = files.path().join("tftp");
+    fs::create_dir_all(&tftp).unwrap();
+    fs::copy("/usr/lib/ipxe/ipxe.efi", tftp.join("ipxe.efi")).unwrap();
+    tftp
+}
+
+/// Where `what` first shows in a device's log lines (it must).
+fn log_pos(log: &[String], mac: &str, what: &str) -> usize {
+    log.iter()
+        .position(|l| l.contains(what))
+        .unwrap_or_else(|| panic!("{mac}: no {what:?} in\n{}", log.join("\n")))
+}
+
+/// The UEFI machine's chain: OVMF's own PXE asked first, iPXE next, and
+/// `ipxe.efi` went out by TFTP.
+fn assert_uefi_pxe_chained_to_ipxe(a: &Appliance, mac: &str) {
+    let log = a.log_details(mac);
+    assert!(
+        log_pos(&log, mac, "discovered ok power-on: x86-64 UEFI PXE")
+            < log_pos(&log, mac, "power-on: iPXE (x86-64 UEFI PXE)")
+    );
+    let served = a.log();
+    assert!(
+        served.contains("TFTP transfer done") && served.contains("ipxe.efi"),
+        "{served}"
+    );
+}
+
 /// Every program the agent calls on a machine runs inside the loader
 /// initrd as built (chroot into it unpacked): the agent, mdadm, blkid,
 /// sfdisk, and mtools making and reading a FAT filesystem, which needs
@@ -1026,9 +1057,7 @@ fn two_pxe_machines_get_bios_and_raid1_at_their_pace_then_the_image_onto_their_a
         return;
     }
     let files = loader_files();
-    let tftp = files.path().join("tftp");
-    fs::create_dir_all(&tftp).unwrap();
-    fs::copy("/usr/lib/ipxe/ipxe.efi", tftp.join("ipxe.efi")).unwrap();
+    let tftp = tftp_root(&files);
     let boot = format!(
         "{}\n[boot.tftp]\nroot = \"{}\"\niface = \"srv0\"\n",
         dhcp_full_with_http(files.path()),
@@ -1153,11 +1182,7 @@ fn two_pxe_machines_get_bios_and_raid1_at_their_pace_then_the_image_onto_their_a
         ),
     ] {
         let log = a.log_details(mac);
-        let pos = |s: &str| {
-            log.iter()
-                .position(|l| l.contains(s))
-                .unwrap_or_else(|| panic!("{mac}: no {s:?} in\n{}", log.join("\n")))
-        };
+        let pos = |s: &str| log_pos(&log, mac, s);
         // Option 97 from the real firmware, shown as the BMC shows it.
         let on = pos(&format!("power-on: iPXE ({firmware}), uuid {uuid}"));
         let script = pos("discovered info power-on: iPXE fetched its script (loader)");
@@ -1199,17 +1224,7 @@ fn two_pxe_machines_get_bios_and_raid1_at_their_pace_then_the_image_onto_their_a
         );
     }
     // The UEFI firmware's own PXE came first and got ipxe.efi by TFTP.
-    let log_u = a.log_details(mac_u);
-    let first = |s: &str| log_u.iter().position(|l| l.contains(s)).unwrap();
-    assert!(
-        first("discovered ok power-on: x86-64 UEFI PXE")
-            < first("power-on: iPXE (x86-64 UEFI PXE)")
-    );
-    let served = a.log();
-    assert!(
-        served.contains("TFTP transfer done") && served.contains("ipxe.efi"),
-        "{served}"
-    );
+    assert_uefi_pxe_chained_to_ipxe(&a, mac_u);
     // Each machine was a verified member of a finished wave (one wave for
     // both when they were ready together; the faster one does not wait
     // for a machine still being inventoried: that one joins late or gets
@@ -1275,9 +1290,9 @@ fn two_pxe_machines_get_bios_and_raid1_at_their_pace_then_the_image_onto_their_a
     // file, iPXE gives up and the BIOS boots vda, a half of its mirror.
     // The UEFI machine the operator has installed again: BIOS already as
     // wanted, the stopped array found on its disks, assembled and reused.
+    let again = a.log_details(mac_u).len();
     let out = a.cli(&["reinstall", mac_u]);
     assert!(out.status.success(), "{}", text(&out));
-    let again = log_u.len();
     let console_b = a.lab.file("console-b2.log");
     let console_u = a.lab.file("console-u2.log");
     let _run_b = start_vm(&a.lab, &vm_b, &console_b);
@@ -1382,9 +1397,7 @@ fn proxy_dhcp_beside_dnsmasq_boots_real_firmware_into_the_loader() {
         return;
     }
     let files = loader_files();
-    let tftp = files.path().join("tftp");
-    fs::create_dir_all(&tftp).unwrap();
-    fs::copy("/usr/lib/ipxe/ipxe.efi", tftp.join("ipxe.efi")).unwrap();
+    let tftp = tftp_root(&files);
     let boot = format!(
         "[boot.dhcp]\nmode = \"proxy\"\niface = \"srv0\"\nserver_ip = \"198.18.0.1\"\n\n\
          [boot.http]\nfiles = \"{}\"\ncmdline = \"console=ttyS0 panic=-1\"\n\n\
@@ -1460,23 +1473,14 @@ fn proxy_dhcp_beside_dnsmasq_boots_real_firmware_into_the_loader() {
         (mac_u, uuid_u, "x86-64 UEFI PXE"),
     ] {
         let log = a.log_details(mac);
-        let pos = |s: &str| {
-            log.iter()
-                .position(|l| l.contains(s))
-                .unwrap_or_else(|| panic!("{mac}: no {s:?} in\n{}", log.join("\n")))
-        };
+        let pos = |s: &str| log_pos(&log, mac, s);
         let on = pos(&format!("power-on: iPXE ({firmware}), uuid {uuid}"));
         let script = pos("power-on: iPXE fetched its script (loader)");
         let loader = pos("loader_booted ok loader network-booted");
         assert!(on < script && script < loader, "{}", log.join("\n"));
     }
     // OVMF's own PXE came first and fetched ipxe.efi by TFTP.
-    let log_u = a.log_details(mac_u);
-    let first = |s: &str| log_u.iter().position(|l| l.contains(s)).unwrap();
-    assert!(
-        first("discovered ok power-on: x86-64 UEFI PXE")
-            < first("power-on: iPXE (x86-64 UEFI PXE)")
-    );
+    assert_uefi_pxe_chained_to_ipxe(&a, mac_u);
     // Every address came from the site's server: both MACs hold a dnsmasq
     // lease in its pool, and rackcast (proxy) handed out none.
     let leases = fs::read_to_string(a.lab.file("dnsmasq-d1.leases")).unwrap_or_default();
@@ -1492,8 +1496,4 @@ fn proxy_dhcp_beside_dnsmasq_boots_real_firmware_into_the_loader() {
     }
     let served = a.log();
     assert!(!served.contains("DHCP lease bound"), "{served}");
-    assert!(
-        served.contains("TFTP transfer done") && served.contains("ipxe.efi"),
-        "{served}"
-    );
 }

@@ -202,10 +202,7 @@ fn rack_of_eight_two_profiles_two_images_concurrent_waves() {
         "{}",
         String::from_utf8_lossy(&off.stderr)
     );
-    let redfish_system = rack.bmcs[1].get("/redfish/v1/Systems")["Members"][0]["@odata.id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let redfish_system = rack.bmcs[1].system();
     let bringup = rack
         .cli_cmd(&["bringup", "--rack", "lab"])
         .stdout(Stdio::piped())
@@ -248,14 +245,7 @@ fn rack_of_eight_two_profiles_two_images_concurrent_waves() {
     // Each power-on was paced and logged on the machine, as the BMC
     // answered and read it back.
     for i in 1..=n {
-        let rows: Vec<String> = rack
-            .cli(&["log", &device_id(i)])
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["kind"] == "bmc")
-            .map(|e| e["detail"].as_str().unwrap().to_string())
-            .collect();
+        let rows = rack.bmc_rows(i);
         let via = if i == 2 { "redfish+http" } else { "ipmi://" };
         assert!(
             rows.iter()
@@ -475,16 +465,7 @@ fn rack_of_eight_two_profiles_two_images_concurrent_waves() {
     // network once and reset, both read back and logged. (The emulator
     // has no machine to boot: its reset changes nothing more.)
     let resets = rack.bmcs[1].count("POST", "ComputerSystem.Reset");
-    let bmc_rows = |rack: &Rack| -> Vec<String> {
-        rack.cli(&["log", &device_id(2)])
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["kind"] == "bmc")
-            .map(|e| e["detail"].as_str().unwrap().to_string())
-            .collect()
-    };
-    let before = bmc_rows(&rack).len();
+    let before = rack.bmc_rows(2).len();
     let text = rack.cli_text(&["reinstall", &device_id(2)]);
     assert!(
         text.contains("set to boot from the network once and reset"),
@@ -498,7 +479,7 @@ fn rack_of_eight_two_profiles_two_images_concurrent_waves() {
         rack.bmcs[1].get(&redfish_system)["Boot"]["BootSourceOverrideTarget"],
         "Pxe"
     );
-    let rows = bmc_rows(&rack)[before..].to_vec();
+    let rows = rack.bmc_rows(2)[before..].to_vec();
     assert_eq!(rows.len(), 2, "{rows:?}");
     assert!(
         rows[0].starts_with("power pxe_once via redfish+http://198.18.0.12:8000"),
@@ -1144,10 +1125,7 @@ fn hardware_raid_volume_through_redfish_is_created_read_back_and_reused() {
     );
     // The controller now has that volume (read with curl from the device).
     let bmc = &rack.bmcs[0];
-    let sys = bmc.get("/redfish/v1/Systems")["Members"][0]["@odata.id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let sys = bmc.system();
     let vols = bmc.get(&format!("{sys}/Storage/1/Volumes"));
     assert_eq!(vols["Members@odata.count"], 1, "{vols}");
     let v = bmc.get(vols["Members"][0]["@odata.id"].as_str().unwrap());

@@ -139,11 +139,7 @@ impl PowerLab {
     }
 
     fn redfish_power(&self) -> String {
-        let sys = self.redfish.get("/redfish/v1/Systems")["Members"][0]["@odata.id"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        self.redfish.get(&sys)["PowerState"]
+        self.redfish.get(&self.redfish.system())["PowerState"]
             .as_str()
             .unwrap()
             .to_string()
@@ -280,12 +276,8 @@ fn power_and_pxe_once_through_redfish_and_ipmi_read_back_and_are_logged() {
     // PXE at the next boot, read back.
     let (ok, r) = p.power("pxe-once", &[&device_id(1), &device_id(2)]);
     assert!(ok, "{r:?}");
-    let sys = p.redfish.get("/redfish/v1/Systems")["Members"][0]["@odata.id"]
-        .as_str()
-        .unwrap()
-        .to_string();
     assert_eq!(
-        p.redfish.get(&sys)["Boot"]["BootSourceOverrideTarget"],
+        p.redfish.get(&p.redfish.system())["Boot"]["BootSourceOverrideTarget"],
         "Pxe"
     );
     assert_eq!(p.ipmi.boot(), "pxe");

@@ -3,6 +3,7 @@
 //! data-plane receiver that writes and verifies one image.
 
 mod bios;
+mod command;
 mod disks;
 mod image;
 mod inventory;

@@ -22,30 +22,23 @@ impl Mdadm<'_> {
     /// Run mdadm; `log`: record it as an operation (inspection reads that
     /// may fail by design are summarised by the caller instead).
     async fn run(&mut self, args: &[&str], log: bool) -> Result<(bool, String)> {
-        let t = Instant::now();
-        let out = tokio::time::timeout(
-            MDADM_TIMEOUT,
-            tokio::process::Command::new("mdadm")
-                .args(args)
-                .stdin(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await
-        .map_err(|_| anyhow!("mdadm {} timed out", args.join(" ")))?
-        .map_err(|e| anyhow!("cannot run mdadm (is it in the loader?): {e}"))?;
-        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        let out = crate::command::run("mdadm", args, &[], None, MDADM_TIMEOUT)
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::TimedOut => anyhow!("mdadm {} timed out", args.join(" ")),
+                _ => anyhow!("cannot run mdadm (is it in the loader?): {e}"),
+            })?;
+        let text = out.stdout + &out.stderr;
         if log {
             self.ops.push(OpRecord {
                 op: "mdadm".into(),
-                ok: out.status.success(),
-                exit_code: out.status.code(),
-                duration_ms: t.elapsed().as_millis() as u64,
+                ok: out.ok,
+                exit_code: out.code,
+                duration_ms: out.ms,
                 detail: format!("mdadm {}: {}", args.join(" "), text.trim()),
             });
         }
-        Ok((out.status.success(), text))
+        Ok((out.ok, text))
     }
 
     async fn checked(&mut self, args: &[&str]) -> Result<String> {

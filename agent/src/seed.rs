@@ -46,52 +46,32 @@ async fn tool(
     args: &[&str],
     input: Option<&str>,
 ) -> Result<String> {
-    use tokio::io::AsyncWriteExt;
     let t = Instant::now();
-    let mut c = tokio::process::Command::new(prog);
-    c.args(args)
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .stdin(if input.is_some() {
-            std::process::Stdio::piped()
-        } else {
-            std::process::Stdio::null()
-        })
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    let run = async {
-        let mut child = c.spawn()?;
-        if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
-            stdin.write_all(text.as_bytes()).await?;
-        }
-        child.wait_with_output().await
-    };
-    let out = tokio::time::timeout(TOOL_TIMEOUT, run).await;
-    let ms = t.elapsed().as_millis() as u64;
+    let out = crate::command::run(
+        prog,
+        args,
+        &[("MTOOLS_SKIP_CHECK", "1")],
+        input,
+        TOOL_TIMEOUT,
+    )
+    .await;
+    let ms = out
+        .as_ref()
+        .map_or(t.elapsed().as_millis() as u64, |r| r.ms);
     let (ok, code, detail, stdout) = match out {
-        Err(_) => (
-            false,
-            None,
-            format!("timed out after {TOOL_TIMEOUT:?}"),
-            String::new(),
-        ),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => (
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
             false,
             None,
             format!("{prog} is not installed (Debian: fdisk for sfdisk, mtools for m*)"),
             String::new(),
         ),
-        Ok(Err(e)) => (false, None, e.to_string(), String::new()),
-        Ok(Ok(o)) => {
-            let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
-            let stderr = String::from_utf8_lossy(&o.stderr);
-            (
-                o.status.success(),
-                o.status.code(),
-                stderr.trim().chars().take(500).collect(),
-                stdout,
-            )
-        }
+        Err(e) => (false, None, e.to_string(), String::new()),
+        Ok(r) => (
+            r.ok,
+            r.code,
+            r.stderr.trim().chars().take(500).collect(),
+            r.stdout,
+        ),
     };
     ops.push(OpRecord {
         op: op.to_string(),

@@ -632,6 +632,14 @@ impl Bmc {
             .unwrap_or_else(|e| panic!("GET {path}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
     }
 
+    /// The path of the (only) system this BMC lists.
+    pub fn system(&self) -> String {
+        self.get("/redfish/v1/Systems")["Members"][0]["@odata.id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no system on the BMC at {}", self.ip))
+            .to_string()
+    }
+
     /// The system's current BIOS attributes, following the links.
     pub fn bios(&self) -> serde_json::Value {
         let systems = self.get("/redfish/v1/Systems");

@@ -412,6 +412,17 @@ redfish = {redfish}
         operator_cli(&self.lab, &self.config, args)
     }
 
+    /// Device `i`'s BMC calls, as its log shows them (kind `bmc`).
+    pub fn bmc_rows(&self, i: usize) -> Vec<String> {
+        self.cli(&["log", &device_id(i)])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "bmc")
+            .map(|e| e["detail"].as_str().unwrap().to_string())
+            .collect()
+    }
+
     pub fn cli(&self, args: &[&str]) -> Value {
         let out = self.cli_output(args);
         assert!(

@@ -574,6 +574,29 @@ mod tests {
         }
     }
 
+    /// A receiver's Hello as its control task hands it to the pacer: the
+    /// answer, and the outbox the pacer would write to.
+    fn hello(
+        events: &Sender<Event>,
+        name: &str,
+        credential: [u8; 32],
+    ) -> (
+        tokio::sync::oneshot::Receiver<Result<u32, String>>,
+        mpsc::UnboundedReceiver<Msg>,
+    ) {
+        let (out, out_rx) = mpsc::unbounded_channel();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        events
+            .send(Event::Hello {
+                name: name.into(),
+                credential: Some(credential),
+                out,
+                reply,
+            })
+            .unwrap();
+        (answer, out_rx)
+    }
+
     /// The race fleet-sim found at 5,000 devices: the appliance queues a
     /// late member's Expect, tells the device, and the device's Hello
     /// arrives in `events` while the pacer is between its command drain
@@ -617,16 +640,7 @@ mod tests {
                 *blake3::hash(&credential).as_bytes(),
             ))
             .unwrap();
-        let (out, _out_rx) = mpsc::unbounded_channel();
-        let (reply, mut answer) = tokio::sync::oneshot::channel();
-        ev_tx
-            .send(Event::Hello {
-                name: "late".into(),
-                credential: Some(credential),
-                out,
-                reply,
-            })
-            .unwrap();
+        let (mut answer, _out) = hello(&ev_tx, "late", credential);
         // Its Hello is taken with the rest of the event batch.
         drain_events(&mut reporter, &mut core, &mut held, &ev_rx);
         match answer.try_recv() {
@@ -634,16 +648,7 @@ mod tests {
             other => panic!("the late member was not admitted: {other:?}"),
         }
         // A stranger is still refused.
-        let (out, _o) = mpsc::unbounded_channel();
-        let (reply, mut answer) = tokio::sync::oneshot::channel();
-        ev_tx
-            .send(Event::Hello {
-                name: "stranger".into(),
-                credential: Some(credential),
-                out,
-                reply,
-            })
-            .unwrap();
+        let (mut answer, _out) = hello(&ev_tx, "stranger", credential);
         drain_events(&mut reporter, &mut core, &mut held, &ev_rx);
         match answer.try_recv() {
             Ok(Err(e)) => assert!(e.contains("is not a member of this wave"), "{e}"),
