@@ -25,7 +25,10 @@ case "${1:-test}" in
                tmux chromium chromium-driver
                # The packages: dpkg -i runs adduser in postinst;
                # systemd-analyze verifies the unit.
-               adduser systemd)
+               adduser systemd
+               # The shared fleet record: each store test starts a
+               # private PostgreSQL server of its own (tests/common/pg.rs).
+               postgresql)
         # qemu-img (qcow2 image sources): machines of this kind have a
         # newer one than Debian 12's qemu-utils; install only if missing.
         command -v qemu-img >/dev/null || need+=(qemu-utils) ;;

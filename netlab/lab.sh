@@ -8,6 +8,8 @@
 #   lab.sh down PREFIX N
 #   lab.sh loss PREFIX DEV PCT      # set/replace random loss toward device DEV
 #   lab.sh stats PREFIX             # nft counters (dropped packets)
+#   lab.sh host PREFIX NAME ADDR    # one more host on the switch (a
+#                                   # database, a standby appliance)
 #
 # Names: ${PREFIX}sw (switch), ${PREFIX}app (appliance, iface srv0,
 # 198.18.0.1/24), ${PREFIX}d1..dN (devices, iface d0, 198.18.0.(10+i)/24).
@@ -25,8 +27,12 @@ ipn() { ip -n "$1" "${@:2}"; }
 dev_ip() { echo "198.18.0.$((10 + $1))"; }
 
 lab_down() {
-  local n=$1
+  local n=$1 h
   for i in $(seq 1 "$n"); do ip netns del "${P}d$i" 2>/dev/null || true; done
+  # Extra hosts (`lab.sh host`): ${P}x-NAME.
+  for h in $(ip netns list | awk -v p="${P}x-" 'index($1, p) == 1 { print $1 }'); do
+    ip netns del "$h" 2>/dev/null || true
+  done
   ip netns del "${P}app" 2>/dev/null || true
   ip netns del "${P}sw" 2>/dev/null || true
 }
@@ -135,6 +141,15 @@ case "$cmd" in
     ;;
   stats)
     ip netns exec "${P}sw" nft list table bridge lab 2>/dev/null || true
+    ;;
+  host)
+    name=${3:?name} addr=${4:?addr}
+    case "$addr" in 198.18.*|198.19.*) ;; *) echo "lab.sh: $addr is outside 198.18.0.0/15" >&2; exit 2 ;; esac
+    ns="${P}x-$name"
+    ip netns add "$ns"
+    ipn "$ns" link add h0 type veth peer name "vx-$name" netns "${P}sw"
+    ipn "${P}sw" link set "vx-$name" master br0 up
+    host_setup "$ns" h0 "$addr"
     ;;
   *)
     echo "lab.sh: unknown command $cmd" >&2; exit 2 ;;

@@ -554,14 +554,21 @@ mod fleet {
 
     use anyhow::{Context, Result};
     use rackcast::config::Config;
-    use rackcast::store::{SqliteStore, Store};
+    use rackcast::store::{self, Store};
 
-    fn open(config: &Path) -> Result<(Config, SqliteStore)> {
+    fn open(config: &Path) -> Result<(Config, Box<dyn Store>)> {
         let cfg = Config::load(config)?;
-        let path = cfg.store_path();
-        let st = SqliteStore::open_readonly(&path)
-            .with_context(|| format!("opening the fleet record {}", path.display()))?;
+        let loc = cfg.store_location();
+        let st = store::open_readonly(&loc)
+            .with_context(|| format!("opening the fleet record {loc}"))?;
         Ok((cfg, st))
+    }
+
+    /// The fleet record to write (tokens, images): made if it is new.
+    fn open_rw(cfg: &Config) -> Result<Box<dyn Store>> {
+        cfg.ensure_state_dir()?;
+        let loc = cfg.store_location();
+        store::open(&loc).with_context(|| format!("opening the fleet record {loc}"))
     }
 
     fn ms_to_time(ms: i64) -> String {
@@ -647,8 +654,7 @@ mod fleet {
     pub fn token_create(config: &Path, name: &str, role: &str) -> Result<()> {
         use rackcast::controller::auth;
         let cfg = Config::load(config)?;
-        cfg.ensure_state_dir()?;
-        let mut st = SqliteStore::open(&cfg.store_path())?;
+        let mut st = open_rw(&cfg)?;
         let token = auth::new_token();
         st.put_token(name, role, &auth::token_hash(&token))
             .with_context(|| format!("token {name} (names are unique)"))?;
@@ -673,8 +679,7 @@ mod fleet {
 
     pub fn token_revoke(config: &Path, name: &str) -> Result<()> {
         let cfg = Config::load(config)?;
-        cfg.ensure_state_dir()?;
-        let mut st = SqliteStore::open(&cfg.store_path())?;
+        let mut st = open_rw(&cfg)?;
         if !st.revoke_token(name)? {
             anyhow::bail!("no token named {name}");
         }
@@ -1160,8 +1165,7 @@ mod fleet {
         downloaded: Option<&str>,
     ) -> Result<()> {
         use rackcast::image_source::{self, SourceKind};
-        cfg.ensure_state_dir()?;
-        let mut st = SqliteStore::open(&cfg.store_path())?;
+        let mut st = open_rw(cfg)?;
         // A compressed or qcow2 source becomes a raw image in the store
         // first (complete, or not at all); a raw file is used where it is.
         let kind =
@@ -1199,8 +1203,9 @@ mod fleet {
             "{name}: preparing blocks (zstd level {})",
             cfg.dataplane.zstd_level
         ));
-        let rec =
-            rackcast::controller::add_image(cfg, &mut st, name, &raw, &mut |n| bar.set_position(n));
+        let rec = rackcast::controller::add_image(cfg, st.as_mut(), name, &raw, &mut |n| {
+            bar.set_position(n)
+        });
         bar.finish_and_clear();
         let rec = rec?;
         println!(

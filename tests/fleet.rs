@@ -933,6 +933,88 @@ fn wave_takes_a_late_member_drops_a_silent_one_and_the_device_comes_back() {
     }));
 }
 
+/// The fleet record on a real PostgreSQL server on the lab network: a
+/// wave installs every device, the database crashes and comes back in
+/// the middle of it, and every device's log is still whole and in order,
+/// in the database, with no secret in the appliance's log.
+#[test]
+fn a_rack_on_a_postgres_fleet_record_rides_out_a_database_crash() {
+    if !can_run() {
+        return;
+    }
+    if let Some(why) = common::pg::Pg::unavailable() {
+        skip(&why);
+        return;
+    }
+    let n = 2;
+    let extra = all_r650(
+        n,
+        "min_members = 2\nstart_after = \"20s\"\nmember_timeout = \"20s\"",
+    );
+    let mut rack = Rack::build("fp", n, "100mbit", (64, 8), &extra, false, 80);
+    let db = rack.lab.host("db", "198.18.0.5");
+    let pg = common::pg::Pg::start(Some(&db), "198.18.0.5");
+    rack.use_store(&pg);
+    for i in 1..=n {
+        rack.start_agent(i);
+    }
+    rack.wait_for("both imaging in one wave", Duration::from_secs(120), |d| {
+        d.len() == n
+            && d.iter()
+                .all(|x| x["step"] == "imaging" && x["state"] == "running")
+    });
+    // The database dies as a crash would (every connection cut, no
+    // checkpoint) and is back 3 s later: the appliance keeps the events it
+    // could not commit and writes them, in order, once it reconnects.
+    pg.stop();
+    std::thread::sleep(Duration::from_secs(3));
+    pg.start_again();
+    rack.wait_for("all done", Duration::from_secs(180), all_done(n));
+    for i in 1..=n {
+        assert_image_on(
+            &rack.lab.file(&format!("d{i}-disk-big.img")),
+            &rack.images["debian"],
+        );
+        let ev = check_log(&rack, i);
+        // What the CLI showed is what the database holds.
+        let rows = pg
+            .sql(&format!(
+                "SELECT COUNT(*) FROM events WHERE device_id = '{}'",
+                device_id(i)
+            ))
+            .unwrap();
+        assert_eq!(rows, ev.len().to_string(), "device {i}");
+    }
+    let waves = rack.cli(&["waves"]);
+    assert!(
+        waves
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["state"] == "finished" && w["verified"] == n),
+        "{waves}"
+    );
+    assert_eq!(
+        pg.sql("SELECT COUNT(*) FROM devices").unwrap(),
+        n.to_string()
+    );
+    let log = fs::read_to_string(rack.lab.file("serve.log")).unwrap();
+    let pw = fs::read_to_string(&pg.password_file).unwrap();
+    assert!(
+        !log.contains(pw.trim()),
+        "the database password is in the log"
+    );
+    assert!(
+        log.contains(&format!("postgres://198.18.0.5:{}/rackcast", pg.port)),
+        "the log names the fleet record (without credentials)"
+    );
+    // The crash was felt, and survived by reconnecting.
+    assert!(
+        log.contains("store connection lost; reconnecting"),
+        "no reconnect in the appliance's log"
+    );
+}
+
 /// The control-plane benchmark tool keeps working (its numbers come from
 /// release builds; this only checks that a simulated fleet completes).
 #[test]

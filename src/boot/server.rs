@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, RwLock};
 
 use crate::config::{Config, DhcpSection};
-use crate::store::{now_ms, SqliteStore, Store};
+use crate::store::{now_ms, StoreLocation};
 use rackcast_core::boot::dhcp::{
     mac_string, BootChoice, BootFiles, Destination, DhcpAction, DhcpConfig, DhcpServer, Firmware,
     Mode, Pool,
@@ -67,6 +67,61 @@ fn describe(c: &rackcast_core::boot::dhcp::ClientInfo) -> String {
     s
 }
 
+/// A lease change for the store.
+enum LeaseOp {
+    Save(rackcast_core::boot::dhcp::Lease),
+    Forget([u8; 6]),
+}
+
+/// Lease changes waiting for the store, at most: DHCP answers never wait
+/// on a store write; past this many the change is counted and dropped
+/// (the client's next renewal writes it again).
+const LEASE_QUEUE: usize = 1024;
+
+/// Open the store on its own thread (its client blocks), read the bound
+/// leases, and keep writing lease changes there in order.
+fn lease_writer(
+    loc: StoreLocation,
+) -> anyhow::Result<(
+    Vec<rackcast_core::boot::dhcp::Lease>,
+    std::sync::mpsc::SyncSender<LeaseOp>,
+)> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<LeaseOp>(LEASE_QUEUE);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("rc-leases".into())
+        .spawn(move || {
+            let opened = crate::store::open(&loc).and_then(|mut s| {
+                let l = s.leases()?;
+                Ok((s, l))
+            });
+            let mut st = match opened {
+                Ok((s, l)) => {
+                    let _ = ready_tx.send(Ok(l));
+                    s
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            for op in rx {
+                let r = match op {
+                    LeaseOp::Save(l) => st.save_lease(&l),
+                    LeaseOp::Forget(mac) => st.forget_lease(&mac),
+                };
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "DHCP lease not written to the store");
+                    metrics::counter!("rackcast_store_errors_total").increment(1);
+                }
+            }
+        })?;
+    let leases = ready_rx
+        .recv()
+        .map_err(|_| anyhow::anyhow!("the lease store thread ended"))??;
+    Ok((leases, tx))
+}
+
 /// Bind the DHCP service's sockets now (a port in use is a start-up
 /// error, not a dead service behind a ready appliance); the returned
 /// future serves until it is dropped. `None` without `[boot.dhcp]`.
@@ -83,8 +138,7 @@ pub fn bind_dhcp(
         .appliance
         .api_listen
         .ok_or_else(|| anyhow::anyhow!("boot.dhcp needs appliance.api_listen"))?;
-    let mut store = SqliteStore::open(&cfg.store_path())?;
-    let leases = store.leases()?;
+    let (leases, store) = lease_writer(cfg.store_location())?;
     let mut core = DhcpServer::new(core_config(&d, api), leases);
     let s67 = super::iface_socket(&d.iface, 67)?;
     let s4011 = if d.mode == "proxy" {
@@ -180,13 +234,15 @@ pub fn bind_dhcp(
                     }
                     DhcpAction::SaveLease(l) => {
                         tracing::info!(mac = %mac_string(&l.mac), ip = %l.ip, "DHCP lease bound");
-                        if let Err(e) = store.save_lease(&l) {
-                            tracing::error!(error = %e, "lease not stored");
+                        if store.try_send(LeaseOp::Save(l)).is_err() {
+                            tracing::error!("lease not stored: the store is behind");
+                            metrics::counter!("rackcast_store_errors_total").increment(1);
                         }
                     }
                     DhcpAction::ForgetLease(mac) => {
-                        if let Err(e) = store.forget_lease(&mac) {
-                            tracing::error!(error = %e, "lease not removed");
+                        if store.try_send(LeaseOp::Forget(mac)).is_err() {
+                            tracing::error!("lease not removed: the store is behind");
+                            metrics::counter!("rackcast_store_errors_total").increment(1);
                         }
                     }
                     DhcpAction::BootSeen(c) => {

@@ -353,8 +353,15 @@ pub struct ApplianceConfig {
     pub operator_key: Option<PathBuf>,
     /// Blobs, bundles, manifests.
     pub state_dir: PathBuf,
-    /// SQLite file (default `<state_dir>/rackcast.db`).
-    pub store: Option<PathBuf>,
+    /// The fleet record: a SQLite file (default `<state_dir>/rackcast.db`)
+    /// or a `postgres://user@host:port/db` URL shared by appliances.
+    pub store: Option<String>,
+    /// The PostgreSQL password, in a file readable by the appliance only
+    /// (so it stays out of the config and the process list).
+    pub store_password_file: Option<PathBuf>,
+    /// PEM CA the PostgreSQL server's certificate must chain to; with
+    /// `sslmode=require` in the URL the connection is TLS or nothing.
+    pub store_ca: Option<PathBuf>,
     /// Ed25519 bundle-signing key (default `<state_dir>/signing.key`,
     /// made on first start). Its fingerprint goes on network-booted
     /// loaders' kernel command line (`rackcast.key=`).
@@ -758,11 +765,19 @@ impl Config {
         Ok(cfg)
     }
 
-    pub fn store_path(&self) -> PathBuf {
-        self.appliance
-            .store
-            .clone()
-            .unwrap_or_else(|| self.appliance.state_dir.join("rackcast.db"))
+    /// Where the fleet record is.
+    pub fn store_location(&self) -> crate::store::StoreLocation {
+        use crate::store::StoreLocation;
+        let a = &self.appliance;
+        match a.store.as_deref().map(StoreLocation::parse) {
+            None => StoreLocation::Sqlite(a.state_dir.join("rackcast.db")),
+            Some(StoreLocation::Postgres(mut t)) => {
+                t.password_file = a.store_password_file.clone();
+                t.ca_file = a.store_ca.clone();
+                StoreLocation::Postgres(t)
+            }
+            Some(file) => file,
+        }
     }
 
     /// The operator listener's certificate and key files.

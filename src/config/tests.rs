@@ -36,8 +36,33 @@ target = { order = "largest", count = 1 }
         assert_eq!(c.dataplane.gso_segments, 16);
         assert_eq!(c.dataplane.zstd_level, 6);
         assert_eq!(c.workflow.max_attempts, 3);
-        assert_eq!(c.store_path(), PathBuf::from("/tmp/rc/rackcast.db"));
+        assert_eq!(
+            c.store_location(),
+            crate::store::StoreLocation::Sqlite(PathBuf::from("/tmp/rc/rackcast.db"))
+        );
         assert_eq!(c.profiles[0].vendor, "*");
+    }
+
+    #[test]
+    fn a_postgres_store_takes_its_password_and_ca_from_files_and_never_shows_them() {
+        let c = parse(&MINIMAL.replace(
+            "state_dir",
+            "store = \"postgres://rackcast@198.18.0.5:5433/fleet?sslmode=require\"\n\
+             store_password_file = \"/etc/rackcast/pg.pw\"\n\
+             store_ca = \"/etc/rackcast/pg-ca.pem\"\nstate_dir",
+        ))
+        .unwrap();
+        let crate::store::StoreLocation::Postgres(t) = c.store_location() else {
+            panic!("not a PostgreSQL store");
+        };
+        assert_eq!(t.password_file, Some(PathBuf::from("/etc/rackcast/pg.pw")));
+        assert_eq!(t.ca_file, Some(PathBuf::from("/etc/rackcast/pg-ca.pem")));
+        assert_eq!(t.redacted(), "postgres://198.18.0.5:5433/fleet");
+        // Even a URL that slipped a password past validation is shown
+        // without it.
+        let loc = crate::store::StoreLocation::parse("postgresql://u:secret@h/db?x=1");
+        assert_eq!(loc.to_string(), "postgres://h/db");
+        assert!(!format!("{loc:?}").contains("secret"));
     }
 
     #[test]
@@ -119,9 +144,36 @@ target = { order = "largest", count = 1 }
                 format!("{MINIMAL}bios = {{ redfish = {{ url = \"http://198.18.1.1\", username = \"u\", password = \"p\" }} }}\n"),
                 "needs the attributes wanted",
             ),
+            (
+                MINIMAL.replace(
+                    "state_dir",
+                    "store = \"postgres://rackcast:hunter2@198.18.0.5/fleet\"\nstate_dir",
+                ),
+                "holds a password",
+            ),
+            (
+                MINIMAL.replace(
+                    "state_dir",
+                    "store = \"postgres://rackcast@198.18.0.5/fleet?sslmode=require\"\nstate_dir",
+                ),
+                "appliance.store_ca",
+            ),
+            (
+                MINIMAL.replace(
+                    "state_dir",
+                    "store = \"postgres://rackcast@198.18.0.5/fleet?sslmode=sometimes\"\nstate_dir",
+                ),
+                "not a PostgreSQL URL",
+            ),
+            (
+                MINIMAL.replace("state_dir", "store_ca = \"/etc/ca.pem\"\nstate_dir"),
+                "only for a postgres:// store",
+            ),
         ];
         for (text, want) in cases {
             let e = parse(&text).expect_err(want).to_string();
+            // A refused store URL never repeats its password.
+            assert!(!e.contains("hunter2"), "{e}");
             assert!(e.contains(want), "{want:?} not in {e:?}");
             assert!(e.starts_with("test.toml"), "{e}");
         }

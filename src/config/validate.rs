@@ -20,6 +20,7 @@ impl Config {
             key,
             message,
         };
+        self.validate_store(&bad)?;
         if self.dataplane.total_rate < 1_000_000 {
             return Err(bad(
                 "dataplane.total_rate".into(),
@@ -335,4 +336,54 @@ fn is_pci_id(s: &str) -> bool {
         && d.len() == 4
         && v.chars().all(|c| c.is_ascii_hexdigit())
         && d.chars().all(|c| c.is_ascii_hexdigit())
+}
+
+impl Config {
+    /// `appliance.store`: a file, or a PostgreSQL URL that parses, carries
+    /// no password (that goes in `store_password_file`, out of the config
+    /// and of every log) and asks for TLS only with a CA to check it by.
+    fn validate_store(
+        &self,
+        bad: &dyn Fn(String, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let a = &self.appliance;
+        let url = match a.store.as_deref() {
+            Some(s) if crate::store::is_postgres_url(s) => s,
+            _ => {
+                for (key, set) in [
+                    ("store_password_file", a.store_password_file.is_some()),
+                    ("store_ca", a.store_ca.is_some()),
+                ] {
+                    if set {
+                        return Err(bad(
+                            format!("appliance.{key}"),
+                            "only for a postgres:// store".into(),
+                        ));
+                    }
+                }
+                return Ok(());
+            }
+        };
+        let key = || "appliance.store".to_string();
+        let cfg: postgres::Config = url
+            .parse()
+            .map_err(|e: postgres::Error| bad(key(), format!("not a PostgreSQL URL: {e}")))?;
+        if cfg.get_password().is_some() {
+            return Err(bad(
+                key(),
+                "the URL holds a password: put it in appliance.store_password_file".into(),
+            ));
+        }
+        if cfg.get_hosts().is_empty() {
+            return Err(bad(key(), "the URL names no host".into()));
+        }
+        if matches!(cfg.get_ssl_mode(), postgres::config::SslMode::Require) && a.store_ca.is_none()
+        {
+            return Err(bad(
+                "appliance.store_ca".into(),
+                "sslmode=require needs the CA that signed the server's certificate".into(),
+            ));
+        }
+        Ok(())
+    }
 }

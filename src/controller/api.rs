@@ -19,7 +19,7 @@ use axum::{Json, Router};
 use tokio::sync::oneshot;
 
 use super::{Input, Shared};
-use crate::store::{SqliteStore, Store};
+use crate::store::Store;
 
 /// The provisioning listener (`appliance.api_listen`, plain HTTP, on the
 /// provisioning LAN): per-device iPXE scripts and loader files only.
@@ -74,16 +74,13 @@ fn err(code: StatusCode, msg: impl std::fmt::Display) -> Response {
 
 async fn with_store<T: Send + 'static>(
     shared: &Shared,
-    f: impl FnOnce(&mut SqliteStore) -> Result<T, crate::store::StoreError> + Send + 'static,
+    f: impl FnOnce(&mut dyn Store) -> Result<T, crate::store::StoreError> + Send + 'static,
 ) -> Result<T, Response> {
-    let path = shared.cfg.store_path();
-    tokio::task::spawn_blocking(move || {
-        let mut s = SqliteStore::open_readonly(&path)?;
-        f(&mut s)
-    })
-    .await
-    .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e))?
-    .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e))
+    let readers = shared.readers.clone();
+    tokio::task::spawn_blocking(move || readers.with(f))
+        .await
+        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e))?
+        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e))
 }
 
 async fn metrics(State(s): State<Shared>) -> Response {

@@ -13,7 +13,6 @@ use axum::response::{IntoResponse, Response};
 
 use super::tls::Peer;
 use super::Shared;
-use crate::store::SqliteStore;
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -138,18 +137,13 @@ fn cookie_token(req: &Request) -> Option<String> {
 
 /// The role of `token`, looked up in the store (read-only connection).
 pub(super) async fn role_of(shared: &Shared, token: &str) -> Option<Role> {
-    let path = shared.cfg.store_path();
+    let readers = shared.readers.clone();
     let hash = token_hash(token);
-    tokio::task::spawn_blocking(move || {
-        SqliteStore::open_readonly(&path)
-            .and_then(|mut s| s.token_role(&hash))
-            .ok()
-            .flatten()
-    })
-    .await
-    .ok()
-    .flatten()
-    .and_then(|r| Role::parse(&r))
+    tokio::task::spawn_blocking(move || readers.with(|s| s.token_role(&hash)).ok().flatten())
+        .await
+        .ok()
+        .flatten()
+        .and_then(|r| Role::parse(&r))
 }
 
 /// The operator API's gate: every request passes here first.

@@ -13,13 +13,12 @@ use std::time::Duration;
 
 use rackcast_core::waves::{Policy, WaveScheduler};
 use rackcast_core::workflow::{Millis, WorkflowConfig};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::builder::Builder;
 use super::images::load_images;
 use super::{agents, api, service, Assigned, Controller, Input, Progress, Shared};
 use crate::config::Config;
-use crate::store::SqliteStore;
 
 /// Run the appliance until SIGINT/SIGTERM; SIGHUP reads `path` again.
 pub async fn serve(cfg: Config, path: std::path::PathBuf) -> anyhow::Result<()> {
@@ -31,8 +30,20 @@ pub async fn serve(cfg: Config, path: std::path::PathBuf) -> anyhow::Result<()> 
     // One appliance per state dir: a second `serve` (a unit started twice,
     // a forgotten foreground run) would recover and drive the same devices.
     let _lock = lock_state_dir(&cfg.appliance.state_dir)?;
-    let mut store = SqliteStore::open(&cfg.store_path())?;
-    let (images, manifests) = load_images(&cfg, &mut store)?;
+    // The store's client blocks (PostgreSQL's runs its own runtime): open
+    // it off the async workers.
+    let loc = cfg.store_location();
+    tracing::info!(store = %loc, "fleet record");
+    let (store, images, manifests) = {
+        let (at, cfg) = (loc.clone(), cfg.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut store = crate::store::open(&at)
+                .with_context(|| format!("opening the fleet record {at}"))?;
+            let (images, manifests) = load_images(&cfg, store.as_mut())?;
+            anyhow::Ok((store, images, manifests))
+        })
+        .await??
+    };
     let builder = Arc::new(Builder::new(&cfg).map_err(anyhow::Error::msg)?);
     let signer = Arc::new(rackcast_core::signing::BundleSigner::load_or_create(
         &cfg.signing_key_path(),
@@ -73,6 +84,7 @@ pub async fn serve(cfg: Config, path: std::path::PathBuf) -> anyhow::Result<()> 
         boots: tokio::sync::broadcast::channel(4096).0,
         bringup: Default::default(),
         live: live_rx,
+        readers: crate::store::Readers::new(loc),
         agent_caps: crate::limits::Caps::new(
             cfg.appliance.max_agent_connections,
             agents::MAX_PER_SOURCE,
@@ -96,7 +108,7 @@ pub async fn serve(cfg: Config, path: std::path::PathBuf) -> anyhow::Result<()> 
         }),
         cfg: cfg.clone(),
         wf,
-        store: Box::new(store),
+        store,
         devices: HashMap::new(),
         conns: HashMap::new(),
         chunks: HashMap::new(),
@@ -115,7 +127,24 @@ pub async fn serve(cfg: Config, path: std::path::PathBuf) -> anyhow::Result<()> 
         enroll: enroll.clone(),
         last_prune: 0,
     };
-    ctl.recover()?;
+    // The controller thread owns the store from here: it recovers the
+    // fleet record (the store's client blocks, so never on a tokio
+    // worker), says how many devices it knows, then runs.
+    let installed = ctl.installed.clone();
+    let (recovered_tx, recovered) = oneshot::channel();
+    let ctl_thread = std::thread::Builder::new()
+        .name("rc-controller".into())
+        .spawn(move || {
+            let r = ctl.recover().map(|()| ctl.devices.len());
+            let ok = r.is_ok();
+            let _ = recovered_tx.send(r);
+            if ok {
+                ctl.run(rx);
+            }
+        })?;
+    let known = recovered
+        .await
+        .map_err(|_| anyhow::anyhow!("the controller thread ended during recovery"))??;
     // Every listener is bound before the appliance says it is ready: a
     // port in use stops the start with the reason.
     if let Some(t) = cfg.boot.tftp.clone() {
@@ -130,7 +159,6 @@ pub async fn serve(cfg: Config, path: std::path::PathBuf) -> anyhow::Result<()> 
         tokio::spawn(tftp);
     }
     {
-        let installed = ctl.installed.clone();
         let inbox2 = inbox.clone();
         let trigger: crate::boot::server::BootTrigger = Box::new(move |mac, how| {
             let _ = inbox2.send(Input::BootSeen { mac, how });
@@ -171,10 +199,6 @@ pub async fn serve(cfg: Config, path: std::path::PathBuf) -> anyhow::Result<()> 
             }
         }
     });
-    let known = ctl.devices.len();
-    let ctl_thread = std::thread::Builder::new()
-        .name("rc-controller".into())
-        .spawn(move || ctl.run(rx))?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     service::spawn_watchdog(inbox.clone());

@@ -307,6 +307,8 @@ pub struct Shared {
     pub bringup: Arc<std::sync::Mutex<Option<crate::bringup::Status>>>,
     /// The live view as JSON, newest first; `GET /api/events` streams it.
     pub live: tokio::sync::watch::Receiver<Arc<String>>,
+    /// Read-only store handles for the API's requests.
+    pub readers: Arc<crate::store::Readers>,
 }
 
 pub type Assigned = Arc<std::sync::RwLock<HashMap<String, String>>>;

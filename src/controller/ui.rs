@@ -17,7 +17,6 @@ use axum::{Form, Router};
 use super::auth::{role_of, Role, COOKIE};
 use super::views::LiveView;
 use super::Shared;
-use crate::store::{SqliteStore, Store};
 
 const INDEX: &str = include_str!("ui/index.html");
 const DEVICE: &str = include_str!("ui/device.html");
@@ -174,11 +173,10 @@ const PAGE_ROWS: usize = 1000;
 
 async fn device(State(s): State<Shared>, Path(id): Path<String>) -> Response {
     let row = live(&s).devices.into_iter().find(|d| d.device == id);
-    let path = s.cfg.store_path();
+    let readers = s.readers.clone();
     let dev = id.clone();
     let read = tokio::task::spawn_blocking(move || {
-        let mut st = SqliteStore::open_readonly(&path)?;
-        Ok::<_, crate::store::StoreError>((st.inventory(&dev)?, st.events(&dev)?))
+        readers.with(|st| Ok((st.inventory(&dev)?, st.events(&dev)?)))
     })
     .await;
     let (inventory, events) = match read {

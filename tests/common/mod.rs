@@ -3,8 +3,12 @@
 #![allow(dead_code)]
 
 pub mod appliance;
+pub mod pg;
 pub mod rack;
+mod skip;
 pub mod wave;
+
+pub use skip::skip;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -25,28 +29,6 @@ pub fn bin(name: &str) -> PathBuf {
         p.display()
     );
     p
-}
-
-/// A test that cannot run here says why and returns. The skip is
-/// recorded in the file `RACKCAST_SKIP_LOG` names (netlab/run-tests.sh
-/// counts them in its closing line), and under `CI=true` a skip fails: CI
-/// installs everything the tests need.
-pub fn skip(why: &str) {
-    let test = std::thread::current()
-        .name()
-        .unwrap_or("unnamed test")
-        .to_string();
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{test} would be skipped in CI: {why}"
-    );
-    eprintln!("skipping {test}: {why}");
-    if let Some(path) = std::env::var_os("RACKCAST_SKIP_LOG") {
-        use std::io::Write;
-        if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(path) {
-            let _ = writeln!(f, "{test}: {why}");
-        }
-    }
 }
 
 /// Whether the network-namespace tests can run (root); else a skip.
@@ -103,6 +85,17 @@ impl Lab {
 
     pub fn file(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+
+    /// One more host on the lab's switch (`lab.sh host`): its namespace
+    /// name. Removed with the lab.
+    pub fn host(&self, name: &str, addr: &str) -> String {
+        let st = Command::new(root().join("netlab/lab.sh"))
+            .args(["host", &self.prefix, name, addr])
+            .status()
+            .expect("lab.sh host");
+        assert!(st.success(), "lab.sh host {name} {addr}");
+        format!("{}x-{name}", self.prefix)
     }
 
     /// Limit device `dev`'s switch port to `rate` (a tbf with a 50 ms
@@ -914,9 +907,23 @@ pub fn operator_cli(lab: &Lab, config: &Path, args: &[&str]) -> Command {
     c
 }
 
+/// Where a CLI for `config` runs: in the namespace named by the file
+/// `cli.netns` beside it (an appliance whose fleet record is a database
+/// on the lab network), else here.
+fn cli_command(config: &Path) -> Command {
+    match fs::read_to_string(config.with_file_name("cli.netns")) {
+        Ok(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns.trim()]).arg(bin("rackcast"));
+            c
+        }
+        Err(_) => Command::new(bin("rackcast")),
+    }
+}
+
 /// `rackcast ARGS --config CONFIG`, its output.
 pub fn cli(config: &Path, args: &[&str]) -> Output {
-    Command::new(bin("rackcast"))
+    cli_command(config)
         .args(args)
         .arg("--config")
         .arg(config)
@@ -932,7 +939,7 @@ pub fn operator_token(config: &Path, role: &str) -> String {
     if let Ok(t) = fs::read_to_string(&keep) {
         return t;
     }
-    let out = Command::new(bin("rackcast"))
+    let out = cli_command(config)
         .args(["token", "create", &format!("tests-{role}"), "--role", role])
         .arg("--config")
         .arg(config)

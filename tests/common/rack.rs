@@ -495,6 +495,30 @@ redfish = {redfish}
         }
     }
 
+    /// Move the appliance's fleet record to the PostgreSQL server `pg`
+    /// (on the lab network): the appliance stops, its config gains the
+    /// store, and it starts again on an empty shared record. Tokens are
+    /// made anew there, by CLIs in the appliance's namespace.
+    pub fn use_store(&mut self, pg: &super::pg::Pg) {
+        self.kill_serve();
+        let cfg = fs::read_to_string(&self.config).unwrap();
+        let cfg = cfg.replacen(
+            "[appliance]\n",
+            &format!(
+                "[appliance]\nstore = \"{}\"\nstore_password_file = \"{}\"\n",
+                pg.url(),
+                pg.password_file.display()
+            ),
+            1,
+        );
+        fs::write(&self.config, cfg).unwrap();
+        fs::write(self.config.with_file_name("cli.netns"), self.lab.ns("app")).unwrap();
+        for role in ["admin", "viewer"] {
+            let _ = fs::remove_file(self.config.with_extension(format!("{role}.token")));
+        }
+        self.start_serve();
+    }
+
     pub fn kill_serve(&mut self) {
         if let Some(mut c) = self.serve.take() {
             // `ip netns exec` execs the program: this is the appliance.

@@ -1,238 +1,20 @@
-//! The fleet record: devices, hardware inventory, steps, waves, images and
-//! the append-only event log.
+//! The SQLite back end: one file in the state dir, WAL, owner-only mode.
 //!
-//! Owns: the [`Store`] trait the controller talks to and its SQLite
-//! implementation (one file, WAL, versioned migrations). A device's new
-//! record, its step rows and its event-log rows are written in one
-//! transaction, so the log and the state never disagree and a restart
-//! resumes every device where it was. Must not: decide anything; the SQL is
-//! kept to portable types (TEXT, BIGINT, JSON in TEXT) so a PostgreSQL
-//! implementation of the same trait can share one fleet record between
-//! appliances.
+//! Owns: the connection and the SQL in SQLite's spelling. Must not: hold
+//! schema of its own (the migrations are the module's parent's).
 
 use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::Serialize;
-use thiserror::Error;
 
 use rackcast_core::model::Inventory;
 use rackcast_core::model::Step;
 use rackcast_core::workflow::{Device, LogRow, Millis};
 
-#[derive(Debug, Error)]
-pub enum StoreError {
-    #[error("store: {0}")]
-    Sql(#[from] rusqlite::Error),
-    #[error("store: corrupt record for {what}: {why}")]
-    Corrupt { what: String, why: String },
-    #[error("store schema version {found} is newer than this rackcast ({known})")]
-    TooNew { found: i64, known: i64 },
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct ImageRecord {
-    pub name: String,
-    pub path: String,
-    pub size: u64,
-    pub hash: String,
-    pub block_size: u32,
-    pub added_at: Millis,
-}
-
-/// Where a wave stands. Stored and shown as `running`, `finished`,
-/// `aborted`.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum WaveState {
-    /// Its sender runs.
-    Running,
-    /// The sender ended; its members' verdicts are in the record.
-    Finished,
-    /// The sender failed, or the appliance restarted while it ran.
-    Aborted,
-}
-
-impl WaveState {
-    /// The stored and displayed name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WaveState::Running => "running",
-            WaveState::Finished => "finished",
-            WaveState::Aborted => "aborted",
-        }
-    }
-
-    /// From the stored name; `None` for anything else.
-    pub fn parse(s: &str) -> Option<WaveState> {
-        [WaveState::Running, WaveState::Finished, WaveState::Aborted]
-            .into_iter()
-            .find(|w| w.as_str() == s)
-    }
-}
-
-impl std::fmt::Display for WaveState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct WaveRecord {
-    pub id: i64,
-    pub image: String,
-    pub state: WaveState,
-    pub group: String,
-    pub created_at: Millis,
-    pub ended_at: Option<Millis>,
-    pub members: u32,
-    pub verified: u32,
-    pub failed: u32,
-    pub detail: String,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct EventRecord {
-    pub id: i64,
-    pub device: String,
-    #[serde(flatten)]
-    pub row: LogRow,
-}
-
-/// What the controller needs from a fleet record.
-pub trait Store: Send {
-    fn load_devices(&mut self) -> Result<Vec<Device>, StoreError>;
-    /// Write the device record, its steps and `rows` atomically.
-    fn commit(
-        &mut self,
-        dev: &Device,
-        rows: &[LogRow],
-        inventory: Option<&Inventory>,
-    ) -> Result<(), StoreError>;
-    fn inventory(&mut self, device: &str) -> Result<Option<Inventory>, StoreError>;
-    /// Every row of a device's log, oldest first.
-    fn events(&mut self, device: &str) -> Result<Vec<EventRecord>, StoreError> {
-        self.events_page(device, 0, usize::MAX)
-    }
-    /// At most `limit` rows of a device's log with ids above `after`,
-    /// oldest first (page on with the last row's id).
-    fn events_page(
-        &mut self,
-        device: &str,
-        after: i64,
-        limit: usize,
-    ) -> Result<Vec<EventRecord>, StoreError>;
-    /// Remove log rows older than `before`; returns how many.
-    fn prune_events(&mut self, before: Millis) -> Result<u64, StoreError>;
-    fn event_count(&mut self) -> Result<u64, StoreError>;
-    fn put_image(&mut self, img: &ImageRecord) -> Result<(), StoreError>;
-    fn images(&mut self) -> Result<Vec<ImageRecord>, StoreError>;
-    fn create_wave(&mut self, image: &str, group: &str, now: Millis) -> Result<i64, StoreError>;
-    fn update_wave(&mut self, w: &WaveRecord) -> Result<(), StoreError>;
-    fn waves(&mut self) -> Result<Vec<WaveRecord>, StoreError>;
-    /// Mark waves left `running` by a previous process as aborted.
-    fn abort_running_waves(&mut self, why: &str, now: Millis) -> Result<Vec<i64>, StoreError>;
-    /// Bound DHCP leases (full DHCP mode), kept across restarts.
-    fn leases(&mut self) -> Result<Vec<rackcast_core::boot::dhcp::Lease>, StoreError>;
-    fn save_lease(&mut self, l: &rackcast_core::boot::dhcp::Lease) -> Result<(), StoreError>;
-    fn forget_lease(&mut self, mac: &[u8; 6]) -> Result<(), StoreError>;
-}
-
-const MIGRATIONS: &[(i64, &str)] = &[
-    (
-        1,
-        "CREATE TABLE devices (
-        id TEXT PRIMARY KEY,
-        mac TEXT NOT NULL,
-        state TEXT NOT NULL,
-        step TEXT NOT NULL,
-        reached TEXT NOT NULL,
-        image TEXT,
-        bundle TEXT,
-        wave BIGINT,
-        record TEXT NOT NULL,
-        created_at BIGINT NOT NULL,
-        updated_at BIGINT NOT NULL
-    );
-    CREATE TABLE inventory (
-        device_id TEXT PRIMARY KEY REFERENCES devices(id),
-        vendor TEXT NOT NULL,
-        model TEXT NOT NULL,
-        serial TEXT NOT NULL,
-        arch TEXT NOT NULL,
-        report TEXT NOT NULL,
-        updated_at BIGINT NOT NULL
-    );
-    CREATE TABLE steps (
-        device_id TEXT NOT NULL REFERENCES devices(id),
-        step TEXT NOT NULL,
-        status TEXT NOT NULL,
-        started_at BIGINT,
-        ended_at BIGINT,
-        duration_ms BIGINT,
-        detail TEXT NOT NULL,
-        PRIMARY KEY (device_id, step)
-    );
-    CREATE TABLE events (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        device_id TEXT NOT NULL REFERENCES devices(id),
-        at BIGINT NOT NULL,
-        step TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        from_state TEXT NOT NULL,
-        to_state TEXT NOT NULL,
-        duration_ms BIGINT,
-        detail TEXT NOT NULL
-    );
-    CREATE INDEX events_device ON events(device_id, id);
-    CREATE TABLE images (
-        name TEXT PRIMARY KEY,
-        path TEXT NOT NULL,
-        size BIGINT NOT NULL,
-        hash TEXT NOT NULL,
-        block_size BIGINT NOT NULL,
-        added_at BIGINT NOT NULL
-    );
-    CREATE TABLE waves (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        image TEXT NOT NULL,
-        state TEXT NOT NULL,
-        group_addr TEXT NOT NULL,
-        created_at BIGINT NOT NULL,
-        ended_at BIGINT,
-        members BIGINT NOT NULL DEFAULT 0,
-        verified BIGINT NOT NULL DEFAULT 0,
-        failed BIGINT NOT NULL DEFAULT 0,
-        detail TEXT NOT NULL DEFAULT ''
-    );",
-    ),
-    (
-        2,
-        "CREATE TABLE leases (
-        mac TEXT PRIMARY KEY,
-        ip TEXT NOT NULL,
-        expires_at BIGINT NOT NULL
-    );",
-    ),
-    (
-        3,
-        "CREATE TABLE api_tokens (
-        name TEXT PRIMARY KEY,
-        role TEXT NOT NULL,
-        hash TEXT NOT NULL UNIQUE,
-        created_at BIGINT NOT NULL
-    );",
-    ),
-];
-
-/// An operator API token as stored: its BLAKE3, never the token.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct TokenRecord {
-    pub name: String,
-    /// `admin` or `viewer`.
-    pub role: String,
-    pub created_at: Millis,
-}
+use super::{
+    corrupt, known_version, migration_sql, now_ms, step_status, Dialect, EventRecord, ImageRecord,
+    Store, StoreError, TokenRecord, WaveRecord, WaveState, MIGRATIONS,
+};
 
 pub struct SqliteStore {
     conn: Connection,
@@ -279,65 +61,13 @@ impl SqliteStore {
         Ok(SqliteStore { conn })
     }
 
-    /// Store a new operator API token's hash under `name`.
-    pub fn put_token(&mut self, name: &str, role: &str, hash: &str) -> Result<(), StoreError> {
-        self.conn.execute(
-            "INSERT INTO api_tokens (name, role, hash, created_at) VALUES (?1, ?2, ?3, ?4)",
-            params![name, role, hash, now_ms()],
-        )?;
-        Ok(())
-    }
-
-    /// The role of the token whose BLAKE3 is `hash`, if any.
-    pub fn token_role(&mut self, hash: &str) -> Result<Option<String>, StoreError> {
-        use rusqlite::OptionalExtension;
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT role FROM api_tokens WHERE hash = ?1",
-                params![hash],
-                |r| r.get(0),
-            )
-            .optional()?)
-    }
-
-    pub fn tokens(&mut self) -> Result<Vec<TokenRecord>, StoreError> {
-        let mut st = self
-            .conn
-            .prepare("SELECT name, role, created_at FROM api_tokens ORDER BY name")?;
-        let rows = st.query_map([], |r| {
-            Ok(TokenRecord {
-                name: r.get(0)?,
-                role: r.get(1)?,
-                created_at: r.get(2)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Remove the token named `name`; whether there was one.
-    pub fn revoke_token(&mut self, name: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .conn
-            .execute("DELETE FROM api_tokens WHERE name = ?1", params![name])?
-            > 0)
-    }
-
-    pub fn schema_version(&self) -> Result<i64, StoreError> {
-        Ok(self.conn.query_row(
-            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
-            [],
-            |r| r.get(0),
-        )?)
-    }
-
     fn migrate(&mut self) -> Result<(), StoreError> {
         self.conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS schema_migrations (
                 version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
         )?;
         let have = self.schema_version()?;
-        let known = MIGRATIONS.last().map_or(0, |m| m.0);
+        let known = known_version();
         if have > known {
             return Err(StoreError::TooNew { found: have, known });
         }
@@ -356,7 +86,7 @@ impl SqliteStore {
             if now >= *v {
                 continue;
             }
-            tx.execute_batch(sql)?;
+            tx.execute_batch(&migration_sql(sql, Dialect::Sqlite))?;
             tx.execute(
                 "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
                 params![v, now_ms()],
@@ -380,30 +110,6 @@ fn restrict(path: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-pub fn now_ms() -> Millis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as Millis)
-}
-
-fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt {
-        what: what.to_string(),
-        why: e.to_string(),
-    }
-}
-
-/// Step-table status for an event kind (None: the row does not change it).
-fn step_status(kind: &str) -> Option<&'static str> {
-    match kind {
-        "started" | "retry" => Some("running"),
-        "ok" => Some("ok"),
-        "skipped" => Some("skipped"),
-        "failed" => Some("failed"),
-        _ => None,
-    }
 }
 
 impl Store for SqliteStore {
@@ -722,6 +428,57 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    /// Store a new operator API token's hash under `name`.
+    fn put_token(&mut self, name: &str, role: &str, hash: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO api_tokens (name, role, hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![name, role, hash, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// The role of the token whose BLAKE3 is `hash`, if any.
+    fn token_role(&mut self, hash: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT role FROM api_tokens WHERE hash = ?1",
+                params![hash],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    fn tokens(&mut self) -> Result<Vec<TokenRecord>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT name, role, created_at FROM api_tokens ORDER BY name")?;
+        let rows = st.query_map([], |r| {
+            Ok(TokenRecord {
+                name: r.get(0)?,
+                role: r.get(1)?,
+                created_at: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Remove the token named `name`; whether there was one.
+    fn revoke_token(&mut self, name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM api_tokens WHERE name = ?1", params![name])?
+            > 0)
+    }
+
+    fn schema_version(&mut self) -> Result<i64, StoreError> {
+        Ok(self.conn.query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
     fn abort_running_waves(&mut self, why: &str, now: Millis) -> Result<Vec<i64>, StoreError> {
         let ids: Vec<i64> = {
             let mut st = self
@@ -741,148 +498,54 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rackcast_core::workflow::{self, Event, WorkflowConfig};
 
     #[test]
-    fn transitions_and_log_rows_commit_together_and_reload() {
+    fn the_conformance_suite_holds_on_a_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
-        let mut s = SqliteStore::open(&path).unwrap();
-        assert_eq!(s.schema_version().unwrap(), 3);
-        // Device secrets live here: owner only.
+        let open = || Box::new(SqliteStore::open(&path).unwrap()) as Box<dyn Store>;
+        let break_events = || {
+            let s = SqliteStore::open(&path).unwrap();
+            s.conn.execute_batch("DROP TABLE events").unwrap();
+        };
+        super::super::conformance::suite(&open, &break_events);
+        // Device secrets live here: owner only, the WAL beside it too.
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-        // Tokens: found by their hash, names unique, revoked for good.
-        s.put_token("ops", "admin", "h1").unwrap();
-        assert!(s.put_token("ops", "viewer", "h2").is_err());
-        assert_eq!(s.token_role("h1").unwrap().as_deref(), Some("admin"));
-        assert_eq!(s.token_role("h2").unwrap(), None);
-        assert!(s.revoke_token("ops").unwrap());
-        assert_eq!(s.token_role("h1").unwrap(), None);
-        assert!(!s.revoke_token("ops").unwrap());
-        let cfg = WorkflowConfig::default();
-        let mut d = Device::new("d-1", "02:00:00:00:00:01", 1000);
-        let acts = workflow::on_event(
-            &mut d,
-            &cfg,
-            1000,
-            Event::AgentConnected {
-                mode: rackcast_core::model::AgentMode::Loader { os_present: false },
-                issued: None,
-            },
-        );
-        let rows: Vec<LogRow> = acts
-            .iter()
-            .filter_map(|a| match a {
-                workflow::Action::Record(r) => Some(r.clone()),
-                _ => None,
-            })
-            .collect();
-        assert!(rows.len() >= 2);
-        s.commit(&d, &rows, None).unwrap();
-        drop(s);
-        // Reopen: migrations are not re-run, the record and log are there.
-        let mut s = SqliteStore::open(&path).unwrap();
-        let devs = s.load_devices().unwrap();
-        // Connection state is not stored: agents reconnect after a restart.
-        let mut want = d.clone();
-        want.connected = false;
-        assert_eq!(devs, vec![want]);
-        let ev = s.events("d-1").unwrap();
-        assert_eq!(ev.len(), rows.len());
-        assert_eq!(ev[0].row, rows[0]);
-        assert_eq!(s.event_count().unwrap(), rows.len() as u64);
-        let status: String = s
-            .conn
-            .query_row(
-                "SELECT status FROM steps WHERE device_id = 'd-1' AND step = 'inventoried'",
-                [],
-                |r| r.get(0),
+        for f in [path.clone(), dir.path().join("s.db-wal")] {
+            if f.exists() {
+                let mode = std::fs::metadata(&f).unwrap().permissions().mode();
+                assert_eq!(mode & 0o777, 0o600, "{}", f.display());
+            }
+        }
+    }
+
+    #[test]
+    fn a_read_only_handle_cannot_write_and_never_creates_a_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        assert!(SqliteStore::open_readonly(&path).is_err());
+        assert!(!path.exists());
+        SqliteStore::open(&path).unwrap();
+        let mut r = SqliteStore::open_readonly(&path).unwrap();
+        assert_eq!(r.schema_version().unwrap(), known_version());
+        assert!(r.put_token("x", "admin", "h").is_err());
+    }
+
+    #[test]
+    fn a_store_from_a_newer_rackcast_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let s = SqliteStore::open(&path).unwrap();
+        s.conn
+            .execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, 0)",
+                [known_version() + 1],
             )
             .unwrap();
-        assert_eq!(status, "running");
-        let lease = rackcast_core::boot::dhcp::Lease {
-            mac: [2, 0, 0, 0, 0, 9],
-            ip: "198.18.0.100".parse().unwrap(),
-            state: rackcast_core::boot::dhcp::LeaseState::Bound,
-            expires: 99,
-        };
-        s.save_lease(&lease).unwrap();
-        assert_eq!(s.leases().unwrap(), vec![lease.clone()]);
-        s.forget_lease(&lease.mac).unwrap();
-        assert!(s.leases().unwrap().is_empty());
-        let w = s.create_wave("img", "239.255.10.1:9000", 5).unwrap();
-        assert_eq!(s.abort_running_waves("restart", 6).unwrap(), vec![w]);
-        assert_eq!(s.waves().unwrap()[0].state, WaveState::Aborted);
-    }
-
-    #[test]
-    fn failed_commit_leaves_nothing_behind() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = SqliteStore::open(&dir.path().join("s.db")).unwrap();
-        let d = Device::new("d-1", "m", 1);
-        s.commit(&d, &[], None).unwrap();
-        // Break the events table so the second statement of the next
-        // transaction fails: the device update must roll back with it.
-        s.conn.execute_batch("DROP TABLE events").unwrap();
-        let mut d2 = d.clone();
-        d2.reached = Step::Inventoried;
-        let row = LogRow {
-            at: 2,
-            step: Step::Inventoried,
-            kind: "ok".into(),
-            from_state: String::new(),
-            to_state: String::new(),
-            duration_ms: None,
-            detail: String::new(),
-        };
-        assert!(s.commit(&d2, &[row], None).is_err());
-        assert_eq!(s.load_devices().unwrap()[0].reached, Step::Discovered);
-    }
-
-    #[test]
-    fn logs_come_in_pages_and_old_rows_are_pruned() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = SqliteStore::open(&dir.path().join("s.db")).unwrap();
-        let row = |at: Millis, detail: &str| LogRow {
-            at,
-            step: Step::Discovered,
-            kind: "info".into(),
-            from_state: String::new(),
-            to_state: String::new(),
-            duration_ms: None,
-            detail: detail.into(),
-        };
-        let a = Device::new("d-a", "ma", 1);
-        let b = Device::new("d-b", "mb", 1);
-        let rows: Vec<LogRow> = (0..5).map(|i| row(100 + i, &format!("a{i}"))).collect();
-        s.commit(&a, &rows, None).unwrap();
-        s.commit(&b, &[row(100, "b0")], None).unwrap();
-        s.commit(&a, &[row(500, "a5")], None).unwrap();
-        // Pages of two, each after the last id of the one before; the
-        // other device's row never shows.
-        let mut seen = Vec::new();
-        let mut after = 0;
-        loop {
-            let page = s.events_page("d-a", after, 2).unwrap();
-            if page.is_empty() {
-                break;
-            }
-            assert!(page.len() <= 2);
-            after = page.last().unwrap().id;
-            seen.extend(page.into_iter().map(|e| e.row.detail));
-        }
-        assert_eq!(seen, ["a0", "a1", "a2", "a3", "a4", "a5"]);
-        // Retention: rows before 103 go, in every device's log.
-        assert_eq!(s.prune_events(103).unwrap(), 4);
-        let left: Vec<String> = s
-            .events("d-a")
-            .unwrap()
-            .into_iter()
-            .map(|e| e.row.detail)
-            .collect();
-        assert_eq!(left, ["a3", "a4", "a5"]);
-        assert!(s.events("d-b").unwrap().is_empty());
+        drop(s);
+        assert!(matches!(
+            SqliteStore::open(&path),
+            Err(StoreError::TooNew { .. })
+        ));
     }
 }
