@@ -693,6 +693,67 @@ mod tests {
         );
     }
 
+    /// A CA, and a server certificate for `name` that it signed.
+    fn ca_and_server(name: &str) -> (String, String, String) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let srv = rcgen::CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .signed_by(&key, &ca_cert, &ca_key)
+            .unwrap();
+        (ca_cert.pem(), srv.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn tls_to_the_database_checks_the_server_against_the_configured_ca() {
+        let Some(pg) = server() else { return };
+        let (ca, cert, key) = ca_and_server("127.0.0.1");
+        pg.enable_tls(&cert, &key);
+        let dir = pg.password_file.parent().unwrap().to_path_buf();
+        let good = dir.join("ca.pem");
+        std::fs::write(&good, ca).unwrap();
+        let mut t = target(&pg);
+        t.url.push_str("?sslmode=require");
+        t.ca_file = Some(good);
+        let mut s = PgStore::connect(&t, false).unwrap();
+        s.put_token("tls", "viewer", "h").unwrap();
+        assert_eq!(s.token_role("h").unwrap().as_deref(), Some("viewer"));
+        // The session really is TLS.
+        let ssl: bool = s
+            .client
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert!(ssl);
+        // A server whose certificate another CA signed is refused.
+        let (other_ca, _, _) = ca_and_server("127.0.0.1");
+        let wrong = dir.join("other-ca.pem");
+        std::fs::write(&wrong, other_ca).unwrap();
+        let mut bad = t.clone();
+        bad.ca_file = Some(wrong);
+        let e = PgStore::connect(&bad, false)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("certificate"), "{e}");
+        // Without TLS the server refuses the role (hostssl only): the
+        // appliance's plain connection gets a clear error.
+        let mut plain = t.clone();
+        plain.url = pg.url();
+        plain.ca_file = None;
+        let e = PgStore::connect(&plain, false)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("no encryption") || e.contains("pg_hba"), "{e}");
+    }
+
     #[test]
     fn a_newer_schema_is_refused_and_appliances_migrate_once_together() {
         let Some(pg) = server() else { return };

@@ -177,6 +177,47 @@ impl Pg {
         .map_err(|e| format!("{e}\n{}", self.log()))
     }
 
+    /// Serve TLS with this certificate chain and key (PEM), and accept
+    /// the `rackcast` role from the lab network only over TLS from now on.
+    pub fn enable_tls(&self, cert_pem: &str, key_pem: &str) {
+        let data = self.data();
+        for (f, pem) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            std::fs::write(data.join(f), pem).unwrap();
+            ok(
+                Command::new("chown")
+                    .arg("postgres:")
+                    .arg(data.join(f))
+                    .output(),
+                "chown",
+            )
+            .unwrap();
+            std::fs::set_permissions(
+                data.join(f),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )
+            .unwrap();
+        }
+        // TLS or nothing for the role, also on loopback.
+        let hba = std::fs::read_to_string(data.join("pg_hba.conf")).unwrap();
+        let hba: String = hba
+            .lines()
+            .filter(|l| !l.starts_with("host "))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+            + "hostssl all all 0.0.0.0/0 scram-sha-256\n";
+        std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
+        self.psql("ALTER SYSTEM SET ssl = on").unwrap();
+        self.psql("SELECT pg_reload_conf()").unwrap();
+        // The reload is asynchronous: wait until the server says TLS is on.
+        for _ in 0..50 {
+            if self.psql("SHOW ssl").as_deref() == Ok("on") {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("PostgreSQL did not turn TLS on:\n{}", self.log());
+    }
+
     /// Start it again after [`Pg::stop`] (crash recovery from its WAL).
     pub fn start_again(&self) {
         if let Err(e) = self.run() {
