@@ -27,8 +27,9 @@ case "${1:-test}" in
                # systemd-analyze verifies the unit.
                adduser systemd
                # The shared fleet record: each store test starts a
-               # private PostgreSQL server of its own (tests/common/pg.rs).
-               postgresql)
+               # private PostgreSQL server of its own (tests/common/pg.rs);
+               # keepalived moves an active/standby pair's address.
+               postgresql keepalived)
         # qemu-img (qcow2 image sources): machines of this kind have a
         # newer one than Debian 12's qemu-utils; install only if missing.
         command -v qemu-img >/dev/null || need+=(qemu-utils) ;;

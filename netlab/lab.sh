@@ -8,8 +8,9 @@
 #   lab.sh down PREFIX N
 #   lab.sh loss PREFIX DEV PCT      # set/replace random loss toward device DEV
 #   lab.sh stats PREFIX             # nft counters (dropped packets)
-#   lab.sh host PREFIX NAME ADDR    # one more host on the switch (a
-#                                   # database, a standby appliance)
+#   lab.sh host PREFIX NAME ADDR [IFACE]  # one more host on the switch
+#                                   # (a database, a standby appliance;
+#                                   # its interface IFACE, default h0)
 #
 # Names: ${PREFIX}sw (switch), ${PREFIX}app (appliance, iface srv0,
 # 198.18.0.1/24), ${PREFIX}d1..dN (devices, iface d0, 198.18.0.(10+i)/24).
@@ -143,13 +144,13 @@ case "$cmd" in
     ip netns exec "${P}sw" nft list table bridge lab 2>/dev/null || true
     ;;
   host)
-    name=${3:?name} addr=${4:?addr}
+    name=${3:?name} addr=${4:?addr} ifc=${5:-h0}
     case "$addr" in 198.18.*|198.19.*) ;; *) echo "lab.sh: $addr is outside 198.18.0.0/15" >&2; exit 2 ;; esac
     ns="${P}x-$name"
     ip netns add "$ns"
-    ipn "$ns" link add h0 type veth peer name "vx-$name" netns "${P}sw"
+    ipn "$ns" link add "$ifc" type veth peer name "vx-$name" netns "${P}sw"
     ipn "${P}sw" link set "vx-$name" master br0 up
-    host_setup "$ns" h0 "$addr"
+    host_setup "$ns" "$ifc" "$addr"
     ;;
   *)
     echo "lab.sh: unknown command $cmd" >&2; exit 2 ;;

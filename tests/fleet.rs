@@ -1015,6 +1015,191 @@ fn a_rack_on_a_postgres_fleet_record_rides_out_a_database_crash() {
     );
 }
 
+/// `[appliance]` lines added to a config file's text.
+fn with_appliance(cfg: &str, lines: &str) -> String {
+    cfg.replacen("[appliance]\n", &format!("[appliance]\n{lines}"), 1)
+}
+
+/// An active/standby pair on one segment, sharing a PostgreSQL fleet
+/// record, keepalived moving the service address: the active appliance is
+/// killed (-9) mid-wave; the standby takes the address, waits out the
+/// dead one's leases, and every device finishes under it, byte-checked,
+/// with its whole log in order and the dead appliance's wave aborted.
+#[test]
+fn the_standby_finishes_every_device_when_the_active_appliance_is_killed() {
+    use common::keepalived::{have_keepalived, Keepalived, Side};
+    if !can_run() {
+        return;
+    }
+    if let Some(why) = common::pg::Pg::unavailable() {
+        skip(&why);
+        return;
+    }
+    if !have_keepalived() {
+        skip("keepalived is not installed");
+        return;
+    }
+    let n = 2;
+    let extra = all_r650(
+        n,
+        "min_members = 2\nstart_after = \"20s\"\nmember_timeout = \"20s\"",
+    );
+    let mut rack = Rack::build("fo", n, "100mbit", (64, 8), &extra, false, 80);
+    let db = rack.lab.host("db", "198.18.0.5");
+    let pg = common::pg::Pg::start(Some(&db), "198.18.0.5");
+    rack.use_store(&pg);
+    rack.kill_serve();
+    // 198.18.0.1, where devices reach the appliance, becomes the pair's
+    // virtual address: the active one keeps .2, the standby has .3.
+    let app = rack.lab.ns("app");
+    for args in [
+        ["addr", "del", "198.18.0.1/24", "dev", "srv0"],
+        ["addr", "add", "198.18.0.2/24", "dev", "srv0"],
+    ] {
+        let st = Command::new("ip")
+            .args(["-n", &app])
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip {args:?}");
+    }
+    let b_ns = rack.lab.host_with("b", "198.18.0.3", "srv0");
+    let base = fs::read_to_string(&rack.config).unwrap();
+    let state_a = rack.lab.file("state");
+    let a_cfg = with_appliance(
+        &base,
+        "id = \"app-a\"\nstandby = true\nlease_ttl = \"6s\"\n",
+    );
+    fs::write(&rack.config, &a_cfg).unwrap();
+    // The standby shares the active one's keys (what the devices' agents
+    // pin and the operator's CLI trusts), nothing else of its state.
+    let b_config = rack.lab.file("rackcast-b.toml");
+    let b_cfg = with_appliance(
+        &a_cfg.replace("id = \"app-a\"", "id = \"app-b\"").replace(
+            &format!("state_dir = \"{}\"", state_a.display()),
+            &format!("state_dir = \"{}\"", rack.lab.file("state-b").display()),
+        ),
+        &format!(
+            "signing_key = \"{a}/signing.key\"\noperator_cert = \"{a}/operator-cert.pem\"\noperator_key = \"{a}/operator-key.pem\"\n",
+            a = state_a.display()
+        ),
+    );
+    assert!(b_cfg.contains("state-b") && b_cfg.contains("app-b"));
+    fs::write(&b_config, &b_cfg).unwrap();
+    let b_log = rack.lab.file("serve-b.log");
+    let mut serve_a = spawn_serve(&app, &rack.config, &rack.lab.file("serve.log"));
+    let mut serve_b = spawn_serve(&b_ns, &b_config, &b_log);
+    let dir = rack.lab.dir.clone();
+    let _ka = Keepalived::start(
+        &dir,
+        Side {
+            name: "a",
+            ns: &app,
+            iface: "srv0",
+            own: "198.18.0.2",
+            peer: "198.18.0.3",
+            priority: 150,
+            tracks: serve_a.id(),
+        },
+        "198.18.0.1",
+    );
+    let _kb = Keepalived::start(
+        &dir,
+        Side {
+            name: "b",
+            ns: &b_ns,
+            iface: "srv0",
+            own: "198.18.0.3",
+            peer: "198.18.0.2",
+            priority: 100,
+            tracks: serve_b.id(),
+        },
+        "198.18.0.1",
+    );
+    // A is elected (higher priority) and starts serving.
+    let serve_log = |p: &Path| fs::read_to_string(p).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !serve_log(&rack.lab.file("serve.log")).contains("standby: the service address came") {
+        assert!(
+            Instant::now() < deadline,
+            "the active appliance never got the address:\n{}",
+            _ka.log()
+        );
+        assert!(serve_a.try_wait().unwrap().is_none(), "appliance A exited");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(serve_b.try_wait().unwrap().is_none(), "appliance B exited");
+    for i in 1..=n {
+        rack.start_agent(i);
+    }
+    rack.wait_for("both imaging in one wave", Duration::from_secs(120), |d| {
+        d.len() == n
+            && d.iter()
+                .all(|x| x["step"] == "imaging" && x["state"] == "running")
+    });
+    let states: Vec<PathBuf> = (1..=n)
+        .map(|i| rack.lab.file(&format!("work{i}")))
+        .collect();
+    rack.wait_for(
+        "blocks saved for resuming on every device",
+        Duration::from_secs(120),
+        |_| states.iter().all(|s| resumable_blocks(s) > 0),
+    );
+    // The active appliance dies.
+    let _ = serve_a.kill();
+    let _ = serve_a.wait();
+    let killed = Instant::now();
+    rack.wait_for(
+        "every device done under the standby",
+        Duration::from_secs(180),
+        all_done(n),
+    );
+    let took = killed.elapsed();
+    let blog = serve_log(&b_log);
+    assert!(
+        blog.contains("standby: the service address came to this host"),
+        "{blog}"
+    );
+    for i in 1..=n {
+        assert_image_on(
+            &rack.lab.file(&format!("d{i}-disk-big.img")),
+            &rack.images["debian"],
+        );
+        let ev = check_log(&rack, i);
+        assert!(
+            ev.iter().any(|e| e["step"] == "imaging"
+                && e["kind"] == "failed"
+                && e["detail"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("appliance restarted")),
+            "device {i}: the lost wave is in its log"
+        );
+        let rows = pg
+            .sql(&format!(
+                "SELECT COUNT(*) FROM events WHERE device_id = '{}'",
+                device_id(i)
+            ))
+            .unwrap();
+        assert_eq!(rows, ev.len().to_string(), "device {i}");
+    }
+    // A's wave was aborted, B's finished with every device; B holds the
+    // devices now.
+    let waves = pg
+        .sql("SELECT appliance || ':' || state || ':' || verified FROM waves ORDER BY id")
+        .unwrap();
+    assert!(waves.contains("app-a:aborted"), "{waves}");
+    assert!(waves.contains(&format!("app-b:finished:{n}")), "{waves}");
+    let holders = pg.sql("SELECT DISTINCT holder FROM device_leases").unwrap();
+    assert_eq!(holders, "app-b");
+    eprintln!(
+        "standby finished the rack {:.1} s after the kill",
+        took.as_secs_f64()
+    );
+    let _ = serve_b.kill();
+    let _ = serve_b.wait();
+}
+
 /// The control-plane benchmark tool keeps working (its numbers come from
 /// release builds; this only checks that a simulated fleet completes).
 #[test]

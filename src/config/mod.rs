@@ -377,6 +377,24 @@ pub struct ApplianceConfig {
     /// device, plus reconnects not yet noticed as gone).
     #[serde(default = "d_agent_connections")]
     pub max_agent_connections: usize,
+    /// This appliance's name in a shared fleet record: the holder of its
+    /// device leases and the owner of its waves. Default: the host name.
+    /// Appliances sharing one PostgreSQL record need distinct ones.
+    pub id: Option<String>,
+    /// How long a device's lease lasts past its appliance's last renewal
+    /// (renewed every third of it): how long a standby waits before it
+    /// takes over the devices of an appliance that died.
+    #[serde(default = "d_lease_ttl", deserialize_with = "de_duration")]
+    pub lease_ttl: Duration,
+    /// One of an active/standby pair on one segment: serve only while
+    /// `control_listen`'s address (a virtual address keepalived moves) is
+    /// on this host; wait for it before starting, stop when it leaves.
+    #[serde(default)]
+    pub standby: bool,
+}
+
+fn d_lease_ttl() -> Duration {
+    Duration::from_secs(15)
 }
 
 fn d_agent_connections() -> usize {
@@ -763,6 +781,19 @@ impl Config {
         })?;
         cfg.validate(path)?;
         Ok(cfg)
+    }
+
+    /// This appliance's name in the fleet record (`appliance.id`, else
+    /// the host name).
+    pub fn appliance_id(&self) -> String {
+        if let Some(id) = &self.appliance.id {
+            return id.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "rackcast".into())
     }
 
     /// Where the fleet record is.

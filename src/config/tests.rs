@@ -169,6 +169,14 @@ target = { order = "largest", count = 1 }
                 MINIMAL.replace("state_dir", "store_ca = \"/etc/ca.pem\"\nstate_dir"),
                 "only for a postgres:// store",
             ),
+            (
+                MINIMAL.replace("state_dir", "id = \"app a\"\nstate_dir"),
+                "appliance.id",
+            ),
+            (
+                MINIMAL.replace("state_dir", "lease_ttl = \"1s\"\nstate_dir"),
+                "appliance.lease_ttl",
+            ),
         ];
         for (text, want) in cases {
             let e = parse(&text).expect_err(want).to_string();

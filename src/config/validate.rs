@@ -21,6 +21,32 @@ impl Config {
             message,
         };
         self.validate_store(&bad)?;
+        if let Some(id) = &self.appliance.id {
+            let ok = !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !ok {
+                return Err(bad(
+                    "appliance.id".into(),
+                    "expected 1 to 64 of A-Z a-z 0-9 - _ .".into(),
+                ));
+            }
+        }
+        if self.appliance.standby && self.appliance.control_listen.ip().is_unspecified() {
+            return Err(bad(
+                "appliance.standby".into(),
+                "needs control_listen on the pair's virtual address, not a wildcard".into(),
+            ));
+        }
+        if !(Duration::from_secs(3)..=Duration::from_secs(600)).contains(&self.appliance.lease_ttl)
+        {
+            return Err(bad(
+                "appliance.lease_ttl".into(),
+                "expected 3s ..= 10m".into(),
+            ));
+        }
         if self.dataplane.total_rate < 1_000_000 {
             return Err(bad(
                 "dataplane.total_rate".into(),

@@ -30,11 +30,15 @@ pub async fn serve(cfg: Config, path: std::path::PathBuf) -> anyhow::Result<()> 
     // One appliance per state dir: a second `serve` (a unit started twice,
     // a forgotten foreground run) would recover and drive the same devices.
     let _lock = lock_state_dir(&cfg.appliance.state_dir)?;
+    let service_ip = cfg.appliance.control_listen.ip();
+    if cfg.appliance.standby && !wait_for_address(service_ip).await {
+        return Ok(());
+    }
     // The store's client blocks (PostgreSQL's runs its own runtime): open
     // it off the async workers.
     let loc = cfg.store_location();
     tracing::info!(store = %loc, "fleet record");
-    let (store, images, manifests) = {
+    let (mut store, images, manifests) = {
         let (at, cfg) = (loc.clone(), cfg.clone());
         tokio::task::spawn_blocking(move || {
             let mut store = crate::store::open(&at)
@@ -96,6 +100,12 @@ pub async fn serve(cfg: Config, path: std::path::PathBuf) -> anyhow::Result<()> 
         max_attempts: cfg.workflow.max_attempts,
         retry_backoff_ms: cfg.workflow.retry_backoff.as_millis() as Millis,
     };
+    // Every device commit takes or renews its lease: one appliance at a
+    // time drives a device of a shared fleet record.
+    store.set_lease_holder(
+        &cfg.appliance_id(),
+        cfg.appliance.lease_ttl.as_millis() as Millis,
+    );
     let mut ctl = Controller {
         boots: shared.boots.clone(),
         live: live_tx,
@@ -126,6 +136,12 @@ pub async fn serve(cfg: Config, path: std::path::PathBuf) -> anyhow::Result<()> 
         control_tls,
         enroll: enroll.clone(),
         last_prune: 0,
+        leases: super::Leases {
+            me: cfg.appliance_id(),
+            ttl_ms: cfg.appliance.lease_ttl.as_millis() as Millis,
+            held: Default::default(),
+            last_renew: 0,
+        },
     };
     // The controller thread owns the store from here: it recovers the
     // fleet record (the store's client blocks, so never on a tokio
@@ -204,10 +220,22 @@ pub async fn serve(cfg: Config, path: std::path::PathBuf) -> anyhow::Result<()> 
     service::spawn_watchdog(inbox.clone());
     service::ready(known);
     tracing::info!(devices = known, "appliance ready");
+    let mut address_check = tokio::time::interval(Duration::from_millis(500));
+    let mut lost_address = false;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
+            _ = address_check.tick(), if cfg.appliance.standby => {
+                if !address_is_local(service_ip) {
+                    // The pair's failover gave the address to the other
+                    // appliance: two may not serve one rack. The leases
+                    // are released on the way out, so it takes over now.
+                    tracing::error!(address = %service_ip, "the service address left this host; stopping (the other appliance of the pair serves)");
+                    lost_address = true;
+                    break;
+                }
+            }
             _ = hup.recv() => {
                 service::reloading();
                 match Config::load(&path) {
@@ -238,7 +266,45 @@ pub async fn serve(cfg: Config, path: std::path::PathBuf) -> anyhow::Result<()> 
     tracing::info!("shutting down");
     let _ = inbox.send(Input::Shutdown);
     let _ = tokio::task::spawn_blocking(move || ctl_thread.join()).await;
+    if lost_address {
+        anyhow::bail!("the service address {service_ip} left this host");
+    }
     Ok(())
+}
+
+/// Whether `ip` is an address of this host now (a socket can bind it).
+fn address_is_local(ip: std::net::IpAddr) -> bool {
+    std::net::UdpSocket::bind((ip, 0)).is_ok()
+}
+
+/// Standby: wait until the service address (moved by the pair's
+/// keepalived) is on this host before binding or recovering anything.
+/// `false` when told to stop while waiting.
+async fn wait_for_address(ip: std::net::IpAddr) -> bool {
+    if address_is_local(ip) {
+        tracing::info!(address = %ip, "standby: the service address is here; serving");
+        return true;
+    }
+    tracing::info!(address = %ip, "standby: waiting for the service address to come to this host");
+    service::standby(ip);
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        return false;
+    };
+    let mut iv = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return false,
+            _ = term.recv() => return false,
+            _ = iv.tick() => {
+                service::alive();
+                if address_is_local(ip) {
+                    tracing::info!(address = %ip, "standby: the service address came to this host; taking over");
+                    return true;
+                }
+            }
+        }
+    }
 }
 
 /// An exclusive `flock` on `<state_dir>/serve.lock`, held while the

@@ -272,6 +272,9 @@ pub struct Controller {
     enroll: Arc<crate::enroll::Enrollment>,
     /// When the event log was last pruned.
     last_prune: Millis,
+    /// Device leases (one appliance drives a device at a time in a shared
+    /// fleet record).
+    leases: Leases,
 }
 
 pub type Progress = Arc<std::sync::Mutex<HashMap<String, MemberProgress>>>;
@@ -313,7 +316,77 @@ pub struct Shared {
 
 pub type Assigned = Arc<std::sync::RwLock<HashMap<String, String>>>;
 
+/// This appliance's device leases: who it is in the fleet record, how
+/// long a lease lasts, which devices it holds.
+pub(crate) struct Leases {
+    pub(crate) me: String,
+    pub(crate) ttl_ms: Millis,
+    pub(crate) held: std::collections::HashSet<String>,
+    pub(crate) last_renew: Millis,
+}
+
 impl Controller {
+    /// Renew this appliance's leases (every third of their time to live),
+    /// notice the ones another appliance took, and abort the running
+    /// waves of appliances that stopped renewing theirs.
+    fn renew_leases(&mut self, now: Millis) {
+        if now - self.leases.last_renew < self.leases.ttl_ms / 3 {
+            return;
+        }
+        self.leases.last_renew = now;
+        match self.store.renew_leases(&self.leases.me, self.leases.ttl_ms) {
+            Ok(still) => {
+                let still: std::collections::HashSet<String> = still.into_iter().collect();
+                for id in self.leases.held.difference(&still) {
+                    // Lapsed while this appliance could not renew (the
+                    // database was out of reach) and taken by another: its
+                    // next commit here is refused until that one's lapses.
+                    tracing::warn!(device = %id, "device lease taken by another appliance");
+                    metrics::counter!("rackcast_leases_lost_total").increment(1);
+                }
+                self.leases.held = still;
+                metrics::gauge!("rackcast_leases_held").set(self.leases.held.len() as f64);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "device leases not renewed");
+                metrics::counter!("rackcast_store_errors_total").increment(1);
+            }
+        }
+        match self.store.abort_waves(
+            &self.leases.me,
+            false,
+            "its appliance stopped renewing its leases",
+            now,
+        ) {
+            Ok(w) if !w.is_empty() => {
+                tracing::warn!(waves = ?w, "waves of an appliance that is gone marked aborted");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "orphaned waves not checked"),
+        }
+    }
+
+    /// Before this appliance first writes a device it does not hold: the
+    /// record as stored, which another appliance may have moved on since
+    /// it was loaded (the commit that follows takes the lease, or is
+    /// refused while the other one's is live).
+    fn take_over(&mut self, id: &str) -> Result<(), crate::store::StoreError> {
+        if self.leases.held.contains(id) {
+            return Ok(());
+        }
+        let Some(mut fresh) = self.store.load_device(id)? else {
+            return Ok(());
+        };
+        if let Some(mine) = self.devices.get(id) {
+            fresh.connected = mine.connected;
+            if fresh != *mine {
+                tracing::info!(device = %id, step = %fresh.current_step().as_str(), "device record reloaded: another appliance moved it on");
+                self.devices.insert(id.to_string(), fresh);
+            }
+        }
+        Ok(())
+    }
+
     /// After a restart: waves of the previous process are gone; devices
     /// that were imaging lose their wave (and retry into a new one, where
     /// their receivers resume from their bitmaps); devices that were
@@ -321,9 +394,12 @@ impl Controller {
     fn recover(&mut self) -> anyhow::Result<()> {
         let now = now_ms();
         self.prune_events(now);
-        let aborted = self
-            .store
-            .abort_running_waves("appliance restarted while the wave ran", now)?;
+        let aborted = self.store.abort_waves(
+            &self.leases.me,
+            true,
+            "appliance restarted while the wave ran",
+            now,
+        )?;
         if !aborted.is_empty() {
             tracing::warn!(waves = ?aborted, "waves of the previous run marked aborted");
         }
@@ -359,7 +435,16 @@ impl Controller {
                 }
             }
         }
-        tracing::info!(devices = self.devices.len(), "fleet record loaded");
+        let others = self.store.leased_by_others(&self.leases.me)?;
+        if !others.is_empty() {
+            tracing::warn!(
+                devices = others.len(),
+                holders = ?others.iter().map(|(_, h)| h.as_str()).collect::<std::collections::BTreeSet<_>>(),
+                "devices driven by other appliances: taken over when their leases lapse"
+            );
+        }
+        metrics::gauge!("rackcast_leases_held").set(0.0);
+        tracing::info!(devices = self.devices.len(), appliance = %self.leases.me, "fleet record loaded");
         Ok(())
     }
 
@@ -369,6 +454,12 @@ impl Controller {
                 break;
             }
             self.handle(input);
+        }
+        // A clean stop hands the devices over at once: a standby need not
+        // wait for the leases to lapse.
+        match self.store.release_leases(&self.leases.me) {
+            Ok(n) => tracing::info!(leases = n, "device leases released"),
+            Err(e) => tracing::warn!(error = %e, "device leases not released; they lapse"),
         }
     }
 
@@ -749,6 +840,7 @@ impl Controller {
         ack: Option<u64>,
         now: Millis,
     ) -> Result<(), crate::store::StoreError> {
+        self.take_over(id)?;
         let Some(dev) = self.devices.get(id) else {
             return Ok(());
         };
@@ -773,6 +865,7 @@ impl Controller {
             return Ok(());
         }
         self.store.commit(&next, &rows, inv)?;
+        self.leases.held.insert(id.to_string());
         for r in &rows {
             tracing::info!(device = id, step = %r.step, kind = %r.kind, detail = %r.detail, "device event");
         }
@@ -914,6 +1007,7 @@ impl Controller {
 
     fn on_tick(&mut self) {
         let now = now_ms();
+        self.renew_leases(now);
         self.retry_stalled();
         if now - self.last_prune >= 3_600_000 {
             self.prune_events(now);

@@ -32,6 +32,20 @@ pub fn ready(devices: usize) {
     send(&[NotifyState::Ready, NotifyState::Status(&status)]);
 }
 
+/// A standby appliance is up and waits for the service address: the
+/// unit is started (its pair's failover is what makes it serve).
+pub fn standby(addr: std::net::IpAddr) {
+    let status = format!("standby: waiting for {addr} to come to this host");
+    send(&[NotifyState::Ready, NotifyState::Status(&status)]);
+}
+
+/// Feed the watchdog while there is no controller to ask (standby).
+pub fn alive() {
+    if sd_notify::watchdog_enabled().is_some() {
+        send(&[NotifyState::Watchdog]);
+    }
+}
+
 /// A SIGHUP arrived: the config is being read again.
 pub fn reloading() {
     // MONOTONIC_USEC lets a newer systemd (Type=notify-reload) tie the

@@ -103,7 +103,7 @@ impl Controller {
         let (img, manifest) = (img.clone(), manifest.clone());
         let now = now_ms();
         let group_port = self.cfg.dataplane.port;
-        let id = match self.store.create_wave(image, "", now) {
+        let id = match self.store.create_wave(image, "", &self.leases.me, now) {
             Ok(id) => id,
             Err(e) => {
                 tracing::error!(error = %e, "cannot record wave");

@@ -33,6 +33,7 @@ pub(super) fn suite(open: &dyn Fn() -> Box<dyn Store>, break_events: &dyn Fn()) 
     commits_reload(s.as_mut(), open);
     leases_and_waves(s.as_mut());
     paging_and_retention(s.as_mut());
+    leases(open);
     // A second opener (the appliance and the CLI at once) migrates
     // nothing twice.
     assert_eq!(open().schema_version().unwrap(), known_version());
@@ -120,8 +121,12 @@ fn leases_and_waves(s: &mut dyn Store) {
     s.forget_lease(&lease.mac).unwrap();
     assert!(s.leases().unwrap().is_empty());
 
-    let w1 = s.create_wave("img", "239.255.10.1:9000", 5).unwrap();
-    let w2 = s.create_wave("img", "239.255.10.2:9000", 6).unwrap();
+    let w1 = s
+        .create_wave("img", "239.255.10.1:9000", "app-a", 5)
+        .unwrap();
+    let w2 = s
+        .create_wave("img", "239.255.10.2:9000", "app-a", 6)
+        .unwrap();
     assert!(w2 > w1);
     let mut rec = s.waves().unwrap()[0].clone();
     assert_eq!((rec.id, rec.state), (w1, WaveState::Running));
@@ -133,8 +138,12 @@ fn leases_and_waves(s: &mut dyn Store) {
     rec.detail = "1 failed".into();
     s.update_wave(&rec).unwrap();
     assert_eq!(s.waves().unwrap()[0], rec);
-    // Only the wave still running is aborted.
-    assert_eq!(s.abort_running_waves("restart", 8).unwrap(), vec![w2]);
+    // To app-b, app-a's sender is gone (app-a holds no live lease): its
+    // wave still running is aborted, the finished one stays.
+    assert_eq!(
+        s.abort_waves("app-b", false, "restart", 8).unwrap(),
+        vec![w2]
+    );
     let waves = s.waves().unwrap();
     assert_eq!(waves[1].state, WaveState::Aborted);
     assert_eq!(waves[1].detail, "restart");
@@ -189,6 +198,65 @@ fn paging_and_retention(s: &mut dyn Store) {
         .collect();
     assert_eq!(left, ["a3", "a4", "a5"]);
     assert!(s.events("d-b").unwrap().is_empty());
+}
+
+/// One appliance drives a device at a time: a commit takes the device's
+/// lease, another holder's live lease refuses it (nothing written), a
+/// released or lapsed lease is taken over.
+fn leases(open: &dyn Fn() -> Box<dyn Store>) {
+    let (mut a, mut b) = (open(), open());
+    a.set_lease_holder("app-a", 60_000);
+    b.set_lease_holder("app-b", 60_000);
+    let d = Device::new("d-l", "ml", 1);
+    a.commit(&d, &[row(1, "info", "by a")], None).unwrap();
+    let before = b.events("d-l").unwrap().len();
+    match b.commit(&d, &[row(2, "info", "by b")], None) {
+        Err(super::StoreError::Leased { device, holder }) => {
+            assert_eq!((device.as_str(), holder.as_str()), ("d-l", "app-a"));
+        }
+        other => panic!("b wrote a device a drives: {other:?}"),
+    }
+    assert_eq!(
+        b.events("d-l").unwrap().len(),
+        before,
+        "a refused commit wrote"
+    );
+    assert_eq!(
+        b.leased_by_others("app-b").unwrap(),
+        vec![("d-l".to_string(), "app-a".to_string())]
+    );
+    assert!(a.leased_by_others("app-a").unwrap().is_empty());
+    assert_eq!(a.renew_leases("app-a", 60_000).unwrap(), ["d-l"]);
+    // A's running wave stands while its leases live.
+    let w = a.create_wave("img", "g", "app-a", 10).unwrap();
+    assert!(b.abort_waves("app-b", true, "gone", 11).unwrap().is_empty());
+    // A stops cleanly: B takes over at once; A is then refused.
+    assert_eq!(a.release_leases("app-a").unwrap(), 1);
+    assert_eq!(b.abort_waves("app-b", false, "gone", 12).unwrap(), [w]);
+    b.commit(&d, &[row(3, "info", "by b")], None).unwrap();
+    assert!(matches!(
+        a.commit(&d, &[], None),
+        Err(super::StoreError::Leased { .. })
+    ));
+    assert!(a.renew_leases("app-a", 60_000).unwrap().is_empty());
+    // A lease that lapsed (its appliance died) is taken over.
+    let mut c = open();
+    c.set_lease_holder("app-c", -1_000);
+    let e = Device::new("d-e", "me", 1);
+    c.commit(&e, &[row(4, "info", "by c")], None).unwrap();
+    b.commit(&e, &[row(5, "info", "by b")], None).unwrap();
+    let log: Vec<String> = b
+        .events("d-e")
+        .unwrap()
+        .into_iter()
+        .map(|x| x.row.detail)
+        .collect();
+    assert_eq!(log, ["by c", "by b"]);
+    assert_eq!(
+        b.load_device("d-e").unwrap().map(|x| x.id),
+        Some("d-e".into())
+    );
+    assert_eq!(b.load_device("d-none").unwrap(), None);
 }
 
 fn failed_commit_rolls_back(open: &dyn Fn() -> Box<dyn Store>, break_events: &dyn Fn()) {

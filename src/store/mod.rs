@@ -41,6 +41,10 @@ pub enum StoreError {
     Corrupt { what: String, why: String },
     #[error("store schema version {found} is newer than this rackcast ({known})")]
     TooNew { found: i64, known: i64 },
+    /// Another appliance's lease on the device is live: this one may not
+    /// write its record until that lease expires.
+    #[error("device {device} is driven by appliance {holder} (its lease is live)")]
+    Leased { device: String, holder: String },
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -140,11 +144,43 @@ pub trait Store: Send {
     fn event_count(&mut self) -> Result<u64, StoreError>;
     fn put_image(&mut self, img: &ImageRecord) -> Result<(), StoreError>;
     fn images(&mut self) -> Result<Vec<ImageRecord>, StoreError>;
-    fn create_wave(&mut self, image: &str, group: &str, now: Millis) -> Result<i64, StoreError>;
+    /// A new running wave of `appliance` (the one whose sender runs it).
+    fn create_wave(
+        &mut self,
+        image: &str,
+        group: &str,
+        appliance: &str,
+        now: Millis,
+    ) -> Result<i64, StoreError>;
     fn update_wave(&mut self, w: &WaveRecord) -> Result<(), StoreError>;
     fn waves(&mut self) -> Result<Vec<WaveRecord>, StoreError>;
-    /// Mark waves left `running` by a previous process as aborted.
-    fn abort_running_waves(&mut self, why: &str, now: Millis) -> Result<Vec<i64>, StoreError>;
+    /// Mark aborted the running waves whose sender is gone: those of
+    /// appliances that hold no live lease any more, and with `own_too`
+    /// (at start: a previous process's) those of `me`. Their ids.
+    fn abort_waves(
+        &mut self,
+        me: &str,
+        own_too: bool,
+        why: &str,
+        now: Millis,
+    ) -> Result<Vec<i64>, StoreError>;
+    /// From now on every [`Store::commit`] of a device takes or renews
+    /// its lease for `holder` (`ttl_ms` long) in the same transaction,
+    /// and fails with [`StoreError::Leased`] while another holder's lease
+    /// is live: one appliance drives a device at a time, and its log has
+    /// one writer.
+    fn set_lease_holder(&mut self, holder: &str, ttl_ms: i64);
+    /// Renew every lease `holder` has; the devices it still holds (a
+    /// device taken by another appliance after this one's lease lapsed
+    /// is not among them).
+    fn renew_leases(&mut self, holder: &str, ttl_ms: i64) -> Result<Vec<String>, StoreError>;
+    /// Give up every lease of `holder` (a clean stop: a standby takes
+    /// over at once instead of after the leases expire).
+    fn release_leases(&mut self, holder: &str) -> Result<u64, StoreError>;
+    /// Devices whose lease another holder has, live: `(device, holder)`.
+    fn leased_by_others(&mut self, me: &str) -> Result<Vec<(String, String)>, StoreError>;
+    /// One device's record as stored (the latest, whoever wrote it).
+    fn load_device(&mut self, id: &str) -> Result<Option<Device>, StoreError>;
     /// Bound DHCP leases (full DHCP mode), kept across restarts.
     fn leases(&mut self) -> Result<Vec<rackcast_core::boot::dhcp::Lease>, StoreError>;
     fn save_lease(&mut self, l: &rackcast_core::boot::dhcp::Lease) -> Result<(), StoreError>;
@@ -247,6 +283,16 @@ const MIGRATIONS: &[(i64, &str)] = &[
         hash TEXT NOT NULL UNIQUE,
         created_at BIGINT NOT NULL
     );",
+    ),
+    (
+        4,
+        "CREATE TABLE device_leases (
+        device_id TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        expires_at BIGINT NOT NULL
+    );
+    CREATE INDEX device_leases_holder ON device_leases(holder);
+    ALTER TABLE waves ADD COLUMN appliance TEXT NOT NULL DEFAULT '';",
     ),
 ];
 

@@ -35,6 +35,8 @@ const STATEMENT_TIMEOUT_MS: u32 = 30_000;
 pub struct PgStore {
     target: PgTarget,
     readonly: bool,
+    /// `(holder, ttl_ms)` once [`Store::set_lease_holder`] was called.
+    lease: Option<(String, i64)>,
     client: Conn,
     /// Prepared once per connection, keyed by their text.
     stmts: HashMap<&'static str, Statement>,
@@ -48,6 +50,7 @@ impl PgStore {
         let mut s = PgStore {
             target: target.clone(),
             readonly,
+            lease: None,
             client,
             stmts: HashMap::new(),
         };
@@ -246,6 +249,26 @@ fn col<'a, T: postgres::types::FromSql<'a>>(
     Ok(r.try_get(i)?)
 }
 
+/// Now on the database's clock, in ms: leases compare times written by
+/// different appliances, whose own clocks may disagree.
+macro_rules! db_now {
+    () => {
+        "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+    };
+}
+
+/// Take or renew `device`'s lease for `holder` for `ttl` ms unless
+/// another holder's lease is live; a row when it is held.
+const ACQUIRE: &str = concat!(
+    "INSERT INTO device_leases (device_id, holder, expires_at) VALUES ($1, $2, ",
+    db_now!(),
+    " + $3) ON CONFLICT (device_id) DO UPDATE SET holder = excluded.holder, \
+     expires_at = excluded.expires_at WHERE device_leases.holder = excluded.holder \
+     OR device_leases.expires_at < ",
+    db_now!(),
+    " RETURNING holder"
+);
+
 fn count(n: i64) -> u32 {
     u32::try_from(n.max(0)).unwrap_or(u32::MAX)
 }
@@ -293,13 +316,30 @@ impl Store for PgStore {
                 ended_at = excluded.ended_at, duration_ms = excluded.duration_ms,
                 detail = excluded.detail";
         let record = serde_json::to_string(dev).map_err(|e| corrupt(&dev.id, e))?;
-        let (s_dev, s_inv, s_ev, s_step) = (
+        let (s_dev, s_inv, s_ev, s_step, s_lease) = (
             self.stmt(DEVICE)?,
             self.stmt(INVENTORY)?,
             self.stmt(EVENT)?,
             self.stmt(STEP)?,
+            self.stmt(ACQUIRE)?,
         );
         let mut tx = self.client.transaction()?;
+        if let Some((holder, ttl)) = &self.lease {
+            // The row lock ON CONFLICT takes orders two appliances
+            // reaching for one device: the second sees the first's lease.
+            if tx.query(&s_lease, &[&dev.id, holder, ttl])?.is_empty() {
+                let has: String = tx
+                    .query_one(
+                        "SELECT holder FROM device_leases WHERE device_id = $1",
+                        &[&dev.id],
+                    )?
+                    .try_get(0)?;
+                return Err(StoreError::Leased {
+                    device: dev.id.clone(),
+                    holder: has,
+                });
+            }
+        }
         tx.execute(
             &s_dev,
             &[
@@ -463,11 +503,17 @@ impl Store for PgStore {
             .collect()
     }
 
-    fn create_wave(&mut self, image: &str, group: &str, now: Millis) -> Result<i64, StoreError> {
+    fn create_wave(
+        &mut self,
+        image: &str,
+        group: &str,
+        appliance: &str,
+        now: Millis,
+    ) -> Result<i64, StoreError> {
         let rows = self.query(
-            "INSERT INTO waves (image, state, group_addr, created_at) VALUES ($1, 'running', $2, $3)
-             RETURNING id",
-            &[&image, &group, &now],
+            "INSERT INTO waves (image, state, group_addr, created_at, appliance)
+             VALUES ($1, 'running', $2, $3, $4) RETURNING id",
+            &[&image, &group, &now, &appliance],
         )?;
         rows.first()
             .map(|r| col(r, 0))
@@ -520,11 +566,23 @@ impl Store for PgStore {
             .collect()
     }
 
-    fn abort_running_waves(&mut self, why: &str, now: Millis) -> Result<Vec<i64>, StoreError> {
+    fn abort_waves(
+        &mut self,
+        me: &str,
+        own_too: bool,
+        why: &str,
+        now: Millis,
+    ) -> Result<Vec<i64>, StoreError> {
         let rows = self.query(
-            "UPDATE waves SET state = 'aborted', ended_at = $1, detail = $2
-             WHERE state = 'running' RETURNING id",
-            &[&now, &why],
+            concat!(
+                "UPDATE waves SET state = 'aborted', ended_at = $1, detail = $2 \
+                 WHERE state = 'running' AND (($4 AND appliance = $3) OR (appliance <> $3 \
+                 AND NOT EXISTS (SELECT 1 FROM device_leases l \
+                 WHERE l.holder = waves.appliance AND l.expires_at >= ",
+                db_now!(),
+                "))) RETURNING id"
+            ),
+            &[&now, &why, &me, &own_too],
         )?;
         let mut ids = rows
             .iter()
@@ -532,6 +590,48 @@ impl Store for PgStore {
             .collect::<Result<Vec<i64>, _>>()?;
         ids.sort_unstable();
         Ok(ids)
+    }
+
+    fn set_lease_holder(&mut self, holder: &str, ttl_ms: i64) {
+        self.lease = Some((holder.to_string(), ttl_ms));
+    }
+
+    fn renew_leases(&mut self, holder: &str, ttl_ms: i64) -> Result<Vec<String>, StoreError> {
+        let rows = self.query(
+            concat!(
+                "UPDATE device_leases SET expires_at = ",
+                db_now!(),
+                " + $2 WHERE holder = $1 RETURNING device_id"
+            ),
+            &[&holder, &ttl_ms],
+        )?;
+        rows.iter().map(|r| col(r, 0)).collect()
+    }
+
+    fn release_leases(&mut self, holder: &str) -> Result<u64, StoreError> {
+        self.exec("DELETE FROM device_leases WHERE holder = $1", &[&holder])
+    }
+
+    fn leased_by_others(&mut self, me: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = self.query(
+            concat!(
+                "SELECT device_id, holder FROM device_leases WHERE holder <> $1 AND expires_at >= ",
+                db_now!(),
+                " ORDER BY device_id"
+            ),
+            &[&me],
+        )?;
+        rows.iter().map(|r| Ok((col(r, 0)?, col(r, 1)?))).collect()
+    }
+
+    fn load_device(&mut self, id: &str) -> Result<Option<Device>, StoreError> {
+        let rows = self.query("SELECT record FROM devices WHERE id = $1", &[&id])?;
+        rows.first()
+            .map(|r| {
+                let rec: String = col(r, 0)?;
+                serde_json::from_str(&rec).map_err(|e| corrupt(id, e))
+            })
+            .transpose()
     }
 
     fn leases(&mut self) -> Result<Vec<rackcast_core::boot::dhcp::Lease>, StoreError> {

@@ -18,7 +18,15 @@ use super::{
 
 pub struct SqliteStore {
     conn: Connection,
+    /// `(holder, ttl_ms)` once [`Store::set_lease_holder`] was called.
+    lease: Option<(String, i64)>,
 }
+
+/// Take or renew `device`'s lease for `holder` until `until` unless
+/// another holder's lease is live at `now`; the holder it has afterwards.
+const ACQUIRE: &str = "INSERT INTO device_leases (device_id, holder, expires_at) VALUES (?1, ?2, ?3)
+     ON CONFLICT (device_id) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+     WHERE device_leases.holder = excluded.holder OR device_leases.expires_at < ?4";
 
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
@@ -46,7 +54,7 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        let mut s = SqliteStore { conn };
+        let mut s = SqliteStore { conn, lease: None };
         s.migrate()?;
         Ok(s)
     }
@@ -58,7 +66,7 @@ impl SqliteStore {
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        Ok(SqliteStore { conn })
+        Ok(SqliteStore { conn, lease: None })
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
@@ -134,6 +142,21 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let record = serde_json::to_string(dev).map_err(|e| corrupt(&dev.id, e))?;
         let tx = self.conn.transaction()?;
+        if let Some((holder, ttl)) = &self.lease {
+            let now = now_ms();
+            tx.execute(ACQUIRE, params![dev.id, holder, now + ttl, now])?;
+            let has: String = tx.query_row(
+                "SELECT holder FROM device_leases WHERE device_id = ?1",
+                [&dev.id],
+                |r| r.get(0),
+            )?;
+            if has != *holder {
+                return Err(StoreError::Leased {
+                    device: dev.id.clone(),
+                    holder: has,
+                });
+            }
+        }
         tx.execute(
             "INSERT INTO devices (id, mac, state, step, reached, image, bundle, wave, record,
                                   created_at, updated_at)
@@ -323,10 +346,17 @@ impl Store for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    fn create_wave(&mut self, image: &str, group: &str, now: Millis) -> Result<i64, StoreError> {
+    fn create_wave(
+        &mut self,
+        image: &str,
+        group: &str,
+        appliance: &str,
+        now: Millis,
+    ) -> Result<i64, StoreError> {
         self.conn.execute(
-            "INSERT INTO waves (image, state, group_addr, created_at) VALUES (?1, 'running', ?2, ?3)",
-            params![image, group, now],
+            "INSERT INTO waves (image, state, group_addr, created_at, appliance)
+             VALUES (?1, 'running', ?2, ?3, ?4)",
+            params![image, group, now, appliance],
         )?;
         Ok(self.conn.last_insert_rowid())
     }
@@ -479,19 +509,62 @@ impl Store for SqliteStore {
         )?)
     }
 
-    fn abort_running_waves(&mut self, why: &str, now: Millis) -> Result<Vec<i64>, StoreError> {
-        let ids: Vec<i64> = {
-            let mut st = self
-                .conn
-                .prepare("SELECT id FROM waves WHERE state = 'running'")?;
-            let rows = st.query_map([], |r| r.get(0))?;
-            rows.collect::<Result<_, _>>()?
-        };
-        self.conn.execute(
-            "UPDATE waves SET state = 'aborted', ended_at = ?1, detail = ?2 WHERE state = 'running'",
-            params![now, why],
+    fn abort_waves(
+        &mut self,
+        me: &str,
+        own_too: bool,
+        why: &str,
+        now: Millis,
+    ) -> Result<Vec<i64>, StoreError> {
+        let mut st = self.conn.prepare(
+            "UPDATE waves SET state = 'aborted', ended_at = ?1, detail = ?2
+             WHERE state = 'running' AND ((?4 AND appliance = ?3) OR (appliance <> ?3
+                AND NOT EXISTS (SELECT 1 FROM device_leases l
+                                WHERE l.holder = waves.appliance AND l.expires_at >= ?1)))
+             RETURNING id",
         )?;
+        let rows = st.query_map(params![now, why, me, own_too], |r| r.get(0))?;
+        let mut ids: Vec<i64> = rows.collect::<Result<_, _>>()?;
+        ids.sort_unstable();
         Ok(ids)
+    }
+
+    fn set_lease_holder(&mut self, holder: &str, ttl_ms: i64) {
+        self.lease = Some((holder.to_string(), ttl_ms));
+    }
+
+    fn renew_leases(&mut self, holder: &str, ttl_ms: i64) -> Result<Vec<String>, StoreError> {
+        let mut st = self.conn.prepare(
+            "UPDATE device_leases SET expires_at = ?2 WHERE holder = ?1 RETURNING device_id",
+        )?;
+        let rows = st.query_map(params![holder, now_ms() + ttl_ms], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn release_leases(&mut self, holder: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM device_leases WHERE holder = ?1", [holder])? as u64)
+    }
+
+    fn leased_by_others(&mut self, me: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT device_id, holder FROM device_leases
+             WHERE holder <> ?1 AND expires_at >= ?2 ORDER BY device_id",
+        )?;
+        let rows = st.query_map(params![me, now_ms()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn load_device(&mut self, id: &str) -> Result<Option<Device>, StoreError> {
+        let rec: Option<String> = self
+            .conn
+            .query_row("SELECT record FROM devices WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        rec.map(|r| serde_json::from_str(&r).map_err(|e| corrupt(id, e)))
+            .transpose()
     }
 }
 

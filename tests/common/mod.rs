@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod appliance;
+pub mod keepalived;
 pub mod pg;
 pub mod rack;
 mod skip;
@@ -90,8 +91,14 @@ impl Lab {
     /// One more host on the lab's switch (`lab.sh host`): its namespace
     /// name. Removed with the lab.
     pub fn host(&self, name: &str, addr: &str) -> String {
+        self.host_with(name, addr, "h0")
+    }
+
+    /// [`Lab::host`] whose interface is named `iface` (a standby
+    /// appliance's, named as the active one's).
+    pub fn host_with(&self, name: &str, addr: &str, iface: &str) -> String {
         let st = Command::new(root().join("netlab/lab.sh"))
-            .args(["host", &self.prefix, name, addr])
+            .args(["host", &self.prefix, name, addr, iface])
             .status()
             .expect("lab.sh host");
         assert!(st.success(), "lab.sh host {name} {addr}");
@@ -858,20 +865,7 @@ impl Drop for IpmiSim {
 /// `rackcast serve --config CONFIG` in the lab's appliance namespace,
 /// logging to `serve.log`; returns once its operator API answers.
 pub fn start_serve(lab: &Lab, config: &Path) -> Child {
-    let log = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(lab.file("serve.log"))
-        .unwrap();
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &lab.ns("app")])
-        .arg(bin("rackcast"))
-        .args(["serve", "--log", "info,rackcast=debug", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_serve(&lab.ns("app"), config, &lab.file("serve.log"));
     let token = operator_token(config, "viewer");
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
@@ -892,6 +886,26 @@ pub fn start_serve(lab: &Lab, config: &Path) -> Child {
         "appliance did not come up:\n{}",
         fs::read_to_string(lab.file("serve.log")).unwrap_or_default()
     );
+}
+
+/// `rackcast serve` with `config` in namespace `ns`, its log appended to
+/// `log`; not waited for (a standby serves only once it has the pair's
+/// address).
+pub fn spawn_serve(ns: &str, config: &Path, log: &Path) -> Child {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(bin("rackcast"))
+        .args(["serve", "--log", "info,rackcast=debug", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
 }
 
 /// `rackcast ARGS --config CONFIG` as an operator runs it: in the lab's

@@ -223,6 +223,17 @@ pub const CATALOG: &[Metric] = &[
         "rackcast_events_pruned_total",
         "event-log rows removed past their retention",
     ),
+    counter(
+        "rackcast_leases_lost_total",
+        "device leases this appliance held and another took after they lapsed",
+    ),
+    Metric {
+        name: "rackcast_leases_held",
+        kind: Kind::Gauge,
+        help: "device leases this appliance holds in the fleet record",
+        known: None,
+        runtime_labels: false,
+    },
     counter_by(
         "rackcast_config_reloads_total",
         "config reloads on SIGHUP, by result",
