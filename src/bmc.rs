@@ -12,7 +12,6 @@
 //! list or an error text (ipmitool gets it in its environment, `-E`).
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -177,20 +176,8 @@ fn read_password(name: &str, path: &std::path::Path) -> Result<String, RegistryE
         path: path.display().to_string(),
         message,
     };
-    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
-    let mode = meta.permissions().mode();
-    if mode & 0o077 != 0 {
-        return Err(err(format!(
-            "mode {:o} lets others read it: chmod 600 (a BMC password opens the machine's console)",
-            mode & 0o777
-        )));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let pw = text.trim_end_matches(['\n', '\r']).to_string();
-    if pw.is_empty() {
-        return Err(err("empty".into()));
-    }
-    Ok(pw)
+    // A BMC password opens the machine's console.
+    crate::secret::read_private(path).map_err(err)
 }
 
 impl Registry {
@@ -800,6 +787,7 @@ pub async fn call_many(entries: Vec<Entry>, ops: &[PowerOp], cfg: &BmcConfig) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn addresses_name_their_protocol() {

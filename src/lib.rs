@@ -21,6 +21,7 @@ pub mod enroll;
 pub mod identity;
 pub mod image_source;
 pub mod limits;
+pub mod secret;
 pub mod store;
 pub mod watch;
 

@@ -177,6 +177,10 @@ target = { order = "largest", count = 1 }
                 MINIMAL.replace("state_dir", "lease_ttl = \"1s\"\nstate_dir"),
                 "appliance.lease_ttl",
             ),
+            (
+                MINIMAL.replace("state_dir", "standby = true\nstate_dir"),
+                "shares its fleet record",
+            ),
         ];
         for (text, want) in cases {
             let e = parse(&text).expect_err(want).to_string();

@@ -34,6 +34,18 @@ impl Config {
                 ));
             }
         }
+        if self.appliance.standby
+            && !self
+                .appliance
+                .store
+                .as_deref()
+                .is_some_and(crate::store::is_postgres_url)
+        {
+            return Err(bad(
+                "appliance.standby".into(),
+                "a standby pair shares its fleet record: store = \"postgres://...\"".into(),
+            ));
+        }
         if self.appliance.standby && self.appliance.control_listen.ip().is_unspecified() {
             return Err(bad(
                 "appliance.standby".into(),

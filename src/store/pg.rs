@@ -184,9 +184,9 @@ fn connect_client(target: &PgTarget, readonly: bool) -> Result<Client, StoreErro
         .parse()
         .map_err(|e: postgres::Error| bad(format!("not a PostgreSQL URL ({e})")))?;
     if let Some(f) = &target.password_file {
-        let pw = std::fs::read_to_string(f)
-            .map_err(|e| bad(format!("reading the password file {}: {e}", f.display())))?;
-        cfg.password(pw.trim_end_matches(['\n', '\r']));
+        let pw = crate::secret::read_private(f)
+            .map_err(|e| bad(format!("the password file {}: {e}", f.display())))?;
+        cfg.password(pw);
     }
     cfg.application_name("rackcast")
         .connect_timeout(CONNECT_TIMEOUT)
@@ -764,6 +764,8 @@ mod tests {
         // A wrong password is refused and the error does not carry it.
         let wrong = pg.password_file.with_file_name("wrong.pw");
         std::fs::write(&wrong, "not-the-password\n").unwrap();
+        std::fs::set_permissions(&wrong, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         let mut bad = t.clone();
         bad.password_file = Some(wrong);
         let e = PgStore::connect(&bad, false)
@@ -772,6 +774,18 @@ mod tests {
             .to_string();
         assert!(e.contains("password authentication failed"), "{e}");
         assert!(!e.contains("not-the-password"), "{e}");
+        // A password file others can read is refused before connecting.
+        let open = pg.password_file.with_file_name("open.pw");
+        std::fs::copy(&pg.password_file, &open).unwrap();
+        std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap();
+        let mut readable = t.clone();
+        readable.password_file = Some(open);
+        let e = PgStore::connect(&readable, false)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("lets others read it"), "{e}");
         // No password at all: refused too (scram on TCP).
         let mut none = t.clone();
         none.password_file = None;
