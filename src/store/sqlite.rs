@@ -26,7 +26,8 @@ pub struct SqliteStore {
 /// another holder's lease is live at `now`; the holder it has afterwards.
 const ACQUIRE: &str = "INSERT INTO device_leases (device_id, holder, expires_at) VALUES (?1, ?2, ?3)
      ON CONFLICT (device_id) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
-     WHERE device_leases.holder = excluded.holder OR device_leases.expires_at < ?4";
+     WHERE device_leases.holder = excluded.holder OR device_leases.expires_at < ?4
+     RETURNING holder";
 
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
@@ -144,20 +145,25 @@ impl Store for SqliteStore {
         let tx = self.conn.transaction()?;
         if let Some((holder, ttl)) = &self.lease {
             let now = now_ms();
-            tx.execute(ACQUIRE, params![dev.id, holder, now + ttl, now])?;
-            let has: String = tx.query_row(
-                "SELECT holder FROM device_leases WHERE device_id = ?1",
-                [&dev.id],
-                |r| r.get(0),
-            )?;
-            if has != *holder {
+            // One statement when the lease is this appliance's (the
+            // common case); the holder is read only to name it.
+            let took: Option<String> = tx
+                .prepare_cached(ACQUIRE)?
+                .query_row(params![dev.id, holder, now + ttl, now], |r| r.get(0))
+                .optional()?;
+            if took.is_none() {
+                let has: String = tx.query_row(
+                    "SELECT holder FROM device_leases WHERE device_id = ?1",
+                    [&dev.id],
+                    |r| r.get(0),
+                )?;
                 return Err(StoreError::Leased {
                     device: dev.id.clone(),
                     holder: has,
                 });
             }
         }
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO devices (id, mac, state, step, reached, image, bundle, wave, record,
                                   created_at, updated_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
@@ -165,43 +171,45 @@ impl Store for SqliteStore {
                 step = excluded.step, reached = excluded.reached, image = excluded.image,
                 bundle = excluded.bundle, wave = excluded.wave, record = excluded.record,
                 updated_at = excluded.updated_at",
-            params![
-                dev.id,
-                dev.mac,
-                dev.state(),
-                dev.current_step().as_str(),
-                dev.reached.as_str(),
-                dev.image,
-                dev.bundle,
-                dev.wave,
-                record,
-                dev.created,
-                dev.updated
-            ],
-        )?;
+        )?
+        .execute(params![
+            dev.id,
+            dev.mac,
+            dev.state(),
+            dev.current_step().as_str(),
+            dev.reached.as_str(),
+            dev.image,
+            dev.bundle,
+            dev.wave,
+            record,
+            dev.created,
+            dev.updated
+        ])?;
         if let Some(inv) = inventory {
             let report = serde_json::to_string(inv).map_err(|e| corrupt(&dev.id, e))?;
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO inventory (device_id, vendor, model, serial, arch, report, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT (device_id) DO UPDATE SET vendor = excluded.vendor,
                     model = excluded.model, serial = excluded.serial, arch = excluded.arch,
                     report = excluded.report, updated_at = excluded.updated_at",
-                params![
-                    dev.id,
-                    inv.dmi.vendor,
-                    inv.dmi.model,
-                    inv.dmi.serial,
-                    inv.cpu.arch,
-                    report,
-                    dev.updated
-                ],
-            )?;
+            )?
+            .execute(params![
+                dev.id,
+                inv.dmi.vendor,
+                inv.dmi.model,
+                inv.dmi.serial,
+                inv.cpu.arch,
+                report,
+                dev.updated
+            ])?;
         }
         for r in rows {
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO events (device_id, at, step, kind, from_state, to_state, duration_ms, detail)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+)?
+.execute(
                 params![
                     dev.id,
                     r.at,
@@ -216,13 +224,15 @@ impl Store for SqliteStore {
             if let Some(status) = step_status(&r.kind) {
                 let started = (status == "running").then_some(r.at);
                 let ended = (status != "running").then_some(r.at);
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT INTO steps (device_id, step, status, started_at, ended_at, duration_ms, detail)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                      ON CONFLICT (device_id, step) DO UPDATE SET status = excluded.status,
                         started_at = COALESCE(excluded.started_at, steps.started_at),
                         ended_at = excluded.ended_at, duration_ms = excluded.duration_ms,
                         detail = excluded.detail",
+)?
+.execute(
                     params![
                         dev.id,
                         r.step.as_str(),
