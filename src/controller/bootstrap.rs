@@ -37,6 +37,7 @@ pub async fn serve(cfg: Config, path: std::path::PathBuf) -> anyhow::Result<()> 
     // The store's client blocks (PostgreSQL's runs its own runtime): open
     // it off the async workers.
     let loc = cfg.store_location();
+    let shared_record = matches!(loc, crate::store::StoreLocation::Postgres(_));
     tracing::info!(store = %loc, "fleet record");
     let (mut store, images, manifests) = {
         let (at, cfg) = (loc.clone(), cfg.clone());
@@ -100,12 +101,14 @@ pub async fn serve(cfg: Config, path: std::path::PathBuf) -> anyhow::Result<()> 
         max_attempts: cfg.workflow.max_attempts,
         retry_backoff_ms: cfg.workflow.retry_backoff.as_millis() as Millis,
     };
-    // Every device commit takes or renews its lease: one appliance at a
-    // time drives a device of a shared fleet record.
-    store.set_lease_holder(
-        &cfg.appliance_id(),
-        cfg.appliance.lease_ttl.as_millis() as Millis,
-    );
+    // On a shared record every device commit takes or renews its lease:
+    // one appliance at a time drives a device.
+    if shared_record {
+        store.set_lease_holder(
+            &cfg.appliance_id(),
+            cfg.appliance.lease_ttl.as_millis() as Millis,
+        );
+    }
     let mut ctl = Controller {
         boots: shared.boots.clone(),
         live: live_tx,
@@ -137,6 +140,7 @@ pub async fn serve(cfg: Config, path: std::path::PathBuf) -> anyhow::Result<()> 
         enroll: enroll.clone(),
         last_prune: 0,
         leases: super::Leases {
+            shared: shared_record,
             me: cfg.appliance_id(),
             ttl_ms: cfg.appliance.lease_ttl.as_millis() as Millis,
             held: Default::default(),

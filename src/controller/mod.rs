@@ -319,6 +319,10 @@ pub type Assigned = Arc<std::sync::RwLock<HashMap<String, String>>>;
 /// This appliance's device leases: who it is in the fleet record, how
 /// long a lease lasts, which devices it holds.
 pub(crate) struct Leases {
+    /// Whether the record is shared (PostgreSQL). A SQLite record is one
+    /// appliance's (its state dir is locked): no lease is taken, renewed
+    /// or checked, and a commit costs what it did before leases.
+    pub(crate) shared: bool,
     pub(crate) me: String,
     pub(crate) ttl_ms: Millis,
     pub(crate) held: std::collections::HashSet<String>,
@@ -330,7 +334,7 @@ impl Controller {
     /// notice the ones another appliance took, and abort the running
     /// waves of appliances that stopped renewing theirs.
     fn renew_leases(&mut self, now: Millis) {
-        if now - self.leases.last_renew < self.leases.ttl_ms / 3 {
+        if !self.leases.shared || now - self.leases.last_renew < self.leases.ttl_ms / 3 {
             return;
         }
         self.leases.last_renew = now;
@@ -371,7 +375,7 @@ impl Controller {
     /// it was loaded (the commit that follows takes the lease, or is
     /// refused while the other one's is live).
     fn take_over(&mut self, id: &str) -> Result<(), crate::store::StoreError> {
-        if self.leases.held.contains(id) {
+        if !self.leases.shared || self.leases.held.contains(id) {
             return Ok(());
         }
         let Some(mut fresh) = self.store.load_device(id)? else {
@@ -435,7 +439,11 @@ impl Controller {
                 }
             }
         }
-        let others = self.store.leased_by_others(&self.leases.me)?;
+        let others = if self.leases.shared {
+            self.store.leased_by_others(&self.leases.me)?
+        } else {
+            Vec::new()
+        };
         if !others.is_empty() {
             tracing::warn!(
                 devices = others.len(),
@@ -457,9 +465,11 @@ impl Controller {
         }
         // A clean stop hands the devices over at once: a standby need not
         // wait for the leases to lapse.
-        match self.store.release_leases(&self.leases.me) {
-            Ok(n) => tracing::info!(leases = n, "device leases released"),
-            Err(e) => tracing::warn!(error = %e, "device leases not released; they lapse"),
+        if self.leases.shared {
+            match self.store.release_leases(&self.leases.me) {
+                Ok(n) => tracing::info!(leases = n, "device leases released"),
+                Err(e) => tracing::warn!(error = %e, "device leases not released; they lapse"),
+            }
         }
     }
 
@@ -865,7 +875,9 @@ impl Controller {
             return Ok(());
         }
         self.store.commit(&next, &rows, inv)?;
-        self.leases.held.insert(id.to_string());
+        if self.leases.shared {
+            self.leases.held.insert(id.to_string());
+        }
         for r in &rows {
             tracing::info!(device = id, step = %r.step, kind = %r.kind, detail = %r.detail, "device event");
         }
