@@ -7,10 +7,20 @@
 #   lab.sh up   PREFIX N [--rate RATE] [--loss DEV=PCT ...] [--slow DEV=RATE ...] [--pin-neigh]
 #   lab.sh down PREFIX N
 #   lab.sh loss PREFIX DEV PCT      # set/replace random loss toward device DEV
+#   lab.sh portloss PREFIX SW PORT PCT  # the same toward any switch port:
+#                                   # SW is sw or x-sw2 (`segment`), PORT
+#                                   # e.g. vx-rt (the router, on sw) or ve1
 #   lab.sh stats PREFIX             # nft counters (dropped packets)
 #   lab.sh host PREFIX NAME ADDR [IFACE]  # one more host on the switch
 #                                   # (a database, a standby appliance;
 #                                   # its interface IFACE, default h0)
+#   lab.sh segment PREFIX N         # a second L2 segment behind a router:
+#                                   # relay host x-rly (198.18.2.1, iface
+#                                   # r0), devices x-e1..x-eN (198.18.2.(10+i),
+#                                   # iface e0); router x-rt (198.18.0.254 /
+#                                   # 198.18.2.254) routes unicast only (no
+#                                   # multicast routing); the appliance gets
+#                                   # a route to 198.18.2.0/24 through it
 #
 # Names: ${PREFIX}sw (switch), ${PREFIX}app (appliance, iface srv0,
 # 198.18.0.1/24), ${PREFIX}d1..dN (devices, iface d0, 198.18.0.(10+i)/24).
@@ -50,20 +60,25 @@ host_setup() {
 }
 
 set_loss() {
-  local dev=$1 pct=$2
+  set_port_loss "${P}sw" "vd$1" "$2"
+}
+
+# Random loss toward switch port PORT of switch namespace SW.
+set_port_loss() {
+  local sw=$1 port=$2 pct=$3
   local per10k
   per10k=$(awk -v p="$pct" 'BEGIN { printf "%d", p * 100 + 0.5 }')
-  ip netns exec "${P}sw" nft list table bridge lab >/dev/null 2>&1 || \
-    ip netns exec "${P}sw" nft add table bridge lab
-  ip netns exec "${P}sw" nft list chain bridge lab lossfwd >/dev/null 2>&1 || \
-    ip netns exec "${P}sw" nft add chain bridge lab lossfwd '{ type filter hook forward priority 0; policy accept; }'
+  ip netns exec "$sw" nft list table bridge lab >/dev/null 2>&1 || \
+    ip netns exec "$sw" nft add table bridge lab
+  ip netns exec "$sw" nft list chain bridge lab lossfwd >/dev/null 2>&1 || \
+    ip netns exec "$sw" nft add chain bridge lab lossfwd '{ type filter hook forward priority 0; policy accept; }'
   # Replace any earlier rule for this port.
   local h
-  for h in $(ip netns exec "${P}sw" nft -a list chain bridge lab lossfwd | awk -v d="\"vd$dev\"" '$0 ~ "oifname " d { print $NF }'); do
-    ip netns exec "${P}sw" nft delete rule bridge lab lossfwd handle "$h"
+  for h in $(ip netns exec "$sw" nft -a list chain bridge lab lossfwd | awk -v d="\"$port\"" '$0 ~ "oifname " d { print $NF }'); do
+    ip netns exec "$sw" nft delete rule bridge lab lossfwd handle "$h"
   done
   if [ "$per10k" -gt 0 ]; then
-    ip netns exec "${P}sw" nft add rule bridge lab lossfwd oifname "vd$dev" numgen random mod 10000 '<' "$per10k" counter drop
+    ip netns exec "$sw" nft add rule bridge lab lossfwd oifname "$port" numgen random mod 10000 '<' "$per10k" counter drop
   fi
 }
 
@@ -140,6 +155,9 @@ case "$cmd" in
   loss)
     set_loss "${3:?dev}" "${4:?pct}"
     ;;
+  portloss)
+    set_port_loss "${P}${3:?sw}" "${4:?port}" "${5:?pct}"
+    ;;
   stats)
     ip netns exec "${P}sw" nft list table bridge lab 2>/dev/null || true
     ;;
@@ -151,6 +169,43 @@ case "$cmd" in
     ipn "$ns" link add "$ifc" type veth peer name "vx-$name" netns "${P}sw"
     ipn "${P}sw" link set "vx-$name" master br0 up
     host_setup "$ns" "$ifc" "$addr"
+    ;;
+  segment)
+    N=${3:?N}
+    [ "$N" -ge 1 ] && [ "$N" -le 200 ] || { echo "lab.sh: N must be 1..200" >&2; exit 2; }
+    sw="${P}x-sw2" rt="${P}x-rt"
+    ip netns add "$sw"
+    ipn "$sw" link set lo up
+    ipn "$sw" link add br0 type bridge stp_state 0 forward_delay 0 mcast_snooping 0
+    ipn "$sw" link set br0 up
+    ip netns exec "$sw" sysctl -qw net.ipv6.conf.all.disable_ipv6=1
+    for k in iptables ip6tables arptables; do
+      ip netns exec "$sw" sysctl -qw "net.bridge.bridge-nf-call-$k=0" 2>/dev/null || true
+    done
+    # The router: one leg on each segment; it forwards unicast and, with
+    # no multicast routing, no group traffic crosses it.
+    ip netns add "$rt"
+    ipn "$rt" link add ra type veth peer name vx-rt netns "${P}sw"
+    ipn "${P}sw" link set vx-rt master br0 up
+    ipn "$rt" link add rb type veth peer name vr-b netns "$sw"
+    ipn "$sw" link set vr-b master br0 up
+    host_setup "$rt" ra 198.18.0.254
+    ipn "$rt" addr add 198.18.2.254/24 dev rb
+    ipn "$rt" link set rb up
+    ip netns exec "$rt" sysctl -qw net.ipv4.ip_forward=1
+    ipn "${P}app" route add 198.18.2.0/24 via 198.18.0.254
+    seg_host() {
+      local ns=$1 ifc=$2 port=$3 addr=$4
+      ip netns add "$ns"
+      ipn "$ns" link add "$ifc" type veth peer name "$port" netns "$sw"
+      ipn "$sw" link set "$port" master br0 up
+      host_setup "$ns" "$ifc" "$addr"
+      ipn "$ns" route add 198.18.0.0/24 via 198.18.2.254
+    }
+    seg_host "${P}x-rly" r0 vr-rly 198.18.2.1
+    for i in $(seq 1 "$N"); do
+      seg_host "${P}x-e$i" e0 "ve$i" "198.18.2.$((10 + i))"
+    done
     ;;
   *)
     echo "lab.sh: unknown command $cmd" >&2; exit 2 ;;

@@ -32,6 +32,12 @@ struct Cli {
 enum Cmd {
     /// Send one image to a wave of receivers over multicast.
     Send(SendArgs),
+    /// Relay a wave onto this segment: join an upstream wave (`rackcast
+    /// send` or an appliance's) as one receiver, taking it by unicast,
+    /// and re-multicast each block on this segment as soon as it is
+    /// written and checked, answering the local receivers' feedback
+    /// with this relay's own repair.
+    Relay(RelayArgs),
     /// Build an image's manifest (block hashes, zero blocks) ahead of time.
     Manifest(ManifestArgs),
     /// Run the appliance: control plane, workflow, waves, REST API.
@@ -272,6 +278,59 @@ struct SendArgs {
 }
 
 #[derive(clap::Args)]
+struct RelayArgs {
+    /// The upstream wave's control address (`rackcast send --control`).
+    #[arg(long)]
+    upstream: SocketAddr,
+    /// Fingerprint of the key the upstream must prove.
+    #[arg(long)]
+    trust_key: Option<String>,
+    /// This relay's name towards the upstream.
+    #[arg(long)]
+    name: Option<String>,
+    /// UDP port the upstream copies its wave to (0: any free port).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// Directory for the relay's copy of the image and its compressed
+    /// blocks (rewritten for each wave).
+    #[arg(long)]
+    cache: PathBuf,
+    /// Interface the local wave leaves on.
+    #[arg(long)]
+    iface: Option<String>,
+    /// The local wave's multicast group and port (239.0.0.0/8 only).
+    #[arg(long)]
+    group: SocketAddrV4,
+    /// TCP address local receivers connect to.
+    #[arg(long)]
+    control: SocketAddr,
+    /// The local wave's rate ceiling in bit/s (k/M/G).
+    #[arg(long, value_parser = rackcast_core::parse_rate)]
+    rate: u64,
+    /// Local receivers to wait for before sending.
+    #[arg(long)]
+    receivers: usize,
+    /// Start with the local receivers present after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    start_timeout: u64,
+    /// Drop a local receiver silent for this many seconds.
+    #[arg(long, default_value_t = 15)]
+    receiver_timeout: u64,
+    /// Give up on the upstream when it sent nothing this many seconds.
+    #[arg(long, default_value_t = 30)]
+    idle_timeout: u64,
+    /// Local receivers' feedback interval in milliseconds.
+    #[arg(long, default_value_t = 20)]
+    feedback_ms: u32,
+    /// Multicast TTL of the local wave.
+    #[arg(long, default_value_t = 1)]
+    ttl: u32,
+    /// Print the summary as one JSON object on the last line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
 struct ManifestArgs {
     image: PathBuf,
     /// Output file (default: `<image>.rcmanifest`).
@@ -367,6 +426,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Send(a) => send(a),
+        Cmd::Relay(a) => relay(a),
     }
 }
 
@@ -490,10 +550,121 @@ fn send(a: SendArgs) -> Result<()> {
             cfg,
             wave_label: "send".into(),
             tls,
+            gate: None,
         })
         .await?;
         drop(temp_frames);
         print_report(&report, a.json)?;
+        if !report.ok {
+            std::process::exit(1);
+        }
+        Ok(())
+    })
+}
+
+fn relay(a: RelayArgs) -> Result<()> {
+    use rackcast_core::io::receive::{default_decoders, ReceiveOptions};
+    use rackcast_core::io::relay::{run_relay, RelayOptions};
+    if !rackcast_core::is_lab_or_admin_group(*a.group.ip()) {
+        bail!(
+            "group {} is not in 239.0.0.0/8 (administratively scoped)",
+            a.group
+        );
+    }
+    if a.receivers == 0 {
+        bail!("--receivers must be at least 1");
+    }
+    std::fs::create_dir_all(&a.cache)
+        .with_context(|| format!("relay cache {}", a.cache.display()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let signer = rackcast_core::signing::BundleSigner::from_seed(rand::random());
+        let tls = rackcast::controller::tls::control_config(&signer)?;
+        let listener = rackcast_core::io::send::bind_control(a.control).await?;
+        eprintln!(
+            "rackcast relay: from {} to {} at {} bit/s, waiting for {} receiver(s) on {} (TLS key {})",
+            a.upstream,
+            a.group,
+            a.rate,
+            a.receivers,
+            a.control,
+            signer.fingerprint()
+        );
+        let upstream = ReceiveOptions {
+            server: a.upstream,
+            out: a.cache.join("image"),
+            iface: None,
+            name: a.name.clone(),
+            state: Some(a.cache.join("image.rcresume")),
+            connect_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(a.idle_timeout),
+            rcvbuf: 64 << 20,
+            decoders: default_decoders(),
+            delta: false,
+            trust_key: a.trust_key.clone(),
+            credential: None,
+            expect_image: None,
+            disk: false,
+        };
+        let (iface, group, control, ttl, feedback_ms) =
+            (a.iface.clone(), a.group, a.control, a.ttl, a.feedback_ms);
+        let cfg = SenderConfig {
+            expected: a.receivers,
+            start_timeout: Duration::from_secs(a.start_timeout),
+            receiver_timeout: Duration::from_secs(a.receiver_timeout),
+            rate_bps: a.rate,
+            min_rate_bps: (a.rate / 10).max(1_000_000),
+            ..Default::default()
+        };
+        let local = Box::new(move |img: rackcast_core::io::relay::LocalImage| SendOptions {
+            image: img.image,
+            manifest: img.manifest,
+            frames: img.frames,
+            iface,
+            group,
+            control,
+            ttl,
+            feedback_ms,
+            hello_timeout: Duration::from_secs(10),
+            gso_segments: 16,
+            cfg,
+            wave_label: "relay".into(),
+            tls,
+            gate: Some(img.gate),
+        });
+        let report = run_relay(RelayOptions {
+            upstream,
+            port: a.port,
+            frames: a.cache.join("image.rcblocks"),
+            local,
+            listener,
+            link: None,
+        })
+        .await?;
+        if let Some(u) = &report.upstream {
+            println!(
+                "upstream: {} in {:.2} s, {}",
+                u.image_hash,
+                u.seconds,
+                if u.verified { "VERIFIED" } else { "FAILED" }
+            );
+        }
+        if let Some(l) = &report.local {
+            print_report(l, false)?;
+        }
+        if let Some(t) = report.tail_seconds {
+            println!("local wave ended {t:.2} s after the relay's copy verified");
+        }
+        if let Some(e) = &report.error {
+            println!("error: {e}");
+        }
+        println!("relay: {}", if report.ok { "OK" } else { "FAILED" });
+        if a.json {
+            println!("{}", serde_json::to_string(&report)?);
+        }
         if !report.ok {
             std::process::exit(1);
         }

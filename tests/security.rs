@@ -537,6 +537,7 @@ fn wave_key_goes_only_to_members_with_their_credential() {
                 protocol: control::PROTOCOL_VERSION,
                 name,
                 credential,
+                relay_port: Some(9100),
             })
             .unwrap(),
         );

@@ -151,6 +151,7 @@ impl Controller {
             gso_segments: self.cfg.dataplane.gso_segments,
             wave_label: id.to_string(),
             tls: self.control_tls.clone(),
+            gate: None,
             cfg: SenderConfig {
                 expected: members.len(),
                 start_timeout: self.cfg.waves.member_timeout,
@@ -167,6 +168,9 @@ impl Controller {
                 .collect(),
             commands: cmd_rx,
             events: ev_tx,
+            // No member of an appliance wave is a relay yet: none may ask
+            // for a unicast copy.
+            relays: Vec::new(),
         };
         let record = WaveRecord {
             id,

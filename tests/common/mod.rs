@@ -105,6 +105,27 @@ impl Lab {
         format!("{}x-{name}", self.prefix)
     }
 
+    /// A second segment behind a router (`lab.sh segment`): relay host
+    /// `x-rly` (198.18.2.1, iface r0) and devices `x-e1..x-eN`
+    /// (198.18.2.(10+i), iface e0); unicast routed, multicast not.
+    pub fn segment(&self, n: usize) {
+        let st = Command::new(root().join("netlab/lab.sh"))
+            .args(["segment", &self.prefix, &n.to_string()])
+            .status()
+            .expect("lab.sh segment");
+        assert!(st.success(), "lab.sh segment {n}");
+    }
+
+    /// Random loss toward `port` of switch `sw` (`sw`, or `x-sw2` of the
+    /// second segment).
+    pub fn port_loss(&self, sw: &str, port: &str, pct: f64) {
+        let st = Command::new(root().join("netlab/lab.sh"))
+            .args(["portloss", &self.prefix, sw, port, &pct.to_string()])
+            .status()
+            .expect("lab.sh portloss");
+        assert!(st.success(), "lab.sh portloss {sw} {port}");
+    }
+
     /// Limit device `dev`'s switch port to `rate` (a tbf with a 50 ms
     /// queue, as `lab.sh --slow`): a slow port, NIC or disk.
     pub fn slow_port(&self, dev: usize, rate: &str) {

@@ -118,27 +118,45 @@ pub enum DecodeOutcome {
 /// check it against the manifest. Runs on any thread: it is where the
 /// receiver spends its CPU.
 pub fn decode_block(manifest: &Manifest, job: DecodeJob) -> DecodeOutcome {
+    decode_block_keeping(manifest, job, false).0
+}
+
+/// [`decode_block`], and with `keep_frame` the checked compressed frame
+/// of a good block that travels compressed: a relay sends its own wave
+/// the wire bytes it received, never compressing again.
+pub fn decode_block_keeping(
+    manifest: &Manifest,
+    job: DecodeJob,
+    keep_frame: bool,
+) -> (DecodeOutcome, Option<Vec<u8>>) {
     let b = job.block;
     let wire = match job.asm.decode(&manifest.block_oti(b), manifest.wire_len(b)) {
         Ok(wire) => wire,
-        Err(asm) => return DecodeOutcome::NeedMore(asm),
+        Err(asm) => return (DecodeOutcome::NeedMore(asm), None),
     };
+    let compressed = matches!(manifest.blocks[b as usize].wire, Wire::Zstd { .. });
+    let frame = (keep_frame && compressed).then(|| wire.clone());
     let data = match unpack(manifest, b, wire) {
         Ok(d) => d,
-        Err(UnpackError::FrameDigest(_)) => return DecodeOutcome::HashMismatch,
-        Err(e @ UnpackError::BadFrame { .. }) => return DecodeOutcome::Undecodable(e.to_string()),
+        Err(UnpackError::FrameDigest(_)) => return (DecodeOutcome::HashMismatch, None),
+        Err(e @ UnpackError::BadFrame { .. }) => {
+            return (DecodeOutcome::Undecodable(e.to_string()), None)
+        }
     };
     let digest = manifest.digest_block(b, &data);
     if digest == manifest.blocks[b as usize].hash {
-        DecodeOutcome::Good { data, digest }
-    } else if matches!(manifest.blocks[b as usize].wire, Wire::Zstd { .. }) {
+        (DecodeOutcome::Good { data, digest }, frame)
+    } else if compressed {
         // The frame matched its digest, so these are the manifest's own
         // bytes: they decompress to something else for every receiver.
-        DecodeOutcome::Undecodable(format!(
-            "block {b}: its compressed frame decompresses to bytes that fail the block's digest"
-        ))
+        (
+            DecodeOutcome::Undecodable(format!(
+                "block {b}: its compressed frame decompresses to bytes that fail the block's digest"
+            )),
+            None,
+        )
     } else {
-        DecodeOutcome::HashMismatch
+        (DecodeOutcome::HashMismatch, None)
     }
 }
 

@@ -220,6 +220,20 @@ pub fn frames_len(m: &Manifest) -> u64 {
         .sum()
 }
 
+/// Where each block's frame starts in a blocks file of `m` (raw blocks:
+/// where the next frame starts), and the file's length.
+pub fn frame_offsets(m: &Manifest) -> (Vec<u64>, u64) {
+    let mut offsets = Vec::with_capacity(m.blocks.len());
+    let mut at = 0u64;
+    for b in &m.blocks {
+        offsets.push(at);
+        if let Wire::Zstd { len, .. } = b.wire {
+            at += u64::from(len);
+        }
+    }
+    (offsets, at)
+}
+
 /// The sender's reader of wire bytes: raw blocks from the image, frames
 /// from the blocks file, each checked against the manifest before it may
 /// reach the wire.
@@ -234,14 +248,7 @@ impl WireSource {
     /// Open the image (and the blocks file when `m` has compressed blocks).
     pub fn open(image: &Path, frames: Option<&Path>, m: &Manifest) -> Result<WireSource, String> {
         let file = File::open(image).map_err(|e| format!("{}: {e}", image.display()))?;
-        let mut offsets = Vec::with_capacity(m.blocks.len());
-        let mut at = 0u64;
-        for b in &m.blocks {
-            offsets.push(at);
-            if let Wire::Zstd { len, .. } = b.wire {
-                at += u64::from(len);
-            }
-        }
+        let (offsets, at) = frame_offsets(m);
         let frames = if at == 0 {
             None
         } else {

@@ -4,7 +4,8 @@
 //! Owns: [`net`] (multicast sockets, sendmmsg/GSO, recvmmsg/GRO), [`conn`]
 //! (framed control connections over TLS ([`tls`]), and the [`conn::Dialer`] whose windows
 //! follow the one [`crate::backoff::Backoff`]), [`send`] (the wave sender's driver) and [`receive`]
-//! (the receiver's driver: control session, resume state, writer), plus
+//! (the receiver's driver: control session, resume state, writer), [`relay`]
+//! (one receiver re-multicasting on its own segment), plus
 //! process setup both binaries share. Must not: make protocol or workflow
 //! decisions; they execute what the sans-IO cores return.
 
@@ -15,6 +16,7 @@ pub mod net;
 pub mod receive;
 #[cfg(feature = "redfish")]
 pub mod redfish;
+pub mod relay;
 pub mod send;
 pub mod tls;
 

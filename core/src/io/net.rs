@@ -118,6 +118,29 @@ pub fn sender_socket(iface: Option<&str>, group: SocketAddrV4, ttl: u32) -> io::
     Ok(sock.into())
 }
 
+/// A relay's copy of a wave: a socket connected to the relay's unicast
+/// address, so `send_batch` needs no address either.
+pub fn relay_socket(to: SocketAddrV4) -> io::Result<UdpSocket> {
+    let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    force_buffer(&sock, libc::SO_SNDBUFFORCE, 4 << 20);
+    sock.connect(&SockAddr::from(to))?;
+    Ok(sock.into())
+}
+
+/// A relay's receiving socket: unicast on `local` (port 0: any), where
+/// the upstream sender copies its wave to.
+pub fn relay_receiver_socket(local: SocketAddrV4, rcvbuf: usize) -> io::Result<UdpSocket> {
+    let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    force_buffer(&sock, libc::SO_RCVBUFFORCE, rcvbuf);
+    sock.bind(&SockAddr::from(local))?;
+    sock.set_read_timeout(Some(Duration::from_millis(20)))?;
+    let sock: UdpSocket = sock.into();
+    if let Err(e) = enable_gro(&sock) {
+        tracing::debug!(error = %e, "UDP GRO not available; reading datagram by datagram");
+    }
+    Ok(sock)
+}
+
 /// Receiving socket joined to `group` on `iface`, else on the interface
 /// that has address `local`, else on the routing default.
 pub fn receiver_socket(

@@ -15,7 +15,7 @@ use crate::wire::packet::KEY_LEN;
 
 /// Spoken in `Hello`/`Welcome`; a mismatch closes the connection with a
 /// clear error on both sides.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Longest receiver name.
 pub const MAX_NAME: usize = 128;
 /// Largest first frame (`Hello`) a sender accepts from a receiver it has
@@ -115,6 +115,12 @@ pub enum Msg {
         /// The device's credential (appliance waves admit a member only
         /// with it; a lab `rackcast send` admits anyone).
         credential: Option<[u8; 32]>,
+        /// A relay on another segment (no multicast routing between):
+        /// send a unicast copy of every datagram to this UDP port at the
+        /// address this connection comes from. A sender grants it to
+        /// relays only (an appliance wave: members it names as relays),
+        /// and to a few at most.
+        relay_port: Option<u16>,
     },
     /// Joined the group; `resumed_blocks` were already on disk.
     Ready {
@@ -198,6 +204,12 @@ pub fn parse(frame: &[u8]) -> Result<Msg, ControlError> {
                 "receiver name of {} bytes (1 to {MAX_NAME})",
                 name.len()
             )));
+        }
+        Msg::Hello {
+            relay_port: Some(0),
+            ..
+        } => {
+            return Err(ControlError::Invalid("relay port 0".into()));
         }
         Msg::Welcome { session, .. } => {
             session
@@ -336,6 +348,7 @@ mod tests {
             protocol: 99,
             name: "x".into(),
             credential: None,
+            relay_port: None,
         };
         assert!(matches!(
             parse(&emit(&bad).unwrap()),

@@ -413,6 +413,7 @@ fn wave_control_protocol_is_pinned() {
                 protocol: control::PROTOCOL_VERSION,
                 name: "rc-525400000001".into(),
                 credential: Some([0x22; 32]),
+                relay_port: Some(9100),
             },
         ),
         ("ready", Msg::Ready { resumed_blocks: 2 }),

@@ -661,6 +661,7 @@ async fn join_wave(i: usize, control: SocketAddr, name: &str, credential: [u8; 3
         protocol: control::PROTOCOL_VERSION,
         name: name.to_string(),
         credential: Some(credential),
+        relay_port: None,
     })
     .await?;
     let session = match conn.recv::<Msg>(Duration::from_secs(60)).await? {

@@ -46,7 +46,25 @@ mod writer;
 
 pub use resume::saved_blocks;
 use resume::ResumeState;
-use writer::{open_output, writer_loop, DecodeResult, Written};
+use writer::{open_output, writer_loop, DecodeResult, Keep, Written};
+
+use crate::io::send::BlockGate;
+
+/// A relay's receiver: it takes its upstream's wave by unicast (no
+/// multicast routing reaches its segment) and keeps what its own wave
+/// sends, block by block as each is written.
+#[derive(Debug)]
+pub struct RelayTap {
+    /// The UDP port the upstream copies the wave to, on the address this
+    /// relay reaches it from (0: any free port).
+    pub port: u16,
+    /// The blocks file to keep compressed blocks' frames in (created or
+    /// truncated, sized for the image's frames).
+    pub frames: PathBuf,
+    /// Told once the session is known: its manifest and the gate that
+    /// opens block by block.
+    pub joined: oneshot::Sender<(Manifest, Arc<BlockGate>)>,
+}
 
 /// One image to receive.
 #[derive(Debug, Clone)]
@@ -474,6 +492,35 @@ pub async fn run_receive(
     opts: ReceiveOptions,
     progress: Arc<Progress>,
 ) -> Result<ReceiveReport, ReceiveError> {
+    run_receive_tapped(opts, progress, None).await
+}
+
+/// [`run_receive`] for a relay (`tap`): the wave comes by unicast, and
+/// its blocks are kept for the relay's own wave. The gate fails with the
+/// reason if the session does not verify.
+pub async fn run_receive_tapped(
+    opts: ReceiveOptions,
+    progress: Arc<Progress>,
+    tap: Option<RelayTap>,
+) -> Result<ReceiveReport, ReceiveError> {
+    let mut gate_on_exit: Option<Arc<BlockGate>> = None;
+    let r = receive_session(opts, progress, tap, &mut gate_on_exit).await;
+    if let Some(g) = gate_on_exit {
+        match &r {
+            Ok(rep) if rep.verified => {}
+            Ok(rep) => g.fail(rep.reason.clone().unwrap_or_else(|| "not verified".into())),
+            Err(e) => g.fail(e.to_string()),
+        }
+    }
+    r
+}
+
+async fn receive_session(
+    opts: ReceiveOptions,
+    progress: Arc<Progress>,
+    tap: Option<RelayTap>,
+    gate_on_exit: &mut Option<Arc<BlockGate>>,
+) -> Result<ReceiveReport, ReceiveError> {
     let t0 = Instant::now();
     let stream = connect(opts.server, opts.connect_timeout).await?;
     let local = stream
@@ -483,6 +530,32 @@ pub async fn run_receive(
             source,
         })?;
     let name = opts.name.clone().unwrap_or_else(|| default_name(&local));
+    // Without --iface, join on the address that reaches the sender: a
+    // network-booted device has no multicast (or default) route to choose
+    // an interface by.
+    let local_v4 = match local.ip() {
+        std::net::IpAddr::V4(a) if !a.is_loopback() => Some(a),
+        _ => None,
+    };
+    // A relay's socket is bound before its Hello names the port.
+    let relay_sock = match &tap {
+        None => None,
+        Some(t) => {
+            let ip = match local.ip() {
+                std::net::IpAddr::V4(a) => a,
+                std::net::IpAddr::V6(_) => {
+                    return Err(ReceiveError::Socket(io::Error::other(
+                        "a relay reaches its upstream over IPv4 only",
+                    )))
+                }
+            };
+            let s =
+                net::relay_receiver_socket(std::net::SocketAddrV4::new(ip, t.port), opts.rcvbuf)
+                    .map_err(ReceiveError::Socket)?;
+            let port = s.local_addr().map_err(ReceiveError::Socket)?.port();
+            Some((s, port))
+        }
+    };
     let fd = stream.as_raw_fd();
     let tls = crate::io::tls::client_config(opts.trust_key.as_deref()).map_err(ConnError::from)?;
     let stream = crate::io::tls::connect(&tls, stream)
@@ -493,6 +566,7 @@ pub async fn run_receive(
         protocol: PROTOCOL_VERSION,
         name: name.clone(),
         credential: opts.credential,
+        relay_port: relay_sock.as_ref().map(|(_, p)| *p),
     })
     .await?;
     let session: SessionParams = match conn.recv(Duration::from_secs(30)).await? {
@@ -534,6 +608,39 @@ pub async fn run_receive(
             source,
         })?,
     );
+    let keep = match tap {
+        None => None,
+        Some(t) => {
+            let gate = BlockGate::new(n);
+            for b in m.zero_blocks() {
+                gate.mark_ready(b);
+            }
+            let (offsets, len) = crate::image::packed::frame_offsets(&m);
+            let frames = if len == 0 {
+                None
+            } else {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&t.frames)
+                    .and_then(|f| f.set_len(len).map(|()| f))
+                    .map_err(|source| ReceiveError::Output {
+                        path: t.frames.clone(),
+                        source,
+                    })?;
+                Some(f)
+            };
+            *gate_on_exit = Some(gate.clone());
+            let _ = t.joined.send(((*m).clone(), gate.clone()));
+            Some(Keep {
+                frames,
+                offsets,
+                gate,
+            })
+        }
+    };
     let mut core = ReceiverCore::new((*m).clone(), session.session_id, session.key);
     let decoders = opts.decoders.max(1);
     // What is on the output already: the image's first part now, so our
@@ -574,15 +681,11 @@ pub async fn run_receive(
             "blocks already on the output"
         );
     }
-    // Without --iface, join on the address that reaches the sender: a
-    // network-booted device has no multicast (or default) route to choose
-    // an interface by.
-    let local_v4 = match local.ip() {
-        std::net::IpAddr::V4(a) if !a.is_loopback() => Some(a),
-        _ => None,
+    let sock = match relay_sock {
+        Some((s, _)) => s,
+        None => net::receiver_socket(opts.iface.as_deref(), local_v4, session.group, opts.rcvbuf)
+            .map_err(ReceiveError::Socket)?,
     };
-    let sock = net::receiver_socket(opts.iface.as_deref(), local_v4, session.group, opts.rcvbuf)
-        .map_err(ReceiveError::Socket)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     // Bounded in bytes (`QUEUE_BYTES`), counted in `queued`.
@@ -616,6 +719,7 @@ pub async fn run_receive(
             decoders,
             progress: progress.clone(),
             stop: stop.clone(),
+            keep,
         };
         std::thread::spawn(move || {
             let r = writer_loop(setup);

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use super::resume::ResumeState;
 use super::scan::InPlace;
 use super::Progress;
-use crate::dataplane::receiver::{decode_block, DecodeJob, DecodeOutcome};
+use crate::dataplane::receiver::{decode_block_keeping, DecodeJob, DecodeOutcome};
+use crate::io::send::BlockGate;
 
 use crate::image::fec::BlockAssembly;
 use crate::image::manifest::Manifest;
@@ -90,6 +91,8 @@ pub(super) enum Decoded {
         block: u32,
         data: Vec<u8>,
         digest: [u8; 32],
+        /// Its checked compressed frame, for a relay to keep.
+        frame: Option<Vec<u8>>,
     },
     /// A block the scan found on the output (`found`), or a zero block it
     /// zeroed, with the digest of its bytes there.
@@ -119,6 +122,7 @@ pub(super) struct Written {
 /// digest go straight back to the receive loop.
 fn spawn_decoders(
     m: &Arc<Manifest>,
+    keep_frames: bool,
     decoders: usize,
     jobs: &crossbeam_channel::Receiver<DecodeJob>,
     queued: &Arc<AtomicU64>,
@@ -132,12 +136,14 @@ fn spawn_decoders(
             for job in jobs {
                 queued.fetch_sub(job.asm.bytes() as u64, Ordering::Relaxed);
                 let b = job.block;
-                let sent = match decode_block(&m, job) {
+                let (outcome, frame) = decode_block_keeping(&m, job, keep_frames);
+                let sent = match outcome {
                     DecodeOutcome::Good { data, digest } => good
                         .send(Decoded::Good {
                             block: b,
                             data,
                             digest,
+                            frame,
                         })
                         .is_ok(),
                     DecodeOutcome::NeedMore(asm) => done.send((b, Err(Some(asm)), None)).is_ok(),
@@ -230,6 +236,30 @@ pub(super) struct WriterSetup {
     pub(super) decoders: usize,
     pub(super) progress: Arc<Progress>,
     pub(super) stop: Arc<AtomicBool>,
+    /// A relay's receiver: what it keeps for its own wave.
+    pub(super) keep: Option<Keep>,
+}
+
+/// What a relay's receiver keeps for the wave it sends on its own
+/// segment: each compressed block's frame at its place in the blocks
+/// file, and word of every block written (the gate its wave reads by).
+pub(super) struct Keep {
+    pub(super) frames: Option<File>,
+    pub(super) offsets: Vec<u64>,
+    pub(super) gate: Arc<BlockGate>,
+}
+
+impl Keep {
+    /// Block `b` is written; write its frame too, then open the gate.
+    fn written(&self, b: u32, frame: Option<&[u8]>) -> Result<(), String> {
+        if let (Some(f), Some(frame)) = (&self.frames, frame) {
+            let at = self.offsets.get(b as usize).copied().unwrap_or(0);
+            f.write_all_at(frame, at)
+                .map_err(|e| format!("writing block {b}'s frame for the relay: {e}"))?;
+        }
+        self.gate.mark_ready(b);
+        Ok(())
+    }
 }
 
 /// Decode (on `decoders` threads), check, write. Each block's digest
@@ -251,8 +281,17 @@ pub(super) fn writer_loop(w: WriterSetup) -> Written {
         decoders,
         progress,
         stop,
+        keep,
     } = w;
-    spawn_decoders(&m, decoders.max(1), &jobs, &queued, &done, good_tx);
+    spawn_decoders(
+        &m,
+        keep.is_some(),
+        decoders.max(1),
+        &jobs,
+        &queued,
+        &done,
+        good_tx,
+    );
     drop(jobs);
     let mut wb = Writeback::new(&out.file);
     if let Err(e) = write_blocks(
@@ -267,6 +306,7 @@ pub(super) fn writer_loop(w: WriterSetup) -> Written {
         &mut wb,
         &progress,
         &stop,
+        keep.as_ref(),
     ) {
         return Written {
             hash: Err(e),
@@ -305,6 +345,7 @@ fn write_blocks(
     wb: &mut Writeback,
     progress: &Progress,
     stop: &AtomicBool,
+    keep: Option<&Keep>,
 ) -> Result<(), String> {
     let mut have = digests.iter().filter(|d| d.is_some()).count();
     let mut last_save = Instant::now();
@@ -341,12 +382,13 @@ fn write_blocks(
                 None => Err(crossbeam_channel::RecvTimeoutError::Disconnected),
             },
         };
-        let (b, data, digest) = match next {
+        let (b, data, digest, frame) = match next {
             Ok(Decoded::Good {
                 block,
                 data,
                 digest,
-            }) => (block, data, digest),
+                frame,
+            }) => (block, data, digest, frame),
             Ok(Decoded::Fatal(why)) => {
                 resume.save();
                 return Err(why);
@@ -378,6 +420,9 @@ fn write_blocks(
             .write_all_at(&data, offset)
             .map_err(|e| format!("writing block {b}: {e}"))?;
         wb.written(offset, data.len() as u64);
+        if let Some(k) = keep {
+            k.written(b, frame.as_deref())?;
+        }
         digests[b as usize] = Some(digest);
         have += 1;
         progress
@@ -454,6 +499,7 @@ mod tests {
             decoders: 2,
             progress: Arc::new(Progress::default()),
             stop: Arc::new(AtomicBool::new(false)),
+            keep: None,
         };
         (w, done_rx, good_tx)
     }
@@ -553,6 +599,7 @@ mod tests {
                 block: b as u32,
                 data,
                 digest,
+                frame: None,
             })
             .unwrap();
         }
@@ -572,6 +619,7 @@ mod tests {
             block: 0,
             data: vec![0xAB; bs],
             digest: m.blocks[0].hash,
+            frame: None,
         })
         .unwrap();
         drop(good);

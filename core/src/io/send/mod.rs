@@ -70,6 +70,106 @@ pub struct SendOptions {
     /// The control listener's TLS: a certificate for the appliance's key
     /// (`io::tls::server_config`), so members know whom they talk to.
     pub tls: Arc<rustls::ServerConfig>,
+    /// A relay's wave: blocks may be read only once its upstream receiver
+    /// has written them (`None`: the whole image is there).
+    pub gate: Option<Arc<BlockGate>>,
+}
+
+/// The blocks a relay's own wave may read: its upstream receiver marks
+/// each one as it writes it, and a load of a block that is not there yet
+/// is parked here, not holding a worker, until it is. So a relay
+/// re-multicasts block by block, never waiting for the whole image.
+#[derive(Debug, Default)]
+pub struct BlockGate {
+    state: std::sync::Mutex<GateState>,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    ready: Vec<bool>,
+    parked: Vec<Job>,
+    jobs: Option<Sender<Job>>,
+    failed: Option<String>,
+}
+
+impl BlockGate {
+    /// A gate over `blocks` blocks, none there yet.
+    pub fn new(blocks: u32) -> Arc<BlockGate> {
+        Arc::new(BlockGate {
+            state: std::sync::Mutex::new(GateState {
+                ready: vec![false; blocks as usize],
+                ..Default::default()
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        // A worker that panicked holding the lock left plain data behind.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Block `b` is written: its parked loads go to the workers.
+    pub fn mark_ready(&self, b: u32) {
+        let mut st = self.lock();
+        let Some(r) = st.ready.get_mut(b as usize) else {
+            return;
+        };
+        *r = true;
+        let parked = std::mem::take(&mut st.parked);
+        let (now, later): (Vec<Job>, Vec<Job>) = parked.into_iter().partition(|j| j.block() == b);
+        st.parked = later;
+        if let Some(tx) = &st.jobs {
+            for j in now {
+                let _ = tx.send(j);
+            }
+        }
+    }
+
+    /// Whether block `b` is there.
+    pub fn is_ready(&self, b: u32) -> bool {
+        self.lock().ready.get(b as usize).copied().unwrap_or(false)
+    }
+
+    /// The upstream failed: no more blocks will come. Parked and later
+    /// loads fail, which ends the wave with this reason.
+    pub fn fail(&self, why: String) {
+        let mut st = self.lock();
+        st.failed.get_or_insert(why);
+        let parked = std::mem::take(&mut st.parked);
+        if let Some(tx) = &st.jobs {
+            for j in parked {
+                let _ = tx.send(j);
+            }
+        }
+    }
+
+    fn attach(&self, jobs: Sender<Job>) {
+        self.lock().jobs = Some(jobs);
+    }
+
+    /// The wave is over: let the workers' job queue close.
+    fn detach(&self) {
+        let mut st = self.lock();
+        st.jobs = None;
+        st.parked.clear();
+    }
+
+    /// The job to run now, or `None` once parked until its block is
+    /// written; an error once the upstream failed.
+    fn admit(&self, job: Job) -> Result<Option<Job>, String> {
+        let mut st = self.lock();
+        match st.ready.get(job.block() as usize) {
+            Some(true) => Ok(Some(job)),
+            Some(false) => {
+                if let Some(why) = &st.failed {
+                    return Err(format!("upstream: {why}"));
+                }
+                st.parked.push(job);
+                Ok(None)
+            }
+            None => Err(format!("block {} is outside the image", job.block())),
+        }
+    }
 }
 
 /// Why a wave could not run.
@@ -160,6 +260,9 @@ pub struct SendReport {
 pub const MAX_CONTROL_CONNECTIONS: usize = 4096;
 /// A wave's control connections from one source address at once.
 pub const MAX_CONTROL_PER_SOURCE: u32 = 4;
+/// Relays one wave copies its datagrams to: each copy is the wave's rate
+/// again on the sender's uplink.
+pub const MAX_RELAYS: usize = 8;
 
 /// BLAKE3 of a member's device credential: what a wave holds to check
 /// the credential a receiver presents (it never holds the credential).
@@ -210,12 +313,18 @@ pub struct WaveLink {
     pub commands: Receiver<WaveCommand>,
     /// Verdicts and progress.
     pub events: mpsc::UnboundedSender<WaveEvent>,
+    /// Members that are relays: only they may ask for a unicast copy of
+    /// the wave (`Hello::relay_port`).
+    pub relays: Vec<String>,
 }
 
 enum Event {
     Hello {
         name: String,
         credential: Option<[u8; 32]>,
+        /// A relay's unicast address: its connection's source address
+        /// and the port its Hello named.
+        relay: Option<SocketAddrV4>,
         out: mpsc::UnboundedSender<Msg>,
         reply: oneshot::Sender<Result<u32, String>>,
     },
@@ -226,6 +335,7 @@ enum Event {
     SourceError(String),
 }
 
+#[derive(Debug)]
 enum Job {
     Load(u32),
     /// Build an encoder; with the block's data when it is still loaded
@@ -233,8 +343,35 @@ enum Job {
     Encode(u32, Option<Arc<Vec<u8>>>),
 }
 
-fn worker(src: Arc<WireSource>, m: Arc<Manifest>, jobs: Receiver<Job>, events: Sender<Event>) {
+impl Job {
+    fn block(&self) -> u32 {
+        match self {
+            Job::Load(b) | Job::Encode(b, _) => *b,
+        }
+    }
+}
+
+fn worker(
+    src: Arc<WireSource>,
+    m: Arc<Manifest>,
+    jobs: Receiver<Job>,
+    events: Sender<Event>,
+    gate: Option<Arc<BlockGate>>,
+) {
     for job in jobs {
+        let job = match &gate {
+            None => job,
+            Some(g) => match g.admit(job) {
+                Ok(Some(j)) => j,
+                Ok(None) => continue,
+                Err(e) => {
+                    if events.send(Event::SourceError(e)).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            },
+        };
         let ev = match job {
             Job::Load(b) => match src.read(&m, b) {
                 Ok(d) => Event::Loaded(b, Arc::new(d)),
@@ -348,10 +485,14 @@ pub async fn run_wave(
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, 4);
+    if let Some(g) = &opts.gate {
+        g.attach(job_tx.clone());
+    }
     let mut handles = Vec::new();
     for _ in 0..workers {
         let (f, m, j, e) = (file.clone(), m.clone(), job_rx.clone(), ev_tx.clone());
-        handles.push(std::thread::spawn(move || worker(f, m, j, e)));
+        let g = opts.gate.clone();
+        handles.push(std::thread::spawn(move || worker(f, m, j, e, g)));
     }
     drop(ev_tx);
     let cfg = opts.cfg.clone();
@@ -377,6 +518,9 @@ pub async fn run_wave(
         .await
         .map_err(|_| SendError::Thread("pacing thread died".into()))?;
     acceptor.abort();
+    if let Some(g) = &opts.gate {
+        g.detach();
+    }
     for h in handles {
         let _ = h.join();
     }
@@ -393,6 +537,7 @@ async fn serve_receiver(
     hello_timeout: Duration,
     rx_timeout: Duration,
 ) -> Result<(), ConnError> {
+    let peer = stream.peer_addr().ok();
     let stream = match crate::io::tls::accept(&tls, stream).await {
         Ok(s) => s,
         Err(e) => {
@@ -403,10 +548,13 @@ async fn serve_receiver(
     // Until the receiver is admitted, its frames are capped at a Hello's
     // size: an anonymous peer cannot make the sender reserve megabytes.
     let mut conn = Conn::new(stream, control::HELLO_MAX_FRAME);
-    let (name, credential) = match conn.recv(hello_timeout).await {
+    let (name, credential, relay_port) = match conn.recv(hello_timeout).await {
         Ok(Msg::Hello {
-            name, credential, ..
-        }) => (name, credential),
+            name,
+            credential,
+            relay_port,
+            ..
+        }) => (name, credential, relay_port),
         Ok(other) => {
             let m = format!("expected Hello, got {}", msg_name(&other));
             conn.close_with_error(m.clone()).await;
@@ -420,12 +568,24 @@ async fn serve_receiver(
             return Err(e);
         }
     };
+    // The copy goes where the connection comes from, never to an address
+    // the peer names: a Hello cannot aim the wave at a third host.
+    let relay = match (relay_port, peer) {
+        (Some(port), Some(SocketAddr::V4(p))) => Some(SocketAddrV4::new(*p.ip(), port)),
+        (Some(_), _) => {
+            conn.close_with_error("a relay must connect over IPv4".into())
+                .await;
+            return Ok(());
+        }
+        (None, _) => None,
+    };
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Msg>();
     let (id_tx, id_rx) = oneshot::channel();
     if events
         .send(Event::Hello {
             name,
             credential,
+            relay,
             out: out_tx,
             reply: id_tx,
         })
@@ -507,5 +667,39 @@ fn msg_name(m: &Msg) -> &'static str {
         Msg::Finish { .. } => "Finish",
         Msg::Error { .. } => "Error",
         Msg::Coded { .. } => "Coded",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A load of a block the relay has not written yet waits without a
+    /// worker, goes out when the block is written, and fails (ending the
+    /// relay's wave) when the upstream fails.
+    #[test]
+    fn the_gate_parks_loads_until_their_block_is_written() {
+        let gate = BlockGate::new(4);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        gate.attach(tx);
+        gate.mark_ready(0);
+        assert!(matches!(gate.admit(Job::Load(0)), Ok(Some(Job::Load(0)))));
+        assert!(matches!(gate.admit(Job::Load(2)), Ok(None)));
+        assert!(matches!(gate.admit(Job::Encode(3, None)), Ok(None)));
+        assert!(rx.try_recv().is_err(), "nothing runs before its block");
+        gate.mark_ready(2);
+        assert!(matches!(rx.try_recv(), Ok(Job::Load(2))));
+        assert!(rx.try_recv().is_err(), "only block 2's load");
+        assert!(gate.admit(Job::Load(9)).is_err(), "outside the image");
+        gate.fail("connection reset".into());
+        // The parked encode comes back and now fails with the reason.
+        let j = rx.try_recv().expect("parked jobs are released on failure");
+        let e = gate.admit(j).expect_err("the upstream failed");
+        assert!(e.contains("connection reset"), "{e}");
+        // Blocks that are there still load.
+        assert!(matches!(gate.admit(Job::Load(2)), Ok(Some(_))));
+        gate.detach();
+        drop(gate);
+        assert!(rx.recv().is_err(), "the job queue closes with the wave");
     }
 }

@@ -103,7 +103,10 @@ pub(super) fn send_loop(
     metrics::gauge!("rackcast_wave_image_bytes", "wave" => wave.clone()).set(m.image_size as f64);
     metrics::gauge!("rackcast_wave_source_wire_bytes", "wave" => wave.clone())
         .set(m.data_bytes() as f64);
-    let mut held = Held::default();
+    let mut held = Held {
+        gso: gso_segments,
+        ..Default::default()
+    };
     let mut reporter = link.map(|l| {
         let mut creds = HashMap::new();
         for (name, cred) in &l.members {
@@ -111,6 +114,7 @@ pub(super) fn send_loop(
             creds.insert(name.clone(), *cred);
         }
         held.credentials = Some(creds);
+        held.relay_names = Some(l.relays.iter().cloned().collect());
         LinkReporter {
             link: l,
             reported: std::collections::HashSet::new(),
@@ -295,6 +299,9 @@ impl Wire {
                 Ok(Rendered::Batched) => {}
                 Ok(Rendered::Probe(p)) => {
                     let _ = self.sock.send(p);
+                    for r in &held.relays {
+                        let _ = r.sock.send(p);
+                    }
                 }
                 Err(e) => {
                     self.render_errors += 1;
@@ -332,6 +339,53 @@ impl Wire {
         self.wire_bytes += (off * dlen) as u64;
         self.bytes_sent.increment((off * dlen) as u64);
         self.packets_sent.increment(off as u64);
+        // The same datagrams to each relay: what left for the group, no
+        // more (a relay is one more receiver, behind a router).
+        for r in &held.relays {
+            r.send(&self.pk.batch()[..off * dlen], dlen, off);
+        }
+    }
+}
+
+/// A relay on another segment and the socket its copy of the wave goes
+/// out on (connected to the relay's address).
+struct RelayCopy {
+    id: u32,
+    to: std::net::SocketAddrV4,
+    sock: std::net::UdpSocket,
+    gso: std::cell::Cell<usize>,
+    errors: std::cell::Cell<u64>,
+}
+
+impl RelayCopy {
+    fn send(&self, batch: &[u8], dlen: usize, count: usize) {
+        let mut off = 0;
+        while off < count {
+            match net::send_batch(
+                &self.sock,
+                &batch[off * dlen..],
+                dlen,
+                count - off,
+                self.gso.get(),
+            ) {
+                Ok(k) => off += k,
+                Err(e) => {
+                    if self.gso.get() > 1 && e.raw_os_error() == Some(libc::EIO) {
+                        self.gso.set(1);
+                        continue;
+                    }
+                    // A relay that went away (ICMP unreachable) or a full
+                    // queue: its loss, repaired by its reports or ended by
+                    // its timeout; never the wave's.
+                    self.errors.set(self.errors.get() + 1);
+                    if self.errors.get() % 1000 == 1 {
+                        tracing::warn!(relay = %self.to, error = %e, "copy to relay failed");
+                    }
+                    break;
+                }
+            }
+        }
+        metrics::counter!("rackcast_relay_copy_bytes_total").increment((off * dlen) as u64);
     }
 }
 
@@ -346,6 +400,11 @@ struct Held {
     /// Member name -> BLAKE3 of its credential, in an appliance wave
     /// (`None`: a lab wave that admits anyone).
     credentials: Option<HashMap<String, CredentialHash>>,
+    /// Members that may be relays (`None`: a lab wave, anyone may).
+    relay_names: Option<std::collections::HashSet<String>>,
+    /// Relays the wave is copied to.
+    relays: Vec<RelayCopy>,
+    gso: usize,
 }
 
 impl Held {
@@ -372,6 +431,7 @@ impl Held {
                 }
                 Action::Disconnect(id) => {
                     self.outs.remove(&id);
+                    self.relays.retain(|r| r.id != id);
                 }
                 Action::Finished => return true,
             }
@@ -386,6 +446,7 @@ impl Held {
             Event::Hello {
                 name,
                 credential,
+                relay,
                 out,
                 reply,
             } => {
@@ -412,14 +473,33 @@ impl Held {
                         "{name:?}: credential missing or not this member's"
                     )));
                 } else {
+                    let copy = match relay {
+                        None => None,
+                        Some(to) => match self.relay_copy(&name, to) {
+                            Ok(c) => Some(c),
+                            Err(why) => {
+                                metrics::counter!("rackcast_control_errors_total", "kind" => "relay_refused")
+                                    .increment(1);
+                                tracing::warn!(member = %name, relay = %to, reason = %why, "relay refused");
+                                let _ = reply.send(Err(why));
+                                return;
+                            }
+                        },
+                    };
                     let id = core.on_hello(&name, now);
                     self.outs.insert(id, out);
+                    if let Some(mut c) = copy {
+                        c.id = id;
+                        tracing::info!(member = %name, relay = %c.to, "copying the wave to a relay");
+                        self.relays.push(c);
+                    }
                     let _ = reply.send(Ok(id));
                 }
             }
             Event::Msg(id, msg) => core.on_message(id, msg, now),
             Event::Disconnect(id) => {
                 self.outs.remove(&id);
+                self.relays.retain(|r| r.id != id);
                 core.on_disconnect(id, now);
             }
             Event::Loaded(b, d) => {
@@ -433,6 +513,37 @@ impl Held {
             }
             Event::SourceError(e) => self.error = Some(e),
         }
+    }
+}
+
+impl Held {
+    /// The copy a relay asked for, if this wave grants it: only members
+    /// named as relays (any receiver of a lab wave), a few at most, and a
+    /// relay that reconnects replaces its earlier copy.
+    fn relay_copy(&mut self, name: &str, to: std::net::SocketAddrV4) -> Result<RelayCopy, String> {
+        if let Some(names) = &self.relay_names {
+            if !names.contains(name) {
+                return Err(format!("{name:?} is not a relay of this wave"));
+            }
+        }
+        if to.ip().is_multicast() || to.ip().is_broadcast() || to.ip().is_unspecified() {
+            return Err(format!("relay address {to} is not a unicast address"));
+        }
+        self.relays.retain(|r| r.to != to);
+        if self.relays.len() >= super::MAX_RELAYS {
+            return Err(format!(
+                "this wave already copies to {} relays",
+                super::MAX_RELAYS
+            ));
+        }
+        let sock = net::relay_socket(to).map_err(|e| format!("relay socket to {to}: {e}"))?;
+        Ok(RelayCopy {
+            id: 0,
+            to,
+            sock,
+            gso: std::cell::Cell::new(self.gso.max(1)),
+            errors: std::cell::Cell::new(0),
+        })
     }
 }
 
@@ -584,12 +695,25 @@ mod tests {
         tokio::sync::oneshot::Receiver<Result<u32, String>>,
         mpsc::UnboundedReceiver<Msg>,
     ) {
+        hello_relay(events, name, credential, None)
+    }
+
+    fn hello_relay(
+        events: &Sender<Event>,
+        name: &str,
+        credential: [u8; 32],
+        relay: Option<std::net::SocketAddrV4>,
+    ) -> (
+        tokio::sync::oneshot::Receiver<Result<u32, String>>,
+        mpsc::UnboundedReceiver<Msg>,
+    ) {
         let (out, out_rx) = mpsc::unbounded_channel();
         let (reply, answer) = tokio::sync::oneshot::channel();
         events
             .send(Event::Hello {
                 name: name.into(),
                 credential: Some(credential),
+                relay,
                 out,
                 reply,
             })
@@ -624,6 +748,7 @@ mod tests {
                 members: Vec::new(),
                 commands: cmd_rx,
                 events: wave_tx,
+                relays: Vec::new(),
             },
             reported: std::collections::HashSet::new(),
             next_progress: t0,
@@ -654,5 +779,69 @@ mod tests {
             Ok(Err(e)) => assert!(e.contains("is not a member of this wave"), "{e}"),
             other => panic!("a stranger was admitted: {other:?}"),
         }
+    }
+
+    /// Only a member the appliance names as a relay gets a unicast copy of
+    /// the wave; a lab wave grants it to any receiver, up to
+    /// `MAX_RELAYS`, and a relay that reconnects replaces its copy.
+    #[test]
+    fn relay_copies_go_to_relays_only_and_are_capped() {
+        let t0 = Instant::now();
+        let to = |port: u16| std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port);
+        let answer_of = |held: &mut Held, core: &mut WaveSender, name: &str, relay| {
+            let (ev_tx, ev_rx) = crossbeam_channel::unbounded();
+            let (mut answer, out) = hello_relay(&ev_tx, name, [3u8; 32], relay);
+            held.on_event(core, ev_rx.try_recv().unwrap());
+            (answer.try_recv().unwrap(), out)
+        };
+        // An appliance wave: two proven members, one of them a relay.
+        let mut core = WaveSender::new(SenderConfig::default(), manifest(), 1100, t0);
+        core.expect_member("dev", t0);
+        core.expect_member("rly", t0);
+        let cred = *blake3::hash(&[3u8; 32]).as_bytes();
+        let mut held = Held {
+            credentials: Some(HashMap::from([("dev".into(), cred), ("rly".into(), cred)])),
+            relay_names: Some(["rly".to_string()].into_iter().collect()),
+            gso: 16,
+            ..Default::default()
+        };
+        let (r, _o1) = answer_of(&mut held, &mut core, "dev", Some(to(9100)));
+        let e = r.expect_err("a device asked for a copy");
+        assert!(e.contains("is not a relay of this wave"), "{e}");
+        assert!(held.relays.is_empty());
+        let (r, _o2) = answer_of(&mut held, &mut core, "rly", Some(to(9101)));
+        let id = r.expect("the relay is admitted");
+        assert_eq!(held.relays.len(), 1);
+        assert_eq!((held.relays[0].id, held.relays[0].to), (id, to(9101)));
+        // Its connection ends: no more copies.
+        held.on_event(&mut core, Event::Disconnect(id));
+        assert!(held.relays.is_empty());
+
+        // A lab wave: anyone, up to the cap; the same address replaces.
+        let mut core = WaveSender::new(SenderConfig::default(), manifest(), 1100, t0);
+        let mut held = Held {
+            gso: 16,
+            ..Default::default()
+        };
+        let mut outs = Vec::new();
+        for i in 0..super::super::MAX_RELAYS {
+            let (r, o) = answer_of(
+                &mut held,
+                &mut core,
+                &format!("r{i}"),
+                Some(to(9200 + i as u16)),
+            );
+            r.expect("under the cap");
+            outs.push(o);
+        }
+        let (r, _o) = answer_of(&mut held, &mut core, "r0", Some(to(9200)));
+        r.expect("a relay reconnecting from its address replaces its copy");
+        assert_eq!(held.relays.len(), super::super::MAX_RELAYS);
+        let (r, _o) = answer_of(&mut held, &mut core, "one-more", Some(to(9300)));
+        let e = r.expect_err("past the cap");
+        assert!(e.contains("already copies to"), "{e}");
+        let (r, _o) = answer_of(&mut held, &mut core, "plain", None);
+        r.expect("a plain receiver needs no copy");
+        assert_eq!(held.relays.len(), super::super::MAX_RELAYS);
     }
 }
