@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use super::{
-    Action, ReceiverInfo, RxState, WaveSender, MIN_STALE, STALE_REPORTS, WAIT_SET_REFRESH,
+    Action, ReceiverInfo, RxState, WaveSender, MIN_STALE, STALE_REPORTS, WAIT_SET_MAX_AGE,
 };
 use crate::wire::control::{Msg, Status, Verdict};
 
@@ -112,6 +112,10 @@ impl WaveSender {
             return;
         };
         rx.last_heard = now;
+        if !matches!(msg, Msg::Status(_)) {
+            // Ready, a verdict or an error: who a plan waits for changes.
+            self.wait_for.0 = None;
+        }
         match msg {
             Msg::Ready { resumed_blocks } => {
                 // A receiver with blocks in place reports its status just
@@ -162,6 +166,7 @@ impl WaveSender {
                 rx.state = RxState::Disconnected { since: now };
             }
         }
+        self.membership_changed();
         self.maybe_finish(now);
     }
 
@@ -173,6 +178,7 @@ impl WaveSender {
             tracing::warn!(receiver = id, name = %rx.name, %reason, "receiver dropped");
             rx.state = RxState::Failed(reason.clone());
             rx.ended_at = Some(now);
+            self.wait_for.0 = None;
             self.actions
                 .push_back(Action::Control(id, Msg::Finish { reason }));
             self.actions.push_back(Action::Disconnect(id));
@@ -182,7 +188,13 @@ impl WaveSender {
     pub(super) fn wait_set_fresh(&self, now: Instant) -> bool {
         self.wait_for
             .0
-            .is_some_and(|t| now.saturating_duration_since(t) < WAIT_SET_REFRESH)
+            .is_some_and(|t| now.saturating_duration_since(t) < WAIT_SET_MAX_AGE)
+    }
+
+    /// A receiver became ready, ended, lost or regained its connection,
+    /// or heard its first packet: the wait set is rebuilt at the next plan.
+    pub(super) fn membership_changed(&mut self) {
+        self.wait_for.0 = None;
     }
 
     /// Every ready receiver already reported `b` complete (resumed

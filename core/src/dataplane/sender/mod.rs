@@ -168,9 +168,15 @@ const STALE_REPORTS: u32 = 25;
 /// ... but never less than this: a busy receiver's reports come late and
 /// irregularly, and a receiver that died costs this wait only once.
 const MIN_STALE: Duration = Duration::from_millis(500);
-/// How often the set of receivers a plan waits for is recomputed (a wave
-/// may have a thousand; `plan_due` runs on every report and transmit).
-const WAIT_SET_REFRESH: Duration = Duration::from_millis(2);
+/// How often the transmit path checks the plans' holds.
+const PLAN_CHECK: Duration = Duration::from_millis(2);
+/// How long the set of receivers a plan waits for is kept when no
+/// receiver became ready, ended, or lost or regained its connection (each
+/// of which rebuilds it at once): rebuilding walks every receiver, a
+/// wave may have a thousand, and a receiver goes stale only over
+/// `STALE_REPORTS` intervals, so noticing that a few ms late costs
+/// nothing.
+const WAIT_SET_MAX_AGE: Duration = Duration::from_millis(20);
 
 /// Probe spacing while waiting for receivers before the wave starts.
 const WAITING_PROBE_INTERVAL: Duration = Duration::from_millis(200);
@@ -348,6 +354,8 @@ pub struct WaveSender {
     /// Receivers a plan waits for (ready, receiving, reporting), and when
     /// that list was made.
     wait_for: (Option<Instant>, Vec<u32>),
+    /// When the transmit path next checks the plans' holds.
+    next_plan_check: Instant,
     /// Whose turn the next datagram is: source or repair.
     source_turn: bool,
     /// Blocks with needs waiting to be planned.
@@ -396,6 +404,7 @@ impl WaveSender {
             source_done_all: order.is_empty(),
             repair_queue: VecDeque::new(),
             wait_for: (None, Vec::new()),
+            next_plan_check: now,
             source_turn: false,
             coding_wait: Vec::new(),
             resend_queue: VecDeque::new(),
@@ -616,7 +625,8 @@ impl WaveSender {
         }
         // Plans wait for reports (planned in `on_status`); here only the
         // holds and the receivers gone stale, every few ms.
-        if !self.wait_set_fresh(now) {
+        if now >= self.next_plan_check {
+            self.next_plan_check = now + PLAN_CHECK;
             self.plan_due(now);
         }
         let allowed = self.bucket.available(now, self.frame_bytes, max);

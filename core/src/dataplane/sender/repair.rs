@@ -29,8 +29,13 @@ impl WaveSender {
         }
         rx.prev_received = st.received;
         rx.prev_expected = st.expected;
-        if matches!(rx.state, RxState::Joining) {
+        let became_ready = matches!(rx.state, RxState::Joining);
+        let first_packet = st.seen_any && !rx.status.seen_any;
+        if became_ready {
             rx.state = RxState::Ready;
+        }
+        if became_ready || first_packet {
+            self.wait_for.0 = None;
         }
         if rx.behind {
             // Its needs wait for its catch-up: planning them now would
@@ -164,19 +169,13 @@ impl WaveSender {
         if due.is_empty() {
             return;
         }
-        let ready_ids: Vec<u32> = self
-            .receivers
-            .iter()
-            .filter(|(_, r)| r.state == RxState::Ready)
-            .map(|(id, _)| *id)
-            .collect();
         for b in due {
             self.coding_wait.retain(|x| *x != b);
-            self.plan_block(b, &ready_ids);
+            self.plan_block(b);
         }
     }
 
-    pub(super) fn plan_block(&mut self, b: u32, ready: &[u32]) {
+    pub(super) fn plan_block(&mut self, b: u32) {
         let bi = b as usize;
         let needs = std::mem::take(&mut self.blocks[bi].needs);
         tracing::debug!(
@@ -214,7 +213,20 @@ impl WaveSender {
         let first = self.blocks[bi].next_combo;
         if !coded.is_empty() {
             self.blocks[bi].next_combo = first.saturating_add(coded.len() as u32);
-            for &id in ready {
+            // Only the receivers whose needs the plan covers can use it
+            // (at most `coding::MAX_RECEIVERS`): the others have the
+            // block, or will get a plan of their own after their next
+            // report. So a plan costs O(its receivers), never O(wave).
+            let to: Vec<u32> = needs
+                .keys()
+                .copied()
+                .filter(|id| {
+                    self.receivers
+                        .get(id)
+                        .is_some_and(|r| r.state == RxState::Ready)
+                })
+                .collect();
+            for id in to {
                 self.actions.push_back(Action::Control(
                     id,
                     Msg::Coded {
@@ -322,12 +334,53 @@ impl WaveSender {
 
 /// ESIs set in a receiver's gap bitmap for a block of `k` source symbols;
 /// `None` if the bitmap does not fit the block (then fountain repair).
+/// Runs on every report for every block it lists: it visits set bits
+/// only (a 1 MiB block's bitmap is 733 bits, ~2 % of them set).
 fn gap_esis(bits: &[u8], k: u32) -> Option<Vec<u32>> {
     if bits.len() != (k as usize).div_ceil(8) {
         return None;
     }
-    let esis: Vec<u32> = (0..k)
-        .filter(|e| bits[(e / 8) as usize] & (1 << (e % 8)) != 0)
-        .collect();
+    let mut esis = Vec::new();
+    for (i, chunk) in bits.chunks(8).enumerate() {
+        let mut word = [0u8; 8];
+        word[..chunk.len()].copy_from_slice(chunk);
+        let mut w = u64::from_le_bytes(word);
+        while w != 0 {
+            let e = i as u32 * 64 + w.trailing_zeros();
+            if e < k {
+                esis.push(e);
+            }
+            w &= w - 1;
+        }
+    }
     (!esis.is_empty()).then_some(esis)
+}
+
+#[cfg(test)]
+mod gap_tests {
+    use super::gap_esis;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The same ESIs, in order, as the plain bit-by-bit reading.
+        #[test]
+        fn gap_esis_reads_every_set_bit_below_k(bits in proptest::collection::vec(any::<u8>(), 0..200), k in 0u32..1600) {
+            let plain = (bits.len() == (k as usize).div_ceil(8)).then(|| {
+                (0..k).filter(|e| bits[(e / 8) as usize] & (1 << (e % 8)) != 0).collect::<Vec<u32>>()
+            });
+            let plain = plain.and_then(|v| (!v.is_empty()).then_some(v));
+            prop_assert_eq!(gap_esis(&bits, k), plain);
+        }
+    }
+
+    #[test]
+    fn bits_past_k_are_ignored() {
+        // k = 10: two bytes, bits 10..16 of the last byte are padding.
+        assert_eq!(
+            gap_esis(&[0b1000_0001, 0b1111_1110], 10),
+            Some(vec![0, 7, 9])
+        );
+        assert_eq!(gap_esis(&[0, 0b1111_1100], 10), None);
+        assert_eq!(gap_esis(&[1], 10), None, "a bitmap of the wrong length");
+    }
 }

@@ -482,8 +482,9 @@ fn a_silent_receiver_is_waited_for_only_a_few_report_intervals() {
     s.on_message(a, gap_report(0, vec![3, 9]), t0);
     assert!(symbols(&drain(&mut s, t0 + Duration::from_millis(100))).is_empty());
     assert!(symbols(&drain(&mut s, t0 + Duration::from_millis(499))).is_empty());
-    // b has not reported for 25 intervals (500 ms at least): stale.
-    let txs = drain(&mut s, t0 + Duration::from_millis(502));
+    // b has not reported for 25 intervals (500 ms at least): stale, seen
+    // when the wait set is next rebuilt (at most `WAIT_SET_MAX_AGE` on).
+    let txs = drain(&mut s, t0 + Duration::from_millis(521));
     assert_eq!(symbols(&txs), vec![(0, 3), (0, 9)]);
 }
 
