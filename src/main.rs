@@ -201,10 +201,10 @@ enum ImagesCmd {
     List(ListArgs),
 }
 
+/// A wave's sending side, shared by `send` and `relay` (whose local wave
+/// is a wave like any other).
 #[derive(clap::Args)]
-struct SendArgs {
-    /// Image file (raw).
-    image: PathBuf,
+struct WaveArgs {
     /// Interface to send on (its IPv4 address picks the multicast route).
     #[arg(long)]
     iface: Option<String>,
@@ -227,23 +227,6 @@ struct SendArgs {
     /// Drop a receiver silent for this many seconds.
     #[arg(long, default_value_t = 15)]
     receiver_timeout: u64,
-    /// Path MTU; sets the symbol size.
-    #[arg(long, default_value_t = 1500)]
-    mtu: usize,
-    /// Block size in bytes (one RaptorQ source block each).
-    #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE)]
-    block_size: u32,
-    /// Prebuilt manifest (`rackcast manifest`); built on the fly if absent.
-    #[arg(long)]
-    manifest: Option<PathBuf>,
-    /// The prepared blocks file that goes with `--manifest` when it was
-    /// built with `--zstd`.
-    #[arg(long, requires = "manifest")]
-    frames: Option<PathBuf>,
-    /// Without `--manifest`: compress blocks at this zstd level before the
-    /// wave (into a temporary blocks file beside the image).
-    #[arg(long, conflicts_with = "manifest")]
-    zstd: Option<i32>,
     /// Blocks interleaved in the source phase.
     #[arg(long, default_value_t = 8)]
     interleave: usize,
@@ -269,6 +252,89 @@ struct SendArgs {
     /// Multicast TTL.
     #[arg(long, default_value_t = 1)]
     ttl: u32,
+}
+
+impl WaveArgs {
+    /// The sender core's settings, after checking what a core cannot.
+    fn sender_config(&self) -> Result<SenderConfig> {
+        if !rackcast_core::is_lab_or_admin_group(*self.group.ip()) {
+            bail!(
+                "group {} is not in 239.0.0.0/8 (administratively scoped)",
+                self.group
+            );
+        }
+        if self.receivers == 0 {
+            bail!("--receivers must be at least 1");
+        }
+        if !(0.0..1.0).contains(&self.loss_threshold) {
+            bail!("--loss-threshold must be in 0..1");
+        }
+        Ok(SenderConfig {
+            expected: self.receivers,
+            start_timeout: Duration::from_secs(self.start_timeout),
+            receiver_timeout: Duration::from_secs(self.receiver_timeout),
+            rate_bps: self.rate,
+            min_rate_bps: (self.rate / 10).max(1_000_000),
+            loss_threshold: self.loss_threshold,
+            interleave: self.interleave.max(1),
+            source_resend_factor: self.source_resend_factor.max(0.0),
+            slow_members: self.slow_members,
+            ..Default::default()
+        })
+    }
+
+    /// The wave's options around its image.
+    fn options(
+        &self,
+        cfg: SenderConfig,
+        image: PathBuf,
+        manifest: Manifest,
+        frames: Option<PathBuf>,
+        tls: std::sync::Arc<rustls::ServerConfig>,
+        label: &str,
+    ) -> SendOptions {
+        SendOptions {
+            image,
+            manifest,
+            frames,
+            iface: self.iface.clone(),
+            group: self.group,
+            control: self.control,
+            ttl: self.ttl,
+            feedback_ms: self.feedback_ms,
+            hello_timeout: Duration::from_secs(10),
+            gso_segments: self.gso_segments.clamp(1, 64),
+            cfg,
+            wave_label: label.into(),
+            tls,
+            gate: None,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct SendArgs {
+    /// Image file (raw).
+    image: PathBuf,
+    #[command(flatten)]
+    wave: WaveArgs,
+    /// Path MTU; sets the symbol size.
+    #[arg(long, default_value_t = 1500)]
+    mtu: usize,
+    /// Block size in bytes (one RaptorQ source block each).
+    #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE)]
+    block_size: u32,
+    /// Prebuilt manifest (`rackcast manifest`); built on the fly if absent.
+    #[arg(long)]
+    manifest: Option<PathBuf>,
+    /// The prepared blocks file that goes with `--manifest` when it was
+    /// built with `--zstd`.
+    #[arg(long, requires = "manifest")]
+    frames: Option<PathBuf>,
+    /// Without `--manifest`: compress blocks at this zstd level before the
+    /// wave (into a temporary blocks file beside the image).
+    #[arg(long, conflicts_with = "manifest")]
+    zstd: Option<i32>,
     /// Serve Prometheus metrics on this address.
     #[arg(long)]
     metrics: Option<SocketAddr>,
@@ -277,6 +343,9 @@ struct SendArgs {
     json: bool,
 }
 
+/// `rackcast relay`: the upstream session, then the local wave (`--iface`,
+/// `--group`, `--control`, `--rate`, `--receivers`... are the local
+/// wave's, as `rackcast send` takes them).
 #[derive(clap::Args)]
 struct RelayArgs {
     /// The upstream wave's control address (`rackcast send --control`).
@@ -295,36 +364,11 @@ struct RelayArgs {
     /// blocks (rewritten for each wave).
     #[arg(long)]
     cache: PathBuf,
-    /// Interface the local wave leaves on.
-    #[arg(long)]
-    iface: Option<String>,
-    /// The local wave's multicast group and port (239.0.0.0/8 only).
-    #[arg(long)]
-    group: SocketAddrV4,
-    /// TCP address local receivers connect to.
-    #[arg(long)]
-    control: SocketAddr,
-    /// The local wave's rate ceiling in bit/s (k/M/G).
-    #[arg(long, value_parser = rackcast_core::parse_rate)]
-    rate: u64,
-    /// Local receivers to wait for before sending.
-    #[arg(long)]
-    receivers: usize,
-    /// Start with the local receivers present after this many seconds.
-    #[arg(long, default_value_t = 60)]
-    start_timeout: u64,
-    /// Drop a local receiver silent for this many seconds.
-    #[arg(long, default_value_t = 15)]
-    receiver_timeout: u64,
     /// Give up on the upstream when it sent nothing this many seconds.
     #[arg(long, default_value_t = 30)]
     idle_timeout: u64,
-    /// Local receivers' feedback interval in milliseconds.
-    #[arg(long, default_value_t = 20)]
-    feedback_ms: u32,
-    /// Multicast TTL of the local wave.
-    #[arg(long, default_value_t = 1)]
-    ttl: u32,
+    #[command(flatten)]
+    wave: WaveArgs,
     /// Print the summary as one JSON object on the last line.
     #[arg(long)]
     json: bool,
@@ -455,19 +499,16 @@ fn pack_image(
     Ok((m, Some(frames.to_path_buf())))
 }
 
+/// A lab wave has no appliance key: a key for this run only. Its
+/// fingerprint is printed so receivers can pin it (`--trust-key`).
+fn lab_tls() -> Result<(String, std::sync::Arc<rustls::ServerConfig>)> {
+    let signer = rackcast_core::signing::BundleSigner::from_seed(rand::random());
+    let tls = rackcast::controller::tls::control_config(&signer)?;
+    Ok((signer.fingerprint(), tls))
+}
+
 fn send(a: SendArgs) -> Result<()> {
-    if !rackcast_core::is_lab_or_admin_group(*a.group.ip()) {
-        bail!(
-            "group {} is not in 239.0.0.0/8 (administratively scoped)",
-            a.group
-        );
-    }
-    if a.receivers == 0 {
-        bail!("--receivers must be at least 1");
-    }
-    if !(0.0..1.0).contains(&a.loss_threshold) {
-        bail!("--loss-threshold must be in 0..1");
-    }
+    let cfg = a.wave.sender_config()?;
     let ss = symbol_size(a.mtu)?;
     // A blocks file made here is removed when the wave ends.
     let mut temp_frames = None;
@@ -509,50 +550,20 @@ fn send(a: SendArgs) -> Result<()> {
                 .with_context(|| format!("metrics listener on {addr}"))?;
             rackcast_core::io::metrics::register();
         }
-        let cfg = SenderConfig {
-            expected: a.receivers,
-            start_timeout: Duration::from_secs(a.start_timeout),
-            receiver_timeout: Duration::from_secs(a.receiver_timeout),
-            rate_bps: a.rate,
-            min_rate_bps: (a.rate / 10).max(1_000_000),
-            loss_threshold: a.loss_threshold,
-            interleave: a.interleave.max(1),
-            source_resend_factor: a.source_resend_factor.max(0.0),
-            slow_members: a.slow_members,
-            ..Default::default()
-        };
-        // A lab wave has no appliance key: a key for this run only. Its
-        // fingerprint is printed so receivers can pin it (`--trust-key`).
-        let signer = rackcast_core::signing::BundleSigner::from_seed(rand::random());
-        let tls = rackcast::controller::tls::control_config(&signer)?;
+        let (key, tls) = lab_tls()?;
+        let w = &a.wave;
         eprintln!(
-            "rackcast send: {} ({} bytes, {} blocks) to {} at {} bit/s, waiting for {} receiver(s) on {} (TLS key {})",
+            "rackcast send: {} ({} bytes, {} blocks) to {} at {} bit/s, waiting for {} receiver(s) on {} (TLS key {key})",
             a.image.display(),
             manifest.image_size,
             manifest.block_count(),
-            a.group,
-            a.rate,
-            a.receivers,
-            a.control,
-            signer.fingerprint()
+            w.group,
+            w.rate,
+            w.receivers,
+            w.control,
         );
-        let report = run_send(SendOptions {
-            image: a.image.clone(),
-            manifest,
-            frames,
-            iface: a.iface.clone(),
-            group: a.group,
-            control: a.control,
-            ttl: a.ttl,
-            feedback_ms: a.feedback_ms,
-            hello_timeout: Duration::from_secs(10),
-            gso_segments: a.gso_segments.clamp(1, 64),
-            cfg,
-            wave_label: "send".into(),
-            tls,
-            gate: None,
-        })
-        .await?;
+        let opts = w.options(cfg, a.image.clone(), manifest, frames, tls, "send");
+        let report = run_send(opts).await?;
         drop(temp_frames);
         print_report(&report, a.json)?;
         if !report.ok {
@@ -564,16 +575,8 @@ fn send(a: SendArgs) -> Result<()> {
 
 fn relay(a: RelayArgs) -> Result<()> {
     use rackcast_core::io::receive::{default_decoders, ReceiveOptions};
-    use rackcast_core::io::relay::{run_relay, RelayOptions};
-    if !rackcast_core::is_lab_or_admin_group(*a.group.ip()) {
-        bail!(
-            "group {} is not in 239.0.0.0/8 (administratively scoped)",
-            a.group
-        );
-    }
-    if a.receivers == 0 {
-        bail!("--receivers must be at least 1");
-    }
+    use rackcast_core::io::relay::{run_relay, LocalImage, RelayOptions};
+    let cfg = a.wave.sender_config()?;
     std::fs::create_dir_all(&a.cache)
         .with_context(|| format!("relay cache {}", a.cache.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -581,17 +584,11 @@ fn relay(a: RelayArgs) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let signer = rackcast_core::signing::BundleSigner::from_seed(rand::random());
-        let tls = rackcast::controller::tls::control_config(&signer)?;
-        let listener = rackcast_core::io::send::bind_control(a.control).await?;
+        let (key, tls) = lab_tls()?;
+        let listener = rackcast_core::io::send::bind_control(a.wave.control).await?;
         eprintln!(
-            "rackcast relay: from {} to {} at {} bit/s, waiting for {} receiver(s) on {} (TLS key {})",
-            a.upstream,
-            a.group,
-            a.rate,
-            a.receivers,
-            a.control,
-            signer.fingerprint()
+            "rackcast relay: from {} to {} at {} bit/s, waiting for {} receiver(s) on {} (TLS key {key})",
+            a.upstream, a.wave.group, a.wave.rate, a.wave.receivers, a.wave.control,
         );
         let upstream = ReceiveOptions {
             server: a.upstream,
@@ -609,31 +606,10 @@ fn relay(a: RelayArgs) -> Result<()> {
             expect_image: None,
             disk: false,
         };
-        let (iface, group, control, ttl, feedback_ms) =
-            (a.iface.clone(), a.group, a.control, a.ttl, a.feedback_ms);
-        let cfg = SenderConfig {
-            expected: a.receivers,
-            start_timeout: Duration::from_secs(a.start_timeout),
-            receiver_timeout: Duration::from_secs(a.receiver_timeout),
-            rate_bps: a.rate,
-            min_rate_bps: (a.rate / 10).max(1_000_000),
-            ..Default::default()
-        };
-        let local = Box::new(move |img: rackcast_core::io::relay::LocalImage| SendOptions {
-            image: img.image,
-            manifest: img.manifest,
-            frames: img.frames,
-            iface,
-            group,
-            control,
-            ttl,
-            feedback_ms,
-            hello_timeout: Duration::from_secs(10),
-            gso_segments: 16,
-            cfg,
-            wave_label: "relay".into(),
-            tls,
+        let wave = a.wave;
+        let local = Box::new(move |img: LocalImage| SendOptions {
             gate: Some(img.gate),
+            ..wave.options(cfg, img.image, img.manifest, img.frames, tls, "relay")
         });
         let report = run_relay(RelayOptions {
             upstream,
