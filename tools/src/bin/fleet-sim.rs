@@ -10,6 +10,14 @@
 //! appliance's peak RSS, as a table and one JSON line.
 //!
 //!   fleet-sim --devices 1000 [--rackcast target/release/rackcast]
+//!       [--netns NS --store postgres://rackcast@127.0.0.1:PORT/rackcast
+//!        --store-password-file FILE]
+//!
+//! `--store` puts the fleet record in that PostgreSQL database instead of
+//! the appliance's SQLite file; the server must be reachable from the
+//! namespace, so with it `--netns` names a namespace the caller made (and
+//! started the server in, `netlab/bench-fleet.sh`), which fleet-sim uses
+//! and leaves in place.
 //!
 //! Run as root. Namespace `rcfs-<pid>`, loopback and 239.255.40.0/24
 //! only; the appliance is stopped by PID and the namespace removed at the
@@ -50,10 +58,22 @@ struct Args {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
+    /// Run in this existing namespace (needs loopback up and a route for
+    /// 239.255.40.0/24 on lo); it is left in place.
+    #[arg(long)]
+    netns: Option<String>,
+    /// The appliance's `store` (a postgres:// URL; default: SQLite).
+    #[arg(long, requires = "netns")]
+    store: Option<String>,
+    /// The appliance's `store_password_file`.
+    #[arg(long, requires = "store")]
+    store_password_file: Option<PathBuf>,
 }
 
 struct Lab {
     ns: String,
+    /// The namespace is ours to remove.
+    own_ns: bool,
     dir: PathBuf,
     serve: Option<Child>,
 }
@@ -64,7 +84,9 @@ impl Drop for Lab {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+        if self.own_ns {
+            let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -121,27 +143,42 @@ fn main() -> Result<()> {
         .agent
         .clone()
         .map_or_else(|| beside("rackcast-agent"), Ok)?;
-    let ns = format!("rcfs-{}", std::process::id());
-    let dir = std::env::temp_dir().join(&ns);
+    let own_ns = args.netns.is_none();
+    let ns = args
+        .netns
+        .clone()
+        .unwrap_or_else(|| format!("rcfs-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("rcfs-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let mut lab = Lab {
         ns: ns.clone(),
+        own_ns,
         dir: dir.clone(),
         serve: None,
     };
-    sh(&["ip", "netns", "add", &ns])?;
-    sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
-    sh(&["ip", "-n", &ns, "link", "set", "lo", "multicast", "on"])?;
-    sh(&[
-        "ip",
-        "-n",
-        &ns,
-        "route",
-        "add",
-        "239.255.40.0/24",
-        "dev",
-        "lo",
-    ])?;
+    if own_ns {
+        sh(&["ip", "netns", "add", &ns])?;
+        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+        sh(&["ip", "-n", &ns, "link", "set", "lo", "multicast", "on"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "239.255.40.0/24",
+            "dev",
+            "lo",
+        ])?;
+    }
+    let store = match (&args.store, &args.store_password_file) {
+        (Some(url), Some(pw)) => format!(
+            "store = \"{url}\"\nstore_password_file = \"{}\"\n",
+            pw.display()
+        ),
+        (Some(url), None) => format!("store = \"{url}\"\n"),
+        _ => String::new(),
+    };
     let image = dir.join("tiny.img");
     let data: Vec<u8> = (0..(1u32 << 20))
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
@@ -165,7 +202,7 @@ control_listen = "127.0.0.1:7100"
 api_listen = "127.0.0.1:7180"
 state_dir = "{state}"
 max_inflight_bundles = 16
-
+{store}
 [dataplane]
 iface = "lo"
 bind = "127.0.0.1"
@@ -200,6 +237,7 @@ post_install = [ {{ name = "post", argv = ["true"] }} ]
 boot_to_disk = {{ name = "efiboot", argv = ["true"] }}
 "#,
             state = dir.join("state").display(),
+            store = store,
             inventory = inventory.display(),
             agent = agent_bin.display(),
             image = image.display(),
