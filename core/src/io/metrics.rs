@@ -107,6 +107,7 @@ pub const CONTROL_ERRORS: &[&str] = &[
     "malformed",
     "not_member",
     "bad_credential",
+    "relay_refused",
 ];
 
 /// The BMC actions the appliance takes (`rackcast_bmc_calls_total{action}`).
@@ -293,6 +294,10 @@ pub const CATALOG: &[Metric] = &[
         "devices that did not network-boot in time after a power-on",
     ),
     // Data plane (the wave sender).
+    counter(
+        "rackcast_relay_copy_bytes_total",
+        "datagram bytes copied by unicast to relays on other segments",
+    ),
     per_run(
         "rackcast_bytes_sent_total",
         Kind::Counter,
