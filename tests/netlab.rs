@@ -438,15 +438,12 @@ fn a_slow_member_does_not_hold_the_clean_ones() {
 /// alone. Every device ends byte-exact; the central wave sees one member
 /// from the far segment (the relay); the relay's wave ends shortly after
 /// its own copy verified, not a whole wave later.
-#[test]
-fn a_relay_carries_a_wave_to_a_segment_without_multicast_routing() {
-    if !can_run() {
-        return;
-    }
-    let lab = Lab::up("rl", 4, "1gbit", &[]);
+/// The relay lab: 4 devices on the central segment, a relay and 4 on
+/// the second; a compressible 40 MiB image with zero blocks, its
+/// manifest and blocks file. Returns the image, its manifest and frames,
+/// and the relay's cache directory.
+fn relay_lab(lab: &Lab) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
     lab.segment(4);
-    lab.port_loss("sw", "vx-rt", 2.0);
-    lab.port_loss("x-sw2", "ve1", 3.0);
     let img = lab.file("image");
     let st = std::process::Command::new(bin("rc-mkimage"))
         .arg(&img)
@@ -465,34 +462,56 @@ fn a_relay_carries_a_wave_to_a_segment_without_multicast_routing() {
         .status()
         .unwrap();
     assert!(st.success());
-    let manifest = lab.file("image.rcmanifest");
-    let cache = lab.file("relay-cache");
+    (img, lab.file("image.rcmanifest"), frames, lab.file("relay-cache"))
+}
+
+/// `rackcast relay` on x-rly: upstream the central sender, its own wave
+/// to the 4 devices of the second segment at `rate`.
+fn start_relay(lab: &Lab, cache: &Path, rate: &str) -> Child {
     let mut relay = lab.cmd("x-rly", &bin("rackcast"));
     relay
         .arg("relay")
         .args(["--upstream", "198.18.0.1:7000", "--name", "relay-b"])
         .arg("--cache")
-        .arg(&cache)
+        .arg(cache)
         .args(["--iface", "r0", "--group", "239.255.8.1:9000"])
-        .args(["--control", "198.18.2.1:7001", "--rate", "100M"])
+        .args(["--control", "198.18.2.1:7001", "--rate", rate])
         .args(["--receivers", "4", "--start-timeout", "30", "--json"]);
-    let relay = relay.spawn().expect("spawn relay");
+    relay.spawn().expect("spawn relay")
+}
+
+/// Receivers on the second segment, from the relay, writing `outs`.
+fn far_receivers(lab: &Lab, outs: &[PathBuf]) -> Vec<Child> {
+    outs.iter()
+        .enumerate()
+        .map(|(i, out)| {
+            let mut c = lab.cmd(&format!("x-e{}", i + 1), &bin("rackcast-agent"));
+            c.arg("receive")
+                .args(["--server", "198.18.2.1:7001", "--iface", "e0", "--json"])
+                .args(["--connect-timeout", "20", "--idle-timeout", "20"])
+                .arg("--out")
+                .arg(out);
+            c.spawn().expect("spawn receiver")
+        })
+        .collect()
+}
+
+#[test]
+fn a_relay_carries_a_wave_to_a_segment_without_multicast_routing() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::up("rl", 4, "1gbit", &[]);
+    let (img, manifest, frames, cache) = relay_lab(&lab);
+    lab.port_loss("sw", "vx-rt", 2.0);
+    lab.port_loss("x-sw2", "ve1", 3.0);
+    let relay = start_relay(&lab, &cache, "100M");
     let outs_a: Vec<PathBuf> = (1..=4).map(|i| lab.file(&format!("a{i}"))).collect();
     let outs_b: Vec<PathBuf> = (1..=4).map(|i| lab.file(&format!("b{i}"))).collect();
     let rx_a: Vec<Child> = (1..=4)
         .map(|i| receiver(&lab, i, &outs_a[i - 1], &[]))
         .collect();
-    let rx_b: Vec<Child> = (1..=4)
-        .map(|i| {
-            let mut c = lab.cmd(&format!("x-e{i}"), &bin("rackcast-agent"));
-            c.arg("receive")
-                .args(["--server", "198.18.2.1:7001", "--iface", "e0", "--json"])
-                .args(["--connect-timeout", "20", "--idle-timeout", "20"])
-                .arg("--out")
-                .arg(&outs_b[i - 1]);
-            c.spawn().expect("spawn receiver")
-        })
-        .collect();
+    let rx_b = far_receivers(&lab, &outs_b);
     let frames_arg = frames.display().to_string();
     let tx = sender_with(&lab, &img, &manifest, "100M", 5, &["--frames", &frames_arg]);
     let sent = finish(tx, Duration::from_secs(120));
@@ -553,4 +572,53 @@ fn a_relay_carries_a_wave_to_a_segment_without_multicast_routing() {
         assert_same(&img, out);
     }
     assert_same(&img, &cache.join("image"));
+}
+
+/// The central wave dies mid-image (its sender killed): the relay's copy
+/// cannot be finished, so its own wave ends with that reason instead of
+/// waiting or sending what it does not have; the relay exits non-zero,
+/// every device behind it ends unverified, and no copy (the relay's
+/// included) is the image.
+#[test]
+fn a_relay_whose_upstream_dies_fails_its_segment_closed() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::up("rf", 4, "1gbit", &[]);
+    let (img, manifest, frames, cache) = relay_lab(&lab);
+    let relay = start_relay(&lab, &cache, "100M");
+    let outs_b: Vec<PathBuf> = (1..=4).map(|i| lab.file(&format!("b{i}"))).collect();
+    let rx_b = far_receivers(&lab, &outs_b);
+    let frames_arg = frames.display().to_string();
+    // Only the relay upstream, at a rate that leaves time to kill it.
+    let mut tx = sender_with(&lab, &img, &manifest, "20M", 1, &["--frames", &frames_arg]);
+    // Until every device behind the relay has joined its wave (made its
+    // output), then some way into the image (~12 MB on the wire at
+    // 20 Mbit/s: about 5 s).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !outs_b.iter().all(|o| o.exists()) {
+        assert!(std::time::Instant::now() < deadline, "the relay's wave never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(2000));
+    let _ = tx.kill();
+    let _ = tx.wait();
+    let relayed = finish(relay, Duration::from_secs(60));
+    assert!(!relayed.status.success(), "the relay reported success");
+    let report = last_json(&relayed);
+    assert_eq!(report["ok"], false, "{report}");
+    let why = report["error"].as_str().unwrap_or_default().to_string();
+    assert!(why.contains("upstream"), "{report}");
+    for c in rx_b {
+        let o = finish(c, Duration::from_secs(60));
+        assert!(
+            !o.status.success(),
+            "a device behind the relay exited 0: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
+    let want = fs::read(&img).unwrap();
+    for out in outs_b.iter().chain([&cache.join("image")]) {
+        assert_ne!(fs::read(out).unwrap_or_default(), want, "{}", out.display());
+    }
 }
