@@ -462,7 +462,12 @@ fn relay_lab(lab: &Lab) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
         .status()
         .unwrap();
     assert!(st.success());
-    (img, lab.file("image.rcmanifest"), frames, lab.file("relay-cache"))
+    (
+        img,
+        lab.file("image.rcmanifest"),
+        frames,
+        lab.file("relay-cache"),
+    )
 }
 
 /// `rackcast relay` on x-rly: upstream the central sender, its own wave
@@ -597,7 +602,10 @@ fn a_relay_whose_upstream_dies_fails_its_segment_closed() {
     // 20 Mbit/s: about 5 s).
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !outs_b.iter().all(|o| o.exists()) {
-        assert!(std::time::Instant::now() < deadline, "the relay's wave never started");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay's wave never started"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(2000));
