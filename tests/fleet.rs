@@ -82,6 +82,28 @@ fn all_r650(n: usize, waves: &str) -> String {
 
 /// The operator's reinstall of an installed device (only that starts
 /// one over: a loader alone is refused).
+/// `n` devices on the R650 profile (one image, one wave) with `waves`
+/// settings, on a 100 Mbit lab.
+fn r650_rack(tag: &str, n: usize, waves: &str, mib: (u64, u64), rate_pct: u64) -> Rack {
+    Rack::build(tag, n, "100mbit", mib, &all_r650(n, waves), false, rate_pct)
+}
+
+/// Two R650 devices in one wave, their appliance's record in a private
+/// PostgreSQL server on lab host `db` (198.18.0.5); `None` (the test is
+/// skipped, and says why) where PostgreSQL is not installed.
+fn rack_on_postgres(tag: &str) -> Option<(Rack, common::pg::Pg)> {
+    if let Some(why) = common::pg::Pg::unavailable() {
+        skip(&why);
+        return None;
+    }
+    let waves = "min_members = 2\nstart_after = \"20s\"\nmember_timeout = \"20s\"";
+    let mut rack = r650_rack(tag, 2, waves, (64, 8), 80);
+    let db = rack.lab.host("db", "198.18.0.5");
+    let pg = common::pg::Pg::start(Some(&db), "198.18.0.5");
+    rack.use_store(&pg);
+    Some((rack, pg))
+}
+
 fn reinstall(rack: &Rack, i: usize) {
     let out = rack.cli_output(&["reinstall", &device_id(i)]);
     assert!(
@@ -498,11 +520,8 @@ fn appliance_killed_mid_wave_resumes_every_device() {
     }
     let n = 4;
     // Every device on the R650 profile: one image, one wave of four.
-    let extra = all_r650(
-        n,
-        "min_members = 4\nstart_after = \"20s\"\nmember_timeout = \"20s\"",
-    );
-    let mut rack = Rack::build("fk", n, "100mbit", (64, 64), &extra, false, 80);
+    let waves = "min_members = 4\nstart_after = \"20s\"\nmember_timeout = \"20s\"";
+    let mut rack = r650_rack("fk", n, waves, (64, 64), 80);
     for i in 1..=n {
         rack.start_agent(i);
     }
@@ -848,14 +867,11 @@ fn wave_takes_a_late_member_drops_a_silent_one_and_the_device_comes_back() {
         return;
     }
     let n = 4;
-    let extra = all_r650(
-        n,
-        "min_members = 3\nstart_after = \"1s\"\nmember_timeout = \"4s\"",
-    );
+    let waves = "min_members = 3\nstart_after = \"1s\"\nmember_timeout = \"4s\"";
     // Half the link for the wave (~15 s for 90 MiB): the late device's
     // bundle download has room beside it, so it joins this wave even on a
     // loaded machine.
-    let mut rack = Rack::build("fw", n, "100mbit", (90, 8), &extra, false, 50);
+    let mut rack = r650_rack("fw", n, waves, (90, 8), 50);
     for i in 1..=3 {
         rack.start_agent(i);
     }
@@ -942,19 +958,10 @@ fn a_rack_on_a_postgres_fleet_record_rides_out_a_database_crash() {
     if !can_run() {
         return;
     }
-    if let Some(why) = common::pg::Pg::unavailable() {
-        skip(&why);
-        return;
-    }
     let n = 2;
-    let extra = all_r650(
-        n,
-        "min_members = 2\nstart_after = \"20s\"\nmember_timeout = \"20s\"",
-    );
-    let mut rack = Rack::build("fp", n, "100mbit", (64, 8), &extra, false, 80);
-    let db = rack.lab.host("db", "198.18.0.5");
-    let pg = common::pg::Pg::start(Some(&db), "198.18.0.5");
-    rack.use_store(&pg);
+    let Some((mut rack, pg)) = rack_on_postgres("fp") else {
+        return;
+    };
     for i in 1..=n {
         rack.start_agent(i);
     }
@@ -1031,23 +1038,14 @@ fn the_standby_finishes_every_device_when_the_active_appliance_is_killed() {
     if !can_run() {
         return;
     }
-    if let Some(why) = common::pg::Pg::unavailable() {
-        skip(&why);
-        return;
-    }
     if !have_keepalived() {
         skip("keepalived is not installed");
         return;
     }
     let n = 2;
-    let extra = all_r650(
-        n,
-        "min_members = 2\nstart_after = \"20s\"\nmember_timeout = \"20s\"",
-    );
-    let mut rack = Rack::build("fo", n, "100mbit", (64, 8), &extra, false, 80);
-    let db = rack.lab.host("db", "198.18.0.5");
-    let pg = common::pg::Pg::start(Some(&db), "198.18.0.5");
-    rack.use_store(&pg);
+    let Some((mut rack, pg)) = rack_on_postgres("fo") else {
+        return;
+    };
     rack.kill_serve();
     // 198.18.0.1, where devices reach the appliance, becomes the pair's
     // virtual address: the active one keeps .2, the standby has .3.
