@@ -167,6 +167,8 @@ struct Sim {
     by_conn: HashMap<u32, usize>,
     /// Where the run's work went.
     cost: Cost,
+    /// The session's report interval (`sender::report_interval`).
+    s_feedback: Duration,
 }
 
 /// Real time spent in each side's code during a run, and the control
@@ -255,6 +257,14 @@ impl Sim {
             slow_members,
             ..Default::default()
         };
+        // As the send driver sets it up: the session's report interval
+        // for this many receivers, plans holding at least three of them.
+        let feedback = super::sender::report_interval(FEEDBACK, devices.len());
+        let cfg = SenderConfig {
+            feedback,
+            coding_hold: cfg.coding_hold.max(feedback * 3),
+            ..cfg
+        };
         let frame = packet::datagram_len(SYMBOL) + 42;
         let s = WaveSender::new(cfg, m.clone(), frame, t0);
         let rxs = devices
@@ -292,6 +302,7 @@ impl Sim {
             last_tick: t0,
             by_conn: HashMap::new(),
             cost: Cost::default(),
+            s_feedback: feedback,
         }
     }
 
@@ -404,7 +415,7 @@ impl Sim {
             r.conn = Some(id);
             r.core = Some(core);
             r.reported = false;
-            r.next_status = now + FEEDBACK;
+            r.next_status = now + self.s_feedback;
         }
     }
 
@@ -646,7 +657,7 @@ impl Sim {
             };
             to_sender.push(Msg::Done(verdict));
         } else if now >= r.next_status && !r.reported {
-            r.next_status = now + FEEDBACK;
+            r.next_status = now + self.s_feedback;
             to_sender.push(Msg::Status(core.status()));
         }
         let kill = r.dev.kill_at.is_some_and(|f| done >= f) && !r.reported;

@@ -163,6 +163,21 @@ impl Default for SenderConfig {
 /// operator; enough to tell a stuck queue from a slow receiver).
 const STATE_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Receiver reports a wave's sender takes per second, at most, however
+/// many receivers it has: past `REPORT_BUDGET / base` receivers the
+/// report interval grows with N (1,000 receivers at a 20 ms base report
+/// every 50 ms). A report costs the sender O(its size), so this bounds
+/// the control work a wave adds to the send thread.
+pub const REPORT_BUDGET: u32 = 20_000;
+
+/// The report interval for a wave of `receivers` whose configured
+/// interval is `base`: `base`, or longer so that all of them together
+/// send at most [`REPORT_BUDGET`] reports a second.
+pub fn report_interval(base: Duration, receivers: usize) -> Duration {
+    let spread = Duration::from_micros(receivers as u64 * 1_000_000 / u64::from(REPORT_BUDGET));
+    base.max(spread)
+}
+
 /// Missed report intervals after which a receiver is not waited for.
 const STALE_REPORTS: u32 = 25;
 /// ... but never less than this: a busy receiver's reports come late and

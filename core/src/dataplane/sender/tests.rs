@@ -592,3 +592,19 @@ mod membership_tests {
         assert_eq!(s.current_rate(), 20_000_000);
     }
 }
+
+/// Reports stay within the budget whatever the wave's size: the base
+/// interval up to 400 receivers (at 20 ms), longer beyond.
+#[test]
+fn the_report_interval_grows_with_the_wave_past_the_budget() {
+    use super::{report_interval, REPORT_BUDGET};
+    let base = Duration::from_millis(20);
+    assert_eq!(report_interval(base, 8), base);
+    assert_eq!(report_interval(base, 400), base);
+    assert_eq!(report_interval(base, 1000), Duration::from_millis(50));
+    assert_eq!(report_interval(base, 5000), Duration::from_millis(250));
+    for n in [1usize, 50, 401, 999, 1000, 4321, 20_000] {
+        let per_s = n as f64 / report_interval(base, n).as_secs_f64();
+        assert!(per_s <= f64::from(REPORT_BUDGET) + 1.0, "{n}: {per_s}");
+    }
+}

@@ -430,7 +430,16 @@ pub async fn run_wave(
         group: opts.group,
         key,
         manifest: opts.manifest.clone(),
-        feedback_ms: opts.feedback_ms,
+        // More receivers report less often: the sender's report load
+        // stays bounded (`REPORT_BUDGET`).
+        feedback_ms: u32::try_from(
+            crate::dataplane::sender::report_interval(
+                Duration::from_millis(u64::from(opts.feedback_ms)),
+                opts.cfg.expected,
+            )
+            .as_millis(),
+        )
+        .unwrap_or(opts.feedback_ms),
     };
     let session = Arc::new(session);
     let (ev_tx, ev_rx) = crossbeam_channel::unbounded::<Event>();
