@@ -59,6 +59,22 @@ host_setup() {
   ipn "$ns" route add 224.0.0.0/4 dev "$ifc"
 }
 
+# A switch namespace NS with bridge br0 (no STP, no snooping). A switch
+# does not run the host firewall on bridged frames: with br_netfilter
+# loaded, every forwarded packet would also pass the iptables hooks and
+# cost lab CPU that no real rack pays.
+switch_setup() {
+  local ns=$1 k
+  ip netns add "$ns"
+  ipn "$ns" link set lo up
+  ipn "$ns" link add br0 type bridge stp_state 0 forward_delay 0 mcast_snooping 0
+  ipn "$ns" link set br0 up
+  ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1
+  for k in iptables ip6tables arptables; do
+    ip netns exec "$ns" sysctl -qw "net.bridge.bridge-nf-call-$k=0" 2>/dev/null || true
+  done
+}
+
 set_loss() {
   set_port_loss "${P}sw" "vd$1" "$2"
 }
@@ -97,17 +113,7 @@ case "$cmd" in
     done
     [ "$N" -ge 1 ] && [ "$N" -le 200 ] || { echo "lab.sh: N must be 1..200" >&2; exit 2; }
     lab_down "$N"
-    ip netns add "${P}sw"
-    ipn "${P}sw" link set lo up
-    ipn "${P}sw" link add br0 type bridge stp_state 0 forward_delay 0 mcast_snooping 0
-    ipn "${P}sw" link set br0 up
-    ip netns exec "${P}sw" sysctl -qw net.ipv6.conf.all.disable_ipv6=1
-    # A switch does not run the host firewall on bridged frames: with
-    # br_netfilter loaded, every forwarded packet would also pass the
-    # iptables hooks and cost lab CPU that no real rack pays.
-    for k in iptables ip6tables arptables; do
-      ip netns exec "${P}sw" sysctl -qw "net.bridge.bridge-nf-call-$k=0" 2>/dev/null || true
-    done
+    switch_setup "${P}sw"
     ip netns add "${P}app"
     ipn "${P}app" link add srv0 type veth peer name vs0 netns "${P}sw"
     ipn "${P}sw" link set vs0 master br0 up
@@ -174,14 +180,7 @@ case "$cmd" in
     N=${3:?N}
     [ "$N" -ge 1 ] && [ "$N" -le 200 ] || { echo "lab.sh: N must be 1..200" >&2; exit 2; }
     sw="${P}x-sw2" rt="${P}x-rt"
-    ip netns add "$sw"
-    ipn "$sw" link set lo up
-    ipn "$sw" link add br0 type bridge stp_state 0 forward_delay 0 mcast_snooping 0
-    ipn "$sw" link set br0 up
-    ip netns exec "$sw" sysctl -qw net.ipv6.conf.all.disable_ipv6=1
-    for k in iptables ip6tables arptables; do
-      ip netns exec "$sw" sysctl -qw "net.bridge.bridge-nf-call-$k=0" 2>/dev/null || true
-    done
+    switch_setup "$sw"
     # The router: one leg on each segment; it forwards unicast and, with
     # no multicast routing, no group traffic crosses it.
     ip netns add "$rt"

@@ -166,7 +166,8 @@ impl WaveSender {
                 rx.state = RxState::Disconnected { since: now };
             }
         }
-        self.membership_changed();
+        // Who a plan waits for changed: rebuilt at the next plan.
+        self.wait_for.0 = None;
         self.maybe_finish(now);
     }
 
@@ -189,12 +190,6 @@ impl WaveSender {
         self.wait_for
             .0
             .is_some_and(|t| now.saturating_duration_since(t) < WAIT_SET_MAX_AGE)
-    }
-
-    /// A receiver became ready, ended, lost or regained its connection,
-    /// or heard its first packet: the wait set is rebuilt at the next plan.
-    pub(super) fn membership_changed(&mut self) {
-        self.wait_for.0 = None;
     }
 
     /// Every ready receiver already reported `b` complete (resumed
